@@ -1,0 +1,296 @@
+"""`prune(model, tokenizer, config, calibration)`: the one call that applies a PruneConfig.
+
+Calibration inputs are captured once; then the engine walks the decoder blocks. In each block the
+hooks gather the statistics the scorer / TRIM need, every group of linears that reads the same
+input is pruned (TRIM first chooses per-row sparsities, then the scorer builds the mask and, for
+SparseGPT, reconstructs), and the block's outputs are recomputed with the pruned weights.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import engine
+from .allocation.base import Allocation, from_file, uniform
+from .config import PruneConfig, parse_trim_inputs
+from .data import get_calibration
+from .errors import TrimpruneError
+from .masks import pack_mask, row_ranks, unpack_mask
+from .models import ModelAdapter, model_device, set_weight_2d, weight_2d
+from .quality import ExplicitEvaluator, GramEvaluator, layer_metric
+from .scorers import Member, SparseGPT, Target, make_scorer
+from .stats import BlockHooks, StatsNeeds
+from .trim import TrimSearch, TrimSettings
+
+log = logging.getLogger("trimprune")
+
+
+@dataclass
+class PruneResult:
+    """What `prune` did: per-linear records, the allocation, masks and timings."""
+
+    config: PruneConfig
+    layers: dict[str, dict]                      # full linear name -> record
+    allocation: Allocation
+    masks: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # bit-packed (masks.pack_mask)
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration_shape: tuple = ()
+    notes: list[str] = field(default_factory=list)
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The bool mask (True = pruned) of one linear, unpacked."""
+        return unpack_mask(self.masks[name], self.layers[name]["shape"])
+
+    @property
+    def global_sparsity(self) -> float:
+        z = sum(r["zeros"] for r in self.layers.values())
+        n = sum(r["numel"] for r in self.layers.values())
+        return z / n if n else 0.0
+
+    def block_sparsity(self) -> list[float]:
+        nb = max(r["block"] for r in self.layers.values()) + 1
+        z, n = [0] * nb, [0] * nb
+        for r in self.layers.values():
+            z[r["block"]] += r["zeros"]
+            n[r["block"]] += r["numel"]
+        return [a / b if b else 0.0 for a, b in zip(z, n)]
+
+
+def auto_batch_size(adapter: ModelAdapter, config: PruneConfig, device: torch.device, dtype: torch.dtype) -> int:
+    if config.batch_size:
+        return config.batch_size
+    if device.type != "cuda":
+        return min(config.nsamples, 8)
+    cfg = adapter.model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    hidden = adapter.hidden_size()
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
+    per_sample = config.seqlen * (10 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(config.nsamples, 64, (0.25 * free) // max(per_sample, 1))))
+
+
+def _needs(config: PruneConfig, scorer) -> StatsNeeds:
+    mode, n = parse_trim_inputs(config.trim_inputs)
+    return StatsNeeds(sqnorm=True,
+                      gram=scorer.needs_gram or (config.trim and mode == "all"),
+                      last_token=config.trim and mode == "last-token",
+                      sample=(n or 0) if config.trim and mode == "sample" else 0,
+                      seed=config.seed)
+
+
+def make_evaluator(config: PruneConfig, stats):
+    mode, _ = parse_trim_inputs(config.trim_inputs)
+    if mode == "all":
+        return GramEvaluator(stats.gram, stats.n_tokens, precision=config.trim_precision)
+    return ExplicitEvaluator(stats.explicit_inputs(mode))
+
+
+class BlockPruner:
+    """Prunes the groups of one block; keeps the per-linear records."""
+
+    def __init__(self, config: PruneConfig, adapter: ModelAdapter, allocation: Allocation, captured, scorer,
+                 progress: bool = False):
+        self.cfg = config
+        self.adapter = adapter
+        self.alloc = allocation
+        self.captured = captured
+        self.scorer = scorer
+        self.needs = _needs(config, scorer)
+        self.trim = TrimSearch(TrimSettings.from_config(config)) if config.trim else None
+        self.layers: dict[str, dict] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.t_trim = 0.0
+        self.t_score = 0.0
+
+    # -------------------------------------------------------------- statistics
+    def _collect(self, i: int, block: nn.Module, hidden, linears, only=None, stop=False) -> BlockHooks:
+        hooks = BlockHooks(linears, self.needs, self.captured.exec_device, total_tokens=self.captured.n_tokens,
+                           only=only)
+        if stop and only is not None:
+            hooks.stop_when_seen = set(only)
+        with hooks:
+            engine.forward_block_all(block, self.captured, i, hidden, on_batch_end=hooks.next_batch,
+                                     keep_outputs=False)
+        return hooks
+
+    def __call__(self, i: int, block: nn.Module, hidden) -> None:
+        linears = self.adapter.linears(i)
+        hooks = self._collect(i, block, hidden, linears)
+        groups = [g for g in hooks.groups if g]
+        if not self.cfg.trim_input_recalc:
+            for g in groups:
+                self._prune_group(i, g, linears, hooks.stats_for(g[0]))
+        else:
+            # recompute the inputs of each later group after the earlier groups are pruned
+            self._prune_group(i, groups[0], linears, hooks.stats_for(groups[0][0]))
+            del hooks
+            for g in groups[1:]:
+                h = self._collect(i, block, hidden, linears, only=set(g), stop=True)
+                self._prune_group(i, g, linears, h.stats_for(g[0]))
+                del h
+        if isinstance(self.scorer, SparseGPT):
+            self.scorer._cache = None
+
+    # -------------------------------------------------------------- pruning
+    def _prune_group(self, i: int, names: list[str], linears, stats) -> None:
+        cfg = self.cfg
+        dev = self.captured.exec_device
+        nm = cfg.nm
+        members = []
+        for name in names:
+            w = weight_2d(linears[name])
+            W = w.to(dev, torch.float64 if w.dtype == torch.float64 else torch.float32)
+            if nm is not None and W.shape[1] % nm[1]:
+                raise TrimpruneError(f"{self.adapter.full_name(i, name)} has {W.shape[1]} inputs, not a multiple of "
+                                     f"M={nm[1]}: --mask-structure {cfg.mask_structure} cannot be applied")
+            s = self.alloc.per_linear[self.adapter.full_name(i, name)]
+            members.append(Member(name, W, Target(sparsity=s, nm=nm)))
+        evaluator = make_evaluator(cfg, stats) if self.trim is not None else None
+        trim_members, trim_res = [], {}
+        t0 = time.perf_counter()
+        if self.trim is not None:
+            for m in members:
+                s = m.target.sparsity
+                if not (0.0 < s < cfg.trim_max_row_sparsity):
+                    continue
+                ranks = row_ranks(self.scorer.importance(m.weight, stats))
+                evaluator.prepare(m.weight)
+                res = self.trim.run(evaluator, ranks, s, self.scorer.pruned_count(*m.weight.shape, s))
+                trim_res[m.name] = res
+                trim_members.append(Member(m.name, m.weight, Target(sparsity=s, row_counts=res.counts)))
+        self.t_trim += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        need_base = [m for m in members if m.name not in trim_res or cfg.trim_safeguard]
+        outs = self.scorer.prune_group(need_base + trim_members, stats)
+        base_out = {m.name: o for m, o in zip(need_base, outs[:len(need_base)])}
+        trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need_base):])}
+        self.t_score += time.perf_counter() - t0
+        for m in members:
+            full = self.adapter.full_name(i, m.name)
+            rec = {"block": i, "name": m.name, "shape": list(m.weight.shape), "target_sparsity": m.target.sparsity,
+                   "group": names}
+            chosen = base_out.get(m.name)
+            if m.name in trim_res:
+                res = trim_res[m.name]
+                evaluator.prepare(m.weight)
+                t_metric = float(layer_metric(cfg.trim_metric, evaluator.stats_from_weight(trim_out[m.name].weight)))
+                info = res.summary(m.weight.shape[1])
+                info["metric"] = cfg.trim_metric
+                info["trim_weights_metric"] = t_metric
+                chosen = trim_out[m.name]
+                info["kept"] = "trim"
+                if cfg.trim_safeguard:
+                    b_metric = float(layer_metric(cfg.trim_metric,
+                                                  evaluator.stats_from_weight(base_out[m.name].weight)))
+                    info["scorer_alone_metric"] = b_metric
+                    if not t_metric >= b_metric:
+                        chosen = base_out[m.name]
+                        info["kept"] = "scorer_alone (safeguard)"
+                rec["trim"] = info
+            mask = chosen.mask
+            set_weight_2d(linears[m.name], chosen.weight)
+            zeros = int(mask.sum())
+            row = mask.sum(1).double() / mask.shape[1]
+            rec.update({"zeros": zeros, "numel": mask.numel(), "sparsity": zeros / mask.numel(),
+                        "row_sparsity_min": float(row.min()), "row_sparsity_max": float(row.max()),
+                        "row_sparsity_std": float(row.std()) if row.numel() > 1 else 0.0})
+            if chosen.info:
+                rec["scorer_info"] = chosen.info
+            self.layers[full] = rec
+            self.masks[full] = pack_mask(mask)
+
+
+def build_allocation(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, captured=None,
+                     progress: bool = False) -> Allocation:
+    numels, block_of = {}, {}
+    for i in range(adapter.num_blocks):
+        for n, mod in adapter.linears(i).items():
+            full = adapter.full_name(i, n)
+            numels[full] = weight_2d(mod).numel()
+            block_of[full] = i
+    a = config.allocation
+    if a == "uniform":
+        return uniform(config.sparsity, numels, block_of)
+    if a.startswith("file:"):
+        return from_file(a[5:], config.sparsity, numels, block_of)
+    if a == "owl":
+        from .allocation.owl import owl_allocation
+        return owl_allocation(config, model, adapter, captured, numels, block_of, progress=progress)
+    if a == "alphapruning":
+        from .allocation.alphapruning import alpha_allocation
+        return alpha_allocation(config, model, adapter, numels, block_of, device=captured.exec_device)
+    raise TrimpruneError(f"--allocation {a!r} is unknown")
+
+
+def _as_batches(calibration, batch_size: int) -> list[torch.Tensor]:
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise TrimpruneError(f"calibration must be a (nsamples, seqlen) tensor of token ids, got shape "
+                                 f"{tuple(calibration.shape)}")
+        return list(calibration.split(batch_size, 0))
+    seqs = list(calibration)
+    if not seqs:
+        raise TrimpruneError("calibration is empty: give at least one sequence")
+    return list(torch.stack([torch.as_tensor(s) for s in seqs]).split(batch_size, 0))
+
+
+def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None,
+          progress: bool = True) -> PruneResult:
+    """Prune `model` in place following `config`; returns a `PruneResult`.
+
+    `calibration`: a (nsamples, seqlen) LongTensor of token ids, or None to build it from
+    `config.calib` (`tokenizer` is then needed). `device`: where blocks are computed (default: the
+    model's device; with `config.offload` the model may live on CPU and blocks visit `device`)."""
+    t_start = time.perf_counter()
+    adapter = ModelAdapter.from_model(model)
+    config.validate(max_context=adapter.max_context())
+    dev = torch.device(device) if device is not None else model_device(model)
+    if config.offload and dev.type == "cpu" and torch.cuda.is_available():
+        dev = torch.device("cuda")
+    timings = {}
+    t0 = time.perf_counter()
+    if calibration is None:
+        calibration = get_calibration(config, tokenizer, model, progress=progress)
+    timings["calibration_data_seconds"] = time.perf_counter() - t0
+    dtype = next(model.parameters()).dtype
+    bs = auto_batch_size(adapter, config, dev, dtype)
+    batches = _as_batches(calibration, bs)
+    n_ctx = adapter.max_context()
+    if n_ctx is not None and batches[0].shape[1] > n_ctx:
+        raise TrimpruneError(f"calibration sequences have {batches[0].shape[1]} tokens, above the model's "
+                             f"context of {n_ctx}: use --seqlen {n_ctx} or less")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t_prune = time.perf_counter()
+    captured = engine.capture(model, adapter, batches, dev, offload=config.offload)
+    timings["capture_seconds"] = time.perf_counter() - t_prune
+    t0 = time.perf_counter()
+    allocation = build_allocation(config, model, adapter, captured, progress=progress)
+    timings["allocation_seconds"] = time.perf_counter() - t0
+    scorer = make_scorer(config)
+    pruner = BlockPruner(config, adapter, allocation, captured, scorer, progress=progress)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        with torch.no_grad():
+            engine.walk(model, adapter, captured, pruner, offload=config.offload, progress=progress,
+                        desc=f"{config.scorer}{'+trim' if config.trim else ''}")
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    timings["prune_seconds"] = time.perf_counter() - t_prune
+    timings["trim_search_seconds"] = pruner.t_trim
+    timings["mask_and_update_seconds"] = pruner.t_score
+    timings["total_seconds"] = time.perf_counter() - t_start
+    if dev.type == "cuda":
+        timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    del captured
+    return PruneResult(config=config, layers=pruner.layers, allocation=allocation, masks=pruner.masks,
+                       timings=timings, calibration_shape=(sum(b.shape[0] for b in batches), batches[0].shape[1]))

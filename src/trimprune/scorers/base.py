@@ -1,0 +1,65 @@
+"""Scorer interface: an importance score per weight, and a pruning rule for a target."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import masks as M
+from ..stats import InputStats
+
+
+@dataclass
+class Target:
+    """What one linear must be pruned to: one sparsity for the matrix, or per-row counts of
+    pruned weights (TRIM), or an N:M pattern."""
+
+    sparsity: float
+    row_counts: torch.Tensor | None = None
+    nm: tuple[int, int] | None = None
+
+
+@dataclass
+class Member:
+    """A linear to prune inside a group of linears that read the same input."""
+
+    name: str
+    weight: torch.Tensor          # (out, in) float32 copy of the dense weight
+    target: Target
+
+
+@dataclass
+class Outcome:
+    weight: torch.Tensor          # pruned (and, for SparseGPT, reconstructed) weight, float32
+    mask: torch.Tensor            # True = pruned
+    info: dict = field(default_factory=dict)
+
+
+class Scorer:
+    """Base class. Subclasses implement `importance` (higher = keep); `select` turns scores into a
+    mask for a target. The default selection is per output row (Wanda's comparison group)."""
+
+    name = "base"
+    needs_gram = False
+
+    def importance(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pruned_count(self, rows: int, cols: int, sparsity: float) -> int:
+        """Weights this scorer prunes in a (rows, cols) matrix at a uniform target (per-row selection:
+        round(sparsity * cols) in every row)."""
+        return rows * M.per_row_count(cols, sparsity)
+
+    def select(self, scores: torch.Tensor, target: Target) -> torch.Tensor:
+        if target.nm is not None:
+            return M.nm_mask(scores, *target.nm)
+        if target.row_counts is not None:
+            return M.mask_from_counts(M.row_ranks(scores), target.row_counts.to(scores.device))
+        return M.row_mask(scores, target.sparsity)
+
+    def prune_group(self, members: list[Member], stats: InputStats | None) -> list[Outcome]:
+        out = []
+        for m in members:
+            mask = self.select(self.importance(m.weight, stats), m.target)
+            out.append(Outcome(weight=m.weight.masked_fill(mask, 0.0), mask=mask))
+        return out

@@ -1,0 +1,171 @@
+"""Output directory, masks file, atomic writes, recipes and the command line (including bad input)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from tiny_models import calib, make
+from trimprune import PruneConfig, load_masks, prune
+from trimprune.cli import main
+from trimprune.export import write_outputs
+from trimprune.models import ModelAdapter, weight_2d
+from trimprune.report import build_report, markdown
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
+def test_save_load_round_trip_identical_logits(family, tmp_path):
+    model = make(family)
+    res = prune(model, None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=4, seqlen=16),
+                calibration=calib(4, 16), progress=False)
+    rep = build_report(res, {"source": family}, {"perplexity": {}}, res.timings)
+    out = tmp_path / "out"
+    write_outputs(out, model, None, res, rep, markdown(rep))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = calib(3, 16, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    masks = load_masks(out / "masks.safetensors")
+    lin = ModelAdapter.from_model(loaded).all_linears()
+    assert set(masks) == set(lin)
+    for name, m in masks.items():
+        assert torch.equal(m, res.mask(name))
+        assert bool((weight_2d(lin[name])[m] == 0).all())
+    r = json.loads((out / "report.json").read_text())
+    assert r["sparsity"]["achieved"] == pytest.approx(res.global_sparsity)
+    assert set(r["layers"]) == set(lin)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temp dirs left
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    model = make("llama")
+    res = prune(model, None, PruneConfig(nsamples=2, seqlen=8), calibration=calib(2, 8), progress=False)
+    rep = build_report(res, {}, {"perplexity": {}}, res.timings)
+    import trimprune.export as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex, "save_masks", boom)
+    with pytest.raises(RuntimeError):
+        write_outputs(tmp_path / "out", model, None, res, rep, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_round_trip_and_cli_override(tmp_path):
+    cfg = PruneConfig(scorer="sparsegpt", sparsity=0.7, trim=True, trim_inputs="sample:256", allocation="owl")
+    p = tmp_path / "r.yaml"
+    cfg.to_yaml(p)
+    assert PruneConfig.from_yaml(p) == cfg
+    from trimprune.cli import build_parser, config_from_args
+    args = build_parser().parse_args(["prune", "--model", "x", "--output", "o", "--recipe", str(p), "--sparsity", "0.6"])
+    got = config_from_args(args)
+    assert got.scorer == "sparsegpt" and got.sparsity == 0.6 and got.trim and got.allocation == "owl"
+    p.write_text("scorer: wanda\nsparsty: 0.5\n")
+    with pytest.raises(Exception, match="sparsty"):
+        PruneConfig.from_yaml(p)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, data_dir):
+    """A tiny Llama with the GPT-2 tokenizer saved like a hub model (context 256)."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizers" / "gpt2"))
+    tok.model_max_length = 256
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=256,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err
+
+
+BAD = [
+    (["--sparsity", "1.2"], "--sparsity 1.2"),
+    (["--sparsity", "-0.1"], "--sparsity -0.1"),
+    (["--mask-structure", "2-4"], "'2-4'"),
+    (["--mask-structure", "2:4", "--sparsity", "0.6"], "--sparsity 0.5"),
+    (["--nsamples", "0"], "--nsamples 0"),
+    (["--seqlen", "4096"], "--seqlen 4096"),
+    (["--calib-data", "/nonexistent/c4.jsonl"], "/nonexistent/c4.jsonl"),
+    (["--allocation", "file:/nonexistent.json"], "/nonexistent.json"),
+    (["--trim", "--trim-inputs", "sample:x"], "sample:x"),
+    (["--trim", "--trim-metric", "psnr_flat"], "psnr_flat"),
+    (["--eval", "wikitext2", "--eval-data", "wikitext2"], "wikitext2"),
+    (["--eval", "nosuchset"], "nosuchset"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD)
+def test_bad_input_one_line_error(extra, needle, tiny_dir, tmp_path, capsys, with_data_env):
+    args = ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--quiet", "--nsamples", "2",
+            "--seqlen", "32"]
+    rc = main(args + extra)
+    err = _err(capsys)
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("trimprune: error:") and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_scorer_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--model", "x", "--output", "o", "--scorer", "foo"])
+    assert e.value.code == 2 and "foo" in capsys.readouterr().err
+
+
+def test_missing_and_fake_gguf(tmp_path, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"NOTAGGUF" * 16)
+    assert main(["eval", "--model", str(fake), "--eval", "wikitext2"]) == 2
+    assert "not a GGUF" in _err(capsys)[0]
+    assert main(["eval", "--model", str(tmp_path), "--gguf-file", "missing.gguf", "--eval", "wikitext2"]) == 2
+    assert "missing.gguf" in _err(capsys)[0]
+    assert main(["eval", "--model", "./does/not/exist", "--eval", "wikitext2"]) == 2
+    assert "./does/not/exist" in _err(capsys)[0]
+
+
+def test_existing_output_is_refused(tiny_dir, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    assert main(["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--calib", "self",
+                 "--nsamples", "2", "--seqlen", "16", "--quiet"]) == 2
+    assert "--overwrite" in _err(capsys)[0]
+    assert (tmp_path / "o" / "keep.txt").read_text() == "x"
+
+
+def test_cli_prune_and_eval_on_a_hub_style_directory(tiny_dir, tmp_path, capsys, with_data_env):
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(tiny_dir), "--scorer", "sparsegpt", "--sparsity", "0.5", "--calib", "c4",
+               "--nsamples", "4", "--seqlen", "64", "--eval", "wikitext2,self", "--eval-limit", "3",
+               "--self-eval-samples", "2", "--output", str(out), "--quiet", "--trim"])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads((out / "report.json").read_text())
+    assert r["metrics"]["perplexity"]["wikitext2"] > 1 and r["metrics"]["eval"]["wikitext2"]["limited"]
+    assert r["metrics"]["eval"]["wikitext2"]["windows"] == 3
+    assert "kl_estimate" in r["metrics"]["self_kl"]
+    assert r["timings"]["prune_seconds"] > 0
+    assert r["config"]["scorer"] == "sparsegpt" and r["calibration"]["shape"] == [4, 64]
+    assert (out / "allocation.json").is_file() and (out / "report.md").is_file()
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(out), "--eval", "wikitext2", "--eval-limit", "3", "--seqlen", "64",
+               "--output", str(tmp_path / "e.json"), "--quiet"])
+    assert rc == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["metrics"]["perplexity"]["wikitext2"] == pytest.approx(r["metrics"]["perplexity"]["wikitext2"], rel=1e-4)
+
+
+def test_help_documents_every_flag(capsys):
+    from trimprune.cli import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in sub.items():
+        for act in parser._actions:
+            if act.option_strings and act.dest != "help":
+                assert act.help, f"{name} {act.option_strings} has no help"
