@@ -133,9 +133,7 @@ def test_last_token_mode_reproduces_reference_loop(sparsity):
         score = W.abs() * norm
         sorted_idx = torch.sort(score, dim=-1, stable=True)[1]
         lr_ref, x_ref, m_ref = _ref_search(sparsity, W, last, sorted_idx)
-        ev = ExplicitEvaluator(last)
-        ev.prepare(W)
-        res = search.run(ev, row_ranks(score), sparsity)
+        res = search.run(ExplicitEvaluator, ("explicit",), W, last, row_ranks(score), sparsity)
         assert res.learning_rate == lr_ref, n
         torch.testing.assert_close(res.search_sparsities, x_ref, rtol=0, atol=1e-6)
         assert math.isclose(res.best_metric, m_ref, rel_tol=1e-9)

@@ -19,6 +19,7 @@ from .allocation.base import Allocation, from_file, uniform
 from .config import PruneConfig, parse_trim_inputs
 from .data import get_calibration
 from .errors import TrimpruneError
+from .graphs import GRAPHS, mm_out_dtype_ok
 from .masks import pack_mask, row_ranks, unpack_mask
 from .models import ModelAdapter, model_device, set_weight_2d, weight_2d
 from .quality import ExplicitEvaluator, GramEvaluator, layer_metric
@@ -83,11 +84,14 @@ def _needs(config: PruneConfig, scorer) -> StatsNeeds:
                       seed=config.seed)
 
 
-def make_evaluator(config: PruneConfig, stats):
+def evaluator_source(config: PruneConfig, stats):
+    """(factory, graph key, source tensor) of the TRIM metric: the Gram matrix over all tokens, or
+    explicit input vectors (last tokens / a token sample)."""
     mode, _ = parse_trim_inputs(config.trim_inputs)
     if mode == "all":
-        return GramEvaluator(stats.gram, stats.n_tokens, precision=config.trim_precision)
-    return ExplicitEvaluator(stats.explicit_inputs(mode))
+        n, prec = stats.n_tokens, config.trim_precision
+        return (lambda g: GramEvaluator(g, n, precision=prec)), ("gram", n, prec), stats.gram
+    return ExplicitEvaluator, ("explicit",), stats.explicit_inputs(mode)
 
 
 class BlockPruner:
@@ -150,7 +154,9 @@ class BlockPruner:
                                      f"M={nm[1]}: --mask-structure {cfg.mask_structure} cannot be applied")
             s = self.alloc.per_linear[self.adapter.full_name(i, name)]
             members.append(Member(name, W, Target(sparsity=s, nm=nm)))
-        evaluator = make_evaluator(cfg, stats) if self.trim is not None else None
+        if self.trim is not None:
+            make_ev, ev_key, src = evaluator_source(cfg, stats)
+            evaluator = make_ev(src)
         trim_members, trim_res = [], {}
         t0 = time.perf_counter()
         if self.trim is not None:
@@ -159,8 +165,8 @@ class BlockPruner:
                 if not (0.0 < s < cfg.trim_max_row_sparsity):
                     continue
                 ranks = row_ranks(self.scorer.importance(m.weight, stats))
-                evaluator.prepare(m.weight)
-                res = self.trim.run(evaluator, ranks, s, self.scorer.pruned_count(*m.weight.shape, s))
+                res = self.trim.run(make_ev, ev_key, m.weight, src, ranks, s,
+                                    self.scorer.pruned_count(*m.weight.shape, s))
                 trim_res[m.name] = res
                 trim_members.append(Member(m.name, m.weight, Target(sparsity=s, row_counts=res.counts)))
         self.t_trim += time.perf_counter() - t0
@@ -178,27 +184,28 @@ class BlockPruner:
             if m.name in trim_res:
                 res = trim_res[m.name]
                 evaluator.prepare(m.weight)
-                t_metric = float(layer_metric(cfg.trim_metric, evaluator.stats_from_weight(trim_out[m.name].weight)))
+                cand = [trim_out[m.name].weight] + ([base_out[m.name].weight] if cfg.trim_safeguard else [])
+                metrics = layer_metric(cfg.trim_metric, evaluator.stats_from_weight(torch.stack(cand))).tolist()
                 info = res.summary(m.weight.shape[1])
                 info["metric"] = cfg.trim_metric
-                info["trim_weights_metric"] = t_metric
+                info["trim_weights_metric"] = metrics[0]
                 chosen = trim_out[m.name]
                 info["kept"] = "trim"
                 if cfg.trim_safeguard:
-                    b_metric = float(layer_metric(cfg.trim_metric,
-                                                  evaluator.stats_from_weight(base_out[m.name].weight)))
-                    info["scorer_alone_metric"] = b_metric
-                    if not t_metric >= b_metric:
+                    info["scorer_alone_metric"] = metrics[1]
+                    if not metrics[0] >= metrics[1]:
                         chosen = base_out[m.name]
                         info["kept"] = "scorer_alone (safeguard)"
                 rec["trim"] = info
             mask = chosen.mask
             set_weight_2d(linears[m.name], chosen.weight)
-            zeros = int(mask.sum())
-            row = mask.sum(1).double() / mask.shape[1]
-            rec.update({"zeros": zeros, "numel": mask.numel(), "sparsity": zeros / mask.numel(),
-                        "row_sparsity_min": float(row.min()), "row_sparsity_max": float(row.max()),
-                        "row_sparsity_std": float(row.std()) if row.numel() > 1 else 0.0})
+            row = mask.sum(1, dtype=torch.float64)
+            zeros, rmin, rmax, rstd = torch.stack([row.sum(), row.min(), row.max(),
+                                                   row.std() if row.numel() > 1 else row.sum() * 0]).tolist()
+            cols = mask.shape[1]
+            rec.update({"zeros": int(zeros), "numel": mask.numel(), "sparsity": zeros / mask.numel(),
+                        "row_sparsity_min": rmin / cols, "row_sparsity_max": rmax / cols,
+                        "row_sparsity_std": rstd / cols})
             if chosen.info:
                 rec["scorer_info"] = chosen.info
             self.layers[full] = rec
@@ -266,6 +273,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
                              f"context of {n_ctx}: use --seqlen {n_ctx} or less")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        mm_out_dtype_ok(dev)          # probe once, outside any CUDA-graph capture
     t_prune = time.perf_counter()
     captured = engine.capture(model, adapter, batches, dev, offload=config.offload)
     timings["capture_seconds"] = time.perf_counter() - t_prune
@@ -292,5 +300,6 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     if dev.type == "cuda":
         timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     del captured
+    GRAPHS.clear()
     return PruneResult(config=config, layers=pruner.layers, allocation=allocation, masks=pruner.masks,
                        timings=timings, calibration_shape=(sum(b.shape[0] for b in batches), batches[0].shape[1]))

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .graphs import mm_out_dtype_ok
+
 EPS = 1e-8
 
 
@@ -110,11 +112,9 @@ class GramEvaluator:
             if self._Gb is None:
                 self._Gb = self.G.to(torch.bfloat16)
             Eb = E.to(torch.bfloat16)
-            try:
-                return torch.matmul(Eb.reshape(-1, Eb.shape[-1]), self._Gb,
-                                    out_dtype=torch.float32).reshape(E.shape)
-            except (TypeError, RuntimeError):
-                return torch.matmul(Eb, self._Gb).float()
+            if mm_out_dtype_ok(E.device):
+                return torch.mm(Eb.reshape(-1, Eb.shape[-1]), self._Gb, out_dtype=torch.float32).reshape(E.shape)
+            return torch.matmul(Eb, self._Gb).float()
         with _matmul_precision(self.precision):
             return torch.matmul(E, self.G)
 

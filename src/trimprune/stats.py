@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import Conv1D  # noqa: F401  (documented: Conv1D inputs are (.., in) as for Linear)
+from .graphs import mm_out_dtype_ok
 
 
 @dataclass
@@ -24,17 +24,35 @@ class StatsNeeds:
     seed: int = 0
 
 
-def _gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """gram += x^T x with float32 accumulation (half-precision inputs use tensor cores with a
-    float32 result where torch supports it)."""
-    if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
-        try:
-            gram.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
-            return
-        except (TypeError, RuntimeError):
-            pass
-    xf = x.to(gram.dtype)
-    gram.addmm_(xf.t(), xf)
+TILE = 2048  # Gram tiles for wide inputs: only the upper block triangle is computed
+
+
+def gram_tiles(n: int, cuda: bool) -> list[tuple[int, int]]:
+    if not cuda or n < 2 * TILE:
+        return [(0, n)]
+    t = n // TILE
+    edges = [round(i * n / t) for i in range(t + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result; half-precision inputs stay on tensor cores where torch allows."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and mm_out_dtype_ok(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _gram_update(gram: torch.Tensor, x: torch.Tensor, tiles: list[tuple[int, int]]) -> None:
+    """gram += x^T x accumulated in float32 (float64 for float64 inputs). With several tiles only
+    the upper block triangle is accumulated; `InputStats.finalize` mirrors it."""
+    if len(tiles) == 1 and (x.dtype == gram.dtype or not x.is_cuda):
+        xf = x.to(gram.dtype)
+        gram.addmm_(xf.t(), xf)
+        return
+    for i, (a0, a1) in enumerate(tiles):
+        for b0, b1 in tiles[i:]:
+            gram[a0:a1, b0:b1].add_(_mm_f32(x[:, a0:a1].t(), x[:, b0:b1]) if gram.dtype == torch.float32
+                                   else x[:, a0:a1].t().to(gram.dtype) @ x[:, b0:b1].to(gram.dtype))
 
 
 class InputStats:
@@ -53,6 +71,8 @@ class InputStats:
         self._last: list[torch.Tensor] = []
         self._sample: list[torch.Tensor] = []
         self._sample_pos = None
+        self._tiles = gram_tiles(in_features, torch.device(device).type == "cuda")
+        self._final = False
         if needs.sample:
             if not total_tokens:
                 raise ValueError("sample statistics need the total number of calibration tokens")
@@ -68,7 +88,8 @@ class InputStats:
         if self.sqnorm is not None:
             self.sqnorm.add_(torch.linalg.vector_norm(flat, ord=2, dim=0, dtype=self.dtype).square())
         if self.gram is not None:
-            _gram_update(self.gram, flat)
+            _gram_update(self.gram, flat, self._tiles)
+            self._final = False
         if self.needs.last_token:
             self._last.append(x[:, -1, :].to(self.dtype))
         if self._sample_pos is not None:
@@ -78,6 +99,15 @@ class InputStats:
                 self._sample.append(flat[pos.to(flat.device)].to(self.dtype))
         self.n_tokens += b * l
         self.n_sequences += b
+
+    def finalize(self) -> "InputStats":
+        """Mirror the upper block triangle of a tiled Gram matrix (idempotent)."""
+        if self.gram is not None and not self._final and len(self._tiles) > 1:
+            for i, (a0, a1) in enumerate(self._tiles):
+                for b0, b1 in self._tiles[i + 1:]:
+                    self.gram[b0:b1, a0:a1] = self.gram[a0:a1, b0:b1].t()
+        self._final = True
+        return self
 
     # ------------------------------------------------------------------ views
     def wanda_norm(self) -> torch.Tensor:
@@ -168,4 +198,4 @@ class BlockHooks:
         self._first_batch_inputs.clear()
 
     def stats_for(self, name: str) -> InputStats:
-        return self.stats[self.group_of[name]]
+        return self.stats[self.group_of[name]].finalize()

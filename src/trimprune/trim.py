@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .graphs import GRAPHS
 from .quality import dim_metric, layer_metric
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrimSettings:
     iterations: int = 10
     layer_metric: str = "cosim_flat"
@@ -131,109 +132,134 @@ def _pick(metrics: list[float], baseline: float) -> int | None:
 
 
 class TrimSearch:
-    """One TRIM search for one linear. `evaluator` is a Gram or explicit evaluator (quality.py)."""
+    """One TRIM search for one linear, on a Gram or explicit evaluator (quality.py)."""
 
     def __init__(self, settings: TrimSettings):
         self.cfg = settings
 
-    def _counts(self, x: torch.Tensor, n: int) -> torch.Tensor:
+    # ---------------------------------------------------------------- sync-free tensor code
+    def _counts(self, x: torch.Tensor, n: int, total: torch.Tensor) -> torch.Tensor:
         """Per-row pruned counts (L, rows) for sparsity vectors x (L, rows), on device, no sync."""
         if self.cfg.rounding == "floor":
             return (n * x).long()                       # reference: (width * sparsities).long()
         kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
         y = x.double() * n
         k0 = torch.floor(y + 1e-9).clamp(0, kmax)
-        rem = self._total - k0.sum(-1, keepdim=True)    # weights still to hand out (may be < 0)
+        rem = total - k0.sum(-1, keepdim=True)          # weights still to hand out (may be < 0)
         frac = y - k0
         up = torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf))
         down = torch.where(k0 > 0, frac, torch.full_like(frac, math.inf))
-        rank_up = torch.empty_like(k0, dtype=torch.long)
-        rank_up.scatter_(-1, torch.sort(up, dim=-1, descending=True, stable=True)[1],
-                         torch.arange(x.shape[-1], device=x.device).expand_as(rank_up))
+        ar = torch.arange(x.shape[-1], device=x.device).expand(x.shape)
+        rank_up = torch.empty(x.shape, dtype=torch.long, device=x.device)
+        rank_up.scatter_(-1, torch.sort(up, dim=-1, descending=True, stable=True)[1], ar)
         rank_dn = torch.empty_like(rank_up)
-        rank_dn.scatter_(-1, torch.sort(down, dim=-1, stable=True)[1],
-                         torch.arange(x.shape[-1], device=x.device).expand_as(rank_dn))
-        k = k0 + (rank_up < rem).double() - (rank_dn < -rem).double()
-        return k.long()
+        rank_dn.scatter_(-1, torch.sort(down, dim=-1, stable=True)[1], ar)
+        return (k0 + (rank_up < rem).double() - (rank_dn < -rem).double()).long()
 
-    def _evaluate(self, ev, ranks, x):
-        """x: (L, rows) float32 fractions -> (layer metric (L,), dim quality (L, rows), cos (L, rows))."""
-        n = ranks.shape[1]
-        k = self._counts(x, n)
+    def _evaluate(self, ev, ranks, x, total):
+        """x: (L, rows) -> (layer metric (L,), dim quality (L, rows), per-row cosine (L, rows))."""
+        k = self._counts(x, ranks.shape[1], total)
         st = ev.stats_from_mask(ranks.unsqueeze(0) < k.unsqueeze(-1))
         lm = layer_metric(self.cfg.layer_metric, st)
         dq = dim_metric(self.cfg.dim_metric, st)
         cos = dq if self.cfg.dim_metric == "cosim" else dim_metric("cosim", st)
         return lm, dq, cos
 
-    def _sweep(self, ev, ranks, s, lrs, base_lm, base_dq):
+    def _sweep(self, make_ev, W, src, ranks, s, total, lrs):
+        """Baseline and all learning rates of one sweep in parallel (candidate dim L). Pure tensor
+        code without host synchronisation, so it can be captured as a CUDA graph."""
+        ev = make_ev(src)
+        ev.prepare(W)
         rows = ranks.shape[0]
-        dev = ranks.device
-        L = len(lrs)
-        lr = torch.tensor(lrs, dtype=torch.float64, device=dev).unsqueeze(1)
-        x = torch.full((L, rows), s, dtype=torch.float32, device=dev)
+        L = lrs.shape[0]
+        x0 = s.to(torch.float32).expand(1, rows)
+        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, x0, total)
+        lr = lrs.to(torch.float64).unsqueeze(1)
+        x = s.to(torch.float32).expand(L, rows).clone()
         best_x = x.clone()
         best_m = base_lm.expand(L).clone()
-        best_it = torch.zeros(L, dtype=torch.long, device=dev)
+        best_it = torch.zeros(L, dtype=torch.long, device=W.device)
         dq = base_dq.expand(L, rows)
         for it in range(self.cfg.iterations):
             lo = dq.amin(-1, keepdim=True)
             hi = dq.amax(-1, keepdim=True)
             d = (dq - lo) / (hi - lo + 1e-6) * (lr * 2)
             d = d - d.mean(-1, keepdim=True)
-            x = (x.double() + d).to(torch.float32)   # reference: fp32 x += float64 step
+            x = (x.double() + d).to(torch.float32)     # reference: fp32 x += float64 step
             x = x.clamp(0.0, self.cfg.max_row_sparsity)
-            x = x - x.mean(-1, keepdim=True) + s
-            m, dq, _ = self._evaluate(ev, ranks, x)
+            x = x - x.mean(-1, keepdim=True) + s.to(torch.float32)
+            m, dq, _ = self._evaluate(ev, ranks, x, total)
             better = m > best_m
             best_m = torch.where(better, m, best_m)
             best_x = torch.where(better.unsqueeze(1), x, best_x)
             best_it = torch.where(better, torch.full_like(best_it, it), best_it)
-        return best_x, best_m.tolist(), best_it.tolist()
+        return base_lm, base_cos, best_x, best_m, best_it
 
+    def _run_sweep(self, make_ev, key, W, src, ranks, s, total, lrs):
+        dev = W.device
+        inputs = {"W": W, "src": src, "ranks": ranks,
+                  "s": torch.tensor(s, dtype=torch.float64, device=dev),
+                  "total": torch.tensor(total, dtype=torch.float64, device=dev),
+                  "lrs": torch.tensor(lrs, dtype=torch.float64, device=dev)}
+
+        def fn(W, src, ranks, s, total, lrs):
+            return self._sweep(make_ev, W, src, ranks, s, total, lrs)
+
+        if GRAPHS.usable(dev, len(lrs) * W.numel()):
+            full_key = ("trim", key, tuple(W.shape), tuple(src.shape), W.dtype, src.dtype, len(lrs), self.cfg)
+            out = GRAPHS.run(full_key, fn, inputs)
+            return tuple(o.clone() for o in out)
+        return fn(**inputs)
+
+    # ---------------------------------------------------------------- driver
     @torch.no_grad()
-    def run(self, evaluator, ranks: torch.Tensor, s: float, total: int | None = None) -> TrimResult:
-        """`evaluator.prepare(W)` must have been called. `ranks` = row_ranks(importance). `total`: the
-        number of weights to prune in the matrix (default round(s * numel)); the scorer passes the
-        count it would prune by itself, so TRIM and the scorer alone compare at equal sparsity."""
+    def run(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: float,
+            total: int | None = None) -> TrimResult:
+        """Search row sparsities for W (rows, in). `make_ev(src)` builds the evaluator from `src` (the Gram
+        matrix, or explicit inputs); `key` names the evaluator kind for graph caching. `ranks` =
+        row_ranks(importance). `total`: weights to prune in the matrix (default round(s * numel)); the
+        scorer passes the count it would prune by itself, so TRIM and the scorer alone compare at equal
+        sparsity."""
         rows, n = ranks.shape
-        self._total = int(round(s * rows * n)) if total is None else int(total)
-        x0 = torch.full((1, rows), s, dtype=torch.float32, device=ranks.device)
-        base_lm, base_dq, base_cos = self._evaluate(evaluator, ranks, x0)
+        total = int(round(s * rows * n)) if total is None else int(total)
+        base_lm, base_cos, bx, bm, bit = self._run_sweep(make_ev, key, W, src, ranks, s, total, self.cfg.lrs)
         baseline = float(base_lm[0])
-        best = {"metric": baseline, "x": x0[0], "lr": None, "it": 0}
+        best = {"metric": baseline, "x": None, "lr": None, "it": 0}
         candidates = {}
-        sweeps = [tuple(self.cfg.lrs)]
+        sweeps = [(tuple(self.cfg.lrs), (bx, bm, bit))]
         if not self.cfg.forbid_neg_lr and self.cfg.neg_lrs:
-            sweeps.append(tuple(self.cfg.neg_lrs))
-        for si, lrs in enumerate(sweeps):
+            sweeps.append((tuple(self.cfg.neg_lrs), None))
+        for si, (lrs, out) in enumerate(sweeps):
             if si > 0 and best["lr"] is not None:
                 break                                    # negative rates only if no positive one helped
-            bx, bm, bit = self._sweep(evaluator, ranks, s, lrs, base_lm[0], base_dq[0])
-            # record what the sequential reference would have evaluated
-            i = _pick(bm, best["metric"])
+            if out is None:
+                out = self._run_sweep(make_ev, key, W, src, ranks, s, total, lrs)[2:]
+            bx, bm_t, bit_t = out
+            bm, bit = bm_t.tolist(), bit_t.tolist()
             prev = float("-inf")
-            for j, (lr, m) in enumerate(zip(lrs, bm)):
+            for lr, m in zip(lrs, bm):                   # what the sequential reference evaluates
                 candidates[lr] = m
                 if not m > prev:
                     break
                 prev = m
+            i = _pick(bm, best["metric"])
             if i is not None:
                 best = {"metric": bm[i], "x": bx[i], "lr": lrs[i], "it": bit[i]}
-        search_x = best["x"].clone()
+        search_x = best["x"] if best["x"] is not None else torch.full((rows,), s, device=W.device)
+        total_t = torch.tensor(total, dtype=torch.float64, device=W.device)
         counts = None
         if self.cfg.rounding == "exact":
-            counts = self._counts(search_x.unsqueeze(0), n)[0]
-            if int(counts.sum()) != self._total or int(counts.min()) < 0:
+            counts = self._counts(search_x.unsqueeze(0), n, total_t)[0]
+            if int(counts.sum()) != total or int(counts.min()) < 0:
                 counts = None
         if counts is None:                              # reference rounding: project exactly, then round
-            counts = exact_counts(search_x, s, n, self.cfg.max_row_sparsity, self._total)
-        mask = ranks < counts.unsqueeze(1)
-        st = evaluator.stats_from_mask(mask)
-        final_metric = float(layer_metric(self.cfg.layer_metric, st))
-        end_cos = dim_metric("cosim", st)
-        return TrimResult(counts=counts, search_sparsities=search_x, baseline_metric=baseline,
-                          best_metric=float(best["metric"]), final_metric=final_metric,
+            counts = exact_counts(search_x, s, n, self.cfg.max_row_sparsity, total)
+        ev = make_ev(src)
+        ev.prepare(W)
+        st = ev.stats_from_mask(ranks < counts.unsqueeze(1))
+        fin = torch.stack([layer_metric(self.cfg.layer_metric, st).reshape(()),
+                           dim_metric("cosim", st).var(), base_cos[0].var()]).tolist()
+        return TrimResult(counts=counts, search_sparsities=search_x.clone(), baseline_metric=baseline,
+                          best_metric=float(best["metric"]), final_metric=fin[0],
                           learning_rate=best["lr"], best_iter=int(best["it"]),
-                          start_var=float(base_cos[0].var()), end_var=float(end_cos.var()),
-                          candidates=candidates)
+                          start_var=fin[2], end_var=fin[1], candidates=candidates)

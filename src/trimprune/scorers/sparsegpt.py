@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from ..graphs import GRAPHS
 from ..stats import InputStats
 from .base import Member, Outcome, Scorer, Target
 
@@ -22,6 +23,28 @@ log = logging.getLogger("trimprune")
 
 def _round(x: float) -> int:
     return int(round(x))  # half to even, like torch.round
+
+
+class _ObsBlock:
+    """Algorithm 1's inner loop over the columns of one block: prune column i by its mask, spread
+    the error over the block's later columns (W1[:, i:] -= err_i * U1[i, i:]). For N:M the mask of
+    every M columns is chosen when their first column is reached, from the updated weights."""
+
+    def __init__(self, n: int, m: int):
+        self.n, self.m = n, m
+
+    def __call__(self, W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor):
+        d = torch.diag(U1)
+        Err1 = torch.zeros_like(W1)
+        for i in range(W1.shape[1]):
+            if self.m and i % self.m == 0:
+                tmp = W1[:, i:i + self.m].square() / d[i:i + self.m].square().unsqueeze(0)
+                mask1.scatter_(1, i + torch.topk(tmp, self.n, dim=1, largest=False)[1], True)
+            err = W1[:, i] * mask1[:, i] / d[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)    # column i becomes q (pruned entries ~0)
+            Err1[:, i] = err
+        W1.masked_fill_(mask1, 0.0)
+        return W1, Err1, mask1
 
 
 class SparseGPT(Scorer):
@@ -126,11 +149,9 @@ class SparseGPT(Scorer):
         bs = self.blocksize
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            count = i2 - i1
             W1 = W[:, i1:i2].clone()
-            U1 = U[i1:i2, i1:i2]
+            U1 = U[i1:i2, i1:i2].contiguous()
             d = torch.diag(U1)
-            Err1 = torch.zeros_like(W1)
             if nm is None:
                 tmp = W1.square() / d.square().unsqueeze(0)
                 mask1 = torch.cat([self._select_block(tmp, sg, m.target, i1, i2, cols)
@@ -138,16 +159,13 @@ class SparseGPT(Scorer):
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             n, mm = nm if nm is not None else (0, 0)
-            for i in range(count):
-                if nm is not None and i % mm == 0:
-                    tmp = W1[:, i:i + mm].square() / d[i:i + mm].square().unsqueeze(0)
-                    mask1.scatter_(1, i + torch.topk(tmp, n, dim=1, largest=False)[1], True)
-                err = W1[:, i] * mask1[:, i] / d[i]
-                # W1[:, i] becomes q (pruned entries zero); later columns absorb the error
-                W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-                Err1[:, i] = err
+            inputs = {"W1": W1, "U1": U1, "mask1": mask1}
+            fn = _ObsBlock(n, mm)
+            if GRAPHS.usable(dev, W1.numel() * 4):
+                W1, Err1, mask1 = GRAPHS.run(("obs", tuple(W1.shape), W1.dtype, n, mm), fn, inputs)
+            else:
+                W1, Err1, mask1 = fn(**inputs)
             losses += Err1.square().sum(1) / 2
-            W1.masked_fill_(mask1, 0.0)
             W[:, i1:i2] = W1
             mask[:, i1:i2] = mask1
             if i2 < cols:

@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SYNTHETIC = {
+    # name: LlamaConfig kwargs (random weights; timing only)
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
+}
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(SYNTHETIC[name])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # weights ~ N(0, 0.02) like a fresh init, realistic enough for timing
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return m.eval(), None
+
+
+def peak_rss_gb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform != "darwin" else r / 2**30
+
+
+def append_jsonl(path: str | Path, rec: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+class Timer:
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t

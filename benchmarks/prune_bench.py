@@ -1,0 +1,106 @@
+"""Prune time and peak memory.
+
+    python benchmarks/prune_bench.py --model smollm2-135m --scorer wanda --sparsity 0.5 --nsamples 128 --seqlen 2048
+    python benchmarks/prune_bench.py --model synthetic:llama-8b --scorer wanda --trim --nsamples 128 --seqlen 2048
+
+`synthetic:NAME` builds a random-weight Llama of that shape directly on the device (timing only;
+random tokens as calibration). Each configuration is pruned --repeat times on fresh weights; the
+first run includes CUDA warm-up, the table reports the best (and all) runs. Results are appended
+as JSON lines to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Timer, append_jsonl, machine, peak_rss_gb, synthetic_model  # noqa: E402
+
+from trimprune import PruneConfig, load_model, prune  # noqa: E402
+from trimprune.data import get_calibration  # noqa: E402
+from trimprune.models import resolve_device, resolve_dtype  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--gguf-file", default=None)
+    ap.add_argument("--layers", type=int, default=None, help="synthetic models: number of blocks")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--scorer", action="append", default=None, help="repeatable (default wanda)")
+    ap.add_argument("--trim", choices=["none", "all", "last-token", "both"], default="none")
+    ap.add_argument("--trim-precision", default="fp32")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/prune_bench.jsonl")
+    args = ap.parse_args(argv)
+
+    dev = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, dev)
+    t0 = time.perf_counter()
+    if args.model.startswith("synthetic:"):
+        model, tok = synthetic_model(args.model.split(":", 1)[1], torch.device("cpu") if args.offload else dev,
+                                     dtype, args.layers)
+    else:
+        model, tok = load_model(args.model, args.gguf_file, dtype, dev, offload=args.offload)
+    load_s = time.perf_counter() - t0
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = PruneConfig(sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                       batch_size=args.batch_size, offload=args.offload, trim_precision=args.trim_precision)
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+        calib_s = 0.0
+    else:
+        t1 = time.perf_counter()
+        calib = get_calibration(base, tok)
+        calib_s = time.perf_counter() - t1
+    trims = {"none": [None], "all": ["all"], "last-token": ["last-token"], "both": [None, "all", "last-token"]}[args.trim]
+    print(f"# {machine()} | model {args.model} ({load_s:.1f} s load) | calib {args.nsamples}x{args.seqlen} "
+          f"({calib_s:.2f} s data) | dtype {dtype}")
+    print(f"{'scorer':<10}{'trim':<12}{'run':>4}{'prune s':>10}{'per block s':>12}{'trim s':>9}{'peak GPU GB':>12}"
+          f"{'peak RSS GB':>12}")
+    for scorer in args.scorer or ["wanda"]:
+        for trim in trims:
+            for rep in range(args.repeat):
+                model.load_state_dict(state)
+                cfg = copy.deepcopy(base)
+                cfg.scorer = scorer
+                if trim:
+                    cfg.trim, cfg.trim_inputs = True, trim
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                with Timer() as t:
+                    res = prune(model, tok, cfg, calibration=calib, device=dev, progress=False)
+                nb = max(r["block"] for r in res.layers.values()) + 1
+                rec = {"machine": machine(), "model": args.model, "scorer": scorer, "trim": trim or "none",
+                       "trim_precision": args.trim_precision if trim else None, "sparsity": args.sparsity,
+                       "nsamples": args.nsamples, "seqlen": args.seqlen, "dtype": str(dtype), "run": rep,
+                       "offload": args.offload, "prune_seconds": res.timings["prune_seconds"],
+                       "wall_seconds": t.seconds, "calibration_data_seconds": calib_s,
+                       "per_block_seconds": res.timings["prune_seconds"] / nb,
+                       "trim_search_seconds": res.timings["trim_search_seconds"],
+                       "mask_and_update_seconds": res.timings["mask_and_update_seconds"],
+                       "peak_gpu_gb": res.timings.get("peak_gpu_memory_gb"), "peak_rss_gb": peak_rss_gb(),
+                       "achieved_sparsity": res.global_sparsity, "load_seconds": load_s}
+                append_jsonl(args.out, rec)
+                print(f"{scorer:<10}{trim or 'none':<12}{rep:>4}{rec['prune_seconds']:>10.2f}"
+                      f"{rec['per_block_seconds']:>12.3f}{rec['trim_search_seconds']:>9.2f}"
+                      f"{(rec['peak_gpu_gb'] or 0):>12.2f}{rec['peak_rss_gb']:>12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
