@@ -36,8 +36,9 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--scorer", action="append", default=None, help="repeatable (default wanda)")
-    ap.add_argument("--trim", choices=["none", "all", "last-token", "both"], default="none")
-    ap.add_argument("--trim-precision", default="fp32")
+    ap.add_argument("--trim", default="none",
+                    help="comma list of none, all, last-token, sample:N (\"both\" = none,all,last-token)")
+    ap.add_argument("--trim-precision", default="fp32", help="comma list of fp32, tf32, bf16 (trimmed runs)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=128)
@@ -59,7 +60,7 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = PruneConfig(sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                       batch_size=args.batch_size, offload=args.offload, trim_precision=args.trim_precision)
+                       batch_size=args.batch_size, offload=args.offload)
     if tok is None:
         g = torch.Generator().manual_seed(0)
         calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
@@ -68,26 +69,32 @@ def main(argv=None):
         t1 = time.perf_counter()
         calib = get_calibration(base, tok)
         calib_s = time.perf_counter() - t1
-    trims = {"none": [None], "all": ["all"], "last-token": ["last-token"], "both": [None, "all", "last-token"]}[args.trim]
+    spec = "none,all,last-token" if args.trim == "both" else args.trim
+    trims = []
+    for t in spec.split(","):
+        if t == "none":
+            trims.append((None, None))
+        else:
+            trims += [(t, p) for p in args.trim_precision.split(",")]
     print(f"# {machine()} | model {args.model} ({load_s:.1f} s load) | calib {args.nsamples}x{args.seqlen} "
           f"({calib_s:.2f} s data) | dtype {dtype}")
-    print(f"{'scorer':<10}{'trim':<12}{'run':>4}{'prune s':>10}{'per block s':>12}{'trim s':>9}{'peak GPU GB':>12}"
+    print(f"{'scorer':<10}{'trim':<16}{'run':>4}{'prune s':>10}{'per block s':>12}{'trim s':>9}{'peak GPU GB':>12}"
           f"{'peak RSS GB':>12}")
     for scorer in args.scorer or ["wanda"]:
-        for trim in trims:
+        for trim, prec in trims:
             for rep in range(args.repeat):
                 model.load_state_dict(state)
                 cfg = copy.deepcopy(base)
                 cfg.scorer = scorer
                 if trim:
-                    cfg.trim, cfg.trim_inputs = True, trim
+                    cfg.trim, cfg.trim_inputs, cfg.trim_precision = True, trim, prec
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 with Timer() as t:
                     res = prune(model, tok, cfg, calibration=calib, device=dev, progress=False)
                 nb = max(r["block"] for r in res.layers.values()) + 1
                 rec = {"machine": machine(), "model": args.model, "scorer": scorer, "trim": trim or "none",
-                       "trim_precision": args.trim_precision if trim else None, "sparsity": args.sparsity,
+                       "trim_precision": prec, "sparsity": args.sparsity,
                        "nsamples": args.nsamples, "seqlen": args.seqlen, "dtype": str(dtype), "run": rep,
                        "offload": args.offload, "prune_seconds": res.timings["prune_seconds"],
                        "wall_seconds": t.seconds, "calibration_data_seconds": calib_s,
@@ -97,7 +104,7 @@ def main(argv=None):
                        "peak_gpu_gb": res.timings.get("peak_gpu_memory_gb"), "peak_rss_gb": peak_rss_gb(),
                        "achieved_sparsity": res.global_sparsity, "load_seconds": load_s}
                 append_jsonl(args.out, rec)
-                print(f"{scorer:<10}{trim or 'none':<12}{rep:>4}{rec['prune_seconds']:>10.2f}"
+                print(f"{scorer:<10}{(trim or 'none') + ('/' + prec if prec else ''):<16}{rep:>4}{rec['prune_seconds']:>10.2f}"
                       f"{rec['per_block_seconds']:>12.3f}{rec['trim_search_seconds']:>9.2f}"
                       f"{(rec['peak_gpu_gb'] or 0):>12.2f}{rec['peak_rss_gb']:>12.2f}", flush=True)
 

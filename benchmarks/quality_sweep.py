@@ -45,6 +45,10 @@ def grid(name: str) -> list[dict]:
         for sc, sp in itertools.product(["wanda", "sparsegpt"], [0.6, 0.7]):
             out.append(dict(scorer=sc, sparsity=sp))       # uniform, no TRIM (also in issue3)
             out.append(dict(scorer=sc, sparsity=sp, trim=True))
+    if name == "trimvariants":
+        for sp, (lm, dm) in itertools.product([0.5, 0.6, 0.7], [("mse", "mse"), ("snr", "cosim"), ("cosim_flat", "mse"),
+                                                                ("mse", "cosim")]):
+            out.append(dict(scorer="wanda", sparsity=sp, trim=True, trim_metric=lm, trim_dim_metric=dm))
     seen, uniq = set(), []
     for g in out:
         k = json.dumps(g, sort_keys=True)

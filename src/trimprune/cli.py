@@ -15,7 +15,7 @@ from .errors import TrimpruneError
 CONFIG_FLAGS = ["scorer", "sparsity", "mask_structure", "allocation", "calib", "calib_data", "calib_format",
                 "nsamples", "seqlen", "seed", "batch_size", "offload", "blocksize", "percdamp", "trim", "trim_inputs",
                 "trim_iterations", "trim_metric", "trim_dim_metric", "trim_forbid_neg_lr", "trim_input_recalc",
-                "trim_safeguard", "trim_precision", "owl_m", "owl_lambda", "alpha_metric", "alpha_eps",
+                "trim_safeguard", "trim_block_safeguard", "trim_precision", "owl_m", "owl_lambda", "alpha_metric", "alpha_eps",
                 "alpha_mapping", "alpha_cache_dir"]
 
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the inputs of later linears of a block after earlier ones are pruned")
     g.add_argument("--no-trim-safeguard", dest="trim_safeguard", action="store_false", default=None,
                    help="keep TRIM's allocation even where its layer metric is worse than the scorer alone")
+    g.add_argument("--no-trim-block-safeguard", dest="trim_block_safeguard", action="store_false", default=None,
+                   help="skip the block-level check (TRIM vs scorer alone, against the dense model's block outputs "
+                        "on 1/8 of the calibration sequences)")
     g.add_argument("--trim-precision", choices=["fp32", "tf32", "bf16"], default=None,
                    help="matmul precision of the Gram-based metric on GPU (default fp32)")
     g = p.add_argument_group("OWL / AlphaPruning")

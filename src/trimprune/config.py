@@ -81,6 +81,7 @@ class PruneConfig:
     trim_forbid_neg_lr: bool = False
     trim_input_recalc: bool = False
     trim_safeguard: bool = True
+    trim_block_safeguard: bool = True          # compare whole blocks against the dense model (1/8 of calib)
     trim_max_row_sparsity: float = 0.95
     trim_precision: str = "fp32"               # fp32 | tf32 | bf16: matmuls of the Gram-based metric
     # OWL (Yin et al. 2024)

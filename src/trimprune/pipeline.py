@@ -22,7 +22,7 @@ from .errors import TrimpruneError
 from .graphs import GRAPHS, mm_out_dtype_ok
 from .masks import pack_mask, row_ranks, unpack_mask
 from .models import ModelAdapter, model_device, set_weight_2d, weight_2d
-from .quality import ExplicitEvaluator, GramEvaluator, layer_metric
+from .quality import ExplicitEvaluator, GramEvaluator, ObsEvaluator, layer_metric
 from .scorers import Member, SparseGPT, Target, make_scorer
 from .stats import BlockHooks, StatsNeeds
 from .trim import TrimSearch, TrimSettings
@@ -41,6 +41,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     calibration_shape: tuple = ()
     notes: list[str] = field(default_factory=list)
+    block_safeguard: list[dict] = field(default_factory=list)
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -84,10 +85,15 @@ def _needs(config: PruneConfig, scorer) -> StatsNeeds:
                       seed=config.seed)
 
 
-def evaluator_source(config: PruneConfig, stats):
+def evaluator_source(config: PruneConfig, stats, search: bool = False, scorer=None, weight=None):
     """(factory, graph key, source tensor) of the TRIM metric: the Gram matrix over all tokens, or
-    explicit input vectors (last tokens / a token sample)."""
+    explicit input vectors (last tokens / a token sample). For the search with a reconstructing
+    scorer (SparseGPT) on all tokens, the OBS prediction of the reconstructed weights' quality."""
     mode, _ = parse_trim_inputs(config.trim_inputs)
+    if search and mode == "all" and scorer is not None and scorer.reconstructs:
+        n = stats.n_tokens
+        table = ObsEvaluator.table_for(weight, scorer.importance(weight, stats), stats.gram)
+        return (lambda t: ObsEvaluator(t, n)), ("obs", n), table
     if mode == "all":
         n, prec = stats.n_tokens, config.trim_precision
         return (lambda g: GramEvaluator(g, n, precision=prec)), ("gram", n, prec), stats.gram
@@ -110,6 +116,11 @@ class BlockPruner:
         self.masks: dict[str, torch.Tensor] = {}
         self.t_trim = 0.0
         self.t_score = 0.0
+        self.t_guard = 0.0
+        # block-level safeguard: a calibration subset followed through the dense and the pruned model
+        self.sub_dense = self.sub_pruned = None
+        self._alt: dict[str, tuple] = {}
+        self.block_guard: list[dict] = []
 
     # -------------------------------------------------------------- statistics
     def _collect(self, i: int, block: nn.Module, hidden, linears, only=None, stop=False) -> BlockHooks:
@@ -122,60 +133,126 @@ class BlockPruner:
                                      keep_outputs=False)
         return hooks
 
+    def set_guard_subset(self, sub: torch.Tensor) -> None:
+        self.sub_dense, self.sub_pruned = [sub], [sub]
+
     def __call__(self, i: int, block: nn.Module, hidden) -> None:
         linears = self.adapter.linears(i)
+        guard = self.sub_dense is not None
+        if guard:
+            t0 = time.perf_counter()
+            dense_out = engine.forward_block_all(block, self.captured, i, self.sub_dense)
+            self.t_guard += time.perf_counter() - t0
+        self._alt = {}
         hooks = self._collect(i, block, hidden, linears)
         groups = [g for g in hooks.groups if g]
         if not self.cfg.trim_input_recalc:
+            members = {n: self._member(i, n, linears) for g in groups for n in g}
+            trim = self._trim(i, members, {n: hooks.stats_for(n) for n in members})
             for g in groups:
-                self._prune_group(i, g, linears, hooks.stats_for(g[0]))
+                self._prune_group(i, [members[n] for n in g], linears, hooks.stats_for(g[0]), trim)
         else:
             # recompute the inputs of each later group after the earlier groups are pruned
-            self._prune_group(i, groups[0], linears, hooks.stats_for(groups[0][0]))
-            del hooks
-            for g in groups[1:]:
-                h = self._collect(i, block, hidden, linears, only=set(g), stop=True)
-                self._prune_group(i, g, linears, h.stats_for(g[0]))
+            for k, g in enumerate(groups):
+                h = hooks if k == 0 else self._collect(i, block, hidden, linears, only=set(g), stop=True)
+                members = {n: self._member(i, n, linears) for n in g}
+                trim = self._trim(i, members, {n: h.stats_for(n) for n in g})
+                self._prune_group(i, [members[n] for n in g], linears, h.stats_for(g[0]), trim)
                 del h
+            del hooks
         if isinstance(self.scorer, SparseGPT):
             self.scorer._cache = None
+        if guard:
+            t0 = time.perf_counter()
+            self._block_safeguard(i, block, linears, dense_out)
+            self.sub_dense = dense_out
+            self.t_guard += time.perf_counter() - t0
+
+    def _block_safeguard(self, i: int, block: nn.Module, linears, dense_out) -> None:
+        """Keep TRIM in this block only if the block's output on the subset is at least as close to the
+        dense model's (squared error in the residual stream) as with the scorer alone."""
+        fwd = lambda: engine.forward_block_all(block, self.captured, i, self.sub_pruned)  # noqa: E731
+        if not self._alt:
+            self.sub_pruned = fwd()
+            return
+
+        def err(out):
+            return sum(float((o.float() - d.to(o.device).float()).square().sum()) for o, d in zip(out, dense_out))
+
+        out_trim = fwd()
+        e_trim = err(out_trim)
+        for name, (w_alone, _, _) in self._alt.items():
+            set_weight_2d(linears[name], w_alone)
+        out_alone = fwd()
+        e_alone = err(out_alone)
+        keep_trim = e_trim <= e_alone
+        rec = {"block": i, "err_trim": e_trim, "err_scorer_alone": e_alone, "kept": "trim" if keep_trim else
+               "scorer_alone", "linears": sorted(self._alt)}
+        self.block_guard.append(rec)
+        if keep_trim:
+            for name, (_, w_trim, _) in self._alt.items():
+                set_weight_2d(linears[name], w_trim)
+            self.sub_pruned = out_trim
+            return
+        self.sub_pruned = out_alone
+        for name, (w_alone, _, mask_alone) in self._alt.items():
+            full = self.adapter.full_name(i, name)
+            self.layers[full]["trim"]["kept"] = "scorer_alone (block safeguard)"
+            self._record(full, mask_alone)
 
     # -------------------------------------------------------------- pruning
-    def _prune_group(self, i: int, names: list[str], linears, stats) -> None:
+    def _member(self, i: int, name: str, linears) -> Member:
         cfg = self.cfg
-        dev = self.captured.exec_device
         nm = cfg.nm
-        members = []
-        for name in names:
-            w = weight_2d(linears[name])
-            W = w.to(dev, torch.float64 if w.dtype == torch.float64 else torch.float32)
-            if nm is not None and W.shape[1] % nm[1]:
-                raise TrimpruneError(f"{self.adapter.full_name(i, name)} has {W.shape[1]} inputs, not a multiple of "
-                                     f"M={nm[1]}: --mask-structure {cfg.mask_structure} cannot be applied")
-            s = self.alloc.per_linear[self.adapter.full_name(i, name)]
-            members.append(Member(name, W, Target(sparsity=s, nm=nm)))
-        if self.trim is not None:
-            make_ev, ev_key, src = evaluator_source(cfg, stats)
-            evaluator = make_ev(src)
-        trim_members, trim_res = [], {}
+        w = weight_2d(linears[name])
+        W = w.to(self.captured.exec_device, torch.float64 if w.dtype == torch.float64 else torch.float32)
+        if nm is not None and W.shape[1] % nm[1]:
+            raise TrimpruneError(f"{self.adapter.full_name(i, name)} has {W.shape[1]} inputs, not a multiple of "
+                                 f"M={nm[1]}: --mask-structure {cfg.mask_structure} cannot be applied")
+        s = self.alloc.per_linear[self.adapter.full_name(i, name)]
+        return Member(name, W, Target(sparsity=s, nm=nm))
+
+    def _trim(self, i: int, members: dict[str, Member], stats: dict) -> dict:
+        """TRIM row sparsities for every trimmable linear, batched over linears of equal shape."""
+        if self.trim is None:
+            return {}
         t0 = time.perf_counter()
-        if self.trim is not None:
-            for m in members:
-                s = m.target.sparsity
-                if not (0.0 < s < cfg.trim_max_row_sparsity):
-                    continue
-                ranks = row_ranks(self.scorer.importance(m.weight, stats))
-                res = self.trim.run(make_ev, ev_key, m.weight, src, ranks, s,
-                                    self.scorer.pruned_count(*m.weight.shape, s))
-                trim_res[m.name] = res
-                trim_members.append(Member(m.name, m.weight, Target(sparsity=s, row_counts=res.counts)))
+        cap = self.cfg.trim_max_row_sparsity
+        todo = [m for m in members.values() if 0.0 < m.target.sparsity < cap]
+        classes: dict = {}
+        for m in todo:
+            classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
+        out = {}
+        for ms in classes.values():
+            for chunk in _chunks(ms, max(1, int(2**28 // (len(self.cfg.trim_lrs) * ms[0].weight.numel())))):
+                make_ev, key, srcs = None, None, []
+                for m in chunk:
+                    make_ev, key, src = evaluator_source(self.cfg, stats[m.name], True, self.scorer, m.weight)
+                    srcs.append(src)
+                same = all(x is srcs[0] for x in srcs)
+                src = srcs[0].unsqueeze(0).expand(len(chunk), *srcs[0].shape) if same else torch.stack(srcs)
+                W = torch.stack([m.weight for m in chunk])
+                ranks = torch.stack([row_ranks(self.scorer.importance(m.weight, stats[m.name])) for m in chunk])
+                sp = [m.target.sparsity for m in chunk]
+                totals = [self.scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk]
+                for m, r in zip(chunk, self.trim.run_many(make_ev, key, W, src, ranks, sp, totals)):
+                    out[m.name] = r
         self.t_trim += time.perf_counter() - t0
+        return out
+
+    def _prune_group(self, i: int, members: list[Member], linears, stats, trim_res: dict) -> None:
+        cfg = self.cfg
+        names = [m.name for m in members]
+        trim_members = [Member(m.name, m.weight, Target(sparsity=m.target.sparsity,
+                                                       row_counts=trim_res[m.name].counts))
+                        for m in members if m.name in trim_res]
         t0 = time.perf_counter()
         need_base = [m for m in members if m.name not in trim_res or cfg.trim_safeguard]
         outs = self.scorer.prune_group(need_base + trim_members, stats)
         base_out = {m.name: o for m, o in zip(need_base, outs[:len(need_base)])}
         trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need_base):])}
         self.t_score += time.perf_counter() - t0
+        evaluator = None
         for m in members:
             full = self.adapter.full_name(i, m.name)
             rec = {"block": i, "name": m.name, "shape": list(m.weight.shape), "target_sparsity": m.target.sparsity,
@@ -183,33 +260,55 @@ class BlockPruner:
             chosen = base_out.get(m.name)
             if m.name in trim_res:
                 res = trim_res[m.name]
-                evaluator.prepare(m.weight)
-                cand = [trim_out[m.name].weight] + ([base_out[m.name].weight] if cfg.trim_safeguard else [])
-                metrics = layer_metric(cfg.trim_metric, evaluator.stats_from_weight(torch.stack(cand))).tolist()
                 info = res.summary(m.weight.shape[1])
                 info["metric"] = cfg.trim_metric
-                info["trim_weights_metric"] = metrics[0]
+                # the TRIM mask is the scorer's own selection with TRIM's row counts: for mask-only scorers
+                # its metric is the search's final metric; reconstructed weights are measured here
+                same_rows = self.scorer.selects_by_row_ranks and not self.scorer.reconstructs
+                base_is_uniform = self.scorer.alone_is_uniform_rows and self.trim.cfg.rounding == "exact"
+                cand = [] if same_rows else [trim_out[m.name].weight]
+                if cfg.trim_safeguard and not base_is_uniform:
+                    cand.append(base_out[m.name].weight)
+                vals = []
+                if cand:
+                    if evaluator is None:
+                        make_ev, _, src = evaluator_source(cfg, stats)
+                        evaluator = make_ev(src)
+                    evaluator.prepare(m.weight)
+                    vals = layer_metric(cfg.trim_metric, evaluator.stats_from_weight(torch.stack(cand))).tolist()
+                t_metric = res.final_metric if same_rows else vals.pop(0)
+                info["trim_weights_metric"] = t_metric
                 chosen = trim_out[m.name]
                 info["kept"] = "trim"
                 if cfg.trim_safeguard:
-                    info["scorer_alone_metric"] = metrics[1]
-                    if not metrics[0] >= metrics[1]:
+                    b_metric = res.baseline_metric if base_is_uniform else vals.pop(0)
+                    info["scorer_alone_metric"] = b_metric
+                    if not t_metric >= b_metric:
                         chosen = base_out[m.name]
                         info["kept"] = "scorer_alone (safeguard)"
                 rec["trim"] = info
-            mask = chosen.mask
             set_weight_2d(linears[m.name], chosen.weight)
-            row = mask.sum(1, dtype=torch.float64)
-            zeros, rmin, rmax, rstd = torch.stack([row.sum(), row.min(), row.max(),
-                                                   row.std() if row.numel() > 1 else row.sum() * 0]).tolist()
-            cols = mask.shape[1]
-            rec.update({"zeros": int(zeros), "numel": mask.numel(), "sparsity": zeros / mask.numel(),
-                        "row_sparsity_min": rmin / cols, "row_sparsity_max": rmax / cols,
-                        "row_sparsity_std": rstd / cols})
             if chosen.info:
                 rec["scorer_info"] = chosen.info
             self.layers[full] = rec
-            self.masks[full] = pack_mask(mask)
+            self._record(full, chosen.mask)
+            if self.sub_dense is not None and rec.get("trim", {}).get("kept") == "trim":
+                self._alt[m.name] = (base_out[m.name].weight, chosen.weight, base_out[m.name].mask)
+
+    def _record(self, full: str, mask: torch.Tensor) -> None:
+        row = mask.sum(1, dtype=torch.float64)
+        zeros, rmin, rmax, rstd = torch.stack([row.sum(), row.min(), row.max(),
+                                               row.std() if row.numel() > 1 else row.sum() * 0]).tolist()
+        cols = mask.shape[1]
+        self.layers[full].update({"zeros": int(zeros), "numel": mask.numel(), "sparsity": zeros / mask.numel(),
+                                  "row_sparsity_min": rmin / cols, "row_sparsity_max": rmax / cols,
+                                  "row_sparsity_std": rstd / cols})
+        self.masks[full] = pack_mask(mask)
+
+
+def _chunks(xs: list, k: int):
+    for a in range(0, len(xs), k):
+        yield xs[a:a + k]
 
 
 def build_allocation(config: PruneConfig, model: nn.Module, adapter: ModelAdapter, captured=None,
@@ -275,13 +374,24 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         torch.cuda.reset_peak_memory_stats(dev)
         mm_out_dtype_ok(dev)          # probe once, outside any CUDA-graph capture
     t_prune = time.perf_counter()
+    guard = config.trim and config.trim_block_safeguard and config.trim_safeguard
+    if guard:   # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
+        n_all = sum(b.shape[0] for b in batches)
+        n_sub = min(n_all, max(4, n_all // 8))
+        batches = batches + [torch.cat(batches)[:n_sub]]
     captured = engine.capture(model, adapter, batches, dev, offload=config.offload)
+    if guard:
+        sub = captured.hidden.pop()
+        batches.pop()
+        captured.n_tokens -= sub.shape[0] * sub.shape[1]
     timings["capture_seconds"] = time.perf_counter() - t_prune
     t0 = time.perf_counter()
     allocation = build_allocation(config, model, adapter, captured, progress=progress)
     timings["allocation_seconds"] = time.perf_counter() - t0
     scorer = make_scorer(config)
     pruner = BlockPruner(config, adapter, allocation, captured, scorer, progress=progress)
+    if guard:
+        pruner.set_guard_subset(sub)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
@@ -296,10 +406,11 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     timings["prune_seconds"] = time.perf_counter() - t_prune
     timings["trim_search_seconds"] = pruner.t_trim
     timings["mask_and_update_seconds"] = pruner.t_score
+    timings["block_safeguard_seconds"] = pruner.t_guard
     timings["total_seconds"] = time.perf_counter() - t_start
     if dev.type == "cuda":
         timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     del captured
     GRAPHS.clear()
     return PruneResult(config=config, layers=pruner.layers, allocation=allocation, masks=pruner.masks,
-                       timings=timings, calibration_shape=(sum(b.shape[0] for b in batches), batches[0].shape[1]))
+                       timings=timings, block_safeguard=pruner.block_guard, calibration_shape=(sum(b.shape[0] for b in batches), batches[0].shape[1]))

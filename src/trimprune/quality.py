@@ -91,68 +91,166 @@ def _matmul_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-class GramEvaluator:
+class _Batching:
+    """Evaluators work on a leading batch of linears P and a candidate dimension L:
+    W (P, rows, in); masks / weights (P, L, rows, in) -> statistics (P, L, rows). Unbatched inputs
+    (W of shape (rows, in), candidates (L, rows, in) or (rows, in)) are accepted and squeezed back."""
+
+    def _begin(self, W: torch.Tensor) -> torch.Tensor:
+        self.batched = W.dim() == 3
+        return W if self.batched else W.unsqueeze(0)
+
+    def _lift(self, E: torch.Tensor):
+        """-> (P, L, rows, in) and how to squeeze the results."""
+        squeeze_l = False
+        if not self.batched:
+            E = E.unsqueeze(0)
+        if E.dim() == 3:
+            E = E.unsqueeze(1)
+            squeeze_l = True
+        return E, squeeze_l
+
+    def _drop(self, st: dict, squeeze_l: bool) -> dict:
+        out = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                if squeeze_l:
+                    v = v.squeeze(1)
+                if not self.batched:
+                    v = v.squeeze(0)
+            out[k] = v
+        return out
+
+
+class _MaskCounts:
+    def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor) -> dict:
+        """Statistics when row r of each candidate prunes its k[r] least important weights
+        (k (P, L, rows), ranks (P, rows, in))."""
+        return self.stats_from_mask(ranks.unsqueeze(-3) < k.unsqueeze(-1))
+
+
+class GramEvaluator(_Batching, _MaskCounts):
     """Row statistics of W vs W' = W - E from G = X^T X over all N calibration tokens."""
 
     explicit = False
 
     def __init__(self, gram: torch.Tensor, n_tokens: int, precision: str = "fp32"):
-        self.G = gram
+        self.G = gram                                 # (in, in) or (P, in, in)
         self.T = n_tokens
         self.precision = precision
-        self._Gb = None
 
     def prepare(self, W: torch.Tensor) -> None:
-        self.W = W.to(self.G.dtype)
-        self.A = self.W @ self.G                                   # (rows, in): W G
-        self.yy = (self.A * self.W).sum(-1, dtype=torch.float64)   # ||w_r X||^2
+        W3 = self._begin(W)
+        G3 = self.G if self.G.dim() == 3 else self.G.unsqueeze(0)
+        self.G3 = G3
+        self.W = W3.to(G3.dtype)
+        self.A = torch.matmul(self.W, G3)                           # W G        (P, rows, in)
+        self.yy = (self.A * self.W).sum(-1, dtype=torch.float64)    # ||w_r X||^2 (P, rows)
+        self._Gb = None
 
     def _eg(self, E: torch.Tensor) -> torch.Tensor:
+        """E G for E (P, L, rows, in)."""
+        P, L, R, N = E.shape
         if self.precision == "bf16" and E.is_cuda:
             if self._Gb is None:
-                self._Gb = self.G.to(torch.bfloat16)
-            Eb = E.to(torch.bfloat16)
+                self._Gb = self.G3.to(torch.bfloat16)
+            Eb = E.to(torch.bfloat16).reshape(P, L * R, N)
+            Gb = self._Gb.expand(P, N, N)
             if mm_out_dtype_ok(E.device):
-                return torch.mm(Eb.reshape(-1, Eb.shape[-1]), self._Gb, out_dtype=torch.float32).reshape(E.shape)
-            return torch.matmul(Eb, self._Gb).float()
+                return torch.bmm(Eb, Gb, out_dtype=torch.float32).reshape(E.shape)
+            return torch.bmm(Eb, Gb).float().reshape(E.shape)
         with _matmul_precision(self.precision):
-            return torch.matmul(E, self.G)
+            return torch.matmul(E.reshape(P, L * R, N), self.G3.expand(P, N, N)).reshape(E.shape)
 
     def stats_from_error(self, E: torch.Tensor) -> dict:
-        """E = W - W' (the pruned-away part), any leading candidate dims."""
-        E = E.to(self.G.dtype)
-        err = (self._eg(E) * E).sum(-1, dtype=torch.float64)       # e G e^T
-        wge = (self.A * E).sum(-1, dtype=torch.float64)            # w G e^T
-        c = self.yy - wge
-        q = self.yy - 2 * wge + err
-        return {"yy": self.yy, "c": c, "q": q.clamp_min(0.0), "err": err.clamp_min(0.0), "T": self.T}
+        """E = W - W' (the pruned-away part)."""
+        E, sq = self._lift(E.to(self.G3.dtype))
+        err = (self._eg(E) * E).sum(-1, dtype=torch.float64)                 # e G e^T
+        wge = (self.A.unsqueeze(1) * E).sum(-1, dtype=torch.float64)         # w G e^T
+        yy = self.yy.unsqueeze(1)
+        st = {"yy": yy, "c": yy - wge, "q": (yy - 2 * wge + err).clamp_min(0.0), "err": err.clamp_min(0.0),
+              "T": self.T}
+        return self._drop(st, sq)
 
     def stats_from_mask(self, mask: torch.Tensor) -> dict:
-        return self.stats_from_error(self.W * mask)
+        W = self.W if self.batched else self.W[0]
+        if mask.dim() == W.dim() + 1:
+            W = W.unsqueeze(-3)
+        return self.stats_from_error(W * mask)
 
     def stats_from_weight(self, Wp: torch.Tensor) -> dict:
-        return self.stats_from_error(self.W - Wp.to(self.W.dtype))
+        W = self.W if self.batched else self.W[0]
+        if Wp.dim() == W.dim() + 1:
+            W = W.unsqueeze(-3)
+        return self.stats_from_error(W - Wp.to(W.dtype))
 
 
-class ExplicitEvaluator:
-    """Row statistics and outputs from an explicit input matrix X (in_features x T)."""
+class ExplicitEvaluator(_Batching, _MaskCounts):
+    """Row statistics and outputs from explicit inputs X (in_features x T, or P of them)."""
 
     explicit = True
 
     def __init__(self, X: torch.Tensor):
         self.X = X
-        self.T = X.shape[1]
+        self.T = X.shape[-1]
 
     def prepare(self, W: torch.Tensor) -> None:
-        self.W = W.to(self.X.dtype)
-        self.Y = self.W @ self.X
+        W3 = self._begin(W)
+        X3 = self.X if self.X.dim() == 3 else self.X.unsqueeze(0)
+        self.X3 = X3
+        self.W = W3.to(X3.dtype)
+        self.Y = torch.matmul(self.W, X3)
         self.Y64 = self.Y.double()
 
     def stats_from_weight(self, Wp: torch.Tensor) -> dict:
-        Yp = torch.matmul(Wp.to(self.X.dtype), self.X).double()
-        Y = self.Y64
-        return {"yy": Y.square().sum(-1), "c": (Y * Yp).sum(-1), "q": Yp.square().sum(-1),
-                "err": (Y - Yp).square().sum(-1), "T": self.T, "Y": Y, "Yp": Yp}
+        Wp, sq = self._lift(Wp)
+        P, L, R, N = Wp.shape
+        Yp = torch.matmul(Wp.to(self.X3.dtype).reshape(P, L * R, N),
+                          self.X3.expand(P, N, self.T)).reshape(P, L, R, self.T).double()
+        Y = self.Y64.unsqueeze(1)
+        st = {"yy": Y.square().sum(-1), "c": (Y * Yp).sum(-1), "q": Yp.square().sum(-1),
+              "err": (Y - Yp).square().sum(-1), "T": self.T, "Y": Y, "Yp": Yp}
+        return self._drop(st, sq)
 
     def stats_from_mask(self, mask: torch.Tensor) -> dict:
-        return self.stats_from_weight(self.W * ~mask)
+        W = self.W if self.batched else self.W[0]
+        if mask.dim() == W.dim() + 1:
+            W = W.unsqueeze(-3)
+        return self.stats_from_weight(W * ~mask)
+
+
+class ObsEvaluator:
+    """Predicted statistics of SparseGPT-reconstructed weights, for TRIM's search with SparseGPT.
+
+    With least-squares reconstruction the pruned output y' is the projection of y, so
+    <y, y'> = ||y'||^2 and ||y||^2 = ||y'||^2 + err. OBS gives err for pruning the k least salient
+    weights of a row as the prefix sum of the saliencies w_j^2 / [U]_jj^2 (Frantar & Alistarh 2023,
+    Eq. 3-4). `table` (P, rows, in + 2) holds those prefix sums for k = 0..in and, last, yy_r = w_r G w_r^T:
+    then c = q = yy - err(k) for any counts k, with no matrix products at all."""
+
+    explicit = False
+
+    def __init__(self, table: torch.Tensor, n_tokens: int):
+        self.table = table if table.dim() == 3 else table.unsqueeze(0)
+        self.T = n_tokens
+
+    def prepare(self, W: torch.Tensor) -> None:
+        pass
+
+    def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor | None = None) -> dict:
+        n1 = self.table.shape[-1] - 1
+        yy = self.table[..., n1].unsqueeze(1)                                  # (P, 1, rows)
+        cum = self.table[..., :n1].unsqueeze(1).expand(*k.shape, n1)
+        err = torch.gather(cum, -1, k.clamp(0, n1 - 1).unsqueeze(-1)).squeeze(-1).clamp(min=0.0)
+        err = torch.minimum(err, yy.expand_as(err))
+        q = yy - err
+        return {"yy": yy, "c": q, "q": q, "err": err, "T": self.T}
+
+    @staticmethod
+    def table_for(weight: torch.Tensor, saliency: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """Prefix sums of the sorted saliencies of each row, and the row's output energy."""
+        srt = torch.sort(saliency.double(), dim=1, stable=True)[0]
+        cum = torch.cat([torch.zeros_like(srt[:, :1]), torch.cumsum(srt, 1)], 1)      # (rows, in + 1)
+        W = weight.to(gram.dtype)
+        yy = ((W @ gram) * W).sum(-1, dtype=torch.float64)
+        return torch.cat([cum, yy.unsqueeze(1)], 1)

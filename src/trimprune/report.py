@@ -47,6 +47,8 @@ def build_report(result, model_info: dict, metrics: dict, timings: dict, device=
             "safeguard_fallbacks": sum(r["trim"]["kept"] != "trim" for r in trim_layers),
             "mean_baseline_metric": sum(r["trim"]["baseline_metric"] for r in trim_layers) / len(trim_layers),
             "mean_final_metric": sum(r["trim"]["trim_weights_metric"] for r in trim_layers) / len(trim_layers),
+            "block_safeguard": result.block_safeguard,
+            "blocks_kept_trim": sum(b["kept"] == "trim" for b in result.block_safeguard),
         }
     return rep
 
@@ -86,6 +88,8 @@ def summary_text(report: dict) -> str:
         ts = report["trim_summary"]
         lines.append(f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean layer metric "
                      f"{ts['mean_baseline_metric']:.5f} (uniform) -> {ts['mean_final_metric']:.5f}")
+        if ts["block_safeguard"]:
+            lines.append(f"TRIM block safeguard: {ts['blocks_kept_trim']}/{len(ts['block_safeguard'])} blocks kept TRIM")
     return "\n".join(lines)
 
 

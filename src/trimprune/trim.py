@@ -132,54 +132,47 @@ def _pick(metrics: list[float], baseline: float) -> int | None:
 
 
 class TrimSearch:
-    """One TRIM search for one linear, on a Gram or explicit evaluator (quality.py)."""
+    """TRIM searches for P linears of one shape at once (leading dimension P), on a Gram or explicit
+    evaluator (quality.py). All learning rates of a sweep are a second batch dimension L."""
 
     def __init__(self, settings: TrimSettings):
         self.cfg = settings
 
     # ---------------------------------------------------------------- sync-free tensor code
-    def _counts(self, x: torch.Tensor, n: int, total: torch.Tensor) -> torch.Tensor:
-        """Per-row pruned counts (L, rows) for sparsity vectors x (L, rows), on device, no sync."""
+    def _counts(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-row pruned counts for sparsity vectors x (..., rows) inside the search: floor as the
+        reference, or (default) round-half-even, which is unbiased, so candidates are compared at
+        the same sparsity up to a few weights (the final allocation is made exact separately)."""
         if self.cfg.rounding == "floor":
             return (n * x).long()                       # reference: (width * sparsities).long()
         kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
-        y = x.double() * n
-        k0 = torch.floor(y + 1e-9).clamp(0, kmax)
-        rem = total - k0.sum(-1, keepdim=True)          # weights still to hand out (may be < 0)
-        frac = y - k0
-        up = torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf))
-        down = torch.where(k0 > 0, frac, torch.full_like(frac, math.inf))
-        ar = torch.arange(x.shape[-1], device=x.device).expand(x.shape)
-        rank_up = torch.empty(x.shape, dtype=torch.long, device=x.device)
-        rank_up.scatter_(-1, torch.sort(up, dim=-1, descending=True, stable=True)[1], ar)
-        rank_dn = torch.empty_like(rank_up)
-        rank_dn.scatter_(-1, torch.sort(down, dim=-1, stable=True)[1], ar)
-        return (k0 + (rank_up < rem).double() - (rank_dn < -rem).double()).long()
+        return torch.round(x.double() * n).clamp_(0, kmax).long()
 
-    def _evaluate(self, ev, ranks, x, total):
-        """x: (L, rows) -> (layer metric (L,), dim quality (L, rows), per-row cosine (L, rows))."""
-        k = self._counts(x, ranks.shape[1], total)
-        st = ev.stats_from_mask(ranks.unsqueeze(0) < k.unsqueeze(-1))
+    def _evaluate(self, ev, ranks, x):
+        """x: (P, L, rows) -> (layer metric (P, L), dim quality (P, L, rows), row cosine (P, L, rows))."""
+        k = self._counts(x, ranks.shape[-1])
+        st = ev.stats_from_counts(k, ranks)
         lm = layer_metric(self.cfg.layer_metric, st)
         dq = dim_metric(self.cfg.dim_metric, st)
         cos = dq if self.cfg.dim_metric == "cosim" else dim_metric("cosim", st)
         return lm, dq, cos
 
-    def _sweep(self, make_ev, W, src, ranks, s, total, lrs):
-        """Baseline and all learning rates of one sweep in parallel (candidate dim L). Pure tensor
-        code without host synchronisation, so it can be captured as a CUDA graph."""
+    def _sweep(self, make_ev, W, src, ranks, s, lrs):
+        """Uniform baseline and every learning rate of one sweep for P linears. Pure tensor code, no
+        host synchronisation, so it can be captured as a CUDA graph.
+        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,)."""
         ev = make_ev(src)
         ev.prepare(W)
-        rows = ranks.shape[0]
+        P, rows, _ = ranks.shape
         L = lrs.shape[0]
-        x0 = s.to(torch.float32).expand(1, rows)
-        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, x0, total)
-        lr = lrs.to(torch.float64).unsqueeze(1)
-        x = s.to(torch.float32).expand(L, rows).clone()
+        s3 = s.to(torch.float32).view(P, 1, 1)
+        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, s3.expand(P, 1, rows))
+        lr = lrs.to(torch.float64).view(1, L, 1)
+        x = s3.expand(P, L, rows).clone()
         best_x = x.clone()
-        best_m = base_lm.expand(L).clone()
-        best_it = torch.zeros(L, dtype=torch.long, device=W.device)
-        dq = base_dq.expand(L, rows)
+        best_m = base_lm.expand(P, L).clone()
+        best_it = torch.zeros(P, L, dtype=torch.long, device=W.device)
+        dq = base_dq.expand(P, L, rows)
         for it in range(self.cfg.iterations):
             lo = dq.amin(-1, keepdim=True)
             hi = dq.amax(-1, keepdim=True)
@@ -187,79 +180,102 @@ class TrimSearch:
             d = d - d.mean(-1, keepdim=True)
             x = (x.double() + d).to(torch.float32)     # reference: fp32 x += float64 step
             x = x.clamp(0.0, self.cfg.max_row_sparsity)
-            x = x - x.mean(-1, keepdim=True) + s.to(torch.float32)
-            m, dq, _ = self._evaluate(ev, ranks, x, total)
+            x = x - x.mean(-1, keepdim=True) + s3
+            m, dq, _ = self._evaluate(ev, ranks, x)
             better = m > best_m
             best_m = torch.where(better, m, best_m)
-            best_x = torch.where(better.unsqueeze(1), x, best_x)
+            best_x = torch.where(better.unsqueeze(-1), x, best_x)
             best_it = torch.where(better, torch.full_like(best_it, it), best_it)
-        return base_lm, base_cos, best_x, best_m, best_it
+        return base_lm[:, 0], base_cos[:, 0], best_x, best_m, best_it
 
-    def _run_sweep(self, make_ev, key, W, src, ranks, s, total, lrs):
+    def _run_sweep(self, make_ev, key, W, src, ranks, s, lrs):
         dev = W.device
-        inputs = {"W": W, "src": src, "ranks": ranks,
-                  "s": torch.tensor(s, dtype=torch.float64, device=dev),
-                  "total": torch.tensor(total, dtype=torch.float64, device=dev),
+        inputs = {"W": W, "src": src, "ranks": ranks, "s": torch.tensor(s, dtype=torch.float64, device=dev),
                   "lrs": torch.tensor(lrs, dtype=torch.float64, device=dev)}
 
-        def fn(W, src, ranks, s, total, lrs):
-            return self._sweep(make_ev, W, src, ranks, s, total, lrs)
+        def fn(W, src, ranks, s, lrs):
+            return self._sweep(make_ev, W, src, ranks, s, lrs)
 
         if GRAPHS.usable(dev, len(lrs) * W.numel()):
-            full_key = ("trim", key, tuple(W.shape), tuple(src.shape), W.dtype, src.dtype, len(lrs), self.cfg)
-            out = GRAPHS.run(full_key, fn, inputs)
-            return tuple(o.clone() for o in out)
+            full_key = ("trim", key, tuple(W.shape), tuple(src.shape), src.stride(0) == 0, W.dtype, src.dtype,
+                        len(lrs), self.cfg)
+            return tuple(o.clone() for o in GRAPHS.run(full_key, fn, inputs))
         return fn(**inputs)
+
+    def _final_counts(self, x: torch.Tensor, n: int, totals: list[int]) -> torch.Tensor:
+        """Exact integer allocation (P, rows): every row in [0, floor(0.95 in)], totals exact."""
+        kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
+        if self.cfg.rounding == "exact":
+            y = x.double() * n
+            k0 = torch.floor(y + 1e-9).clamp(0, kmax)
+            rem = torch.tensor(totals, dtype=torch.float64, device=x.device).unsqueeze(1) - k0.sum(-1, keepdim=True)
+            frac = y - k0
+            key = torch.where(rem >= 0, torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
+                              torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)))
+            rank = torch.empty(x.shape, dtype=torch.long, device=x.device)
+            rank.scatter_(-1, torch.sort(key, dim=-1, descending=True, stable=True)[1],
+                          torch.arange(x.shape[-1], device=x.device).expand(x.shape))
+            k = (k0 + torch.sign(rem) * (rank < rem.abs()).double()).long()
+            ok = (k.sum(-1) == torch.tensor(totals, device=x.device)) & (k.min(-1).values >= 0) & \
+                 (k.max(-1).values <= kmax)
+            ok = ok.tolist()
+        else:
+            k, ok = torch.zeros(x.shape, dtype=torch.long, device=x.device), [False] * x.shape[0]
+        for p in range(x.shape[0]):
+            if not ok[p]:      # reference rounding or a pathological vector: exact projection, then round
+                k[p] = exact_counts(x[p], totals[p] / (x.shape[-1] * n), n, self.cfg.max_row_sparsity, totals[p])
+        return k
 
     # ---------------------------------------------------------------- driver
     @torch.no_grad()
-    def run(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: float,
-            total: int | None = None) -> TrimResult:
-        """Search row sparsities for W (rows, in). `make_ev(src)` builds the evaluator from `src` (the Gram
-        matrix, or explicit inputs); `key` names the evaluator kind for graph caching. `ranks` =
-        row_ranks(importance). `total`: weights to prune in the matrix (default round(s * numel)); the
-        scorer passes the count it would prune by itself, so TRIM and the scorer alone compare at equal
-        sparsity."""
-        rows, n = ranks.shape
-        total = int(round(s * rows * n)) if total is None else int(total)
-        base_lm, base_cos, bx, bm, bit = self._run_sweep(make_ev, key, W, src, ranks, s, total, self.cfg.lrs)
-        baseline = float(base_lm[0])
-        best = {"metric": baseline, "x": None, "lr": None, "it": 0}
-        candidates = {}
-        sweeps = [(tuple(self.cfg.lrs), (bx, bm, bit))]
-        if not self.cfg.forbid_neg_lr and self.cfg.neg_lrs:
-            sweeps.append((tuple(self.cfg.neg_lrs), None))
-        for si, (lrs, out) in enumerate(sweeps):
-            if si > 0 and best["lr"] is not None:
-                break                                    # negative rates only if no positive one helped
-            if out is None:
-                out = self._run_sweep(make_ev, key, W, src, ranks, s, total, lrs)[2:]
-            bx, bm_t, bit_t = out
-            bm, bit = bm_t.tolist(), bit_t.tolist()
-            prev = float("-inf")
-            for lr, m in zip(lrs, bm):                   # what the sequential reference evaluates
-                candidates[lr] = m
-                if not m > prev:
-                    break
-                prev = m
-            i = _pick(bm, best["metric"])
-            if i is not None:
-                best = {"metric": bm[i], "x": bx[i], "lr": lrs[i], "it": bit[i]}
-        search_x = best["x"] if best["x"] is not None else torch.full((rows,), s, device=W.device)
-        total_t = torch.tensor(total, dtype=torch.float64, device=W.device)
-        counts = None
-        if self.cfg.rounding == "exact":
-            counts = self._counts(search_x.unsqueeze(0), n, total_t)[0]
-            if int(counts.sum()) != total or int(counts.min()) < 0:
-                counts = None
-        if counts is None:                              # reference rounding: project exactly, then round
-            counts = exact_counts(search_x, s, n, self.cfg.max_row_sparsity, total)
+    def run_many(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: list[float],
+                 totals: list[int]) -> list[TrimResult]:
+        """Search row sparsities for P linears of one shape: W (P, rows, in), `src` (P, ...) the Gram
+        matrices or explicit inputs that `make_ev(src)` turns into an evaluator (`key` names that
+        evaluator for graph caching), ranks = row_ranks(importance) (P, rows, in), s the targets,
+        totals the numbers of weights each matrix must lose (the scorer's own count, so TRIM and the
+        scorer alone compare at equal sparsity)."""
+        P, rows, n = ranks.shape
+        base_lm, base_cos, bx, bm, bit = self._run_sweep(make_ev, key, W, src, ranks, s, self.cfg.lrs)
+        baseline = base_lm.tolist()
+        sweeps = [(tuple(self.cfg.lrs), list(range(P)), (bx, bm.tolist(), bit.tolist()))]
+        best = [{"metric": baseline[p], "x": None, "lr": None, "it": 0} for p in range(P)]
+        candidates = [dict() for _ in range(P)]
+        neg = tuple(self.cfg.neg_lrs) if not self.cfg.forbid_neg_lr else ()
+        while sweeps:
+            lrs, idx, (bx, bm, bit) = sweeps.pop(0)
+            for j, p in enumerate(idx):
+                prev = float("-inf")
+                for lr, m in zip(lrs, bm[j]):           # what the sequential reference evaluates
+                    candidates[p][lr] = m
+                    if not m > prev:
+                        break
+                    prev = m
+                i = _pick(bm[j], best[p]["metric"])
+                if i is not None:
+                    best[p] = {"metric": bm[j][i], "x": bx[j, i], "lr": lrs[i], "it": bit[j][i]}
+            if lrs == tuple(self.cfg.lrs) and neg:
+                todo = [p for p in range(P) if best[p]["lr"] is None]   # negative rates only if no positive helped
+                if todo:
+                    t = torch.tensor(todo, device=W.device)
+                    o = self._run_sweep(make_ev, key, W[t], src[t], ranks[t], [s[p] for p in todo], neg)
+                    sweeps.append((neg, todo, (o[2], o[3].tolist(), o[4].tolist())))
+        search_x = torch.stack([b["x"] if b["x"] is not None else torch.full((rows,), s[p], device=W.device)
+                                for p, b in enumerate(best)])
+        counts = self._final_counts(search_x, n, totals)
         ev = make_ev(src)
         ev.prepare(W)
-        st = ev.stats_from_mask(ranks < counts.unsqueeze(1))
-        fin = torch.stack([layer_metric(self.cfg.layer_metric, st).reshape(()),
-                           dim_metric("cosim", st).var(), base_cos[0].var()]).tolist()
-        return TrimResult(counts=counts, search_sparsities=search_x.clone(), baseline_metric=baseline,
-                          best_metric=float(best["metric"]), final_metric=fin[0],
-                          learning_rate=best["lr"], best_iter=int(best["it"]),
-                          start_var=fin[2], end_var=fin[1], candidates=candidates)
+        st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
+        fin = torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
+                           base_cos.var(-1)]).tolist()
+        return [TrimResult(counts=counts[p], search_sparsities=search_x[p], baseline_metric=baseline[p],
+                           best_metric=float(best[p]["metric"]), final_metric=fin[0][p],
+                           learning_rate=best[p]["lr"], best_iter=int(best[p]["it"]), start_var=fin[2][p],
+                           end_var=fin[1][p], candidates=candidates[p]) for p in range(P)]
+
+    def run(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: float,
+            total: int | None = None) -> TrimResult:
+        """One linear: W (rows, in), src (in, in) Gram or (in, T) inputs, ranks (rows, in)."""
+        rows, n = ranks.shape
+        total = int(round(s * rows * n)) if total is None else int(total)
+        return self.run_many(make_ev, key, W.unsqueeze(0), src.unsqueeze(0), ranks.unsqueeze(0), [s], [total])[0]

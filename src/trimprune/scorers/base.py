@@ -41,6 +41,9 @@ class Scorer:
 
     name = "base"
     needs_gram = False
+    reconstructs = False            # changes the kept weights (SparseGPT)
+    selects_by_row_ranks = True     # with row counts, the mask is row_ranks(importance) < counts
+    alone_is_uniform_rows = True    # alone, it prunes round(s * in) per row (Wanda's comparison group)
 
     def importance(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError

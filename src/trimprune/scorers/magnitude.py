@@ -9,6 +9,7 @@ from .base import Scorer, Target
 
 class Magnitude(Scorer):
     name = "magnitude"
+    alone_is_uniform_rows = False   # one threshold per matrix
 
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> int:
         return int(round(sparsity * rows * cols))           # one count per matrix

@@ -50,6 +50,9 @@ class _ObsBlock:
 class SparseGPT(Scorer):
     name = "sparsegpt"
     needs_gram = True
+    reconstructs = True
+    selects_by_row_ranks = False    # blockwise selection on updated weights
+    alone_is_uniform_rows = False
 
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> int:
         return int(round(sparsity * rows * cols))           # one count per matrix

