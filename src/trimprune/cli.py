@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the block-level check (TRIM vs scorer alone, against the dense model's block outputs "
                         "on 1/8 of the calibration sequences)")
     g.add_argument("--trim-precision", choices=["fp32", "tf32", "bf16"], default=None,
-                   help="matmul precision of the Gram-based metric on GPU (default fp32)")
+                   help="matmul precision of the Gram-based metric on GPU (default tf32; CPU always fp32)")
     g = p.add_argument_group("OWL / AlphaPruning")
     g.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
     g.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity range lambda (default 0.08)")

@@ -83,7 +83,7 @@ class PruneConfig:
     trim_safeguard: bool = True
     trim_block_safeguard: bool = True          # compare whole blocks against the dense model (1/8 of calib)
     trim_max_row_sparsity: float = 0.95
-    trim_precision: str = "fp32"               # fp32 | tf32 | bf16: matmuls of the Gram-based metric
+    trim_precision: str = "tf32"               # fp32 | tf32 | bf16: GPU matmuls of the Gram metric (CPU: fp32)
     # OWL (Yin et al. 2024)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
