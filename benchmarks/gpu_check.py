@@ -67,6 +67,31 @@ for name in ["cosim_flat", "cosim_dim", "mse", "snr"]:
     x, y = layer_metric(name, ge.stats_from_mask(M)), layer_metric(name, ee.stats_from_mask(M))
     check(torch.allclose(x, y, rtol=1e-4, atol=1e-6), f"gram == explicit on GPU for {name}: {x.tolist()} {y.tolist()}")
 
+# the batched count path (prefix sums + fused select) on the GPU, graph-captured, against explicit masks
+from trimprune.masks import row_ranks  # noqa: E402
+from trimprune.trim import TrimSearch, TrimSettings  # noqa: E402
+
+Xs = torch.randn(2, 400, 96, generator=g).to(dev)
+Ws = torch.randn(2, 48, 96, generator=g).to(dev)
+Gs = Xs.transpose(1, 2) @ Xs
+rk = torch.stack([row_ranks(Ws[p].abs() * Xs[p].norm(dim=0)) for p in range(2)])
+k = torch.randint(0, 97, (2, 3, 48), generator=g).to(dev)
+ge = GramEvaluator(Gs, 400)
+ge.prepare(Ws)
+fast = ge.stats_from_counts(k, rk)
+slow = ge.stats_from_mask(rk.unsqueeze(1) < k.unsqueeze(-1))
+for key in ["c", "q", "err"]:
+    check(torch.allclose(fast[key], slow[key], rtol=1e-4, atol=1e-3), f"count fast path == mask path on GPU ({key})")
+res = {}
+for mode in ["parallel", "sequential"]:
+    ts = TrimSearch(TrimSettings(lr_search=mode))
+    res[mode] = ts.run_many(lambda src: GramEvaluator(src, 400), ("gram-check",), Ws, Gs, rk, [0.5, 0.7],
+                            [48 * 48, 48 * 67])
+agree = sum(a.learning_rate == b.learning_rate and torch.equal(a.counts, b.counts)
+            for a, b in zip(res["parallel"], res["sequential"]))
+check(agree == 2, f"TRIM lr search parallel (CUDA graph) == sequential on GPU: {agree}/2 linears, lrs "
+                  f"{[r.learning_rate for r in res['parallel']]} vs {[r.learning_rate for r in res['sequential']]}")
+
 m = make("gemma3").to(dev)
 x1, _ = nll_of_windows(m, ids[:6], 3)
 m.cpu()

@@ -63,9 +63,10 @@ def bench(name):
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         t = r["trim"] if r["trim"] == "none" else f"{r['trim']} ({r.get('trim_precision')})"
+        gpu = "–" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.1f}"
         model = "SmolLM2-135M" if r["model"] in ("/root/w", "smollm2-135m") else r["model"]
         print(f"| {model} | {r['scorer']} | {t} | {r['run']} | {r['prune_seconds']:.2f} | "
-              f"{r['per_block_seconds']:.3f} | {(r['peak_gpu_gb'] or 0):.1f} | {r['peak_rss_gb']:.1f} |")
+              f"{r['per_block_seconds']:.3f} | {gpu} | {r['peak_rss_gb']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ BAD = [
     (["--nsamples", "0"], "--nsamples 0"),
     (["--seqlen", "4096"], "--seqlen 4096"),
     (["--calib-data", "/nonexistent/c4.jsonl"], "/nonexistent/c4.jsonl"),
+    (["--calib-data", "/tmp"], "'/tmp' is a directory"),
     (["--allocation", "file:/nonexistent.json"], "/nonexistent.json"),
     (["--trim", "--trim-inputs", "sample:x"], "sample:x"),
     (["--trim", "--trim-metric", "psnr_flat"], "psnr_flat"),

@@ -14,6 +14,28 @@ from trimprune.trim import TrimSearch, TrimSettings, exact_counts, project_cappe
 GRAM_LAYER = ["cosim_flat", "cosim_dim", "mse", "mse_dim", "snr"]
 
 
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gram_counts_fast_path_equals_explicit_masks(seed):
+    """The batched count path (prefix sums of (wG)*w for <y, y'>, fused select for E) gives the same
+    statistics as explicit outputs of the masked weights, for P linears x L candidates."""
+    g = torch.Generator().manual_seed(seed)
+    P, L, rows, n, T = 2, 3, 11, 29, 157
+    X = torch.randn(P, T, n, generator=g, dtype=torch.float64)
+    W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
+    ranks = torch.stack([row_ranks(torch.rand(rows, n, generator=g)) for _ in range(P)])
+    k = torch.randint(0, n + 1, (P, L, rows), generator=g)
+    gram = GramEvaluator(X.transpose(1, 2) @ X, T)
+    gram.prepare(W)
+    st = gram.stats_from_counts(k, ranks)
+    for p in range(P):
+        for c in range(L):
+            Wp = W[p] * ~(ranks[p] < k[p, c].unsqueeze(-1))
+            Y, Yp = W[p] @ X[p].T, Wp @ X[p].T
+            torch.testing.assert_close(st["c"][p, c], (Y * Yp).sum(-1), rtol=1e-10, atol=1e-9)
+            torch.testing.assert_close(st["q"][p, c], (Yp * Yp).sum(-1), rtol=1e-10, atol=1e-9)
+            torch.testing.assert_close(st["err"][p, c], ((Y - Yp) ** 2).sum(-1), rtol=1e-10, atol=1e-9)
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gram_metrics_equal_explicit_metrics(seed):
     g = torch.Generator().manual_seed(seed)
@@ -273,3 +295,42 @@ def test_obs_proxy_is_exact_when_inputs_are_uncorrelated():
     b = gram.stats_from_mask(ranks.unsqueeze(0) < k.squeeze(0).unsqueeze(-1))
     for key in ["err", "c", "q"]:
         torch.testing.assert_close(a[key][0], b[key], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("lrs", [(0.01, 0.02, 0.04, 0.08, 0.12, 0.16), (0.9, 2.0)])   # the 2nd reaches negative rates
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sequential_lr_search_equals_parallel(seed, lrs):
+    """Learning rates one after the other (stopping as the reference) give the very same result as
+    the batched sweep, while evaluating fewer (linear, rate) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    P, rows, n, T = 3, 24, 40, 200
+    X = torch.randn(P, T, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) * 3
+    W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
+    W[1, :5] *= 6                                    # uneven rows: TRIM has something to find
+    ranks = torch.stack([row_ranks(W[p].abs() * X[p].norm(dim=0)) for p in range(P)])
+    G = X.transpose(1, 2) @ X
+    s = [0.5, 0.6, 0.7]
+    totals = [rows * round(sp * n) for sp in s]
+    out, evaluated = {}, {}
+    for mode in ("parallel", "sequential"):
+        search = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs))
+        calls = []
+        orig = search._iterate
+
+        def counting(ev, rk, *a, _orig=orig, _calls=calls):
+            r = _orig(ev, rk, *a)
+            _calls.append(rk.shape[0] * a[-1].shape[0])
+            return r
+
+        search._iterate = counting
+        out[mode] = search.run_many(lambda src: GramEvaluator(src, T), ("gram",), W, G, ranks, s, totals)
+        evaluated[mode] = sum(calls)
+    for p, (a, b) in enumerate(zip(out["parallel"], out["sequential"])):
+        assert torch.equal(a.counts, b.counts)
+        assert a.learning_rate == b.learning_rate and a.best_iter == b.best_iter
+        assert a.best_metric == b.best_metric and a.baseline_metric == b.baseline_metric
+        assert a.candidates == b.candidates
+        assert int(b.counts.sum()) == totals[p]
+    assert evaluated["sequential"] < evaluated["parallel"]
+    if lrs == (0.9, 2.0) and seed == 2:
+        assert any(r.learning_rate is not None and r.learning_rate < 0 for r in out["sequential"])

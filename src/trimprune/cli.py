@@ -15,7 +15,8 @@ from .errors import TrimpruneError
 CONFIG_FLAGS = ["scorer", "sparsity", "mask_structure", "allocation", "calib", "calib_data", "calib_format",
                 "nsamples", "seqlen", "seed", "batch_size", "offload", "blocksize", "percdamp", "trim", "trim_inputs",
                 "trim_iterations", "trim_metric", "trim_dim_metric", "trim_forbid_neg_lr", "trim_input_recalc",
-                "trim_safeguard", "trim_block_safeguard", "trim_precision", "owl_m", "owl_lambda", "alpha_metric", "alpha_eps",
+                "trim_safeguard", "trim_block_safeguard", "trim_precision", "trim_lr_search",
+                "owl_m", "owl_lambda", "alpha_metric", "alpha_eps",
                 "alpha_mapping", "alpha_cache_dir"]
 
 
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on 1/8 of the calibration sequences)")
     g.add_argument("--trim-precision", choices=["fp32", "tf32", "bf16"], default=None,
                    help="matmul precision of the Gram-based metric on GPU (default tf32; CPU always fp32)")
+    g.add_argument("--trim-lr-search", choices=["auto", "parallel", "sequential"], default=None,
+                   help="evaluate the learning rates as one batched sweep (parallel) or one after the other, "
+                        "stopping as the reference does (sequential); same result. auto (default): parallel for "
+                        "small matrices on GPU, sequential otherwise")
     g = p.add_argument_group("OWL / AlphaPruning")
     g.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
     g.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity range lambda (default 0.08)")

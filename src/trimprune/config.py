@@ -84,6 +84,7 @@ class PruneConfig:
     trim_block_safeguard: bool = True          # compare whole blocks against the dense model (1/8 of calib)
     trim_max_row_sparsity: float = 0.95
     trim_precision: str = "tf32"               # fp32 | tf32 | bf16: GPU matmuls of the Gram metric (CPU: fp32)
+    trim_lr_search: str = "auto"               # auto | parallel | sequential (same result, different speed)
     # OWL (Yin et al. 2024)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
@@ -160,6 +161,8 @@ class PruneConfig:
             raise TrimpruneError(f"trim_neg_lrs {self.trim_neg_lrs!r} must hold negative learning rates only")
         if not (0 < self.trim_max_row_sparsity <= 1):
             raise TrimpruneError(f"trim_max_row_sparsity {self.trim_max_row_sparsity!r} must be in (0, 1]")
+        if self.trim_lr_search not in ("auto", "parallel", "sequential"):
+            raise TrimpruneError(f"--trim-lr-search {self.trim_lr_search!r} is unknown: use auto, parallel or sequential")
         if self.trim_precision not in ("fp32", "tf32", "bf16"):
             raise TrimpruneError(f"--trim-precision {self.trim_precision!r} is unknown: use fp32, tf32 or bf16")
         alloc = self.allocation

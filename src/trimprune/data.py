@@ -71,6 +71,9 @@ def read_rows(path: str | Path, fmt: str | None = None, field: str = "text", fla
     """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
     txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines -> "")."""
     p = Path(path)
+    if p.is_dir():
+        raise TrimpruneError(f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
+                             f"inside it")
     if not p.is_file():
         raise TrimpruneError(f"{flag} {str(path)!r} does not exist: give the path of a .txt, .jsonl or .parquet file")
     fmt = detect_format(p, fmt, flag)

@@ -120,6 +120,7 @@ class BlockPruner:
         # block-level safeguard: a calibration subset followed through the dense and the pruned model
         self.sub_dense = self.sub_pruned = None
         self._alt: dict[str, tuple] = {}
+        self._ranks: dict[str, torch.Tensor] = {}
         self.block_guard: list[dict] = []
 
     # -------------------------------------------------------------- statistics
@@ -160,6 +161,7 @@ class BlockPruner:
                 self._prune_group(i, [members[n] for n in g], linears, h.stats_for(g[0]), trim)
                 del h
             del hooks
+        self._ranks = {}
         if isinstance(self.scorer, SparseGPT):
             self.scorer._cache = None
         if guard:
@@ -223,6 +225,7 @@ class BlockPruner:
         for m in todo:
             classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
         out = {}
+        self._ranks = {}
         for ms in classes.values():
             for chunk in _chunks(ms, max(1, int(2**28 // (len(self.cfg.trim_lrs) * ms[0].weight.numel())))):
                 make_ev, key, srcs = None, None, []
@@ -233,6 +236,8 @@ class BlockPruner:
                 src = srcs[0].unsqueeze(0).expand(len(chunk), *srcs[0].shape) if same else torch.stack(srcs)
                 W = torch.stack([m.weight for m in chunk])
                 ranks = torch.stack([row_ranks(self.scorer.importance(m.weight, stats[m.name])) for m in chunk])
+                if self.scorer.selects_by_row_ranks and not self.scorer.reconstructs:
+                    self._ranks.update({m.name: ranks[j] for j, m in enumerate(chunk)})   # reused for the masks
                 sp = [m.target.sparsity for m in chunk]
                 totals = [self.scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk]
                 for m, r in zip(chunk, self.trim.run_many(make_ev, key, W, src, ranks, sp, totals)):
@@ -243,8 +248,11 @@ class BlockPruner:
     def _prune_group(self, i: int, members: list[Member], linears, stats, trim_res: dict) -> None:
         cfg = self.cfg
         names = [m.name for m in members]
+        rk = self._ranks if trim_res else {}
+        members = [Member(m.name, m.weight, Target(sparsity=m.target.sparsity, nm=m.target.nm, ranks=rk.get(m.name)))
+                   for m in members]
         trim_members = [Member(m.name, m.weight, Target(sparsity=m.target.sparsity,
-                                                       row_counts=trim_res[m.name].counts))
+                                                       row_counts=trim_res[m.name].counts, ranks=rk.get(m.name)))
                         for m in members if m.name in trim_res]
         t0 = time.perf_counter()
         need_base = [m for m in members if m.name not in trim_res or cfg.trim_safeguard]

@@ -139,44 +139,82 @@ class GramEvaluator(_Batching, _MaskCounts):
         self.T = n_tokens
         self.precision = precision
 
+    def _mm(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """X (P, M, in) @ G (P, in, in) in float32 out, with the evaluator's matmul precision
+        (bf16: half inputs with float32 accumulation and output)."""
+        if self.precision == "bf16" and X.is_cuda:
+            Xb = X if X.dtype == torch.bfloat16 else X.to(torch.bfloat16)
+            Gb = G if G.dtype == torch.bfloat16 else G.to(torch.bfloat16)
+            if mm_out_dtype_ok(X.device):
+                return torch.bmm(Xb, Gb, out_dtype=torch.float32)
+            return torch.bmm(Xb, Gb).float()
+        with _matmul_precision(self.precision):
+            return torch.matmul(X, G)
+
     def prepare(self, W: torch.Tensor) -> None:
         W3 = self._begin(W)
         G3 = self.G if self.G.dim() == 3 else self.G.unsqueeze(0)
         self.G3 = G3
         self.W = W3.to(G3.dtype)
-        self.A = torch.matmul(self.W, G3)                           # W G        (P, rows, in)
-        self.yy = (self.A * self.W).sum(-1, dtype=torch.float64)    # ||w_r X||^2 (P, rows)
-        self._Gb = None
+        P, R, N = self.W.shape
+        # w G: float32 (tf32 in the bf16 speed mode), the anchor of yy and <y, y'>
+        with _matmul_precision("tf32" if self.precision == "bf16" else "fp32"):
+            self.A = torch.matmul(self.W, G3.expand(P, N, N))                  # W G        (P, rows, in)
+        self.AW = self.A * self.W
+        self.yy = self.AW.sum(-1, dtype=torch.float64)                         # ||w_r X||^2 (P, rows)
+        self._Gb = self._Wb = None
 
     def _eg(self, E: torch.Tensor) -> torch.Tensor:
         """E G for E (P, L, rows, in)."""
         P, L, R, N = E.shape
-        if self.precision == "bf16" and E.is_cuda:
-            if self._Gb is None:
-                self._Gb = self.G3.to(torch.bfloat16)
-            Eb = E.to(torch.bfloat16).reshape(P, L * R, N)
-            Gb = self._Gb.expand(P, N, N)
-            if mm_out_dtype_ok(E.device):
-                return torch.bmm(Eb, Gb, out_dtype=torch.float32).reshape(E.shape)
-            return torch.bmm(Eb, Gb).float().reshape(E.shape)
-        with _matmul_precision(self.precision):
-            return torch.matmul(E.reshape(P, L * R, N), self.G3.expand(P, N, N)).reshape(E.shape)
+        if self.precision == "bf16" and E.is_cuda and self._Gb is None:
+            self._Gb = self.G3.to(torch.bfloat16)
+        G = self._Gb if self._Gb is not None and E.is_cuda else self.G3
+        return self._mm(E.reshape(P, L * R, N), G.expand(P, N, N)).reshape(E.shape)
 
-    def stats_from_error(self, E: torch.Tensor) -> dict:
-        """E = W - W' (the pruned-away part)."""
-        E, sq = self._lift(E.to(self.G3.dtype))
+    def stats_from_error(self, E: torch.Tensor, wge: torch.Tensor | None = None) -> dict:
+        """E = W - W' (the pruned-away part); `wge` = w G e^T when already known."""
+        if E.dtype != torch.bfloat16:
+            E = E.to(self.G3.dtype)
+        E, sq = self._lift(E)
         err = (self._eg(E) * E).sum(-1, dtype=torch.float64)                 # e G e^T
-        wge = (self.A.unsqueeze(1) * E).sum(-1, dtype=torch.float64)         # w G e^T
+        if wge is None:
+            wge = (self.A.unsqueeze(1) * E).sum(-1, dtype=torch.float64)     # w G e^T
         yy = self.yy.unsqueeze(1)
         st = {"yy": yy, "c": yy - wge, "q": (yy - 2 * wge + err).clamp_min(0.0), "err": err.clamp_min(0.0),
               "T": self.T}
         return self._drop(st, sq)
 
+    def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor) -> dict:
+        """Row r prunes its k[r] least important weights (k (P, L, rows), ranks (P, rows, in)).
+        E comes from one fused select, and w G e^T — linear in the pruned set — from prefix sums of
+        (w G) * w in importance order, so it costs a gather instead of a pass over E."""
+        if not (self.batched and k.dim() == 3 and ranks.dim() == 3):
+            return super().stats_from_counts(k, ranks)
+        P, R, N = ranks.shape
+        if getattr(self, "_ranks", None) is not ranks:
+            order = torch.empty_like(ranks, dtype=torch.long)
+            order.scatter_(-1, ranks.long(), torch.arange(N, device=ranks.device).expand(P, R, N))
+            cum = torch.cumsum(torch.gather(self.AW, -1, order).double(), -1)
+            self._table = torch.cat([cum.new_zeros(P, R, 1), cum], -1)       # (P, rows, in + 1)
+            self._ranks = ranks
+        kk = k.clamp(0, N)
+        wge = torch.gather(self._table.unsqueeze(1).expand(P, kk.shape[1], R, N + 1), -1,
+                           kk.long().unsqueeze(-1)).squeeze(-1)
+        Wsrc = self.W
+        if self.precision == "bf16" and self.W.is_cuda:
+            if self._Wb is None:
+                self._Wb = self.W.to(torch.bfloat16)
+            Wsrc = self._Wb
+        E = torch.where(ranks.unsqueeze(1) < kk.to(ranks.dtype).unsqueeze(-1), Wsrc.unsqueeze(1),
+                        Wsrc.new_zeros(()))
+        return self.stats_from_error(E, wge)
+
     def stats_from_mask(self, mask: torch.Tensor) -> dict:
         W = self.W if self.batched else self.W[0]
         if mask.dim() == W.dim() + 1:
             W = W.unsqueeze(-3)
-        return self.stats_from_error(W * mask)
+        return self.stats_from_error(torch.where(mask, W, W.new_zeros(())))
 
     def stats_from_weight(self, Wp: torch.Tensor) -> dict:
         W = self.W if self.batched else self.W[0]
@@ -216,7 +254,7 @@ class ExplicitEvaluator(_Batching, _MaskCounts):
         W = self.W if self.batched else self.W[0]
         if mask.dim() == W.dim() + 1:
             W = W.unsqueeze(-3)
-        return self.stats_from_weight(W * ~mask)
+        return self.stats_from_weight(torch.where(mask, W.new_zeros(()), W))
 
 
 class ObsEvaluator:

@@ -39,13 +39,17 @@ class TrimSettings:
     #   "exact": largest-remainder rounding to exactly the scorer's number of pruned weights, so
     #            every candidate is compared at the same sparsity.
     rounding: str = "exact"
+    # learning rates evaluated "parallel" (one batched sweep, CUDA-graph replay: small matrices),
+    # "sequential" (stop at the first that does not improve: fewer FLOPs for large ones), or "auto"
+    lr_search: str = "auto"
 
     @classmethod
     def from_config(cls, cfg) -> "TrimSettings":
         return cls(iterations=cfg.trim_iterations, layer_metric=cfg.trim_metric, dim_metric=cfg.trim_dim_metric,
                    lrs=tuple(cfg.trim_lrs), neg_lrs=tuple(cfg.trim_neg_lrs), forbid_neg_lr=cfg.trim_forbid_neg_lr,
                    max_row_sparsity=cfg.trim_max_row_sparsity,
-                   rounding="floor" if cfg.trim_inputs == "last-token" else "exact")
+                   rounding="floor" if cfg.trim_inputs == "last-token" else "exact",
+                   lr_search=getattr(cfg, "trim_lr_search", "auto"))
 
 
 @dataclass
@@ -60,14 +64,17 @@ class TrimResult:
     start_var: float                 # variance of per-row cosine at uniform sparsity
     end_var: float                   # ... at the final allocation
     candidates: dict                 # lr -> best metric of that lr (as evaluated)
+    row_sparsity: tuple = (math.nan, math.nan, math.nan)   # min, mean, max of the final row sparsities
 
-    def summary(self, in_features: int) -> dict:
-        x = self.counts.double() / in_features
+    def summary(self, in_features: int | None = None) -> dict:
+        lo, mean, hi = self.row_sparsity
+        if in_features is not None and math.isnan(lo):
+            x = self.counts.double() / in_features
+            lo, mean, hi = float(x.min()), float(x.mean()), float(x.max())
         return {"baseline_metric": self.baseline_metric, "best_metric": self.best_metric,
                 "final_metric": self.final_metric, "lr": self.learning_rate, "best_iter": self.best_iter,
                 "row_quality_var_before": self.start_var, "row_quality_var_after": self.end_var,
-                "row_sparsity_min": float(x.min()), "row_sparsity_mean": float(x.mean()),
-                "row_sparsity_max": float(x.max()),
+                "row_sparsity_min": lo, "row_sparsity_mean": mean, "row_sparsity_max": hi,
                 "lr_candidates": {str(k): v for k, v in self.candidates.items()}}
 
 
@@ -157,21 +164,17 @@ class TrimSearch:
         cos = dq if self.cfg.dim_metric == "cosim" else dim_metric("cosim", st)
         return lm, dq, cos
 
-    def _sweep(self, make_ev, W, src, ranks, s, lrs):
-        """Uniform baseline and every learning rate of one sweep for P linears. Pure tensor code, no
-        host synchronisation, so it can be captured as a CUDA graph.
-        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,)."""
-        ev = make_ev(src)
-        ev.prepare(W)
+    def _iterate(self, ev, ranks, s3, base_lm, base_dq, lrs):
+        """The TRIM iterations for every learning rate of `lrs` (L,) at once, from the uniform
+        allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality base_dq
+        (P, 1, rows). Per rate: the best x, its metric (the baseline when nothing beat it), iteration."""
         P, rows, _ = ranks.shape
         L = lrs.shape[0]
-        s3 = s.to(torch.float32).view(P, 1, 1)
-        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, s3.expand(P, 1, rows))
         lr = lrs.to(torch.float64).view(1, L, 1)
         x = s3.expand(P, L, rows).clone()
         best_x = x.clone()
         best_m = base_lm.expand(P, L).clone()
-        best_it = torch.zeros(P, L, dtype=torch.long, device=W.device)
+        best_it = torch.zeros(P, L, dtype=torch.long, device=ranks.device)
         dq = base_dq.expand(P, L, rows)
         for it in range(self.cfg.iterations):
             lo = dq.amin(-1, keepdim=True)
@@ -186,9 +189,21 @@ class TrimSearch:
             best_m = torch.where(better, m, best_m)
             best_x = torch.where(better.unsqueeze(-1), x, best_x)
             best_it = torch.where(better, torch.full_like(best_it, it), best_it)
+        return best_x, best_m, best_it
+
+    def _sweep(self, make_ev, W, src, ranks, s, lrs):
+        """Uniform baseline and every learning rate of one sweep for P linears. Pure tensor code, no
+        host synchronisation, so it can be captured as a CUDA graph.
+        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,)."""
+        ev = make_ev(src)
+        ev.prepare(W)
+        P, rows, _ = ranks.shape
+        s3 = s.to(torch.float32).view(P, 1, 1)
+        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, s3.expand(P, 1, rows))
+        best_x, best_m, best_it = self._iterate(ev, ranks, s3, base_lm, base_dq, lrs)
         return base_lm[:, 0], base_cos[:, 0], best_x, best_m, best_it
 
-    def _run_sweep(self, make_ev, key, W, src, ranks, s, lrs):
+    def _parallel(self, make_ev, key, W, src, ranks, s, lrs):
         dev = W.device
         inputs = {"W": W, "src": src, "ranks": ranks, "s": torch.tensor(s, dtype=torch.float64, device=dev),
                   "lrs": torch.tensor(lrs, dtype=torch.float64, device=dev)}
@@ -201,6 +216,55 @@ class TrimSearch:
                         len(lrs), self.cfg)
             return tuple(o.clone() for o in GRAPHS.run(full_key, fn, inputs))
         return fn(**inputs)
+
+    def _sequential(self, make_ev, W, src, ranks, s, lrs):
+        """The reference's order: one learning rate after the other, each linear stopping at its first
+        rate that does not improve on the previous one. Same results as the parallel sweep (the
+        rates it skips are exactly those the parallel sweep evaluates and then ignores), fewer
+        FLOPs; used where the matrices are large enough to be compute-bound."""
+        P, rows, _ = ranks.shape
+        L = len(lrs)
+        dev = W.device
+        ev = make_ev(src)
+        ev.prepare(W)
+        s3 = torch.tensor(s, dtype=torch.float32, device=dev).view(P, 1, 1)
+        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, s3.expand(P, 1, rows))
+        bx = s3.expand(P, L, rows).clone()
+        bm = [[-math.inf] * L for _ in range(P)]
+        bit = [[0] * L for _ in range(P)]
+        prev = [-math.inf] * P
+        active, cur = list(range(P)), (list(range(P)), ev, ranks)
+        for j, lr in enumerate(lrs):
+            if not active:
+                break
+            if active != cur[0]:
+                t = torch.tensor(active, device=dev)
+                sub = make_ev(src[t])
+                sub.prepare(W[t])
+                cur = (list(active), sub, ranks[t])
+            t = torch.tensor(active, device=dev)
+            x, m, it = self._iterate(cur[1], cur[2], s3[t], base_lm[t], base_dq[t],
+                                     torch.tensor([lr], dtype=torch.float64, device=dev))
+            ml, il = m[:, 0].tolist(), it[:, 0].tolist()
+            nxt = []
+            for a, p in enumerate(active):
+                bx[p, j] = x[a, 0]
+                bm[p][j] = ml[a]
+                bit[p][j] = il[a]
+                if ml[a] > prev[p]:
+                    prev[p] = ml[a]
+                    nxt.append(p)
+            active = nxt
+        return (base_lm[:, 0], base_cos[:, 0], bx, torch.tensor(bm, dtype=torch.float64, device=dev),
+                torch.tensor(bit, device=dev))
+
+    def _run_sweep(self, make_ev, key, W, src, ranks, s, lrs):
+        mode = self.cfg.lr_search
+        if mode == "auto":
+            mode = "parallel" if GRAPHS.usable(W.device, len(lrs) * W.numel()) else "sequential"
+        if mode == "parallel":
+            return self._parallel(make_ev, key, W, src, ranks, s, lrs)
+        return self._sequential(make_ev, W, src, ranks, s, lrs)
 
     def _final_counts(self, x: torch.Tensor, n: int, totals: list[int]) -> torch.Tensor:
         """Exact integer allocation (P, rows): every row in [0, floor(0.95 in)], totals exact."""
@@ -237,8 +301,11 @@ class TrimSearch:
         scorer alone compare at equal sparsity)."""
         P, rows, n = ranks.shape
         base_lm, base_cos, bx, bm, bit = self._run_sweep(make_ev, key, W, src, ranks, s, self.cfg.lrs)
-        baseline = base_lm.tolist()
-        sweeps = [(tuple(self.cfg.lrs), list(range(P)), (bx, bm.tolist(), bit.tolist()))]
+        host = torch.cat([base_lm.unsqueeze(1), bm, bit.to(bm.dtype)], 1).tolist()     # one transfer
+        L = bm.shape[1]
+        baseline = [h[0] for h in host]
+        sweeps = [(tuple(self.cfg.lrs), list(range(P)), (bx, [h[1:1 + L] for h in host],
+                                                          [[int(v) for v in h[1 + L:]] for h in host]))]
         best = [{"metric": baseline[p], "x": None, "lr": None, "it": 0} for p in range(P)]
         candidates = [dict() for _ in range(P)]
         neg = tuple(self.cfg.neg_lrs) if not self.cfg.forbid_neg_lr else ()
@@ -266,12 +333,14 @@ class TrimSearch:
         ev = make_ev(src)
         ev.prepare(W)
         st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
+        x = counts.double() / n
         fin = torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
-                           base_cos.var(-1)]).tolist()
+                           base_cos.var(-1), x.amin(-1), x.mean(-1), x.amax(-1)]).tolist()
         return [TrimResult(counts=counts[p], search_sparsities=search_x[p], baseline_metric=baseline[p],
                            best_metric=float(best[p]["metric"]), final_metric=fin[0][p],
                            learning_rate=best[p]["lr"], best_iter=int(best[p]["it"]), start_var=fin[2][p],
-                           end_var=fin[1][p], candidates=candidates[p]) for p in range(P)]
+                           end_var=fin[1][p], candidates=candidates[p],
+                           row_sparsity=(fin[3][p], fin[4][p], fin[5][p])) for p in range(P)]
 
     def run(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: float,
             total: int | None = None) -> TrimResult:

@@ -17,6 +17,7 @@ class Target:
     sparsity: float
     row_counts: torch.Tensor | None = None
     nm: tuple[int, int] | None = None
+    ranks: torch.Tensor | None = None     # row_ranks(importance) when already computed (TRIM), reused
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Scorer:
     def prune_group(self, members: list[Member], stats: InputStats | None) -> list[Outcome]:
         out = []
         for m in members:
-            mask = self.select(self.importance(m.weight, stats), m.target)
+            t = m.target
+            if t.ranks is not None and t.nm is None and (t.row_counts is not None or self.alone_is_uniform_rows):
+                k = t.row_counts if t.row_counts is not None else \
+                    torch.full((t.ranks.shape[0],), M.per_row_count(t.ranks.shape[1], t.sparsity))
+                mask = M.mask_from_counts(t.ranks, k.to(t.ranks.device, t.ranks.dtype))
+            else:
+                mask = self.select(self.importance(m.weight, stats), t)
             out.append(Outcome(weight=m.weight.masked_fill(mask, 0.0), mask=mask))
         return out
