@@ -48,6 +48,23 @@ def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, layers:
     return m.eval(), None
 
 
+def bench_model(name: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype,
+                layers: int | None = None, offload: bool = False):
+    """(model, tokenizer) for a benchmark: `synthetic:NAME` (random weights, tokenizer None; on CPU
+    with offload) or anything `trimprune.load_model` takes."""
+    if name.startswith("synthetic:"):
+        return synthetic_model(name.split(":", 1)[1], torch.device("cpu") if offload else device, dtype, layers)
+    from trimprune import load_model
+
+    return load_model(name, gguf_file, dtype, device, offload=offload)
+
+
+def random_calibration(vocab_size: int, nsamples: int, seqlen: int) -> torch.Tensor:
+    """Seeded random token ids (timing runs on synthetic models)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (nsamples, seqlen), generator=g)
+
+
 def peak_rss_gb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform != "darwin" else r / 2**30

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, synthetic_model  # noqa: E402
+from common import bench_model, machine, random_calibration  # noqa: E402
 
-from trimprune import PruneConfig, load_model, prune  # noqa: E402
+from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune import engine, pipeline, trim  # noqa: E402
 from trimprune.models import resolve_device, resolve_dtype  # noqa: E402
 
@@ -65,7 +65,7 @@ def instrument():
                        ("_prune_group", "mask/update + safeguard metric"), ("_block_safeguard", "block safeguard")]:
         setattr(BP, attr, phase(name, getattr(BP, attr)))
     TS = trim.TrimSearch
-    TS._run_sweep = phase("trim sweep (graph)", TS._run_sweep)
+    TS._run_sweep = phase("trim sweeps", TS._run_sweep)
     TS._final_counts = phase("trim final counts", TS._final_counts)
     pipeline.row_ranks = phase("row ranks", pipeline.row_ranks)
     pipeline.evaluator_source = phase("evaluator source", pipeline.evaluator_source)
@@ -90,13 +90,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = resolve_device(None)
     dtype = resolve_dtype(None, dev)
-    if args.model.startswith("synthetic:"):
-        model, tok = synthetic_model(args.model.split(":", 1)[1], dev, dtype, args.layers)
-    else:
-        model, tok = load_model(args.model, args.gguf_file, dtype, dev)
+    model, _ = bench_model(args.model, args.gguf_file, dev, dtype, args.layers)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+    calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)
     instrument()
     print(f"# {machine()} | {args.model} | {args.scorer} | calib {args.nsamples}x{args.seqlen} | {dtype}")
     for t in args.trim.split(","):

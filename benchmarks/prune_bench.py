@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, append_jsonl, machine, peak_rss_gb, synthetic_model  # noqa: E402
+from common import Timer, append_jsonl, bench_model, machine, peak_rss_gb, random_calibration  # noqa: E402
 
-from trimprune import PruneConfig, load_model, prune  # noqa: E402
+from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune.data import get_calibration  # noqa: E402
 from trimprune.models import resolve_device, resolve_dtype  # noqa: E402
 
@@ -52,18 +52,13 @@ def main(argv=None):
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, dev)
     t0 = time.perf_counter()
-    if args.model.startswith("synthetic:"):
-        model, tok = synthetic_model(args.model.split(":", 1)[1], torch.device("cpu") if args.offload else dev,
-                                     dtype, args.layers)
-    else:
-        model, tok = load_model(args.model, args.gguf_file, dtype, dev, offload=args.offload)
+    model, tok = bench_model(args.model, args.gguf_file, dev, dtype, args.layers, args.offload)
     load_s = time.perf_counter() - t0
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = PruneConfig(sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                        batch_size=args.batch_size, offload=args.offload)
     if tok is None:
-        g = torch.Generator().manual_seed(0)
-        calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+        calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)
         calib_s = 0.0
     else:
         t1 = time.perf_counter()

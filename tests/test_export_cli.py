@@ -1,7 +1,5 @@
 """Output directory, masks file, atomic writes, recipes and the command line (including bad input)."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 import warnings
@@ -167,8 +166,6 @@ def _check_eval_args(args, seqlen: int):
 
 
 def cmd_prune(args) -> int:
-    import torch
-
     from .evaluate import evaluate_sets, prepare_eval_sets
     from .export import check_output_dir, write_outputs
     from .models import ModelAdapter, load_model, resolve_device

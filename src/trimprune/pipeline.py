@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -249,10 +249,8 @@ class BlockPruner:
         cfg = self.cfg
         names = [m.name for m in members]
         rk = self._ranks if trim_res else {}
-        members = [Member(m.name, m.weight, Target(sparsity=m.target.sparsity, nm=m.target.nm, ranks=rk.get(m.name)))
-                   for m in members]
-        trim_members = [Member(m.name, m.weight, Target(sparsity=m.target.sparsity,
-                                                       row_counts=trim_res[m.name].counts, ranks=rk.get(m.name)))
+        members = [Member(m.name, m.weight, replace(m.target, ranks=rk.get(m.name))) for m in members]
+        trim_members = [Member(m.name, m.weight, replace(m.target, row_counts=trim_res[m.name].counts))
                         for m in members if m.name in trim_res]
         t0 = time.perf_counter()
         need_base = [m for m in members if m.name not in trim_res or cfg.trim_safeguard]
@@ -268,7 +266,7 @@ class BlockPruner:
             chosen = base_out.get(m.name)
             if m.name in trim_res:
                 res = trim_res[m.name]
-                info = res.summary(m.weight.shape[1])
+                info = res.summary()
                 info["metric"] = cfg.trim_metric
                 # the TRIM mask is the scorer's own selection with TRIM's row counts: for mask-only scorers
                 # its metric is the search's final metric; reconstructed weights are measured here

@@ -163,6 +163,7 @@ class GramEvaluator(_Batching, _MaskCounts):
         self.AW = self.A * self.W
         self.yy = self.AW.sum(-1, dtype=torch.float64)                         # ||w_r X||^2 (P, rows)
         self._Gb = self._Wb = None
+        self._ranks = self._table = None     # prefix sums of AW in the order of `_ranks` (stats_from_counts)
 
     def _eg(self, E: torch.Tensor) -> torch.Tensor:
         """E G for E (P, L, rows, in)."""
@@ -192,7 +193,7 @@ class GramEvaluator(_Batching, _MaskCounts):
         if not (self.batched and k.dim() == 3 and ranks.dim() == 3):
             return super().stats_from_counts(k, ranks)
         P, R, N = ranks.shape
-        if getattr(self, "_ranks", None) is not ranks:
+        if self._ranks is not ranks:
             order = torch.empty_like(ranks, dtype=torch.long)
             order.scatter_(-1, ranks.long(), torch.arange(N, device=ranks.device).expand(P, R, N))
             cum = torch.cumsum(torch.gather(self.AW, -1, order).double(), -1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import sys
 
 import torch
 
@@ -95,7 +94,7 @@ def summary_text(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    out = [f"# trimprune report", "", f"- model: `{report['model'].get('source')}`",
+    out = ["# trimprune report", "", f"- model: `{report['model'].get('source')}`",
            f"- scorer: **{cfg['scorer']}**{' + TRIM (' + cfg['trim_inputs'] + ')' if cfg['trim'] else ''}, "
            f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
            f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",

@@ -12,8 +12,9 @@ per-row sparsity vector x (mean s):
 Here the learning rates of a sweep run either as one batched computation (a leading candidate
 dimension, replayed as a CUDA graph on small matrices) or, for large matrices, one after the other
 with the reference's early stop (same result, fewer FLOPs); every mask comes from one sort per
-matrix (`row_ranks`) by comparison, and nothing leaves the device inside the iterations. The chosen vector is finally projected exactly onto
-{x in [0, x_max]^rows : mean(x) = s} and rounded to integer counts whose total is round(s*rows*in).
+matrix (`row_ranks`) by comparison, and nothing leaves the device inside the iterations. The chosen
+vector is finally projected exactly onto {x in [0, x_max]^rows : mean(x) = s} and rounded to integer
+counts whose total is round(s*rows*in).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class TrimSettings:
                    lrs=tuple(cfg.trim_lrs), neg_lrs=tuple(cfg.trim_neg_lrs), forbid_neg_lr=cfg.trim_forbid_neg_lr,
                    max_row_sparsity=cfg.trim_max_row_sparsity,
                    rounding="floor" if cfg.trim_inputs == "last-token" else "exact",
-                   lr_search=getattr(cfg, "trim_lr_search", "auto"))
+                   lr_search=cfg.trim_lr_search)
 
 
 @dataclass
@@ -65,13 +66,10 @@ class TrimResult:
     start_var: float                 # variance of per-row cosine at uniform sparsity
     end_var: float                   # ... at the final allocation
     candidates: dict                 # lr -> best metric of that lr (as evaluated)
-    row_sparsity: tuple = (math.nan, math.nan, math.nan)   # min, mean, max of the final row sparsities
+    row_sparsity: tuple              # min, mean, max of the final row sparsities
 
-    def summary(self, in_features: int | None = None) -> dict:
+    def summary(self) -> dict:
         lo, mean, hi = self.row_sparsity
-        if in_features is not None and math.isnan(lo):
-            x = self.counts.double() / in_features
-            lo, mean, hi = float(x.min()), float(x.mean()), float(x.max())
         return {"baseline_metric": self.baseline_metric, "best_metric": self.best_metric,
                 "final_metric": self.final_metric, "lr": self.learning_rate, "best_iter": self.best_iter,
                 "row_quality_var_before": self.start_var, "row_quality_var_after": self.end_var,
@@ -192,15 +190,20 @@ class TrimSearch:
             best_it = torch.where(better, torch.full_like(best_it, it), best_it)
         return best_x, best_m, best_it
 
-    def _sweep(self, make_ev, W, src, ranks, s, lrs):
-        """Uniform baseline and every learning rate of one sweep for P linears. Pure tensor code, no
-        host synchronisation, so it can be captured as a CUDA graph.
-        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,)."""
+    def _start(self, make_ev, W, src, ranks, s):
+        """The evaluator for P linears, and the uniform allocation s3 (P, 1, 1) with its layer metric,
+        dimension-wise quality and row cosine. s: (P,) tensor."""
         ev = make_ev(src)
         ev.prepare(W)
         P, rows, _ = ranks.shape
         s3 = s.to(torch.float32).view(P, 1, 1)
-        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, s3.expand(P, 1, rows))
+        return (ev, s3) + self._evaluate(ev, ranks, s3.expand(P, 1, rows))
+
+    def _sweep(self, make_ev, W, src, ranks, s, lrs):
+        """Uniform baseline and every learning rate of one sweep for P linears. Pure tensor code, no
+        host synchronisation, so it can be captured as a CUDA graph.
+        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,)."""
+        ev, s3, base_lm, base_dq, base_cos = self._start(make_ev, W, src, ranks, s)
         best_x, best_m, best_it = self._iterate(ev, ranks, s3, base_lm, base_dq, lrs)
         return base_lm[:, 0], base_cos[:, 0], best_x, best_m, best_it
 
@@ -226,10 +229,7 @@ class TrimSearch:
         P, rows, _ = ranks.shape
         L = len(lrs)
         dev = W.device
-        ev = make_ev(src)
-        ev.prepare(W)
-        s3 = torch.tensor(s, dtype=torch.float32, device=dev).view(P, 1, 1)
-        base_lm, base_dq, base_cos = self._evaluate(ev, ranks, s3.expand(P, 1, rows))
+        ev, s3, base_lm, base_dq, base_cos = self._start(make_ev, W, src, ranks, torch.tensor(s, device=dev))
         bx = s3.expand(P, L, rows).clone()
         bm = [[-math.inf] * L for _ in range(P)]
         bit = [[0] * L for _ in range(P)]
@@ -238,12 +238,11 @@ class TrimSearch:
         for j, lr in enumerate(lrs):
             if not active:
                 break
+            t = torch.tensor(active, device=dev)
             if active != cur[0]:
-                t = torch.tensor(active, device=dev)
                 sub = make_ev(src[t])
                 sub.prepare(W[t])
                 cur = (list(active), sub, ranks[t])
-            t = torch.tensor(active, device=dev)
             x, m, it = self._iterate(cur[1], cur[2], s3[t], base_lm[t], base_dq[t],
                                      torch.tensor([lr], dtype=torch.float64, device=dev))
             ml, il = m[:, 0].tolist(), it[:, 0].tolist()
