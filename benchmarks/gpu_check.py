@@ -80,8 +80,9 @@ ge = GramEvaluator(Gs, 400)
 ge.prepare(Ws)
 fast = ge.stats_from_counts(k, rk)
 slow = ge.stats_from_mask(rk.unsqueeze(1) < k.unsqueeze(-1))
-for key in ["c", "q", "err"]:
-    check(torch.allclose(fast[key], slow[key], rtol=1e-4, atol=1e-3), f"count fast path == mask path on GPU ({key})")
+for key in ["c", "q", "err"]:      # relative to the row's output energy: q = yy - 2c' + err cancels
+    rel = ((fast[key] - slow[key]).abs() / (slow["yy"] + 1)).max().item()
+    check(rel < 1e-5, f"count fast path == mask path on GPU ({key}): max rel. diff {rel:.1e}")
 res = {}
 for mode in ["parallel", "sequential"]:
     ts = TrimSearch(TrimSettings(lr_search=mode))
@@ -91,6 +92,19 @@ agree = sum(a.learning_rate == b.learning_rate and torch.equal(a.counts, b.count
             for a, b in zip(res["parallel"], res["sequential"]))
 check(agree == 2, f"TRIM lr search parallel (CUDA graph) == sequential on GPU: {agree}/2 linears, lrs "
                   f"{[r.learning_rate for r in res['parallel']]} vs {[r.learning_rate for r in res['sequential']]}")
+
+# the pipeline: CUDA-graph searches overlapping on side streams == the sequential search, linear by linear
+recs = {}
+for mode in ["parallel", "sequential"]:
+    r = prune(make("llama").to(dev), None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
+                                                       trim_precision="fp32", trim_lr_search=mode),
+              calibration=ids, progress=False)
+    recs[mode] = {n: (rec["trim"]["lr"], r.masks[n].cpu()) for n, rec in r.layers.items()}
+same = sum(recs["parallel"][n][0] == recs["sequential"][n][0] and torch.equal(recs["parallel"][n][1],
+                                                                                recs["sequential"][n][1])
+           for n in recs["parallel"])
+check(same == len(recs["parallel"]), f"pipeline TRIM with overlapping graph searches == sequential search: "
+                                     f"{same}/{len(recs['parallel'])} linears")
 
 m = make("gemma3").to(dev)
 x1, _ = nll_of_windows(m, ids[:6], 3)

@@ -65,13 +65,34 @@ def instrument():
                        ("_prune_group", "mask/update + safeguard metric"), ("_block_safeguard", "block safeguard")]:
         setattr(BP, attr, phase(name, getattr(BP, attr)))
     TS = trim.TrimSearch
-    TS._run_sweep = phase("trim sweeps", TS._run_sweep)
-    TS._final_counts = phase("trim final counts", TS._final_counts)
+    # launches are not synchronised (the shape classes' searches overlap on side streams); their
+    # device time shows up in "trim finish (wait for the searches, results)"
+    TS.finish = phase("trim finish (wait for the searches, results)", TS.finish)
     pipeline.row_ranks = phase("row ranks", pipeline.row_ranks)
     pipeline.evaluator_source = phase("evaluator source", pipeline.evaluator_source)
     engine.forward_block_all = phase("block forward (recompute, dense guard stream)", engine.forward_block_all,
                                      top_only=True)
     engine.capture = phase("capture", engine.capture)
+    pipeline.engine = engine
+
+
+def label(name, fn):
+    """Mark calls of fn as a named range in the profiler trace (no synchronisation)."""
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        with torch.profiler.record_function(name):
+            return fn(*a, **k)
+    return wrapped
+
+
+def annotate():
+    BP = pipeline.BlockPruner
+    for attr in ["_collect", "_trim", "_prune_group", "_block_safeguard", "_record"]:
+        setattr(BP, attr, label("trimprune::" + attr.strip("_"), getattr(BP, attr)))
+    TS = trim.TrimSearch
+    for attr in ["launch", "finish"]:
+        setattr(TS, attr, label("trimprune::trim." + attr, getattr(TS, attr)))
+    engine.forward_block_all = label("trimprune::forward_block_all", engine.forward_block_all)
     pipeline.engine = engine
 
 
@@ -87,13 +108,19 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--kernels", type=int, default=0)
+    ap.add_argument("--trace", default=None,
+                    help="write a gzipped Chrome trace (host + device) of the last run to this path; phases "
+                         "are then not synchronised, so the trace shows the real overlap")
     args = ap.parse_args(argv)
     dev = resolve_device(None)
     dtype = resolve_dtype(None, dev)
     model, _ = bench_model(args.model, args.gguf_file, dev, dtype, args.layers)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)
-    instrument()
+    if args.trace:
+        annotate()
+    else:
+        instrument()
     print(f"# {machine()} | {args.model} | {args.scorer} | calib {args.nsamples}x{args.seqlen} | {dtype}")
     for t in args.trim.split(","):
         for run in range(args.repeat):
@@ -104,7 +131,12 @@ def main(argv=None):
                               trim=t != "none", trim_inputs=t if t != "none" else "all",
                               trim_precision=args.trim_precision)
             prof = None
-            if args.kernels and run == args.repeat - 1 and t != "none" and torch.cuda.is_available():
+            last = run == args.repeat - 1 and t != "none" and torch.cuda.is_available()
+            if last and args.trace:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+            elif last and args.kernels:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
                 prof.__enter__()
             _sync()
@@ -116,7 +148,17 @@ def main(argv=None):
                 prof.__exit__(None, None, None)
             parts = " | ".join(f"{k} {v:.3f}s/{COUNTS[k]}" for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1]))
             print(f"trim={t} run={run} prune_seconds={res.timings['prune_seconds']:.3f} wall={total:.3f} :: {parts}")
-            if prof is not None:
+            if prof is not None and args.trace:
+                import gzip
+                import os
+                import tempfile
+                tmp = tempfile.mktemp(suffix=".json")
+                prof.export_chrome_trace(tmp)
+                with open(tmp, "rb") as f, gzip.open(args.trace, "wb") as g:
+                    g.write(f.read())
+                os.unlink(tmp)
+                print(f"trace: {args.trace}")
+            elif prof is not None:
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.kernels))
 
 

@@ -17,34 +17,58 @@ MAX_ELEMENTS = 64 * 2**20   # graph only computations whose main tensors are bel
 class GraphCache:
     def __init__(self):
         self._cache: dict = {}
+        self._streams: dict = {}
+        self._turn = 0
 
     @staticmethod
     def usable(device: torch.device, elements: int) -> bool:
         return (device.type == "cuda" and elements <= MAX_ELEMENTS
                 and os.environ.get("TRIMPRUNE_CUDA_GRAPHS", "1") != "0")
 
-    def run(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
-        """fn(**inputs) -> tuple of tensors. Returns the graph's static outputs: consume or clone
-        them before the next `run` with the same key."""
+    def _entry(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
         entry = self._cache.get(key)
         if entry is None:
             static = {k: v.clone() for k, v in inputs.items()}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):                       # warm-up (cuBLAS handles, allocator)
-                    fn(**static)
+                fn(**static)                             # warm-up (cuBLAS handles, allocator)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = fn(**static)
             entry = (graph, static, out)
             self._cache[key] = entry
-        graph, static, out = entry
+        return entry
+
+    def run(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
+        """fn(**inputs) -> tuple of tensors. Returns the graph's static outputs: consume or clone
+        them before the next `run` with the same key."""
+        graph, static, out = self._entry(key, fn, inputs)
         for k, v in inputs.items():
             static[k].copy_(v)
         graph.replay()
         return out
+
+    def run_async(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
+        """As `run`, but replayed on one of a few side streams (round robin) after the work queued so
+        far, so independent graphs overlap on the device; the outputs are copied there. Returns
+        (outputs, event): the consuming stream must wait for the event, and `inputs` must stay
+        referenced until then."""
+        graph, static, out = self._entry(key, fn, inputs)
+        main = torch.cuda.current_stream()
+        streams = self._streams.setdefault(main.device, [torch.cuda.Stream(main.device) for _ in range(4)])
+        side = streams[self._turn % len(streams)]
+        self._turn += 1
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for k, v in inputs.items():
+                static[k].copy_(v)
+            graph.replay()
+            res = tuple(o.clone() for o in out)
+            done = torch.cuda.Event()
+            done.record(side)
+        return res, done
 
     def clear(self) -> None:
         self._cache.clear()
@@ -69,3 +93,12 @@ def mm_out_dtype_ok(device: torch.device) -> bool:
         except (TypeError, RuntimeError):
             _OUT_DTYPE_OK[key] = False
     return _OUT_DTYPE_OK[key]
+
+
+def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small list of Python numbers as a tensor on `device`. On a GPU through pinned memory, so the
+    copy does not wait for the work already queued (a copy from pageable memory synchronises)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

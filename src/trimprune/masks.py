@@ -65,17 +65,22 @@ def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
 
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BITS_ON: dict = {}          # a copy per device (a host-to-device copy each time would synchronise)
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+def pack_mask(mask: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
     """Bit-pack a bool mask into uint8 on its own device (8 weights per byte, big-endian bit order,
-    identical to numpy.packbits of the flattened mask); returns a CPU tensor."""
+    identical to numpy.packbits of the flattened mask); returns a CPU tensor (or, with to_cpu=False,
+    leaves it on the mask's device)."""
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    packed = (flat.view(-1, 8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
-    return packed.cpu()
+    if flat.device.type != "cpu" and flat.device not in _BITS_ON:
+        _BITS_ON[flat.device] = _BITS.to(flat.device)
+    bits = _BITS if flat.device.type == "cpu" else _BITS_ON[flat.device]
+    packed = (flat.view(-1, 8) * bits).sum(1, dtype=torch.uint8)
+    return packed.cpu() if to_cpu else packed
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:

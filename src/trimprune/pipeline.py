@@ -114,6 +114,8 @@ class BlockPruner:
         self.trim = TrimSearch(TrimSettings.from_config(config)) if config.trim else None
         self.layers: dict[str, dict] = {}
         self.masks: dict[str, torch.Tensor] = {}
+        self._queued: list = []
+        self._staged = None
         self.t_trim = 0.0
         self.t_score = 0.0
         self.t_guard = 0.0
@@ -140,16 +142,29 @@ class BlockPruner:
     def __call__(self, i: int, block: nn.Module, hidden) -> None:
         linears = self.adapter.linears(i)
         guard = self.sub_dense is not None
-        if guard:
+        dense_out = []
+
+        def dense_subset():        # the block-safeguard subset through the still dense block
             t0 = time.perf_counter()
-            dense_out = engine.forward_block_all(block, self.captured, i, self.sub_dense)
+            dense_out.extend(engine.forward_block_all(block, self.captured, i, self.sub_dense))
             self.t_guard += time.perf_counter() - t0
+
+        def meanwhile():           # work queued while this block's statistics / searches run on the device
+            if guard:
+                dense_subset()     # queued first: the flush below waits for the device
+            self._flush()          # the previous block's records
+
         self._alt = {}
+        if self.cfg.trim_input_recalc:
+            self._flush()
+            if guard:
+                dense_subset()
         hooks = self._collect(i, block, hidden, linears)
         groups = [g for g in hooks.groups if g]
         if not self.cfg.trim_input_recalc:
             members = {n: self._member(i, n, linears) for g in groups for n in g}
-            trim = self._trim(i, members, {n: hooks.stats_for(n) for n in members})
+            # the dense subset forward runs while the TRIM searches are on the device
+            trim = self._trim(i, members, {n: hooks.stats_for(n) for n in members}, during=meanwhile)
             for g in groups:
                 self._prune_group(i, [members[n] for n in g], linears, hooks.stats_for(g[0]), trim)
         else:
@@ -169,6 +184,7 @@ class BlockPruner:
             self._block_safeguard(i, block, linears, dense_out)
             self.sub_dense = dense_out
             self.t_guard += time.perf_counter() - t0
+        self._stage()         # copied to the host while the next block computes; read in its `meanwhile`
 
     def _block_safeguard(self, i: int, block: nn.Module, linears, dense_out) -> None:
         """Keep TRIM in this block only if the block's output on the subset is at least as close to the
@@ -179,7 +195,8 @@ class BlockPruner:
             return
 
         def err(out):
-            return sum(float((o.float() - d.to(o.device).float()).square().sum()) for o, d in zip(out, dense_out))
+            return torch.stack([(o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
+                                for o, d in zip(out, dense_out)]).sum()
 
         out_trim = fwd()
         e_trim = err(out_trim)
@@ -187,20 +204,18 @@ class BlockPruner:
             set_weight_2d(linears[name], w_alone)
         out_alone = fwd()
         e_alone = err(out_alone)
-        keep_trim = e_trim <= e_alone
-        rec = {"block": i, "err_trim": e_trim, "err_scorer_alone": e_alone, "kept": "trim" if keep_trim else
-               "scorer_alone", "linears": sorted(self._alt)}
-        self.block_guard.append(rec)
-        if keep_trim:
-            for name, (_, w_trim, _) in self._alt.items():
-                set_weight_2d(linears[name], w_trim)
-            self.sub_pruned = out_trim
-            return
-        self.sub_pruned = out_alone
-        for name, (w_alone, _, mask_alone) in self._alt.items():
-            full = self.adapter.full_name(i, name)
-            self.layers[full]["trim"]["kept"] = "scorer_alone (block safeguard)"
-            self._record(full, mask_alone)
+        keep = e_trim <= e_alone
+        names = sorted(self._alt)
+        alone = [self._stats_of(self.adapter.full_name(i, n), self._alt[n][2]) for n in names]
+        if not all(o.device == keep.device for o in out_trim):   # outputs stored off the device: decide now
+            keep = bool(keep)
+        # the choice stays on the device (no host round trip); `_flush` reads it with the statistics
+        for name, (w_alone, w_trim, _) in self._alt.items():
+            set_weight_2d(linears[name], torch.where(keep, w_trim, w_alone) if torch.is_tensor(keep)
+                          else (w_trim if keep else w_alone))
+        self.sub_pruned = [torch.where(keep, a, b) if torch.is_tensor(keep) else (a if keep else b)
+                           for a, b in zip(out_trim, out_alone)]
+        self._queued.append(("guard", i, names, torch.stack([e_trim, e_alone, e_trim * 0, e_trim * 0]), alone))
 
     # -------------------------------------------------------------- pruning
     def _member(self, i: int, name: str, linears) -> Member:
@@ -214,9 +229,12 @@ class BlockPruner:
         s = self.alloc.per_linear[self.adapter.full_name(i, name)]
         return Member(name, W, Target(sparsity=s, nm=nm))
 
-    def _trim(self, i: int, members: dict[str, Member], stats: dict) -> dict:
-        """TRIM row sparsities for every trimmable linear, batched over linears of equal shape."""
+    def _trim(self, i: int, members: dict[str, Member], stats: dict, during=None) -> dict:
+        """TRIM row sparsities for every trimmable linear, batched over linears of equal shape.
+        `during()` is called once the searches are queued on the device, before waiting for them."""
         if self.trim is None:
+            if during is not None:
+                during()
             return {}
         t0 = time.perf_counter()
         cap = self.cfg.trim_max_row_sparsity
@@ -224,10 +242,11 @@ class BlockPruner:
         classes: dict = {}
         for m in todo:
             classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
-        out = {}
         self._ranks = {}
+        launched = []
+        per_matrix = len(self.trim.all_lrs)
         for ms in classes.values():
-            for chunk in _chunks(ms, max(1, int(2**28 // (len(self.cfg.trim_lrs) * ms[0].weight.numel())))):
+            for chunk in _chunks(ms, max(1, int(2**28 // (per_matrix * ms[0].weight.numel())))):
                 make_ev, key, srcs = None, None, []
                 for m in chunk:
                     make_ev, key, src = evaluator_source(self.cfg, stats[m.name], True, self.scorer, m.weight)
@@ -240,8 +259,15 @@ class BlockPruner:
                     self._ranks.update({m.name: ranks[j] for j, m in enumerate(chunk)})   # reused for the masks
                 sp = [m.target.sparsity for m in chunk]
                 totals = [self.scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk]
-                for m, r in zip(chunk, self.trim.run_many(make_ev, key, W, src, ranks, sp, totals)):
-                    out[m.name] = r
+                launched.append((chunk, self.trim.launch(make_ev, key, W, src, ranks, sp, totals)))
+        if during is not None:
+            t1 = time.perf_counter()
+            during()
+            t0 += time.perf_counter() - t1           # not TRIM's time
+        # the searches of all shape classes run concurrently on the GPU; one host transfer collects them
+        out = {}
+        for (chunk, _), res in zip(launched, self.trim.finish([p for _, p in launched])):
+            out.update({m.name: r for m, r in zip(chunk, res)})
         self.t_trim += time.perf_counter() - t0
         return out
 
@@ -301,15 +327,78 @@ class BlockPruner:
             if self.sub_dense is not None and rec.get("trim", {}).get("kept") == "trim":
                 self._alt[m.name] = (base_out[m.name].weight, chosen.weight, base_out[m.name].mask)
 
-    def _record(self, full: str, mask: torch.Tensor) -> None:
+    @staticmethod
+    def _stats_of(full: str, mask: torch.Tensor) -> tuple:
         row = mask.sum(1, dtype=torch.float64)
-        zeros, rmin, rmax, rstd = torch.stack([row.sum(), row.min(), row.max(),
-                                               row.std() if row.numel() > 1 else row.sum() * 0]).tolist()
-        cols = mask.shape[1]
-        self.layers[full].update({"zeros": int(zeros), "numel": mask.numel(), "sparsity": zeros / mask.numel(),
-                                  "row_sparsity_min": rmin / cols, "row_sparsity_max": rmax / cols,
-                                  "row_sparsity_std": rstd / cols})
-        self.masks[full] = pack_mask(mask)
+        st = torch.stack([row.sum(), row.min(), row.max(), row.std() if row.numel() > 1 else row.sum() * 0])
+        return ("mask", full, mask.shape, st, pack_mask(mask, to_cpu=False))
+
+    def _record(self, full: str, mask: torch.Tensor) -> None:
+        """Queue the mask's statistics and bit-packed copy; `_flush` reads them back at once (a read
+        per linear would stall the device once per linear)."""
+        self._queued.append(self._stats_of(full, mask))
+
+    def _stage(self) -> None:
+        """Start copying the queued statistics and packed masks to the host (pinned memory, no wait)."""
+        if not self._queued or self._staged is not None:
+            return
+        q = self._queued
+        self._queued = []
+        masks = [e for e in q if e[0] == "mask"] + [a for e in q if e[0] == "guard" for a in e[4]]
+        order = [e for e in q if e[0] == "guard"] + masks
+        dev_stats = torch.stack([e[3] for e in order])
+        dev_packed = torch.cat([e[4] for e in masks]) if masks else None
+        if dev_stats.is_cuda:
+            stats = torch.empty(dev_stats.shape, dtype=dev_stats.dtype, pin_memory=True)
+            stats.copy_(dev_stats, non_blocking=True)
+            packed = None
+            if dev_packed is not None:
+                packed = torch.empty(dev_packed.shape, dtype=dev_packed.dtype, pin_memory=True)
+                packed.copy_(dev_packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            stats, packed, done = dev_stats, dev_packed, None
+        self._staged = (q, masks, order, stats, packed, done)
+
+    def _flush(self) -> None:
+        """Read the staged mask statistics, packed masks and block-safeguard choices."""
+        if self._staged is None:
+            self._stage()
+        if self._staged is None:
+            return
+        q, masks, order, stats, packed, done = self._staged
+        self._staged = None
+        if done is not None:
+            done.synchronize()
+        got = dict(zip([id(e) for e in order], stats.tolist()))
+        parts = [t.clone() for t in packed.split([e[4].numel() for e in masks])] if masks else []
+        packed = dict(zip([id(e) for e in masks], parts))
+
+        def apply(e):
+            _, full, shape, _, _ = e
+            zeros, rmin, rmax, rstd = got[id(e)]
+            cols = shape[1]
+            numel = shape[0] * cols
+            self.layers[full].update({"zeros": int(zeros), "numel": numel, "sparsity": zeros / numel,
+                                      "row_sparsity_min": rmin / cols, "row_sparsity_max": rmax / cols,
+                                      "row_sparsity_std": rstd / cols})
+            self.masks[full] = packed[id(e)]
+
+        for e in q:
+            if e[0] == "mask":
+                apply(e)
+                continue
+            _, i, names, _, alone = e
+            e_trim, e_alone = got[id(e)][:2]
+            keep_trim = e_trim <= e_alone
+            self.block_guard.append({"block": i, "err_trim": e_trim, "err_scorer_alone": e_alone,
+                                     "kept": "trim" if keep_trim else "scorer_alone", "linears": names})
+            if not keep_trim:
+                for a in alone:
+                    self.layers[a[1]]["trim"]["kept"] = "scorer_alone (block safeguard)"
+                    apply(a)
+        self._flush()         # what was queued meanwhile, if anything
 
 
 def _chunks(xs: list, k: int):
@@ -404,6 +493,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         with torch.no_grad():
             engine.walk(model, adapter, captured, pruner, offload=config.offload, progress=progress,
                         desc=f"{config.scorer}{'+trim' if config.trim else ''}")
+            pruner._flush()
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache

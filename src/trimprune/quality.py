@@ -163,7 +163,8 @@ class GramEvaluator(_Batching, _MaskCounts):
         self.AW = self.A * self.W
         self.yy = self.AW.sum(-1, dtype=torch.float64)                         # ||w_r X||^2 (P, rows)
         self._Gb = self._Wb = None
-        self._ranks = self._table = None     # prefix sums of AW in the order of `_ranks` (stats_from_counts)
+        # prefix sums of AW in the order of `_ranks`, and their flat row offsets (stats_from_counts)
+        self._ranks = self._table = self._base = None
 
     def _eg(self, E: torch.Tensor) -> torch.Tensor:
         """E G for E (P, L, rows, in)."""
@@ -178,13 +179,18 @@ class GramEvaluator(_Batching, _MaskCounts):
         if E.dtype != torch.bfloat16:
             E = E.to(self.G3.dtype)
         E, sq = self._lift(E)
-        err = (self._eg(E) * E).sum(-1, dtype=torch.float64)                 # e G e^T
+        prod = self._eg(E) * E
+        # e G e^T; on a GPU E G is a tf32 / bf16 product, far less exact than a float32 row sum
+        err = prod.sum(-1).double() if prod.is_cuda and prod.dtype == torch.float32 else \
+            prod.sum(-1, dtype=torch.float64)
         if wge is None:
             wge = (self.A.unsqueeze(1) * E).sum(-1, dtype=torch.float64)     # w G e^T
+        return self._drop(self._assemble(err, wge), sq)
+
+    def _assemble(self, err: torch.Tensor, wge: torch.Tensor) -> dict:
         yy = self.yy.unsqueeze(1)
-        st = {"yy": yy, "c": yy - wge, "q": (yy - 2 * wge + err).clamp_min(0.0), "err": err.clamp_min(0.0),
-              "T": self.T}
-        return self._drop(st, sq)
+        return {"yy": yy, "c": yy - wge, "q": (yy - 2 * wge + err).clamp_min(0.0), "err": err.clamp_min(0.0),
+                "T": self.T}
 
     def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor) -> dict:
         """Row r prunes its k[r] least important weights (k (P, L, rows), ranks (P, rows, in)).
@@ -197,18 +203,20 @@ class GramEvaluator(_Batching, _MaskCounts):
             order = torch.empty_like(ranks, dtype=torch.long)
             order.scatter_(-1, ranks.long(), torch.arange(N, device=ranks.device).expand(P, R, N))
             cum = torch.cumsum(torch.gather(self.AW, -1, order).double(), -1)
-            self._table = torch.cat([cum.new_zeros(P, R, 1), cum], -1)       # (P, rows, in + 1)
+            self._table = torch.cat([cum.new_zeros(P, R, 1), cum], -1).contiguous()   # (P, rows, in + 1)
+            self._base = None
             self._ranks = ranks
         kk = k.clamp(0, N)
-        wge = torch.gather(self._table.unsqueeze(1).expand(P, kk.shape[1], R, N + 1), -1,
-                           kk.long().unsqueeze(-1)).squeeze(-1)
+        # table[p, r, kk[p, l, r]] by flat index (a gather on the expanded table would copy it per candidate)
+        if self._base is None:
+            self._base = (torch.arange(P * R, device=k.device) * (N + 1)).view(P, 1, R)
+        wge = self._table.view(-1)[self._base + kk]
         Wsrc = self.W
         if self.precision == "bf16" and self.W.is_cuda:
             if self._Wb is None:
                 self._Wb = self.W.to(torch.bfloat16)
             Wsrc = self._Wb
-        E = torch.where(ranks.unsqueeze(1) < kk.to(ranks.dtype).unsqueeze(-1), Wsrc.unsqueeze(1),
-                        Wsrc.new_zeros(()))
+        E = torch.where(ranks.unsqueeze(1) < kk.to(ranks.dtype).unsqueeze(-1), Wsrc.unsqueeze(1), 0.0)
         return self.stats_from_error(E, wge)
 
     def stats_from_mask(self, mask: torch.Tensor) -> dict:

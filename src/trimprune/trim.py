@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import GRAPHS
+from .graphs import GRAPHS, host_to_device
 from .quality import dim_metric, layer_metric
 
 
@@ -77,18 +77,20 @@ class TrimResult:
                 "lr_candidates": {str(k): v for k, v in self.candidates.items()}}
 
 
-def project_capped_mean(x: torch.Tensor, s: float, cap: float, iters: int = 100) -> torch.Tensor:
-    """Euclidean projection of x onto {y in [0, cap]^n : mean(y) = s}: y = clip(x - tau, 0, cap)
-    with tau found by bisection (mean(clip(x - tau)) is monotone in tau)."""
+def project_capped_mean(x: torch.Tensor, s, cap: float, iters: int = 64) -> torch.Tensor:
+    """Euclidean projection of each x (..., n) onto {y in [0, cap]^n : mean(y) = s}: y = clip(x - tau, 0, cap)
+    with tau found by bisection (mean(clip(x - tau)) is monotone in tau). `s` a float or one per vector;
+    no host synchronisation (64 halvings exhaust float64)."""
     x = x.double()
-    lo = (x.min() - cap).item()
-    hi = (x.max()).item()
+    s = torch.as_tensor(s, dtype=torch.float64, device=x.device)
+    s = s.unsqueeze(-1) if s.dim() else s
+    lo = x.amin(-1, keepdim=True) - cap
+    hi = x.amax(-1, keepdim=True)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if (x - mid).clamp(0.0, cap).mean().item() > s:
-            lo = mid
-        else:
-            hi = mid
+        above = (x - mid).clamp(0.0, cap).mean(-1, keepdim=True) > s
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
     return (x - 0.5 * (lo + hi)).clamp(0.0, cap)
 
 
@@ -123,18 +125,32 @@ def exact_counts(x: torch.Tensor, s: float, in_features: int, cap: float, total:
     return k.to(device)
 
 
-def _pick(metrics: list[float], baseline: float) -> int | None:
-    """Reference sweep semantics: go through the learning rates in order, stop at the first whose
-    metric is not above the previous one; return the index of the best accepted one (> baseline)."""
-    best, best_i, prev = baseline, None, float("-inf")
-    for i, m in enumerate(metrics):
-        if m > best:
-            best, best_i = m, i
-        if m > prev:
-            prev = m
-        else:
-            break
-    return best_i
+def improving_prefix(m: torch.Tensor) -> torch.Tensor:
+    """The reference's learning-rate sweep stops at the first rate whose metric is not above the
+    previous one. For metrics m (P, L) in the order tried: how many rates form the strictly
+    increasing prefix (P,). The rates evaluated are the prefix and the one that ended it; the one
+    kept is the prefix's last, if it beats uniform (`kept_rate`)."""
+    prev = torch.cat([torch.full_like(m[:, :1], -math.inf), m[:, :-1]], 1)
+    return (m > prev).long().cummin(1).values.sum(1)
+
+
+def kept_rate(m: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Index of the learning rate the reference keeps for metrics m (P, L), or -1 when none beats the
+    baseline (P,): along a strictly increasing prefix the best is its last element."""
+    a = improving_prefix(m)
+    last = (a - 1).clamp(min=0)
+    val = m.gather(1, last.unsqueeze(1)).squeeze(1)
+    return torch.where((a > 0) & (val > baseline), last, torch.full_like(last, -1))
+
+
+@dataclass
+class _Pending:
+    """A TRIM search launched for P linears; `TrimSearch.finish` turns it into TrimResults."""
+    out: tuple                 # counts (P, rows), search x (P, rows), packed (P, K), then bx, bm, bit of the rates
+    event: object              # CUDA event after the work (side-stream graph replay), or None
+    args: tuple                # (make_ev, key, W, src, ranks, s, totals, totals tensor)
+    keep: dict                 # inputs referenced until the side stream is done
+    neg_open: bool = False     # only the positive rates were evaluated; the negative ones may be needed
 
 
 class TrimSearch:
@@ -175,10 +191,10 @@ class TrimSearch:
         best_m = base_lm.expand(P, L).clone()
         best_it = torch.zeros(P, L, dtype=torch.long, device=ranks.device)
         dq = base_dq.expand(P, L, rows)
+        lr2 = lr * 2
         for it in range(self.cfg.iterations):
-            lo = dq.amin(-1, keepdim=True)
-            hi = dq.amax(-1, keepdim=True)
-            d = (dq - lo) / (hi - lo + 1e-6) * (lr * 2)
+            lo, hi = torch.aminmax(dq, dim=-1, keepdim=True)
+            d = (dq - lo) / (hi - lo + 1e-6) * lr2
             d = d - d.mean(-1, keepdim=True)
             x = (x.double() + d).to(torch.float32)     # reference: fp32 x += float64 step
             x = x.clamp(0.0, self.cfg.max_row_sparsity)
@@ -187,7 +203,7 @@ class TrimSearch:
             better = m > best_m
             best_m = torch.where(better, m, best_m)
             best_x = torch.where(better.unsqueeze(-1), x, best_x)
-            best_it = torch.where(better, torch.full_like(best_it, it), best_it)
+            best_it = torch.where(better, it, best_it)
         return best_x, best_m, best_it
 
     def _start(self, make_ev, W, src, ranks, s):
@@ -199,99 +215,229 @@ class TrimSearch:
         s3 = s.to(torch.float32).view(P, 1, 1)
         return (ev, s3) + self._evaluate(ev, ranks, s3.expand(P, 1, rows))
 
-    def _sweep(self, make_ev, W, src, ranks, s, lrs):
-        """Uniform baseline and every learning rate of one sweep for P linears. Pure tensor code, no
-        host synchronisation, so it can be captured as a CUDA graph.
-        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,)."""
+    @property
+    def all_lrs(self) -> tuple:
+        """The positive rates, then the negative ones (tried only when no positive rate beats uniform)."""
+        return tuple(self.cfg.lrs) + (() if self.cfg.forbid_neg_lr else tuple(self.cfg.neg_lrs))
+
+    def _whole(self, make_ev, W, src, ranks, s, lrs, totals, done=None):
+        """Uniform baseline, the learning rates `lrs` as one batch, the reference's choice and the
+        exact final allocation for P linears. `done` = (x, metric, iteration) of rates evaluated
+        before (the positive ones, when the negative ones follow); rates not evaluated count as -inf.
+        Pure tensor code with no host synchronisation: captured as one CUDA graph on small matrices.
+        W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,), totals (P,)."""
         ev, s3, base_lm, base_dq, base_cos = self._start(make_ev, W, src, ranks, s)
-        best_x, best_m, best_it = self._iterate(ev, ranks, s3, base_lm, base_dq, lrs)
-        return base_lm[:, 0], base_cos[:, 0], best_x, best_m, best_it
+        bx, bm, bit = self._iterate(ev, ranks, s3, base_lm, base_dq, lrs)
+        if done is not None:
+            bx, bm, bit = (torch.cat([a, b], 1) for a, b in zip(done, (bx, bm, bit)))
+        P, L, rows = bx.shape
+        pad = len(self.all_lrs) - L
+        if pad:
+            bx = torch.cat([bx, s3.expand(P, pad, rows)], 1)
+            bm = torch.cat([bm, bm.new_full((P, pad), -math.inf)], 1)
+            bit = torch.cat([bit, bit.new_zeros(P, pad)], 1)
+        return self._conclude(ev, ranks, s3, base_lm, base_cos, bx, bm, bit, totals) + (bx[:, :L], bm[:, :L],
+                                                                                        bit[:, :L])
 
-    def _parallel(self, make_ev, key, W, src, ranks, s, lrs):
-        dev = W.device
-        inputs = {"W": W, "src": src, "ranks": ranks, "s": torch.tensor(s, dtype=torch.float64, device=dev),
-                  "lrs": torch.tensor(lrs, dtype=torch.float64, device=dev)}
-
-        def fn(W, src, ranks, s, lrs):
-            return self._sweep(make_ev, W, src, ranks, s, lrs)
-
-        if GRAPHS.usable(dev, len(lrs) * W.numel()):
-            full_key = ("trim", key, tuple(W.shape), tuple(src.shape), src.stride(0) == 0, W.dtype, src.dtype,
-                        len(lrs), self.cfg)
-            return tuple(o.clone() for o in GRAPHS.run(full_key, fn, inputs))
-        return fn(**inputs)
-
-    def _sequential(self, make_ev, W, src, ranks, s, lrs):
+    def _sequential(self, make_ev, W, src, ranks, s, totals):
         """The reference's order: one learning rate after the other, each linear stopping at its first
-        rate that does not improve on the previous one. Same results as the parallel sweep (the
-        rates it skips are exactly those the parallel sweep evaluates and then ignores), fewer
-        FLOPs; used where the matrices are large enough to be compute-bound."""
+        rate that does not improve on the previous one, negative rates only for linears that no
+        positive rate improved. Same results as `_whole` (the rates it skips are exactly those the
+        batch evaluates and then ignores), fewer FLOPs; for matrices large enough to be compute-bound."""
         P, rows, _ = ranks.shape
-        L = len(lrs)
         dev = W.device
-        ev, s3, base_lm, base_dq, base_cos = self._start(make_ev, W, src, ranks, torch.tensor(s, device=dev))
+        lrs = self.all_lrs
+        L, Lp = len(lrs), len(self.cfg.lrs)
+        ev, s3, base_lm, base_dq, base_cos = self._start(make_ev, W, src, ranks, s)
         bx = s3.expand(P, L, rows).clone()
-        bm = [[-math.inf] * L for _ in range(P)]
-        bit = [[0] * L for _ in range(P)]
-        prev = [-math.inf] * P
-        active, cur = list(range(P)), (list(range(P)), ev, ranks)
-        for j, lr in enumerate(lrs):
-            if not active:
-                break
-            t = torch.tensor(active, device=dev)
-            if active != cur[0]:
-                sub = make_ev(src[t])
-                sub.prepare(W[t])
-                cur = (list(active), sub, ranks[t])
-            x, m, it = self._iterate(cur[1], cur[2], s3[t], base_lm[t], base_dq[t],
-                                     torch.tensor([lr], dtype=torch.float64, device=dev))
-            ml, il = m[:, 0].tolist(), it[:, 0].tolist()
-            nxt = []
-            for a, p in enumerate(active):
-                bx[p, j] = x[a, 0]
-                bm[p][j] = ml[a]
-                bit[p][j] = il[a]
-                if ml[a] > prev[p]:
-                    prev[p] = ml[a]
-                    nxt.append(p)
-            active = nxt
-        return (base_lm[:, 0], base_cos[:, 0], bx, torch.tensor(bm, dtype=torch.float64, device=dev),
-                torch.tensor(bit, device=dev))
+        bm = torch.full((P, L), -math.inf, dtype=torch.float64, device=dev)
+        bit = torch.zeros(P, L, dtype=torch.long, device=dev)
+        lr_t = torch.tensor(lrs, dtype=torch.float64, device=dev)
+        sweeps = [(0, Lp, list(range(P)))]
+        cur = (list(range(P)), ev, ranks)
+        while sweeps:
+            j0, j1, active = sweeps.pop(0)
+            for j in range(j0, j1):
+                if not active:
+                    break
+                t = torch.tensor(active, device=dev)
+                if active != cur[0]:
+                    sub = make_ev(src[t])
+                    sub.prepare(W[t])
+                    cur = (list(active), sub, ranks[t])
+                x, m, it = self._iterate(cur[1], cur[2], s3[t], base_lm[t], base_dq[t], lr_t[j:j + 1])
+                bx[t, j], bm[t, j], bit[t, j] = x[:, 0], m[:, 0], it[:, 0]
+                going = (improving_prefix(bm[t, j0:j + 1]) == j + 1 - j0).tolist()
+                active = [p for p, g in zip(active, going) if g]
+            if j0 == 0 and L > Lp:
+                none = (kept_rate(bm[:, :Lp], base_lm[:, 0]) < 0).tolist()
+                todo = [p for p in range(P) if none[p]]
+                if todo:
+                    sweeps.append((Lp, L, todo))
+        return self._conclude(ev, ranks, s3, base_lm, base_cos, bx, bm, bit, totals)
 
-    def _run_sweep(self, make_ev, key, W, src, ranks, s, lrs):
-        mode = self.cfg.lr_search
-        if mode == "auto":
-            mode = "parallel" if GRAPHS.usable(W.device, len(lrs) * W.numel()) else "sequential"
-        if mode == "parallel":
-            return self._parallel(make_ev, key, W, src, ranks, s, lrs)
-        return self._sequential(make_ev, W, src, ranks, s, lrs)
+    # packed per-linear results (one host transfer): baseline | metrics (L) | iterations (L) |
+    # positive prefix, negative prefix, choice | final metric, row-cosine var after, before,
+    # row sparsity min, mean, max | counts ok
+    _TAIL = 10
 
-    def _final_counts(self, x: torch.Tensor, n: int, totals: list[int]) -> torch.Tensor:
-        """Exact integer allocation (P, rows): every row in [0, floor(0.95 in)], totals exact."""
+    def _conclude(self, ev, ranks, s3, base_lm, base_cos, bx, bm, bit, totals):
+        """The kept rate of each linear (a positive one, else a negative one, else uniform), its x,
+        the exact integer allocation and its statistics. -> counts (P, rows), x (P, rows), packed."""
+        P, rows, n = ranks.shape
+        L, Lp = bm.shape[1], len(self.cfg.lrs)
+        base = base_lm[:, 0]
+        a_pos = improving_prefix(bm[:, :Lp])
+        choice = kept_rate(bm[:, :Lp], base)
+        a_neg = torch.zeros_like(a_pos)
+        if L > Lp:
+            a_neg = improving_prefix(bm[:, Lp:])
+            neg = kept_rate(bm[:, Lp:], base)
+            choice = torch.where(choice >= 0, choice, torch.where(neg >= 0, neg + Lp, neg))
+        pick = bx.gather(1, choice.clamp(min=0).view(P, 1, 1).expand(P, 1, rows)).squeeze(1)
+        x = torch.where((choice >= 0).unsqueeze(-1), pick, s3[:, 0].expand(P, rows))
+        counts, ok = self._final_counts(x, n, totals)
+        st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
+        xf = counts.double() / n
+        tail = torch.stack([a_pos.double(), a_neg.double(), choice.double(),
+                            layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
+                            base_cos[:, 0].var(-1), xf.amin(-1), xf.mean(-1), xf.amax(-1), ok.double()], 1)
+        return counts, x, torch.cat([base.unsqueeze(1), bm, bit.double(), tail], 1)
+
+    def _final_counts(self, x: torch.Tensor, n: int, totals: torch.Tensor):
+        """Integer allocation (P, rows) and whether it is exact (P,): every row in [0, floor(0.95 in)],
+        totals exact. Floor the fractions (projected first onto the capped set with the right mean
+        under the reference's rounding), then hand the remainder to the rows with the largest
+        fractional parts; the rare vector this one round cannot fix goes to `exact_counts`."""
+        P, rows = x.shape
         kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
-        if self.cfg.rounding == "exact":
-            y = x.double() * n
-            k0 = torch.floor(y + 1e-9).clamp(0, kmax)
-            rem = torch.tensor(totals, dtype=torch.float64, device=x.device).unsqueeze(1) - k0.sum(-1, keepdim=True)
-            frac = y - k0
-            key = torch.where(rem >= 0, torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
-                              torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)))
-            rank = torch.empty(x.shape, dtype=torch.long, device=x.device)
-            rank.scatter_(-1, torch.sort(key, dim=-1, descending=True, stable=True)[1],
-                          torch.arange(x.shape[-1], device=x.device).expand(x.shape))
-            k = (k0 + torch.sign(rem) * (rank < rem.abs()).double()).long()
-            ok = (k.sum(-1) == torch.tensor(totals, device=x.device)) & (k.min(-1).values >= 0) & \
-                 (k.max(-1).values <= kmax)
-            ok = ok.tolist()
+        tot = totals.to(torch.float64).unsqueeze(1)
+        if self.cfg.rounding == "floor":
+            y = project_capped_mean(x, tot[:, 0] / (rows * n), kmax / n) * n
         else:
-            k, ok = torch.zeros(x.shape, dtype=torch.long, device=x.device), [False] * x.shape[0]
-        for p in range(x.shape[0]):
-            if not ok[p]:      # reference rounding or a pathological vector: exact projection, then round
-                k[p] = exact_counts(x[p], totals[p] / (x.shape[-1] * n), n, self.cfg.max_row_sparsity, totals[p])
-        return k
+            y = x.double() * n
+        k0 = torch.floor(y + 1e-9).clamp(0, kmax)
+        rem = tot - k0.sum(-1, keepdim=True)
+        frac = y - k0
+        key = torch.where(rem >= 0, torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
+                          torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)))
+        rank = torch.empty(x.shape, dtype=torch.long, device=x.device)
+        rank.scatter_(-1, torch.sort(key, dim=-1, descending=True, stable=True)[1],
+                      torch.arange(rows, device=x.device).expand(P, rows))
+        k = (k0 + torch.sign(rem) * (rank < rem.abs()).double()).long()
+        ok = (k.sum(-1) == totals) & (k.amin(-1) >= 0) & (k.amax(-1) <= kmax)
+        return k, ok
 
     # ---------------------------------------------------------------- driver
     @torch.no_grad()
+    def launch(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: list[float],
+               totals: list[int]) -> _Pending:
+        """Start the search for P linears of one shape (arguments as `run_many`). The batched search
+        on a GPU is a CUDA graph replayed on a side stream, so the searches of a block's shape classes
+        overlap on the device; `finish` collects them. The batch holds the positive rates; the
+        negative ones, needed by few linears, are a second batch that `finish` starts where needed."""
+        dev = W.device
+        graph = GRAPHS.usable(dev, len(self.all_lrs) * W.numel())
+        mode = self.cfg.lr_search
+        if mode == "auto":
+            mode = "parallel" if graph else "sequential"
+        s_t = host_to_device(s, torch.float64, dev)
+        tot_t = host_to_device(totals, torch.long, dev)
+        args = (make_ev, key, W, src, ranks, s, totals, tot_t)
+        if mode == "sequential":
+            return _Pending(self._sequential(make_ev, W, src, ranks, s_t, tot_t), None, args, {})
+        pending = self._batch(args, s_t, tuple(self.cfg.lrs), graph)
+        pending.neg_open = len(self.all_lrs) > len(self.cfg.lrs)
+        return pending
+
+    def _batch(self, args, s_t, lrs, graph, done=None) -> _Pending:
+        make_ev, key, W, src, ranks, _, _, tot_t = args
+        inputs = {"W": W, "src": src, "ranks": ranks, "s": s_t, "totals": tot_t,
+                  "lrs": host_to_device(lrs, torch.float64, W.device)}
+        if done is not None:
+            inputs.update(zip(("done_x", "done_m", "done_it"), done))
+
+        def fn(W, src, ranks, s, lrs, totals, **d):
+            return self._whole(make_ev, W, src, ranks, s, lrs, totals,
+                               (d["done_x"], d["done_m"], d["done_it"]) if d else None)
+
+        if graph:
+            full_key = ("trim", key, lrs, tuple(W.shape), tuple(src.shape), src.stride(0) == 0, W.dtype,
+                        src.dtype, self.cfg)
+            out, event = GRAPHS.run_async(full_key, fn, inputs)
+            return _Pending(out, event, args, inputs)
+        return _Pending(fn(**inputs), None, args, {})
+
+    @torch.no_grad()
+    def finish(self, pending: list[_Pending]) -> list[list[TrimResult]]:
+        """Wait for launched searches and read their results (one host transfer; a second one when
+        some linears needed the negative rates)."""
+        if not pending:
+            return []
+        host = self._collect(pending)
+        Lp, T = len(self.cfg.lrs), self._TAIL
+        redo = [i for i, p in enumerate(pending) if p.neg_open and any(h[-T + 2] < 0 for h in host[i])]
+        if redo:
+            neg = tuple(self.all_lrs[Lp:])
+            again = []
+            for i in redo:
+                p = pending[i]
+                s_t = host_to_device(p.args[5], torch.float64, p.args[2].device)
+                again.append(self._batch(p.args, s_t, neg, p.event is not None, done=p.out[3:]))
+            for i, h in zip(redo, self._collect(again)):
+                pending[i], host[i] = again[redo.index(i)], h
+        return [self._results(p, h) for p, h in zip(pending, host)]
+
+    @staticmethod
+    def _collect(pending: list[_Pending]) -> list[list[list[float]]]:
+        for p in pending:
+            if p.event is not None:
+                torch.cuda.current_stream().wait_event(p.event)
+        flat = torch.cat([p.out[2] for p in pending]).tolist()      # one transfer
+        out, i = [], 0
+        for p in pending:
+            n = p.out[2].shape[0]
+            out.append(flat[i:i + n])
+            i += n
+        return out
+
+    def _results(self, p: _Pending, host: list[list[float]]) -> list[TrimResult]:
+        make_ev, _, W, src, ranks, _, totals, _ = p.args
+        counts, x = p.out[:2]
+        P, rows, n = ranks.shape
+        lrs = self.all_lrs
+        L, Lp, T = len(lrs), len(self.cfg.lrs), self._TAIL
+        bad = [j for j, h in enumerate(host) if not h[-1]]
+        if bad:     # a pathological vector: exact projection and rounding on the host, then re-measure
+            counts = counts.clone()
+            for j in bad:
+                counts[j] = exact_counts(x[j], totals[j] / (rows * n), n, self.cfg.max_row_sparsity, totals[j])
+            ev = make_ev(src)
+            ev.prepare(W)
+            st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
+            xf = counts.double() / n
+            fix = torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
+                               xf.amin(-1), xf.mean(-1), xf.amax(-1)], 1).tolist()
+            for j in bad:
+                h = host[j]
+                h[-T + 3], h[-T + 4] = fix[j][0], fix[j][1]
+                h[-T + 6:-1] = fix[j][2:]
+        res = []
+        for j, h in enumerate(host):
+            base, bm, bit = h[0], h[1:1 + L], h[1 + L:1 + 2 * L]
+            a_pos, a_neg, choice = (int(v) for v in h[-T:-T + 3])
+            fin, end_var, start_var, lo, mean, hi = h[-T + 3:-1]
+            cand = {lrs[i]: bm[i] for i in range(min(a_pos + 1, Lp))}
+            if not 0 <= choice < Lp and L > Lp:      # the negative rates were tried
+                cand.update({lrs[Lp + i]: bm[Lp + i] for i in range(min(a_neg + 1, L - Lp))})
+            kept = choice >= 0
+            res.append(TrimResult(counts=counts[j], search_sparsities=x[j], baseline_metric=base,
+                                  best_metric=bm[choice] if kept else base, final_metric=fin,
+                                  learning_rate=lrs[choice] if kept else None,
+                                  best_iter=int(bit[choice]) if kept else 0, start_var=start_var, end_var=end_var,
+                                  candidates=cand, row_sparsity=(lo, mean, hi)))
+        return res
+
     def run_many(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: list[float],
                  totals: list[int]) -> list[TrimResult]:
         """Search row sparsities for P linears of one shape: W (P, rows, in), `src` (P, ...) the Gram
@@ -299,48 +445,7 @@ class TrimSearch:
         evaluator for graph caching), ranks = row_ranks(importance) (P, rows, in), s the targets,
         totals the numbers of weights each matrix must lose (the scorer's own count, so TRIM and the
         scorer alone compare at equal sparsity)."""
-        P, rows, n = ranks.shape
-        base_lm, base_cos, bx, bm, bit = self._run_sweep(make_ev, key, W, src, ranks, s, self.cfg.lrs)
-        host = torch.cat([base_lm.unsqueeze(1), bm, bit.to(bm.dtype)], 1).tolist()     # one transfer
-        L = bm.shape[1]
-        baseline = [h[0] for h in host]
-        sweeps = [(tuple(self.cfg.lrs), list(range(P)), (bx, [h[1:1 + L] for h in host],
-                                                          [[int(v) for v in h[1 + L:]] for h in host]))]
-        best = [{"metric": baseline[p], "x": None, "lr": None, "it": 0} for p in range(P)]
-        candidates = [dict() for _ in range(P)]
-        neg = tuple(self.cfg.neg_lrs) if not self.cfg.forbid_neg_lr else ()
-        while sweeps:
-            lrs, idx, (bx, bm, bit) = sweeps.pop(0)
-            for j, p in enumerate(idx):
-                prev = float("-inf")
-                for lr, m in zip(lrs, bm[j]):           # what the sequential reference evaluates
-                    candidates[p][lr] = m
-                    if not m > prev:
-                        break
-                    prev = m
-                i = _pick(bm[j], best[p]["metric"])
-                if i is not None:
-                    best[p] = {"metric": bm[j][i], "x": bx[j, i], "lr": lrs[i], "it": bit[j][i]}
-            if lrs == tuple(self.cfg.lrs) and neg:
-                todo = [p for p in range(P) if best[p]["lr"] is None]   # negative rates only if no positive helped
-                if todo:
-                    t = torch.tensor(todo, device=W.device)
-                    o = self._run_sweep(make_ev, key, W[t], src[t], ranks[t], [s[p] for p in todo], neg)
-                    sweeps.append((neg, todo, (o[2], o[3].tolist(), o[4].tolist())))
-        search_x = torch.stack([b["x"] if b["x"] is not None else torch.full((rows,), s[p], device=W.device)
-                                for p, b in enumerate(best)])
-        counts = self._final_counts(search_x, n, totals)
-        ev = make_ev(src)
-        ev.prepare(W)
-        st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
-        x = counts.double() / n
-        fin = torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
-                           base_cos.var(-1), x.amin(-1), x.mean(-1), x.amax(-1)]).tolist()
-        return [TrimResult(counts=counts[p], search_sparsities=search_x[p], baseline_metric=baseline[p],
-                           best_metric=float(best[p]["metric"]), final_metric=fin[0][p],
-                           learning_rate=best[p]["lr"], best_iter=int(best[p]["it"]), start_var=fin[2][p],
-                           end_var=fin[1][p], candidates=candidates[p],
-                           row_sparsity=(fin[3][p], fin[4][p], fin[5][p])) for p in range(P)]
+        return self.finish([self.launch(make_ev, key, W, src, ranks, s, totals)])[0]
 
     def run(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: float,
             total: int | None = None) -> TrimResult:
