@@ -76,6 +76,8 @@ if __name__ == "__main__":
         issue3(idx)
     if what in ("issue4", "all"):
         issue4(idx)
+        print("\nH200, current code:")
+        issue4(quality_index("h200_quality_issue3_wanda_v3.jsonl", "h200_quality_issue4_v3.jsonl"))
     if what in ("issue5", "all"):
         issue5(idx)
     if what.startswith("bench:"):

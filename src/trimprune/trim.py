@@ -9,11 +9,13 @@ per-row sparsity vector x (mean s):
     keep the x_t with the best layer metric; learning rates are tried upward (0.01 ... 0.16,
     stopping at the first that does not improve), then negative ones if none beats uniform.
 
-Here the learning rates of a sweep run either as one batched computation (a leading candidate
-dimension, replayed as a CUDA graph on small matrices) or, for large matrices, one after the other
-with the reference's early stop (same result, fewer FLOPs); every mask comes from one sort per
-matrix (`row_ranks`) by comparison, and nothing leaves the device inside the iterations. The chosen
-vector is finally projected exactly onto {x in [0, x_max]^rows : mean(x) = s} and rounded to integer
+Here the learning rates run either as one batched computation (a leading candidate dimension; on
+small matrices the whole search of a shape class, choice and final counts included, is one CUDA
+graph, and the classes of a block overlap on side streams; the negative rates are a second batch,
+run only where a linear needs them) or, for large matrices, one after the other with the
+reference's early stop (same result, fewer FLOPs). Every mask comes from one sort per matrix
+(`row_ranks`) by comparison, and nothing leaves the device inside the iterations. The chosen vector
+is finally projected exactly onto {x in [0, x_max]^rows : mean(x) = s} and rounded to integer
 counts whose total is round(s*rows*in).
 """
 from __future__ import annotations
