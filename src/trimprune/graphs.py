@@ -57,7 +57,9 @@ class GraphCache:
         referenced until then."""
         graph, static, out = self._entry(key, fn, inputs)
         main = torch.cuda.current_stream()
-        streams = self._streams.setdefault(main.device, [torch.cuda.Stream(main.device) for _ in range(4)])
+        if main.device not in self._streams:
+            self._streams[main.device] = [torch.cuda.Stream(main.device) for _ in range(4)]
+        streams = self._streams[main.device]
         side = streams[self._turn % len(streams)]
         self._turn += 1
         side.wait_stream(main)

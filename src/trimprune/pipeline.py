@@ -156,9 +156,7 @@ class BlockPruner:
 
         self._alt = {}
         if self.cfg.trim_input_recalc:
-            self._flush()
-            if guard:
-                dense_subset()
+            meanwhile()
         hooks = self._collect(i, block, hidden, linears)
         groups = [g for g in hooks.groups if g]
         if not self.cfg.trim_input_recalc:
@@ -207,14 +205,15 @@ class BlockPruner:
         keep = e_trim <= e_alone
         names = sorted(self._alt)
         alone = [self._stats_of(self.adapter.full_name(i, n), self._alt[n][2]) for n in names]
-        if not all(o.device == keep.device for o in out_trim):   # outputs stored off the device: decide now
-            keep = bool(keep)
-        # the choice stays on the device (no host round trip); `_flush` reads it with the statistics
+        if all(o.device == keep.device for o in out_trim):
+            # the choice stays on the device (no host round trip); `_flush` reads it with the statistics
+            choose = lambda a, b: torch.where(keep, a, b)  # noqa: E731
+        else:                                                     # outputs stored off the device: decide now
+            keep_host = bool(keep)
+            choose = lambda a, b: a if keep_host else b  # noqa: E731
         for name, (w_alone, w_trim, _) in self._alt.items():
-            set_weight_2d(linears[name], torch.where(keep, w_trim, w_alone) if torch.is_tensor(keep)
-                          else (w_trim if keep else w_alone))
-        self.sub_pruned = [torch.where(keep, a, b) if torch.is_tensor(keep) else (a if keep else b)
-                           for a, b in zip(out_trim, out_alone)]
+            set_weight_2d(linears[name], choose(w_trim, w_alone))
+        self.sub_pruned = [choose(a, b) for a, b in zip(out_trim, out_alone)]
         self._queued.append(("guard", i, names, torch.stack([e_trim, e_alone, e_trim * 0, e_trim * 0]), alone))
 
     # -------------------------------------------------------------- pruning

@@ -110,6 +110,11 @@ class _Batching:
             squeeze_l = True
         return E, squeeze_l
 
+    def _w_like(self, cand: torch.Tensor) -> torch.Tensor:
+        """The prepared W, broadcastable against candidate masks / weights `cand`."""
+        W = self.W if self.batched else self.W[0]
+        return W.unsqueeze(-3) if cand.dim() == W.dim() + 1 else W
+
     def _drop(self, st: dict, squeeze_l: bool) -> dict:
         out = {}
         for k, v in st.items():
@@ -220,15 +225,11 @@ class GramEvaluator(_Batching, _MaskCounts):
         return self.stats_from_error(E, wge)
 
     def stats_from_mask(self, mask: torch.Tensor) -> dict:
-        W = self.W if self.batched else self.W[0]
-        if mask.dim() == W.dim() + 1:
-            W = W.unsqueeze(-3)
+        W = self._w_like(mask)
         return self.stats_from_error(torch.where(mask, W, W.new_zeros(())))
 
     def stats_from_weight(self, Wp: torch.Tensor) -> dict:
-        W = self.W if self.batched else self.W[0]
-        if Wp.dim() == W.dim() + 1:
-            W = W.unsqueeze(-3)
+        W = self._w_like(Wp)
         return self.stats_from_error(W - Wp.to(W.dtype))
 
 
@@ -260,9 +261,7 @@ class ExplicitEvaluator(_Batching, _MaskCounts):
         return self._drop(st, sq)
 
     def stats_from_mask(self, mask: torch.Tensor) -> dict:
-        W = self.W if self.batched else self.W[0]
-        if mask.dim() == W.dim() + 1:
-            W = W.unsqueeze(-3)
+        W = self._w_like(mask)
         return self.stats_from_weight(torch.where(mask, W.new_zeros(()), W))
 
 

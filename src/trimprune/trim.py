@@ -150,7 +150,7 @@ class _Pending:
     """A TRIM search launched for P linears; `TrimSearch.finish` turns it into TrimResults."""
     out: tuple                 # counts (P, rows), search x (P, rows), packed (P, K), then bx, bm, bit of the rates
     event: object              # CUDA event after the work (side-stream graph replay), or None
-    args: tuple                # (make_ev, key, W, src, ranks, s, totals, totals tensor)
+    args: tuple                # (make_ev, key, W, src, ranks, s tensor, totals, totals tensor)
     keep: dict                 # inputs referenced until the side stream is done
     neg_open: bool = False     # only the positive rates were evaluated; the negative ones may be needed
 
@@ -299,12 +299,17 @@ class TrimSearch:
         pick = bx.gather(1, choice.clamp(min=0).view(P, 1, 1).expand(P, 1, rows)).squeeze(1)
         x = torch.where((choice >= 0).unsqueeze(-1), pick, s3[:, 0].expand(P, rows))
         counts, ok = self._final_counts(x, n, totals)
-        st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
-        xf = counts.double() / n
-        tail = torch.stack([a_pos.double(), a_neg.double(), choice.double(),
-                            layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
-                            base_cos[:, 0].var(-1), xf.amin(-1), xf.mean(-1), xf.amax(-1), ok.double()], 1)
+        fin = self._final_stats(ev, ranks, counts)
+        tail = torch.cat([torch.stack([a_pos.double(), a_neg.double(), choice.double()], 1), fin[:, :2],
+                          base_cos[:, 0].var(-1).unsqueeze(1), fin[:, 2:], ok.double().unsqueeze(1)], 1)
         return counts, x, torch.cat([base.unsqueeze(1), bm, bit.double(), tail], 1)
+
+    def _final_stats(self, ev, ranks, counts) -> torch.Tensor:
+        """(P, 5): layer metric, variance of the row cosines, min / mean / max row sparsity of `counts`."""
+        st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
+        xf = counts.double() / ranks.shape[-1]
+        return torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
+                            xf.amin(-1), xf.mean(-1), xf.amax(-1)], 1)
 
     def _final_counts(self, x: torch.Tensor, n: int, totals: torch.Tensor):
         """Integer allocation (P, rows) and whether it is exact (P,): every row in [0, floor(0.95 in)],
@@ -345,15 +350,15 @@ class TrimSearch:
             mode = "parallel" if graph else "sequential"
         s_t = host_to_device(s, torch.float64, dev)
         tot_t = host_to_device(totals, torch.long, dev)
-        args = (make_ev, key, W, src, ranks, s, totals, tot_t)
+        args = (make_ev, key, W, src, ranks, s_t, totals, tot_t)
         if mode == "sequential":
             return _Pending(self._sequential(make_ev, W, src, ranks, s_t, tot_t), None, args, {})
-        pending = self._batch(args, s_t, tuple(self.cfg.lrs), graph)
+        pending = self._batch(args, tuple(self.cfg.lrs), graph)
         pending.neg_open = len(self.all_lrs) > len(self.cfg.lrs)
         return pending
 
-    def _batch(self, args, s_t, lrs, graph, done=None) -> _Pending:
-        make_ev, key, W, src, ranks, _, _, tot_t = args
+    def _batch(self, args, lrs, graph, done=None) -> _Pending:
+        make_ev, key, W, src, ranks, s_t, _, tot_t = args
         inputs = {"W": W, "src": src, "ranks": ranks, "s": s_t, "totals": tot_t,
                   "lrs": host_to_device(lrs, torch.float64, W.device)}
         if done is not None:
@@ -381,13 +386,10 @@ class TrimSearch:
         redo = [i for i, p in enumerate(pending) if p.neg_open and any(h[-T + 2] < 0 for h in host[i])]
         if redo:
             neg = tuple(self.all_lrs[Lp:])
-            again = []
-            for i in redo:
-                p = pending[i]
-                s_t = host_to_device(p.args[5], torch.float64, p.args[2].device)
-                again.append(self._batch(p.args, s_t, neg, p.event is not None, done=p.out[3:]))
-            for i, h in zip(redo, self._collect(again)):
-                pending[i], host[i] = again[redo.index(i)], h
+            again = [self._batch(pending[i].args, neg, pending[i].event is not None, done=pending[i].out[3:])
+                     for i in redo]
+            for i, p, h in zip(redo, again, self._collect(again)):
+                pending[i], host[i] = p, h
         return [self._results(p, h) for p, h in zip(pending, host)]
 
     @staticmethod
@@ -416,10 +418,7 @@ class TrimSearch:
                 counts[j] = exact_counts(x[j], totals[j] / (rows * n), n, self.cfg.max_row_sparsity, totals[j])
             ev = make_ev(src)
             ev.prepare(W)
-            st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
-            xf = counts.double() / n
-            fix = torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
-                               xf.amin(-1), xf.mean(-1), xf.amax(-1)], 1).tolist()
+            fix = self._final_stats(ev, ranks, counts).tolist()
             for j in bad:
                 h = host[j]
                 h[-T + 3], h[-T + 4] = fix[j][0], fix[j][1]
