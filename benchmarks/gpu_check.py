@@ -7,6 +7,7 @@ equal explicit metrics on the GPU; offloaded evaluation equals plain evaluation.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,57 @@ agree = sum(a.learning_rate == b.learning_rate and torch.equal(a.counts, b.count
             for a, b in zip(res["parallel"], res["sequential"]))
 check(agree == 2, f"TRIM lr search parallel (CUDA graph) == sequential on GPU: {agree}/2 linears, lrs "
                   f"{[r.learning_rate for r in res['parallel']]} vs {[r.learning_rate for r in res['sequential']]}")
+
+# the cross term of the quadratic prefix table: Triton kernel == tensor-code reference (float64)
+from trimprune.kernels import pruned_cross, pruned_cross_reference  # noqa: E402
+
+for P, R, N, shared in [(1, 5, 7, False), (2, 37, 70, True), (3, 130, 333, False), (2, 1536, 576, True)]:
+    Xk = torch.randn(P, 3 * N, N, generator=g).to(dev)
+    Gk = Xk.transpose(1, 2) @ Xk
+    if shared:
+        Gk = Gk[:1].expand(P, N, N)
+    Wk = torch.randn(P, R, N, generator=g).to(dev)
+    rkk = torch.stack([row_ranks(torch.randn(R, N, generator=g).to(dev)) for _ in range(P)])
+    got = pruned_cross(Wk, rkk, Gk).double()
+    want = pruned_cross_reference(Wk.double(), rkk, Gk.double(), chunk_elems=2**26)
+    rel = ((got - want).abs().amax() / want.abs().amax()).item()
+    check(rel < 1e-5, f"Triton cross term == reference for P={P} rows={R} in={N} shared G={shared}: rel. {rel:.1e}")
+
+# the fused TRIM iterations (one Triton kernel) == the tensor code, on the GPU
+from trimprune.kernels import trim_iterations  # noqa: E402
+
+agree = 0
+for seed in range(8):
+    P, R, N, T = 3, 300 + 97 * seed, 96, 400
+    Xs = torch.randn(P, T, N, generator=g).to(dev) * torch.rand(N, generator=g).to(dev) * 3
+    Wf = torch.randn(P, R, N, generator=g).to(dev)
+    rkf = torch.stack([row_ranks(Wf[p].abs() * Xs[p].norm(dim=0)) for p in range(P)])
+    lm = ["cosim_flat", "cosim_dim", "mse", "mse_dim"][seed % 4]
+    dm = ["cosim", "mse"][seed % 2]
+    ts = TrimSearch(TrimSettings(layer_metric=lm, dim_metric=dm))
+    ev, s3, blm, bdq, _ = ts._start(lambda src: GramEvaluator(src, T, tables="on"), Wf, Xs.transpose(1, 2) @ Xs,
+                                    rkf, torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64, device=dev))
+    lrs = torch.tensor(ts.all_lrs, dtype=torch.float64, device=dev)
+    os.environ["TRIMPRUNE_TRITON"] = "0"
+    bx, bm, bit = ts._iterate(ev, rkf, s3, blm, bdq, lrs)
+    os.environ["TRIMPRUNE_TRITON"] = "1"
+    fx, fm, fit = trim_iterations(ev.count_tables(), ev.yy, s3.view(P), blm[:, 0], bdq[:, 0], lrs, 10, 0.95,
+                                  int(0.95 * N + 1e-9), T, lm, dm)
+    agree += bool(torch.equal(bx, fx) and torch.equal(bit, fit) and (bm - fm).abs().max() <= 1e-12)
+check(agree == 8, f"fused TRIM iterations == tensor code on GPU: {agree}/8 (4 layer x 2 dim metrics, 9 rates)")
+
+# the pipeline with prefix tables (default on CUDA) == forming E G per candidate (TRIMPRUNE_TRITON=0)
+
+recs = {}
+for flag in ["1", "0"]:
+    os.environ["TRIMPRUNE_TRITON"] = flag
+    r = prune(make("llama").to(dev), None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
+                                                       trim_precision="fp32"), calibration=ids, progress=False)
+    recs[flag] = {n: (rec["trim"]["lr"], r.masks[n].cpu()) for n, rec in r.layers.items()}
+os.environ["TRIMPRUNE_TRITON"] = "1"
+same = sum(recs["1"][n][0] == recs["0"][n][0] and torch.equal(recs["1"][n][1], recs["0"][n][1]) for n in recs["1"])
+check(same >= len(recs["1"]) - 1, f"pipeline TRIM with prefix tables == with E G per candidate: {same}/{len(recs['1'])}"
+                                  " linears (fp32; a near-tie may flip one)")
 
 # the pipeline: CUDA-graph searches overlapping on side streams == the sequential search, linear by linear
 recs = {}

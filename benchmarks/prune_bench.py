@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,20 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=0)
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PruneConfig field in every run (repeatable; VALUE as JSON, else a string), "
+                         "e.g. --set trim_iterations=1 --set trim_block_safeguard=false")
     ap.add_argument("--out", default="benchmarks/results/prune_bench.jsonl")
     args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if not hasattr(PruneConfig(), field):
+            ap.error(f"--set {item}: PruneConfig has no field {field!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
 
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, dev)
@@ -81,6 +94,8 @@ def main(argv=None):
                 model.load_state_dict(state)
                 cfg = copy.deepcopy(base)
                 cfg.scorer = scorer
+                for field, value in overrides.items():
+                    setattr(cfg, field, value)
                 if trim:
                     cfg.trim, cfg.trim_inputs, cfg.trim_precision = True, trim, prec
                 if dev.type == "cuda":
@@ -97,7 +112,7 @@ def main(argv=None):
                        "trim_search_seconds": res.timings["trim_search_seconds"],
                        "mask_and_update_seconds": res.timings["mask_and_update_seconds"],
                        "peak_gpu_gb": res.timings.get("peak_gpu_memory_gb"), "peak_rss_gb": peak_rss_gb(),
-                       "achieved_sparsity": res.global_sparsity, "load_seconds": load_s}
+                       "achieved_sparsity": res.global_sparsity, "load_seconds": load_s, "overrides": overrides}
                 append_jsonl(args.out, rec)
                 print(f"{scorer:<10}{(trim or 'none') + ('/' + prec if prec else ''):<16}{rep:>4}{rec['prune_seconds']:>10.2f}"
                       f"{rec['per_block_seconds']:>12.3f}{rec['trim_search_seconds']:>9.2f}"

@@ -6,6 +6,7 @@ import torch
 
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
+from trimprune.kernels import pruned_cross_reference
 from trimprune.masks import row_ranks
 from trimprune.models import ModelAdapter, weight_2d
 from trimprune.quality import ExplicitEvaluator, GramEvaluator, dim_metric, layer_metric
@@ -15,19 +16,22 @@ GRAM_LAYER = ["cosim_flat", "cosim_dim", "mse", "mse_dim", "snr"]
 
 
 
+@pytest.mark.parametrize("tables", ["on", "off"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_gram_counts_fast_path_equals_explicit_masks(seed):
-    """The batched count path (prefix sums of (wG)*w for <y, y'>, fused select for E) gives the same
-    statistics as explicit outputs of the masked weights, for P linears x L candidates."""
+def test_gram_counts_fast_path_equals_explicit_masks(seed, tables):
+    """The batched count path (prefix sums of (wG)*w for <y, y'>; e G e^T from the quadratic prefix
+    table, or from a fused select for E and E G) gives the same statistics as explicit outputs of
+    the masked weights, for P linears x L candidates."""
     g = torch.Generator().manual_seed(seed)
     P, L, rows, n, T = 2, 3, 11, 29, 157
     X = torch.randn(P, T, n, generator=g, dtype=torch.float64)
     W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
     ranks = torch.stack([row_ranks(torch.rand(rows, n, generator=g)) for _ in range(P)])
     k = torch.randint(0, n + 1, (P, L, rows), generator=g)
-    gram = GramEvaluator(X.transpose(1, 2) @ X, T)
+    gram = GramEvaluator(X.transpose(1, 2) @ X, T, tables=tables)
     gram.prepare(W)
     st = gram.stats_from_counts(k, ranks)
+    assert gram.counts_from_tables() == (tables == "on")
     for p in range(P):
         for c in range(L):
             Wp = W[p] * ~(ranks[p] < k[p, c].unsqueeze(-1))
@@ -334,3 +338,47 @@ def test_sequential_lr_search_equals_parallel(seed, lrs):
     assert evaluated["sequential"] < evaluated["parallel"]
     if lrs == (0.9, 2.0) and seed == 2:
         assert any(r.learning_rate is not None and r.learning_rate < 0 for r in out["sequential"])
+
+
+def test_pruned_cross_equals_brute_force():
+    """The cross term of the quadratic prefix table, c[r, a] = sum over b ranked below a of G[a, b] w[r, b],
+    against a loop over the definition (ties in importance: the rank order is what counts)."""
+    g = torch.Generator().manual_seed(5)
+    P, rows, n = 2, 6, 9
+    W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
+    G = torch.randn(P, n, n, generator=g, dtype=torch.float64)
+    ranks = torch.stack([row_ranks(torch.randint(0, 3, (rows, n), generator=g).double()) for _ in range(P)])
+    got = pruned_cross_reference(W, ranks, G, chunk_elems=3 * n * n)          # several row chunks
+    for p in range(P):
+        for r in range(rows):
+            for a in range(n):
+                want = sum(float(G[p, a, b] * W[p, r, b]) for b in range(n) if ranks[p, r, b] < ranks[p, r, a])
+                assert math.isclose(float(got[p, r, a]), want, rel_tol=1e-12, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("lrs", [(0.01, 0.02, 0.04, 0.08, 0.12, 0.16), (0.9, 2.0)])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_prefix_tables_give_the_same_search(seed, lrs):
+    """With the quadratic prefix table every rate (the negative ones included) is one batch; the search
+    keeps the same rate, iteration and allocation as forming E G per candidate, rate after rate."""
+    g = torch.Generator().manual_seed(seed)
+    P, rows, n, T = 3, 24, 40, 200
+    X = torch.randn(P, T, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) * 3
+    W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
+    W[1, :5] *= 6
+    ranks = torch.stack([row_ranks(W[p].abs() * X[p].norm(dim=0)) for p in range(P)])
+    G = X.transpose(1, 2) @ X
+    s, out = [0.5, 0.6, 0.7], {}
+    totals = [rows * round(sp * n) for sp in s]
+    for tables, mode in (("on", "auto"), ("off", "sequential")):
+        search = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs))
+        out[tables] = search.run_many(lambda src, t=tables: GramEvaluator(src, T, tables=t), ("gram", tables),
+                                      W, G, ranks, s, totals)
+    for a, b in zip(out["on"], out["off"]):
+        assert torch.equal(a.counts, b.counts)
+        assert a.learning_rate == b.learning_rate and a.best_iter == b.best_iter
+        assert math.isclose(a.best_metric, b.best_metric, rel_tol=1e-12)
+        assert math.isclose(a.final_metric, b.final_metric, rel_tol=1e-12)
+        assert a.candidates.keys() == b.candidates.keys()
+    if lrs == (0.9, 2.0) and seed == 2:
+        assert any(r.learning_rate is not None and r.learning_rate < 0 for r in out["on"])

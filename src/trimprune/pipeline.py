@@ -123,6 +123,7 @@ class BlockPruner:
         self.sub_dense = self.sub_pruned = None
         self._alt: dict[str, tuple] = {}
         self._ranks: dict[str, torch.Tensor] = {}
+        self._searching: set = set()
         self.block_guard: list[dict] = []
 
     # -------------------------------------------------------------- statistics
@@ -161,10 +162,20 @@ class BlockPruner:
         groups = [g for g in hooks.groups if g]
         if not self.cfg.trim_input_recalc:
             members = {n: self._member(i, n, linears) for g in groups for n in g}
-            # the dense subset forward runs while the TRIM searches are on the device
-            trim = self._trim(i, members, {n: hooks.stats_for(n) for n in members}, during=meanwhile)
+            pre: dict = {}
+
+            def during():
+                # while the TRIM searches run on the device: the dense subset forward, the previous
+                # block's records, and the scorer-alone masks (mask scorers select row by row, so they
+                # do not depend on the searches; small blocks only: the outcomes are held until used)
+                meanwhile()
+                if not self.scorer.reconstructs and sum(m.weight.numel() for m in members.values()) <= 2**26:
+                    for g in groups:
+                        pre.update(self._base_outcomes([members[n] for n in g], hooks.stats_for(g[0])))
+
+            trim = self._trim(i, members, {n: hooks.stats_for(n) for n in members}, during=during)
             for g in groups:
-                self._prune_group(i, [members[n] for n in g], linears, hooks.stats_for(g[0]), trim)
+                self._prune_group(i, [members[n] for n in g], linears, hooks.stats_for(g[0]), trim, pre)
         else:
             # recompute the inputs of each later group after the earlier groups are pruned
             for k, g in enumerate(groups):
@@ -232,6 +243,7 @@ class BlockPruner:
         """TRIM row sparsities for every trimmable linear, batched over linears of equal shape.
         `during()` is called once the searches are queued on the device, before waiting for them."""
         if self.trim is None:
+            self._searching = set()
             if during is not None:
                 during()
             return {}
@@ -242,6 +254,7 @@ class BlockPruner:
         for m in todo:
             classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
         self._ranks = {}
+        self._searching = {m.name for m in todo}
         launched = []
         per_matrix = len(self.trim.all_lrs)
         for ms in classes.values():
@@ -270,17 +283,30 @@ class BlockPruner:
         self.t_trim += time.perf_counter() - t0
         return out
 
-    def _prune_group(self, i: int, members: list[Member], linears, stats, trim_res: dict) -> None:
+    def _base_outcomes(self, members: list[Member], stats) -> dict:
+        """The scorer-alone outcomes of a group that `_prune_group` will need (all of them with the
+        safeguard, else those TRIM does not search), on the row ranks of the searches where known."""
+        t0 = time.perf_counter()
+        ms = [Member(m.name, m.weight, replace(m.target, ranks=self._ranks.get(m.name))) for m in members
+              if m.name not in self._searching or self.cfg.trim_safeguard]
+        out = dict(zip([m.name for m in ms], self.scorer.prune_group(ms, stats))) if ms else {}
+        self.t_score += time.perf_counter() - t0
+        return out
+
+    def _prune_group(self, i: int, members: list[Member], linears, stats, trim_res: dict,
+                     pre: dict | None = None) -> None:
         cfg = self.cfg
         names = [m.name for m in members]
+        pre = pre or {}
         rk = self._ranks if trim_res else {}
         members = [Member(m.name, m.weight, replace(m.target, ranks=rk.get(m.name))) for m in members]
         trim_members = [Member(m.name, m.weight, replace(m.target, row_counts=trim_res[m.name].counts))
                         for m in members if m.name in trim_res]
         t0 = time.perf_counter()
-        need_base = [m for m in members if m.name not in trim_res or cfg.trim_safeguard]
+        need_base = [m for m in members if (m.name not in trim_res or cfg.trim_safeguard) and m.name not in pre]
         outs = self.scorer.prune_group(need_base + trim_members, stats)
         base_out = {m.name: o for m, o in zip(need_base, outs[:len(need_base)])}
+        base_out.update({n: pre[n] for n in names if n in pre})
         trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need_base):])}
         self.t_score += time.perf_counter() - t0
         evaluator = None

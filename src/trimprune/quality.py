@@ -18,6 +18,7 @@ import math
 import torch
 
 from .graphs import mm_out_dtype_ok
+from .kernels import kernel_available, pruned_cross
 
 EPS = 1e-8
 
@@ -135,14 +136,39 @@ class _MaskCounts:
 
 
 class GramEvaluator(_Batching, _MaskCounts):
-    """Row statistics of W vs W' = W - E from G = X^T X over all N calibration tokens."""
+    """Row statistics of W vs W' = W - E from G = X^T X over all N calibration tokens.
+
+    For candidates given as per-row counts over a fixed importance order (`stats_from_counts`, the
+    TRIM search), both terms that depend on the pruned set come from prefix tables built once per
+    matrix: w G e^T (linear in e) and e G e^T = sum over the pruned a of w_a (w_a G_aa + 2 c_a)
+    (kernels.py). Every candidate of every iteration then costs two gathers, not an (rows x in x in)
+    product. `tables`: "on", "off" (form E and E G per candidate), or "auto" (on where the cross term
+    has its Triton kernel: CUDA, float32 G; on a CPU the per-candidate products are cheaper)."""
 
     explicit = False
 
-    def __init__(self, gram: torch.Tensor, n_tokens: int, precision: str = "fp32"):
+    def __init__(self, gram: torch.Tensor, n_tokens: int, precision: str = "fp32", tables: str = "auto"):
         self.G = gram                                 # (in, in) or (P, in, in)
         self.T = n_tokens
         self.precision = precision
+        if tables not in ("auto", "on", "off"):
+            raise ValueError(f"tables={tables!r}: use 'auto', 'on' or 'off'")
+        self.tables = tables
+
+    # "auto" builds the tables for matrices up to this many rows x in x in: building costs about as much
+    # as ~100 tensor-core evaluations of E G, so large matrices (compute-bound, searched rate after rate)
+    # are cheaper without them, small ones (where E G per candidate is launch- and memory-bound) with them
+    TABLE_MAX_WORK = 2**31
+
+    def counts_from_tables(self, rows: int | None = None) -> bool:
+        """Whether `stats_from_counts` reads prefix tables (cheap per candidate) for matrices of `rows`
+        rows (default: as prepared; unknown counts as small)."""
+        if self.tables == "auto":
+            if rows is None:
+                rows = self.W.shape[-2] if getattr(self, "W", None) is not None else 0
+            n = self.G.shape[-1]
+            return kernel_available(self.G) and rows * n * n <= self.TABLE_MAX_WORK
+        return self.tables == "on"
 
     def _mm(self, X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """X (P, M, in) @ G (P, in, in) in float32 out, with the evaluator's matmul precision
@@ -197,25 +223,43 @@ class GramEvaluator(_Batching, _MaskCounts):
         return {"yy": yy, "c": yy - wge, "q": (yy - 2 * wge + err).clamp_min(0.0), "err": err.clamp_min(0.0),
                 "T": self.T}
 
+    def count_tables(self):
+        """The prefix tables (2, P, rows, in + 1) of w G e^T and e G e^T, once `stats_from_counts` has
+        built them with the quadratic table, else None."""
+        t = getattr(self, "_table", None)
+        return t if t is not None and t.shape[0] == 2 else None
+
     def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor) -> dict:
         """Row r prunes its k[r] least important weights (k (P, L, rows), ranks (P, rows, in)).
-        E comes from one fused select, and w G e^T — linear in the pruned set — from prefix sums of
-        (w G) * w in importance order, so it costs a gather instead of a pass over E."""
+        w G e^T — linear in the pruned set — comes from prefix sums of (w G) * w in importance order;
+        e G e^T from the quadratic prefix table (class docstring) or, with tables off, from E (one
+        fused select) and the product E G."""
         if not (self.batched and k.dim() == 3 and ranks.dim() == 3):
             return super().stats_from_counts(k, ranks)
         P, R, N = ranks.shape
+        quad = self.counts_from_tables(R)
         if self._ranks is not ranks:
             order = torch.empty_like(ranks, dtype=torch.long)
             order.scatter_(-1, ranks.long(), torch.arange(N, device=ranks.device).expand(P, R, N))
-            cum = torch.cumsum(torch.gather(self.AW, -1, order).double(), -1)
-            self._table = torch.cat([cum.new_zeros(P, R, 1), cum], -1).contiguous()   # (P, rows, in + 1)
+            terms = self.AW.unsqueeze(0)
+            if quad:
+                G = self.G3.expand(P, N, N)
+                cross = pruned_cross(self.W, ranks, G).to(self.W.dtype)
+                diag = torch.diagonal(G, dim1=-2, dim2=-1).unsqueeze(-2)
+                terms = torch.stack([self.AW, self.W * (self.W * diag + 2 * cross)])
+            cum = torch.cumsum(torch.gather(terms, -1, order.expand_as(terms)).double(), -1)
+            # (tables, P, rows, in + 1): prefix sums for k = 0..in of w G e^T (and e G e^T)
+            self._table = torch.cat([cum.new_zeros(*cum.shape[:-1], 1), cum], -1).contiguous()
             self._base = None
             self._ranks = ranks
         kk = k.clamp(0, N)
         # table[p, r, kk[p, l, r]] by flat index (a gather on the expanded table would copy it per candidate)
         if self._base is None:
             self._base = (torch.arange(P * R, device=k.device) * (N + 1)).view(P, 1, R)
-        wge = self._table.view(-1)[self._base + kk]
+        flat = self._table.view(self._table.shape[0], -1)
+        wge = flat[0][self._base + kk]
+        if quad:
+            return self._assemble(flat[1][self._base + kk], wge)
         Wsrc = self.W
         if self.precision == "bf16" and self.W.is_cuda:
             if self._Wb is None:
@@ -282,6 +326,10 @@ class ObsEvaluator:
 
     def prepare(self, W: torch.Tensor) -> None:
         pass
+
+    @staticmethod
+    def counts_from_tables(rows: int | None = None) -> bool:
+        return True
 
     def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor | None = None) -> dict:
         n1 = self.table.shape[-1] - 1

@@ -11,9 +11,12 @@ per-row sparsity vector x (mean s):
 
 Here the learning rates run either as one batched computation (a leading candidate dimension; on
 small matrices the whole search of a shape class, choice and final counts included, is one CUDA
-graph, and the classes of a block overlap on side streams; the negative rates are a second batch,
-run only where a linear needs them) or, for large matrices, one after the other with the
-reference's early stop (same result, fewer FLOPs). Every mask comes from one sort per matrix
+graph, and the classes of a block overlap on side streams) or, for large matrices, one after the
+other with the reference's early stop (same result, fewer FLOPs). When the evaluator reads each
+candidate's statistics from prefix tables (quality.GramEvaluator on small GPU matrices, the OBS
+proxy), all rates, negative ones included, are one batch, and on the GPU the iterations are one
+fused kernel (kernels.trim_iterations); otherwise the negative rates are a second batch, run only
+where a linear needs them. Every mask comes from one sort per matrix
 (`row_ranks`) by comparison, and nothing leaves the device inside the iterations. The chosen vector
 is finally projected exactly onto {x in [0, x_max]^rows : mean(x) = s} and rounded to integer
 counts whose total is round(s*rows*in).
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .graphs import GRAPHS, host_to_device
+from .kernels import fused_iterations_ok, trim_iterations
 from .quality import dim_metric, layer_metric
 
 
@@ -185,8 +189,15 @@ class TrimSearch:
         """The TRIM iterations for every learning rate of `lrs` (L,) at once, from the uniform
         allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality base_dq
         (P, 1, rows). Per rate: the best x, its metric (the baseline when nothing beat it), iteration."""
-        P, rows, _ = ranks.shape
+        P, rows, n = ranks.shape
         L = lrs.shape[0]
+        tables = getattr(ev, "count_tables", lambda: None)()
+        if (tables is not None and self.cfg.rounding == "exact"
+                and fused_iterations_ok(ranks.device, self.cfg.layer_metric, self.cfg.dim_metric)):
+            kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
+            return trim_iterations(tables, ev.yy, s3.view(P), base_lm[:, 0], base_dq[:, 0], lrs.to(torch.float64),
+                                   self.cfg.iterations, self.cfg.max_row_sparsity, kmax, ev.T,
+                                   self.cfg.layer_metric, self.cfg.dim_metric)
         lr = lrs.to(torch.float64).view(1, L, 1)
         x = s3.expand(P, L, rows).clone()
         best_x = x.clone()
@@ -200,7 +211,11 @@ class TrimSearch:
             d = d - d.mean(-1, keepdim=True)
             x = (x.double() + d).to(torch.float32)     # reference: fp32 x += float64 step
             x = x.clamp(0.0, self.cfg.max_row_sparsity)
-            x = x - x.mean(-1, keepdim=True) + s3
+            # the reference's float32 mean; with exact counts a float64 one, which does not depend on
+            # the summation order (the fused kernel sums in its own order)
+            mean = x.mean(-1, keepdim=True) if self.cfg.rounding == "floor" else \
+                x.mean(-1, keepdim=True, dtype=torch.float64).to(torch.float32)
+            x = x - mean + s3
             m, dq, _ = self._evaluate(ev, ranks, x)
             better = m > best_m
             best_m = torch.where(better, m, best_m)
@@ -344,17 +359,20 @@ class TrimSearch:
         overlap on the device; `finish` collects them. The batch holds the positive rates; the
         negative ones, needed by few linears, are a second batch that `finish` starts where needed."""
         dev = W.device
+        # candidates read from prefix tables cost no matrix product: every rate, the negative ones
+        # included, is then one batch, whatever the matrix size
+        cheap = getattr(make_ev(src), "counts_from_tables", lambda rows: False)(W.shape[-2])
         graph = GRAPHS.usable(dev, len(self.all_lrs) * W.numel())
         mode = self.cfg.lr_search
         if mode == "auto":
-            mode = "parallel" if graph else "sequential"
+            mode = "parallel" if graph or cheap else "sequential"
         s_t = host_to_device(s, torch.float64, dev)
         tot_t = host_to_device(totals, torch.long, dev)
         args = (make_ev, key, W, src, ranks, s_t, totals, tot_t)
         if mode == "sequential":
             return _Pending(self._sequential(make_ev, W, src, ranks, s_t, tot_t), None, args, {})
-        pending = self._batch(args, tuple(self.cfg.lrs), graph)
-        pending.neg_open = len(self.all_lrs) > len(self.cfg.lrs)
+        pending = self._batch(args, self.all_lrs if cheap else tuple(self.cfg.lrs), graph)
+        pending.neg_open = not cheap and len(self.all_lrs) > len(self.cfg.lrs)
         return pending
 
     def _batch(self, args, lrs, graph, done=None) -> _Pending:
@@ -369,7 +387,8 @@ class TrimSearch:
                                (d["done_x"], d["done_m"], d["done_it"]) if d else None)
 
         if graph:
-            full_key = ("trim", key, lrs, tuple(W.shape), tuple(src.shape), src.stride(0) == 0, W.dtype,
+            tables = getattr(make_ev(src), "counts_from_tables", lambda rows: False)(W.shape[-2])
+            full_key = ("trim", key, lrs, tables, tuple(W.shape), tuple(src.shape), src.stride(0) == 0, W.dtype,
                         src.dtype, self.cfg)
             out, event = GRAPHS.run_async(full_key, fn, inputs)
             return _Pending(out, event, args, inputs)
