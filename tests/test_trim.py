@@ -382,3 +382,20 @@ def test_prefix_tables_give_the_same_search(seed, lrs):
         assert a.candidates.keys() == b.candidates.keys()
     if lrs == (0.9, 2.0) and seed == 2:
         assert any(r.learning_rate is not None and r.learning_rate < 0 for r in out["on"])
+
+
+def test_a_failing_kernel_falls_back_to_the_tensor_code(monkeypatch, caplog):
+    """A Triton failure (e.g. no C compiler for its launcher) turns the kernels off with one warning and
+    the exact tensor code answers instead."""
+    from trimprune import kernels
+
+    monkeypatch.setattr(kernels, "_FAILED", [])
+
+    def broken():
+        raise RuntimeError("no compiler")
+
+    with caplog.at_level("WARNING", logger="trimprune"):
+        assert kernels.run_or_fallback(broken, lambda: 42) == 42
+    assert "Triton kernels unavailable" in caplog.text and "no compiler" in kernels._FAILED[0]
+    assert not kernels.kernel_available(torch.zeros(2, 2))
+    assert not kernels.fused_iterations_ok(torch.device("cuda"), "cosim_flat", "cosim")

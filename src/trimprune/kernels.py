@@ -12,6 +12,7 @@ the rank comparison inside the reduction), chunked tensor code elsewhere.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -21,6 +22,8 @@ try:                                    # a dependency of CUDA builds of torch; 
     import triton.language as tl
 except ImportError:                     # pragma: no cover - depends on the installation
     triton = None
+
+log = logging.getLogger("trimprune")
 
 
 def pruned_cross_reference(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, chunk_elems: int = 2**24):
@@ -70,11 +73,27 @@ if triton is not None:
                  mask=ok_r[:, None] & ok_a[None, :])
 
 
+_FAILED: list[str] = []      # the first Triton failure (e.g. no C compiler for its launcher): kernels off
+
+
+def _enabled() -> bool:
+    return triton is not None and not _FAILED and os.environ.get("TRIMPRUNE_TRITON", "1") != "0"
+
+
+def run_or_fallback(kernel_call, fallback):
+    """kernel_call(); on the first failure warn once, turn the kernels off and return fallback()."""
+    try:
+        return kernel_call()
+    except Exception as e:      # noqa: BLE001 - any compile / launch error: the tensor code is exact too
+        _FAILED.append(repr(e))
+        log.warning("Triton kernels unavailable (%s); using the tensor code (slower)", repr(e)[:200])
+        return fallback()
+
+
 def kernel_available(G: torch.Tensor) -> bool:
     """Whether `pruned_cross` runs the Triton kernel for this G (CUDA, float32; TRIMPRUNE_TRITON=0 turns
     it off)."""
-    return (triton is not None and G.is_cuda and G.dtype == torch.float32
-            and os.environ.get("TRIMPRUNE_TRITON", "1") != "0")
+    return _enabled() and G.is_cuda and G.dtype == torch.float32
 
 
 def pruned_cross(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, **tiles) -> torch.Tensor:
@@ -82,7 +101,8 @@ def pruned_cross(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, **tiles)
     G (P, in, in) (a stride-0 expansion of one G is fine)."""
     if not kernel_available(G):
         return pruned_cross_reference(W, ranks, G)
-    return _pruned_cross_triton(W, ranks, G, **tiles)
+    return run_or_fallback(lambda: _pruned_cross_triton(W, ranks, G, **tiles),
+                           lambda: pruned_cross_reference(W, ranks, G))
 
 
 def _pruned_cross_triton(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, BR: int = 4, BA: int = 64,
@@ -210,8 +230,7 @@ if triton is not None:
 
 
 def fused_iterations_ok(device: torch.device, layer_metric: str, dim_metric: str) -> bool:
-    return (triton is not None and device.type == "cuda" and layer_metric in FUSED_LAYER and dim_metric in FUSED_DIM
-            and os.environ.get("TRIMPRUNE_TRITON", "1") != "0")
+    return _enabled() and device.type == "cuda" and layer_metric in FUSED_LAYER and dim_metric in FUSED_DIM
 
 
 def trim_iterations(tables: torch.Tensor, yy: torch.Tensor, s3: torch.Tensor, base_m: torch.Tensor,

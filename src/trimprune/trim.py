@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .graphs import GRAPHS, host_to_device
-from .kernels import fused_iterations_ok, trim_iterations
+from .kernels import fused_iterations_ok, run_or_fallback, trim_iterations
 from .quality import dim_metric, layer_metric
 
 
@@ -190,14 +190,20 @@ class TrimSearch:
         allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality base_dq
         (P, 1, rows). Per rate: the best x, its metric (the baseline when nothing beat it), iteration."""
         P, rows, n = ranks.shape
-        L = lrs.shape[0]
         tables = getattr(ev, "count_tables", lambda: None)()
         if (tables is not None and self.cfg.rounding == "exact"
                 and fused_iterations_ok(ranks.device, self.cfg.layer_metric, self.cfg.dim_metric)):
             kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
-            return trim_iterations(tables, ev.yy, s3.view(P), base_lm[:, 0], base_dq[:, 0], lrs.to(torch.float64),
-                                   self.cfg.iterations, self.cfg.max_row_sparsity, kmax, ev.T,
-                                   self.cfg.layer_metric, self.cfg.dim_metric)
+            return run_or_fallback(
+                lambda: trim_iterations(tables, ev.yy, s3.view(P), base_lm[:, 0], base_dq[:, 0],
+                                        lrs.to(torch.float64), self.cfg.iterations, self.cfg.max_row_sparsity, kmax,
+                                        ev.T, self.cfg.layer_metric, self.cfg.dim_metric),
+                lambda: self._iterate_tensors(ev, ranks, s3, base_lm, base_dq, lrs))
+        return self._iterate_tensors(ev, ranks, s3, base_lm, base_dq, lrs)
+
+    def _iterate_tensors(self, ev, ranks, s3, base_lm, base_dq, lrs):
+        P, rows, _ = ranks.shape
+        L = lrs.shape[0]
         lr = lrs.to(torch.float64).view(1, L, 1)
         x = s3.expand(P, L, rows).clone()
         best_x = x.clone()
