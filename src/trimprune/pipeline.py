@@ -283,12 +283,19 @@ class BlockPruner:
         self.t_trim += time.perf_counter() - t0
         return out
 
+    def _with_ranks(self, members: list[Member]) -> list[Member]:
+        """The members with the row ranks of their TRIM search, where there was one (reused for masks)."""
+        return [Member(m.name, m.weight, replace(m.target, ranks=self._ranks.get(m.name))) for m in members]
+
+    def _needs_alone(self, name: str) -> bool:
+        """Whether the scorer-alone outcome of a linear is needed: it is not searched, or the safeguard
+        compares against it."""
+        return name not in self._searching or self.cfg.trim_safeguard
+
     def _base_outcomes(self, members: list[Member], stats) -> dict:
-        """The scorer-alone outcomes of a group that `_prune_group` will need (all of them with the
-        safeguard, else those TRIM does not search), on the row ranks of the searches where known."""
+        """The scorer-alone outcomes of a group that `_prune_group` will need."""
         t0 = time.perf_counter()
-        ms = [Member(m.name, m.weight, replace(m.target, ranks=self._ranks.get(m.name))) for m in members
-              if m.name not in self._searching or self.cfg.trim_safeguard]
+        ms = [m for m in self._with_ranks(members) if self._needs_alone(m.name)]
         out = dict(zip([m.name for m in ms], self.scorer.prune_group(ms, stats))) if ms else {}
         self.t_score += time.perf_counter() - t0
         return out
@@ -298,12 +305,11 @@ class BlockPruner:
         cfg = self.cfg
         names = [m.name for m in members]
         pre = pre or {}
-        rk = self._ranks if trim_res else {}
-        members = [Member(m.name, m.weight, replace(m.target, ranks=rk.get(m.name))) for m in members]
+        members = self._with_ranks(members)
         trim_members = [Member(m.name, m.weight, replace(m.target, row_counts=trim_res[m.name].counts))
                         for m in members if m.name in trim_res]
         t0 = time.perf_counter()
-        need_base = [m for m in members if (m.name not in trim_res or cfg.trim_safeguard) and m.name not in pre]
+        need_base = [m for m in members if self._needs_alone(m.name) and m.name not in pre]
         outs = self.scorer.prune_group(need_base + trim_members, stats)
         base_out = {m.name: o for m, o in zip(need_base, outs[:len(need_base)])}
         base_out.update({n: pre[n] for n in names if n in pre})

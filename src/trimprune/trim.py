@@ -189,7 +189,7 @@ class TrimSearch:
         """The TRIM iterations for every learning rate of `lrs` (L,) at once, from the uniform
         allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality base_dq
         (P, 1, rows). Per rate: the best x, its metric (the baseline when nothing beat it), iteration."""
-        P, rows, n = ranks.shape
+        P, _, n = ranks.shape
         tables = getattr(ev, "count_tables", lambda: None)()
         if (tables is not None and self.cfg.rounding == "exact"
                 and fused_iterations_ok(ranks.device, self.cfg.layer_metric, self.cfg.dim_metric)):
@@ -377,11 +377,13 @@ class TrimSearch:
         args = (make_ev, key, W, src, ranks, s_t, totals, tot_t)
         if mode == "sequential":
             return _Pending(self._sequential(make_ev, W, src, ranks, s_t, tot_t), None, args, {})
-        pending = self._batch(args, self.all_lrs if cheap else tuple(self.cfg.lrs), graph)
+        pending = self._batch(args, self.all_lrs if cheap else tuple(self.cfg.lrs), graph, cheap)
         pending.neg_open = not cheap and len(self.all_lrs) > len(self.cfg.lrs)
         return pending
 
-    def _batch(self, args, lrs, graph, done=None) -> _Pending:
+    def _batch(self, args, lrs, graph, tables: bool, done=None) -> _Pending:
+        """Launch the batched search over `lrs`; `tables`: the evaluator reads prefix tables (part of the
+        graph's key: it changes the captured work)."""
         make_ev, key, W, src, ranks, s_t, _, tot_t = args
         inputs = {"W": W, "src": src, "ranks": ranks, "s": s_t, "totals": tot_t,
                   "lrs": host_to_device(lrs, torch.float64, W.device)}
@@ -393,7 +395,6 @@ class TrimSearch:
                                (d["done_x"], d["done_m"], d["done_it"]) if d else None)
 
         if graph:
-            tables = getattr(make_ev(src), "counts_from_tables", lambda rows: False)(W.shape[-2])
             full_key = ("trim", key, lrs, tables, tuple(W.shape), tuple(src.shape), src.stride(0) == 0, W.dtype,
                         src.dtype, self.cfg)
             out, event = GRAPHS.run_async(full_key, fn, inputs)
@@ -411,7 +412,8 @@ class TrimSearch:
         redo = [i for i, p in enumerate(pending) if p.neg_open and any(h[-T + 2] < 0 for h in host[i])]
         if redo:
             neg = tuple(self.all_lrs[Lp:])
-            again = [self._batch(pending[i].args, neg, pending[i].event is not None, done=pending[i].out[3:])
+            # only searches without tables leave the negative rates open (`launch`)
+            again = [self._batch(pending[i].args, neg, pending[i].event is not None, False, done=pending[i].out[3:])
                      for i in redo]
             for i, p, h in zip(redo, again, self._collect(again)):
                 pending[i], host[i] = p, h
