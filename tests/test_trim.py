@@ -258,22 +258,25 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
             if not kept_trim:                               # Wanda alone: round(s * in) zeros in every row
                 assert rec["trim"]["kept"] == "scorer_alone (block safeguard)"
                 assert bool(((W == 0).sum(1) == round(s * W.shape[1])).all())
-    # the recorded errors are the subset's squared distance to the dense model: recompute block 0's
+    # the recorded errors are, on the subset (the first 1/8 of the sequences), the squared distance
+    # between the pruned model's block output and the dense model's
     dense = make("llama")
     ad_d = ModelAdapter.from_model(dense)
     sub = ids[: max(4, 16 // 8)]
-    got = {}
-    h = ad_d.blocks[0].register_forward_hook(lambda m, a, o: got.__setitem__("d", o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        dense(input_ids=sub)
-    h.remove()
-    h = ad.blocks[0].register_forward_hook(lambda m, a, o: got.__setitem__("p", o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        model(input_ids=sub)
-    h.remove()
-    b0 = res.block_safeguard[0]
-    chosen = min(b0["err_trim"], b0["err_scorer_alone"])
-    assert float((got["p"] - got["d"]).square().sum()) == pytest.approx(chosen, rel=1e-5)
+    outs = {}
+    for tag, m, a in (("p", model, ad), ("d", dense, ad_d)):
+        hs = [b.register_forward_hook(lambda mod, args, o, k=(tag, i): outs.__setitem__(k, o[0] if isinstance(o, tuple)
+                                                                                         else o))
+              for i, b in enumerate(a.blocks)]
+        with torch.no_grad():
+            m(input_ids=sub)
+        for h in hs:
+            h.remove()
+    for b in res.block_safeguard:
+        i = b["block"]
+        chosen = min(b["err_trim"], b["err_scorer_alone"])
+        assert float((outs["p", i] - outs["d", i]).square().sum()) == pytest.approx(chosen, rel=1e-5)
+    assert {b["block"] for b in res.block_safeguard} == {0, 1}
 
 
 def test_obs_proxy_is_exact_when_inputs_are_uncorrelated():

@@ -17,6 +17,7 @@ MAX_ELEMENTS = 64 * 2**20   # graph only computations whose main tensors are bel
 class GraphCache:
     def __init__(self):
         self._cache: dict = {}
+        self._seen: set = set()
         self._streams: dict = {}
         self._turn = 0
 
@@ -26,14 +27,15 @@ class GraphCache:
                 and os.environ.get("TRIMPRUNE_CUDA_GRAPHS", "1") != "0")
 
     def _entry(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
+        """The captured (graph, static inputs, static outputs) of `key`, or None the first time a key is
+        seen: that call runs eagerly and is the warm-up (cuBLAS handles, allocator, kernel compilation);
+        the second captures."""
         entry = self._cache.get(key)
         if entry is None:
+            if key not in self._seen:
+                self._seen.add(key)
+                return None
             static = {k: v.clone() for k, v in inputs.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn(**static)                             # warm-up (cuBLAS handles, allocator)
-            torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = fn(**static)
@@ -44,7 +46,10 @@ class GraphCache:
     def run(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
         """fn(**inputs) -> tuple of tensors. Returns the graph's static outputs: consume or clone
         them before the next `run` with the same key."""
-        graph, static, out = self._entry(key, fn, inputs)
+        entry = self._entry(key, fn, inputs)
+        if entry is None:
+            return fn(**inputs)
+        graph, static, out = entry
         for k, v in inputs.items():
             static[k].copy_(v)
         graph.replay()
@@ -55,7 +60,7 @@ class GraphCache:
         far, so independent graphs overlap on the device; the outputs are copied there. Returns
         (outputs, event): the consuming stream must wait for the event, and `inputs` must stay
         referenced until then."""
-        graph, static, out = self._entry(key, fn, inputs)
+        entry = self._entry(key, fn, inputs)
         main = torch.cuda.current_stream()
         if main.device not in self._streams:
             self._streams[main.device] = [torch.cuda.Stream(main.device) for _ in range(4)]
@@ -64,16 +69,21 @@ class GraphCache:
         self._turn += 1
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            for k, v in inputs.items():
-                static[k].copy_(v)
-            graph.replay()
-            res = tuple(o.clone() for o in out)
+            if entry is None:
+                res = fn(**inputs)
+            else:
+                graph, static, out = entry
+                for k, v in inputs.items():
+                    static[k].copy_(v)
+                graph.replay()
+                res = tuple(o.clone() for o in out)
             done = torch.cuda.Event()
             done.record(side)
         return res, done
 
     def clear(self) -> None:
         self._cache.clear()
+        self._seen.clear()
 
 
 GRAPHS = GraphCache()

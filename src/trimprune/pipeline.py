@@ -23,7 +23,7 @@ from .graphs import GRAPHS, mm_out_dtype_ok
 from .masks import pack_mask, row_ranks, unpack_mask
 from .models import ModelAdapter, model_device, set_weight_2d, weight_2d
 from .quality import ExplicitEvaluator, GramEvaluator, ObsEvaluator, layer_metric
-from .scorers import Member, SparseGPT, Target, make_scorer
+from .scorers import Member, Outcome, SparseGPT, Target, make_scorer
 from .stats import BlockHooks, StatsNeeds
 from .trim import TrimSearch, TrimSettings
 
@@ -120,7 +120,9 @@ class BlockPruner:
         self.t_score = 0.0
         self.t_guard = 0.0
         # block-level safeguard: a calibration subset followed through the dense and the pruned model
-        self.sub_dense = self.sub_pruned = None
+        self.guard = False
+        self.sub_dense: list = []
+        self.sub_pruned: list = []
         self._alt: dict[str, tuple] = {}
         self._ranks: dict[str, torch.Tensor] = {}
         self._searching: set = set()
@@ -138,24 +140,22 @@ class BlockPruner:
         return hooks
 
     def set_guard_subset(self, sub: torch.Tensor) -> None:
+        self.guard = True
         self.sub_dense, self.sub_pruned = [sub], [sub]
 
     def __call__(self, i: int, block: nn.Module, hidden) -> None:
         linears = self.adapter.linears(i)
-        guard = self.sub_dense is not None
-        dense_out = []
-
-        def dense_subset():        # the block-safeguard subset through the still dense block
-            t0 = time.perf_counter()
-            dense_out.extend(engine.forward_block_all(block, self.captured, i, self.sub_dense))
-            self.t_guard += time.perf_counter() - t0
+        dense_out: list = []
 
         def meanwhile():           # work queued while this block's statistics / searches run on the device
-            if guard:
-                dense_subset()     # queued first: the flush below waits for the device
-            self._flush()          # the previous block's records
+            if self.guard:         # the subset through the still dense block (before any weight changes)
+                t0 = time.perf_counter()
+                dense_out.extend(engine.forward_block_all(block, self.captured, i, self.sub_dense))
+                self.t_guard += time.perf_counter() - t0
+            self._flush(wait=False)  # the previous block's records, if they are on the host already
 
         self._alt = {}
+        alone_first: list = []     # the scorer-alone block's outputs on the subset, when made early
         if self.cfg.trim_input_recalc:
             meanwhile()
         hooks = self._collect(i, block, hidden, linears)
@@ -166,12 +166,19 @@ class BlockPruner:
 
             def during():
                 # while the TRIM searches run on the device: the dense subset forward, the previous
-                # block's records, and the scorer-alone masks (mask scorers select row by row, so they
-                # do not depend on the searches; small blocks only: the outcomes are held until used)
+                # block's records, the scorer-alone masks (mask scorers select row by row, so they do
+                # not depend on the searches; small blocks only: the outcomes are held until used) and
+                # the block safeguard's forward of the scorer-alone block
                 meanwhile()
                 if not self.scorer.reconstructs and sum(m.weight.numel() for m in members.values()) <= 2**26:
                     for g in groups:
                         pre.update(self._base_outcomes([members[n] for n in g], hooks.stats_for(g[0])))
+                    if self.guard and self._searching and all(n in pre for n in members):
+                        t0 = time.perf_counter()
+                        for n in members:
+                            set_weight_2d(linears[n], pre[n].weight)
+                        alone_first.append(engine.forward_block_all(block, self.captured, i, self.sub_pruned))
+                        self.t_guard += time.perf_counter() - t0
 
             trim = self._trim(i, members, {n: hooks.stats_for(n) for n in members}, during=during)
             for g in groups:
@@ -188,20 +195,23 @@ class BlockPruner:
         self._ranks = {}
         if isinstance(self.scorer, SparseGPT):
             self.scorer._cache = None
-        if guard:
+        if self.guard:
             t0 = time.perf_counter()
-            self._block_safeguard(i, block, linears, dense_out)
+            self.sub_pruned = self._block_safeguard(i, block, linears, self.sub_pruned, dense_out,
+                                                    alone_first[0] if alone_first else None)
             self.sub_dense = dense_out
             self.t_guard += time.perf_counter() - t0
         self._stage()         # copied to the host while the next block computes; read in its `meanwhile`
 
-    def _block_safeguard(self, i: int, block: nn.Module, linears, dense_out) -> None:
-        """Keep TRIM in this block only if the block's output on the subset is at least as close to the
-        dense model's (squared error in the residual stream) as with the scorer alone."""
-        fwd = lambda: engine.forward_block_all(block, self.captured, i, self.sub_pruned)  # noqa: E731
+    def _block_safeguard(self, i: int, block: nn.Module, linears, sub: list, dense_out: list,
+                         out_alone: list | None = None) -> list:
+        """Keep TRIM in this block only if its output on the subset (`sub`: followed through the pruned
+        model) is at least as close to the dense model's (`dense_out`: followed through the dense model;
+        squared error in the residual stream) as with the scorer alone (`out_alone`: that block's
+        outputs, when computed already). Returns the chosen outputs on the subset."""
+        fwd = lambda: engine.forward_block_all(block, self.captured, i, sub)  # noqa: E731
         if not self._alt:
-            self.sub_pruned = fwd()
-            return
+            return fwd()
 
         def err(out):
             return torch.stack([(o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
@@ -209,9 +219,10 @@ class BlockPruner:
 
         out_trim = fwd()
         e_trim = err(out_trim)
-        for name, (w_alone, _, _) in self._alt.items():
-            set_weight_2d(linears[name], w_alone)
-        out_alone = fwd()
+        if out_alone is None:
+            for name, (w_alone, _, _) in self._alt.items():
+                set_weight_2d(linears[name], w_alone)
+            out_alone = fwd()
         e_alone = err(out_alone)
         keep = e_trim <= e_alone
         names = sorted(self._alt)
@@ -224,15 +235,17 @@ class BlockPruner:
             choose = lambda a, b: a if keep_host else b  # noqa: E731
         for name, (w_alone, w_trim, _) in self._alt.items():
             set_weight_2d(linears[name], choose(w_trim, w_alone))
-        self.sub_pruned = [choose(a, b) for a, b in zip(out_trim, out_alone)]
         self._queued.append(("guard", i, names, torch.stack([e_trim, e_alone, e_trim * 0, e_trim * 0]), alone))
+        return [choose(a, b) for a, b in zip(out_trim, out_alone)]
 
     # -------------------------------------------------------------- pruning
     def _member(self, i: int, name: str, linears) -> Member:
         cfg = self.cfg
         nm = cfg.nm
         w = weight_2d(linears[name])
-        W = w.to(self.captured.exec_device, torch.float64 if w.dtype == torch.float64 else torch.float32)
+        # always a copy: the module's weight is overwritten (scorer-alone weights for the block safeguard)
+        # while this one is still the dense reference
+        W = w.to(self.captured.exec_device, torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
         if nm is not None and W.shape[1] % nm[1]:
             raise TrimpruneError(f"{self.adapter.full_name(i, name)} has {W.shape[1]} inputs, not a multiple of "
                                  f"M={nm[1]}: --mask-structure {cfg.mask_structure} cannot be applied")
@@ -276,9 +289,10 @@ class BlockPruner:
             t1 = time.perf_counter()
             during()
             t0 += time.perf_counter() - t1           # not TRIM's time
-        # the searches of all shape classes run concurrently on the GPU; one host transfer collects them
+        # the searches of all shape classes run concurrently on the GPU; their results stay there (the
+        # masks and choices that depend on them are queued after them) and are read with the masks
         out = {}
-        for (chunk, _), res in zip(launched, self.trim.finish([p for _, p in launched])):
+        for (chunk, _), res in zip(launched, self.trim.finish([p for _, p in launched], defer=True)):
             out.update({m.name: r for m, r in zip(chunk, res)})
         self.t_trim += time.perf_counter() - t0
         return out
@@ -322,9 +336,7 @@ class BlockPruner:
                    "group": names}
             chosen = base_out.get(m.name)
             if m.name in trim_res:
-                res = trim_res[m.name]
-                info = res.summary()
-                info["metric"] = cfg.trim_metric
+                h = trim_res[m.name]
                 # the TRIM mask is the scorer's own selection with TRIM's row counts: for mask-only scorers
                 # its metric is the search's final metric; reconstructed weights are measured here
                 same_rows = self.scorer.selects_by_row_ranks and not self.scorer.reconstructs
@@ -332,31 +344,31 @@ class BlockPruner:
                 cand = [] if same_rows else [trim_out[m.name].weight]
                 if cfg.trim_safeguard and not base_is_uniform:
                     cand.append(base_out[m.name].weight)
-                vals = []
+                vals = None
                 if cand:
                     if evaluator is None:
                         make_ev, _, src = evaluator_source(cfg, stats)
                         evaluator = make_ev(src)
                     evaluator.prepare(m.weight)
-                    vals = layer_metric(cfg.trim_metric, evaluator.stats_from_weight(torch.stack(cand))).tolist()
-                t_metric = res.final_metric if same_rows else vals.pop(0)
-                info["trim_weights_metric"] = t_metric
-                chosen = trim_out[m.name]
-                info["kept"] = "trim"
+                    vals = layer_metric(cfg.trim_metric, evaluator.stats_from_weight(torch.stack(cand)))
+                t_metric = h.metric("final") if same_rows else vals[0]
+                chosen, alone = trim_out[m.name], base_out.get(m.name)
+                b_metric, keep = t_metric, torch.ones((), dtype=torch.bool, device=t_metric.device)
                 if cfg.trim_safeguard:
-                    b_metric = res.baseline_metric if base_is_uniform else vals.pop(0)
-                    info["scorer_alone_metric"] = b_metric
-                    if not t_metric >= b_metric:
-                        chosen = base_out[m.name]
-                        info["kept"] = "scorer_alone (safeguard)"
-                rec["trim"] = info
+                    # the per-linear safeguard, decided on the device: the host reads the choice later
+                    b_metric = h.metric("baseline") if base_is_uniform else vals[-1]
+                    keep = t_metric >= b_metric
+                    chosen = Outcome(weight=torch.where(keep, chosen.weight, alone.weight),
+                                     mask=torch.where(keep, chosen.mask, alone.mask), info=chosen.info)
+                self._queued.append(("trim", full, torch.stack([t_metric.double(), b_metric.double(), keep.double()]),
+                                     h, (trim_out[m.name].info, alone.info if alone is not None else {})))
+                if self.guard:
+                    self._alt[m.name] = (alone.weight, chosen.weight, alone.mask)
             set_weight_2d(linears[m.name], chosen.weight)
-            if chosen.info:
+            if chosen.info and m.name not in trim_res:
                 rec["scorer_info"] = chosen.info
             self.layers[full] = rec
             self._record(full, chosen.mask)
-            if self.sub_dense is not None and rec.get("trim", {}).get("kept") == "trim":
-                self._alt[m.name] = (base_out[m.name].weight, chosen.weight, base_out[m.name].mask)
 
     @staticmethod
     def _stats_of(full: str, mask: torch.Tensor) -> tuple:
@@ -376,8 +388,12 @@ class BlockPruner:
         q = self._queued
         self._queued = []
         masks = [e for e in q if e[0] == "mask"] + [a for e in q if e[0] == "guard" for a in e[4]]
-        order = [e for e in q if e[0] == "guard"] + masks
-        dev_stats = torch.stack([e[3] for e in order])
+        order = [e for e in q if e[0] != "mask"] + masks
+        # float64 vectors of different lengths, one transfer: the trim entries carry the search's packed row
+        vecs = [torch.cat([e[2], e[3].packed]) if e[0] == "trim" and e[3].result is None else
+                (e[2] if e[0] == "trim" else e[3]) for e in order]
+        sizes = [v.numel() for v in vecs]
+        dev_stats = torch.cat([v.reshape(-1).double() for v in vecs])
         dev_packed = torch.cat([e[4] for e in masks]) if masks else None
         if dev_stats.is_cuda:
             stats = torch.empty(dev_stats.shape, dtype=dev_stats.dtype, pin_memory=True)
@@ -390,20 +406,29 @@ class BlockPruner:
             done.record()
         else:
             stats, packed, done = dev_stats, dev_packed, None
-        self._staged = (q, masks, order, stats, packed, done)
+        self._staged = (q, masks, order, sizes, stats, packed, done)
 
-    def _flush(self) -> None:
-        """Read the staged mask statistics, packed masks and block-safeguard choices."""
+    def _flush(self, wait: bool = True) -> None:
+        """Read the staged mask statistics, packed masks, TRIM results and block-safeguard choices.
+        `wait=False`: only if their copy is complete already (the host never waits for the device)."""
         if self._staged is None:
             self._stage()
         if self._staged is None:
             return
-        q, masks, order, stats, packed, done = self._staged
+        q, masks, order, sizes, stats, packed, done = self._staged
+        if done is not None and not wait and not done.query():
+            return
         self._staged = None
         if done is not None:
             done.synchronize()
-        got = dict(zip([id(e) for e in order], stats.tolist()))
-        parts = [t.clone() for t in packed.split([e[4].numel() for e in masks])] if masks else []
+        flat, got, a = stats.tolist(), {}, 0
+        for e, n in zip(order, sizes):
+            got[id(e)] = flat[a:a + n]
+            a += n
+        # copies into pageable memory: clone() of a pinned tensor allocates pinned memory, which waits
+        # for the device
+        parts = [torch.empty(t.shape, dtype=t.dtype).copy_(t)
+                 for t in packed.split([e[4].numel() for e in masks])] if masks else []
         packed = dict(zip([id(e) for e in masks], parts))
 
         def apply(e):
@@ -416,20 +441,43 @@ class BlockPruner:
                                       "row_sparsity_std": rstd / cols})
             self.masks[full] = packed[id(e)]
 
+        def trim_record(e):
+            _, full, _, handle, infos = e
+            row = got[id(e)]
+            t_metric, b_metric, keep = row[:3]
+            info = self.trim.resolve(handle, row[3:]).summary()
+            info["metric"] = self.cfg.trim_metric
+            info["trim_weights_metric"] = t_metric
+            info["kept"] = "trim" if keep else "scorer_alone (safeguard)"
+            if self.cfg.trim_safeguard:
+                info["scorer_alone_metric"] = b_metric
+            rec = self.layers[full]
+            rec["trim"] = info
+            if infos[0 if keep else 1]:
+                rec["scorer_info"] = infos[0 if keep else 1]
+
         for e in q:
             if e[0] == "mask":
                 apply(e)
                 continue
+            if e[0] == "trim":
+                trim_record(e)
+                continue
             _, i, names, _, alone = e
+            # the block safeguard concerns the linears that kept TRIM (the others were the scorer's alone)
+            kept = [(n, a) for n, a in zip(names, alone) if self.layers[a[1]]["trim"]["kept"] == "trim"]
+            if not kept:
+                continue
             e_trim, e_alone = got[id(e)][:2]
             keep_trim = e_trim <= e_alone
             self.block_guard.append({"block": i, "err_trim": e_trim, "err_scorer_alone": e_alone,
-                                     "kept": "trim" if keep_trim else "scorer_alone", "linears": names})
+                                     "kept": "trim" if keep_trim else "scorer_alone",
+                                     "linears": [n for n, _ in kept]})
             if not keep_trim:
-                for a in alone:
+                for _, a in kept:
                     self.layers[a[1]]["trim"]["kept"] = "scorer_alone (block safeguard)"
                     apply(a)
-        self._flush()         # what was queued meanwhile, if anything
+        self._flush(wait)     # what was queued meanwhile, if anything
 
 
 def _chunks(xs: list, k: int):

@@ -23,6 +23,7 @@ counts whose total is round(s*rows*in).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ import torch
 from .graphs import GRAPHS, host_to_device
 from .kernels import fused_iterations_ok, run_or_fallback, trim_iterations
 from .quality import dim_metric, layer_metric
+
+log = logging.getLogger("trimprune")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,33 @@ class _Pending:
     args: tuple                # (make_ev, key, W, src, ranks, s tensor, totals, totals tensor)
     keep: dict                 # inputs referenced until the side stream is done
     neg_open: bool = False     # only the positive rates were evaluated; the negative ones may be needed
+
+
+@dataclass
+class TrimHandle:
+    """One linear's search result as `TrimSearch.finish(defer=True)` returns it: the final counts and
+    the packed statistics stay on the device, so the caller can go on queueing work that depends on
+    them; `TrimSearch.resolve` turns the packed row, once read, into a TrimResult. `result` is set
+    when the search was read already (its negative rates had to be decided on the host)."""
+    pending: _Pending
+    index: int
+    result: TrimResult | None = None
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.result.counts if self.result is not None else self.pending.out[0][self.index]
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """(K,) float64 on the device: baseline | metrics | iterations | TrimSearch._TAIL."""
+        return self.pending.out[2][self.index]
+
+    def metric(self, which: str) -> torch.Tensor:
+        """The baseline (uniform) or final layer metric as a 0-dim device tensor."""
+        if self.result is not None:
+            v = self.result.baseline_metric if which == "baseline" else self.result.final_metric
+            return torch.tensor(v, dtype=torch.float64, device=self.counts.device)
+        return self.packed[0] if which == "baseline" else self.packed[-TrimSearch._TAIL + 3]
 
 
 class TrimSearch:
@@ -334,16 +364,15 @@ class TrimSearch:
 
     def _final_counts(self, x: torch.Tensor, n: int, totals: torch.Tensor):
         """Integer allocation (P, rows) and whether it is exact (P,): every row in [0, floor(0.95 in)],
-        totals exact. Floor the fractions (projected first onto the capped set with the right mean
-        under the reference's rounding), then hand the remainder to the rows with the largest
-        fractional parts; the rare vector this one round cannot fix goes to `exact_counts`."""
+        totals exact. Project the fractions onto the capped set with the right mean (the search's
+        re-centred vectors can leave the bounds), floor, then hand the remainder to the rows with the
+        largest fractional parts. After the projection the remainder is below the number of rows that
+        can take one more weight, so one round suffices; `ok` guards the arithmetic (`exact_counts`
+        is the host fallback)."""
         P, rows = x.shape
         kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
         tot = totals.to(torch.float64).unsqueeze(1)
-        if self.cfg.rounding == "floor":
-            y = project_capped_mean(x, tot[:, 0] / (rows * n), kmax / n) * n
-        else:
-            y = x.double() * n
+        y = project_capped_mean(x, tot[:, 0] / (rows * n), kmax / n) * n
         k0 = torch.floor(y + 1e-9).clamp(0, kmax)
         rem = tot - k0.sum(-1, keepdim=True)
         frac = y - k0
@@ -402,11 +431,24 @@ class TrimSearch:
         return _Pending(fn(**inputs), None, args, {})
 
     @torch.no_grad()
-    def finish(self, pending: list[_Pending]) -> list[list[TrimResult]]:
+    def finish(self, pending: list[_Pending], defer: bool = False) -> list[list]:
         """Wait for launched searches and read their results (one host transfer; a second one when
-        some linears needed the negative rates)."""
+        some linears needed the negative rates). With `defer`, TrimHandles: nothing is read where no
+        negative rate is left open (the current stream just waits for the searches), so the host
+        does not wait for the device; `resolve` reads them later."""
         if not pending:
             return []
+        if defer and not any(p.neg_open for p in pending):
+            for p in pending:
+                if p.event is not None:
+                    torch.cuda.current_stream().wait_event(p.event)
+            return [[TrimHandle(p, j) for j in range(p.out[2].shape[0])] for p in pending]
+        out = self._finish_now(pending)
+        if defer:
+            return [[TrimHandle(p, j, r) for j, r in enumerate(rs)] for p, rs in zip(pending, out)]
+        return out
+
+    def _finish_now(self, pending: list[_Pending]) -> list[list[TrimResult]]:
         host = self._collect(pending)
         Lp, T = len(self.cfg.lrs), self._TAIL
         redo = [i for i, p in enumerate(pending) if p.neg_open and any(h[-T + 2] < 0 for h in host[i])]
@@ -436,8 +478,7 @@ class TrimSearch:
         make_ev, _, W, src, ranks, _, totals, _ = p.args
         counts, x = p.out[:2]
         P, rows, n = ranks.shape
-        lrs = self.all_lrs
-        L, Lp, T = len(lrs), len(self.cfg.lrs), self._TAIL
+        T = self._TAIL
         bad = [j for j, h in enumerate(host) if not h[-1]]
         if bad:     # a pathological vector: exact projection and rounding on the host, then re-measure
             counts = counts.clone()
@@ -450,20 +491,36 @@ class TrimSearch:
                 h = host[j]
                 h[-T + 3], h[-T + 4] = fix[j][0], fix[j][1]
                 h[-T + 6:-1] = fix[j][2:]
-        res = []
-        for j, h in enumerate(host):
-            base, bm, bit = h[0], h[1:1 + L], h[1 + L:1 + 2 * L]
-            a_pos, a_neg, choice = (int(v) for v in h[-T:-T + 3])
-            fin, end_var, start_var, lo, mean, hi = h[-T + 3:-1]
-            cand = {lrs[i]: bm[i] for i in range(min(a_pos + 1, Lp))}
-            if not 0 <= choice < Lp and L > Lp:      # the negative rates were tried
-                cand.update({lrs[Lp + i]: bm[Lp + i] for i in range(min(a_neg + 1, L - Lp))})
-            kept = choice >= 0
-            res.append(TrimResult(counts=counts[j], search_sparsities=x[j], baseline_metric=base,
-                                  best_metric=bm[choice] if kept else base, final_metric=fin,
-                                  learning_rate=lrs[choice] if kept else None,
-                                  best_iter=int(bit[choice]) if kept else 0, start_var=start_var, end_var=end_var,
-                                  candidates=cand, row_sparsity=(lo, mean, hi)))
+        return [self._result(counts[j], x[j], h) for j, h in enumerate(host)]
+
+    def _result(self, counts: torch.Tensor, x: torch.Tensor, h: list[float]) -> TrimResult:
+        """A TrimResult from one linear's packed row `h` (read to the host)."""
+        lrs = self.all_lrs
+        L, Lp, T = len(lrs), len(self.cfg.lrs), self._TAIL
+        base, bm, bit = h[0], h[1:1 + L], h[1 + L:1 + 2 * L]
+        a_pos, a_neg, choice = (int(v) for v in h[-T:-T + 3])
+        fin, end_var, start_var, lo, mean, hi = h[-T + 3:-1]
+        cand = {lrs[i]: bm[i] for i in range(min(a_pos + 1, Lp))}
+        if not 0 <= choice < Lp and L > Lp:      # the negative rates were tried
+            cand.update({lrs[Lp + i]: bm[Lp + i] for i in range(min(a_neg + 1, L - Lp))})
+        kept = choice >= 0
+        return TrimResult(counts=counts, search_sparsities=x, baseline_metric=base,
+                          best_metric=bm[choice] if kept else base, final_metric=fin,
+                          learning_rate=lrs[choice] if kept else None,
+                          best_iter=int(bit[choice]) if kept else 0, start_var=start_var, end_var=end_var,
+                          candidates=cand, row_sparsity=(lo, mean, hi))
+
+    def resolve(self, handle: TrimHandle, row: list[float]) -> TrimResult:
+        """The TrimResult of a deferred handle, from its packed row read to the host. Its counts were
+        used as they are: `ok` (last entry) false would mean they missed the exact total, which the
+        projection in `_final_counts` rules out; it is reported, not repaired, as the block's outputs
+        were computed with them."""
+        if handle.result is not None:
+            return handle.result
+        p, j = handle.pending, handle.index
+        res = self._result(p.out[0][j], p.out[1][j], row)
+        if not row[-1]:
+            log.warning("TRIM: a row allocation missed the exact total or the bounds (used as is)")
         return res
 
     def run_many(self, make_ev, key, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: list[float],

@@ -66,9 +66,11 @@ class Scorer:
         for m in members:
             t = m.target
             if t.ranks is not None and t.nm is None and (t.row_counts is not None or self.alone_is_uniform_rows):
-                k = t.row_counts if t.row_counts is not None else \
-                    torch.full((t.ranks.shape[0],), M.per_row_count(t.ranks.shape[1], t.sparsity))
-                mask = M.mask_from_counts(t.ranks, k.to(t.ranks.device, t.ranks.dtype))
+                # made on the ranks' device: a host tensor copied there would wait for all queued work
+                k = t.row_counts.to(t.ranks.device, t.ranks.dtype) if t.row_counts is not None else \
+                    torch.full((t.ranks.shape[0],), M.per_row_count(t.ranks.shape[1], t.sparsity),
+                               dtype=t.ranks.dtype, device=t.ranks.device)
+                mask = M.mask_from_counts(t.ranks, k)
             else:
                 mask = self.select(self.importance(m.weight, stats), t)
             out.append(Outcome(weight=m.weight.masked_fill(mask, 0.0), mask=mask))
