@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_model, machine, random_calibration  # noqa: E402
+from common import bench_model, config_overrides, machine, random_calibration  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune import pipeline, trim  # noqa: E402
@@ -103,7 +102,8 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=3, help="runs; the first is a warm-up and not reported")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PruneConfig field (as prune_bench.py --set)")
     ap.add_argument("--busy", action="store_true", help="one more run under the CUDA-only profiler: device idle time")
     args = ap.parse_args(argv)
     dev = resolve_device(None)
@@ -113,13 +113,7 @@ def main(argv=None):
     model, tok = bench_model(args.model, args.gguf_file, dev, dtype, args.layers)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)
-    overrides = {}
-    for item in args.set:
-        f, _, v = item.partition("=")
-        try:
-            overrides[f] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[f] = v
+    overrides = config_overrides(args.set, ap.error)
     t = args.trim
 
     def config():

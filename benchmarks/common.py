@@ -88,3 +88,20 @@ class Timer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t
+
+
+def config_overrides(items: list[str], error) -> dict:
+    """`--set FIELD=VALUE` items as {field: value} (VALUE as JSON, else a string); `error(message)` for a
+    field PruneConfig does not have (argparse's `ap.error`)."""
+    from trimprune import PruneConfig
+
+    out = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if not hasattr(PruneConfig(), field):
+            error(f"--set {item}: PruneConfig has no field {field!r}")
+        try:
+            out[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out[field] = value
+    return out

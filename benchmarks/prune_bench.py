@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, append_jsonl, bench_model, machine, peak_rss_gb, random_calibration  # noqa: E402
+from common import Timer, append_jsonl, bench_model, config_overrides, machine, peak_rss_gb, random_calibration  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune.data import get_calibration  # noqa: E402
@@ -52,15 +51,7 @@ def main(argv=None):
                          "e.g. --set trim_iterations=1 --set trim_block_safeguard=false")
     ap.add_argument("--out", default="benchmarks/results/prune_bench.jsonl")
     args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        if not hasattr(PruneConfig(), field):
-            ap.error(f"--set {item}: PruneConfig has no field {field!r}")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field] = value
+    overrides = config_overrides(args.set, ap.error)
 
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, dev)

@@ -360,8 +360,12 @@ class BlockPruner:
                     keep = t_metric >= b_metric
                     chosen = Outcome(weight=torch.where(keep, chosen.weight, alone.weight),
                                      mask=torch.where(keep, chosen.mask, alone.mask), info=chosen.info)
-                self._queued.append(("trim", full, torch.stack([t_metric.double(), b_metric.double(), keep.double()]),
-                                     h, (trim_out[m.name].info, alone.info if alone is not None else {})))
+                # the choice and its metrics, then (not read yet) the search's packed row, read with the masks
+                vec = torch.stack([t_metric.double(), b_metric.double(), keep.double()])
+                if h.result is None:
+                    vec = torch.cat([vec, h.packed])
+                self._queued.append(("trim", full, h, vec, (trim_out[m.name].info,
+                                                            alone.info if alone is not None else {})))
                 if self.guard:
                     self._alt[m.name] = (alone.weight, chosen.weight, alone.mask)
             set_weight_2d(linears[m.name], chosen.weight)
@@ -389,11 +393,9 @@ class BlockPruner:
         self._queued = []
         masks = [e for e in q if e[0] == "mask"] + [a for e in q if e[0] == "guard" for a in e[4]]
         order = [e for e in q if e[0] != "mask"] + masks
-        # float64 vectors of different lengths, one transfer: the trim entries carry the search's packed row
-        vecs = [torch.cat([e[2], e[3].packed]) if e[0] == "trim" and e[3].result is None else
-                (e[2] if e[0] == "trim" else e[3]) for e in order]
-        sizes = [v.numel() for v in vecs]
-        dev_stats = torch.cat([v.reshape(-1).double() for v in vecs])
+        # every entry's float64 vector (e[3], lengths differ), one transfer
+        sizes = [e[3].numel() for e in order]
+        dev_stats = torch.cat([e[3].reshape(-1).double() for e in order])
         dev_packed = torch.cat([e[4] for e in masks]) if masks else None
         if dev_stats.is_cuda:
             stats = torch.empty(dev_stats.shape, dtype=dev_stats.dtype, pin_memory=True)
@@ -442,7 +444,7 @@ class BlockPruner:
             self.masks[full] = packed[id(e)]
 
         def trim_record(e):
-            _, full, _, handle, infos = e
+            _, full, handle, _, infos = e
             row = got[id(e)]
             t_metric, b_metric, keep = row[:3]
             info = self.trim.resolve(handle, row[3:]).summary()

@@ -439,9 +439,7 @@ class TrimSearch:
         if not pending:
             return []
         if defer and not any(p.neg_open for p in pending):
-            for p in pending:
-                if p.event is not None:
-                    torch.cuda.current_stream().wait_event(p.event)
+            self._wait(pending)
             return [[TrimHandle(p, j) for j in range(p.out[2].shape[0])] for p in pending]
         out = self._finish_now(pending)
         if defer:
@@ -462,10 +460,15 @@ class TrimSearch:
         return [self._results(p, h) for p, h in zip(pending, host)]
 
     @staticmethod
-    def _collect(pending: list[_Pending]) -> list[list[list[float]]]:
+    def _wait(pending: list[_Pending]) -> None:
+        """Make the current stream wait for searches replayed on side streams."""
         for p in pending:
             if p.event is not None:
                 torch.cuda.current_stream().wait_event(p.event)
+
+    @classmethod
+    def _collect(cls, pending: list[_Pending]) -> list[list[list[float]]]:
+        cls._wait(pending)
         flat = torch.cat([p.out[2] for p in pending]).tolist()      # one transfer
         out, i = [], 0
         for p in pending:
