@@ -61,6 +61,17 @@ def instrument():
     around(BP, "_block_safeguard", after="block safeguard queued")
 
 
+def instrument_fine():
+    """More marks inside the search set-up (--fine)."""
+    from trimprune import engine
+    BP, TS = pipeline.BlockPruner, trim.TrimSearch
+    around(BP, "_member", after="member copied")
+    around(TS, "launch", after="search class launched")
+    around(BP, "_flush", before="flush start", after="flush end")
+    around(BP, "_base_outcomes", after="scorer-alone outcomes queued")
+    around(engine, "forward_block_all", before="block forward start", after="block forward queued")
+
+
 def analyse(marks, t_host0, e0):
     torch.cuda.synchronize()
     seg = defaultdict(lambda: [0.0, 0.0, 0, 0])
@@ -105,6 +116,11 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a PruneConfig field (as prune_bench.py --set)")
     ap.add_argument("--busy", action="store_true", help="one more run under the CUDA-only profiler: device idle time")
+    ap.add_argument("--fine", action="store_true", help="more marks inside the search set-up")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="one more run under cProfile: the N functions with the most host time")
+    ap.add_argument("--callers", action="append", default=[], metavar="PATTERN",
+                    help="with --cprofile: also who calls the functions matching PATTERN, and how long they take")
     args = ap.parse_args(argv)
     dev = resolve_device(None)
     if dev.type != "cuda":
@@ -124,6 +140,8 @@ def main(argv=None):
         return cfg
 
     instrument()
+    if args.fine:
+        instrument_fine()
     print(f"# {machine()} | {args.model} | {args.scorer} trim={t} {overrides} | calib {args.nsamples}x{args.seqlen}")
     for run in range(args.repeat):
         model.load_state_dict(state)
@@ -138,9 +156,12 @@ def main(argv=None):
               f"device {dev_end:.1f} ms")
         if run == 0 and args.repeat > 1:
             continue
-        print(f"    {'phase (per block, mean)':<100}{'host ms':>9}{'device ms':>11}{'starved':>9}")
+        nb = max(1, seg.get("block start (recompute of the previous block queued) -> statistics forward queued",
+                            [0, 0, 1])[2])
+        print(f"    {'phase (mean per occurrence)':<100}{'host ms':>9}{'device ms':>11}{'starved':>9}"
+              f"{'per block':>10}{'host ms/block':>14}")
         for k, (hs, ds, n, starved) in seg.items():
-            print(f"    {k[:100]:<100}{hs / n:>9.2f}{ds / n:>11.2f}{starved / n:>9.0%}")
+            print(f"    {k[:100]:<100}{hs / n:>9.2f}{ds / n:>11.2f}{starved / n:>9.0%}{n / nb:>10.1f}{hs / nb:>14.2f}")
     if args.busy:
         model.load_state_dict(state)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -152,6 +173,18 @@ def main(argv=None):
         b = busy_ms(prof)
         print(f"profiled run (CUDA activity only): wall {wall * 1e3:.0f} ms, device busy {b:.0f} ms, "
               f"idle {wall * 1e3 - b:.0f} ms")
+    if args.cprofile:
+        import cProfile
+        import pstats
+        model.load_state_dict(state)
+        torch.cuda.synchronize()
+        with cProfile.Profile() as cp:
+            prune(model, None, config(), calib, progress=False)
+        st = pstats.Stats(cp)
+        st.sort_stats("tottime").print_stats(args.cprofile)
+        st.sort_stats("cumulative").print_stats("trimprune", args.cprofile)
+        for pat in args.callers:
+            st.print_callers(pat)
 
 
 if __name__ == "__main__":

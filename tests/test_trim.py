@@ -10,7 +10,7 @@ from trimprune.kernels import pruned_cross_reference
 from trimprune.masks import row_ranks
 from trimprune.models import ModelAdapter, weight_2d
 from trimprune.quality import ExplicitEvaluator, GramEvaluator, dim_metric, layer_metric
-from trimprune.trim import TrimSearch, TrimSettings, exact_counts, project_capped_mean
+from trimprune.trim import TrimSearch, TrimSettings, _repair_counts, capped_counts, exact_counts, project_capped_mean
 
 GRAM_LAYER = ["cosim_flat", "cosim_dim", "mse", "mse_dim", "snr"]
 
@@ -177,6 +177,40 @@ def test_bounds_and_exact_mean_for_adversarial_vectors(case):
         assert int(k.sum()) == round(s * rows * n)
         p = project_capped_mean(x, s, 0.95)
         assert float(p.min()) >= 0 and float(p.max()) <= 0.95 and abs(float(p.mean()) - s) < 1e-9
+
+
+def test_one_rounding_round_is_exact_for_adversarial_batches():
+    """The device rule (`capped_counts`, one round after the projection) hits every total within the
+    bounds for a batch of adversarial vectors at once, without the host repair."""
+    g = torch.Generator().manual_seed(5)
+    rows, n = 57, 131
+    xs = torch.stack([torch.full((rows,), 0.95), torch.zeros(rows), torch.randn(rows, generator=g) * 5,
+                      torch.where(torch.arange(rows) == 0, 40.0, -3.0), torch.linspace(-1, 2, rows),
+                      torch.full((rows,), 0.7) + 1e-7 * torch.randn(rows, generator=g)])
+    kmax = int(0.95 * n)
+    for s in [0.05, 0.5, 0.7, 0.94]:
+        totals = torch.full((xs.shape[0],), round(s * rows * n))
+        k, ok = capped_counts(xs, n, totals, 0.95)
+        assert bool(ok.all())
+        assert torch.equal(k.sum(-1), totals) and int(k.min()) >= 0 and int(k.max()) <= kmax
+
+
+def test_repair_hands_out_a_wrong_remainder_one_weight_per_row():
+    """The host repair (for a round that missed): from counts off in both directions and out of bounds,
+    it reaches the exact total within [0, kmax], moving each row by at most one weight."""
+    g = torch.Generator().manual_seed(3)
+    rows, n = 40, 100
+    kmax = 95
+    x = torch.rand(rows, generator=g) * 0.9
+    total = int(0.6 * rows * n)
+    good = exact_counts(x, 0.6, n, 0.95)
+    for shift in [7, -9]:
+        bad = good.clone()
+        bad[:abs(shift)] += 1 if shift > 0 else -1
+        bad[-1] = kmax + 3                   # out of bounds: clamped first
+        fixed = _repair_counts(x, bad.clone(), total, n, kmax)
+        assert int(fixed.sum()) == total and int(fixed.min()) >= 0 and int(fixed.max()) <= kmax
+        assert int((fixed - bad.clamp(0, kmax)).abs().max()) <= 1
 
 
 @pytest.mark.parametrize("scorer", ["magnitude", "wanda", "sparsegpt"])

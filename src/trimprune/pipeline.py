@@ -427,9 +427,10 @@ class BlockPruner:
         for e, n in zip(order, sizes):
             got[id(e)] = flat[a:a + n]
             a += n
-        # copies into pageable memory: clone() of a pinned tensor allocates pinned memory, which waits
-        # for the device
-        parts = [torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        # copies into pageable memory, by numpy: clone() of a pinned tensor allocates pinned memory,
+        # which waits for the device, and torch's CPU copy_ wakes its thread pool, which took up to
+        # tens of ms per block on the GPU machines (benchmarks/RESULTS.md, "host copies")
+        parts = [torch.from_numpy(t.numpy().copy())
                  for t in packed.split([e[4].numel() for e in masks])] if masks else []
         packed = dict(zip([id(e) for e in masks], parts))
 

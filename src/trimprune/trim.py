@@ -103,10 +103,35 @@ def project_capped_mean(x: torch.Tensor, s, cap: float, iters: int = 64) -> torc
     return (x - 0.5 * (lo + hi)).clamp(0.0, cap)
 
 
+def capped_counts(x: torch.Tensor, n: int, totals: torch.Tensor, cap: float):
+    """Integer pruned-counts (P, rows) from row sparsities x (P, rows) of matrices with n inputs: every
+    row in [0, floor(cap n)], row sums exactly `totals` (P,). Project the fractions onto the capped
+    set with the right mean (TRIM's re-centred vectors can leave the bounds), floor, then hand the
+    remainder to the rows with the largest fractional parts (take it from the smallest when the
+    floors overshoot). After the projection the remainder is below the number of rows that can take
+    one more weight, so one round suffices; `ok` (P,) guards the float arithmetic. No host
+    synchronisation."""
+    P, rows = x.shape
+    kmax = int(cap * n + 1e-9)
+    tot = totals.to(torch.float64).unsqueeze(1)
+    y = project_capped_mean(x, tot[:, 0] / (rows * n), kmax / n) * n
+    k0 = torch.floor(y + 1e-9).clamp(0, kmax)
+    rem = tot - k0.sum(-1, keepdim=True)
+    frac = y - k0
+    key = torch.where(rem >= 0, torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
+                      torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)))
+    rank = torch.empty(x.shape, dtype=torch.long, device=x.device)
+    rank.scatter_(-1, torch.sort(key, dim=-1, descending=True, stable=True)[1],
+                  torch.arange(rows, device=x.device).expand(P, rows))
+    k = (k0 + torch.sign(rem) * (rank < rem.abs()).double()).long()
+    ok = (k.sum(-1) == totals) & (k.amin(-1) >= 0) & (k.amax(-1) <= kmax)
+    return k, ok
+
+
 def exact_counts(x: torch.Tensor, s: float, in_features: int, cap: float, total: int | None = None) -> torch.Tensor:
-    """Integer pruned-counts per row from fractions x, with every row in [0, floor(cap * in)] and the
-    total exactly `total` (default round(s * rows * in)): project onto the capped set (with the
-    integer cap), floor, then hand the remaining weights to the rows with the largest remainders."""
+    """`capped_counts` for one vector of row sparsities x (rows,), on the host, with the total
+    round(s * rows * in) unless given; should the one round miss (float edge cases), the remaining
+    weights are handed out one round after another by the same rule."""
     device = x.device
     x = x.detach().cpu()
     rows = x.numel()
@@ -115,13 +140,22 @@ def exact_counts(x: torch.Tensor, s: float, in_features: int, cap: float, total:
         total = int(round(s * rows * in_features))
     if not 0 <= total <= rows * kmax:
         raise ValueError(f"sparsity {s} is not reachable with rows capped at {kmax}/{in_features}")
-    y = project_capped_mean(x, total / (rows * in_features), kmax / in_features) * in_features
-    k = torch.floor(y + 1e-9).long().clamp_(0, kmax)
-    frac = y - k.double()
+    k, ok = capped_counts(x.reshape(1, rows), in_features, torch.tensor([total]), cap)
+    k = k[0]
+    if not bool(ok[0]):
+        k = _repair_counts(x, k, total, in_features, kmax)
+    return k.to(device)
+
+
+def _repair_counts(x: torch.Tensor, k: torch.Tensor, total: int, n: int, kmax: int) -> torch.Tensor:
+    """Counts k (rows,) brought into [0, kmax] and to the exact total, by the rule of `capped_counts`
+    repeated until nothing is left (host code, for the rare case one round did not suffice)."""
+    k = k.clamp(0, kmax)
+    frac = project_capped_mean(x, total / (x.numel() * n), kmax / n) * n - k.double()
     while True:
         rem = total - int(k.sum())
         if rem == 0:
-            break
+            return k
         if rem > 0:
             pri = torch.where(k < kmax, frac, torch.full_like(frac, -math.inf))
             idx = torch.sort(pri, descending=True, stable=True)[1][:min(rem, int((k < kmax).sum()))]
@@ -131,7 +165,6 @@ def exact_counts(x: torch.Tensor, s: float, in_features: int, cap: float, total:
             idx = torch.sort(pri, stable=True)[1][:min(-rem, int((k > 0).sum()))]
             k[idx] -= 1
         frac[idx] = 0.0
-    return k.to(device)
 
 
 def improving_prefix(m: torch.Tensor) -> torch.Tensor:
@@ -349,7 +382,7 @@ class TrimSearch:
             choice = torch.where(choice >= 0, choice, torch.where(neg >= 0, neg + Lp, neg))
         pick = bx.gather(1, choice.clamp(min=0).view(P, 1, 1).expand(P, 1, rows)).squeeze(1)
         x = torch.where((choice >= 0).unsqueeze(-1), pick, s3[:, 0].expand(P, rows))
-        counts, ok = self._final_counts(x, n, totals)
+        counts, ok = capped_counts(x, n, totals, self.cfg.max_row_sparsity)
         fin = self._final_stats(ev, ranks, counts)
         tail = torch.cat([torch.stack([a_pos.double(), a_neg.double(), choice.double()], 1), fin[:, :2],
                           base_cos[:, 0].var(-1).unsqueeze(1), fin[:, 2:], ok.double().unsqueeze(1)], 1)
@@ -361,29 +394,6 @@ class TrimSearch:
         xf = counts.double() / ranks.shape[-1]
         return torch.stack([layer_metric(self.cfg.layer_metric, st)[:, 0], dim_metric("cosim", st)[:, 0].var(-1),
                             xf.amin(-1), xf.mean(-1), xf.amax(-1)], 1)
-
-    def _final_counts(self, x: torch.Tensor, n: int, totals: torch.Tensor):
-        """Integer allocation (P, rows) and whether it is exact (P,): every row in [0, floor(0.95 in)],
-        totals exact. Project the fractions onto the capped set with the right mean (the search's
-        re-centred vectors can leave the bounds), floor, then hand the remainder to the rows with the
-        largest fractional parts. After the projection the remainder is below the number of rows that
-        can take one more weight, so one round suffices; `ok` guards the arithmetic (`exact_counts`
-        is the host fallback)."""
-        P, rows = x.shape
-        kmax = int(self.cfg.max_row_sparsity * n + 1e-9)
-        tot = totals.to(torch.float64).unsqueeze(1)
-        y = project_capped_mean(x, tot[:, 0] / (rows * n), kmax / n) * n
-        k0 = torch.floor(y + 1e-9).clamp(0, kmax)
-        rem = tot - k0.sum(-1, keepdim=True)
-        frac = y - k0
-        key = torch.where(rem >= 0, torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
-                          torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)))
-        rank = torch.empty(x.shape, dtype=torch.long, device=x.device)
-        rank.scatter_(-1, torch.sort(key, dim=-1, descending=True, stable=True)[1],
-                      torch.arange(rows, device=x.device).expand(P, rows))
-        k = (k0 + torch.sign(rem) * (rank < rem.abs()).double()).long()
-        ok = (k.sum(-1) == totals) & (k.amin(-1) >= 0) & (k.amax(-1) <= kmax)
-        return k, ok
 
     # ---------------------------------------------------------------- driver
     @torch.no_grad()
@@ -516,7 +526,7 @@ class TrimSearch:
     def resolve(self, handle: TrimHandle, row: list[float]) -> TrimResult:
         """The TrimResult of a deferred handle, from its packed row read to the host. Its counts were
         used as they are: `ok` (last entry) false would mean they missed the exact total, which the
-        projection in `_final_counts` rules out; it is reported, not repaired, as the block's outputs
+        projection in `capped_counts` rules out; it is reported, not repaired, as the block's outputs
         were computed with them."""
         if handle.result is not None:
             return handle.result
