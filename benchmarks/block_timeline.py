@@ -156,8 +156,7 @@ def main(argv=None):
               f"device {dev_end:.1f} ms")
         if run == 0 and args.repeat > 1:
             continue
-        nb = max(1, seg.get("block start (recompute of the previous block queued) -> statistics forward queued",
-                            [0, 0, 1])[2])
+        nb = max(1, sum(label == "block end" for label, _, _ in MARKS))
         print(f"    {'phase (mean per occurrence)':<100}{'host ms':>9}{'device ms':>11}{'starved':>9}"
               f"{'per block':>10}{'host ms/block':>14}")
         for k, (hs, ds, n, starved) in seg.items():

@@ -47,8 +47,10 @@ class GraphCache:
         """fn(**inputs) -> tuple of tensors. Returns the graph's static outputs: consume or clone
         them before the next `run` with the same key."""
         entry = self._entry(key, fn, inputs)
-        if entry is None:
-            return fn(**inputs)
+        return fn(**inputs) if entry is None else self._replay(entry, inputs)
+
+    @staticmethod
+    def _replay(entry, inputs: dict[str, torch.Tensor]):
         graph, static, out = entry
         for k, v in inputs.items():
             static[k].copy_(v)
@@ -69,14 +71,7 @@ class GraphCache:
         self._turn += 1
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            if entry is None:
-                res = fn(**inputs)
-            else:
-                graph, static, out = entry
-                for k, v in inputs.items():
-                    static[k].copy_(v)
-                graph.replay()
-                res = tuple(o.clone() for o in out)
+            res = fn(**inputs) if entry is None else tuple(o.clone() for o in self._replay(entry, inputs))
             done = torch.cuda.Event()
             done.record(side)
         return res, done

@@ -235,7 +235,7 @@ class BlockPruner:
             choose = lambda a, b: a if keep_host else b  # noqa: E731
         for name, (w_alone, w_trim, _) in self._alt.items():
             set_weight_2d(linears[name], choose(w_trim, w_alone))
-        self._queued.append(("guard", i, names, torch.stack([e_trim, e_alone, e_trim * 0, e_trim * 0]), alone))
+        self._queued.append(("guard", i, names, torch.stack([e_trim, e_alone]), alone))
         return [choose(a, b) for a, b in zip(out_trim, out_alone)]
 
     # -------------------------------------------------------------- pruning
