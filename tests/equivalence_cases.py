@@ -1,0 +1,215 @@
+"""Behaviour fixtures: digests of what `prune` decides for a fixed set of configurations.
+
+Each case prunes a model (tiny random models of every family, or SmolLM2 on CPU) and digests
+  - the masks (names, shapes and the bit-packed bytes, exactly),
+  - the per-linear records (learning rates, iterations, choices, counts exactly; floats rounded to
+    10 significant digits, so a different BLAS build cannot fail the comparison on its last bits),
+  - the block-safeguard records.
+`tests/fixtures/equivalence.json` holds the digests the code produced when they were recorded;
+`tests/test_equivalence.py` checks the current code reproduces every one. Re-record after an
+intended change of behaviour with
+
+    TRIMPRUNE_DATA=../shared/data python tests/equivalence_cases.py --write [--smollm2]
+
+(`--dump FILE` writes the undigested records with exact floats, for a bit-for-bit diff.)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+FIXTURE = HERE / "fixtures" / "equivalence.json"
+
+TINY_FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gemma3", "opt", "gpt2", "gpt_neox"]
+TINY_BASE = {"nsamples": 8, "seqlen": 24}
+
+
+def tiny_cases() -> dict[str, dict]:
+    """families x scorers x TRIM (none / all / last-token) x 50 / 70 %, and the other paths once."""
+    out = {}
+    for fam, sc, tr, sp in itertools.product(TINY_FAMILIES, ["magnitude", "wanda", "sparsegpt"],
+                                             [None, "all", "last-token"], [0.5, 0.7]):
+        flat = dict(TINY_BASE, scorer=sc, sparsity=sp)
+        if tr:
+            flat.update(trim=True, trim_inputs=tr)
+        out[f"tiny/{fam}/{sc}/{tr or 'none'}/{sp}"] = {"family": fam, "config": flat}
+    extra = {
+        "owl-wanda-trim": dict(scorer="wanda", sparsity=0.7, allocation="owl", trim=True),
+        "owl-sparsegpt": dict(scorer="sparsegpt", sparsity=0.6, allocation="owl"),
+        "alpha-wanda-trim": dict(scorer="wanda", sparsity=0.7, allocation="alphapruning", trim=True,
+                                 alpha_mapping="per_matrix"),
+        "alpha-magnitude": dict(scorer="magnitude", sparsity=0.6, allocation="alphapruning", alpha_metric="alpha_mid"),
+        "nm24-wanda": dict(scorer="wanda", sparsity=0.5, mask_structure="2:4"),
+        "nm48-sparsegpt": dict(scorer="sparsegpt", sparsity=0.5, mask_structure="4:8", blocksize=16),
+        "nm24-magnitude": dict(scorer="magnitude", sparsity=0.5, mask_structure="2:4"),
+        "recalc-wanda": dict(scorer="wanda", sparsity=0.6, trim_input_recalc=True),
+        "recalc-wanda-trim": dict(scorer="wanda", sparsity=0.7, trim=True, trim_input_recalc=True),
+        "recalc-sparsegpt-trim": dict(scorer="sparsegpt", sparsity=0.7, trim=True, trim_input_recalc=True),
+        "sample64-wanda-trim": dict(scorer="wanda", sparsity=0.7, trim=True, trim_inputs="sample:64"),
+        "sample64-psnr": dict(scorer="wanda", sparsity=0.6, trim=True, trim_inputs="sample:64",
+                              trim_metric="psnr_dim", trim_dim_metric="psnr"),
+        "lastok-mae": dict(scorer="magnitude", sparsity=0.6, trim=True, trim_inputs="last-token", trim_metric="mae"),
+        "parallel-wanda-trim": dict(scorer="wanda", sparsity=0.7, trim=True, trim_lr_search="parallel"),
+        "parallel-sparsegpt-trim": dict(scorer="sparsegpt", sparsity=0.7, trim=True, trim_lr_search="parallel"),
+        "parallel-neg": dict(scorer="wanda", sparsity=0.5, trim=True, trim_lr_search="parallel",
+                             trim_lrs=[0.9, 2.0]),
+        "sequential-neg": dict(scorer="wanda", sparsity=0.5, trim=True, trim_lr_search="sequential",
+                               trim_lrs=[0.9, 2.0]),
+        "noneg-wanda-trim": dict(scorer="wanda", sparsity=0.6, trim=True, trim_forbid_neg_lr=True),
+        "mse-mse": dict(scorer="wanda", sparsity=0.6, trim=True, trim_metric="mse", trim_dim_metric="mse"),
+        "snr-cosim": dict(scorer="sparsegpt", sparsity=0.6, trim=True, trim_metric="snr"),
+        "cosimdim-lasttok": dict(scorer="wanda", sparsity=0.7, trim=True, trim_inputs="last-token",
+                                 trim_metric="cosim_dim"),
+        "no-safeguards": dict(scorer="wanda", sparsity=0.7, trim=True, trim_safeguard=False),
+        "no-block-safeguard": dict(scorer="magnitude", sparsity=0.7, trim=True, trim_block_safeguard=False),
+        "iters3-cap08": dict(scorer="wanda", sparsity=0.6, trim=True, trim_iterations=3, trim_max_row_sparsity=0.8),
+        "batch3-sparsegpt": dict(scorer="sparsegpt", sparsity=0.6, batch_size=3, percdamp=0.05, blocksize=8),
+    }
+    for name, flat in extra.items():
+        for fam in ("llama", "gpt2"):
+            out[f"tiny/{fam}/extra/{name}"] = {"family": fam, "config": dict(TINY_BASE, **flat)}
+    return out
+
+
+def smollm2_cases() -> dict[str, dict]:
+    """SmolLM2-135M on CPU, C4 8 x 128: scorers x TRIM x allocations."""
+    out = {}
+    for sc, tr, al in itertools.product(["wanda", "sparsegpt", "magnitude"], [False, True],
+                                        ["uniform", "owl", "alphapruning"]):
+        flat = dict(scorer=sc, sparsity=0.7 if al != "uniform" else 0.6, allocation=al, trim=tr,
+                    calib="c4", nsamples=8, seqlen=128)
+        out[f"smollm2/{sc}/{'trim' if tr else 'alone'}/{al}"] = {"family": "smollm2", "config": flat}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ digests
+def make_config(flat: dict):
+    from trimprune import PruneConfig
+
+    if hasattr(PruneConfig, "from_flat"):
+        return PruneConfig.from_flat(flat)
+    return PruneConfig(**flat)
+
+
+def _plain(o):
+    if hasattr(o, "to_dict"):
+        return _plain(o.to_dict())
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return _plain(o.tolist())
+    return o
+
+
+def _rounded(o):
+    if isinstance(o, float):
+        return o if not math.isfinite(o) or o == 0 else float(f"{o:.10g}")
+    if isinstance(o, dict):
+        return {k: _rounded(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_rounded(v) for v in o]
+    return o
+
+
+def outcome(result) -> dict:
+    """The undigested outcome of one prune: records (exact floats), guard records, packed masks."""
+    layers = {k: _plain(v) for k, v in result.layers.items()}
+    guard = [_plain(b) for b in result.block_safeguard]
+    masks = {k: bytes(v.contiguous().numpy().tobytes()) for k, v in result.masks.items()}
+    return {"layers": layers, "block_safeguard": guard, "masks": masks}
+
+
+def digest(out: dict) -> dict:
+    h = hashlib.sha256()
+    for k in sorted(out["masks"]):
+        h.update(k.encode() + b"\0" + json.dumps(out["layers"][k]["shape"]).encode() + b"\0" + out["masks"][k])
+    rec = json.dumps(_rounded({"layers": out["layers"], "block_safeguard": out["block_safeguard"]}), sort_keys=True)
+    lrs = sorted({str(r["trim"]["lr"]) for r in out["layers"].values() if r.get("trim")})
+    kept = sum(1 for r in out["layers"].values() if r.get("trim") and r["trim"]["kept"] == "trim")
+    return {"masks": h.hexdigest()[:32], "records": hashlib.sha256(rec.encode()).hexdigest()[:32],
+            "trim_lrs": lrs, "trim_kept": kept}
+
+
+# ------------------------------------------------------------------------------------------ running
+_SMOL = {}
+
+
+def _smollm2():
+    from trimprune import load_model
+
+    if "m" not in _SMOL:
+        model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
+        _SMOL["m"] = (model, tok, {k: v.clone() for k, v in model.state_dict().items()})
+    return _SMOL["m"]
+
+
+def run_case(case: dict, alpha_cache: str | None = None) -> dict:
+    from tiny_models import calib, make
+    from trimprune import prune
+
+    flat = dict(case["config"])
+    if flat.get("allocation") == "alphapruning" and alpha_cache:
+        flat["alpha_cache_dir"] = alpha_cache
+    cfg = make_config(flat)
+    if case["family"] == "smollm2":
+        from trimprune.data import get_calibration
+        model, tok, state = _smollm2()
+        model.load_state_dict(state)
+        ids = get_calibration(cfg, tok)
+        return outcome(prune(model, tok, cfg, calibration=ids, progress=False))
+    ids = calib(flat["nsamples"], flat["seqlen"])
+    return outcome(prune(make(case["family"]), None, cfg, calibration=ids, progress=False))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="write tests/fixtures/equivalence.json")
+    ap.add_argument("--smollm2", action="store_true", help="also the SmolLM2 cases (needs TRIMPRUNE_DATA)")
+    ap.add_argument("--only", default=None, help="substring of the case names to run")
+    ap.add_argument("--dump", default=None, help="write the undigested outcomes (exact floats) as JSON")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    cases = tiny_cases() | (smollm2_cases() if args.smollm2 else {})
+    if args.only:
+        cases = {k: v for k, v in cases.items() if args.only in k}
+    import tempfile
+    fixture = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else {}
+    dump, bad = {}, []
+    with tempfile.TemporaryDirectory() as ac:
+        for name, case in cases.items():
+            t0 = time.perf_counter()
+            out = run_case(case, ac)
+            d = digest(out)
+            if args.dump:
+                dump[name] = {"layers": out["layers"], "block_safeguard": out["block_safeguard"],
+                              "masks": {k: hashlib.sha256(v).hexdigest() for k, v in out["masks"].items()}}
+            want = fixture.get(name)
+            status = "new" if want is None else ("same" if want == d else "DIFFERENT")
+            if status == "DIFFERENT":
+                bad.append(name)
+            print(f"{name:<55} {status:<9} {time.perf_counter() - t0:6.2f} s  kept {d['trim_kept']}", flush=True)
+            fixture[name] = d
+    if args.write:
+        FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+        FIXTURE.write_text(json.dumps(dict(sorted(fixture.items())), indent=1) + "\n")
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(dump, sort_keys=True))
+    print(f"{len(cases)} cases, {len(bad)} different" + (f": {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
