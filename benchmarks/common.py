@@ -91,14 +91,14 @@ class Timer:
 
 
 def config_overrides(items: list[str], error) -> dict:
-    """`--set FIELD=VALUE` items as {field: value} (VALUE as JSON, else a string); `error(message)` for a
-    field PruneConfig does not have (argparse's `ap.error`)."""
+    """`--set FIELD=VALUE` items as {flat field name: value} (VALUE as JSON, else a string); `error(message)`
+    for a field PruneConfig does not have (argparse's `ap.error`)."""
     from trimprune import PruneConfig
 
     out = {}
     for item in items:
         field, _, value = item.partition("=")
-        if not hasattr(PruneConfig(), field):
+        if field not in PruneConfig.flat_fields():
             error(f"--set {item}: PruneConfig has no field {field!r}")
         try:
             out[field] = json.loads(value)

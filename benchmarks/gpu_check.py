@@ -2,7 +2,8 @@
 
 Tiny random models in float16/float32 on CUDA: every scorer x TRIM mode x allocation runs, hits its
 exact sparsity, gives finite perplexity; GPU masks equal CPU masks (float32 Wanda); the Gram metrics
-equal explicit metrics on the GPU; offloaded evaluation equals plain evaluation.
+equal explicit metrics on the GPU; every registered fast path equals its pure function; graph replay
+and deferred host copies equal eager execution; offloaded pruning and evaluation equal resident ones.
 """
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import calib, make  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
-from trimprune.evaluate import nll_of_windows  # noqa: E402
-from trimprune.quality import ExplicitEvaluator, GramEvaluator, layer_metric  # noqa: E402
+from trimprune.algo.executor import Executor  # noqa: E402
+from trimprune.algo.masks import row_ranks  # noqa: E402
+from trimprune.algo.trim.evaluators import ExplicitEvaluator, GramEvaluator, GramSpec  # noqa: E402
+from trimprune.algo.trim.metrics import layer_metric  # noqa: E402
+from trimprune.algo.trim.search import TrimSearch, TrimSettings  # noqa: E402
+from trimprune.exec import CudaExecutor, fastpaths, make_executor, readback  # noqa: E402
+from trimprune.io.evaluate import nll_of_windows  # noqa: E402
+
+
+def cfg(**flat):
+    return PruneConfig.from_flat(flat)
 
 dev = torch.device("cuda")
 fails = 0
@@ -43,7 +53,7 @@ for dtype in [torch.float16, torch.bfloat16, torch.float32]:
                    {"trim": True, "trim_precision": "bf16"}]:
             m = make("llama").to(dev, dtype)
             t = time.perf_counter()
-            res = prune(m, None, PruneConfig(scorer=scorer, sparsity=0.5, nsamples=16, seqlen=64, **kw),
+            res = prune(m, None, cfg(scorer=scorer, sparsity=0.5, nsamples=16, seqlen=64, **kw),
                         calibration=ids, progress=False)
             nll, n = nll_of_windows(m, ids[:4], 4)
             ok = math.isfinite(nll) and abs(res.global_sparsity - 0.5) < 0.02
@@ -52,8 +62,8 @@ for dtype in [torch.float16, torch.bfloat16, torch.float32]:
 
 a = make("llama")
 b = make("llama").to(dev)
-ra = prune(a, None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64), calibration=ids, progress=False)
-rb = prune(b, None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64), calibration=ids, progress=False)
+ra = prune(a, None, cfg(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64), calibration=ids, progress=False)
+rb = prune(b, None, cfg(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64), calibration=ids, progress=False)
 same = sum(torch.equal(ra.mask(k), rb.mask(k)) for k in ra.layers)
 check(same >= len(ra.layers) - 1, f"float32 Wanda masks CPU == GPU for {same}/{len(ra.layers)} linears")
 
@@ -68,78 +78,62 @@ for name in ["cosim_flat", "cosim_dim", "mse", "snr"]:
     x, y = layer_metric(name, ge.stats_from_mask(M)), layer_metric(name, ee.stats_from_mask(M))
     check(torch.allclose(x, y, rtol=1e-4, atol=1e-6), f"gram == explicit on GPU for {name}: {x.tolist()} {y.tolist()}")
 
-# the batched count path (prefix sums + fused select) on the GPU, graph-captured, against explicit masks
-from trimprune.masks import row_ranks  # noqa: E402
-from trimprune.trim import TrimSearch, TrimSettings  # noqa: E402
-
+# the batched count path (prefix sums + fused select) on the GPU against explicit masks
+ex = make_executor(dev)
 Xs = torch.randn(2, 400, 96, generator=g).to(dev)
 Ws = torch.randn(2, 48, 96, generator=g).to(dev)
 Gs = Xs.transpose(1, 2) @ Xs
 rk = torch.stack([row_ranks(Ws[p].abs() * Xs[p].norm(dim=0)) for p in range(2)])
 k = torch.randint(0, 97, (2, 3, 48), generator=g).to(dev)
-ge = GramEvaluator(Gs, 400)
+ge = GramSpec(400).build(Gs, ex)
 ge.prepare(Ws)
 fast = ge.stats_from_counts(k, rk)
 slow = ge.stats_from_mask(rk.unsqueeze(1) < k.unsqueeze(-1))
 for key in ["c", "q", "err"]:      # relative to the row's output energy: q = yy - 2c' + err cancels
-    rel = ((fast[key] - slow[key]).abs() / (slow["yy"] + 1)).max().item()
+    rel = ((getattr(fast, key) - getattr(slow, key)).abs() / (slow.yy + 1)).max().item()
     check(rel < 1e-5, f"count fast path == mask path on GPU ({key}): max rel. diff {rel:.1e}")
 res = {}
 for mode in ["parallel", "sequential"]:
-    ts = TrimSearch(TrimSettings(lr_search=mode))
-    res[mode] = ts.run_many(lambda src: GramEvaluator(src, 400), ("gram-check",), Ws, Gs, rk, [0.5, 0.7],
-                            [48 * 48, 48 * 67])
+    res[mode] = TrimSearch(TrimSettings(lr_search=mode), ex).run_many(GramSpec(400), Ws, Gs, rk, [0.5, 0.7],
+                                                                     [48 * 48, 48 * 67])
 agree = sum(a.learning_rate == b.learning_rate and torch.equal(a.counts, b.counts)
             for a, b in zip(res["parallel"], res["sequential"]))
 check(agree == 2, f"TRIM lr search parallel (CUDA graph) == sequential on GPU: {agree}/2 linears, lrs "
                   f"{[r.learning_rate for r in res['parallel']]} vs {[r.learning_rate for r in res['sequential']]}")
 
-# the cross term of the quadratic prefix table: Triton kernel == tensor-code reference (float64)
-from trimprune.kernels import pruned_cross, pruned_cross_reference  # noqa: E402
+# graph replay on side streams (first use eager, second captured, third replayed) == the same executor
+# with graphs off
+eager = TrimSearch(TrimSettings(lr_search="parallel"), CudaExecutor(dev, graphs=False)).run_many(
+    GramSpec(400), Ws, Gs, rk, [0.5, 0.7], [48 * 48, 48 * 67])
+graphed = TrimSearch(TrimSettings(lr_search="parallel"), make_executor(dev))
+for use in range(3):
+    got = graphed.run_many(GramSpec(400), Ws, Gs, rk, [0.5, 0.7], [48 * 48, 48 * 67])
+    same = all(torch.equal(a.counts, b.counts) and a.summary == b.summary for a, b in zip(eager, got))
+    check(same, f"TRIM search, use {use} of the graph cache (eager, capture, replay) == without graphs: {same}")
 
-for P, R, N, shared in [(1, 5, 7, False), (2, 37, 70, True), (3, 130, 333, False), (2, 1536, 576, True)]:
-    Xk = torch.randn(P, 3 * N, N, generator=g).to(dev)
-    Gk = Xk.transpose(1, 2) @ Xk
-    if shared:
-        Gk = Gk[:1].expand(P, N, N)
-    Wk = torch.randn(P, R, N, generator=g).to(dev)
-    rkk = torch.stack([row_ranks(torch.randn(R, N, generator=g).to(dev)) for _ in range(P)])
-    got = pruned_cross(Wk, rkk, Gk).double()
-    want = pruned_cross_reference(Wk.double(), rkk, Gk.double(), chunk_elems=2**26)
-    rel = ((got - want).abs().amax() / want.abs().amax()).item()
-    check(rel < 1e-5, f"Triton cross term == reference for P={P} rows={R} in={N} shared G={shared}: rel. {rel:.1e}")
+# every registered fast path == its pure function
+for fps in fastpaths.REGISTRY.values():
+    for fp in fps:
+        out = fastpaths.check(fp, dev)
+        check(bool(out) and all(ok for ok, _ in out), f"fast path == pure function on GPU: {fp.name}: "
+                                                      f"{sum(ok for ok, _ in out)}/{len(out)}; {out[0][1]}")
 
-# the fused TRIM iterations (one Triton kernel) == the tensor code, on the GPU
-from trimprune.kernels import trim_iterations  # noqa: E402
-
-agree = 0
-for seed in range(8):
-    P, R, N, T = 3, 300 + 97 * seed, 96, 400
-    Xs = torch.randn(P, T, N, generator=g).to(dev) * torch.rand(N, generator=g).to(dev) * 3
-    Wf = torch.randn(P, R, N, generator=g).to(dev)
-    rkf = torch.stack([row_ranks(Wf[p].abs() * Xs[p].norm(dim=0)) for p in range(P)])
-    lm = ["cosim_flat", "cosim_dim", "mse", "mse_dim"][seed % 4]
-    dm = ["cosim", "mse"][seed % 2]
-    ts = TrimSearch(TrimSettings(layer_metric=lm, dim_metric=dm))
-    ev, s3, blm, bdq, _ = ts._start(lambda src: GramEvaluator(src, T, tables="on"), Wf, Xs.transpose(1, 2) @ Xs,
-                                    rkf, torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64, device=dev))
-    lrs = torch.tensor(ts.all_lrs, dtype=torch.float64, device=dev)
-    os.environ["TRIMPRUNE_TRITON"] = "0"
-    bx, bm, bit = ts._iterate(ev, rkf, s3, blm, bdq, lrs)
-    os.environ["TRIMPRUNE_TRITON"] = "1"
-    fx, fm, fit = trim_iterations(ev.count_tables(), ev.yy, s3.view(P), blm[:, 0], bdq[:, 0], lrs, 10, 0.95,
-                                  int(0.95 * N + 1e-9), T, lm, dm)
-    agree += bool(torch.equal(bx, fx) and torch.equal(bit, fit) and (bm - fm).abs().max() <= 1e-12)
-check(agree == 8, f"fused TRIM iterations == tensor code on GPU: {agree}/8 (4 layer x 2 dim metrics, 9 rates)")
+# deferred host copies (pinned staging, event) == eager copies
+tens = {"a": torch.randn(5, 3, device=dev, dtype=torch.float64), "b": torch.arange(7, device=dev),
+        "c": torch.tensor(True, device=dev), "d": torch.arange(11, device=dev, dtype=torch.uint8)}
+want = Executor().defer(tens, dict).result()
+got = readback.stage(tens, dict).result()
+check(all(torch.equal(got[n], want[n]) and got[n].dtype == want[n].dtype for n in want),
+      "deferred host copies == eager host copies")
 
 # the pipeline with prefix tables (default on CUDA) == forming E G per candidate (TRIMPRUNE_TRITON=0)
 
 recs = {}
 for flag in ["1", "0"]:
     os.environ["TRIMPRUNE_TRITON"] = flag
-    r = prune(make("llama").to(dev), None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
-                                                       trim_precision="fp32"), calibration=ids, progress=False)
-    recs[flag] = {n: (rec["trim"]["lr"], r.masks[n].cpu()) for n, rec in r.layers.items()}
+    r = prune(make("llama").to(dev), None, cfg(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
+                                               trim_precision="fp32"), calibration=ids, progress=False)
+    recs[flag] = {n: (rec.trim.search.lr, r.masks[n].cpu()) for n, rec in r.layers.items()}
 os.environ["TRIMPRUNE_TRITON"] = "1"
 same = sum(recs["1"][n][0] == recs["0"][n][0] and torch.equal(recs["1"][n][1], recs["0"][n][1]) for n in recs["1"])
 check(same >= len(recs["1"]) - 1, f"pipeline TRIM with prefix tables == with E G per candidate: {same}/{len(recs['1'])}"
@@ -148,15 +142,35 @@ check(same >= len(recs["1"]) - 1, f"pipeline TRIM with prefix tables == with E G
 # the pipeline: CUDA-graph searches overlapping on side streams == the sequential search, linear by linear
 recs = {}
 for mode in ["parallel", "sequential"]:
-    r = prune(make("llama").to(dev), None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
-                                                       trim_precision="fp32", trim_lr_search=mode),
+    r = prune(make("llama").to(dev), None, cfg(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
+                                               trim_precision="fp32", trim_lr_search=mode),
               calibration=ids, progress=False)
-    recs[mode] = {n: (rec["trim"]["lr"], r.masks[n].cpu()) for n, rec in r.layers.items()}
+    recs[mode] = {n: (rec.trim.search.lr, r.masks[n].cpu()) for n, rec in r.layers.items()}
 same = sum(recs["parallel"][n][0] == recs["sequential"][n][0] and torch.equal(recs["parallel"][n][1],
                                                                                 recs["sequential"][n][1])
            for n in recs["parallel"])
 check(same == len(recs["parallel"]), f"pipeline TRIM with overlapping graph searches == sequential search: "
                                      f"{same}/{len(recs['parallel'])} linears")
+
+# nothing of a prune stays allocated on the GPU after it returns (graphs, statistics, records)
+m = make("llama").to(dev)
+used = []
+for _ in range(3):
+    prune(m, None, cfg(scorer="sparsegpt", sparsity=0.6, nsamples=16, seqlen=64, trim=True), calibration=ids,
+          progress=False)
+    torch.cuda.synchronize()
+    used.append(torch.cuda.memory_allocated(dev))
+check(used[0] == used[1] == used[2], f"GPU memory allocated after 1, 2, 3 prunes: {used}")
+
+# offloaded pruning (weights and activations in CPU memory, blocks visit the GPU) == resident pruning
+recs = {}
+for off in [False, True]:
+    m = make("llama") if off else make("llama").to(dev)
+    r = prune(m, None, cfg(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True, offload=off),
+              calibration=ids, device=dev, progress=False)
+    recs[off] = {n: r.masks[n] for n in r.layers}
+same = sum(torch.equal(recs[False][n], recs[True][n]) for n in recs[False])
+check(same == len(recs[False]), f"offloaded TRIM prune == resident: {same}/{len(recs[False])} masks")
 
 m = make("gemma3").to(dev)
 x1, _ = nll_of_windows(m, ids[:6], 3)

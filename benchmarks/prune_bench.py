@@ -11,7 +11,6 @@ as JSON lines to --out.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, append_jsonl, bench_model, config_overrides, machine, peak_rss_gb, random_calibration  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
-from trimprune.data import get_calibration  # noqa: E402
-from trimprune.models import resolve_device, resolve_dtype  # noqa: E402
+from trimprune.calib.data import get_calibration  # noqa: E402
+from trimprune.io.models import resolve_device, resolve_dtype  # noqa: E402
 
 
 def main(argv=None):
@@ -59,14 +58,14 @@ def main(argv=None):
     model, tok = bench_model(args.model, args.gguf_file, dev, dtype, args.layers, args.offload)
     load_s = time.perf_counter() - t0
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base = PruneConfig(sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                       batch_size=args.batch_size, offload=args.offload)
+    base = dict(sparsity=args.sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                batch_size=args.batch_size, offload=args.offload)
     if tok is None:
         calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)
         calib_s = 0.0
     else:
         t1 = time.perf_counter()
-        calib = get_calibration(base, tok)
+        calib = get_calibration(PruneConfig.from_flat(base).calib, tok)
         calib_s = time.perf_counter() - t1
     spec = "none,all,last-token" if args.trim == "both" else args.trim
     trims = []
@@ -83,17 +82,15 @@ def main(argv=None):
         for trim, prec in trims:
             for rep in range(args.repeat):
                 model.load_state_dict(state)
-                cfg = copy.deepcopy(base)
-                cfg.scorer = scorer
-                for field, value in overrides.items():
-                    setattr(cfg, field, value)
+                flat = base | {"scorer": scorer} | overrides
                 if trim:
-                    cfg.trim, cfg.trim_inputs, cfg.trim_precision = True, trim, prec
+                    flat |= {"trim": True, "trim_inputs": trim, "trim_precision": prec}
+                cfg = PruneConfig.from_flat(flat)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 with Timer() as t:
                     res = prune(model, tok, cfg, calibration=calib, device=dev, progress=False)
-                nb = max(r["block"] for r in res.layers.values()) + 1
+                nb = max(r.block for r in res.layers.values()) + 1
                 rec = {"machine": machine(), "model": args.model, "scorer": scorer, "trim": trim or "none",
                        "trim_precision": prec, "sparsity": args.sparsity,
                        "nsamples": args.nsamples, "seqlen": args.seqlen, "dtype": str(dtype), "run": rep,

@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_jsonl, machine  # noqa: E402
 
 from trimprune import PruneConfig, load_model, prune  # noqa: E402
-from trimprune.data import get_calibration  # noqa: E402
-from trimprune.evaluate import evaluate_sets, prepare_eval_sets  # noqa: E402
+from trimprune.algo.records import Kept  # noqa: E402
+from trimprune.calib.data import get_calibration  # noqa: E402
+from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets  # noqa: E402
 
 
 def grid(name: str) -> list[dict]:
@@ -81,7 +82,7 @@ def main(argv=None):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = dict(calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                 trim_precision=args.trim_precision, alpha_cache_dir=args.alpha_cache_dir)
-    calib = get_calibration(PruneConfig(**base), tok)
+    calib = get_calibration(PruneConfig.from_flat(base).calib, tok)
     sets = prepare_eval_sets(["wikitext2"], tok, args.seqlen, None, args.eval_limit)
     done = set()
     if args.skip_done and Path(args.out).is_file():
@@ -100,20 +101,20 @@ def main(argv=None):
         if key in done:
             continue
         model.load_state_dict(state)
-        cfg = PruneConfig(**base, **g)
+        cfg = PruneConfig.from_flat(base | g)
         t = time.perf_counter()
         res = prune(model, tok, cfg, calibration=calib, progress=False)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
         ev = evaluate_sets(model, sets, 8)["wikitext2"]
-        ts = [r["trim"] for r in res.layers.values() if "trim" in r]
+        ts = [r.trim for r in res.layers.values() if r.trim is not None]
         rec = {"machine": machine(), "model": args.model, "config_overrides": g, "calib": f"c4 {args.nsamples}x"
                f"{args.seqlen} seed {args.seed}", "ppl": ev["perplexity"], "dense_ppl": dense["perplexity"],
                "eval_windows": ev["windows"], "achieved_sparsity": res.global_sparsity,
                "prune_seconds": res.timings["prune_seconds"], "wall_seconds": wall,
                "trim_search_seconds": res.timings["trim_search_seconds"],
-               "trim_kept": sum(t["kept"] == "trim" for t in ts), "trim_linears": len(ts),
+               "trim_kept": sum(t.kept == Kept.TRIM for t in ts), "trim_linears": len(ts),
                "allocation_per_block": res.allocation.per_block(), "trim_precision": args.trim_precision}
         append_jsonl(args.out, rec)
         print(f"{json.dumps(g):<100} ppl {ev['perplexity']:9.3f}  sparsity {res.global_sparsity:.4f}  "

@@ -1,4 +1,4 @@
-"""Summarise a Chrome trace written by `profile_trim.py --trace FILE`: where the device is busy or idle.
+"""Summarise a Chrome trace written by `phases.py --mode trace --trace FILE`: where the device is busy or idle.
 
     python benchmarks/trace_summary.py FILE [--top 15]
 

@@ -94,15 +94,8 @@ def smollm2_cases() -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ digests
-def make_config(flat: dict):
-    from trimprune import PruneConfig
-
-    if hasattr(PruneConfig, "from_flat"):
-        return PruneConfig.from_flat(flat)
-    return PruneConfig(**flat)
-
-
 def _plain(o):
+    """Records as JSON-like data (`to_dict`)."""
     if hasattr(o, "to_dict"):
         return _plain(o.to_dict())
     if isinstance(o, dict):
@@ -158,17 +151,17 @@ def _smollm2():
 
 def run_case(case: dict, alpha_cache: str | None = None) -> dict:
     from tiny_models import calib, make
-    from trimprune import prune
+    from trimprune import PruneConfig, prune
+    from trimprune.calib.data import get_calibration
 
     flat = dict(case["config"])
     if flat.get("allocation") == "alphapruning" and alpha_cache:
         flat["alpha_cache_dir"] = alpha_cache
-    cfg = make_config(flat)
+    cfg = PruneConfig.from_flat(flat)
     if case["family"] == "smollm2":
-        from trimprune.data import get_calibration
         model, tok, state = _smollm2()
         model.load_state_dict(state)
-        ids = get_calibration(cfg, tok)
+        ids = get_calibration(cfg.calib, tok)
         return outcome(prune(model, tok, cfg, calibration=ids, progress=False))
     ids = calib(flat["nsamples"], flat["seqlen"])
     return outcome(prune(make(case["family"]), None, cfg, calibration=ids, progress=False))

@@ -6,13 +6,13 @@ import torch
 
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
-from trimprune.allocation.alphapruning import alpha_metrics, alpha_sparsities, esd
-from trimprune.allocation.base import clip_to_mean
-from trimprune.models import ModelAdapter, weight_2d
+from trimprune.algo.allocation.alphapruning import alpha_metrics, alpha_sparsities, esd
+from trimprune.algo.allocation.base import clip_to_mean
+from trimprune.io.models import ModelAdapter, weight_2d
 
 
 def _numel_mean(res):
-    return sum(r["target_sparsity"] * r["numel"] for r in res.layers.values()) / sum(r["numel"] for r in res.layers.values())
+    return sum(r.target_sparsity * r.numel for r in res.layers.values()) / sum(r.numel for r in res.layers.values())
 
 
 def test_owl_equals_direct_recomputation():
@@ -36,7 +36,7 @@ def test_owl_equals_direct_recomputation():
     dens = (D - D.min()) / (D.max() - D.min()) * lam * 2
     expected = 1 - (dens - dens.mean() + (1 - s))
     res = prune(make("llama", dtype=torch.float64), None,
-                PruneConfig(scorer="wanda", sparsity=s, allocation="owl", nsamples=8, seqlen=24), calibration=ids,
+                PruneConfig.from_flat(dict(scorer="wanda", sparsity=s, allocation="owl", nsamples=8, seqlen=24)), calibration=ids,
                 progress=False)
     got = res.allocation.per_block()
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=0, atol=1e-12)
@@ -87,8 +87,8 @@ def test_hill_ks_recovers_power_law_exponent(alpha):
 def test_alphapruning_allocation_equals_direct_mapping(tmp_path):
     model = make("llama")
     s, eps = 0.5, 0.3
-    cfg = PruneConfig(scorer="magnitude", sparsity=s, allocation="alphapruning", alpha_eps=eps, nsamples=4, seqlen=16,
-                      alpha_cache_dir=str(tmp_path), alpha_mapping="per_matrix")
+    cfg = PruneConfig.from_flat(dict(scorer="magnitude", sparsity=s, allocation="alphapruning", alpha_eps=eps, nsamples=4, seqlen=16,
+                      alpha_cache_dir=str(tmp_path), alpha_mapping="per_matrix"))
     ad = ModelAdapter.from_model(model)
     names = list(ad.all_linears())
     metric = torch.tensor([alpha_metrics(esd(weight_2d(m)))["alpha_peak"] for m in ad.all_linears().values()],
@@ -141,38 +141,38 @@ def test_clip_to_mean_shift_and_scale():
 @pytest.mark.parametrize("trim", [False, True])
 def test_every_allocation_has_exact_global_mean_and_composes(allocation, scorer, trim, tmp_path):
     s = 0.7
-    res = prune(make("qwen2"), None, PruneConfig(scorer=scorer, sparsity=s, allocation=allocation, trim=trim,
-                                                 nsamples=8, seqlen=24, alpha_cache_dir=str(tmp_path)),
+    res = prune(make("qwen2"), None, PruneConfig.from_flat(dict(scorer=scorer, sparsity=s, allocation=allocation, trim=trim,
+                                                 nsamples=8, seqlen=24, alpha_cache_dir=str(tmp_path))),
                 calibration=calib(8, 24), progress=False)
     assert res.allocation.achieved == pytest.approx(s, abs=1e-12)
     assert _numel_mean(res) == pytest.approx(s, abs=1e-12)
     for r in res.layers.values():                                  # every linear hits its own target
-        per = round(r["target_sparsity"] * r["shape"][1]) * r["shape"][0] if scorer == "wanda" else \
-            round(r["target_sparsity"] * r["numel"])
-        assert r["zeros"] == per
+        per = round(r.target_sparsity * r.shape[1]) * r.shape[0] if scorer == "wanda" else \
+            round(r.target_sparsity * r.numel)
+        assert r.zeros == per
     if allocation != "uniform":
-        assert len({round(r["target_sparsity"], 9) for r in res.layers.values()}) > 1
+        assert len({round(r.target_sparsity, 9) for r in res.layers.values()}) > 1
 
 
 def test_allocation_file_round_trip(tmp_path):
     ids = calib(8, 24)
-    res = prune(make("llama"), None, PruneConfig(scorer="wanda", sparsity=0.6, allocation="owl", nsamples=8,
-                                                 seqlen=24), calibration=ids, progress=False)
+    res = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, allocation="owl", nsamples=8,
+                                                 seqlen=24)), calibration=ids, progress=False)
     path = tmp_path / "alloc.json"
     res.allocation.save(path)
-    rep = prune(make("llama"), None, PruneConfig(scorer="wanda", sparsity=0.6, allocation=f"file:{path}",
-                                                 nsamples=8, seqlen=24), calibration=ids, progress=False)
+    rep = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, allocation=f"file:{path}",
+                                                 nsamples=8, seqlen=24)), calibration=ids, progress=False)
     assert rep.allocation.per_linear == res.allocation.per_linear
     for n in res.layers:
         assert torch.equal(rep.mask(n), res.mask(n))
     # per-block list and block-relative names are accepted too; YAML as well as JSON
     blocks = res.allocation.per_block()
     (tmp_path / "b.yaml").write_text("\n".join(f"- {b}" for b in blocks))
-    rb = prune(make("llama"), None, PruneConfig(sparsity=0.6, allocation=f"file:{tmp_path / 'b.yaml'}", nsamples=8,
-                                                seqlen=24), calibration=ids, progress=False)
+    rb = prune(make("llama"), None, PruneConfig.from_flat(dict(sparsity=0.6, allocation=f"file:{tmp_path / 'b.yaml'}", nsamples=8,
+                                                seqlen=24)), calibration=ids, progress=False)
     assert rb.allocation.per_block() == pytest.approx(blocks)
-    rel = {f"{res.layers[n]['block']}.{res.layers[n]['name']}": v for n, v in res.allocation.per_linear.items()}
+    rel = {f"{res.layers[n].block}.{res.layers[n].name}": v for n, v in res.allocation.per_linear.items()}
     (tmp_path / "r.json").write_text(json.dumps(rel))
-    rr = prune(make("llama"), None, PruneConfig(sparsity=0.6, allocation=f"file:{tmp_path / 'r.json'}", nsamples=8,
-                                                seqlen=24), calibration=ids, progress=False)
+    rr = prune(make("llama"), None, PruneConfig.from_flat(dict(sparsity=0.6, allocation=f"file:{tmp_path / 'r.json'}", nsamples=8,
+                                                seqlen=24)), calibration=ids, progress=False)
     assert rr.allocation.per_linear == res.allocation.per_linear

@@ -8,9 +8,9 @@ import torch
 
 from tiny_models import V, calib, make
 from trimprune import PruneConfig
-from trimprune.data import calib_c4, calib_stream, eval_text, get_calibration, read_rows, sample_from_model
+from trimprune.calib.data import calib_c4, calib_stream, eval_text, get_calibration, read_rows, sample_from_model
 from trimprune.errors import TrimpruneError
-from trimprune.evaluate import nll_of_windows, text_windows
+from trimprune.io.evaluate import nll_of_windows, text_windows
 
 
 def test_wikitext2_test_protocol_token_count(data_dir, gpt2_tokenizer):
@@ -67,12 +67,14 @@ def test_local_calibration_files_all_formats(tmp_path, gpt2_tokenizer):
     pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
     outs = []
     for name, fmt in [("d.jsonl", None), ("d.txt", None), ("d.parquet", None), ("d.data", "txt")]:
-        cfg = PruneConfig(calib="c4", calib_data=str(tmp_path / name), calib_format=fmt, nsamples=3, seqlen=64)
+        cfg = PruneConfig.from_flat(dict(calib="c4", calib_data=str(tmp_path / name), calib_format=fmt, nsamples=3,
+                                         seqlen=64)).calib
         outs.append(get_calibration(cfg, gpt2_tokenizer))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert outs[0].shape == (3, 64)
     with pytest.raises(TrimpruneError, match="--calib-format"):
-        get_calibration(PruneConfig(calib_data=str(tmp_path / "d.data"), nsamples=1, seqlen=8), gpt2_tokenizer)
+        get_calibration(PruneConfig.from_flat(dict(calib_data=str(tmp_path / "d.data"), nsamples=1, seqlen=8)).calib,
+                        gpt2_tokenizer)
 
 
 def test_hub_names_offline_name_the_local_flag(monkeypatch, gpt2_tokenizer):
@@ -80,7 +82,7 @@ def test_hub_names_offline_name_the_local_flag(monkeypatch, gpt2_tokenizer):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(TrimpruneError, match="--calib-data"):
-        get_calibration(PruneConfig(calib="c4", nsamples=1, seqlen=8), gpt2_tokenizer)
+        get_calibration(PruneConfig.from_flat(dict(calib="c4", nsamples=1, seqlen=8)).calib, gpt2_tokenizer)
     with pytest.raises(TrimpruneError, match="--eval-data wikitext2=PATH"):
         eval_text("wikitext2")
 

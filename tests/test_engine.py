@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from tiny_models import FAMILIES, LINEARS_PER_BLOCK, calib, make
-from trimprune import engine
-from trimprune.models import ModelAdapter, is_prunable
+from trimprune.calib import capture as engine
+from trimprune.io.models import ModelAdapter, is_prunable
 
 
 def _reference_block_outputs(model, adapter, ids):
@@ -54,7 +54,7 @@ def test_offload_path_gives_identical_outputs():
     ids = calib(5, 16)
     a = engine.capture(model, ad, list(ids.split(2)), torch.device("cpu"), offload=False)
     b = engine.capture(model, ad, list(ids.split(2)), torch.device("cpu"), offload=True)
-    ha = engine.walk(model, ad, a, lambda *x: None, progress=False)
-    hb = engine.walk(model, ad, b, lambda *x: None, offload=True, progress=False)
+    ha = engine.walk(ad, a, engine.Streams(a.hidden), lambda run: None, progress=False).main
+    hb = engine.walk(ad, b, engine.Streams(b.hidden), lambda run: None, offload=True, progress=False).main
     torch.testing.assert_close(torch.cat(ha), torch.cat(hb), rtol=0, atol=0)
     assert b.store_device.type == "cpu"

@@ -6,11 +6,14 @@ import torch
 
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
-from trimprune.kernels import pruned_cross_reference
-from trimprune.masks import row_ranks
-from trimprune.models import ModelAdapter, weight_2d
-from trimprune.quality import ExplicitEvaluator, GramEvaluator, dim_metric, layer_metric
-from trimprune.trim import TrimSearch, TrimSettings, _repair_counts, capped_counts, exact_counts, project_capped_mean
+from trimprune.algo.executor import Executor
+from trimprune.algo.masks import row_ranks
+from trimprune.algo.records import BlockChoice, Kept
+from trimprune.algo.trim.counts import _repair_counts, capped_counts, exact_counts, project_capped_mean
+from trimprune.algo.trim.evaluators import ExplicitEvaluator, ExplicitSpec, GramEvaluator, GramSpec, pruned_cross
+from trimprune.algo.trim.metrics import dim_metric, layer_metric
+from trimprune.algo.trim.search import TrimSearch, TrimSettings, iterate
+from trimprune.io.models import ModelAdapter, weight_2d
 
 GRAM_LAYER = ["cosim_flat", "cosim_dim", "mse", "mse_dim", "snr"]
 
@@ -36,9 +39,9 @@ def test_gram_counts_fast_path_equals_explicit_masks(seed, tables):
         for c in range(L):
             Wp = W[p] * ~(ranks[p] < k[p, c].unsqueeze(-1))
             Y, Yp = W[p] @ X[p].T, Wp @ X[p].T
-            torch.testing.assert_close(st["c"][p, c], (Y * Yp).sum(-1), rtol=1e-10, atol=1e-9)
-            torch.testing.assert_close(st["q"][p, c], (Yp * Yp).sum(-1), rtol=1e-10, atol=1e-9)
-            torch.testing.assert_close(st["err"][p, c], ((Y - Yp) ** 2).sum(-1), rtol=1e-10, atol=1e-9)
+            torch.testing.assert_close(st.c[p, c], (Y * Yp).sum(-1), rtol=1e-10, atol=1e-9)
+            torch.testing.assert_close(st.q[p, c], (Yp * Yp).sum(-1), rtol=1e-10, atol=1e-9)
+            torch.testing.assert_close(st.err[p, c], ((Y - Yp) ** 2).sum(-1), rtol=1e-10, atol=1e-9)
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gram_metrics_equal_explicit_metrics(seed):
@@ -141,8 +144,8 @@ def test_last_token_mode_reproduces_reference_loop(sparsity):
     for h in hooks:
         h.remove()
     search = TrimSearch(TrimSettings(rounding="floor"))   # what --trim-inputs last-token uses
-    res_pipeline = prune(make("llama"), None, PruneConfig(scorer="wanda", sparsity=sparsity, nsamples=16, seqlen=24,
-                                                         trim=True, trim_inputs="last-token"),
+    res_pipeline = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=sparsity, nsamples=16, seqlen=24,
+                                                         trim=True, trim_inputs="last-token")),
                          calibration=ids, progress=False)
     n_lr_seen = set()
     for n, mod in lins.items():
@@ -153,11 +156,11 @@ def test_last_token_mode_reproduces_reference_loop(sparsity):
         score = W.abs() * norm
         sorted_idx = torch.sort(score, dim=-1, stable=True)[1]
         lr_ref, x_ref, m_ref = _ref_search(sparsity, W, last, sorted_idx)
-        res = search.run(ExplicitEvaluator, ("explicit",), W, last, row_ranks(score), sparsity)
+        res = search.run(ExplicitSpec(), W, last, row_ranks(score), sparsity)
         assert res.learning_rate == lr_ref, n
         torch.testing.assert_close(res.search_sparsities, x_ref, rtol=0, atol=1e-6)
         assert math.isclose(res.best_metric, m_ref, rel_tol=1e-9)
-        assert res_pipeline.layers[ad.full_name(0, n)]["trim"]["lr"] == lr_ref
+        assert res_pipeline.layers[ad.full_name(0, n)].trim.search.lr == lr_ref
         n_lr_seen.add(lr_ref)
     assert len(n_lr_seen) >= 2  # the test exercises different outcomes
 
@@ -218,39 +221,39 @@ def test_repair_hands_out_a_wrong_remainder_one_weight_per_row():
 def test_trim_composes_with_every_scorer_and_never_loses_to_it(scorer, inputs):
     model = make("qwen2")
     s = 0.7
-    res = prune(model, None, PruneConfig(scorer=scorer, sparsity=s, nsamples=8, seqlen=24, trim=True,
-                                         trim_inputs=inputs, trim_block_safeguard=False),
+    res = prune(model, None, PruneConfig.from_flat(dict(scorer=scorer, sparsity=s, nsamples=8, seqlen=24, trim=True,
+                                         trim_inputs=inputs, trim_block_safeguard=False)),
                 calibration=calib(8, 24), progress=False)
     for name, r in res.layers.items():
-        t = r["trim"]
-        rows, cols = r["shape"]
-        expected = round(s * cols) * rows if scorer == "wanda" else round(s * r["numel"])
-        assert r["zeros"] == expected, name                  # TRIM prunes exactly what the scorer would
-        assert t["row_sparsity_min"] >= 0 and t["row_sparsity_max"] <= 0.95
-        kept_metric = t["trim_weights_metric"] if t["kept"] == "trim" else t["scorer_alone_metric"]
-        assert kept_metric >= t["scorer_alone_metric"]                         # safeguard
-        assert t["best_metric"] >= t["baseline_metric"]
+        t = r.trim
+        rows, cols = r.shape
+        expected = round(s * cols) * rows if scorer == "wanda" else round(s * r.numel)
+        assert r.zeros == expected, name                  # TRIM prunes exactly what the scorer would
+        assert t.search.row_sparsity_min >= 0 and t.search.row_sparsity_max <= 0.95
+        kept_metric = t.trim_weights_metric if t.kept == Kept.TRIM else t.scorer_alone_metric
+        assert kept_metric >= t.scorer_alone_metric                         # safeguard
+        assert t.search.best_metric >= t.search.baseline_metric
     if scorer != "sparsegpt":   # SparseGPT's own per-matrix selection is rarely beaten (see RESULTS.md)
-        assert any(r["trim"]["kept"] == "trim" and r["trim"]["lr"] is not None for r in res.layers.values())
+        assert any(r.trim.kept == Kept.TRIM and r.trim.search.lr is not None for r in res.layers.values())
 
 
 def test_trim_row_allocation_is_non_uniform_and_improves_the_gram_metric():
     model = make("llama")
-    res = prune(model, None, PruneConfig(scorer="wanda", sparsity=0.7, nsamples=8, seqlen=24, trim=True,
-                                         trim_block_safeguard=False), calibration=calib(8, 24), progress=False)
-    improved = [r for r in res.layers.values() if r["trim"]["final_metric"] > r["trim"]["baseline_metric"]]
+    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.7, nsamples=8, seqlen=24, trim=True,
+                                         trim_block_safeguard=False)), calibration=calib(8, 24), progress=False)
+    improved = [r for r in res.layers.values() if r.trim.search.final_metric > r.trim.search.baseline_metric]
     assert improved
-    assert any(r["row_sparsity_max"] - r["row_sparsity_min"] > 0.05 for r in improved)
+    assert any(r.row_sparsity_max - r.row_sparsity_min > 0.05 for r in improved)
 
 
 def test_input_recalc_uses_inputs_of_the_pruned_earlier_linears():
     """With --trim-input-recalc, o_proj's statistics come from a forward in which q/k/v are already
     pruned, so the result differs from the plain run; both are exact in sparsity."""
     ids = calib(8, 24)
-    a = prune(make("llama"), None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24), calibration=ids,
+    a = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24)), calibration=ids,
               progress=False)
     mb = make("llama")
-    b = prune(mb, None, PruneConfig(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24, trim_input_recalc=True),
+    b = prune(mb, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24, trim_input_recalc=True)),
               calibration=ids, progress=False)
     q = "model.layers.0.self_attn.q_proj"
     o = "model.layers.0.self_attn.o_proj"
@@ -278,19 +281,19 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
     s = 0.7
     ids = calib(16, 24)
     model = make("llama")
-    res = prune(model, None, PruneConfig(scorer="wanda", sparsity=s, nsamples=16, seqlen=24, trim=True),
+    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=s, nsamples=16, seqlen=24, trim=True)),
                 calibration=ids, progress=False)
     assert len(res.block_safeguard) == 2
     ad = ModelAdapter.from_model(model)
     for b in res.block_safeguard:
-        kept_trim = b["err_trim"] <= b["err_scorer_alone"]
-        assert b["kept"] == ("trim" if kept_trim else "scorer_alone")
-        for name in b["linears"]:
-            rec = res.layers[ad.full_name(b["block"], name)]
-            W = weight_2d(ad.linears(b["block"])[name])
-            assert torch.equal(W == 0, res.mask(ad.full_name(b["block"], name)))
+        kept_trim = b.err_trim <= b.err_scorer_alone
+        assert b.kept == (BlockChoice.TRIM if kept_trim else BlockChoice.SCORER_ALONE)
+        for name in b.linears:
+            rec = res.layers[ad.full_name(b.block, name)]
+            W = weight_2d(ad.linears(b.block)[name])
+            assert torch.equal(W == 0, res.mask(ad.full_name(b.block, name)))
             if not kept_trim:                               # Wanda alone: round(s * in) zeros in every row
-                assert rec["trim"]["kept"] == "scorer_alone (block safeguard)"
+                assert rec.trim.kept == Kept.BLOCK_SAFEGUARD
                 assert bool(((W == 0).sum(1) == round(s * W.shape[1])).all())
     # the recorded errors are, on the subset (the first 1/8 of the sequences), the squared distance
     # between the pruned model's block output and the dense model's
@@ -307,18 +310,18 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
         for h in hs:
             h.remove()
     for b in res.block_safeguard:
-        i = b["block"]
-        chosen = min(b["err_trim"], b["err_scorer_alone"])
+        i = b.block
+        chosen = min(b.err_trim, b.err_scorer_alone)
         assert float((outs["p", i] - outs["d", i]).square().sum()) == pytest.approx(chosen, rel=1e-5)
-    assert {b["block"] for b in res.block_safeguard} == {0, 1}
+    assert {b.block for b in res.block_safeguard} == {0, 1}
 
 
 def test_obs_proxy_is_exact_when_inputs_are_uncorrelated():
     """With a diagonal Gram matrix no weight can compensate another, so SparseGPT's reconstruction is
     plain masking and the OBS prediction (prefix sums of w^2 / [U]_jj^2) equals the exact statistics."""
-    from trimprune.quality import ObsEvaluator
-    from trimprune.scorers import SparseGPT
-    from trimprune.stats import InputStats, StatsNeeds
+    from trimprune.algo.scorers import SparseGPT
+    from trimprune.algo.trim.evaluators import ObsEvaluator
+    from trimprune.calib.stats import InputStats, StatsNeeds
     g = torch.Generator().manual_seed(4)
     n, rows = 40, 12
     G = torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 5 + 0.1)
@@ -335,7 +338,7 @@ def test_obs_proxy_is_exact_when_inputs_are_uncorrelated():
     a = obs.stats_from_counts(k, ranks.unsqueeze(0))
     b = gram.stats_from_mask(ranks.unsqueeze(0) < k.squeeze(0).unsqueeze(-1))
     for key in ["err", "c", "q"]:
-        torch.testing.assert_close(a[key][0], b[key], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(getattr(a, key)[0], getattr(b, key), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("lrs", [(0.01, 0.02, 0.04, 0.08, 0.12, 0.16), (0.9, 2.0)])   # the 2nd reaches negative rates
@@ -353,19 +356,22 @@ def test_sequential_lr_search_equals_parallel(seed, lrs):
     s = [0.5, 0.6, 0.7]
     totals = [rows * round(sp * n) for sp in s]
     out, evaluated = {}, {}
+
+    class Counting(Executor):
+        """Eager, counting the (linear, rate) pairs the TRIM iterations evaluate."""
+
+        def __init__(self):
+            self.pairs = 0
+
+        def call(self, fn, *args, **kwargs):
+            if fn is iterate:
+                self.pairs += args[1].shape[0] * args[5].shape[0]
+            return fn(*args, **kwargs)
+
     for mode in ("parallel", "sequential"):
-        search = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs))
-        calls = []
-        orig = search._iterate
-
-        def counting(ev, rk, *a, _orig=orig, _calls=calls):
-            r = _orig(ev, rk, *a)
-            _calls.append(rk.shape[0] * a[-1].shape[0])
-            return r
-
-        search._iterate = counting
-        out[mode] = search.run_many(lambda src: GramEvaluator(src, T), ("gram",), W, G, ranks, s, totals)
-        evaluated[mode] = sum(calls)
+        ex = Counting()
+        out[mode] = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs), ex).run_many(GramSpec(T), W, G, ranks, s, totals)
+        evaluated[mode] = ex.pairs
     for p, (a, b) in enumerate(zip(out["parallel"], out["sequential"])):
         assert torch.equal(a.counts, b.counts)
         assert a.learning_rate == b.learning_rate and a.best_iter == b.best_iter
@@ -385,7 +391,7 @@ def test_pruned_cross_equals_brute_force():
     W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
     G = torch.randn(P, n, n, generator=g, dtype=torch.float64)
     ranks = torch.stack([row_ranks(torch.randint(0, 3, (rows, n), generator=g).double()) for _ in range(P)])
-    got = pruned_cross_reference(W, ranks, G, chunk_elems=3 * n * n)          # several row chunks
+    got = pruned_cross(W, ranks, G, chunk_elems=3 * n * n)          # several row chunks
     for p in range(P):
         for r in range(rows):
             for a in range(n):
@@ -409,8 +415,7 @@ def test_prefix_tables_give_the_same_search(seed, lrs):
     totals = [rows * round(sp * n) for sp in s]
     for tables, mode in (("on", "auto"), ("off", "sequential")):
         search = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs))
-        out[tables] = search.run_many(lambda src, t=tables: GramEvaluator(src, T, tables=t), ("gram", tables),
-                                      W, G, ranks, s, totals)
+        out[tables] = search.run_many(GramSpec(T, tables=tables), W, G, ranks, s, totals)
     for a, b in zip(out["on"], out["off"]):
         assert torch.equal(a.counts, b.counts)
         assert a.learning_rate == b.learning_rate and a.best_iter == b.best_iter
@@ -419,20 +424,3 @@ def test_prefix_tables_give_the_same_search(seed, lrs):
         assert a.candidates.keys() == b.candidates.keys()
     if lrs == (0.9, 2.0) and seed == 2:
         assert any(r.learning_rate is not None and r.learning_rate < 0 for r in out["on"])
-
-
-def test_a_failing_kernel_falls_back_to_the_tensor_code(monkeypatch, caplog):
-    """A Triton failure (e.g. no C compiler for its launcher) turns the kernels off with one warning and
-    the exact tensor code answers instead."""
-    from trimprune import kernels
-
-    monkeypatch.setattr(kernels, "_FAILED", [])
-
-    def broken():
-        raise RuntimeError("no compiler")
-
-    with caplog.at_level("WARNING", logger="trimprune"):
-        assert kernels.run_or_fallback(broken, lambda: 42) == 42
-    assert "Triton kernels unavailable" in caplog.text and "no compiler" in kernels._FAILED[0]
-    assert not kernels.kernel_available(torch.zeros(2, 2))
-    assert not kernels.fused_iterations_ok(torch.device("cuda"), "cosim_flat", "cosim")

@@ -7,16 +7,8 @@ import sys
 import time
 import warnings
 
-from .config import CALIB_FORMATS, CALIB_SOURCES, SCORERS, TRIM_DIM_METRICS, TRIM_LAYER_METRICS, PruneConfig
+from .config import PruneConfig, flag_of
 from .errors import TrimpruneError
-
-# CLI flag -> PruneConfig field, for the flags that live in a recipe
-CONFIG_FLAGS = ["scorer", "sparsity", "mask_structure", "allocation", "calib", "calib_data", "calib_format",
-                "nsamples", "seqlen", "seed", "batch_size", "offload", "blocksize", "percdamp", "trim", "trim_inputs",
-                "trim_iterations", "trim_metric", "trim_dim_metric", "trim_forbid_neg_lr", "trim_input_recalc",
-                "trim_safeguard", "trim_block_safeguard", "trim_precision", "trim_lr_search",
-                "owl_m", "owl_lambda", "alpha_metric", "alpha_eps",
-                "alpha_mapping", "alpha_cache_dir"]
 
 
 def _eval_names(s: str) -> list[str]:
@@ -51,13 +43,38 @@ def _add_eval_args(p, required: bool):
                    help="number of held-out sequences sampled from the dense model for --eval self")
 
 
+# flag groups of the generated pruning flags: PruneConfig's own fields, then one group per part
+GROUPS = {None: "pruning", "scorer": "scorer", "allocation": "allocation",
+          "calib": "calibration", "trim": "TRIM", "run": "execution"}
+
+
+def _add_config_args(p) -> None:
+    """One flag per PruneConfig field (flag, type, choices and help from the field), default None: a
+    flag that is not given leaves the recipe's value (or the default) in place."""
+    groups, defaults = {}, PruneConfig().to_flat()
+    for key, (part, f) in PruneConfig.flat_fields().items():
+        g = groups.get(part) or groups.setdefault(part, p.add_argument_group(GROUPS[part]))
+        meta, default = f.metadata, defaults[key]
+        shown = default is not None and not isinstance(default, bool)
+        help_ = f"{meta['help']} (default {default})" if shown else meta["help"]
+        if isinstance(default, bool):
+            g.add_argument(flag_of(f), dest=key, action="store_false" if default else "store_true", default=None,
+                           help=help_)
+        elif isinstance(default, list):
+            g.add_argument(flag_of(f), dest=key, type=float, nargs="+", default=None, metavar=meta["metavar"],
+                           help=help_)
+        else:
+            tp = {int: int, float: float}.get(type(default), str) if key != "sparsity" else float
+            g.add_argument(flag_of(f), dest=key, type=tp, default=None, choices=meta["choices"],
+                           metavar=meta["metavar"], help=help_)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trimprune", description="One-shot LLM pruning with TRIM, Wanda, SparseGPT.")
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command")
 
-    p = sub.add_parser("prune", help="prune a model and write a Hugging Face model directory + report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("prune", help="prune a model and write a Hugging Face model directory + report")
     _add_model_args(p)
     p.add_argument("--recipe", help="YAML file with PruneConfig fields; explicit flags override it")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
@@ -65,57 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save-model", action="store_true",
                    help="write only masks, allocation and report (no weights), e.g. for sweeps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--scorer", choices=SCORERS, default=None, help="importance score (default wanda)")
-    g.add_argument("--sparsity", type=float, default=None, help="target fraction of pruned weights, in [0, 1)")
-    g.add_argument("--mask-structure", default=None, metavar="N:M", help="N:M semi-structured pattern, e.g. 2:4")
-    g.add_argument("--allocation", default=None, metavar="METHOD",
-                   help="layer-wise allocation: uniform, owl, alphapruning or file:PATH (default uniform)")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", choices=CALIB_SOURCES, default=None, help="calibration source (default c4)")
-    g.add_argument("--calib-data", default=None, metavar="PATH", help="local .txt/.jsonl/.parquet for --calib")
-    g.add_argument("--calib-format", choices=CALIB_FORMATS, default=None, help="format when the extension is ambiguous")
-    g.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 128)")
-    g.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence and eval window (default 2048)")
-    g.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the calibration sampling (default 0)")
-    g.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward (0 = auto)")
-    g.add_argument("--offload", action="store_true", default=None,
-                   help="keep weights and activations in CPU memory; blocks visit the GPU one at a time")
-    g = p.add_argument_group("SparseGPT")
-    g.add_argument("--blocksize", type=int, default=None, help="columns per block (default 128)")
-    g.add_argument("--percdamp", type=float, default=None, help="dampening, fraction of mean diag(H) (default 0.01)")
-    g = p.add_argument_group("TRIM")
-    g.add_argument("--trim", action="store_true", default=None, help="row-wise sparsity search (TRIM)")
-    g.add_argument("--trim-inputs", default=None, metavar="MODE",
-                   help="all (exact, Gram matrix over all tokens; default), last-token (reference), sample:N")
-    g.add_argument("--trim-iterations", type=int, default=None, help="iterations per learning rate (default 10)")
-    g.add_argument("--trim-metric", choices=TRIM_LAYER_METRICS, default=None, help="layer metric (default cosim_flat)")
-    g.add_argument("--trim-dim-metric", choices=TRIM_DIM_METRICS, default=None,
-                   help="per-row quality metric (default cosim)")
-    g.add_argument("--trim-forbid-neg-lr", action="store_true", default=None, help="never try negative learning rates")
-    g.add_argument("--trim-input-recalc", action="store_true", default=None,
-                   help="recompute the inputs of later linears of a block after earlier ones are pruned")
-    g.add_argument("--no-trim-safeguard", dest="trim_safeguard", action="store_false", default=None,
-                   help="keep TRIM's allocation even where its layer metric is worse than the scorer alone")
-    g.add_argument("--no-trim-block-safeguard", dest="trim_block_safeguard", action="store_false", default=None,
-                   help="skip the block-level check (TRIM vs scorer alone, against the dense model's block outputs "
-                        "on 1/8 of the calibration sequences)")
-    g.add_argument("--trim-precision", choices=["fp32", "tf32", "bf16"], default=None,
-                   help="matmul precision of the Gram-based metric on GPU (default tf32; CPU always fp32)")
-    g.add_argument("--trim-lr-search", choices=["auto", "parallel", "sequential"], default=None,
-                   help="evaluate the learning rates as one batched sweep (parallel) or one after the other, "
-                        "stopping as the reference does (sequential); same result. auto (default): parallel for "
-                        "small matrices on GPU, sequential otherwise")
-    g = p.add_argument_group("OWL / AlphaPruning")
-    g.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold M (default 5)")
-    g.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity range lambda (default 0.08)")
-    g.add_argument("--alpha-metric", choices=["alpha_peak", "alpha_mid"], default=None,
-                   help="AlphaPruning heavy-tail metric (default alpha_peak)")
-    g.add_argument("--alpha-eps", type=float, default=None, help="AlphaPruning range epsilon (default 0.3)")
-    g.add_argument("--alpha-mapping", choices=["block_wise", "per_matrix"], default=None,
-                   help="AlphaPruning mapping (default block_wise)")
-    g.add_argument("--alpha-cache-dir", default=None, help="cache folder of AlphaPruning metrics")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
+    _add_config_args(p)
     _add_eval_args(p, required=False)
     p.add_argument("--no-dense-eval", action="store_true", help="skip evaluating the dense model first")
 
@@ -142,16 +110,12 @@ def _eval_data(pairs: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args) -> PruneConfig:
-    cfg = PruneConfig.from_yaml(args.recipe) if getattr(args, "recipe", None) else PruneConfig()
-    for name in CONFIG_FLAGS:
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(cfg, name, v)
-    if args.sparsity is None and cfg.mask_structure and not (getattr(args, "recipe", None)):
-        from .config import parse_nm
-        nm = parse_nm(cfg.mask_structure)
-        cfg.sparsity = nm[0] / nm[1]
-    return cfg
+    """The recipe's config (if any) with the flags given on the command line on top; validated once."""
+    flat = PruneConfig.from_yaml(args.recipe).to_flat() if getattr(args, "recipe", None) else {}
+    given = {k: getattr(args, k) for k in PruneConfig.flat_fields() if getattr(args, k, None) is not None}
+    if "mask_structure" in given and "sparsity" not in given:
+        flat.pop("sparsity", None)               # N:M fixes the sparsity (N/M)
+    return PruneConfig.from_flat(flat | given)
 
 
 def _check_eval_args(args, seqlen: int):
@@ -166,42 +130,39 @@ def _check_eval_args(args, seqlen: int):
 
 
 def cmd_prune(args) -> int:
-    from .evaluate import evaluate_sets, prepare_eval_sets
-    from .export import check_output_dir, write_outputs
-    from .models import ModelAdapter, load_model, resolve_device
-    from .pipeline import prune
-    from .report import build_report, markdown, summary_text
+    from .api import prune
+    from .io.evaluate import evaluate_sets, prepare_eval_sets
+    from .io.export import check_output_dir, write_outputs
+    from .io.models import ModelAdapter, load_model, resolve_device
+    from .io.report import build_report, markdown, summary_text
 
     t_all = time.perf_counter()
     cfg = config_from_args(args)
-    cfg.validate()
     check_output_dir(args.output, args.overwrite)
     eval_data = _eval_data(args.eval_data)
-    eval_seqlen = args.eval_seqlen or cfg.seqlen
+    eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
     progress = not args.quiet
     dev = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.offload,
+    model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.run.offload,
                             trust_remote_code=args.trust_remote_code)
     t_load = time.perf_counter() - t0
     adapter = ModelAdapter.from_model(model)
-    cfg.validate(max_context=adapter.max_context())
-    ctx = adapter.max_context()
-    if ctx is not None and eval_seqlen > ctx:
-        raise TrimpruneError(f"--eval-seqlen {eval_seqlen} is above the model's context of {ctx}")
+    adapter.check_context(cfg.calib.seqlen, "--seqlen")
+    adapter.check_context(eval_seqlen, "--eval-seqlen")
     metrics = {"perplexity": {}, "dense_perplexity": {}, "eval": {}, "dense_eval": {}}
     sets = {}
     if args.eval:
         sets = prepare_eval_sets(args.eval, tok, eval_seqlen, eval_data, args.eval_limit, model,
-                                 self_samples=args.self_eval_samples, seed=cfg.seed, progress=progress)
+                                 self_samples=args.self_eval_samples, seed=cfg.calib.seed, progress=progress)
         if not args.no_dense_eval:
-            dense = evaluate_sets(model, sets, args.eval_batch_size, dev, cfg.offload, progress)
+            dense = evaluate_sets(model, sets, args.eval_batch_size, dev, cfg.run.offload, progress)
             metrics["dense_eval"] = dense
             metrics["dense_perplexity"] = {k: v["perplexity"] for k, v in dense.items()}
     result = prune(model, tok, cfg, device=dev, progress=progress)
     if sets:
-        pr = evaluate_sets(model, sets, args.eval_batch_size, dev, cfg.offload, progress)
+        pr = evaluate_sets(model, sets, args.eval_batch_size, dev, cfg.run.offload, progress)
         metrics["eval"] = pr
         metrics["perplexity"] = {k: v["perplexity"] for k, v in pr.items()}
         if "self" in pr and "self" in metrics["dense_eval"]:
@@ -228,18 +189,16 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_sets, prepare_eval_sets
-    from .export import write_json_atomic
-    from .models import ModelAdapter, load_model, resolve_device
-    from .report import versions
+    from .io.evaluate import evaluate_sets, prepare_eval_sets
+    from .io.export import write_json_atomic
+    from .io.models import ModelAdapter, load_model, resolve_device
+    from .io.report import versions
 
     _check_eval_args(args, args.seqlen)
     dev = resolve_device(args.device)
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=args.offload,
                             trust_remote_code=args.trust_remote_code)
-    ctx = ModelAdapter.from_model(model).max_context()
-    if ctx is not None and args.seqlen > ctx:
-        raise TrimpruneError(f"--seqlen {args.seqlen} is above the model's context of {ctx}: use --seqlen {ctx} or less")
+    ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")
     sets = prepare_eval_sets(args.eval, tok, args.seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=args.seed, progress=not args.quiet)
     res = evaluate_sets(model, sets, args.eval_batch_size, dev, args.offload, not args.quiet)

@@ -1,9 +1,23 @@
-"""`PruneConfig`: everything that decides how a model is pruned, loadable from / savable to YAML."""
+"""`PruneConfig`: everything that decides how a model is pruned, composed of small dataclasses.
+
+    PruneConfig(sparsity, mask_structure,
+                scorer=ScorerConfig, allocation=AllocationConfig, calib=CalibConfig,
+                trim=TrimConfig, run=RunConfig)
+
+Every field carries its flat name (the recipe key and, with dashes, the command-line flag) and its
+help text in the field metadata: the CLI builds its flags from them, so a new field is one edit.
+Every config validates itself once, when it is made (frozen dataclasses; change one with
+`dataclasses.replace`, which validates again). Shorthands: `scorer="wanda"`, `allocation="owl"`,
+`calib="c4"`, `trim=True`. `PruneConfig.from_flat({...})` takes the flat names (`trim_inputs`,
+`nsamples`, ...); YAML recipes may be flat or nested (`to_yaml` writes the nested form).
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +38,22 @@ GRAM_LAYER_METRICS = ("cosim_flat", "cosim_dim", "mse", "mse_dim", "snr")
 GRAM_DIM_METRICS = ("cosim", "mse")
 ALPHA_METRICS = ("alpha_peak", "alpha_mid")
 ALPHA_MAPPINGS = ("block_wise", "per_matrix")
+TRIM_PRECISIONS = ("fp32", "tf32", "bf16")
+LR_SEARCHES = ("auto", "parallel", "sequential")
+
+
+def option(default, key: str, help: str, *, choices=None, metavar: str | None = None):
+    """A config field with its flat name (`key`: recipe key; CLI flag `--key` with dashes, or
+    `--no-key` for a boolean that defaults to true) and its help text."""
+    meta = {"key": key, "help": help, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    key = f.metadata["key"].replace("_", "-")
+    return f"--no-{key}" if f.default is True else f"--{key}"
 
 
 def parse_nm(structure: str | None) -> tuple[int, int] | None:
@@ -39,162 +69,315 @@ def parse_nm(structure: str | None) -> tuple[int, int] | None:
     return n, mm
 
 
-def parse_trim_inputs(spec: str) -> tuple[str, int | None]:
-    """'all' | 'last-token' | 'sample:N' -> (mode, N)."""
-    if spec in ("all", "last-token"):
-        return spec, None
-    m = re.fullmatch(r"sample:(\d+)", str(spec))
-    if m and int(m.group(1)) > 0:
-        return "sample", int(m.group(1))
-    raise TrimpruneError(f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)")
+@dataclass(frozen=True)
+class TrimInputs:
+    """What TRIM measures its metrics on: every calibration token through the Gram matrix ("all"), the
+    last token of every sequence ("last-token", the reference), or a seeded sample of N tokens."""
+
+    mode: str                  # all | last-token | sample
+    sample: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "TrimInputs":
+        if spec in ("all", "last-token"):
+            return cls(spec)
+        m = re.fullmatch(r"sample:(\d+)", str(spec))
+        if m and int(m.group(1)) > 0:
+            return cls("sample", int(m.group(1)))
+        raise TrimpruneError(f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)")
 
 
-@dataclass
+# ------------------------------------------------------------------------------------------ checks
+def _describe(tp) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(tp)[0]) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _check_types(obj) -> None:
+    """Every field has the declared type: a recipe's "false" is not a boolean, YAML's 2:4 (read as the
+    integer 124) is not an N:M string."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if "key" not in f.metadata:
+            continue
+        v = getattr(obj, f.name)
+        if not _type_ok(v, hints[f.name]):
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            hint = " (in YAML, quote it: '2:4')" if f.name == "mask_structure" and isinstance(v, int) else ""
+            raise TrimpruneError(f"{f.metadata['key']} {v!r} must be {_describe(args[0])}{hint}")
+        if isinstance(v, list):
+            object.__setattr__(obj, f.name, tuple(v))
+        if f.metadata.get("choices") and v is not None and v not in f.metadata["choices"]:
+            raise TrimpruneError(f"{flag_of(f)} {v!r} is unknown: choose one of {', '.join(f.metadata['choices'])}")
+
+
+def _in_range(value, ok: bool, message: str) -> None:
+    if not ok:
+        raise TrimpruneError(message)
+
+
+# ------------------------------------------------------------------------------------------ parts
+@dataclass(frozen=True)
+class ScorerConfig:
+    """The importance score and, for SparseGPT, its solver (Frantar & Alistarh 2023)."""
+
+    name: str = option("wanda", "scorer", "importance score", choices=SCORERS)
+    blocksize: int = option(128, "blocksize", "SparseGPT: columns per block")
+    percdamp: float = option(0.01, "percdamp", "SparseGPT: dampening, fraction of the mean of diag(H)")
+
+    def __post_init__(self):
+        _check_types(self)
+        _in_range(self.blocksize, self.blocksize >= 1, f"--blocksize {self.blocksize!r} must be an integer >= 1")
+        _in_range(self.percdamp, self.percdamp > 0, f"--percdamp {self.percdamp!r} must be > 0, e.g. 0.01")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024) or a file."""
+
+    method: str = option("uniform", "allocation", "layer-wise allocation: uniform, owl, alphapruning or file:PATH",
+                         metavar="METHOD")
+    owl_m: float = option(5.0, "owl_m", "OWL outlier threshold M")
+    owl_lambda: float = option(0.08, "owl_lambda", "OWL sparsity range lambda")
+    alpha_metric: str = option("alpha_peak", "alpha_metric", "AlphaPruning heavy-tail metric", choices=ALPHA_METRICS)
+    alpha_eps: float = option(0.3, "alpha_eps", "AlphaPruning range epsilon")
+    alpha_mapping: str = option("block_wise", "alpha_mapping", "AlphaPruning mapping", choices=ALPHA_MAPPINGS)
+    alpha_cache_dir: str | None = option(None, "alpha_cache_dir", "cache folder of AlphaPruning metrics",
+                                         metavar="DIR")
+
+    def __post_init__(self):
+        _check_types(self)
+        a = self.method
+        _in_range(a, a in ("uniform", "owl", "alphapruning") or (a.startswith("file:") and len(a) > 5),
+                  f"--allocation {a!r} is unknown: use uniform, owl, alphapruning or file:PATH")
+        _in_range(self.owl_m, self.owl_m > 0, f"--owl-m {self.owl_m!r} must be > 0 (default 5)")
+        _in_range(self.owl_lambda, 0 <= self.owl_lambda < 1,
+                  f"--owl-lambda {self.owl_lambda!r} must be in [0, 1) (default 0.08)")
+        _in_range(self.alpha_eps, 0 <= self.alpha_eps < 1,
+                  f"--alpha-eps {self.alpha_eps!r} must be in [0, 1) (default 0.3)")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data and how its statistics are gathered."""
+
+    source: str = option("c4", "calib", "calibration source", choices=CALIB_SOURCES)
+    data: str | None = option(None, "calib_data", "local .txt/.jsonl/.parquet file for --calib", metavar="PATH")
+    format: str | None = option(None, "calib_format", "format of --calib-data when its extension is ambiguous",
+                                choices=CALIB_FORMATS)
+    nsamples: int = option(128, "nsamples", "calibration sequences")
+    seqlen: int = option(2048, "seqlen", "tokens per calibration sequence (and evaluation window)")
+    seed: int = option(0, "seed", "seed of the calibration sampling")
+    input_recalc: bool = option(False, "trim_input_recalc",
+                                "recompute the inputs of later linears of a block after earlier ones are pruned")
+
+    def __post_init__(self):
+        _check_types(self)
+        if self.source == "self" and self.data:
+            raise TrimpruneError("--calib self samples from the model and takes no --calib-data: drop --calib-data")
+        _in_range(self.nsamples, self.nsamples >= 1, f"--nsamples {self.nsamples!r} must be an integer >= 1")
+        _in_range(self.seqlen, self.seqlen >= 2, f"--seqlen {self.seqlen!r} must be an integer >= 2")
+
+
+@dataclass(frozen=True)
+class TrimConfig:
+    """TRIM (Beck, Rudman & Eickhoff 2025): row-wise sparsity search and its safeguards."""
+
+    enabled: bool = option(False, "trim", "row-wise sparsity search (TRIM)")
+    inputs: str = option("all", "trim_inputs", "all (exact, Gram matrix over all tokens), last-token (reference) "
+                         "or sample:N", metavar="MODE")
+    iterations: int = option(10, "trim_iterations", "iterations per learning rate")
+    metric: str = option("cosim_flat", "trim_metric", "layer metric", choices=TRIM_LAYER_METRICS)
+    dim_metric: str = option("cosim", "trim_dim_metric", "per-row quality metric", choices=TRIM_DIM_METRICS)
+    lrs: tuple[float, ...] = option((0.01, 0.02, 0.04, 0.08, 0.12, 0.16), "trim_lrs",
+                                    "learning rates, tried upward", metavar="LR")
+    neg_lrs: tuple[float, ...] = option((-0.01, -0.02, -0.04), "trim_neg_lrs",
+                                        "negative learning rates, tried when no positive one beats uniform",
+                                        metavar="LR")
+    forbid_neg_lr: bool = option(False, "trim_forbid_neg_lr", "never try negative learning rates")
+    safeguard: bool = option(True, "trim_safeguard", "keep TRIM's allocation of a linear only where its layer "
+                             "metric is at least that of the scorer alone")
+    block_safeguard: bool = option(True, "trim_block_safeguard", "keep TRIM in a block only where the block's "
+                                   "output on 1/8 of the calibration sequences is at least as close to the dense "
+                                   "model's as with the scorer alone")
+    max_row_sparsity: float = option(0.95, "trim_max_row_sparsity", "upper bound of every row's sparsity")
+    precision: str = option("tf32", "trim_precision", "matmul precision of the Gram-based metric on GPU "
+                            "(CPU: always fp32)", choices=TRIM_PRECISIONS)
+    lr_search: str = option("auto", "trim_lr_search", "learning rates as one batched sweep (parallel) or one after "
+                            "the other with the reference's early stop (sequential): same result; auto: parallel "
+                            "for small matrices on GPU", choices=LR_SEARCHES)
+
+    def __post_init__(self):
+        _check_types(self)
+        mode = TrimInputs.parse(self.inputs)
+        if self.enabled and mode.mode == "all" and (self.metric not in GRAM_LAYER_METRICS
+                                                    or self.dim_metric not in GRAM_DIM_METRICS):
+            raise TrimpruneError(
+                f"--trim-metric {self.metric} / --trim-dim-metric {self.dim_metric} need explicit outputs, which "
+                "--trim-inputs all does not keep: use --trim-inputs sample:N or last-token, or a Gram metric "
+                f"({', '.join(GRAM_LAYER_METRICS)} / {', '.join(GRAM_DIM_METRICS)})")
+        _in_range(self.iterations, self.iterations >= 1,
+                  f"--trim-iterations {self.iterations!r} must be an integer >= 1")
+        _in_range(self.lrs, bool(self.lrs) and all(lr > 0 for lr in self.lrs),
+                  f"trim_lrs {list(self.lrs)!r} must be a non-empty list of positive learning rates")
+        _in_range(self.neg_lrs, all(lr < 0 for lr in self.neg_lrs),
+                  f"trim_neg_lrs {list(self.neg_lrs)!r} must hold negative learning rates only")
+        _in_range(self.max_row_sparsity, 0 < self.max_row_sparsity <= 1,
+                  f"trim_max_row_sparsity {self.max_row_sparsity!r} must be in (0, 1]")
+
+    @property
+    def input_mode(self) -> TrimInputs:
+        return TrimInputs.parse(self.inputs)
+
+    @property
+    def block_guard(self) -> bool:
+        """Whether the block-level safeguard runs (it compares against the per-linear choices)."""
+        return self.enabled and self.block_safeguard and self.safeguard
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the work is laid out; results do not depend on it beyond floating-point summation order."""
+
+    batch_size: int = option(0, "batch_size", "calibration sequences per forward (0 = from free memory)")
+    offload: bool = option(False, "offload", "keep weights and activations in CPU memory; blocks visit the GPU "
+                           "one at a time")
+
+    def __post_init__(self):
+        _check_types(self)
+        _in_range(self.batch_size, self.batch_size >= 0,
+                  f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)")
+
+
+PARTS = {"scorer": (ScorerConfig, "name"), "allocation": (AllocationConfig, "method"),
+         "calib": (CalibConfig, "source"), "trim": (TrimConfig, "enabled"), "run": (RunConfig, None)}
+
+
+@dataclass(frozen=True)
 class PruneConfig:
-    """How to prune. Field names match the CLI flags (`--trim-inputs` -> `trim_inputs`)."""
+    """How to prune: the target, and one sub-config per concern."""
 
-    # importance score and target
-    scorer: str = "wanda"
-    sparsity: float = 0.5
-    mask_structure: str | None = None          # "2:4", "4:8" or None for unstructured
-    allocation: str = "uniform"                # uniform | owl | alphapruning | file:PATH
-    # calibration
-    calib: str = "c4"
-    calib_data: str | None = None
-    calib_format: str | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 0                        # 0 = choose from free memory
-    offload: bool = False
-    # SparseGPT (Frantar & Alistarh 2023)
-    blocksize: int = 128
-    percdamp: float = 0.01
-    # TRIM (Beck, Rudman & Eickhoff 2025)
-    trim: bool = False
-    trim_inputs: str = "all"                   # all | last-token | sample:N
-    trim_iterations: int = 10
-    trim_metric: str = "cosim_flat"
-    trim_dim_metric: str = "cosim"
-    trim_lrs: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04, 0.08, 0.12, 0.16])
-    trim_neg_lrs: list[float] = field(default_factory=lambda: [-0.01, -0.02, -0.04])
-    trim_forbid_neg_lr: bool = False
-    trim_input_recalc: bool = False
-    trim_safeguard: bool = True
-    trim_block_safeguard: bool = True          # compare whole blocks against the dense model (1/8 of calib)
-    trim_max_row_sparsity: float = 0.95
-    trim_precision: str = "tf32"               # fp32 | tf32 | bf16: GPU matmuls of the Gram metric (CPU: fp32)
-    trim_lr_search: str = "auto"               # auto | parallel | sequential (same result, different speed)
-    # OWL (Yin et al. 2024)
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    # AlphaPruning (Lu et al. 2024)
-    alpha_metric: str = "alpha_peak"
-    alpha_eps: float = 0.3
-    alpha_mapping: str = "block_wise"
-    alpha_cache_dir: str | None = None
+    sparsity: float | None = option(None, "sparsity", "target fraction of pruned weights in [0, 1); N/M with "
+                                    "--mask-structure")
+    mask_structure: str | None = option(None, "mask_structure", "N:M semi-structured pattern, e.g. 2:4",
+                                        metavar="N:M")
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    trim: TrimConfig = field(default_factory=TrimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
-    # ------------------------------------------------------------------ validation
+    def __post_init__(self):
+        for name, (cls, short) in PARTS.items():          # shorthands: scorer="wanda", trim=True, {...}
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                object.__setattr__(self, name, cls(**v))
+            elif not isinstance(v, cls):
+                if short is None:
+                    raise TrimpruneError(f"{name} {v!r} must be a {cls.__name__}")
+                object.__setattr__(self, name, cls(**{short: v}))
+        nm = parse_nm(self.mask_structure) if isinstance(self.mask_structure, str) else None
+        if self.sparsity is None:
+            object.__setattr__(self, "sparsity", nm[0] / nm[1] if nm else 0.5)
+        _check_types(self)
+        s = self.sparsity
+        if math.isnan(s) or not (0.0 <= s < 1.0):
+            raise TrimpruneError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
+        if nm is None:
+            return
+        if abs(s - nm[0] / nm[1]) > 1e-9:
+            raise TrimpruneError(
+                f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the weights but "
+                f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)")
+        if self.trim.enabled:
+            raise TrimpruneError("--trim cannot be combined with --mask-structure "
+                                 f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them")
+        if self.allocation.method != "uniform":
+            raise TrimpruneError(f"--allocation {self.allocation.method} cannot be combined with --mask-structure "
+                                 f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform")
+        if self.scorer.blocksize % nm[1] != 0:
+            raise TrimpruneError(f"--blocksize {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
+                                 f"--mask-structure {self.mask_structure}")
+
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_nm(self.mask_structure)
 
-    def validate(self, max_context: int | None = None) -> "PruneConfig":
-        """Raise TrimpruneError (one line, naming the value and the fix) on any bad field."""
-        if self.scorer not in SCORERS:
-            raise TrimpruneError(f"--scorer {self.scorer!r} is unknown: choose one of {', '.join(SCORERS)}")
-        s = self.sparsity
-        if not isinstance(s, (int, float)) or math.isnan(s) or not (0.0 <= s < 1.0):
-            raise TrimpruneError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
-        nm = self.nm
-        if nm is not None and abs(s - nm[0] / nm[1]) > 1e-9:
-            raise TrimpruneError(
-                f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the weights but "
-                f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)")
-        if nm is not None and self.trim:
-            raise TrimpruneError("--trim cannot be combined with --mask-structure "
-                                 f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them")
-        if nm is not None and self.allocation != "uniform":
-            raise TrimpruneError(f"--allocation {self.allocation} cannot be combined with --mask-structure "
-                                 f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform")
-        if self.calib not in CALIB_SOURCES:
-            raise TrimpruneError(f"--calib {self.calib!r} is unknown: choose one of {', '.join(CALIB_SOURCES)}")
-        if self.calib == "self" and self.calib_data:
-            raise TrimpruneError("--calib self samples from the model and takes no --calib-data: drop --calib-data")
-        if self.calib_format is not None and self.calib_format not in CALIB_FORMATS:
-            raise TrimpruneError(f"--calib-format {self.calib_format!r} is unknown: choose one of "
-                                 f"{', '.join(CALIB_FORMATS)}")
-        if not isinstance(self.nsamples, int) or self.nsamples < 1:
-            raise TrimpruneError(f"--nsamples {self.nsamples!r} must be an integer >= 1")
-        if not isinstance(self.seqlen, int) or self.seqlen < 2:
-            raise TrimpruneError(f"--seqlen {self.seqlen!r} must be an integer >= 2")
-        if max_context is not None and self.seqlen > max_context:
-            raise TrimpruneError(f"--seqlen {self.seqlen} is above the model's context of {max_context} tokens: "
-                                 f"use --seqlen {max_context} or less")
-        if not isinstance(self.batch_size, int) or self.batch_size < 0:
-            raise TrimpruneError(f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)")
-        if not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise TrimpruneError(f"--blocksize {self.blocksize!r} must be an integer >= 1")
-        if nm is not None and self.blocksize % nm[1] != 0:
-            raise TrimpruneError(f"--blocksize {self.blocksize} must be a multiple of M={nm[1]} for "
-                                 f"--mask-structure {self.mask_structure}")
-        if not (self.percdamp > 0):
-            raise TrimpruneError(f"--percdamp {self.percdamp!r} must be > 0, e.g. 0.01")
-        parse_trim_inputs(self.trim_inputs)
-        if self.trim_metric not in TRIM_LAYER_METRICS:
-            raise TrimpruneError(f"--trim-metric {self.trim_metric!r} is unknown: choose one of "
-                                 f"{', '.join(TRIM_LAYER_METRICS)}")
-        if self.trim_dim_metric not in TRIM_DIM_METRICS:
-            raise TrimpruneError(f"--trim-dim-metric {self.trim_dim_metric!r} is unknown: choose one of "
-                                 f"{', '.join(TRIM_DIM_METRICS)}")
-        if self.trim and self.trim_inputs == "all":
-            if self.trim_metric not in GRAM_LAYER_METRICS or self.trim_dim_metric not in GRAM_DIM_METRICS:
-                raise TrimpruneError(
-                    f"--trim-metric {self.trim_metric} / --trim-dim-metric {self.trim_dim_metric} need explicit "
-                    "outputs, which --trim-inputs all does not keep: use --trim-inputs sample:N or last-token, "
-                    f"or a Gram metric ({', '.join(GRAM_LAYER_METRICS)} / {', '.join(GRAM_DIM_METRICS)})")
-        if not isinstance(self.trim_iterations, int) or self.trim_iterations < 1:
-            raise TrimpruneError(f"--trim-iterations {self.trim_iterations!r} must be an integer >= 1")
-        if not self.trim_lrs or any(lr <= 0 for lr in self.trim_lrs):
-            raise TrimpruneError(f"trim_lrs {self.trim_lrs!r} must be a non-empty list of positive learning rates")
-        if any(lr >= 0 for lr in self.trim_neg_lrs):
-            raise TrimpruneError(f"trim_neg_lrs {self.trim_neg_lrs!r} must hold negative learning rates only")
-        if not (0 < self.trim_max_row_sparsity <= 1):
-            raise TrimpruneError(f"trim_max_row_sparsity {self.trim_max_row_sparsity!r} must be in (0, 1]")
-        if self.trim_lr_search not in ("auto", "parallel", "sequential"):
-            raise TrimpruneError(f"--trim-lr-search {self.trim_lr_search!r} is unknown: use auto, parallel or sequential")
-        if self.trim_precision not in ("fp32", "tf32", "bf16"):
-            raise TrimpruneError(f"--trim-precision {self.trim_precision!r} is unknown: use fp32, tf32 or bf16")
-        alloc = self.allocation
-        if not (alloc in ("uniform", "owl", "alphapruning") or (alloc.startswith("file:") and len(alloc) > 5)):
-            raise TrimpruneError(f"--allocation {alloc!r} is unknown: use uniform, owl, alphapruning or file:PATH")
-        if not (self.owl_m > 0):
-            raise TrimpruneError(f"--owl-m {self.owl_m!r} must be > 0 (default 5)")
-        if not (0 <= self.owl_lambda < 1):
-            raise TrimpruneError(f"--owl-lambda {self.owl_lambda!r} must be in [0, 1) (default 0.08)")
-        if self.alpha_metric not in ALPHA_METRICS:
-            raise TrimpruneError(f"--alpha-metric {self.alpha_metric!r} is unknown: use {' or '.join(ALPHA_METRICS)}")
-        if not (0 <= self.alpha_eps < 1):
-            raise TrimpruneError(f"--alpha-eps {self.alpha_eps!r} must be in [0, 1) (default 0.3)")
-        if self.alpha_mapping not in ALPHA_MAPPINGS:
-            raise TrimpruneError(f"--alpha-mapping {self.alpha_mapping!r} is unknown: use "
-                                 f"{' or '.join(ALPHA_MAPPINGS)}")
-        return self
+    # ------------------------------------------------------------------ flat names, YAML
+    @classmethod
+    def flat_fields(cls) -> dict[str, tuple[str | None, dataclasses.Field]]:
+        """flat name -> (sub-config attribute or None for a top-level field, the field)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if "key" in f.metadata:
+                out[f.metadata["key"]] = (None, f)
+        for part, (sub, _) in PARTS.items():
+            for f in dataclasses.fields(sub):
+                out[f.metadata["key"]] = (part, f)
+        return out
 
-    # ------------------------------------------------------------------ YAML
+    @classmethod
+    def from_flat(cls, data: dict[str, Any]) -> "PruneConfig":
+        """A config from flat names (recipe keys / CLI destinations: `trim_inputs`, `nsamples`, ...)."""
+        fields = cls.flat_fields()
+        top, parts = {}, {p: {} for p in PARTS}
+        for k, v in data.items():
+            key = str(k).replace("-", "_")
+            if key not in fields:
+                raise TrimpruneError(f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}")
+            part, f = fields[key]
+            (top if part is None else parts[part])[f.name] = v
+        return cls(**top, **{p: PARTS[p][0](**kw) for p, kw in parts.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        out = {}
+        for key, (part, f) in self.flat_fields().items():
+            v = getattr(self if part is None else getattr(self, part), f.name)
+            out[key] = list(v) if isinstance(v, tuple) else v
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The nested form (report.json, `to_yaml`)."""
+        def plain(x):
+            return list(x) if isinstance(x, tuple) else x
+        d = dataclasses.asdict(self)
+        return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        """Nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`) keys, or a mix."""
         if not isinstance(data, dict):
             raise TrimpruneError(f"a recipe must be a mapping of PruneConfig fields, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        data = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise TrimpruneError(f"recipe key {unknown[0]!r} is unknown: valid keys are {', '.join(sorted(names))}")
-        return cls(**data)
+        flat = {}
+        for k, v in data.items():
+            key = str(k).replace("-", "_")
+            if key in PARTS and isinstance(v, dict):
+                sub = PARTS[key][0]
+                names = {f.name: f.metadata["key"] for f in dataclasses.fields(sub)}
+                for kk, vv in v.items():
+                    if str(kk) not in names:
+                        raise TrimpruneError(f"recipe key {key}.{kk} is unknown: valid keys are "
+                                             f"{', '.join(f'{key}.{n}' for n in names)}")
+                    flat[names[str(kk)]] = vv
+            else:
+                flat[key] = v
+        return cls.from_flat(flat)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)

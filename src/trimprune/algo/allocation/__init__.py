@@ -1,0 +1,36 @@
+"""Layer-wise sparsity allocation: one target sparsity per prunable linear.
+
+Every method returns an `Allocation` whose parameter-weighted mean equals the requested global
+sparsity (exactly, up to float rounding), except `file:` which is taken as written.
+"""
+from __future__ import annotations
+
+from ...config import PruneConfig
+from ...io.models import weight_2d
+from ..executor import EAGER, Executor
+from .base import Allocation, from_file, uniform, weighted_mean
+
+
+def build_allocation(config: PruneConfig, adapter, captured, ex: Executor = EAGER,
+                     progress: bool = False) -> Allocation:
+    """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks the
+    captured calibration activations through the dense model)."""
+    numels, block_of = {}, {}
+    for i in range(adapter.num_blocks):
+        for n, mod in adapter.linears(i).items():
+            full = adapter.full_name(i, n)
+            numels[full] = weight_2d(mod).numel()
+            block_of[full] = i
+    a, s = config.allocation, config.sparsity
+    if a.method == "uniform":
+        return uniform(s, numels, block_of)
+    if a.method.startswith("file:"):
+        return from_file(a.method[5:], s, numels, block_of)
+    if a.method == "owl":
+        from .owl import owl_allocation
+        return owl_allocation(a, s, adapter, captured, numels, block_of, config.run.offload, ex, progress)
+    from .alphapruning import alpha_allocation
+    return alpha_allocation(a, s, adapter, numels, block_of, captured.exec_device, progress)
+
+
+__all__ = ["Allocation", "build_allocation", "weighted_mean"]

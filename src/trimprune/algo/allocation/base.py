@@ -1,0 +1,149 @@
+"""The `Allocation` record and helpers shared by the allocators."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ...errors import TrimpruneError
+
+
+def weighted_mean(values: dict[str, float], numels: dict[str, int]) -> float:
+    tot = sum(numels[k] for k in values)
+    return sum(values[k] * numels[k] for k in values) / tot
+
+
+@dataclass
+class Allocation:
+    method: str
+    requested: float
+    per_linear: dict[str, float]             # full linear name -> target sparsity
+    numels: dict[str, int]
+    block_of: dict[str, int]                 # full linear name -> block index
+    details: dict = field(default_factory=dict)
+
+    @property
+    def achieved(self) -> float:
+        return weighted_mean(self.per_linear, self.numels)
+
+    def per_block(self) -> list[float]:
+        nb = max(self.block_of.values()) + 1
+        num = [0.0] * nb
+        den = [0] * nb
+        for k, s in self.per_linear.items():
+            b = self.block_of[k]
+            num[b] += s * self.numels[k]
+            den[b] += self.numels[k]
+        return [n / d if d else 0.0 for n, d in zip(num, den)]
+
+    def to_dict(self) -> dict:
+        """The replayable form (`--allocation file:PATH` reads it back)."""
+        return {"method": self.method, "requested_sparsity": self.requested, "achieved_sparsity": self.achieved,
+                "per_block": self.per_block(), "per_linear": dict(self.per_linear)}
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        d = self.to_dict()
+        if p.suffix in (".yaml", ".yml"):
+            p.write_text(yaml.safe_dump(d, sort_keys=False))
+        else:
+            p.write_text(json.dumps(d, indent=1))
+
+
+def uniform(sparsity: float, numels: dict[str, int], block_of: dict[str, int]) -> Allocation:
+    return Allocation("uniform", sparsity, {k: float(sparsity) for k in numels}, numels, block_of)
+
+
+def from_file(path: str, requested: float, numels: dict[str, int], block_of: dict[str, int]) -> Allocation:
+    """Read per-block or per-linear sparsities from JSON/YAML. Accepted shapes:
+    a list (one value per block), a mapping block index -> value, a mapping linear name -> value
+    (full names such as ``model.layers.3.mlp.down_proj`` or block-relative ``3.mlp.down_proj``),
+    or a mapping with a ``per_linear`` or ``per_block`` key (what every run writes)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrimpruneError(f"--allocation file:{path} does not exist: give a JSON or YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise TrimpruneError(f"--allocation file:{path} is not valid JSON/YAML: {str(e).splitlines()[0]}")
+    if isinstance(data, dict) and "per_linear" in data:
+        data = data["per_linear"]
+    elif isinstance(data, dict) and "per_block" in data:
+        data = data["per_block"]
+    nblocks = max(block_of.values()) + 1
+    per: dict[str, float] = {}
+    if isinstance(data, list):
+        if len(data) != nblocks:
+            raise TrimpruneError(f"--allocation file:{path} lists {len(data)} block sparsities but the model has "
+                                 f"{nblocks} blocks: give one value per block")
+        per = {k: float(data[block_of[k]]) for k in numels}
+    elif isinstance(data, dict):
+        keys = {str(k): v for k, v in data.items()}
+        if all(k.isdigit() for k in keys):
+            missing = [b for b in range(nblocks) if str(b) not in keys]
+            if missing:
+                raise TrimpruneError(f"--allocation file:{path} has no sparsity for block {missing[0]}: give every "
+                                     f"block 0..{nblocks - 1}")
+            per = {k: float(keys[str(block_of[k])]) for k in numels}
+        else:
+            prefix = {}
+            for full in numels:
+                parts = full.split(".")
+                # also accept names relative to the block stack: "<block>.<linear>"
+                for i, part in enumerate(parts):
+                    if part.isdigit() and int(part) == block_of[full]:
+                        prefix[".".join(parts[i:])] = full
+                        break
+            for k, v in keys.items():
+                full = k if k in numels else prefix.get(k)
+                if full is None:
+                    raise TrimpruneError(f"--allocation file:{path} names {k!r}, which is not a prunable linear "
+                                         f"of this model (e.g. {next(iter(numels))})")
+                per[full] = float(v)
+            missing = [k for k in numels if k not in per]
+            if missing:
+                raise TrimpruneError(f"--allocation file:{path} has no sparsity for {missing[0]}: give every "
+                                     "prunable linear, or use per-block values")
+    else:
+        raise TrimpruneError(f"--allocation file:{path} must hold a list or a mapping of sparsities")
+    bad = [(k, v) for k, v in per.items() if not (0.0 <= v < 1.0)]
+    if bad:
+        raise TrimpruneError(f"--allocation file:{path} gives {bad[0][0]} sparsity {bad[0][1]}, outside [0, 1)")
+    return Allocation(f"file:{path}", requested, per, numels, block_of)
+
+
+def clip_to_mean(values, weights, mean: float, lo: float, hi: float, mode: str = "shift"):
+    """Clip `values` into [lo, hi] while keeping the `weights`-weighted mean exactly `mean`.
+
+    mode "shift": v + t, clipped (keeps differences, e.g. OWL's +-lambda range);
+    mode "scale": c * v, clipped (keeps ratios, e.g. AlphaPruning's multiplicative scaler).
+    t or c is found by bisection; the result is the unique monotone adjustment that hits the mean."""
+    import torch
+
+    v = torch.as_tensor(values, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+
+    def f(p):
+        x = (v + p) if mode == "shift" else (v * p)
+        return x.clamp(lo, hi)
+
+    if mode == "shift":
+        a, b = lo - float(v.max()) - 1.0, hi - float(v.min()) + 1.0
+    else:
+        a, b = 0.0, max(1.0, hi / max(float(v[v > 0].min()) if (v > 0).any() else 1.0, 1e-12)) * 2
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if float((f(mid) * w).sum()) < mean:
+            a = mid
+        else:
+            b = mid
+    out = f(0.5 * (a + b))
+    # remove the last float residue without leaving the bounds
+    resid = mean - float((out * w).sum())
+    free = (out > lo) & (out < hi)
+    if free.any() and resid != 0.0:
+        out = torch.where(free, out + resid / float(w[free].sum()), out).clamp(lo, hi)
+    return out

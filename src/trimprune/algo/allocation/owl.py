@@ -1,0 +1,66 @@
+"""OWL — Outlier Weighed Layerwise sparsity (Yin et al. 2024).
+
+Per decoder block l, the layerwise outlier distribution D_l is the percentage of Wanda scores
+|W_ij| * ||X_j|| (over all linears of the block, concatenated) above M times their mean. Blocks with
+more outliers keep more weights: densities are mapped linearly onto [1 - s - lambda, 1 - s + lambda],
+
+    d_l = 2 lambda (D_l - min D) / (max D - min D);   d_l <- d_l - mean(d) + (1 - s);   s_l = 1 - d_l
+
+(reference: TRIM/OWL `prune_wanda_outlier`). The scores come from a dense walk over the calibration
+activations already captured for pruning (one forward per block; no second data sampling or capture).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...calib.capture import BlockRun, Streams, StreamUpdate, walk
+from ...calib.stats import BlockHooks, StatsNeeds
+from ...config import AllocationConfig
+from ...io.models import weight_2d
+from ..executor import EAGER, Executor
+from ..scorers import Wanda
+from .base import Allocation, clip_to_mean
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """100 * fraction of scores above m * mean (all linears of a block together)."""
+    flat = torch.cat([s.flatten().float() for s in scores])
+    return float((flat > flat.mean() * m).sum()) / flat.numel() * 100.0
+
+
+def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float, block_numels: list[int] | None = None,
+                         upper: float = 0.99) -> list[float]:
+    """Map outlier ratios D_l to block sparsities (more outliers -> less sparsity)."""
+    d = torch.tensor(ratios, dtype=torch.float64)
+    span = d.max() - d.min()
+    dens = (d - d.min()) * (1.0 / span * lam * 2) if span > 0 else torch.zeros_like(d)
+    dens = dens - dens.mean() + (1.0 - sparsity)
+    s = 1.0 - dens
+    if block_numels is None:
+        block_numels = [1] * len(ratios)
+    w = torch.tensor(block_numels, dtype=torch.float64)
+    return clip_to_mean(s, w, sparsity, 0.0, upper).tolist()
+
+
+@torch.no_grad()
+def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured, numels, block_of, offload: bool,
+                   ex: Executor = EAGER, progress: bool = False) -> Allocation:
+    """One dense walk over the captured calibration activations: per block, the Wanda scores of all its
+    linears give the outlier ratio D_l; then the mapping above."""
+    needs = StatsNeeds(sqnorm=True)
+    ratios: list[float] = []
+
+    def visit(run: BlockRun) -> StreamUpdate:
+        hooks = BlockHooks(run.linears, needs, captured.exec_device, captured.n_tokens, ex=ex)
+        with hooks:
+            out = run.forward(run.streams.main, on_batch_end=hooks.next_batch)
+        scores = [Wanda().importance(weight_2d(mod).float(), hooks.stats_for(n)) for n, mod in run.linears.items()]
+        ratios.append(outlier_ratio(scores, config.owl_m))
+        return StreamUpdate(main=out)           # the dense block's outputs feed the next block
+
+    walk(adapter, captured, Streams(captured.hidden), visit, offload=offload, progress=progress, desc="OWL scores")
+    block_numels = [sum(n for k, n in numels.items() if block_of[k] == b) for b in range(adapter.num_blocks)]
+    per_block = owl_block_sparsities(ratios, sparsity, config.owl_lambda, block_numels)
+    per_linear = {k: per_block[block_of[k]] for k in numels}
+    return Allocation("owl", sparsity, per_linear, numels, block_of,
+                      details={"outlier_ratio": ratios, "owl_m": config.owl_m, "owl_lambda": config.owl_lambda})

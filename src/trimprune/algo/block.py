@@ -1,0 +1,381 @@
+"""One decoder block: statistics -> groups -> TRIM -> masks -> safeguards -> a `BlockDecision`.
+
+In a block, linears that read the same input form a group (q/k/v, gate/up) and share one set of
+statistics. Each linear gets the scorer's own outcome ("scorer alone"); with TRIM, a search first
+chooses per-row sparsities (batched over the block's linears of equal shape), the scorer builds the
+mask with those row counts (SparseGPT also reconstructs), and the safeguards keep TRIM only where it
+does not lose to the scorer alone (`trim.safeguard`). The decision is final when `prune_block`
+returns: weights are set, and the records are a `Deferred` the executor resolves (its host copy may
+still be under way).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from ..calib.stats import BlockHooks, InputStats, StatsNeeds
+from ..config import PruneConfig
+from ..errors import TrimpruneError
+from ..io.models import set_weight_2d, weight_2d
+from .executor import EAGER, Deferred, Executor
+from .masks import pack_mask, row_ranks
+from .records import BlockChoice, BlockGuardRecord, Kept, LinearRecord, Reconstruction, TrimRecord
+from .scorers import Member, Outcome, Scorer, Target
+from .trim.evaluators import ExplicitSpec, GramSpec, ObsEvaluator, ObsSpec
+from .trim.safeguard import BlockGuard, Found, TrimChoice, block_safeguard, linear_safeguard
+from .trim.results import summarize
+from .trim.search import PendingSearch, SearchBatch, TrimSearch, TrimSettings
+
+# scorer-alone masks of mask scorers are made while the searches run for blocks up to this many weights
+# (their outcomes are held until used)
+EARLY_ALONE_MAX_WEIGHTS = 2**26
+
+
+@dataclass
+class Plan:
+    """What every block of one prune shares: the config, the per-linear targets (the allocation), the
+    scorer, the TRIM search and the statistics they need."""
+
+    config: PruneConfig
+    targets: dict[str, float]                 # full linear name -> target sparsity
+    full_name: Callable[[int, str], str]
+    scorer: Scorer
+    search: TrimSearch | None
+    needs: StatsNeeds
+    device: torch.device                      # where the blocks are computed
+
+    @classmethod
+    def make(cls, config: PruneConfig, targets: dict[str, float], full_name, scorer: Scorer, device,
+             ex: Executor = EAGER) -> "Plan":
+        trim, mode = config.trim, config.trim.input_mode
+        needs = StatsNeeds(sqnorm=True, gram=scorer.needs_gram or (trim.enabled and mode.mode == "all"),
+                           last_token=trim.enabled and mode.mode == "last-token",
+                           sample=(mode.sample or 0) if trim.enabled and mode.mode == "sample" else 0,
+                           seed=config.calib.seed)
+        search = TrimSearch(TrimSettings.from_config(trim), ex) if trim.enabled else None
+        return cls(config, targets, full_name, scorer, search, needs, torch.device(device))
+
+
+@dataclass
+class LinearChoice:
+    """A linear's outcome in its block: the chosen outcome, and the TRIM choice when it was searched."""
+
+    member: Member
+    full: str
+    group: tuple[str, ...]
+    chosen: Outcome
+    trim: TrimChoice | None = None
+
+
+@dataclass
+class BlockDecision:
+    """What `prune_block` decided: the block's weights are set; `records` resolves to `BlockRecords`;
+    the block safeguard's outputs on its subset streams, for the next block."""
+
+    index: int
+    records: Deferred
+    subset_dense: list[torch.Tensor] | None = None
+    subset_pruned: list[torch.Tensor] | None = None
+
+
+@dataclass
+class BlockRecords:
+    linears: dict[str, LinearRecord]          # full linear name -> record
+    guard: BlockGuardRecord | None
+    masks: dict[str, torch.Tensor]            # full linear name -> bit-packed mask (host)
+
+
+# ------------------------------------------------------------------------------------------ the step
+def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
+    """Prune one block (`run`: a `calib.capture.BlockRun`): statistics, TRIM searches, masks, safeguards."""
+    if plan.config.calib.input_recalc:
+        return _prune_block_recalc(run, plan, ex)
+    guard = plan.config.trim.block_guard
+    with ex.phase("statistics"):
+        hooks = run.statistics(plan.needs, ex)
+    groups = [g for g in hooks.groups if g]
+    members = {n: _member(run, plan, n) for g in groups for n in g}
+    with ex.phase("trim search"):
+        searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in members})
+    dense_sub = alone_sub = None
+    if guard:
+        with ex.phase("block safeguard"):
+            dense_sub = run.dense_subset()           # the block is still dense
+    alone: dict[str, Outcome] = {}
+    # mask scorers select row by row: their scorer-alone masks do not depend on the searches, so they
+    # are made (and, for the block safeguard, the scorer-alone block run) while the searches run
+    if not plan.scorer.reconstructs and sum(m.weight.numel() for m in members.values()) <= EARLY_ALONE_MAX_WEIGHTS:
+        with ex.phase("masks"):
+            for g in groups:
+                alone.update(_scorer_alone(plan, searches, [members[n] for n in g], hooks.stats_for(g[0])))
+        if guard and searches.names and all(n in alone for n in members):
+            with ex.phase("block safeguard"):
+                for n in members:
+                    set_weight_2d(run.linears[n], alone[n].weight)
+                alone_sub = run.pruned_subset()
+    with ex.phase("trim search"):
+        found = searches.finish(plan)
+    choices = []
+    for g in groups:
+        choices += _decide_group(run, plan, [members[n] for n in g], hooks.stats_for(g[0]), searches, found,
+                                 alone, ex)
+    return _conclude(run, plan, choices, dense_sub, alone_sub, ex)
+
+
+def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
+    """Input recalculation: each group's statistics are gathered with the earlier groups pruned."""
+    dense_sub = None
+    if plan.config.trim.block_guard:
+        with ex.phase("block safeguard"):
+            dense_sub = run.dense_subset()
+    with ex.phase("statistics"):
+        hooks = run.statistics(plan.needs, ex)
+    choices = []
+    for k, g in enumerate([g for g in hooks.groups if g]):
+        if k:
+            with ex.phase("statistics"):
+                hooks = run.statistics(plan.needs, ex, only=set(g), stop=True)
+        members = {n: _member(run, plan, n) for n in g}
+        with ex.phase("trim search"):
+            searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in g})
+            found = searches.finish(plan)
+        choices += _decide_group(run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {}, ex)
+    return _conclude(run, plan, choices, dense_sub, None, ex)
+
+
+# ------------------------------------------------------------------------------------------ parts
+def _member(run, plan: Plan, name: str) -> Member:
+    """A linear to prune: a float32 (float64 for float64 models) copy of its weight on the compute device
+    (a copy: the module's weight is overwritten while this one is still the dense reference), its target."""
+    nm = plan.config.nm
+    w = weight_2d(run.linears[name])
+    W = w.to(plan.device, torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
+    full = plan.full_name(run.index, name)
+    if nm is not None and W.shape[1] % nm[1]:
+        raise TrimpruneError(f"{full} has {W.shape[1]} inputs, not a multiple of M={nm[1]}: --mask-structure "
+                             f"{plan.config.mask_structure} cannot be applied")
+    return Member(name, W, Target(sparsity=plan.targets[full], nm=nm))
+
+
+def _measure_spec(plan: Plan, stats: InputStats):
+    """The evaluator (spec, source) that measures candidate weights of a linear reading `stats`."""
+    trim = plan.config.trim
+    mode = trim.input_mode
+    if mode.mode == "all":
+        return GramSpec(stats.n_tokens, trim.precision), stats.gram
+    return ExplicitSpec(), stats.explicit_inputs(mode.mode)
+
+
+def _search_spec(plan: Plan, stats: InputStats, weight: torch.Tensor, importance: torch.Tensor):
+    """The evaluator of the search: the measuring one, except that with a reconstructing scorer
+    (SparseGPT) on all tokens the search uses the OBS prediction of the reconstructed weights' quality."""
+    if plan.config.trim.input_mode.mode == "all" and plan.scorer.reconstructs:
+        return ObsSpec(stats.n_tokens), ObsEvaluator.table_for(weight, importance, stats.gram)
+    return _measure_spec(plan, stats)
+
+
+@dataclass
+class Searches:
+    """The TRIM searches of a block (of a group, with input recalculation): batches of same-shape
+    linears, launched together so that they overlap on the device."""
+
+    launched: list[tuple[list[Member], PendingSearch]]
+    ranks: dict[str, torch.Tensor]     # row ranks of a mask scorer's importance, reused for the masks
+    names: set[str]                    # the searched linears
+
+    @classmethod
+    def launch(cls, plan: Plan, members: dict[str, Member], stats: dict[str, InputStats]) -> "Searches":
+        if plan.search is None:
+            return cls([], {}, set())
+        cap = plan.config.trim.max_row_sparsity
+        todo = [m for m in members.values() if 0.0 < m.target.sparsity < cap]
+        classes: dict = {}
+        for m in todo:
+            classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
+        out = cls([], {}, {m.name for m in todo})
+        per_matrix = len(plan.search.all_lrs)
+        for ms in classes.values():
+            step = max(1, int(2**28 // (per_matrix * ms[0].weight.numel())))
+            for chunk in (ms[a:a + step] for a in range(0, len(ms), step)):
+                out.launched.append((chunk, plan.search.launch(out._batch(plan, chunk, stats))))
+        return out
+
+    def _batch(self, plan: Plan, chunk: list[Member], stats: dict[str, InputStats]) -> SearchBatch:
+        scorer = plan.scorer
+        importance = [scorer.importance(m.weight, stats[m.name]) for m in chunk]
+        specs = [_search_spec(plan, stats[m.name], m.weight, imp) for m, imp in zip(chunk, importance)]
+        srcs = [src for _, src in specs]
+        same = all(x is srcs[0] for x in srcs)
+        src = srcs[0].unsqueeze(0).expand(len(chunk), *srcs[0].shape) if same else torch.stack(srcs)
+        ranks = torch.stack([row_ranks(imp) for imp in importance])
+        if scorer.selects_by_row_ranks and not scorer.reconstructs:
+            self.ranks.update({m.name: ranks[j] for j, m in enumerate(chunk)})   # reused for the masks
+        return SearchBatch(specs[0][0], torch.stack([m.weight for m in chunk]), src, ranks,
+                           [m.target.sparsity for m in chunk],
+                           [scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk])
+
+    def finish(self, plan: Plan) -> dict[str, Found]:
+        if not self.launched:
+            return {}
+        results = plan.search.finish([p for _, p in self.launched])
+        return {m.name: Found(res, j) for (chunk, _), res in zip(self.launched, results) for j, m in enumerate(chunk)}
+
+    def with_ranks(self, members: list[Member]) -> list[Member]:
+        """The members with the row ranks of their search, where there was one (reused for the masks)."""
+        return [Member(m.name, m.weight, replace(m.target, ranks=self.ranks.get(m.name))) for m in members]
+
+
+def _needs_alone(plan: Plan, searches: Searches, name: str) -> bool:
+    """Whether the scorer-alone outcome of a linear is needed: it is not searched, or the safeguard
+    compares against it."""
+    return name not in searches.names or plan.config.trim.safeguard
+
+
+def _scorer_alone(plan: Plan, searches: Searches, members: list[Member], stats: InputStats) -> dict[str, Outcome]:
+    ms = [m for m in searches.with_ranks(members) if _needs_alone(plan, searches, m.name)]
+    return dict(zip([m.name for m in ms], plan.scorer.prune_group(ms, stats))) if ms else {}
+
+
+def _decide_group(run, plan: Plan, members: list[Member], stats: InputStats, searches: Searches,
+                  found: dict[str, Found], alone: dict[str, Outcome], ex: Executor) -> list[LinearChoice]:
+    """The outcomes of one group: the scorer alone's (those not made yet) and TRIM's, in one scorer call
+    (SparseGPT solves the rows of a group together), then each searched linear's own safeguard. Sets the
+    chosen weights."""
+    names = tuple(m.name for m in members)
+    members = searches.with_ranks(members)
+    trim_members = [Member(m.name, m.weight, replace(m.target, row_counts=found[m.name].counts))
+                    for m in members if m.name in found]
+    with ex.phase("masks"):
+        need = [m for m in members if _needs_alone(plan, searches, m.name) and m.name not in alone]
+        outs = plan.scorer.prune_group(need + trim_members, stats) if need or trim_members else []
+    base = {m.name: o for m, o in zip(need, outs[:len(need)])} | {n: alone[n] for n in names if n in alone}
+    trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need):])}
+    evaluator = []
+
+    def measure():                            # one evaluator per group, made when first needed
+        if not evaluator:
+            spec, src = _measure_spec(plan, stats)
+            evaluator.append(spec.build(src, ex))
+        return evaluator[0]
+
+    choices = []
+    exact = plan.search is not None and plan.search.cfg.rounding == "exact"
+    for m in members:
+        c = LinearChoice(m, plan.full_name(run.index, m.name), names, base.get(m.name))
+        if m.name in found:
+            c.trim = linear_safeguard(m, found[m.name], trim_out[m.name], base.get(m.name), plan.config.trim,
+                                      plan.scorer, exact, measure)
+            c.chosen = c.trim.chosen
+        set_weight_2d(run.linears[m.name], c.chosen.weight)
+        choices.append(c)
+    return choices
+
+
+def _mask_stats(mask: torch.Tensor) -> torch.Tensor:
+    """Pruned weights of the matrix and the min / max / std of the pruned weights per row (float64, (4,))."""
+    row = mask.sum(1, dtype=torch.float64)
+    return torch.stack([row.sum(), row.min(), row.max(), row.std() if row.numel() > 1 else row.sum() * 0])
+
+
+def _conclude(run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub, ex: Executor) -> BlockDecision:
+    """The block safeguard, the final masks, and the records (deferred)."""
+    guard, pruned_sub = None, None
+    if plan.config.trim.block_guard:
+        with ex.phase("block safeguard"):
+            pruned_sub, guard = block_safeguard(run, {c.member.name: c.trim for c in choices if c.trim is not None},
+                                                dense_sub, alone_sub)
+    tensors, searches = {}, {}
+    for c in choices:
+        mask = c.chosen.mask
+        if guard is not None and c.trim is not None:
+            mask = guard.choose(mask, c.trim.alone.mask)
+        tensors[f"{c.full}/mask"] = _mask_stats(mask)
+        tensors[f"{c.full}/packed"] = pack_mask(mask, to_cpu=False)
+        if c.trim is not None:
+            t = c.trim
+            tensors |= {f"{c.full}/trim_metric": t.trim_metric, f"{c.full}/alone_metric": t.alone_metric,
+                        f"{c.full}/keep": t.keep}
+            searches.setdefault(id(t.found.tensors), (len(searches), t.found.tensors))
+    for k, res in searches.values():
+        tensors |= {f"search{k}/{name}": v for name, v in res.summary_tensors().items()}
+    if guard is not None:
+        tensors["guard/errors"] = guard.errors
+        if not isinstance(guard.keep, bool):
+            tensors["guard/keep"] = guard.keep
+    layout = _Layout.of(run.index, plan, choices, guard, {i: k for i, (k, _) in searches.items()})
+    return BlockDecision(run.index, ex.defer(tensors, layout.records), dense_sub, pruned_sub)
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass
+class _LinearLayout:
+    full: str
+    name: str
+    shape: tuple[int, int]
+    target_sparsity: float
+    group: tuple[str, ...]
+    info: Reconstruction | None                        # the chosen outcome's solver info (not searched)
+    search: tuple[int, int] | None = None              # (search key, index in it) when searched
+    infos: tuple = (None, None)                        # TRIM's and the scorer alone's solver info
+
+
+@dataclass
+class _Layout:
+    """What the records need besides the values read back (host objects only: holding it keeps no
+    device memory alive)."""
+
+    block: int
+    linears: list[_LinearLayout]
+    guard_names: list[str] | None                      # the block safeguard's linears, when it ran
+    guard_keep: bool | None                            # its choice, when made on the host
+    settings: TrimSettings | None
+    config: PruneConfig
+
+    @classmethod
+    def of(cls, block: int, plan: Plan, choices: list[LinearChoice], guard: BlockGuard | None,
+           keys: dict[int, int]) -> "_Layout":
+        lins = []
+        for c in choices:
+            lay = _LinearLayout(c.full, c.member.name, tuple(c.member.weight.shape), c.member.target.sparsity,
+                                c.group, c.chosen.info)
+            if c.trim is not None:
+                lay.search = (keys[id(c.trim.found.tensors)], c.trim.found.index)
+                lay.infos = (c.trim.trim.info, c.trim.alone.info if c.trim.alone is not None else None)
+            lins.append(lay)
+        return cls(block, lins, guard.names if guard is not None else None,
+                   guard.keep if guard is not None and isinstance(guard.keep, bool) else None,
+                   plan.search.cfg if plan.search else None, plan.config)
+
+    def records(self, host: dict[str, torch.Tensor]) -> BlockRecords:
+        block_keeps = True
+        if self.guard_names is not None:
+            block_keeps = self.guard_keep if self.guard_keep is not None else bool(host["guard/keep"])
+        linears, masks, kept_trim = {}, {}, []
+        for lay in self.linears:
+            zeros, rmin, rmax, rstd = host[f"{lay.full}/mask"].tolist()
+            cols = lay.shape[1]
+            trim, info = None, lay.info
+            if lay.search is not None:
+                keep = bool(host[f"{lay.full}/keep"])
+                if keep:
+                    kept_trim.append(lay.name)
+                k, j = lay.search
+                prefix = f"search{k}/"
+                summary = summarize({n[len(prefix):]: v for n, v in host.items() if n.startswith(prefix)}, j,
+                                    self.settings)
+                trim = TrimRecord(summary, self.config.trim.metric, float(host[f"{lay.full}/trim_metric"]),
+                                  Kept.of(keep, block_keeps),
+                                  float(host[f"{lay.full}/alone_metric"]) if self.config.trim.safeguard else None)
+                info = lay.infos[0] if keep else lay.infos[1]
+            linears[lay.full] = LinearRecord(self.block, lay.name, lay.shape, lay.target_sparsity, lay.group,
+                                             int(zeros), rmin / cols, rmax / cols, rstd / cols, trim, info)
+            masks[lay.full] = host[f"{lay.full}/packed"]
+        guard = None
+        if self.guard_names is not None and kept_trim:
+            e_trim, e_alone = host["guard/errors"].tolist()
+            guard = BlockGuardRecord(self.block, e_trim, e_alone,
+                                     BlockChoice.TRIM if block_keeps else BlockChoice.SCORER_ALONE,
+                                     tuple(n for n in self.guard_names if n in kept_trim))
+        return BlockRecords(linears, guard, masks)

@@ -1,0 +1,93 @@
+"""The seam between the algorithms and how their tensor work is executed.
+
+The algorithms are plain tensor code; each receives an `Executor`. This base class runs everything
+eagerly, as written: it is the default and the reference that every fast path is tested against.
+`trimprune.exec` subclasses it for GPUs (CUDA-graph replay, side streams, registered fast paths,
+deferred host copies, profiling phases); nothing here knows of any of those.
+
+What an algorithm asks of its executor:
+- `run(key, fn, inputs, size)`: `fn(**inputs)`, a computation of static shapes named by `key`
+  (a GPU executor may replay it as a captured graph);
+- `launch(...)`: the same, started now and collected later with `Launched.result()` (a GPU executor
+  may run it on a side stream, overlapping other work); `captures(device, size)` says whether a
+  computation of `size` elements would be replayed (then batching more work into it is cheap);
+- `call(pure_fn, *args)`: a pure function, or a fast path registered for it that gives the same
+  result; `accelerates(pure_fn, *args)` says whether one would run;
+- `to_device(values, dtype, device)`: a few Python numbers as a tensor on `device`;
+- `pinned(tensor)`: a host tensor that is copied to the compute device often (offloaded activations);
+- `defer(tensors, then)`: `then(host copies of tensors)` as a `Deferred` value: a GPU executor copies
+  in the background and the caller reads it once the copy is done;
+- `phase(name)`: a context naming a phase of the work (timings, profiles);
+- `close()`: release what the executor holds (captured graphs), at the end of a prune.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Generic, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class Launched(Generic[T]):
+    """A computation started by `Executor.launch`. `result()` returns its outputs once the current
+    stream may use them (eagerly: at once)."""
+
+    def __init__(self, value: T):
+        self._value = value
+
+    def result(self) -> T:
+        return self._value
+
+
+class Deferred(Generic[T]):
+    """A value computed from tensors copied to the host. `ready()`: whether `result()` would return
+    without waiting for the device; `result()`: the value (computed once)."""
+
+    def __init__(self, value: T):
+        self._value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self) -> T:
+        return self._value
+
+
+class Executor:
+    """Eager execution on the current stream."""
+
+    def run(self, key, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], size: int):
+        return fn(**inputs)
+
+    def launch(self, key, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], size: int) -> Launched:
+        return Launched(fn(**inputs))
+
+    def captures(self, device: torch.device, size: int) -> bool:
+        return False
+
+    def call(self, pure_fn: Callable[..., T], *args, **kwargs) -> T:
+        return pure_fn(*args, **kwargs)
+
+    def accelerates(self, pure_fn: Callable, *args, **kwargs) -> bool:
+        return False
+
+    def to_device(self, values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    def pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def defer(self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], T]) -> Deferred[T]:
+        return Deferred(then({k: v.detach().cpu() for k, v in tensors.items()}))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        yield
+
+    def close(self) -> None:
+        pass
+
+
+EAGER = Executor()

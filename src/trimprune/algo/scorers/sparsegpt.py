@@ -1,0 +1,194 @@
+"""SparseGPT (Frantar & Alistarh 2023): mask selection and OBS weight reconstruction.
+
+With H = X^T X (the Gram matrix; the paper's 2 X^T X / n differs by a scale that changes neither
+the mask nor the update), columns are processed left to right in blocks of `blocksize`. At the
+start of a block the mask is chosen by the saliency w_ij^2 / [U]_jj^2, where U is the upper
+Cholesky factor of H^-1 (Algorithm 1); each pruned weight's error is then spread over the
+remaining columns of its row: W[:, j:] -= (w_ij / U_jj) * U[j, j:] (the OBS update).
+
+Rows of linears that read the same input (q/k/v, gate/up) share H, so they are solved together.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ...calib.stats import InputStats
+from ..executor import EAGER, Executor
+from ..masks import row_ranks
+from ..records import Reconstruction
+from .base import Member, Outcome, Scorer, Target
+
+log = logging.getLogger("trimprune")
+
+
+@dataclass(frozen=True)
+class InverseFactor:
+    """U, the upper Cholesky factor of (H + lambda I)^-1, the dead input columns, and how it was reached."""
+
+    U: torch.Tensor
+    dead: torch.Tensor
+    percdamp_used: float
+    damp_retries: int
+    fallback: str | None
+    dead_columns: int
+
+
+def _round(x: float) -> int:
+    return int(round(x))  # half to even, like torch.round
+
+
+class _ObsBlock:
+    """Algorithm 1's inner loop over the columns of one block: prune column i by its mask, spread
+    the error over the block's later columns (W1[:, i:] -= err_i * U1[i, i:]). For N:M the mask of
+    every M columns is chosen when their first column is reached, from the updated weights."""
+
+    def __init__(self, n: int, m: int):
+        self.n, self.m = n, m
+
+    def __call__(self, W1: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor):
+        d = torch.diag(U1)
+        Err1 = torch.zeros_like(W1)
+        for i in range(W1.shape[1]):
+            if self.m and i % self.m == 0:
+                tmp = W1[:, i:i + self.m].square() / d[i:i + self.m].square().unsqueeze(0)
+                mask1.scatter_(1, i + torch.topk(tmp, self.n, dim=1, largest=False)[1], True)
+            err = W1[:, i] * mask1[:, i] / d[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)    # column i becomes q (pruned entries ~0)
+            Err1[:, i] = err
+        W1.masked_fill_(mask1, 0.0)
+        return W1, Err1, mask1
+
+
+class SparseGPT(Scorer):
+    name = "sparsegpt"
+    needs_gram = True
+    reconstructs = True
+    selects_by_row_ranks = False    # blockwise selection on updated weights
+    alone_is_uniform_rows = False
+
+    def pruned_count(self, rows: int, cols: int, sparsity: float) -> int:
+        return int(round(sparsity * rows * cols))           # one count per matrix
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, max_damp_retries: int = 8,
+                 ex: Executor = EAGER):
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+        self.max_damp_retries = max_damp_retries
+        self.ex = ex
+
+    # ------------------------------------------------------------------ H^-1 factor
+    def inverse_factor(self, stats: InputStats, device: torch.device) -> InverseFactor:
+        """Upper Cholesky factor U of (H + lambda I)^-1 with dead columns handled as in the paper
+        (H_jj = 0 -> H_jj = 1, w_:j = 0). On a failed factorisation the damping grows x10. Computed once
+        per statistics (q/k/v share it)."""
+        return stats.derived(("sparsegpt inverse factor", device, self.percdamp, self.max_damp_retries),
+                             lambda: self._inverse_factor(stats.gram, device))
+
+    def _inverse_factor(self, gram: torch.Tensor, device: torch.device) -> InverseFactor:
+        H = gram.to(device=device).clone()
+        fallback = None
+        if not torch.isfinite(H).all():
+            fallback = "gram matrix has non-finite entries; used H = I (magnitude selection, no update)"
+            H = torch.eye(H.shape[0], device=device, dtype=H.dtype)
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        mean_diag = torch.mean(torch.diag(H))
+        percdamp = self.percdamp
+        retries = 0
+        U = None
+        while True:
+            Hd = H.clone()
+            idx = torch.arange(H.shape[0], device=device)
+            Hd[idx, idx] += percdamp * mean_diag
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if int(info) == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info) == 0 and torch.isfinite(U).all():
+                    break
+            retries += 1
+            if retries > self.max_damp_retries:
+                fallback = (f"Cholesky failed up to percdamp {percdamp:g}; used H = I "
+                            "(magnitude selection, no update)")
+                U = torch.eye(H.shape[0], device=device, dtype=H.dtype)
+                break
+            percdamp *= 10.0
+            log.warning("SparseGPT: Cholesky failed, retrying with percdamp=%g", percdamp)
+        if fallback:
+            log.warning("SparseGPT: %s", fallback)
+        return InverseFactor(U=U, dead=dead, percdamp_used=percdamp, damp_retries=retries, fallback=fallback,
+                             dead_columns=int(dead.sum()))
+
+    def importance(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        """The saliency w^2 / [U]_jj^2 on the unmodified weights (the cheap proxy TRIM searches with)."""
+        f = self.inverse_factor(stats, weight.device)
+        w = weight.masked_fill(f.dead.unsqueeze(0), 0.0)
+        return w.square() / torch.diag(f.U).square().unsqueeze(0)
+
+    # ------------------------------------------------------------------ solver
+    def _select_block(self, tmp: torch.Tensor, seg_rows: slice, target: Target, i1: int, i2: int,
+                      cols: int) -> torch.Tensor:
+        """Mask for columns [i1, i2) of one linear's rows. The counts per block telescope, so the
+        whole matrix (or each row) ends with exactly the target number of pruned weights."""
+        t = tmp[seg_rows]
+        if target.row_counts is not None:
+            P = target.row_counts.to(t.device, torch.float64)
+            k = (torch.round(P * i2 / cols) - torch.round(P * i1 / cols)).long()
+            return row_ranks(t) < k.unsqueeze(1)
+        # reference semantics: one selection over the whole block of this matrix
+        mask = torch.zeros_like(t, dtype=torch.bool)
+        s = target.sparsity
+        k = _round(s * t.shape[0] * i2) - _round(s * t.shape[0] * i1)
+        if k > 0:
+            idx = torch.sort(t.flatten(), stable=True)[1][:k]
+            mask.view(-1)[idx] = True
+        return mask
+
+    @torch.no_grad()
+    def prune_group(self, members: list[Member], stats: InputStats) -> list[Outcome]:
+        dev = members[0].weight.device
+        f = self.inverse_factor(stats, dev)
+        U, dead = f.U, f.dead
+        W = torch.cat([m.weight for m in members], 0).clone()
+        W[:, dead] = 0.0
+        rows, cols = W.shape
+        segs, r0 = [], 0
+        for m in members:
+            segs.append(slice(r0, r0 + m.weight.shape[0]))
+            r0 += m.weight.shape[0]
+        nm = members[0].target.nm
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        losses = torch.zeros(rows, device=dev, dtype=W.dtype)
+        bs = self.blocksize
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            W1 = W[:, i1:i2].clone()
+            U1 = U[i1:i2, i1:i2].contiguous()
+            d = torch.diag(U1)
+            if nm is None:
+                tmp = W1.square() / d.square().unsqueeze(0)
+                mask1 = torch.cat([self._select_block(tmp, sg, m.target, i1, i2, cols)
+                                   for sg, m in zip(segs, members)], 0)
+            else:
+                mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            n, mm = nm if nm is not None else (0, 0)
+            W1, Err1, mask1 = self.ex.run(("obs", tuple(W1.shape), W1.dtype, n, mm), _ObsBlock(n, mm),
+                                          {"W1": W1, "U1": U1, "mask1": mask1}, size=W1.numel() * 4)
+            losses += Err1.square().sum(1) / 2
+            W[:, i1:i2] = W1
+            mask[:, i1:i2] = mask1
+            if i2 < cols:
+                W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        bad = not bool(torch.isfinite(W).all())
+        if bad:  # never return NaNs: fall back to the mask without reconstruction
+            log.warning("SparseGPT: reconstruction produced non-finite weights; kept the mask without update")
+            W = torch.cat([m.weight for m in members], 0).masked_fill(mask, 0.0)
+        fallback = "non-finite reconstruction; mask applied without update" if bad else f.fallback
+        return [Outcome(weight=W[sg], mask=mask[sg],
+                        info=Reconstruction(percdamp_used=f.percdamp_used, damp_retries=f.damp_retries,
+                                            fallback=fallback, dead_columns=f.dead_columns,
+                                            obs_loss=float(losses[sg].sum())))
+                for sg in segs]

@@ -1,0 +1,122 @@
+"""TRIM's two safeguards: TRIM's allocation must not lose to the scorer alone.
+
+- Per linear: a linear keeps TRIM's allocation only if the layer metric of TRIM's (reconstructed)
+  weights is at least that of the scorer alone's.
+- Per block: a block keeps TRIM only if its output on the safeguard's subset of the calibration
+  sequences (followed through the pruned model) is at least as close, in squared error, to the dense
+  model's block output (followed through the dense model) as with the scorer alone in every
+  searched linear.
+
+Both choices are made on the device (`torch.where`), so nothing waits for the host; the block
+choice is made on the host only when the block outputs are kept off the device (offload).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ...config import TrimConfig
+from ...io.models import set_weight_2d
+from ..scorers import Member, Outcome, Scorer
+from .metrics import layer_metric
+from .results import SearchTensors
+
+
+@dataclass
+class Found:
+    """One linear's search within its batch."""
+
+    tensors: SearchTensors
+    index: int
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.tensors.counts[self.index]
+
+
+@dataclass
+class TrimChoice:
+    """A searched linear after its own safeguard (device tensors): TRIM's outcome, the scorer alone's
+    (None when nothing compares against it), the one chosen, both layer metrics and the choice."""
+
+    found: Found
+    trim: Outcome
+    alone: Outcome | None
+    chosen: Outcome
+    trim_metric: torch.Tensor      # 0-dim float64
+    alone_metric: torch.Tensor     # 0-dim float64 (TRIM's own metric when the safeguard is off)
+    keep: torch.Tensor             # 0-dim bool: the linear keeps TRIM
+
+
+def linear_safeguard(m: Member, found: Found, trim: Outcome, alone: Outcome | None, config: TrimConfig,
+                     scorer: Scorer, exact_rounding: bool, measure: Callable[[], object]) -> TrimChoice:
+    """The per-linear safeguard. For mask scorers that select by row ranks, TRIM's mask is the search's
+    own final allocation, so its metric is the search's; reconstructed weights (SparseGPT) are measured
+    with `measure()` (the group's evaluator). The scorer alone's metric is the search's uniform baseline
+    where the scorer alone prunes uniformly per row (and the search rounds exactly), else measured."""
+    same_rows = scorer.selects_by_row_ranks and not scorer.reconstructs
+    base_is_uniform = scorer.alone_is_uniform_rows and exact_rounding
+    cand = [] if same_rows else [trim.weight]
+    if config.safeguard and not base_is_uniform:
+        cand.append(alone.weight)
+    vals = None
+    if cand:
+        ev = measure()
+        ev.prepare(m.weight)
+        vals = layer_metric(config.metric, ev.stats_from_weight(torch.stack(cand)))
+    t = found.tensors
+    t_metric = t.final_metric[found.index] if same_rows else vals[0]
+    chosen, a_metric = trim, t_metric
+    keep = torch.ones((), dtype=torch.bool, device=t_metric.device)
+    if config.safeguard:
+        a_metric = t.baseline[found.index] if base_is_uniform else vals[-1]
+        keep = t_metric >= a_metric
+        chosen = Outcome(weight=torch.where(keep, trim.weight, alone.weight),
+                         mask=torch.where(keep, trim.mask, alone.mask), info=trim.info)
+    return TrimChoice(found, trim, alone, chosen, t_metric, a_metric, keep)
+
+
+@dataclass
+class BlockGuard:
+    """The block safeguard's comparison: squared errors with TRIM and with the scorer alone (2,), the
+    choice (a 0-dim bool tensor on the device, or a bool when decided on the host), the linears."""
+
+    errors: torch.Tensor
+    keep: torch.Tensor | bool
+    names: list[str]
+
+    def choose(self, with_trim: torch.Tensor, alone: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.keep, bool):
+            return with_trim if self.keep else alone
+        return torch.where(self.keep, with_trim, alone)
+
+
+def _squared_error(out: list[torch.Tensor], dense: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([(o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
+                        for o, d in zip(out, dense)]).sum()
+
+
+def block_safeguard(run, linears: dict[str, TrimChoice], dense_out: list[torch.Tensor],
+                    alone_out: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], BlockGuard | None]:
+    """Compare the block with TRIM (the linears' chosen weights, set already) and with the scorer alone
+    in the searched `linears` against the dense model's outputs `dense_out`, set the weights of the
+    better, and return its outputs on the pruned model's subset stream. `alone_out`: the scorer-alone
+    block's outputs, when computed already."""
+    if not linears:
+        return run.pruned_subset(), None
+    out_trim = run.pruned_subset()
+    e_trim = _squared_error(out_trim, dense_out)
+    if alone_out is None:
+        for name, c in linears.items():
+            set_weight_2d(run.linears[name], c.alone.weight)
+        alone_out = run.pruned_subset()
+    e_alone = _squared_error(alone_out, dense_out)
+    keep = e_trim <= e_alone
+    if not all(o.device == keep.device for o in out_trim):     # outputs stored off the device: decide now
+        keep = bool(keep)
+    guard = BlockGuard(torch.stack([e_trim, e_alone]), keep, sorted(linears))
+    for name, c in linears.items():
+        set_weight_2d(run.linears[name], guard.choose(c.chosen.weight, c.alone.weight))
+    return [guard.choose(a, b) for a, b in zip(out_trim, alone_out)], guard

@@ -1,0 +1,262 @@
+"""The layer-sequential calibration walk, and every hidden-state stream it carries.
+
+1. `capture`: run the model on the calibration batches with every decoder block replaced by a
+   recorder. Block 0's recorder keeps the hidden states it receives; every recorder keeps the
+   positional and keyword arguments its block is called with (attention masks, position
+   embeddings, cache flags — Gemma-style models pass different ones to different blocks), and the
+   last one stops the forward. Nothing model-specific is needed.
+2. `walk`: for each block, in order: move it to the compute device (offload), hand it to a visitor
+   as a `BlockRun` (statistics with hooks, pruning), then recompute the block's outputs with the
+   pruned weights and feed them to the next block.
+
+The streams (`Streams`): the calibration batches through the pruned model (`main`) and, for TRIM's
+block safeguard, a subset of the calibration sequences followed through the dense model
+(`subset_dense`) and through the pruned model (`subset_pruned`).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..algo.executor import EAGER, Executor
+from ..io.models import ModelAdapter
+from .stats import BlockHooks, StatsNeeds, StopForward
+
+
+class _StopCapture(Exception):
+    pass
+
+
+@dataclass
+class Captured:
+    """Inputs of block 0 for every batch (and for the block-safeguard subset), and each block's call
+    arguments per batch shape."""
+
+    hidden: list[torch.Tensor]                       # one (B, L, H) tensor per batch
+    subset: torch.Tensor | None                      # (S, L, H): the block-safeguard subset, or None
+    block_args: list[dict]                           # per block: {(B, L): (args, kwargs)}
+    store_device: torch.device
+    exec_device: torch.device
+    n_tokens: int                                    # tokens of `hidden` (the subset not counted)
+
+    def args_for(self, block_index: int, hidden: torch.Tensor):
+        return self.block_args[block_index][tuple(hidden.shape[:2])]
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, last: int, sink: dict, inputs_sink: list | None):
+        super().__init__()
+        self.index, self.last, self.sink, self.inputs_sink = index, last, sink, inputs_sink
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        if hidden_states is None:
+            hidden_states = kwargs.pop("hidden_states")
+        key = tuple(hidden_states.shape[:2])
+        if self.inputs_sink is not None:
+            self.inputs_sink.append(hidden_states)
+        if key not in self.sink:
+            self.sink[key] = (args, kwargs)
+        if self.index == self.last:
+            raise _StopCapture
+        return hidden_states
+
+
+def _to_device(obj, device, memo: dict):
+    """Move tensors inside (nested) args to `device`, keeping shared objects shared."""
+    if isinstance(obj, torch.Tensor):
+        k = id(obj)
+        if k not in memo:
+            memo[k] = obj.to(device)
+        return memo[k]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def blocks_replaced(adapter: ModelAdapter, replacements: list[nn.Module]):
+    original = list(adapter.blocks)
+    try:
+        for i, r in enumerate(replacements):
+            adapter.blocks[i] = r
+        yield
+    finally:
+        for i, b in enumerate(original):
+            adapter.blocks[i] = b
+
+
+@contextlib.contextmanager
+def non_block_modules_on(model: nn.Module, device: torch.device, enabled: bool):
+    """With offload, move everything but the decoder blocks (embeddings, rotary tables, final norm)
+    to the compute device. Call it while the blocks are replaced: the real blocks are then outside
+    the module tree and stay where they are."""
+    if not enabled:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
+@torch.no_grad()
+def capture(model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor], exec_device: torch.device,
+            offload: bool = False, subset: int = 0, ex: Executor = EAGER) -> Captured:
+    """Record block-0 inputs for every batch and every block's call arguments. `subset` > 0: also
+    block 0's input of the first `subset` calibration sequences as one batch (the block safeguard's)."""
+    n = adapter.num_blocks
+    sinks = [dict() for _ in range(n)]
+    inputs: list[torch.Tensor] = []
+    store = torch.device("cpu") if offload else exec_device
+    recorders = [_Recorder(i, n - 1, sinks[i], inputs if i == 0 else None) for i in range(n)]
+    if subset:
+        batches = batches + [torch.cat(batches)[:subset]]
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    hidden = []
+    try:
+        with blocks_replaced(adapter, recorders), non_block_modules_on(model, exec_device, offload):
+            for ids in batches:
+                inputs.clear()
+                try:
+                    model(input_ids=ids.to(exec_device), use_cache=False)
+                except _StopCapture:
+                    pass
+                h = inputs[0]
+                hidden.append(h.to(store, non_blocking=True) if offload else h)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    memo: dict = {}
+    block_args = [{k: _to_device(v, exec_device, memo) for k, v in s.items()} for s in sinks]
+    if offload and store.type == "cpu" and exec_device.type == "cuda":
+        hidden = [ex.pinned(h) for h in hidden]
+    sub = hidden.pop() if subset else None
+    ntok = sum(h.shape[0] * h.shape[1] for h in hidden)
+    return Captured(hidden=hidden, subset=sub, block_args=block_args, store_device=store, exec_device=exec_device,
+                    n_tokens=ntok)
+
+
+def block_forward(block: nn.Module, captured: Captured, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    args, kwargs = captured.args_for(index, hidden)
+    out = block(hidden, *args, **kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+@torch.no_grad()
+def forward_block_all(block: nn.Module, captured: Captured, index: int, hidden: list[torch.Tensor],
+                      on_batch_end: Callable[[], None] | None = None, keep_outputs: bool = True):
+    """Run one block over every stored batch; returns the outputs (stored like the inputs)."""
+    outs = []
+    dev = captured.exec_device
+    for h in hidden:
+        x = h.to(dev, non_blocking=True)
+        try:
+            y = block_forward(block, captured, index, x)
+        except StopForward:
+            y = None
+        if on_batch_end is not None:
+            on_batch_end()
+        if keep_outputs:
+            outs.append(y.to(captured.store_device, non_blocking=True) if y is not None else None)
+    if keep_outputs and captured.store_device.type == "cpu" and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return outs
+
+
+@contextlib.contextmanager
+def block_on_device(block: nn.Module, device: torch.device, offload: bool):
+    if offload:
+        block.to(device)
+    try:
+        yield block
+    finally:
+        if offload:
+            block.to("cpu")
+
+
+@dataclass
+class Streams:
+    """The hidden states entering the current block: the calibration batches through the pruned model,
+    and the block safeguard's subset through the dense and through the pruned model (empty without it)."""
+
+    main: list[torch.Tensor]
+    subset_dense: list[torch.Tensor] = field(default_factory=list)
+    subset_pruned: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class StreamUpdate:
+    """What a visitor hands back to the walk: the block's outputs on a stream when it computed them with
+    the block's final weights (None: the walk computes them)."""
+
+    main: list[torch.Tensor] | None = None
+    subset_dense: list[torch.Tensor] | None = None
+    subset_pruned: list[torch.Tensor] | None = None
+
+
+@dataclass
+class BlockRun:
+    """One block of the walk: the module, its prunable linears and the streams entering it."""
+
+    index: int
+    module: nn.Module
+    linears: OrderedDict[str, nn.Module]
+    captured: Captured
+    streams: Streams
+
+    def forward(self, hidden: list[torch.Tensor], on_batch_end=None, keep_outputs: bool = True) -> list:
+        return forward_block_all(self.module, self.captured, self.index, hidden, on_batch_end, keep_outputs)
+
+    def statistics(self, needs: StatsNeeds, ex: Executor = EAGER, only: set[str] | None = None,
+                   stop: bool = False) -> BlockHooks:
+        """The statistics of the linears' inputs (of `only`, stopping the forward once they are seen
+        with `stop`) over the main stream, from one forward with hooks."""
+        hooks = BlockHooks(self.linears, needs, self.captured.exec_device, total_tokens=self.captured.n_tokens,
+                           only=only, stop=stop, ex=ex)
+        with hooks:
+            self.forward(self.streams.main, on_batch_end=hooks.next_batch, keep_outputs=False)
+        return hooks
+
+    def dense_subset(self) -> list[torch.Tensor]:
+        """The block (still dense) on the dense model's subset stream."""
+        return self.forward(self.streams.subset_dense)
+
+    def pruned_subset(self) -> list[torch.Tensor]:
+        """The block, with its current weights, on the pruned model's subset stream."""
+        return self.forward(self.streams.subset_pruned)
+
+
+def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
+         visit: Callable[[BlockRun], StreamUpdate | None], offload: bool = False, progress: bool = True,
+         desc: str = "pruning", ex: Executor = EAGER) -> Streams:
+    """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs are
+    recomputed with its final weights (unless the visitor returned them) and fed to block i+1."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(adapter.num_blocks), desc=desc, unit="block", disable=not progress, leave=False)
+    for i in bar:
+        block = adapter.blocks[i]
+        with block_on_device(block, captured.exec_device, offload):
+            run = BlockRun(i, block, adapter.linears(i), captured, streams)
+            upd = visit(run) or StreamUpdate()
+            main = upd.main
+            if main is None:
+                with ex.phase("recompute"):
+                    main = run.forward(streams.main)
+            streams = Streams(main, streams.subset_dense if upd.subset_dense is None else upd.subset_dense,
+                              streams.subset_pruned if upd.subset_pruned is None else upd.subset_pruned)
+    bar.close()
+    return streams

@@ -1,0 +1,274 @@
+"""Calibration and evaluation data: the Wanda/SparseGPT protocols on local files or hub datasets,
+and sequences sampled from the model itself (`self`).
+
+Local data: `--calib-data PATH` / `--eval-data NAME=PATH`, or a folder laid out like the project's
+shared data (``c4/c4-train*.json*``, ``wikitext2-raw/test.jsonl``, ``ptb/ptb.test.txt`` ...) named by
+the environment variable TRIMPRUNE_DATA. Hub names are loaded through `datasets` when it is installed
+and the Hub is reachable; otherwise the error names the flag that takes a local file.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from ..config import CalibConfig
+from ..errors import TrimpruneError
+
+DATA_ENV = "TRIMPRUNE_DATA"
+
+# file patterns inside a TRIMPRUNE_DATA folder
+LAYOUT = {
+    ("c4", "train"): ["c4/c4-train.*.json*"],
+    ("c4", "validation"): ["c4/c4-validation.*.json*"],
+    ("wikitext2", "train"): ["wikitext2-raw/train.jsonl", "wikitext2-raw/wiki.train.raw"],
+    ("wikitext2", "test"): ["wikitext2-raw/test.jsonl", "wikitext2-raw/wiki.test.raw"],
+    ("ptb", "train"): ["ptb/ptb.train.txt"],
+    ("ptb", "test"): ["ptb/ptb.test.txt"],
+}
+HUB = {
+    ("c4", "train"): ("allenai/c4", {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}, "train", "text"),
+    ("c4", "validation"): ("allenai/c4", {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
+                           "validation", "text"),
+    ("wikitext2", "train"): ("wikitext", {"name": "wikitext-2-raw-v1"}, "train", "text"),
+    ("wikitext2", "test"): ("wikitext", {"name": "wikitext-2-raw-v1"}, "test", "text"),
+    ("ptb", "train"): ("ptb_text_only", {"name": "penn_treebank"}, "train", "sentence"),
+    ("ptb", "test"): ("ptb_text_only", {"name": "penn_treebank"}, "test", "sentence"),
+}
+
+
+def data_root() -> Path | None:
+    v = os.environ.get(DATA_ENV)
+    return Path(v) if v else None
+
+
+def find_local(name: str, split: str, root: Path | None = None) -> Path | None:
+    root = root if root is not None else data_root()
+    if root is None:
+        return None
+    for pat in LAYOUT.get((name, split), []):
+        hits = sorted(root.glob(pat))
+        if hits:
+            return hits[0]
+    return None
+
+
+def detect_format(path: Path, fmt: str | None = None, flag: str = "--calib-data") -> str:
+    if fmt:
+        return fmt
+    name = path.name.lower()
+    for suffix, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".jsonl.gz", "jsonl"), (".json.gz", "jsonl"),
+                      (".parquet", "parquet"), (".txt", "txt"), (".raw", "txt")):
+        if name.endswith(suffix):
+            return f
+    raise TrimpruneError(f"{flag} {str(path)!r} has an unknown extension: add --calib-format txt|jsonl|parquet")
+
+
+def read_rows(path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data") -> list[str]:
+    """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
+    txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines -> "")."""
+    p = Path(path)
+    if p.is_dir():
+        raise TrimpruneError(f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
+                             f"inside it")
+    if not p.is_file():
+        raise TrimpruneError(f"{flag} {str(path)!r} does not exist: give the path of a .txt, .jsonl or .parquet file")
+    fmt = detect_format(p, fmt, flag)
+    if fmt == "jsonl":
+        opener = gzip.open if p.name.endswith(".gz") else open
+        rows = []
+        with opener(p, "rt", encoding="utf-8") as f:
+            for ln, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise TrimpruneError(f"{flag} {str(path)!r} line {ln} is not JSON: use one JSON object per line "
+                                         "or --calib-format txt")
+                if not isinstance(obj, dict) or field not in obj:
+                    raise TrimpruneError(f"{flag} {str(path)!r} line {ln} has no {field!r} field: each line needs "
+                                         f"{{\"{field}\": ...}}")
+                rows.append(obj[field])
+        return rows
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise TrimpruneError(f"{flag} {str(path)!r} is parquet, which needs pyarrow: `pip install pyarrow`")
+        table = pq.read_table(p)
+        if field not in table.column_names:
+            raise TrimpruneError(f"{flag} {str(path)!r} has no column {field!r}: columns are {table.column_names}")
+        return [str(x) for x in table.column(field).to_pylist()]
+    text = p.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if p.name.endswith(".raw"):
+        return [ln if ln.strip() else "" for ln in lines]
+    return [ln.rstrip("\n") for ln in lines]
+
+
+def hub_rows(name: str, split: str, flag: str) -> list[str]:
+    repo, kw, hsplit, field = HUB[(name, split)]
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise TrimpruneError(f"{name} ({split}) is not available locally and the `datasets` package is not "
+                             f"installed: give a local file with {flag} or set {DATA_ENV}")
+    try:
+        ds = datasets.load_dataset(repo, split=hsplit, **kw)
+    except Exception as e:  # offline, missing, ...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise TrimpruneError(f"could not load {name} ({split}) from the Hub ({first}): give a local file "
+                             f"with {flag} or set {DATA_ENV}")
+    return [str(x) for x in ds[field]]
+
+
+def dataset_rows(name: str, split: str, path: str | None, fmt: str | None, flag: str) -> list[str]:
+    if path is None:
+        local = find_local(name, split)
+        if local is not None:
+            path = str(local)
+    if path is not None:
+        field = "sentence" if (name == "ptb" and str(path).endswith((".jsonl", ".parquet"))) else "text"
+        rows = read_rows(path, fmt, field=field, flag=flag)
+        if name == "ptb" and not str(path).endswith((".jsonl", ".parquet")):
+            rows = [r.strip() for r in rows]
+        return rows
+    return hub_rows(name, split, flag)
+
+
+# ------------------------------------------------------------------------------ calibration
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def calib_c4(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Wanda/SparseGPT C4 protocol: seeded `random`; draw documents until one is longer than
+    seqlen tokens, take a random seqlen window of it. Documents are tokenized once (memoised),
+    which changes nothing in the draws."""
+    rng = random.Random(seed)
+    cache: dict[int, torch.Tensor] = {}
+    long_enough = None
+    out = []
+    for _ in range(nsamples):
+        tries = 0
+        while True:
+            i = rng.randint(0, len(rows) - 1)
+            if i not in cache:
+                cache[i] = _encode(tokenizer, rows[i])
+            enc = cache[i]
+            if enc.numel() > seqlen:
+                break
+            tries += 1
+            if tries == 10000:
+                if long_enough is None:
+                    long_enough = any(_encode(tokenizer, r).numel() > seqlen for r in rows)
+                if not long_enough:
+                    raise TrimpruneError(f"no calibration document is longer than --seqlen {seqlen} tokens: "
+                                         "use a smaller --seqlen or --calib wikitext2 (windows of the joined text)")
+        j = rng.randint(0, enc.numel() - seqlen - 1)
+        out.append(enc[j:j + seqlen])
+    return torch.stack(out)
+
+
+def calib_stream(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """WikiText-2 / PTB protocol: tokenize the joined text once, seeded random windows."""
+    enc = _encode(tokenizer, text)
+    if enc.numel() <= seqlen + 1:
+        raise TrimpruneError(f"the calibration text has {enc.numel()} tokens, not more than --seqlen {seqlen}: "
+                             "use a smaller --seqlen or a larger file")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(nsamples):
+        i = rng.randint(0, enc.numel() - seqlen - 1)
+        out.append(enc[i:i + seqlen])
+    return torch.stack(out)
+
+
+def bos_token_id(model, tokenizer) -> int:
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        v = getattr(src, "bos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            return v
+    for src in (model.config, tokenizer):
+        v = getattr(src, "eos_token_id", None)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, list) and v:
+            return v[0]
+    return 0
+
+
+@torch.no_grad()
+def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_size: int = 16,
+                      temperature: float = 1.0, device=None, progress: bool = False) -> torch.Tensor:
+    """n sequences of seqlen tokens sampled from the model (seeded; start at BOS; temperature 1,
+    no top-k/top-p; EOS is an ordinary token, so every sequence has exactly seqlen tokens and
+    the samples follow the model's own distribution over length-seqlen strings)."""
+    import inspect
+
+    from tqdm.auto import tqdm
+
+    from ..io.models import model_device
+
+    dev = torch.device(device) if device is not None else model_device(model)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    bos = bos_token_id(model, tokenizer)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    seqs = []
+    bar = tqdm(total=n * (seqlen - 1), desc="sampling", unit="tok", disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = torch.full((b, 1), bos, dtype=torch.long, device=dev)
+        out = model(input_ids=ids, use_cache=True)
+        past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        toks = [ids]
+        for _ in range(seqlen - 1):
+            logits = out.logits[:, -1, :].float()
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen)
+            toks.append(nxt)
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
+            past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            bar.update(b)
+        seqs.append(torch.cat(toks, 1).cpu())
+    bar.close()
+    return torch.cat(seqs, 0)
+
+
+def get_calibration(config: CalibConfig, tokenizer, model=None, progress: bool = False) -> torch.Tensor:
+    """(nsamples, seqlen) token ids for the calibration source named by the config."""
+    name = config.source
+    if name == "self":
+        if model is None:
+            raise TrimpruneError("--calib self needs the model to sample from")
+        return sample_from_model(model, tokenizer, config.nsamples, config.seqlen, config.seed,
+                                 batch_size=max(1, min(config.nsamples, 32)), progress=progress)
+    rows = dataset_rows(name, "train", config.data, config.format, "--calib-data")
+    if name == "c4":
+        return calib_c4(tokenizer, rows, config.nsamples, config.seqlen, config.seed)
+    return calib_stream(tokenizer, " ".join(rows), config.nsamples, config.seqlen, config.seed)
+
+
+# ------------------------------------------------------------------------------ evaluation text
+def eval_text(name: str, path: str | None = None, fmt: str | None = None) -> tuple[str, int | None]:
+    """(text, token cap) of an evaluation set under its paper protocol:
+    wikitext2 test rows joined with "\\n\\n"; ptb test sentences joined with " ";
+    c4 the first 1100 validation documents joined with " ", capped at 256 windows;
+    any other NAME=PATH: the file's rows joined with "\\n\\n"."""
+    flag = f"--eval-data {name}=PATH"
+    if name == "wikitext2":
+        return "\n\n".join(dataset_rows("wikitext2", "test", path, fmt, flag)), None
+    if name == "ptb":
+        return " ".join(dataset_rows("ptb", "test", path, fmt, flag)), None
+    if name == "c4":
+        rows = dataset_rows("c4", "validation", path, fmt, flag)
+        return " ".join(rows[:1100]), 256
+    if path is None:
+        raise TrimpruneError(f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
+                             f"--eval-data {name}=PATH")
+    return "\n\n".join(read_rows(path, fmt, flag=f"--eval-data {name}")), None

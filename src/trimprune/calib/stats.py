@@ -1,0 +1,201 @@
+"""Per-input statistics gathered by forward hooks during the calibration walk.
+
+Linears that read the same input tensor (q/k/v, gate/up) share one `InputStats`, so the
+Wanda norms and the Gram matrix X^T X are accumulated once per distinct input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..algo.executor import EAGER, Executor
+from ..algo.linalg import mm_f32
+
+
+@dataclass
+class StatsNeeds:
+    """What the scorers / TRIM / allocators of this run need from the inputs."""
+
+    sqnorm: bool = True          # sum_t x_tj^2 per input feature j (Wanda, OWL)
+    gram: bool = False           # G = sum_t x_t x_t^T in float32 (SparseGPT, TRIM on all tokens)
+    last_token: bool = False     # last token of every sequence (TRIM reference mode)
+    sample: int = 0              # a seeded uniform subsample of N tokens (TRIM sample:N)
+    seed: int = 0
+
+
+TILE = 2048  # Gram tiles for wide inputs: only the upper block triangle is computed
+
+
+def gram_tiles(n: int, cuda: bool) -> list[tuple[int, int]]:
+    if not cuda or n < 2 * TILE:
+        return [(0, n)]
+    t = n // TILE
+    edges = [round(i * n / t) for i in range(t + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _gram_update(gram: torch.Tensor, x: torch.Tensor, tiles: list[tuple[int, int]], ex: Executor) -> None:
+    """gram += x^T x accumulated in float32 (float64 for float64 inputs). With several tiles only
+    the upper block triangle is accumulated; `InputStats.finalize` mirrors it."""
+    if len(tiles) == 1 and (x.dtype == gram.dtype or not x.is_cuda):
+        xf = x.to(gram.dtype)
+        gram.addmm_(xf.t(), xf)
+        return
+    for i, (a0, a1) in enumerate(tiles):
+        for b0, b1 in tiles[i:]:
+            gram[a0:a1, b0:b1].add_(ex.call(mm_f32, x[:, a0:a1].t(), x[:, b0:b1]) if gram.dtype == torch.float32
+                                   else x[:, a0:a1].t().to(gram.dtype) @ x[:, b0:b1].to(gram.dtype))
+
+
+class InputStats:
+    """Accumulates statistics of one input stream X (tokens x in_features), and memoises what is
+    derived from them (`derived`)."""
+
+    def __init__(self, in_features: int, device: torch.device, needs: StatsNeeds, total_tokens: int | None = None,
+                 dtype: torch.dtype = torch.float32, ex: Executor = EAGER):
+        self.in_features = in_features
+        self.dtype = dtype  # float32, or float64 for float64 models
+        self.device = device
+        self.needs = needs
+        self.ex = ex
+        self.n_tokens = 0
+        self._derived: dict = {}
+        self.sqnorm = torch.zeros(in_features, dtype=dtype, device=device) if needs.sqnorm else None
+        self.gram = torch.zeros(in_features, in_features, dtype=dtype, device=device) if needs.gram else None
+        self._last: list[torch.Tensor] = []
+        self._sample: list[torch.Tensor] = []
+        self._sample_pos = None
+        self._tiles = gram_tiles(in_features, torch.device(device).type == "cuda")
+        self._final = False
+        if needs.sample:
+            if not total_tokens:
+                raise ValueError("sample statistics need the total number of calibration tokens")
+            g = torch.Generator().manual_seed(needs.seed)
+            k = min(needs.sample, total_tokens)
+            self._sample_pos = torch.sort(torch.randperm(total_tokens, generator=g)[:k])[0]
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        b, l, c = x.shape
+        flat = x.reshape(-1, c)
+        if self.sqnorm is not None:
+            self.sqnorm.add_(torch.linalg.vector_norm(flat, ord=2, dim=0, dtype=self.dtype).square())
+        if self.gram is not None:
+            _gram_update(self.gram, flat, self._tiles, self.ex)
+            self._final = False
+            self._derived.clear()
+        if self.needs.last_token:
+            self._last.append(x[:, -1, :].to(self.dtype))
+        if self._sample_pos is not None:
+            lo, hi = self.n_tokens, self.n_tokens + b * l
+            pos = self._sample_pos[(self._sample_pos >= lo) & (self._sample_pos < hi)] - lo
+            if pos.numel():
+                self._sample.append(flat[pos.to(flat.device)].to(self.dtype))
+        self.n_tokens += b * l
+
+    def finalize(self) -> "InputStats":
+        """Mirror the upper block triangle of a tiled Gram matrix (idempotent)."""
+        if self.gram is not None and not self._final and len(self._tiles) > 1:
+            for i, (a0, a1) in enumerate(self._tiles):
+                for b0, b1 in self._tiles[i + 1:]:
+                    self.gram[b0:b1, a0:a1] = self.gram[a0:a1, b0:b1].t()
+        self._final = True
+        return self
+
+    # ------------------------------------------------------------------ views
+    def wanda_norm(self) -> torch.Tensor:
+        """||X_j||_2 per input feature j (Wanda's activation norm)."""
+        return self.sqnorm.sqrt()
+
+    def explicit_inputs(self, mode: str) -> torch.Tensor:
+        """(in_features, T) matrix of kept input vectors: last tokens or the token subsample."""
+        rows = self._last if mode == "last-token" else self._sample
+        return torch.cat(rows, 0).t().contiguous()
+
+    def derived(self, key, make: Callable[[], Any]):
+        """make(), computed once per key while these statistics stay unchanged (e.g. SparseGPT's inverse
+        Hessian factor, which the linears reading this input share)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+
+class StopForward(Exception):
+    """Raised by a hook once every linear of interest has seen its input (the rest of the block is not needed)."""
+
+
+class BlockHooks:
+    """Forward hooks on the linears of one block. On the first batch it groups the linears by
+    the identity of their input tensor; afterwards each group's statistics get each batch once.
+
+    With ``stop`` the forward stops once every linear of ``only`` has seen its input (input
+    re-calculation only needs the block up to the group being pruned)."""
+
+    def __init__(self, linears: dict[str, nn.Module], needs: StatsNeeds, device: torch.device,
+                 total_tokens: int | None = None, only: set[str] | None = None, stop: bool = False,
+                 ex: Executor = EAGER):
+        self.linears = linears
+        self.needs = needs
+        self.device = device
+        self.ex = ex
+        self.total_tokens = total_tokens
+        self.only = set(linears) if only is None else set(only)
+        self.group_of: dict[str, int] = {}
+        self.groups: list[list[str]] = []
+        self.stats: list[InputStats] = []
+        self._first_batch_inputs: list[tuple[torch.Tensor, int]] = []
+        self._done: set[int] = set()
+        self._handles = []
+        self._seen_names: set[str] = set()
+        self.stop_when_seen: set[str] | None = set(self.only) if stop and only is not None else None
+
+    def __enter__(self):
+        for name, mod in self.linears.items():
+            if name in self.only:
+                self._handles.append(mod.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._first_batch_inputs.clear()
+        return False
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            gid = self.group_of.get(name)
+            if gid is None:
+                for t, g in self._first_batch_inputs:
+                    if t is x:
+                        gid = g
+                        break
+                if gid is None:
+                    gid = len(self.groups)
+                    self.groups.append([])
+                    self.stats.append(InputStats(x.shape[-1], self.device, self.needs, self.total_tokens,
+                                                 torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                                 self.ex))
+                    self._first_batch_inputs.append((x, gid))
+                self.group_of[name] = gid
+                self.groups[gid].append(name)
+            if gid not in self._done:
+                self.stats[gid].add(x.detach())
+                self._done.add(gid)
+            self._seen_names.add(name)
+            if self.stop_when_seen is not None and self.stop_when_seen <= self._seen_names:
+                raise StopForward
+        return hook
+
+    def next_batch(self) -> None:
+        self._done.clear()
+        self._seen_names.clear()
+        self._first_batch_inputs.clear()
+
+    def stats_for(self, name: str) -> InputStats:
+        return self.stats[self.group_of[name]].finalize()

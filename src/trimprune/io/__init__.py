@@ -1,0 +1,1 @@
+"""Models in and out: loading and the model adapter, evaluation, export and reports."""

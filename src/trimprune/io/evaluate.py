@@ -1,0 +1,131 @@
+"""Evaluation: perplexity with the paper protocol, and the data-free `self` fidelity measure.
+
+Perplexity (Wanda/SparseGPT protocol): the test text is tokenized once, cut into non-overlapping
+windows of seqlen tokens (the remainder is dropped), and ppl = exp(total NLL / predicted tokens),
+every window predicting its tokens 2..seqlen.
+
+`self`: sequences sampled from the dense model (seeded, from BOS, temperature 1). Their mean
+per-token NLL under the dense model estimates its entropy rate; under the pruned model it is the
+cross-entropy; the difference estimates KL(dense || pruned) per token.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calib import capture as walker
+from ..calib.data import eval_text, sample_from_model
+from ..errors import TrimpruneError
+from .models import ModelAdapter, model_device
+
+SELF_EVAL_SEED_OFFSET = 1_000_003   # held-out self samples never share the calibration seed
+
+
+def _nll_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    lg = logits[:, :-1, :].float()
+    return float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+
+
+class _Feeder(nn.Module):
+    """Stands in for block 0 and returns precomputed final hidden states (offloaded evaluation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = None
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return self.value
+
+
+class _Identity(nn.Module):
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return hidden_states if hidden_states is not None else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def nll_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device=None,
+                   offload: bool = False, progress: bool = False, desc: str = "eval") -> tuple[float, int]:
+    """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1)."""
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device) if device is not None else model_device(model)
+    total = 0.0
+    batches = list(windows.split(batch_size, 0))
+    if not offload:
+        for ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            ids = ids.to(dev)
+            total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
+        return total, windows.shape[0] * (windows.shape[1] - 1)
+    # offloaded: walk the blocks one at a time on `dev`, then run the model's own tail
+    adapter = ModelAdapter.from_model(model)
+    captured = walker.capture(model, adapter, batches, dev, offload=True)
+    hidden = walker.walk(adapter, captured, walker.Streams(captured.hidden), lambda run: None, offload=True,
+                         progress=progress, desc=desc).main
+    feeder = _Feeder()
+    stand_ins = [feeder] + [_Identity() for _ in range(adapter.num_blocks - 1)]
+    with walker.blocks_replaced(adapter, stand_ins), walker.non_block_modules_on(model, dev, True):
+        for ids, h in zip(batches, hidden):
+            feeder.value = h.to(dev)
+            ids = ids.to(dev)
+            total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
+    return total, windows.shape[0] * (windows.shape[1] - 1)
+
+
+def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise TrimpruneError(f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
+                             "use a smaller --seqlen")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[str, str] | None = None,
+                      limit: int | None = None, model=None, self_samples: int = 16, seed: int = 0,
+                      progress: bool = False) -> dict[str, dict]:
+    """Token windows for every evaluation set (done before pruning: `self` samples the dense model)."""
+    eval_data = eval_data or {}
+    sets = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if name == "self":
+            if model is None:
+                raise TrimpruneError("--eval self needs the dense model to sample from")
+            n = self_samples if limit is None else min(self_samples, limit)
+            w = sample_from_model(model, tokenizer, n, seqlen, seed + SELF_EVAL_SEED_OFFSET, progress=progress,
+                                  batch_size=min(n, 32))
+            sets[name] = {"windows": w, "limited": False, "source": f"sampled from the dense model, seed "
+                          f"{seed + SELF_EVAL_SEED_OFFSET}"}
+        else:
+            text, cap = eval_text(name, eval_data.get(name))
+            full = text_windows(tokenizer, text, seqlen, cap)
+            w = full if limit is None else full[:limit]
+            sets[name] = {"windows": w, "limited": w.shape[0] < full.shape[0], "total_windows": full.shape[0],
+                          "source": eval_data.get(name) or "default location"}
+        sets[name]["prepare_seconds"] = time.perf_counter() - t0
+    return sets
+
+
+def evaluate_sets(model, sets: dict[str, dict], batch_size: int = 4, device=None, offload: bool = False,
+                  progress: bool = False) -> dict[str, dict]:
+    out = {}
+    for name, s in sets.items():
+        t0 = time.perf_counter()
+        nll, ntok = nll_of_windows(model, s["windows"], batch_size, device, offload, progress, desc=f"eval {name}")
+        mean = nll / ntok
+        out[name] = {"nll": mean, "perplexity": math.exp(mean), "windows": int(s["windows"].shape[0]),
+                     "tokens": ntok, "limited": bool(s.get("limited")), "seconds": time.perf_counter() - t0}
+    return out
+
+
+def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, path: str | None = None,
+               limit: int | None = None, batch_size: int = 4, device=None) -> float:
+    """Convenience: perplexity of `model` on one dataset under the paper protocol."""
+    sets = prepare_eval_sets([dataset], tokenizer, seqlen, {dataset: path} if path else None, limit)
+    return evaluate_sets(model, sets, batch_size, device)[dataset]["perplexity"]

@@ -1,0 +1,131 @@
+"""Writing results: a Hugging Face model directory, bit-packed masks, report.json, report.md and
+the replayable allocation, all into a temporary directory that is renamed into place at the end."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..algo.masks import unpack_mask
+from ..errors import TrimpruneError
+
+MASKS_FORMAT = "trimprune-masks-v1"
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    p = Path(path)
+    if p.exists() and not overwrite:
+        if not p.is_dir() or any(p.iterdir()):
+            raise TrimpruneError(f"--output {str(path)!r} already exists: choose a new directory or add --overwrite")
+    parent = p.resolve().parent
+    if not parent.exists():
+        raise TrimpruneError(f"--output {str(path)!r}: parent folder {str(parent)!r} does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise TrimpruneError(f"--output {str(path)!r}: cannot write into {str(parent)!r}: choose a writable folder")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False):
+    """Yield a temporary directory next to `path`; on success rename it to `path` (replacing an
+    existing one only with `overwrite`), on any failure delete it. No half-written `path` ever."""
+    p = check_output_dir(path, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent))
+    try:
+        yield tmp
+        _normal_permissions(tmp)
+        if p.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.old-", dir=p.resolve().parent))
+            os.replace(p, old / p.name)
+            os.replace(tmp, p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+def save_masks(path: str | Path, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
+    meta = {"format": MASKS_FORMAT, "bit_order": "big (numpy.packbits)", "meaning": "bit 1 = weight pruned",
+            "layout": "row-major (out_features, in_features)", "shapes": json.dumps(shapes)}
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(path), metadata=meta)
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read masks.safetensors back into bool tensors (True = pruned)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != MASKS_FORMAT:
+        raise TrimpruneError(f"{path} is not a trimprune masks file (format {meta.get('format')!r})")
+    shapes = json.loads(meta["shapes"])
+    packed = load_file(str(path))
+    return {k: unpack_mask(v, shapes[k]) for k, v in packed.items()}
+
+
+def save_model_dir(out: Path, model, tokenizer) -> None:
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        with contextlib.suppress(AttributeError):
+            del cfg.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None and getattr(model, "trimprune_source", {}).get("gguf_file"):
+        model.hf_quantizer = None  # GGUF weights were de-quantised on load: the model is dense
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def write_outputs(path: str | Path, model, tokenizer, result, report: dict, report_md: str,
+                  overwrite: bool = False, save_model: bool = True) -> Path:
+    with atomic_dir(path, overwrite) as tmp:
+        if save_model:
+            save_model_dir(tmp, model, tokenizer)
+        shapes = {k: list(r.shape) for k, r in result.layers.items()}
+        save_masks(tmp / "masks.safetensors", result.masks, shapes)
+        result.allocation.save(tmp / "allocation.json")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+        (tmp / "report.md").write_text(report_md)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    p = Path(path)
+    if not p.resolve().parent.exists():
+        raise TrimpruneError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=_json_default)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (torch.dtype, torch.device, Path)):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

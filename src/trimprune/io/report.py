@@ -1,0 +1,121 @@
+"""report.json / report.md contents and the console summary table."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+
+import torch
+
+
+def versions(device=None) -> dict:
+    import transformers
+
+    from .. import __version__
+
+    v = {"trimprune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "transformers": transformers.__version__, "platform": platform.platform()}
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        v["gpu"] = torch.cuda.get_device_name(device if device is not None and str(device).startswith("cuda") else 0)
+    return v
+
+
+def build_report(result, model_info: dict, metrics: dict, timings: dict, device=None, command=None) -> dict:
+    from ..algo.records import BlockChoice, Kept
+
+    cfg = result.config
+    trim_layers = [r.trim for r in result.layers.values() if r.trim is not None]
+    rep = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "versions": versions(device),
+        "model": model_info,
+        "config": cfg.to_dict(),
+        "calibration": {"source": cfg.calib.source, "data": cfg.calib.data, "shape": list(result.calibration_shape)},
+        "sparsity": {"requested": cfg.sparsity, "allocation_mean": result.allocation.achieved,
+                     "achieved": result.global_sparsity, "per_block": result.block_sparsity()},
+        "allocation": result.allocation.to_dict() | {"details": result.allocation.details},
+        "layers": {k: r.to_dict() for k, r in result.layers.items()},
+        "timings": timings,
+        "metrics": metrics,
+        "notes": list(result.notes),
+    }
+    if trim_layers:
+        rep["trim_summary"] = {
+            "linears": len(trim_layers),
+            "kept_trim": sum(t.kept == Kept.TRIM for t in trim_layers),
+            "safeguard_fallbacks": sum(t.kept != Kept.TRIM for t in trim_layers),
+            "mean_baseline_metric": sum(t.search.baseline_metric for t in trim_layers) / len(trim_layers),
+            "mean_final_metric": sum(t.trim_weights_metric for t in trim_layers) / len(trim_layers),
+            "block_safeguard": [b.to_dict() for b in result.block_safeguard],
+            "blocks_kept_trim": sum(b.kept == BlockChoice.TRIM for b in result.block_safeguard),
+        }
+    return rep
+
+
+def metrics_table(metrics: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    ppl = metrics.get("perplexity", {})
+    dense = metrics.get("dense_perplexity", {})
+    for name in ppl:
+        d = dense.get(name)
+        rows.append((name, f"{d:.3f}" if d is not None else "-", f"{ppl[name]:.3f}"))
+    return rows
+
+
+def summary_text(report: dict) -> str:
+    m = report["metrics"]
+    sp = report["sparsity"]
+    t = report["timings"]
+    lines = []
+    rows = metrics_table(m)
+    if rows:
+        w = max(12, max(len(r[0]) for r in rows) + 2)
+        lines.append(f"{'perplexity':<{w}}{'dense':>12}{'pruned':>12}")
+        for name, d, p in rows:
+            ev = m.get("eval", {}).get(name, {})
+            lim = "  (first {} windows)".format(ev["windows"]) if ev.get("limited") else ""
+            lines.append(f"{name:<{w}}{d:>12}{p:>12}{lim}")
+    if m.get("self_kl"):
+        s = m["self_kl"]
+        lines.append(f"self NLL: dense {s['dense_nll']:.4f}  pruned {s['pruned_nll']:.4f}  "
+                     f"=> KL(dense||pruned) ~ {s['kl_estimate']:.4f} nats/token")
+    lines.append(f"sparsity: {sp['achieved']:.4f} of prunable weights (requested {sp['requested']:g}, "
+                 f"allocation {report['allocation']['method']})")
+    lines.append(f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data {t.get('calibration_data_seconds', 0):.1f} s,"
+                 f" total {t.get('total_seconds', 0):.1f} s")
+    if "trim_summary" in report:
+        ts = report["trim_summary"]
+        lines.append(f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean layer metric "
+                     f"{ts['mean_baseline_metric']:.5f} (uniform) -> {ts['mean_final_metric']:.5f}")
+        if ts["block_safeguard"]:
+            lines.append(f"TRIM block safeguard: {ts['blocks_kept_trim']}/{len(ts['block_safeguard'])} blocks kept TRIM")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    trim = cfg["trim"]
+    out = ["# trimprune report", "", f"- model: `{report['model'].get('source')}`",
+           f"- scorer: **{cfg['scorer']['name']}**{' + TRIM (' + trim['inputs'] + ')' if trim['enabled'] else ''}, "
+           f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
+           f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
+           f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}", "",
+           "## Summary", "", "```", summary_text(report), "```", "", "## Sparsity per block", "",
+           "| block | allocated | achieved | |", "|---:|---:|---:|---|"]
+    alloc = report["allocation"]["per_block"]
+    for i, s in enumerate(report["sparsity"]["per_block"]):
+        a = alloc[i] if i < len(alloc) else float("nan")
+        bar = "#" * int(round(s * 40))
+        out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}` |")
+    out += ["", "## Linears", "", "| linear | shape | target | achieved | row min | row max | TRIM lr | metric uniform -> final |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in report["layers"].items():
+        t = r.get("trim")
+        tm = f"{t['baseline_metric']:.5f} -> {t['trim_weights_metric']:.5f} ({t['kept']})" if t else ""
+        lr = f"{t['lr']}" if t else ""
+        out.append(f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | {r['sparsity']:.4f} | "
+                   f"{r['row_sparsity_min']:.3f} | {r['row_sparsity_max']:.3f} | {lr} | {tm} |")
+    out += ["", "## Timings", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+                                     for k, v in report["timings"].items()]
+    return "\n".join(out) + "\n"
