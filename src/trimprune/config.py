@@ -226,6 +226,7 @@ class TrimConfig:
     def __post_init__(self):
         _check_types(self)
         mode = TrimInputs.parse(self.inputs)
+        object.__setattr__(self, "_input_mode", mode)          # parsed once (not a field)
         if self.enabled and mode.mode == "all" and (self.metric not in GRAM_LAYER_METRICS
                                                     or self.dim_metric not in GRAM_DIM_METRICS):
             raise TrimpruneError(
@@ -243,7 +244,7 @@ class TrimConfig:
 
     @property
     def input_mode(self) -> TrimInputs:
-        return TrimInputs.parse(self.inputs)
+        return self._input_mode
 
     @property
     def block_guard(self) -> bool:
