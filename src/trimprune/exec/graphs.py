@@ -14,6 +14,14 @@ import torch
 
 MAX_ELEMENTS = 64 * 2**20   # graph only computations whose main tensors are below this size
 SIDE_STREAMS = 4
+_STREAMS: dict = {}         # device -> the side streams, made once per process (the caching allocator keeps
+                            # freed memory per stream: new streams for every prune would not reuse it)
+
+
+def side_streams(device: torch.device) -> list:
+    if device not in _STREAMS:
+        _STREAMS[device] = [torch.cuda.Stream(device) for _ in range(SIDE_STREAMS)]
+    return _STREAMS[device]
 
 
 def leaves(obj) -> list[torch.Tensor]:
@@ -45,7 +53,6 @@ class GraphCache:
     def __init__(self):
         self._cache: dict = {}
         self._seen: set = set()
-        self._streams: dict = {}
         self._turn = 0
 
     def _entry(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
@@ -91,9 +98,7 @@ class GraphCache:
         referenced until then."""
         entry = self._entry(key, fn, inputs)
         main = torch.cuda.current_stream()
-        if main.device not in self._streams:
-            self._streams[main.device] = [torch.cuda.Stream(main.device) for _ in range(SIDE_STREAMS)]
-        streams = self._streams[main.device]
+        streams = side_streams(main.device)
         side = streams[self._turn % len(streams)]
         self._turn += 1
         side.wait_stream(main)
