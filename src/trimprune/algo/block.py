@@ -60,12 +60,16 @@ class Plan:
 
 @dataclass
 class LinearChoice:
-    """A linear's outcome in its block: the chosen outcome, and the TRIM choice when it was searched."""
+    """A linear's outcome in its block, once its weight is set: the chosen mask and solver info, and the
+    TRIM choice when it was searched."""
 
-    member: Member
+    name: str
     full: str
+    shape: tuple[int, int]
+    target: float
     group: tuple[str, ...]
-    chosen: Outcome
+    mask: torch.Tensor
+    info: Reconstruction | None
     trim: TrimChoice | None = None
 
 
@@ -263,13 +267,17 @@ def _decide_group(run, plan: Plan, members: list[Member], stats: InputStats, sea
     choices = []
     exact = plan.search is not None and plan.search.cfg.rounding == "exact"
     for m in members:
-        c = LinearChoice(m, plan.full_name(run.index, m.name), names, base.get(m.name))
+        trim = None
+        chosen = base.get(m.name)
         if m.name in found:
-            c.trim = linear_safeguard(m, found[m.name], trim_out[m.name], base.get(m.name), plan.config.trim,
-                                      plan.scorer, exact, measure)
-            c.chosen = c.trim.chosen
-        set_weight_2d(run.linears[m.name], c.chosen.weight)
-        choices.append(c)
+            trim = linear_safeguard(m, found[m.name], trim_out[m.name], base.get(m.name), plan.config.trim,
+                                    plan.scorer, exact, measure)
+            chosen = trim.chosen
+        set_weight_2d(run.linears[m.name], chosen.weight)
+        if trim is not None and not plan.config.trim.block_guard:
+            trim = trim.settled()                       # the weights are needed no more
+        choices.append(LinearChoice(m.name, plan.full_name(run.index, m.name), tuple(m.weight.shape),
+                                    m.target.sparsity, names, chosen.mask, chosen.info, trim))
     return choices
 
 
@@ -284,11 +292,11 @@ def _conclude(run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub
     guard, pruned_sub = None, None
     if plan.config.trim.block_guard:
         with ex.phase("block safeguard"):
-            pruned_sub, guard = block_safeguard(run, {c.member.name: c.trim for c in choices if c.trim is not None},
+            pruned_sub, guard = block_safeguard(run, {c.name: c.trim for c in choices if c.trim is not None},
                                                 dense_sub, alone_sub)
     tensors, searches = {}, {}
     for c in choices:
-        mask = c.chosen.mask
+        mask = c.mask
         if guard is not None and c.trim is not None:
             mask = guard.choose(mask, c.trim.alone.mask)
         tensors[f"{c.full}/mask"] = _mask_stats(mask)
@@ -338,11 +346,10 @@ class _Layout:
            keys: dict[int, int]) -> "_Layout":
         lins = []
         for c in choices:
-            lay = _LinearLayout(c.full, c.member.name, tuple(c.member.weight.shape), c.member.target.sparsity,
-                                c.group, c.chosen.info)
+            lay = _LinearLayout(c.full, c.name, c.shape, c.target, c.group, c.info)
             if c.trim is not None:
                 lay.search = (keys[id(c.trim.found.tensors)], c.trim.found.index)
-                lay.infos = (c.trim.trim.info, c.trim.alone.info if c.trim.alone is not None else None)
+                lay.infos = c.trim.infos
             lins.append(lay)
         return cls(block, lins, guard.names if guard is not None else None,
                    guard.keep if guard is not None and isinstance(guard.keep, bool) else None,

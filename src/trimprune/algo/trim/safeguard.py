@@ -12,6 +12,7 @@ choice is made on the host only when the block outputs are kept off the device (
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,16 +39,21 @@ class Found:
 
 @dataclass
 class TrimChoice:
-    """A searched linear after its own safeguard (device tensors): TRIM's outcome, the scorer alone's
-    (None when nothing compares against it), the one chosen, both layer metrics and the choice."""
+    """A searched linear after its own safeguard (device tensors): the chosen outcome and the scorer
+    alone's (for the block safeguard; None when nothing compares against them), both layer metrics and
+    the choice, the solver info of TRIM's and of the scorer alone's outcome."""
 
     found: Found
-    trim: Outcome
+    chosen: Outcome | None
     alone: Outcome | None
-    chosen: Outcome
     trim_metric: torch.Tensor      # 0-dim float64
     alone_metric: torch.Tensor     # 0-dim float64 (TRIM's own metric when the safeguard is off)
     keep: torch.Tensor             # 0-dim bool: the linear keeps TRIM
+    infos: tuple                   # solver info of TRIM's outcome and of the scorer alone's
+
+    def settled(self) -> "TrimChoice":
+        """Without the outcomes (the weight is set): what the records need when no block safeguard follows."""
+        return dataclasses.replace(self, chosen=None, alone=None)
 
 
 def linear_safeguard(m: Member, found: Found, trim: Outcome, alone: Outcome | None, config: TrimConfig,
@@ -75,7 +81,8 @@ def linear_safeguard(m: Member, found: Found, trim: Outcome, alone: Outcome | No
         keep = t_metric >= a_metric
         chosen = Outcome(weight=torch.where(keep, trim.weight, alone.weight),
                          mask=torch.where(keep, trim.mask, alone.mask), info=trim.info)
-    return TrimChoice(found, trim, alone, chosen, t_metric, a_metric, keep)
+    return TrimChoice(found, chosen, alone, t_metric, a_metric, keep,
+                      (trim.info, alone.info if alone is not None else None))
 
 
 @dataclass
