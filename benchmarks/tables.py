@@ -23,7 +23,7 @@ def quality_index(*files):
 
 def q(idx, **kw):
     r = idx.get(json.dumps(kw, sort_keys=True))
-    return f"{r['ppl']:.2f}" if r else "-"
+    return f"{r['ppl']:.3f}" if r else "-"
 
 
 def issue3(idx):
@@ -57,6 +57,31 @@ def issue5(idx):
             print(f"| {int(sp * 100)} % | {sc} | " + " | ".join(cells) + " |")
 
 
+def same_as(old_file, new_file):
+    """Configurations of two quality sweeps whose perplexity, kept-TRIM count and sparsity are equal."""
+    old, new = quality_index(old_file), quality_index(new_file)
+    same = [k for k in new if k in old and all(old[k][f] == new[k][f] for f in ("ppl", "trim_kept",
+                                                                              "achieved_sparsity"))]
+    print(f"{len(same)} of {len(new)} configurations identical (perplexity, linears that kept TRIM, sparsity)")
+
+
+def speed(old_file, new_file):
+    """Warm runs (run > 0) of prune_bench files of two code versions: range and median of prune_seconds."""
+    import statistics
+    old, new = load(old_file), load(new_file)
+    print("| scorer | TRIM | 4450ba2 prune s (median) | current prune s (median) | current / 4450ba2 | "
+          "peak GPU GB 4450ba2 / current |")
+    print("|---|---|---:|---:|---:|---:|")
+    for sc, tr in dict.fromkeys((r["scorer"], r["trim"]) for r in new):
+        o = [r["prune_seconds"] for r in old if (r["scorer"], r["trim"], r["run"] > 0) == (sc, tr, True)]
+        n = [r["prune_seconds"] for r in new if (r["scorer"], r["trim"], r["run"] > 0) == (sc, tr, True)]
+        po = max(r["peak_gpu_gb"] for r in old if (r["scorer"], r["trim"]) == (sc, tr))
+        pn = [r["peak_gpu_gb"] for r in new if (r["scorer"], r["trim"]) == (sc, tr)]
+        print(f"| {sc} | {tr} | {min(o):.2f}–{max(o):.2f} ({statistics.median(o):.2f}) | {min(n):.2f}–{max(n):.2f} "
+              f"({statistics.median(n):.2f}) | {statistics.median(n) / statistics.median(o):.3f} | "
+              f"{po:.2f} / {min(pn):.2f}–{max(pn):.2f} |")
+
+
 def bench(name):
     rows = load(name)
     print("| model | scorer | TRIM | run | prune s | s / block | peak GPU GB | peak RSS GB |")
@@ -71,14 +96,17 @@ def bench(name):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    idx = quality_index("h100_quality_issue3.jsonl", "h100_quality_issue4_v2.jsonl", "h100_quality_issue5.jsonl")
+    idx = quality_index("h200_quality.jsonl")
     if what in ("issue3", "all"):
         issue3(idx)
     if what in ("issue4", "all"):
         issue4(idx)
-        print("\nH200, current code:")
-        issue4(quality_index("h200_quality_issue3_wanda_v3.jsonl", "h200_quality_issue4_v3.jsonl"))
     if what in ("issue5", "all"):
         issue5(idx)
+    if what in ("same", "all"):
+        same_as("h200_quality_4450ba2.jsonl", "h200_quality.jsonl")
+    if what in ("speed", "all"):
+        speed("h200_bench_smol_4450ba2.jsonl", "h200_bench_smol.jsonl")
+        speed("h200_bench_smolsyn_4450ba2.jsonl", "h200_bench_smolsyn.jsonl")
     if what.startswith("bench:"):
         bench(what.split(":", 1)[1])
