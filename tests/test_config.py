@@ -27,7 +27,7 @@ def test_flat_and_nested_recipes_give_the_same_config():
     ("blocksize: true", "blocksize True must be an integer"),
     ("mask_structure: 2:4", "quote it"),                     # YAML 1.1 reads 2:4 as the integer 124
     ("percdamp: x", "percdamp 'x' must be a number"),
-    ("trim_lrs: abc", "trim_lrs 'abc'"),
+    ("trim_lrs: abc", "trim_lrs 'abc' must be a list of numbers"),
     ("allocation: 5", "allocation 5 must be a string"),
     ("trim: {inputs: all, speed: 3}", "trim.speed is unknown"),
     ("sparsty: 0.5", "recipe key 'sparsty' is unknown"),

@@ -64,8 +64,8 @@ def _add_config_args(p) -> None:
             g.add_argument(flag_of(f), dest=key, type=float, nargs="+", default=None, metavar=meta["metavar"],
                            help=help_)
         else:
-            tp = {int: int, float: float}.get(type(default), str) if key != "sparsity" else float
-            g.add_argument(flag_of(f), dest=key, type=tp, default=None, choices=meta["choices"],
+            g.add_argument(flag_of(f), dest=key, type={int: int, float: float}.get(type(default), str), default=None,
+                           choices=meta["choices"],
                            metavar=meta["metavar"], help=help_)
 
 

@@ -89,6 +89,8 @@ class TrimInputs:
 
 # ------------------------------------------------------------------------------------------ checks
 def _describe(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a list of numbers"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -118,7 +120,9 @@ def _check_types(obj) -> None:
             continue
         v = getattr(obj, f.name)
         if not _type_ok(v, hints[f.name]):
-            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            tp = hints[f.name]
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            args = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
             hint = " (in YAML, quote it: '2:4')" if f.name == "mask_structure" and isinstance(v, int) else ""
             raise TrimpruneError(f"{f.metadata['key']} {v!r} must be {_describe(args[0])}{hint}")
         if isinstance(v, list):

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..calib.stats import BlockHooks, InputStats, StatsNeeds
+from ..calib.stats import InputStats, StatsNeeds
 from ..config import PruneConfig
 from ..errors import TrimpruneError
 from ..io.models import set_weight_2d, weight_2d
