@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-save-model", action="store_true",
                    help="write only masks, allocation and report (no weights), e.g. for sweeps")
+    p.add_argument("--save-format", choices=["dense", "compact"], default="dense",
+                   help="dense: a plain Hugging Face directory; compact: each pruned weight as a bitmask plus its "
+                        "kept values (trimprune.load_pruned or `trimprune export --dense` read it back)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
     _add_config_args(p)
@@ -96,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--offload", action="store_true", help="evaluate block by block from CPU memory")
     e.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="write a plain Hugging Face model directory from a prune's output")
+    x.add_argument("--dense", action="store_true", required=True,
+                   help="rebuild the dense weights (the only export format)")
+    x.add_argument("run_dir", help="--output folder of `trimprune prune` (compact or dense)")
+    x.add_argument("out_dir", help="new folder for the Hugging Face directory (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    x.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model repository (off unless asked)")
     return ap
 
 
@@ -182,7 +194,7 @@ def cmd_prune(args) -> int:
     if args.eval_limit is not None:
         report["notes"].append(f"--eval-limit {args.eval_limit}: perplexities use only the first windows")
     write_outputs(args.output, model, tok, result, report, markdown(report), overwrite=args.overwrite,
-                  save_model=not args.no_save_model)
+                  save_model=not args.no_save_model, save_format=args.save_format)
     print(summary_text(report))
     print(f"written: {args.output}")
     return 0
@@ -212,6 +224,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .io.compact import load_pruned
+    from .io.export import atomic_dir, check_output_dir, save_model_dir
+
+    check_output_dir(args.out_dir, args.overwrite)
+    model = load_pruned(args.run_dir, trust_remote_code=args.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.run_dir, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError):
+        tok = None
+    with atomic_dir(args.out_dir, args.overwrite) as tmp:
+        save_model_dir(tmp, model, tok)
+    print(f"written: {args.out_dir}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
@@ -236,7 +269,7 @@ def main(argv=None) -> int:
         except Exception:  # pragma: no cover
             pass
     try:
-        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        return COMMANDS[args.command](args)
     except TrimpruneError as e:
         print(f"trimprune: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..algo.masks import unpack_mask
 from ..errors import TrimpruneError
+from .compact import save_compact
 
 MASKS_FORMAT = "trimprune-masks-v1"
 
@@ -81,23 +82,37 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: unpack_mask(v, shapes[k]) for k, v in packed.items()}
 
 
-def save_model_dir(out: Path, model, tokenizer) -> None:
+SAVE_FORMATS = ("dense", "compact")
+
+
+def save_model_dir(out: Path, model, tokenizer, save_format: str = "dense", sparse: set[str] = frozenset()) -> None:
+    """A Hugging Face model directory ("dense"), or a compact one whose parameters named in `sparse` are
+    stored as bitmask + values (`compact.py`)."""
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):
             del cfg.quantization_config
     if getattr(model, "hf_quantizer", None) is not None and getattr(model, "trimprune_source", {}).get("gguf_file"):
         model.hf_quantizer = None  # GGUF weights were de-quantised on load: the model is dense
+    if save_format == "compact":
+        save_compact(out, model, tokenizer, set(sparse))
+        return
     model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 
 
+def pruned_parameters(model, linear_names) -> set[str]:
+    """The state-dict names of the weights of the pruned linears."""
+    modules = dict(model.named_modules())
+    return {f"{n}.weight" for n in linear_names if n in modules}
+
+
 def write_outputs(path: str | Path, model, tokenizer, result, report: dict, report_md: str,
-                  overwrite: bool = False, save_model: bool = True) -> Path:
+                  overwrite: bool = False, save_model: bool = True, save_format: str = "dense") -> Path:
     with atomic_dir(path, overwrite) as tmp:
         if save_model:
-            save_model_dir(tmp, model, tokenizer)
+            save_model_dir(tmp, model, tokenizer, save_format, pruned_parameters(model, result.layers))
         shapes = {k: list(r.shape) for k, r in result.layers.items()}
         save_masks(tmp / "masks.safetensors", result.masks, shapes)
         result.allocation.save(tmp / "allocation.json")

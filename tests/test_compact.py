@@ -1,0 +1,58 @@
+"""Compact checkpoints: bitmask + kept values, an exact round trip, the size bound, dense export."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tiny_models import calib, make
+from trimprune import PruneConfig, load_pruned, prune
+from trimprune.cli import main
+from trimprune.io.compact import COMPACT_FILE
+from trimprune.io.export import write_outputs
+from trimprune.io.report import build_report, markdown
+
+
+def _pruned(family, sparsity, dtype=torch.float32):
+    model = make(family)
+    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=sparsity, nsamples=4, seqlen=16)),
+                calibration=calib(4, 16), progress=False)
+    return model.to(dtype), res
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
+def test_compact_round_trip_gives_identical_logits(family, tmp_path):
+    model, res = _pruned(family, 0.6)
+    rep = build_report(res, {"source": family}, {"perplexity": {}}, res.timings)
+    write_outputs(tmp_path / "c", model, None, res, rep, markdown(rep), save_format="compact")
+    assert (tmp_path / "c" / COMPACT_FILE).is_file() and not (tmp_path / "c" / "model.safetensors").exists()
+    loaded = load_pruned(tmp_path / "c")
+    assert type(loaded) is type(model)
+    ids = calib(3, 16, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    assert main(["export", "--dense", str(tmp_path / "c"), str(tmp_path / "d")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_pruned_linears_take_at_most_040_of_their_dense_bytes_at_70_percent_fp16(tmp_path):
+    from safetensors import safe_open
+
+    model, res = _pruned("llama", 0.7, torch.float16)
+    write_outputs(tmp_path / "c", model, None, res, {}, "", save_format="compact")
+    compact = dense = 0
+    with safe_open(str(tmp_path / "c" / COMPACT_FILE), framework="pt") as f:
+        for name in res.layers:
+            compact += sum(f.get_tensor(f"{name}.weight.{k}").numel() * (1 if k == "mask" else 2)
+                           for k in ("mask", "values"))
+            dense += res.layers[name].numel * 2
+    assert compact / dense <= 0.40, compact / dense
+    assert compact / dense == pytest.approx(1 / 16 + 0.3, abs=0.01)
+
+
+def test_export_refuses_a_folder_without_a_model(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["export", "--dense", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert "holds no model" in capsys.readouterr().err and not (tmp_path / "out").exists()
