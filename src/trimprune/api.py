@@ -23,6 +23,7 @@ from .config import PruneConfig
 from .errors import TrimpruneError
 from .exec import Phases, make_executor
 from .io.models import ModelAdapter, model_device
+from .io.progress import BlockProgress, Progress
 
 
 @dataclass
@@ -85,9 +86,11 @@ def _as_batches(calibration, batch_size: int) -> list[torch.Tensor]:
 
 
 class _Records:
-    """The blocks' deferred records, resolved in block order as their host copies complete."""
+    """The blocks' deferred records, resolved in block order as their host copies complete (and reported
+    to `blocks`: the JSON line of each block)."""
 
-    def __init__(self):
+    def __init__(self, blocks: BlockProgress):
+        self.blocks = blocks
         self.pending: list[Deferred] = []
         self.layers: dict[str, LinearRecord] = {}
         self.masks: dict[str, torch.Tensor] = {}
@@ -103,12 +106,14 @@ class _Records:
             self.masks.update(rec.masks)
             if rec.guard is not None:
                 self.guard.append(rec.guard)
+            self.blocks.record(rec.block, list(rec.linears.values()), rec.guard)
 
 
-def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfig, ex, progress: bool) -> _Records:
+def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfig, ex, progress: Progress) -> _Records:
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
     copies complete."""
-    records = _Records()
+    blocks = progress.blocks(adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}")
+    records = _Records(blocks)
 
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
@@ -124,24 +129,27 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
     try:
         with torch.no_grad():
             walk(adapter, captured, Streams(captured.hidden, subset, list(subset)), visit, offload=config.run.offload,
-                 progress=progress, desc=f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}", ex=ex)
+                 progress=blocks, ex=ex)
             with ex.phase("records"):
                 records.collect(wait=True)
     finally:
+        blocks.close()
         if use_cache is not None:
             model.config.use_cache = use_cache
     return records
 
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None,
-          progress: bool = True, profile: str = "time") -> PruneResult:
+          progress=True, profile: str = "time") -> PruneResult:
     """Prune `model` in place following `config`; returns a `PruneResult`.
 
     `calibration`: a (nsamples, seqlen) LongTensor of token ids, or None to build it from
     `config.calib` (`tokenizer` is then needed). `device`: where blocks are computed (default: the
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
+    `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
     `profile`: the phases' mode (`exec.profiling`), for benchmarks."""
     t_start = time.perf_counter()
+    progress = Progress.of(progress)
     adapter = ModelAdapter.from_model(model)
     dev = torch.device(device) if device is not None else model_device(model)
     if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():

@@ -9,6 +9,7 @@ import warnings
 
 from .config import PruneConfig, flag_of
 from .errors import TrimpruneError
+from .io.progress import Progress
 
 
 def _eval_names(s: str) -> list[str]:
@@ -84,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-format", choices=["dense", "compact"], default="dense",
                    help="dense: a plain Hugging Face directory; compact: each pruned weight as a bitmask plus its "
                         "kept values (trimprune.load_pruned or `trimprune export --dense` read it back)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (else bars on a terminal, one line per block in a log)")
+    p.add_argument("--log-json", default=None, metavar="FILE",
+                   help="append one JSON line per pruned block: block, seconds, sparsity, TRIM kept")
     p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
     _add_config_args(p)
     _add_eval_args(p, required=False)
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed for --eval self sampling")
     e.add_argument("--offload", action="store_true", help="evaluate block by block from CPU memory")
     e.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true",
+                   help="no progress output (else bars on a terminal, nothing per batch in a log)")
 
     x = sub.add_parser("export", help="write a plain Hugging Face model directory from a prune's output")
     x.add_argument("--dense", action="store_true", required=True,
@@ -154,7 +159,7 @@ def cmd_prune(args) -> int:
     eval_data = _eval_data(args.eval_data)
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
-    progress = not args.quiet
+    progress = Progress("off" if args.quiet else "auto", log_json=args.log_json)
     dev = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.run.offload,
@@ -212,8 +217,9 @@ def cmd_eval(args) -> int:
                             trust_remote_code=args.trust_remote_code)
     ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")
     sets = prepare_eval_sets(args.eval, tok, args.seqlen, _eval_data(args.eval_data), args.eval_limit, model,
-                             self_samples=args.self_eval_samples, seed=args.seed, progress=not args.quiet)
-    res = evaluate_sets(model, sets, args.eval_batch_size, dev, args.offload, not args.quiet)
+                             self_samples=args.self_eval_samples, seed=args.seed,
+                             progress=Progress("off" if args.quiet else "auto"))
+    res = evaluate_sets(model, sets, args.eval_batch_size, dev, args.offload, Progress("off" if args.quiet else "auto"))
     for name, r in res.items():
         lim = f" (first {r['windows']} windows)" if r["limited"] else ""
         print(f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows {r['windows']}{lim}")
@@ -257,7 +263,8 @@ def main(argv=None) -> int:
     if args.command is None:
         ap.print_help()
         return 2
-    if getattr(args, "quiet", False):
+    quiet = getattr(args, "quiet", False)
+    if quiet or not sys.stderr.isatty():          # the Hugging Face bars, too: no bars in a log
         import os
 
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -265,7 +272,8 @@ def main(argv=None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
+            if quiet:
+                hf_logging.set_verbosity_error()
         except Exception:  # pragma: no cover
             pass
     try:

@@ -86,6 +86,7 @@ class BlockDecision:
 
 @dataclass
 class BlockRecords:
+    block: int
     linears: dict[str, LinearRecord]          # full linear name -> record
     guard: BlockGuardRecord | None
     masks: dict[str, torch.Tensor]            # full linear name -> bit-packed mask (host)
@@ -385,4 +386,4 @@ class _Layout:
             guard = BlockGuardRecord(self.block, e_trim, e_alone,
                                      BlockChoice.TRIM if block_keeps else BlockChoice.SCORER_ALONE,
                                      tuple(n for n in self.guard_names if n in kept_trim))
-        return BlockRecords(linears, guard, masks)
+        return BlockRecords(self.block, linears, guard, masks)

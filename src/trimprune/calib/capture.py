@@ -25,6 +25,7 @@ from torch import nn
 
 from ..algo.executor import EAGER, Executor
 from ..io.models import ModelAdapter
+from ..io.progress import BlockProgress, Progress
 from .stats import BlockHooks, StatsNeeds, StopForward
 
 
@@ -240,14 +241,14 @@ class BlockRun:
 
 
 def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
-         visit: Callable[[BlockRun], StreamUpdate | None], offload: bool = False, progress: bool = True,
+         visit: Callable[[BlockRun], StreamUpdate | None], offload: bool = False, progress=True,
          desc: str = "pruning", ex: Executor = EAGER) -> Streams:
     """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs are
-    recomputed with its final weights (unless the visitor returned them) and fed to block i+1."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(adapter.num_blocks), desc=desc, unit="block", disable=not progress, leave=False)
-    for i in bar:
+    recomputed with its final weights (unless the visitor returned them) and fed to block i+1.
+    `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes."""
+    own = not isinstance(progress, BlockProgress)
+    blocks = Progress.of(progress).blocks(adapter.num_blocks, desc) if own else progress
+    for i in range(adapter.num_blocks):
         block = adapter.blocks[i]
         with block_on_device(block, captured.exec_device, offload):
             run = BlockRun(i, block, adapter.linears(i), captured, streams)
@@ -258,5 +259,7 @@ def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
                     main = run.forward(streams.main)
             streams = Streams(main, streams.subset_dense if upd.subset_dense is None else upd.subset_dense,
                               streams.subset_pruned if upd.subset_pruned is None else upd.subset_pruned)
-    bar.close()
+        blocks.step(i)
+    if own:
+        blocks.close()
     return streams

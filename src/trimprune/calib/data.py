@@ -18,6 +18,7 @@ import torch
 
 from ..config import CalibConfig
 from ..errors import TrimpruneError
+from ..io.progress import Progress
 
 DATA_ENV = "TRIMPRUNE_DATA"
 
@@ -205,13 +206,11 @@ def bos_token_id(model, tokenizer) -> int:
 
 @torch.no_grad()
 def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_size: int = 16,
-                      temperature: float = 1.0, device=None, progress: bool = False) -> torch.Tensor:
+                      temperature: float = 1.0, device=None, progress=False) -> torch.Tensor:
     """n sequences of seqlen tokens sampled from the model (seeded; start at BOS; temperature 1,
     no top-k/top-p; EOS is an ordinary token, so every sequence has exactly seqlen tokens and
     the samples follow the model's own distribution over length-seqlen strings)."""
     import inspect
-
-    from tqdm.auto import tqdm
 
     from ..io.models import model_device
 
@@ -220,7 +219,7 @@ def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_si
     bos = bos_token_id(model, tokenizer)
     gen = torch.Generator(device=dev).manual_seed(seed)
     seqs = []
-    bar = tqdm(total=n * (seqlen - 1), desc="sampling", unit="tok", disable=not progress, leave=False)
+    bar = Progress.of(progress).bar(total=n * (seqlen - 1), desc="sampling", unit="tok")
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         ids = torch.full((b, 1), bos, dtype=torch.long, device=dev)
@@ -240,7 +239,7 @@ def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_si
     return torch.cat(seqs, 0)
 
 
-def get_calibration(config: CalibConfig, tokenizer, model=None, progress: bool = False) -> torch.Tensor:
+def get_calibration(config: CalibConfig, tokenizer, model=None, progress=False) -> torch.Tensor:
     """(nsamples, seqlen) token ids for the calibration source named by the config."""
     name = config.source
     if name == "self":

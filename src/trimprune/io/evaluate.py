@@ -21,6 +21,7 @@ from ..calib import capture as walker
 from ..calib.data import eval_text, sample_from_model
 from ..errors import TrimpruneError
 from .models import ModelAdapter, model_device
+from .progress import Progress
 
 SELF_EVAL_SEED_OFFSET = 1_000_003   # held-out self samples never share the calibration seed
 
@@ -48,15 +49,13 @@ class _Identity(nn.Module):
 
 @torch.no_grad()
 def nll_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device=None,
-                   offload: bool = False, progress: bool = False, desc: str = "eval") -> tuple[float, int]:
+                   offload: bool = False, progress=False, desc: str = "eval") -> tuple[float, int]:
     """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1)."""
-    from tqdm.auto import tqdm
-
     dev = torch.device(device) if device is not None else model_device(model)
     total = 0.0
     batches = list(windows.split(batch_size, 0))
     if not offload:
-        for ids in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
             total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
         return total, windows.shape[0] * (windows.shape[1] - 1)
@@ -88,7 +87,7 @@ def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
 
 def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[str, str] | None = None,
                       limit: int | None = None, model=None, self_samples: int = 16, seed: int = 0,
-                      progress: bool = False) -> dict[str, dict]:
+                      progress=False) -> dict[str, dict]:
     """Token windows for every evaluation set (done before pruning: `self` samples the dense model)."""
     eval_data = eval_data or {}
     sets = {}
@@ -113,7 +112,7 @@ def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[
 
 
 def evaluate_sets(model, sets: dict[str, dict], batch_size: int = 4, device=None, offload: bool = False,
-                  progress: bool = False) -> dict[str, dict]:
+                  progress=False) -> dict[str, dict]:
     out = {}
     for name, s in sets.items():
         t0 = time.perf_counter()

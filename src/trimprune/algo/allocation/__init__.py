@@ -12,7 +12,7 @@ from .base import Allocation, from_file, uniform, weighted_mean
 
 
 def build_allocation(config: PruneConfig, adapter, captured, ex: Executor = EAGER,
-                     progress: bool = False) -> Allocation:
+                     progress=False) -> Allocation:
     """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks the
     captured calibration activations through the dense model)."""
     numels, block_of = {}, {}

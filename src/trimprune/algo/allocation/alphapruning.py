@@ -28,6 +28,7 @@ import torch
 
 from ...config import AllocationConfig
 from ...io.models import weight_2d
+from ...io.progress import Progress
 from .base import Allocation, clip_to_mean
 
 UPPER = 0.99
@@ -117,10 +118,8 @@ def cache_dir(config: AllocationConfig) -> Path:
 
 @torch.no_grad()
 def layer_metrics(adapter, device, config: AllocationConfig | None = None,
-                  progress: bool = False) -> tuple[dict[str, dict], bool]:
+                  progress=False) -> tuple[dict[str, dict], bool]:
     """Per-linear alpha metrics, cached by model fingerprint (JSON). Returns (metrics, from_cache)."""
-    from tqdm.auto import tqdm
-
     path = None
     if config is not None:
         fp = model_fingerprint(adapter)
@@ -132,7 +131,7 @@ def layer_metrics(adapter, device, config: AllocationConfig | None = None,
                 pass
     out = {}
     names = [(i, n, m) for i in range(adapter.num_blocks) for n, m in adapter.linears(i).items()]
-    for i, n, mod in tqdm(names, desc="ESD", disable=not progress, leave=False):
+    for i, n, mod in Progress.of(progress).bar(names, desc="ESD"):
         w = weight_2d(mod).to(device)
         out[adapter.full_name(i, n)] = alpha_metrics(esd(w))
     if path is not None:
@@ -164,7 +163,7 @@ def alpha_sparsities(metrics: list[float], numels: list[int], sparsity: float, e
 
 
 def alpha_allocation(config: AllocationConfig, sparsity: float, adapter, numels, block_of, device,
-                     progress: bool = False) -> Allocation:
+                     progress=False) -> Allocation:
     metrics, cached = layer_metrics(adapter, device, config, progress)
     names = list(numels)
     vals = [metrics[k][config.alpha_metric] for k in names]

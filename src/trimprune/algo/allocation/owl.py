@@ -44,7 +44,7 @@ def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float, block
 
 @torch.no_grad()
 def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured, numels, block_of, offload: bool,
-                   ex: Executor = EAGER, progress: bool = False) -> Allocation:
+                   ex: Executor = EAGER, progress=False) -> Allocation:
     """One dense walk over the captured calibration activations: per block, the Wanda scores of all its
     linears give the outlier ratio D_l; then the mapping above."""
     needs = StatsNeeds(sqnorm=True)

@@ -1,0 +1,102 @@
+"""Progress reporting: bars on a terminal, one line per block in a log (never per token), nothing
+with `--quiet`; optionally one JSON line per pruned block (`--log-json FILE`).
+
+Everything that reports progress takes `progress`: a `Progress`, or True (automatic: bars when stderr
+is a terminal, else lines) / False (nothing).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class _Silent:
+    """A stand-in for a tqdm bar that shows nothing."""
+
+    def __init__(self, iterable=None):
+        self._it = iterable
+
+    def __iter__(self):
+        return iter(self._it)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress:
+    MODES = ("auto", "bar", "lines", "off")
+
+    def __init__(self, mode: str = "auto", log_json: str | Path | None = None, stream=None):
+        if mode not in self.MODES:
+            raise ValueError(f"progress mode {mode!r}: use one of {', '.join(self.MODES)}")
+        self.stream = stream if stream is not None else sys.stderr
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
+        self.mode = mode
+        self.log_json = Path(log_json) if log_json else None
+
+    @classmethod
+    def of(cls, progress) -> "Progress":
+        if isinstance(progress, Progress):
+            return progress
+        return cls("auto" if progress else "off")
+
+    def bar(self, iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+        """A tqdm bar on a terminal; otherwise the iterable (or a silent stand-in with update/close)."""
+        if self.mode != "bar":
+            return _Silent(iterable)
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=self.stream)
+
+    def blocks(self, total: int, desc: str) -> "BlockProgress":
+        return BlockProgress(self, total, desc)
+
+
+class BlockProgress:
+    """Progress over the decoder blocks: `step(i)` when block i is done; `record(...)` when its records
+    are known (the JSON line)."""
+
+    def __init__(self, progress: Progress, total: int, desc: str):
+        self.p, self.total, self.desc = progress, total, desc
+        self.t0 = self.last = time.perf_counter()
+        self.seconds: dict[int, float] = {}
+        self._bar = progress.bar(total=total, desc=desc, unit="block") if progress.mode == "bar" else None
+        self._log = open(progress.log_json, "a") if progress.log_json else None
+
+    def step(self, index: int) -> None:
+        now = time.perf_counter()
+        self.seconds[index] = now - self.last
+        self.last = now
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.p.mode == "lines":
+            done, elapsed = index + 1, now - self.t0
+            eta = elapsed / done * (self.total - done)
+            print(f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, ETA {eta:.1f} s",
+                  file=self.p.stream, flush=True)
+
+    def record(self, index: int, linears: list, guard=None) -> None:
+        """One JSON line for block `index` (its `LinearRecord`s and `BlockGuardRecord`) with --log-json."""
+        if self._log is None:
+            return
+        zeros = sum(r.zeros for r in linears)
+        numel = sum(r.numel for r in linears)
+        trim = [r.trim for r in linears if r.trim is not None]
+        line = {"block": index, "seconds": round(self.seconds.get(index, 0.0), 4),
+                "sparsity": zeros / numel if numel else 0.0, "trim_linears": len(trim),
+                "trim_kept": sum(t.kept.value == "trim" for t in trim),
+                "block_safeguard": guard.kept.value if guard is not None else None}
+        self._log.write(json.dumps(line) + "\n")
+        self._log.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._log is not None:
+            self._log.close()
