@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -55,3 +56,18 @@ def fresh_smollm2(smollm2):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     yield model, tok
     model.load_state_dict(state)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, data_dir):
+    """A tiny Llama with the GPT-2 tokenizer saved like a hub model (context 256)."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizers" / "gpt2"))
+    tok.model_max_length = 256
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=256,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

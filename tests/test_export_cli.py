@@ -67,21 +67,6 @@ def test_recipe_round_trip_and_cli_override(tmp_path):
         PruneConfig.from_yaml(p)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, data_dir):
-    """A tiny Llama with the GPT-2 tokenizer saved like a hub model (context 256)."""
-    d = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizers" / "gpt2"))
-    tok.model_max_length = 256
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=256,
-                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def _err(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     return err

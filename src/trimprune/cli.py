@@ -31,9 +31,16 @@ def _add_model_args(p):
                    help="allow model code from the model repository (off unless asked)")
 
 
-def _add_eval_args(p, required: bool):
+def _task_names(s: str) -> list[str]:
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--tasks needs at least one task, e.g. boolq,rte")
+    return names
+
+
+def _add_eval_args(p, batch_size_alias: bool = False):
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", type=_eval_names, default=None, required=required,
+    g.add_argument("--eval", type=_eval_names, default=None,
                    help="comma list of wikitext2, c4, ptb, self, or names given by --eval-data")
     g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
                    help="local file for an evaluation set (repeatable), e.g. wikitext2=wiki.test.raw")
@@ -42,6 +49,17 @@ def _add_eval_args(p, required: bool):
     g.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward pass in evaluation")
     g.add_argument("--self-eval-samples", type=int, default=16,
                    help="number of held-out sequences sampled from the dense model for --eval self")
+    g.add_argument("--tasks", type=_task_names, default=None, metavar="T1,T2",
+                   help="zero-shot accuracy with lm-evaluation-harness (pip install 'trimprune[eval]'), 0-shot, e.g. "
+                        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (their mean acc is "
+                        "reported)")
+    g.add_argument("--tasks-limit", type=int, default=None, metavar="N",
+                   help="only the first N examples of each task (quick check; the report says so)")
+    g.add_argument(*(["--tasks-batch-size", "--batch-size"] if batch_size_alias else ["--tasks-batch-size"]),
+                   dest="tasks_batch_size", type=int, default=8, help="examples per forward pass in the zero-shot tasks")
+    g.add_argument("--tasks-data", default=None, metavar="DIR",
+                   help="local task files laid out like shared/data (offline); default: $TRIMPRUNE_DATA where it "
+                        "has them, else the Hugging Face Hub")
 
 
 # flag groups of the generated pruning flags: PruneConfig's own fields, then one group per part
@@ -91,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one JSON line per pruned block: block, seconds, sparsity, TRIM kept")
     p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
     _add_config_args(p)
-    _add_eval_args(p, required=False)
+    _add_eval_args(p)
     p.add_argument("--no-dense-eval", action="store_true", help="skip evaluating the dense model first")
 
     e = sub.add_parser("eval", help="evaluate a model's perplexity",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(e)
-    _add_eval_args(e, required=True)
+    _add_eval_args(e, batch_size_alias=True)
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
     e.add_argument("--seed", type=int, default=0, help="seed for --eval self sampling")
     e.add_argument("--offload", action="store_true", help="evaluate block by block from CPU memory")
@@ -144,11 +162,51 @@ def _check_eval_args(args, seqlen: int):
         if name not in ("wikitext2", "c4", "ptb", "self") and name not in _eval_data(args.eval_data):
             raise TrimpruneError(f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
                                  f"--eval-data {name}=PATH")
+    if args.tasks:
+        from .io.zeroshot import check_tasks
+        if args.tasks_limit is not None and args.tasks_limit < 1:
+            raise TrimpruneError(f"--tasks-limit {args.tasks_limit} must be >= 1")
+        check_tasks(args.tasks, args.tasks_data)
+
+
+def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress) -> dict:
+    """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}."""
+    from .io.evaluate import evaluate_sets
+    from .io.zeroshot import evaluate_tasks, mean_accuracy
+
+    out = {}
+    if sets:
+        out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress)
+        for k, v in sets.items():
+            out["eval"][k]["source"] = v["source"]
+    if args.tasks:
+        t0 = time.perf_counter()
+        scores = evaluate_tasks(model, tok, args.tasks, limit=args.tasks_limit, batch_size=args.tasks_batch_size,
+                                tasks_data=args.tasks_data, device=dev)
+        out["zero_shot"] = {t: s.to_dict() for t, s in scores.items()}
+        out["zero_shot_mean"] = mean_accuracy(scores)
+        out["zero_shot_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _metrics(dense: dict, pruned: dict) -> dict:
+    """report.json's metrics: per dataset / task, after pruning and (dense_*) before."""
+    m = {"perplexity": {k: v["perplexity"] for k, v in pruned.get("eval", {}).items()},
+         "dense_perplexity": {k: v["perplexity"] for k, v in dense.get("eval", {}).items()},
+         "eval": pruned.get("eval", {}), "dense_eval": dense.get("eval", {})}
+    if "zero_shot" in pruned:
+        m |= {"zero_shot": pruned["zero_shot"], "zero_shot_mean": pruned["zero_shot_mean"]}
+    if "zero_shot" in dense:
+        m |= {"dense_zero_shot": dense["zero_shot"], "dense_zero_shot_mean": dense["zero_shot_mean"]}
+    if "self" in m["eval"] and "self" in m["dense_eval"]:
+        d, p = m["dense_eval"]["self"]["nll"], m["eval"]["self"]["nll"]
+        m["self_kl"] = {"dense_nll": d, "pruned_nll": p, "kl_estimate": p - d, "source": m["eval"]["self"]["source"]}
+    return m
 
 
 def cmd_prune(args) -> int:
     from .api import prune
-    from .io.evaluate import evaluate_sets, prepare_eval_sets
+    from .io.evaluate import prepare_eval_sets
     from .io.export import check_output_dir, write_outputs
     from .io.models import ModelAdapter, load_model, resolve_device
     from .io.report import build_report, markdown, summary_text
@@ -156,7 +214,6 @@ def cmd_prune(args) -> int:
     t_all = time.perf_counter()
     cfg = config_from_args(args)
     check_output_dir(args.output, args.overwrite)
-    eval_data = _eval_data(args.eval_data)
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
     progress = Progress("off" if args.quiet else "auto", log_json=args.log_json)
@@ -168,29 +225,17 @@ def cmd_prune(args) -> int:
     adapter = ModelAdapter.from_model(model)
     adapter.check_context(cfg.calib.seqlen, "--seqlen")
     adapter.check_context(eval_seqlen, "--eval-seqlen")
-    metrics = {"perplexity": {}, "dense_perplexity": {}, "eval": {}, "dense_eval": {}}
-    sets = {}
-    if args.eval:
-        sets = prepare_eval_sets(args.eval, tok, eval_seqlen, eval_data, args.eval_limit, model,
-                                 self_samples=args.self_eval_samples, seed=cfg.calib.seed, progress=progress)
-        if not args.no_dense_eval:
-            dense = evaluate_sets(model, sets, args.eval_batch_size, dev, cfg.run.offload, progress)
-            metrics["dense_eval"] = dense
-            metrics["dense_perplexity"] = {k: v["perplexity"] for k, v in dense.items()}
+    sets = prepare_eval_sets(args.eval, tok, eval_seqlen, _eval_data(args.eval_data), args.eval_limit, model,
+                             self_samples=args.self_eval_samples, seed=cfg.calib.seed,
+                             progress=progress) if args.eval else {}
+    dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
     result = prune(model, tok, cfg, device=dev, progress=progress)
-    if sets:
-        pr = evaluate_sets(model, sets, args.eval_batch_size, dev, cfg.run.offload, progress)
-        metrics["eval"] = pr
-        metrics["perplexity"] = {k: v["perplexity"] for k, v in pr.items()}
-        if "self" in pr and "self" in metrics["dense_eval"]:
-            d, p = metrics["dense_eval"]["self"]["nll"], pr["self"]["nll"]
-            metrics["self_kl"] = {"dense_nll": d, "pruned_nll": p, "kl_estimate": p - d,
-                                  "source": sets["self"]["source"]}
-        for k, v in sets.items():
-            pr[k]["source"] = v["source"]
+    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
+    metrics = _metrics(dense, pruned)
     timings = dict(result.timings, load_seconds=t_load)
     timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + \
         sum(v["seconds"] for v in metrics["dense_eval"].values())
+    timings["zero_shot_seconds"] = dense.get("zero_shot_seconds", 0.0) + pruned.get("zero_shot_seconds", 0.0)
     model_info = {"source": args.model, "gguf_file": args.gguf_file, "class": type(model).__name__,
                   "model_type": getattr(model.config, "model_type", None), "num_blocks": adapter.num_blocks,
                   "dtype": str(next(model.parameters()).dtype), "device": str(dev)}
@@ -198,6 +243,8 @@ def cmd_prune(args) -> int:
     report = build_report(result, model_info, metrics, timings, dev, command=["trimprune"] + sys.argv[1:])
     if args.eval_limit is not None:
         report["notes"].append(f"--eval-limit {args.eval_limit}: perplexities use only the first windows")
+    if args.tasks_limit is not None:
+        report["notes"].append(f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples")
     write_outputs(args.output, model, tok, result, report, markdown(report), overwrite=args.overwrite,
                   save_model=not args.no_save_model, save_format=args.save_format)
     print(summary_text(report))
@@ -206,27 +253,34 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .io.evaluate import evaluate_sets, prepare_eval_sets
+    from .io.evaluate import prepare_eval_sets
     from .io.export import write_json_atomic
     from .io.models import ModelAdapter, load_model, resolve_device
-    from .io.report import versions
+    from .io.report import versions, zero_shot_table
 
+    if not args.eval and not args.tasks:
+        raise TrimpruneError("trimprune eval needs --eval (perplexity) or --tasks (zero-shot accuracy), e.g. "
+                             "--eval wikitext2 or --tasks boolq,rte")
     _check_eval_args(args, args.seqlen)
+    progress = Progress("off" if args.quiet else "auto")
     dev = resolve_device(args.device)
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=args.offload,
                             trust_remote_code=args.trust_remote_code)
-    ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")
+    if args.eval:
+        ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")
     sets = prepare_eval_sets(args.eval, tok, args.seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=args.seed,
-                             progress=Progress("off" if args.quiet else "auto"))
-    res = evaluate_sets(model, sets, args.eval_batch_size, dev, args.offload, Progress("off" if args.quiet else "auto"))
-    for name, r in res.items():
+                             progress=progress) if args.eval else {}
+    res = _evaluate(model, tok, sets, args, dev, args.offload, progress)
+    for name, r in res.get("eval", {}).items():
         lim = f" (first {r['windows']} windows)" if r["limited"] else ""
         print(f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows {r['windows']}{lim}")
+    metrics = _metrics({}, res)
+    if "zero_shot" in metrics:
+        print("\n".join(zero_shot_table(metrics)))
     if args.output:
         write_json_atomic(args.output, {"model": args.model, "seqlen": args.seqlen, "versions": versions(dev),
-                                        "metrics": {"perplexity": {k: v["perplexity"] for k, v in res.items()},
-                                                    "eval": res}})
+                                        "metrics": metrics})
     return 0
 
 
@@ -268,6 +322,8 @@ def main(argv=None) -> int:
         import os
 
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"             # other libraries' bars (lm-evaluation-harness)
         try:
             from transformers.utils import logging as hf_logging
 

@@ -63,6 +63,40 @@ def metrics_table(metrics: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _acc(score: dict | None, key: str = "acc") -> str:
+    if not score or score.get(key) is None:
+        return "-"
+    err = score.get(f"{key}_stderr")
+    return f"{100 * score[key]:.2f}" + (f" ±{100 * err:.2f}" if isinstance(err, float) else "")
+
+
+def zero_shot_table(metrics: dict) -> list[str]:
+    """Lines of the zero-shot table: acc and acc_norm (%, ± the harness's stderr) per task, dense and
+    pruned, and the mean acc over the seven classic tasks."""
+    pruned, dense = metrics.get("zero_shot", {}), metrics.get("dense_zero_shot", {})
+    tasks = list(dict.fromkeys([*dense, *pruned]))
+    if not tasks:
+        return []
+    both = bool(pruned) and bool(dense)
+    head = ["zero-shot (%)", "acc", "acc_norm"] if not both else ["zero-shot (%)", "dense acc", "pruned acc",
+                                                                 "dense acc_norm", "pruned acc_norm"]
+    rows = [head]
+    for t in tasks:
+        if both:
+            rows.append([t, _acc(dense.get(t)), _acc(pruned.get(t)), _acc(dense.get(t), "acc_norm"),
+                         _acc(pruned.get(t), "acc_norm")])
+        else:
+            sc = pruned.get(t) or dense.get(t)
+            rows.append([t, _acc(sc), _acc(sc, "acc_norm")])
+    means = [metrics.get("dense_zero_shot_mean"), metrics.get("zero_shot_mean")] if both else \
+        [metrics.get("zero_shot_mean", metrics.get("dense_zero_shot_mean"))]
+    if any(m is not None for m in means):
+        cells = [f"{100 * m:.2f}" if m is not None else "-" for m in means]
+        rows.append(["mean of 7 (acc)", *cells, *([""] * (len(head) - 1 - len(cells)))])
+    w = [max(len(r[i]) for r in rows) + 2 for i in range(len(head))]
+    return ["".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+
+
 def summary_text(report: dict) -> str:
     m = report["metrics"]
     sp = report["sparsity"]
@@ -76,6 +110,7 @@ def summary_text(report: dict) -> str:
             ev = m.get("eval", {}).get(name, {})
             lim = "  (first {} windows)".format(ev["windows"]) if ev.get("limited") else ""
             lines.append(f"{name:<{w}}{d:>12}{p:>12}{lim}")
+    lines += zero_shot_table(m)
     if m.get("self_kl"):
         s = m["self_kl"]
         lines.append(f"self NLL: dense {s['dense_nll']:.4f}  pruned {s['pruned_nll']:.4f}  "

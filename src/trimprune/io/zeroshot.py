@@ -1,0 +1,135 @@
+"""Zero-shot accuracy through the stock lm-evaluation-harness (`pip install 'trimprune[eval]'`,
+lm-eval 0.4.13), on the model in memory (its `HFLM` wrapper), 0-shot.
+
+Offline, `tasks_data` (or TRIMPRUNE_DATA) names a folder laid out like the project's shared data
+(`boolq/validation.jsonl`, `hellaswag/validation.jsonl.gz`, `arc_easy/test.jsonl`, ...: Hugging Face
+rows). Each task is then pointed at its local file by a task config that includes the harness's own
+YAML and overrides only where the data comes from (the harness's task-config mechanism, through a
+`TaskManager` include path); the harness itself is neither patched nor copied. Online, the task
+names load as usual. Accuracies and their standard errors are read from the harness's results.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..calib.data import data_root
+from ..errors import TrimpruneError
+
+# the mean zero-shot accuracy of the pruning papers (Wanda, SparseGPT, OWL, AlphaPruning, TRIM): acc of
+CLASSIC_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+# task -> (file in a shared-data folder, the split it holds, overrides of the harness's config)
+LOCAL_TASKS = {
+    "boolq": ("boolq/validation.jsonl", "validation", {"doc_to_target": "{{answer|int}}"}),  # google/boolq rows
+    "rte": ("rte/validation.jsonl", "validation", {}),
+    "hellaswag": ("hellaswag/validation.jsonl.gz", "validation", {}),
+    "winogrande": ("winogrande/validation.jsonl", "validation", {}),
+    "arc_easy": ("arc_easy/test.jsonl", "test", {}),
+    "arc_challenge": ("arc_challenge/test.jsonl", "test", {}),
+    "openbookqa": ("openbookqa/test.jsonl", "test", {}),
+    "piqa": ("piqa/validation.jsonl", "validation", {}),
+}
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's harness results: accuracy (and length-normalised accuracy) with their standard errors."""
+
+    task: str
+    acc: float
+    acc_stderr: float
+    acc_norm: float | None
+    acc_norm_stderr: float | None
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"acc": self.acc, "acc_stderr": self.acc_stderr, "acc_norm": self.acc_norm,
+                "acc_norm_stderr": self.acc_norm_stderr, "samples": self.samples}
+
+
+def _require_harness():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise TrimpruneError("--tasks needs lm-evaluation-harness: pip install 'trimprune[eval]' "
+                             "(lm-eval==0.4.13)")
+
+
+def check_tasks(tasks: list[str], tasks_data: str | Path | None) -> None:
+    """Before the model loads: the harness is installed, --tasks-data is a folder, every task exists."""
+    _require_harness()
+    from lm_eval.tasks import TaskManager
+
+    if tasks_data and not Path(tasks_data).is_dir():
+        raise TrimpruneError(f"--tasks-data {str(tasks_data)!r} is not a folder: give a folder laid out like "
+                             "shared/data (boolq/validation.jsonl, ...)")
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise TrimpruneError(f"--tasks {unknown[0]} is not a task of lm-evaluation-harness: use e.g. "
+                             f"{','.join(CLASSIC_TASKS)}")
+
+
+def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
+    """Write into `out` one task config per task that has a local file in `folder`: the harness's own YAML
+    (included by path) with its data read from that file. Returns the tasks configured."""
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+    done = []
+    for task in tasks:
+        if task not in LOCAL_TASKS:
+            continue
+        rel, split, extra = LOCAL_TASKS[task]
+        data = folder / rel
+        entry = index.get(task)
+        if not data.is_file() or entry is None or entry.yaml_path is None:
+            continue
+        cfg = {"task": task, "include": str(Path(entry.yaml_path).resolve()), "dataset_path": "json",
+               "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
+               "training_split": None, "validation_split": split if split == "validation" else None,
+               "test_split": split if split == "test" else None, "fewshot_split": None} | extra
+        (out / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        done.append(task)
+    return done
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
+                   tasks_data: str | Path | None = None, device=None) -> dict[str, TaskScore]:
+    """0-shot accuracy of `model` on `tasks`; offline from `tasks_data` (or TRIMPRUNE_DATA) where the
+    folder holds a task's file."""
+    _require_harness()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(tasks_data) if tasks_data else data_root()
+    dev = str(device if device is not None else next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
+    with tempfile.TemporaryDirectory(prefix="trimprune-tasks-") as tmp:
+        local = local_task_configs(tasks, folder, Path(tmp)) if folder is not None else []
+        manager = TaskManager(include_path=tmp) if local else TaskManager()
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
+                                          task_manager=manager, log_samples=False)
+        except (ConnectionError, OSError) as e:
+            raise TrimpruneError(f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
+                                 " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA")
+    scores = {}
+    for task in tasks:
+        r = out["results"][task]
+        n = out.get("n-samples", {}).get(task, {}).get("effective", 0)
+        scores[task] = TaskScore(task, r["acc,none"], r.get("acc_stderr,none"), r.get("acc_norm,none"),
+                                 r.get("acc_norm_stderr,none"), int(n))
+    return scores
+
+
+def mean_accuracy(scores: dict[str, TaskScore]) -> float | None:
+    """The papers' mean zero-shot accuracy: the mean acc over the seven classic tasks (None unless all ran)."""
+    if not all(t in scores for t in CLASSIC_TASKS):
+        return None
+    return sum(scores[t].acc for t in CLASSIC_TASKS) / len(CLASSIC_TASKS)
