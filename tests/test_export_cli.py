@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tiny_models import calib, make
 from trimprune import PruneConfig, load_masks, prune
