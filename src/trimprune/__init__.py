@@ -1,15 +1,29 @@
-"""trimprune: one-shot extreme-sparsity pruning of LLMs with TRIM row-wise sparsity."""
+"""trimprune: one-shot extreme-sparsity pruning of LLMs with TRIM row-wise sparsity.
+
+The names below load on first use, so `import trimprune` (and the command line) starts without torch.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .api import PruneResult, prune  # noqa: E402
-from .config import (AllocationConfig, CalibConfig, PruneConfig, RunConfig, ScorerConfig,  # noqa: E402
-                     TrimConfig)
-from .errors import TrimpruneError  # noqa: E402
-from .io.compact import load_pruned  # noqa: E402
-from .io.evaluate import perplexity  # noqa: E402
-from .io.export import load_masks  # noqa: E402
-from .io.models import ModelAdapter, load_model  # noqa: E402
+_EXPORTS = {
+    "PruneConfig": ".config", "ScorerConfig": ".config", "AllocationConfig": ".config", "CalibConfig": ".config",
+    "TrimConfig": ".config", "RunConfig": ".config", "TrimpruneError": ".errors",
+    "PruneResult": ".api", "prune": ".api", "load_model": ".io.models", "ModelAdapter": ".io.models",
+    "perplexity": ".io.evaluate", "load_masks": ".io.export", "load_pruned": ".io.compact",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["PruneConfig", "ScorerConfig", "AllocationConfig", "CalibConfig", "TrimConfig", "RunConfig",
-           "PruneResult", "prune", "load_model", "perplexity", "ModelAdapter", "TrimpruneError", "load_masks",
-           "load_pruned", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trimprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

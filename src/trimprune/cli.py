@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true",
                    help="no progress output (else bars on a terminal, nothing per batch in a log)")
 
+    r = sub.add_parser("report", help="one HTML page (plots embedded) and Markdown for one or more prune outputs")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--output folders of `trimprune prune`")
+    r.add_argument("-o", "--output", default=None, metavar="OUT.html",
+                   help="the HTML file (default RUN_DIR/report.html for one run, else trimprune-report.html); the "
+                        "Markdown is written beside it")
+
     x = sub.add_parser("export", help="write a plain Hugging Face model directory from a prune's output")
     x.add_argument("--dense", action="store_true", required=True,
                    help="rebuild the dense weights (the only export format)")
@@ -245,7 +251,7 @@ def cmd_prune(args) -> int:
         report["notes"].append(f"--eval-limit {args.eval_limit}: perplexities use only the first windows")
     if args.tasks_limit is not None:
         report["notes"].append(f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples")
-    write_outputs(args.output, model, tok, result, report, markdown(report), overwrite=args.overwrite,
+    write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
                   save_model=not args.no_save_model, save_format=args.save_format)
     print(summary_text(report))
     print(f"written: {args.output}")
@@ -302,7 +308,15 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}
+def cmd_report(args) -> int:
+    from .io.render import write_report
+
+    page, md = write_report(args.run_dirs, args.output)
+    print(f"written: {page}, {md}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv=None) -> int:
@@ -318,20 +332,16 @@ def main(argv=None) -> int:
         ap.print_help()
         return 2
     quiet = getattr(args, "quiet", False)
-    if quiet or not sys.stderr.isatty():          # the Hugging Face bars, too: no bars in a log
+    if quiet or not sys.stderr.isatty():
+        # no bars in a log, the libraries' own included (set before they import tqdm: the commands import them)
         import os
 
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["TQDM_DISABLE"] = "1"             # other libraries' bars (lm-evaluation-harness)
-        try:
-            from transformers.utils import logging as hf_logging
+        os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+        from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-            if quiet:
-                hf_logging.set_verbosity_error()
-        except Exception:  # pragma: no cover
-            pass
+        hf_logging.disable_progress_bar()
+        if quiet:
+            hf_logging.set_verbosity_error()
     try:
         return COMMANDS[args.command](args)
     except TrimpruneError as e:

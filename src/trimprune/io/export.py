@@ -108,32 +108,50 @@ def pruned_parameters(model, linear_names) -> set[str]:
     return {f"{n}.weight" for n in linear_names if n in modules}
 
 
-def write_outputs(path: str | Path, model, tokenizer, result, report: dict, report_md: str,
+def write_outputs(path: str | Path, model, tokenizer, result, report: dict, report_md=None,
                   overwrite: bool = False, save_model: bool = True, save_format: str = "dense") -> Path:
+    """The output folder: model (dense or compact), masks, allocation, plots, report.json and report.md
+    (`report_md(report)` renders the Markdown once the plots are known)."""
+    from . import plots
+
     with atomic_dir(path, overwrite) as tmp:
         if save_model:
             save_model_dir(tmp, model, tokenizer, save_format, pruned_parameters(model, result.layers))
         shapes = {k: list(r.shape) for k, r in result.layers.items()}
         save_masks(tmp / "masks.safetensors", result.masks, shapes)
         result.allocation.save(tmp / "allocation.json")
+        if report and plots.available():
+            rows = plots.row_sparsities(result.masks, shapes) if report.get("trim_summary") else None
+            report["plots"] = [f"plots/{n}" for n in plots.write_plots(tmp / "plots", report, rows)]
+        elif report:
+            report["notes"].append("no plots: matplotlib is not installed (pip install 'trimprune[report]')")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
-        (tmp / "report.md").write_text(report_md)
+        if report_md is not None:
+            (tmp / "report.md").write_text(report_md(report) if callable(report_md) else report_md)
     return Path(path)
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file through a temporary file in the same folder, renamed into place."""
     p = Path(path)
     if not p.resolve().parent.exists():
         raise TrimpruneError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=_json_default)
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp makes it private (0600)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def _json_default(o):

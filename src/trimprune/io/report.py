@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from pathlib import Path
 
 import torch
 
@@ -151,6 +152,8 @@ def markdown(report: dict) -> str:
         lr = f"{t['lr']}" if t else ""
         out.append(f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | {r['sparsity']:.4f} | "
                    f"{r['row_sparsity_min']:.3f} | {r['row_sparsity_max']:.3f} | {lr} | {tm} |")
+    if report.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
     out += ["", "## Timings", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
                                      for k, v in report["timings"].items()]
     return "\n".join(out) + "\n"

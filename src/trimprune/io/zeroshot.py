@@ -89,7 +89,8 @@ def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
         entry = index.get(task)
         if not data.is_file() or entry is None or entry.yaml_path is None:
             continue
-        cfg = {"task": task, "include": str(Path(entry.yaml_path).resolve()), "dataset_path": "json",
+        cfg = {"task": task, "include": str(Path(entry.yaml_path).resolve()), "tag": "trimprune_local",
+               "dataset_path": "json",
                "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
                "training_split": None, "validation_split": split if split == "validation" else None,
                "test_split": split if split == "test" else None, "fewshot_split": None} | extra

@@ -1,0 +1,130 @@
+"""PNG plots of a prune (matplotlib, headless; `pip install 'trimprune[report]'`), written to
+`plots/` next to report.json:
+
+- sparsity_per_block.png: the allocation's target and the achieved sparsity of every block;
+- row_sparsity.png (TRIM): the distribution of the row sparsities per linear type, over all blocks;
+- trim_metric.png (TRIM): each searched linear's layer metric with the scorer alone (uniform rows) and
+  with TRIM's allocation, and which one was kept;
+- metrics.png (with evaluation): dense vs pruned perplexity per dataset and zero-shot accuracy per task.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..algo.masks import unpack_mask
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def row_sparsities(masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Per linear, the sparsity of every row, from bit-packed masks (one matrix unpacked at a time)."""
+    return {k: unpack_mask(v, shapes[k]).float().mean(1).numpy() for k, v in masks.items()}
+
+
+def _figure(width: float = 7.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def sparsity_per_block(report: dict, path: Path) -> str:
+    plt, fig, ax = _figure()
+    achieved = report["sparsity"]["per_block"]
+    blocks = range(len(achieved))
+    ax.plot(blocks, report["allocation"]["per_block"], "o-", ms=3, label=f"target ({report['allocation']['method']})")
+    ax.plot(blocks, achieved, "s--", ms=3, label="achieved")
+    ax.set(xlabel="block", ylabel="sparsity", title="Sparsity per block", ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(plt, fig, path)
+
+
+def row_sparsity(report: dict, rows: dict[str, np.ndarray], path: Path) -> str:
+    by_type: dict[str, list[np.ndarray]] = {}
+    for name, r in report["layers"].items():
+        if name in rows:
+            by_type.setdefault(r["name"].split(".")[-1], []).append(rows[name])
+    plt, fig, ax = _figure()
+    labels = list(by_type)
+    ax.boxplot([np.concatenate(v) for v in by_type.values()], whis=(5, 95), showfliers=False, showmeans=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    ax.set(ylabel="row sparsity", title="Row sparsities per linear type (all blocks; whiskers 5-95 %)")
+    return _save(plt, fig, path)
+
+
+def trim_metric(report: dict, path: Path) -> str:
+    recs = [r["trim"] for r in report["layers"].values() if r.get("trim")]
+    plt, fig, ax = _figure()
+    x = np.arange(len(recs))
+    ax.plot(x, [t["baseline_metric"] for t in recs], "o", ms=3, color="0.6", label="scorer alone (uniform rows)")
+    kept = np.array([t["kept"] == "trim" for t in recs])
+    trim = np.array([t["trim_weights_metric"] for t in recs])
+    ax.plot(x[kept], trim[kept], "^", ms=4, label="TRIM, kept")
+    ax.plot(x[~kept], trim[~kept], "x", ms=4, label="TRIM, not kept (safeguards)")
+    ax.set(xlabel="linear (model order)", ylabel=recs[0]["metric"] if recs else "", title="TRIM's layer metric")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def metrics(report: dict, path: Path) -> str | None:
+    m = report["metrics"]
+    ppl, zs = m.get("perplexity", {}), m.get("zero_shot", {})
+    if not ppl and not zs:
+        return None
+    panels = [p for p in ("ppl", "zs") if (ppl if p == "ppl" else zs)]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 if len(panels) == 1 else 10.0, 3.2), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        names = list(ppl if panel == "ppl" else zs)
+        x, w = np.arange(len(names)), 0.38
+        if panel == "ppl":
+            dense = [m.get("dense_perplexity", {}).get(n, np.nan) for n in names]
+            pruned = [ppl[n] for n in names]
+            ax.set(yscale="log", ylabel="perplexity", title="Perplexity")
+        else:
+            dense = [100 * m.get("dense_zero_shot", {}).get(n, {}).get("acc", np.nan) for n in names]
+            pruned = [100 * zs[n]["acc"] for n in names]
+            ax.set(ylabel="accuracy (%)", title="Zero-shot accuracy (acc)")
+        ax.bar(x - w / 2, dense, w, label="dense")
+        ax.bar(x + w / 2, pruned, w, label="pruned")
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def write_plots(folder: Path, report: dict, rows: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Write the plots of a report into `folder` (created); returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = [sparsity_per_block(report, folder / "sparsity_per_block.png")]
+    if report.get("trim_summary"):
+        if rows:
+            out.append(row_sparsity(report, rows, folder / "row_sparsity.png"))
+        out.append(trim_metric(report, folder / "trim_metric.png"))
+    name = metrics(report, folder / "metrics.png")
+    return out + ([name] if name else [])

@@ -1,0 +1,161 @@
+"""`trimprune report RUN_DIR [RUN_DIR ...] [-o OUT]`: one self-contained HTML page (the plots embedded
+as data URIs) and the same as Markdown; with several runs, a comparison table first."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import tempfile
+from pathlib import Path
+
+from ..errors import TrimpruneError
+from . import plots
+from .export import load_masks
+from .report import zero_shot_table
+
+
+def load_run(folder: str | Path) -> dict:
+    p = Path(folder) / "report.json"
+    if not p.is_file():
+        raise TrimpruneError(f"{str(folder)!r} has no report.json: give the --output folder of `trimprune prune`")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise TrimpruneError(f"{p} is not valid JSON ({e.msg}): give the --output folder of a finished prune")
+
+
+def run_plots(folder: Path, report: dict) -> dict[str, bytes]:
+    """The run's PNG plots (name -> bytes): those it wrote, else made now (when matplotlib is installed)."""
+    found = {Path(p).name: (folder / p).read_bytes() for p in report.get("plots", []) if (folder / p).is_file()}
+    if found or not plots.available():
+        return found
+    rows = None
+    if report.get("trim_summary") and (folder / "masks.safetensors").is_file():
+        rows = {k: m.float().mean(1).numpy() for k, m in load_masks(folder / "masks.safetensors").items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        names = plots.write_plots(Path(tmp), report, rows)
+        return {n: (Path(tmp) / n).read_bytes() for n in names}
+
+
+def _method(r: dict) -> tuple[str, str, str, str]:
+    c = r["config"]
+    trim = c["trim"]["inputs"] if c["trim"]["enabled"] else "-"
+    sp = f"{c['sparsity']:g}" + (f" ({c['mask_structure']})" if c.get("mask_structure") else "")
+    return c["scorer"]["name"], sp, r["allocation"]["method"], trim
+
+
+def comparison(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: method, sparsity, allocation, TRIM, perplexity per dataset, zero-shot mean,
+    prune time."""
+    sets = list(dict.fromkeys(k for _, r in runs for k in r["metrics"].get("perplexity", {})))
+    head = ["run", "method", "sparsity (achieved)", "allocation", "TRIM"] + [f"ppl {s}" for s in sets] + \
+        ["zero-shot mean (%)", "prune s"]
+    rows = []
+    for name, r in runs:
+        m = r["metrics"]
+        scorer, sp, alloc, trim = _method(r)
+        zs = m.get("zero_shot_mean")
+        rows.append([name, scorer, f"{sp} ({r['sparsity']['achieved']:.4f})", alloc, trim]
+                    + [f"{m['perplexity'][s]:.3f}" if s in m.get("perplexity", {}) else "-" for s in sets]
+                    + [f"{100 * zs:.2f}" if zs is not None else "-", f"{r['timings'].get('prune_seconds', 0):.1f}"])
+    return head, rows
+
+
+def _html_table(head: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
+    h = "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>" if head else ""
+    b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table class='{cls}'>{h}<tbody>{b}</tbody></table>"
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |"
+                                                                        for r in rows]
+
+
+def _run_facts(r: dict) -> list[tuple[str, str]]:
+    scorer, sp, alloc, trim = _method(r)
+    facts = [("model", str(r["model"].get("source"))), ("method", f"{scorer}, TRIM {trim}, allocation {alloc}"),
+             ("sparsity", f"target {sp}, achieved {r['sparsity']['achieved']:.4f}"),
+             ("calibration", f"{r['calibration']['source']} {r['calibration']['shape']}"),
+             ("prune time", f"{r['timings'].get('prune_seconds', 0):.1f} s")]
+    if r.get("trim_summary"):
+        t = r["trim_summary"]
+        facts.append(("TRIM", f"{t['kept_trim']}/{t['linears']} linears kept TRIM; "
+                              f"{t['blocks_kept_trim']}/{len(t['block_safeguard'])} blocks (block safeguard)"))
+    m = r["metrics"]
+    for s, p in m.get("perplexity", {}).items():
+        d = m.get("dense_perplexity", {}).get(s)
+        facts.append((f"perplexity {s}", (f"{d:.3f} -> " if d is not None else "") + f"{p:.3f}"))
+    return facts + [(f"note {i + 1}", n) for i, n in enumerate(r.get("notes", []))]
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
+table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:0.25em 0.6em;
+text-align:right}td:first-child,th:first-child{text-align:left}table.facts td{text-align:left}th{background:#f2f2f2}img{max-width:100%;margin:0.4em 0}
+pre{background:#f7f7f7;padding:0.6em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
+
+
+def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>trimprune report</title>",
+             f"<style>{CSS}</style></head><body><h1>trimprune report</h1>"]
+    head, rows = comparison([(n, r) for n, r, _ in runs])
+    parts.append("<h2>Comparison</h2>" + _html_table(head, rows))
+    for name, r, images in runs:
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(_html_table(None, [[k, v] for k, v in _run_facts(r)], "facts"))
+        zs = zero_shot_table(r["metrics"])
+        if zs:
+            parts.append("<pre>" + html.escape("\n".join(zs)) + "</pre>")
+        for img, data in images.items():
+            parts.append(f"<img alt='{html.escape(img)}' src='data:image/png;base64,"
+                         f"{base64.b64encode(data).decode()}'>")
+        blocks = [[str(i), f"{a:.4f}", f"{s:.4f}"] for i, (a, s) in
+                  enumerate(zip(r["allocation"]["per_block"], r["sparsity"]["per_block"]))]
+        parts.append("<details><summary>sparsity per block</summary>"
+                     + _html_table(["block", "target", "achieved"], blocks) + "</details>")
+    return "\n".join(parts) + "</body></html>\n"
+
+
+def render_markdown(runs: list[tuple[str, dict, Path]], out: Path) -> str:
+    head, rows = comparison([(n, r) for n, r, _ in runs])
+    lines = ["# trimprune report", "", "## Comparison", ""] + _md_table(head, rows)
+    for name, r, folder in runs:
+        lines += ["", f"## {name}", ""] + [f"- {k}: {v}" for k, v in _run_facts(r)]
+        zs = zero_shot_table(r["metrics"])
+        if zs:
+            lines += ["", "```", *zs, "```"]
+        for p in r.get("plots", []):
+            if (folder / p).is_file():
+                rel = Path(_relpath(folder / p, out.parent))
+                lines += ["", f"![{rel.stem}]({rel.as_posix()})"]
+    return "\n".join(lines) + "\n"
+
+
+def _relpath(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Path]:
+    """Write OUT (.html; default RUN_DIR/report.html for one run, else trimprune-report.html) and the
+    Markdown beside it (OUT with .md; report-page.md where that would be a run's own report.md)."""
+    folders = [Path(d) for d in run_dirs]
+    reports = [load_run(f) for f in folders]
+    html_path = Path(out) if out else (folders[0] / "report.html" if len(folders) == 1 else
+                                      Path("trimprune-report.html"))
+    if html_path.suffix != ".html":
+        html_path = html_path.with_suffix(".html")
+    if not html_path.resolve().parent.is_dir():
+        raise TrimpruneError(f"-o {str(out)!r}: folder {str(html_path.resolve().parent)!r} does not exist")
+    names = [f.resolve().name for f in folders]
+    page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
+    md = render_markdown([(n, r, f) for n, r, f in zip(names, reports, folders)], html_path)
+    from .export import write_text_atomic
+
+    md_path = html_path.with_suffix(".md")
+    if any(md_path.resolve() == (f / "report.md").resolve() for f in folders):    # the prune's own report.md
+        md_path = html_path.with_name(f"{html_path.stem}-page.md")
+    write_text_atomic(html_path, page)
+    write_text_atomic(md_path, md)
+    return html_path, md_path
