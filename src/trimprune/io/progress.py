@@ -85,12 +85,14 @@ class BlockProgress:
         """One JSON line for block `index` (its `LinearRecord`s and `BlockGuardRecord`) with --log-json."""
         if self._log is None:
             return
+        from ..algo.records import Kept
+
         zeros = sum(r.zeros for r in linears)
         numel = sum(r.numel for r in linears)
         trim = [r.trim for r in linears if r.trim is not None]
         line = {"block": index, "seconds": round(self.seconds.get(index, 0.0), 4),
                 "sparsity": zeros / numel if numel else 0.0, "trim_linears": len(trim),
-                "trim_kept": sum(t.kept.value == "trim" for t in trim),
+                "trim_kept": sum(t.kept == Kept.TRIM for t in trim),
                 "block_safeguard": guard.kept.value if guard is not None else None}
         self._log.write(json.dumps(line) + "\n")
         self._log.flush()
