@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import TrimpruneError
 from . import plots
-from .export import load_masks
+from .export import load_masks, write_text_atomic
 from .report import zero_shot_table
 
 
@@ -151,8 +151,6 @@ def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Pat
     names = [f.resolve().name for f in folders]
     page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
     md = render_markdown([(n, r, f) for n, r, f in zip(names, reports, folders)], html_path)
-    from .export import write_text_atomic
-
     md_path = html_path.with_suffix(".md")
     if any(md_path.resolve() == (f / "report.md").resolve() for f in folders):    # the prune's own report.md
         md_path = html_path.with_name(f"{html_path.stem}-page.md")

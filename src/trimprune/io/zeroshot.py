@@ -10,6 +10,9 @@ names load as usual. Accuracies and their standard errors are read from the harn
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +62,35 @@ def _require_harness():
                              "(lm-eval==0.4.13)")
 
 
+@functools.lru_cache(maxsize=None)
+def _builtin_tasks():
+    """The harness's own task index (a `TaskManager`; scanning its YAML files takes seconds: done once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@functools.lru_cache(maxsize=None)
+def _task_manager(folder: str | None, tasks: tuple[str, ...]):
+    """The `TaskManager` for `tasks`: the built-in one, or one whose include path points the tasks that have
+    local files in `folder` at them (the configs stay in a folder removed when the process exits)."""
+    from lm_eval.tasks import TaskManager
+
+    if folder is None:
+        return _builtin_tasks()
+    tmp = Path(tempfile.mkdtemp(prefix="trimprune-tasks-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return TaskManager(include_path=str(tmp)) if local_task_configs(list(tasks), Path(folder), tmp) else \
+        _builtin_tasks()
+
+
 def check_tasks(tasks: list[str], tasks_data: str | Path | None) -> None:
     """Before the model loads: the harness is installed, --tasks-data is a folder, every task exists."""
     _require_harness()
-    from lm_eval.tasks import TaskManager
-
     if tasks_data and not Path(tasks_data).is_dir():
         raise TrimpruneError(f"--tasks-data {str(tasks_data)!r} is not a folder: give a folder laid out like "
                              "shared/data (boolq/validation.jsonl, ...)")
-    known = set(TaskManager().all_tasks)
+    known = set(_builtin_tasks().all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise TrimpruneError(f"--tasks {unknown[0]} is not a task of lm-evaluation-harness: use e.g. "
@@ -77,9 +100,7 @@ def check_tasks(tasks: list[str], tasks_data: str | Path | None) -> None:
 def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
     """Write into `out` one task config per task that has a local file in `folder`: the harness's own YAML
     (included by path) with its data read from that file. Returns the tasks configured."""
-    from lm_eval.tasks import TaskManager
-
-    index = TaskManager().task_index
+    index = _builtin_tasks().task_index
     done = []
     for task in tasks:
         if task not in LOCAL_TASKS:
@@ -106,20 +127,17 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = No
     _require_harness()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     folder = Path(tasks_data) if tasks_data else data_root()
+    manager = _task_manager(str(folder.resolve()) if folder is not None else None, tuple(tasks))
     dev = str(device if device is not None else next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
-    with tempfile.TemporaryDirectory(prefix="trimprune-tasks-") as tmp:
-        local = local_task_configs(tasks, folder, Path(tmp)) if folder is not None else []
-        manager = TaskManager(include_path=tmp) if local else TaskManager()
-        try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
-                                          task_manager=manager, log_samples=False)
-        except (ConnectionError, OSError) as e:
-            raise TrimpruneError(f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
-                                 " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA")
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
+                                      task_manager=manager, log_samples=False)
+    except (ConnectionError, OSError) as e:
+        raise TrimpruneError(f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
+                             " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA")
     scores = {}
     for task in tasks:
         r = out["results"][task]
