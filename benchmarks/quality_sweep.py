@@ -1,9 +1,12 @@
-"""WikiText-2 perplexity of SmolLM2-135M under many pruning configurations.
+"""WikiText-2 perplexity (and, with --tasks, zero-shot accuracy) of SmolLM2-135M under many pruning
+configurations.
 
 The model is loaded once; before every configuration the dense weights are restored. Calibration
 (C4, seeded) and the evaluation windows are computed once. One JSON line per configuration.
 
     python benchmarks/quality_sweep.py --grid issue3 --out benchmarks/results/quality.jsonl
+    python benchmarks/quality_sweep.py --grid zeroshot --tasks classic+piqa --tasks-batch-size 64 \
+        --out benchmarks/results/zeroshot.jsonl
 """
 from __future__ import annotations
 
@@ -25,6 +28,19 @@ from trimprune import PruneConfig, load_model, prune  # noqa: E402
 from trimprune.algo.records import Kept  # noqa: E402
 from trimprune.calib.data import get_calibration  # noqa: E402
 from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets  # noqa: E402
+from trimprune.io.zeroshot import CLASSIC_TASKS, evaluate_tasks, mean_accuracy  # noqa: E402
+
+
+def zero_shot(model, tok, args) -> dict | None:
+    """The harness's scores on --tasks (full sets unless --tasks-limit), with the mean and the seconds."""
+    if not args.tasks:
+        return None
+    tasks = [t for t in args.tasks.replace("classic", ",".join(CLASSIC_TASKS)).replace("+", ",").split(",") if t]
+    t = time.perf_counter()
+    scores = evaluate_tasks(model, tok, tasks, limit=args.tasks_limit, batch_size=args.tasks_batch_size,
+                            tasks_data=args.tasks_data)
+    return {"tasks": {k: v.to_dict() for k, v in scores.items()}, "mean_classic": mean_accuracy(scores),
+            "seconds": time.perf_counter() - t}
 
 
 def grid(name: str) -> list[dict]:
@@ -46,6 +62,11 @@ def grid(name: str) -> list[dict]:
         for sc, sp in itertools.product(["wanda", "sparsegpt"], [0.6, 0.7]):
             out.append(dict(scorer=sc, sparsity=sp))       # uniform, no TRIM (also in issue3)
             out.append(dict(scorer=sc, sparsity=sp, trim=True))
+    if name == "zeroshot":
+        out += [dict(scorer="wanda", sparsity=0.5), dict(scorer="sparsegpt", sparsity=0.5),
+                dict(scorer="wanda", sparsity=0.5, trim=True),
+                dict(scorer="sparsegpt", sparsity=0.7, allocation="alphapruning"),
+                dict(scorer="wanda", sparsity=0.7, allocation="alphapruning")]
     if name == "trimvariants":
         for sp, (lm, dm) in itertools.product([0.5, 0.6, 0.7], [("mse", "mse"), ("snr", "cosim"), ("cosim_flat", "mse"),
                                                                 ("mse", "cosim")]):
@@ -75,6 +96,10 @@ def main(argv=None):
     ap.add_argument("--skip-done", action="store_true", help="skip configurations already in --out")
     ap.add_argument("--out", default="benchmarks/results/quality.jsonl")
     ap.add_argument("--alpha-cache-dir", default=None)
+    ap.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. classic+piqa (classic = the seven)")
+    ap.add_argument("--tasks-limit", type=int, default=None)
+    ap.add_argument("--tasks-batch-size", type=int, default=32)
+    ap.add_argument("--tasks-data", default=None)
     args = ap.parse_args(argv)
 
     model, tok = load_model(args.model, args.gguf_file, args.dtype, args.device)
@@ -92,6 +117,11 @@ def main(argv=None):
     t = time.perf_counter()
     dense = evaluate_sets(model, sets, 8)["wikitext2"]
     print(f"# {machine()} | dense wikitext2 ppl {dense['perplexity']:.4f} ({time.perf_counter() - t:.1f} s)", flush=True)
+    dense_zs = None if "null" in done else zero_shot(model, tok, args)
+    if dense_zs is not None:
+        append_jsonl(args.out, {"machine": machine(), "model": args.model, "config_overrides": None,
+                                "ppl": dense["perplexity"], "eval_windows": dense["windows"], "zero_shot": dense_zs})
+        print(f"# dense zero-shot mean {dense_zs['mean_classic']} ({dense_zs['seconds']:.1f} s)", flush=True)
     configs = grid(args.grid)
     if args.only:
         a, b = (int(x) if x else None for x in args.only.split(":"))
@@ -116,10 +146,13 @@ def main(argv=None):
                "trim_search_seconds": res.timings["trim_search_seconds"],
                "trim_kept": sum(t.kept == Kept.TRIM for t in ts), "trim_linears": len(ts),
                "allocation_per_block": res.allocation.per_block(), "trim_precision": args.trim_precision}
+        zs = zero_shot(model, tok, args)
+        if zs is not None:
+            rec["zero_shot"] = zs
         append_jsonl(args.out, rec)
         print(f"{json.dumps(g):<100} ppl {ev['perplexity']:9.3f}  sparsity {res.global_sparsity:.4f}  "
-              f"prune {res.timings['prune_seconds']:6.2f} s  trim kept {rec['trim_kept']}/{rec['trim_linears']}",
-              flush=True)
+              f"prune {res.timings['prune_seconds']:6.2f} s  trim kept {rec['trim_kept']}/{rec['trim_linears']}"
+              + (f"  zero-shot mean {zs['mean_classic']} ({zs['seconds']:.0f} s)" if zs else ""), flush=True)
 
 
 if __name__ == "__main__":

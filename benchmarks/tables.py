@@ -82,6 +82,27 @@ def speed(old_file, new_file):
               f"{po:.2f} / {min(pn):.2f}–{max(pn):.2f} |")
 
 
+ZS_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+
+
+def zeroshot(name):
+    """acc per task (acc_norm in brackets where the harness gives it), the mean of the seven classic tasks."""
+    print("| configuration | WikiText-2 | " + " | ".join(ZS_TASKS) + " | mean (7) | eval s |")
+    print("|---|---:|" + "---:|" * (len(ZS_TASKS) + 2))
+    for r in load(name):
+        g = r["config_overrides"]
+        label = "dense" if g is None else " ".join(
+            [g["scorer"], f"{g['sparsity']:.0%}"] + ([g["allocation"]] if g.get("allocation") else [])
+            + (["+ TRIM"] if g.get("trim") else []))
+        z = r["zero_shot"]
+        cells = []
+        for t in ZS_TASKS:
+            s = z["tasks"][t]
+            cells.append(f"{s['acc']:.4f}" + (f" ({s['acc_norm']:.4f})" if s["acc_norm"] is not None else ""))
+        print(f"| {label} | {r['ppl']:.3f} | " + " | ".join(cells) + f" | **{z['mean_classic']:.4f}** | "
+              f"{z['seconds']:.0f} |")
+
+
 def bench(name):
     rows = load(name)
     print("| model | scorer | TRIM | run | prune s | s / block | peak GPU GB | peak RSS GB |")
@@ -108,5 +129,7 @@ if __name__ == "__main__":
     if what in ("speed", "all"):
         speed("h200_bench_smol_4450ba2.jsonl", "h200_bench_smol.jsonl")
         speed("h200_bench_smolsyn_4450ba2.jsonl", "h200_bench_smolsyn.jsonl")
+    if what in ("zeroshot", "all"):
+        zeroshot("h200_zeroshot.jsonl")
     if what.startswith("bench:"):
         bench(what.split(":", 1)[1])
