@@ -162,15 +162,24 @@ for _ in range(3):
     used.append(torch.cuda.memory_allocated(dev))
 check(used[0] == used[1] == used[2], f"GPU memory allocated after 1, 2, 3 prunes: {used}")
 
-# offloaded pruning (weights and activations in CPU memory, blocks visit the GPU) == resident pruning
-recs = {}
-for off in [False, True]:
+# offloaded pruning (weights and activations in CPU memory, blocks visit the GPU, the next one copied
+# ahead on a side stream; and with TRIMPRUNE_PREFETCH=0 the eager block moves) == resident pruning
+recs, weights = {}, {}
+for run in ["resident", "offload", "offload, no prefetch"]:
+    os.environ["TRIMPRUNE_PREFETCH"] = "0" if run.endswith("no prefetch") else "1"
+    off = run != "resident"
     m = make("llama") if off else make("llama").to(dev)
-    r = prune(m, None, cfg(scorer="wanda", sparsity=0.6, nsamples=16, seqlen=64, trim=True, offload=off),
+    r = prune(m, None, cfg(scorer="sparsegpt", sparsity=0.6, nsamples=16, seqlen=64, trim=True, offload=off),
               calibration=ids, device=dev, progress=False)
-    recs[off] = {n: r.masks[n] for n in r.layers}
-same = sum(torch.equal(recs[False][n], recs[True][n]) for n in recs[False])
-check(same == len(recs[False]), f"offloaded TRIM prune == resident: {same}/{len(recs[False])} masks")
+    recs[run] = {n: r.masks[n] for n in r.layers}
+    weights[run] = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+os.environ["TRIMPRUNE_PREFETCH"] = "1"
+for run in ["offload", "offload, no prefetch"]:
+    same = sum(torch.equal(recs["resident"][n], recs[run][n]) for n in recs["resident"])
+    same_w = sum(torch.equal(weights["resident"][k], weights[run][k]) for k in weights["resident"])
+    check(same == len(recs["resident"]) and same_w == len(weights["resident"]),
+          f"{run} SparseGPT+TRIM prune == resident: {same}/{len(recs['resident'])} masks, "
+          f"{same_w}/{len(weights['resident'])} tensors")
 
 m = make("gemma3").to(dev)
 x1, _ = nll_of_windows(m, ids[:6], 3)

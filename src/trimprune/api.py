@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from .algo.allocation import Allocation, build_allocation
 from .algo.block import BlockRecords, Plan, prune_block
 from .algo.executor import Deferred
 from .algo.masks import unpack_mask
+from .algo.ranks import Ranks
 from .algo.records import BlockGuardRecord, LinearRecord
 from .algo.scorers import make_scorer
 from .calib.capture import Streams, StreamUpdate, capture, walk
@@ -22,6 +24,7 @@ from .calib.data import get_calibration
 from .config import PruneConfig
 from .errors import TrimpruneError
 from .exec import Phases, make_executor
+from .exec.memory import usable_bytes
 from .io.models import ModelAdapter, model_device
 from .io.progress import BlockProgress, Progress
 
@@ -69,28 +72,42 @@ def auto_batch_size(adapter: ModelAdapter, config: PruneConfig, device: torch.de
     hidden = adapter.hidden_size()
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
     per_sample = config.calib.seqlen * (10 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(config.calib.nsamples, 64, (0.25 * free) // max(per_sample, 1))))
+    return int(max(1, min(config.calib.nsamples, 64, (0.25 * usable_bytes(device)) // max(per_sample, 1))))
 
 
-def _as_batches(calibration, batch_size: int) -> list[torch.Tensor]:
+def activations_fit(adapter: ModelAdapter, n_sequences: int, n_subset: int, seqlen: int, device: torch.device,
+                    dtype: torch.dtype) -> bool:
+    """With offload: whether the hidden-state streams (each block's inputs and outputs of this rank's
+    calibration sequences, and the block safeguard's four subset streams) fit in half of the free GPU
+    memory, after room for two blocks (the current one and the one copied ahead)."""
+    if device.type != "cuda":
+        return True
+    per_token = adapter.hidden_size() * torch.finfo(dtype).bits // 8
+    streams = (2 * n_sequences + 4 * n_subset) * seqlen * per_token
+    block = sum(p.numel() * p.element_size() for p in adapter.blocks[0].parameters())
+    return streams <= 0.5 * (usable_bytes(device) - 2 * block)
+
+
+def _as_ids(calibration) -> torch.Tensor:
+    """The calibration sequences as one (nsamples, seqlen) tensor of token ids."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2:
             raise TrimpruneError(f"calibration must be a (nsamples, seqlen) tensor of token ids, got shape "
                                  f"{tuple(calibration.shape)}")
-        return list(calibration.split(batch_size, 0))
+        return calibration
     seqs = list(calibration)
     if not seqs:
         raise TrimpruneError("calibration is empty: give at least one sequence")
-    return list(torch.stack([torch.as_tensor(s) for s in seqs]).split(batch_size, 0))
+    return torch.stack([torch.as_tensor(s) for s in seqs])
 
 
 class _Records:
     """The blocks' deferred records, resolved in block order as their host copies complete (and reported
-    to `blocks`: the JSON line of each block)."""
+    to `blocks`: the JSON line of each block). In a data-parallel run every block's records are gathered
+    from the ranks that decided its linears as soon as it is done (every rank then holds all records)."""
 
-    def __init__(self, blocks: BlockProgress):
-        self.blocks = blocks
+    def __init__(self, blocks: BlockProgress, ranks: Ranks, order: Callable[[int], list[str]]):
+        self.blocks, self.ranks, self.order = blocks, ranks, order
         self.pending: list[Deferred] = []
         self.layers: dict[str, LinearRecord] = {}
         self.masks: dict[str, torch.Tensor] = {}
@@ -102,6 +119,8 @@ class _Records:
     def collect(self, wait: bool) -> None:
         while self.pending and (wait or self.pending[0].ready()):
             rec: BlockRecords = self.pending.pop(0).result()
+            if self.ranks.parallel:
+                rec = BlockRecords.merge(self.ranks.gather(rec), self.order(rec.block))
             self.layers.update(rec.linears)
             self.masks.update(rec.masks)
             if rec.guard is not None:
@@ -113,14 +132,14 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
     copies complete."""
     blocks = progress.blocks(adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}")
-    records = _Records(blocks)
+    records = _Records(blocks, plan.ranks, lambda i: [adapter.full_name(i, n) for n in adapter.linears(i)])
 
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
             decision = prune_block(run, plan, ex)
         records.add(decision.records)
         with ex.phase("records"):
-            records.collect(wait=False)
+            records.collect(wait=plan.ranks.parallel)     # the ranks gather every block in step
         return StreamUpdate(subset_dense=decision.subset_dense, subset_pruned=decision.subset_pruned)
 
     subset = [captured.subset] if captured.subset is not None else []
@@ -147,9 +166,15 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     `config.calib` (`tokenizer` is then needed). `device`: where blocks are computed (default: the
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
     `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
-    `profile`: the phases' mode (`exec.profiling`), for benchmarks."""
+    `profile`: the phases' mode (`exec.profiling`), for benchmarks.
+
+    In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
+    arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
+    split across ranks, and every rank ends with the same pruned weights and the same `PruneResult`
+    (`algo.ranks`). Only rank 0 shows progress."""
     t_start = time.perf_counter()
-    progress = Progress.of(progress)
+    ranks = Ranks.current()
+    progress = Progress.of(progress if ranks.main else False)
     adapter = ModelAdapter.from_model(model)
     dev = torch.device(device) if device is not None else model_device(model)
     if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
@@ -158,26 +183,37 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         adapter.check_context(config.calib.seqlen, "--seqlen")
         calibration = get_calibration(config.calib, tokenizer, model, progress=progress)
     timings = {"calibration_data_seconds": time.perf_counter() - t_start}
-    batches = _as_batches(calibration, auto_batch_size(adapter, config, dev, next(model.parameters()).dtype))
-    adapter.check_context(batches[0].shape[1], "--seqlen")
+    ids = _as_ids(calibration)
+    adapter.check_context(ids.shape[1], "--seqlen")
+    if ids.shape[0] < ranks.world:
+        raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
+                             f"use --nsamples {ranks.world} or more, or fewer processes")
+    batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
+    batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ex = make_executor(dev, profile)
     t_prune = time.perf_counter()
-    n_sub = 0
+    subset = None
     if config.trim.block_guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
-        n_all = sum(b.shape[0] for b in batches)
-        n_sub = min(n_all, max(4, n_all // 8))
+        n_sub = min(ids.shape[0], max(4, ids.shape[0] // 8))
+        subset = ids[:n_sub][ranks.share(n_sub)]
     try:
+        on_device = config.run.offload and activations_fit(
+            adapter, sum(b.shape[0] for b in batches), 0 if subset is None else subset.shape[0], ids.shape[1], dev,
+            next(model.parameters()).dtype)
         with ex.phase("capture"):
-            captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=n_sub, ex=ex)
+            captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=subset, ex=ex,
+                               ranks=ranks, keep_on_device=on_device)
         timings["capture_seconds"] = time.perf_counter() - t_prune
         t0 = time.perf_counter()
         with ex.phase("allocation"):
             allocation = build_allocation(config, adapter, captured, ex, progress=progress)
+            if ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
+                allocation = ranks.gather(allocation)[0]
         timings["allocation_seconds"] = time.perf_counter() - t0
         plan = Plan.make(config, allocation.per_linear, adapter.full_name, make_scorer(config.scorer, ex),
-                         captured.exec_device, ex)
+                         captured.exec_device, ex, ranks)
         records = _walk(model, adapter, captured, plan, config, ex, progress)
     finally:
         ex.close()
@@ -191,4 +227,4 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
                        timings=timings, block_safeguard=records.guard, phases=ex.phases,
-                       calibration_shape=(sum(b.shape[0] for b in batches), batches[0].shape[1]))
+                       calibration_shape=tuple(ids.shape))

@@ -175,8 +175,36 @@ def _check_eval_args(args, seqlen: int):
         check_tasks(args.tasks, args.tasks_data)
 
 
+def _device(args):
+    """The device of this process: --device, or under torchrun the GPU of its LOCAL_RANK (the process
+    group is joined here)."""
+    from .exec.distributed import init_from_env, launched
+    from .io.models import resolve_device
+
+    dev = resolve_device(args.device)
+    return init_from_env(dev) if launched() else dev
+
+
+def _main_rank() -> bool:
+    from .algo.ranks import Ranks
+
+    return Ranks.current().main
+
+
+def _same_windows(sets: dict) -> dict:
+    """Under torchrun: rank 0's evaluation windows on every rank (`self` samples from the model)."""
+    from .algo.ranks import Ranks
+
+    ranks = Ranks.current()
+    if ranks.parallel:
+        for name in sets:
+            sets[name]["windows"] = ranks.gather(sets[name]["windows"])[0]
+    return sets
+
+
 def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress) -> dict:
-    """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}."""
+    """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}.
+    Under torchrun the ranks share the perplexity windows; rank 0 alone runs the zero-shot tasks."""
     from .io.evaluate import evaluate_sets
     from .io.zeroshot import evaluate_tasks, mean_accuracy
 
@@ -185,7 +213,7 @@ def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress) -> dic
         out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress)
         for k, v in sets.items():
             out["eval"][k]["source"] = v["source"]
-    if args.tasks:
+    if args.tasks and _main_rank():
         t0 = time.perf_counter()
         scores = evaluate_tasks(model, tok, args.tasks, limit=args.tasks_limit, batch_size=args.tasks_batch_size,
                                 tasks_data=args.tasks_data, device=dev)
@@ -214,7 +242,7 @@ def cmd_prune(args) -> int:
     from .api import prune
     from .io.evaluate import prepare_eval_sets
     from .io.export import check_output_dir, write_outputs
-    from .io.models import ModelAdapter, load_model, resolve_device
+    from .io.models import ModelAdapter, load_model
     from .io.report import build_report, markdown, summary_text
 
     t_all = time.perf_counter()
@@ -222,8 +250,9 @@ def cmd_prune(args) -> int:
     check_output_dir(args.output, args.overwrite)
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
-    progress = Progress("off" if args.quiet else "auto", log_json=args.log_json)
-    dev = resolve_device(args.device)
+    dev = _device(args)
+    main_rank = _main_rank()
+    progress = Progress("off" if args.quiet or not main_rank else "auto", log_json=args.log_json if main_rank else None)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.run.offload,
                             trust_remote_code=args.trust_remote_code)
@@ -234,6 +263,7 @@ def cmd_prune(args) -> int:
     sets = prepare_eval_sets(args.eval, tok, eval_seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=cfg.calib.seed,
                              progress=progress) if args.eval else {}
+    sets = _same_windows(sets)
     dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
     result = prune(model, tok, cfg, device=dev, progress=progress)
     pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
@@ -251,6 +281,8 @@ def cmd_prune(args) -> int:
         report["notes"].append(f"--eval-limit {args.eval_limit}: perplexities use only the first windows")
     if args.tasks_limit is not None:
         report["notes"].append(f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples")
+    if not main_rank:              # rank 0 writes the outputs and prints
+        return 0
     write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
                   save_model=not args.no_save_model, save_format=args.save_format)
     print(summary_text(report))
@@ -261,15 +293,16 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     from .io.evaluate import prepare_eval_sets
     from .io.export import write_json_atomic
-    from .io.models import ModelAdapter, load_model, resolve_device
+    from .io.models import ModelAdapter, load_model
     from .io.report import versions, zero_shot_table
 
     if not args.eval and not args.tasks:
         raise TrimpruneError("trimprune eval needs --eval (perplexity) or --tasks (zero-shot accuracy), e.g. "
                              "--eval wikitext2 or --tasks boolq,rte")
     _check_eval_args(args, args.seqlen)
-    progress = Progress("off" if args.quiet else "auto")
-    dev = resolve_device(args.device)
+    dev = _device(args)
+    main_rank = _main_rank()
+    progress = Progress("off" if args.quiet or not main_rank else "auto")
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=args.offload,
                             trust_remote_code=args.trust_remote_code)
     if args.eval:
@@ -277,7 +310,9 @@ def cmd_eval(args) -> int:
     sets = prepare_eval_sets(args.eval, tok, args.seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=args.seed,
                              progress=progress) if args.eval else {}
-    res = _evaluate(model, tok, sets, args, dev, args.offload, progress)
+    res = _evaluate(model, tok, _same_windows(sets), args, dev, args.offload, progress)
+    if not main_rank:
+        return 0
     for name, r in res.get("eval", {}).items():
         lim = f" (first {r['windows']} windows)" if r["limited"] else ""
         print(f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows {r['windows']}{lim}")
@@ -345,11 +380,19 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TrimpruneError as e:
-        print(f"trimprune: error: {e}", file=sys.stderr)
+        import os
+
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"trimprune: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trimprune: interrupted (nothing was written)", file=sys.stderr)
         return 130
+    finally:
+        if args.command in ("prune", "eval"):
+            from .exec.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ..errors import TrimpruneError
 from ..io.models import set_weight_2d, weight_2d
 from .executor import EAGER, Deferred, Executor
 from .masks import pack_mask, row_ranks
+from .ranks import SOLO, Ranks
 from .records import BlockChoice, BlockGuardRecord, Kept, LinearRecord, Reconstruction, TrimRecord
 from .scorers import Member, Outcome, Scorer, Target
 from .trim.evaluators import ExplicitSpec, GramSpec, ObsEvaluator, ObsSpec
@@ -45,17 +46,26 @@ class Plan:
     search: TrimSearch | None
     needs: StatsNeeds
     device: torch.device                      # where the blocks are computed
+    ranks: Ranks = SOLO                       # the processes of a data-parallel run
 
     @classmethod
     def make(cls, config: PruneConfig, targets: dict[str, float], full_name, scorer: Scorer, device,
-             ex: Executor = EAGER) -> "Plan":
+             ex: Executor = EAGER, ranks: Ranks = SOLO) -> "Plan":
         trim, mode = config.trim, config.trim.input_mode
         needs = StatsNeeds(sqnorm=True, gram=scorer.needs_gram or (trim.enabled and mode.mode == "all"),
                            last_token=trim.enabled and mode.mode == "last-token",
                            sample=(mode.sample or 0) if trim.enabled and mode.mode == "sample" else 0,
                            seed=config.calib.seed)
         search = TrimSearch(TrimSettings.from_config(trim), ex) if trim.enabled else None
-        return cls(config, targets, full_name, scorer, search, needs, torch.device(device))
+        return cls(config, targets, full_name, scorer, search, needs, torch.device(device), ranks)
+
+    def owners(self, run, groups: list[list[str]]) -> list[int]:
+        """The rank that decides each group of a block (all 0 in one process), balanced by weights."""
+        return self.ranks.assign([sum(run.linears[n].weight.numel() for n in g) for g in groups])
+
+    def searched(self, full: str) -> bool:
+        """Whether TRIM searches the row sparsities of a linear (its target is strictly inside the bounds)."""
+        return self.search is not None and 0.0 < self.targets[full] < self.config.trim.max_row_sparsity
 
 
 @dataclass
@@ -91,6 +101,20 @@ class BlockRecords:
     guard: BlockGuardRecord | None
     masks: dict[str, torch.Tensor]            # full linear name -> bit-packed mask (host)
 
+    @classmethod
+    def merge(cls, parts: list["BlockRecords"], order: list[str]) -> "BlockRecords":
+        """One block's records from the ranks that decided its linears, in model order (`order`: full
+        linear names). The block safeguard's record names the linears kept TRIM on any rank."""
+        linears = {k: v for p in parts for k, v in p.linears.items()}
+        masks = {k: v for p in parts for k, v in p.masks.items()}
+        guards = [p.guard for p in parts if p.guard is not None]
+        guard = None
+        if guards:
+            names = tuple(sorted({n for g in guards for n in g.linears}))
+            guard = replace(guards[0], linears=names)
+        return cls(parts[0].block, {k: linears[k] for k in order if k in linears}, guard,
+                   {k: masks[k] for k in order if k in masks})
+
 
 # ------------------------------------------------------------------------------------------ the step
 def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
@@ -101,7 +125,11 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     with ex.phase("statistics"):
         hooks = run.statistics(plan.needs, ex)
     groups = [g for g in hooks.groups if g]
-    members = {n: _member(run, plan, n) for g in groups for n in g}
+    owners = plan.owners(run, groups)
+    mine = [g for g, o in zip(groups, owners) if o == plan.ranks.rank]     # every group in one process
+    # without TRIM each group's float32 working copies exist only while the group is decided
+    lazy = plan.search is None
+    members = {} if lazy else {n: _member(run, plan, n) for g in mine for n in g}
     with ex.phase("trim search"):
         searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in members})
     dense_sub = alone_sub = None
@@ -111,11 +139,12 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     alone: dict[str, Outcome] = {}
     # mask scorers select row by row: their scorer-alone masks do not depend on the searches, so they
     # are made (and, for the block safeguard, the scorer-alone block run) while the searches run
-    if not plan.scorer.reconstructs and sum(m.weight.numel() for m in members.values()) <= EARLY_ALONE_MAX_WEIGHTS:
+    if not lazy and not plan.scorer.reconstructs and \
+            sum(m.weight.numel() for m in members.values()) <= EARLY_ALONE_MAX_WEIGHTS:
         with ex.phase("masks"):
-            for g in groups:
+            for g in mine:
                 alone.update(_scorer_alone(plan, searches, [members[n] for n in g], hooks.stats_for(g[0])))
-        if guard and searches.names and all(n in alone for n in members):
+        if guard and searches.names and all(n in alone for n in members) and not plan.ranks.parallel:
             with ex.phase("block safeguard"):
                 for n in members:
                     set_weight_2d(run.linears[n], alone[n].weight)
@@ -123,10 +152,13 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     with ex.phase("trim search"):
         found = searches.finish(plan)
     choices = []
-    for g in groups:
-        choices += _decide_group(run, plan, [members[n] for n in g], hooks.stats_for(g[0]), searches, found,
-                                 alone, ex)
-    return _conclude(run, plan, choices, dense_sub, alone_sub, ex)
+    for g in mine:
+        ms = [_member(run, plan, n) for n in g] if lazy else [members[n] for n in g]
+        choices += _decide_group(run, plan, ms, hooks.stats_for(g[0]), searches, found, alone, ex)
+    shared = {}
+    for g, o in zip(groups, owners):
+        shared |= _share(run, plan, g, o, choices)
+    return _conclude(run, plan, choices, dense_sub, alone_sub, shared, ex)
 
 
 def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
@@ -137,17 +169,21 @@ def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
             dense_sub = run.dense_subset()
     with ex.phase("statistics"):
         hooks = run.statistics(plan.needs, ex)
-    choices = []
-    for k, g in enumerate([g for g in hooks.groups if g]):
+    groups = [g for g in hooks.groups if g]
+    choices, shared = [], {}
+    for k, (g, owner) in enumerate(zip(groups, plan.owners(run, groups))):
         if k:
             with ex.phase("statistics"):
                 hooks = run.statistics(plan.needs, ex, only=set(g), stop=True)
-        members = {n: _member(run, plan, n) for n in g}
-        with ex.phase("trim search"):
-            searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in g})
-            found = searches.finish(plan)
-        choices += _decide_group(run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {}, ex)
-    return _conclude(run, plan, choices, dense_sub, None, ex)
+        if owner == plan.ranks.rank:
+            members = {n: _member(run, plan, n) for n in g}
+            with ex.phase("trim search"):
+                searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in g})
+                found = searches.finish(plan)
+            choices += _decide_group(run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {},
+                                     ex)
+        shared |= _share(run, plan, g, owner, choices)      # the next group's statistics see these weights
+    return _conclude(run, plan, choices, dense_sub, None, shared, ex)
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -282,19 +318,44 @@ def _decide_group(run, plan: Plan, members: list[Member], stats: InputStats, sea
     return choices
 
 
+def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearChoice]) -> dict:
+    """Every rank gets the weights of a group from the rank that decided it (nothing moves in one process).
+    Returns, for the block safeguard, each searched linear's (chosen, scorer-alone) weights."""
+    guard = plan.config.trim.block_guard
+    mine = {c.name: c for c in choices if c.name in group}
+    out = {}
+    for n in group:
+        c = mine.get(n)
+        if plan.ranks.parallel:
+            plan.ranks.broadcast_(run.linears[n].weight.data, owner)
+        if not guard or not plan.searched(plan.full_name(run.index, n)):
+            continue
+        if c is not None:
+            out[n] = (c.trim.chosen.weight, c.trim.alone.weight)
+        else:
+            w = weight_2d(run.linears[n])
+            alone = torch.empty(tuple(w.shape), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+                                device=w.device)
+            out[n] = (w.clone(), alone)
+        if plan.ranks.parallel:
+            plan.ranks.broadcast_(out[n][1], owner)
+    return out
+
+
 def _mask_stats(mask: torch.Tensor) -> torch.Tensor:
     """Pruned weights of the matrix and the min / max / std of the pruned weights per row (float64, (4,))."""
     row = mask.sum(1, dtype=torch.float64)
     return torch.stack([row.sum(), row.min(), row.max(), row.std() if row.numel() > 1 else row.sum() * 0])
 
 
-def _conclude(run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub, ex: Executor) -> BlockDecision:
-    """The block safeguard, the final masks, and the records (deferred)."""
+def _conclude(run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub, shared: dict,
+              ex: Executor) -> BlockDecision:
+    """The block safeguard (over every searched linear of the block, `shared`), the final masks and the
+    records (deferred) of this rank's linears."""
     guard, pruned_sub = None, None
     if plan.config.trim.block_guard:
         with ex.phase("block safeguard"):
-            pruned_sub, guard = block_safeguard(run, {c.name: c.trim for c in choices if c.trim is not None},
-                                                dense_sub, alone_sub)
+            pruned_sub, guard = block_safeguard(run, shared, dense_sub, alone_sub, plan.ranks)
     tensors, searches = {}, {}
     for c in choices:
         mask = c.mask

@@ -17,6 +17,8 @@ What an algorithm asks of its executor:
 - `pinned(tensor)`: a host tensor that is copied to the compute device often (offloaded activations);
 - `defer(tensors, then)`: `then(host copies of tensors)` as a `Deferred` value: a GPU executor copies
   in the background and the caller reads it once the copy is done;
+- `resident(blocks, index, device)`: a context holding block `index` on `device` while it is processed
+  (offload), its weights back in host memory afterwards (a GPU executor copies the next block ahead);
 - `phase(name)`: a context naming a phase of the work (timings, profiles);
 - `close()`: release what the executor holds (captured graphs), at the end of a prune.
 """
@@ -81,6 +83,15 @@ class Executor:
 
     def defer(self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], T]) -> Deferred[T]:
         return Deferred(then({k: v.detach().cpu() for k, v in tensors.items()}))
+
+    @contextlib.contextmanager
+    def resident(self, blocks, index: int, device: torch.device):
+        block = blocks[index]
+        block.to(device)
+        try:
+            yield block
+        finally:
+            block.to("cpu")
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..algo.executor import EAGER, Executor
+from ..algo.ranks import SOLO, Ranks
 from ..io.models import ModelAdapter
 from ..io.progress import BlockProgress, Progress
 from .stats import BlockHooks, StatsNeeds, StopForward
@@ -38,12 +39,14 @@ class Captured:
     """Inputs of block 0 for every batch (and for the block-safeguard subset), and each block's call
     arguments per batch shape."""
 
-    hidden: list[torch.Tensor]                       # one (B, L, H) tensor per batch
+    hidden: list[torch.Tensor]                       # one (B, L, H) tensor per batch (this rank's share)
     subset: torch.Tensor | None                      # (S, L, H): the block-safeguard subset, or None
     block_args: list[dict]                           # per block: {(B, L): (args, kwargs)}
     store_device: torch.device
     exec_device: torch.device
-    n_tokens: int                                    # tokens of `hidden` (the subset not counted)
+    n_tokens: int                                    # calibration tokens of all ranks (the subset not counted)
+    ranks: Ranks = SOLO                              # the processes of a data-parallel run
+    token_offset: int = 0                            # tokens of the ranks before this one
 
     def args_for(self, block_index: int, hidden: torch.Tensor):
         return self.block_args[block_index][tuple(hidden.shape[:2])]
@@ -112,16 +115,20 @@ def non_block_modules_on(model: nn.Module, device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def capture(model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor], exec_device: torch.device,
-            offload: bool = False, subset: int = 0, ex: Executor = EAGER) -> Captured:
-    """Record block-0 inputs for every batch and every block's call arguments. `subset` > 0: also
-    block 0's input of the first `subset` calibration sequences as one batch (the block safeguard's)."""
+            offload: bool = False, subset: torch.Tensor | None = None, ex: Executor = EAGER,
+            ranks: Ranks = SOLO, keep_on_device: bool = False) -> Captured:
+    """Record block-0 inputs for every batch (this rank's share of the calibration sequences) and every
+    block's call arguments. `subset`: token ids of the block safeguard's sequences (this rank's share),
+    whose block-0 inputs are kept as one batch. With `offload` the hidden states are stored in host
+    memory unless `keep_on_device`."""
     n = adapter.num_blocks
     sinks = [dict() for _ in range(n)]
     inputs: list[torch.Tensor] = []
-    store = torch.device("cpu") if offload else exec_device
+    store = torch.device("cpu") if offload and not keep_on_device else exec_device
     recorders = [_Recorder(i, n - 1, sinks[i], inputs if i == 0 else None) for i in range(n)]
-    if subset:
-        batches = batches + [torch.cat(batches)[:subset]]
+    has_subset = subset is not None and subset.shape[0] > 0
+    if has_subset:
+        batches = batches + [subset]
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     hidden = []
@@ -142,10 +149,10 @@ def capture(model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor]
     block_args = [{k: _to_device(v, exec_device, memo) for k, v in s.items()} for s in sinks]
     if offload and store.type == "cpu" and exec_device.type == "cuda":
         hidden = [ex.pinned(h) for h in hidden]
-    sub = hidden.pop() if subset else None
-    ntok = sum(h.shape[0] * h.shape[1] for h in hidden)
+    sub = hidden.pop() if has_subset else None
+    counts = ranks.counts(sum(h.shape[0] * h.shape[1] for h in hidden), exec_device)
     return Captured(hidden=hidden, subset=sub, block_args=block_args, store_device=store, exec_device=exec_device,
-                    n_tokens=ntok)
+                    n_tokens=sum(counts), ranks=ranks, token_offset=sum(counts[:ranks.rank]))
 
 
 def block_forward(block: nn.Module, captured: Captured, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -175,17 +182,6 @@ def forward_block_all(block: nn.Module, captured: Captured, index: int, hidden: 
     if keep_outputs and captured.store_device.type == "cpu" and dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return outs
-
-
-@contextlib.contextmanager
-def block_on_device(block: nn.Module, device: torch.device, offload: bool):
-    if offload:
-        block.to(device)
-    try:
-        yield block
-    finally:
-        if offload:
-            block.to("cpu")
 
 
 @dataclass
@@ -224,12 +220,13 @@ class BlockRun:
     def statistics(self, needs: StatsNeeds, ex: Executor = EAGER, only: set[str] | None = None,
                    stop: bool = False) -> BlockHooks:
         """The statistics of the linears' inputs (of `only`, stopping the forward once they are seen
-        with `stop`) over the main stream, from one forward with hooks."""
-        hooks = BlockHooks(self.linears, needs, self.captured.exec_device, total_tokens=self.captured.n_tokens,
-                           only=only, stop=stop, ex=ex)
+        with `stop`) over the main stream, from one forward with hooks (summed over the ranks)."""
+        c = self.captured
+        hooks = BlockHooks(self.linears, needs, c.exec_device, total_tokens=c.n_tokens, only=only, stop=stop, ex=ex,
+                           ranks=c.ranks, token_offset=c.token_offset)
         with hooks:
             self.forward(self.streams.main, on_batch_end=hooks.next_batch, keep_outputs=False)
-        return hooks
+        return hooks.reduce()
 
     def dense_subset(self) -> list[torch.Tensor]:
         """The block (still dense) on the dense model's subset stream."""
@@ -250,7 +247,7 @@ def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
     blocks = Progress.of(progress).blocks(adapter.num_blocks, desc) if own else progress
     for i in range(adapter.num_blocks):
         block = adapter.blocks[i]
-        with block_on_device(block, captured.exec_device, offload):
+        with ex.resident(adapter.blocks, i, captured.exec_device) if offload else contextlib.nullcontext():
             run = BlockRun(i, block, adapter.linears(i), captured, streams)
             upd = visit(run) or StreamUpdate()
             main = upd.main

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..algo.executor import EAGER, Executor
 from ..algo.linalg import mm_f32
+from ..algo.ranks import SOLO, Ranks
 
 
 @dataclass
@@ -55,13 +56,14 @@ class InputStats:
     derived from them (`derived`)."""
 
     def __init__(self, in_features: int, device: torch.device, needs: StatsNeeds, total_tokens: int | None = None,
-                 dtype: torch.dtype = torch.float32, ex: Executor = EAGER):
+                 dtype: torch.dtype = torch.float32, ex: Executor = EAGER, token_offset: int = 0):
         self.in_features = in_features
         self.dtype = dtype  # float32, or float64 for float64 models
         self.device = device
         self.needs = needs
         self.ex = ex
         self.n_tokens = 0
+        self._offset = token_offset          # tokens of the ranks before this one (data-parallel runs)
         self._derived: dict = {}
         self.sqnorm = torch.zeros(in_features, dtype=dtype, device=device) if needs.sqnorm else None
         self.gram = torch.zeros(in_features, in_features, dtype=dtype, device=device) if needs.gram else None
@@ -91,11 +93,26 @@ class InputStats:
         if self.needs.last_token:
             self._last.append(x[:, -1, :].to(self.dtype))
         if self._sample_pos is not None:
-            lo, hi = self.n_tokens, self.n_tokens + b * l
+            lo, hi = self._offset + self.n_tokens, self._offset + self.n_tokens + b * l
             pos = self._sample_pos[(self._sample_pos >= lo) & (self._sample_pos < hi)] - lo
             if pos.numel():
                 self._sample.append(flat[pos.to(flat.device)].to(self.dtype))
         self.n_tokens += b * l
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Sum the statistics over the ranks of a data-parallel run (before `finalize`); gather the kept
+        tokens in rank order."""
+        if not ranks.parallel:
+            return
+        for t in (self.sqnorm, self.gram):
+            if t is not None:
+                ranks.sum_(t)
+        self.n_tokens = ranks.sum_int(self.n_tokens, self.device)
+        kept = ([self._last] if self.needs.last_token else []) + ([self._sample] if self._sample_pos is not None else [])
+        for rows in kept:
+            local = torch.cat(rows, 0) if rows else torch.zeros(0, self.in_features, dtype=self.dtype, device=self.device)
+            rows[:] = [ranks.cat(local)]
+        self._derived.clear()
 
     def finalize(self) -> "InputStats":
         """Mirror the upper block triangle of a tiled Gram matrix (idempotent)."""
@@ -137,8 +154,9 @@ class BlockHooks:
 
     def __init__(self, linears: dict[str, nn.Module], needs: StatsNeeds, device: torch.device,
                  total_tokens: int | None = None, only: set[str] | None = None, stop: bool = False,
-                 ex: Executor = EAGER):
+                 ex: Executor = EAGER, ranks: Ranks = SOLO, token_offset: int = 0):
         self.linears = linears
+        self.ranks, self.token_offset = ranks, token_offset
         self.needs = needs
         self.device = device
         self.ex = ex
@@ -180,7 +198,7 @@ class BlockHooks:
                     self.groups.append([])
                     self.stats.append(InputStats(x.shape[-1], self.device, self.needs, self.total_tokens,
                                                  torch.float64 if x.dtype == torch.float64 else torch.float32,
-                                                 self.ex))
+                                                 self.ex, self.token_offset))
                     self._first_batch_inputs.append((x, gid))
                 self.group_of[name] = gid
                 self.groups[gid].append(name)
@@ -191,6 +209,12 @@ class BlockHooks:
             if self.stop_when_seen is not None and self.stop_when_seen <= self._seen_names:
                 raise StopForward
         return hook
+
+    def reduce(self) -> "BlockHooks":
+        """After the forward: the statistics summed over the ranks (data-parallel runs)."""
+        for st in self.stats:
+            st.reduce(self.ranks)
+        return self
 
     def next_batch(self) -> None:
         self._done.clear()

@@ -5,7 +5,9 @@
 - `CudaExecutor`: graph replay of small static computations (`graphs.GraphCache`, captured on the
   second use), side streams for launched computations, registered fast paths (`fastpaths`,
   `kernels`), small host-to-device copies through pinned memory, and host copies that do not make the
-  host wait (`readback`). `TRIMPRUNE_CUDA_GRAPHS=0` / `TRIMPRUNE_TRITON=0` turn graphs / kernels off.
+  host wait (`readback`), offloaded blocks in pinned memory copied ahead on a side stream (`offload`).
+  `TRIMPRUNE_CUDA_GRAPHS=0` / `TRIMPRUNE_TRITON=0` / `TRIMPRUNE_PREFETCH=0` turn graphs / kernels /
+  the copies ahead off.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from ..algo.executor import Executor, Launched
 from . import fastpaths, kernels, readback
 from .graphs import MAX_ELEMENTS, GraphCache
+from .offload import BlockStager
 from .profiling import Phases
 
 
@@ -54,6 +57,7 @@ class CudaExecutor(EagerExecutor):
         if graphs is None:
             graphs = os.environ.get("TRIMPRUNE_CUDA_GRAPHS", "1") != "0"
         self.graphs = GraphCache() if graphs else None
+        self.stager = BlockStager(device) if os.environ.get("TRIMPRUNE_PREFETCH", "1") != "0" else None
         fastpaths.probe_out_dtype(torch.device(device))      # once, outside any graph capture
 
     def captures(self, device: torch.device, size: int) -> bool:
@@ -62,6 +66,15 @@ class CudaExecutor(EagerExecutor):
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.clear()
+        if self.stager is not None:
+            self.stager.flush()
+
+    def resident(self, blocks, index, device):
+        if self.stager is None or torch.device(device).type != "cuda":
+            return super().resident(blocks, index, device)
+        if index == 0:                       # a new walk: nothing copied ahead is current
+            self.stager.ahead.clear()
+        return self.stager.resident(blocks, index)
 
     def run(self, key, fn, inputs, size):
         if not self.captures(_device_of(inputs), size):

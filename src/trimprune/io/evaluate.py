@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..algo.ranks import Ranks
 from ..calib import capture as walker
 from ..calib.data import eval_text, sample_from_model
 from ..errors import TrimpruneError
@@ -50,15 +51,29 @@ class _Identity(nn.Module):
 @torch.no_grad()
 def nll_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device=None,
                    offload: bool = False, progress=False, desc: str = "eval") -> tuple[float, int]:
-    """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1)."""
+    """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1). In a data-parallel
+    run each rank evaluates its share of the windows and the sums are added over the ranks."""
+    ranks = Ranks.current()
     dev = torch.device(device) if device is not None else model_device(model)
+    n_predicted = windows.shape[0] * (windows.shape[1] - 1)
+    total = _nll_share(model, windows[ranks.share(windows.shape[0])], batch_size, dev, offload,
+                       progress if ranks.main else False, desc)
+    if ranks.parallel:
+        total = float(ranks.sum_(torch.tensor(total, dtype=torch.float64, device=dev)))
+    return total, n_predicted
+
+
+def _nll_share(model: nn.Module, windows: torch.Tensor, batch_size: int, dev: torch.device, offload: bool, progress,
+               desc: str) -> float:
     total = 0.0
     batches = list(windows.split(batch_size, 0))
+    if not batches:
+        return total
     if not offload:
         for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
             total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
-        return total, windows.shape[0] * (windows.shape[1] - 1)
+        return total
     # offloaded: walk the blocks one at a time on `dev`, then run the model's own tail
     adapter = ModelAdapter.from_model(model)
     captured = walker.capture(model, adapter, batches, dev, offload=True)
@@ -71,7 +86,7 @@ def nll_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
             feeder.value = h.to(dev)
             ids = ids.to(dev)
             total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
-    return total, windows.shape[0] * (windows.shape[1] - 1)
+    return total
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

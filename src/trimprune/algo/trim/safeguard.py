@@ -20,6 +20,7 @@ import torch
 
 from ...config import TrimConfig
 from ...io.models import set_weight_2d
+from ..ranks import SOLO, Ranks
 from ..scorers import Member, Outcome, Scorer
 from .metrics import layer_metric
 from .results import SearchTensors
@@ -100,30 +101,36 @@ class BlockGuard:
         return torch.where(self.keep, with_trim, alone)
 
 
-def _squared_error(out: list[torch.Tensor], dense: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([(o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
-                        for o, d in zip(out, dense)]).sum()
+def _squared_error(out: list[torch.Tensor], dense: list[torch.Tensor], ranks: Ranks, device) -> torch.Tensor:
+    """sum ||out - dense||^2 in float64, over the subset sequences of every rank."""
+    if not out:                                  # a rank whose share of the subset is empty
+        return ranks.sum_(torch.zeros((), dtype=torch.float64, device=device))
+    return ranks.sum_(torch.stack([(o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
+                                   for o, d in zip(out, dense)]).sum())
 
 
-def block_safeguard(run, linears: dict[str, TrimChoice], dense_out: list[torch.Tensor],
-                    alone_out: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], BlockGuard | None]:
+def block_safeguard(run, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], dense_out: list[torch.Tensor],
+                    alone_out: list[torch.Tensor] | None, ranks: Ranks = SOLO
+                    ) -> tuple[list[torch.Tensor], BlockGuard | None]:
     """Compare the block with TRIM (the linears' chosen weights, set already) and with the scorer alone
-    in the searched `linears` against the dense model's outputs `dense_out`, set the weights of the
-    better, and return its outputs on the pruned model's subset stream. `alone_out`: the scorer-alone
-    block's outputs, when computed already."""
+    in the searched `linears` (name -> (chosen weight, scorer-alone weight)) against the dense model's
+    outputs `dense_out`, set the weights of the better, and return its outputs on the pruned model's
+    subset stream. `alone_out`: the scorer-alone block's outputs, when computed already. The errors are
+    summed over the ranks, so every rank makes the same choice."""
     if not linears:
         return run.pruned_subset(), None
+    dev = run.captured.exec_device
     out_trim = run.pruned_subset()
-    e_trim = _squared_error(out_trim, dense_out)
+    e_trim = _squared_error(out_trim, dense_out, ranks, dev)
     if alone_out is None:
-        for name, c in linears.items():
-            set_weight_2d(run.linears[name], c.alone.weight)
+        for name, (_, alone) in linears.items():
+            set_weight_2d(run.linears[name], alone)
         alone_out = run.pruned_subset()
-    e_alone = _squared_error(alone_out, dense_out)
+    e_alone = _squared_error(alone_out, dense_out, ranks, dev)
     keep = e_trim <= e_alone
     if not all(o.device == keep.device for o in out_trim):     # outputs stored off the device: decide now
         keep = bool(keep)
     guard = BlockGuard(torch.stack([e_trim, e_alone]), keep, sorted(linears))
-    for name, c in linears.items():
-        set_weight_2d(run.linears[name], guard.choose(c.chosen.weight, c.alone.weight))
+    for name, (chosen, alone) in linears.items():
+        set_weight_2d(run.linears[name], guard.choose(chosen.to(alone.dtype), alone))
     return [guard.choose(a, b) for a, b in zip(out_trim, alone_out)], guard
