@@ -25,7 +25,7 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    base = {"sparsity": 0.5, "calib": "c4", "nsamples": 16, "seqlen": 256, "batch_size": 4}
+    base = {"sparsity": 0.5, "calib": "c4", "nsamples": 16, "seqlen": 256, "batch_size": 8}
     calib = get_calibration(PruneConfig.from_flat(base).calib, tok)
     sets = prepare_eval_sets(["wikitext2"], tok, 256, limit=16)
     out = {"world": Ranks.current().world}

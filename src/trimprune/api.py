@@ -2,6 +2,8 @@
 
 Calibration -> capture of the block inputs -> layer-wise allocation -> the walk over the decoder
 blocks, each pruned by `algo.block.prune_block` -> a `PruneResult` with typed records.
+With `config.run.checkpoint_dir`, every finished block is committed to a checkpoint
+(`io.checkpoint`), and `config.run.resume` continues an interrupted run after its last one.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .config import PruneConfig
 from .errors import TrimpruneError
 from .exec import Phases, make_executor
 from .exec.memory import usable_bytes
+from .io.checkpoint import Checkpoint
 from .io.models import ModelAdapter, model_device
 from .io.progress import BlockProgress, Progress
 
@@ -42,6 +45,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     block_safeguard: list[BlockGuardRecord] = field(default_factory=list)
     phases: Phases | None = field(repr=False, default=None)     # the profiling phases (benchmarks read them)
+    resumed_from_block: int | None = None        # the last block restored from a checkpoint (None: not resumed)
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -112,27 +116,77 @@ class _Records:
         self.layers: dict[str, LinearRecord] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.guard: list[BlockGuardRecord] = []
+        self.by_block: dict[int, BlockRecords] = {}
 
     def add(self, records: Deferred) -> None:
         self.pending.append(records)
+
+    def restore(self, rec: BlockRecords) -> None:
+        """A block's records read back from a checkpoint (reported by the run that made them)."""
+        self.layers.update(rec.linears)
+        self.masks.update(rec.masks)
+        if rec.guard is not None:
+            self.guard.append(rec.guard)
+        self.by_block[rec.block] = rec
 
     def collect(self, wait: bool) -> None:
         while self.pending and (wait or self.pending[0].ready()):
             rec: BlockRecords = self.pending.pop(0).result()
             if self.ranks.parallel:
                 rec = BlockRecords.merge(self.ranks.gather(rec), self.order(rec.block))
-            self.layers.update(rec.linears)
-            self.masks.update(rec.masks)
-            if rec.guard is not None:
-                self.guard.append(rec.guard)
+            self.restore(rec)
             self.blocks.record(rec.block, list(rec.linears.values()), rec.guard)
 
 
-def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfig, ex, progress: Progress) -> _Records:
+def _placed(streams: Streams, sizes: list[int], captured, ex) -> Streams:
+    """Streams read from a checkpoint, split like this run's batches and stored like its captured inputs."""
+    main = streams.main
+    if [m.shape[0] for m in main] != sizes:
+        main = list(torch.cat(main).split(sizes[0], 0))
+    want = [tuple(h.shape) for h in captured.hidden]
+    if [tuple(m.shape) for m in main] != want:
+        raise TrimpruneError(f"--resume: the checkpoint's hidden states {[tuple(m.shape) for m in main][:1]} do not "
+                             f"fit this run's {want[:1]}: remove the checkpoint folder and start afresh")
+
+    def put(hs):
+        out = [h.to(captured.store_device) for h in hs]
+        if captured.store_device.type == "cpu" and captured.exec_device.type == "cuda":
+            out = [ex.pinned(h) for h in out]
+        return out
+
+    return Streams(put(main), put(streams.subset_dense), put(streams.subset_pruned))
+
+
+def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfig, ex, progress: Progress,
+          ckpt: Checkpoint | None = None, timings: dict | None = None) -> _Records:
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
-    copies complete."""
+    copies complete. With a checkpoint, blocks it holds are restored (weights, masks, records) and the
+    walk starts after them; every finished block is committed to it."""
     blocks = progress.blocks(adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}")
     records = _Records(blocks, plan.ranks, lambda i: [adapter.full_name(i, n) for n in adapter.linears(i)])
+    subset = [captured.subset] if captured.subset is not None else []
+    streams, start, after = Streams(captured.hidden, subset, list(subset)), 0, None
+    if ckpt is not None:
+        t0 = time.perf_counter()
+        if ckpt.last_block >= 0:
+            for rec in ckpt.restore_blocks(adapter):
+                records.restore(rec)
+            saved, _ = ckpt.load_streams()
+            streams = _placed(saved, [h.shape[0] for h in captured.hidden], captured, ex)
+            start = ckpt.last_block + 1
+            blocks.resume_at(start)
+
+        def after(i: int, streams: Streams) -> None:
+            with ex.phase("records"):
+                records.collect(wait=True)
+            t = time.perf_counter()
+            if captured.exec_device.type == "cuda":      # offloaded weights copied back to host memory, streams
+                torch.cuda.synchronize(captured.exec_device)
+            with ex.phase("checkpoint"):
+                ckpt.commit_block(i, adapter, records.by_block[i], streams)
+            timings["checkpoint_seconds"] += time.perf_counter() - t
+
+        timings["checkpoint_seconds"] += time.perf_counter() - t0
 
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
@@ -142,13 +196,12 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
             records.collect(wait=plan.ranks.parallel)     # the ranks gather every block in step
         return StreamUpdate(subset_dense=decision.subset_dense, subset_pruned=decision.subset_pruned)
 
-    subset = [captured.subset] if captured.subset is not None else []
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
         with torch.no_grad():
-            walk(adapter, captured, Streams(captured.hidden, subset, list(subset)), visit, offload=config.run.offload,
-                 progress=blocks, ex=ex)
+            walk(adapter, captured, streams, visit, offload=config.run.offload, progress=blocks, ex=ex, start=start,
+                 after_block=after)
             with ex.phase("records"):
                 records.collect(wait=True)
     finally:
@@ -167,6 +220,9 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
     `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
     `profile`: the phases' mode (`exec.profiling`), for benchmarks.
+    `config.run.checkpoint_dir`: commit every finished block there (`io.checkpoint`); with
+    `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint is
+    left in place (the command line removes it once the output is written).
 
     In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
     arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
@@ -188,7 +244,19 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     if ids.shape[0] < ranks.world:
         raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
                              f"use --nsamples {ranks.world} or more, or fewer processes")
+    notes, ckpt, resumed = [], None, None
     batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
+    if config.run.checkpoint_dir:
+        if ranks.parallel:
+            raise TrimpruneError("--checkpoint-dir is not supported with several processes (torchrun) yet: run one "
+                                 "process, or leave --checkpoint-dir out")
+        t0 = time.perf_counter()
+        ckpt = Checkpoint.open(config.run.checkpoint_dir, config, adapter, ids, resume=config.run.resume)
+        timings["checkpoint_seconds"] = time.perf_counter() - t0
+        notes += _resume_notes(ckpt, config, dev, progress)
+        if ckpt.batch_size and not config.run.batch_size:
+            batch_size = ckpt.batch_size              # automatic: the interrupted run's split (same summation order)
+        resumed = ckpt.last_block if ckpt.last_block >= 0 else None
     batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -208,13 +276,21 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         timings["capture_seconds"] = time.perf_counter() - t_prune
         t0 = time.perf_counter()
         with ex.phase("allocation"):
-            allocation = build_allocation(config, adapter, captured, ex, progress=progress)
+            allocation = ckpt.allocation() if ckpt is not None else None
+            if allocation is None:
+                allocation = build_allocation(config, adapter, captured, ex, progress=progress)
             if ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
                 allocation = ranks.gather(allocation)[0]
         timings["allocation_seconds"] = time.perf_counter() - t0
+        if ckpt is not None:
+            t0 = time.perf_counter()
+            ckpt.begin(batch_size, dev)
+            if ckpt.state.get("allocation") is None:
+                ckpt.save_allocation(allocation, batch_size, dev)
+            timings["checkpoint_seconds"] += time.perf_counter() - t0
         plan = Plan.make(config, allocation.per_linear, adapter.full_name, make_scorer(config.scorer, ex),
                          captured.exec_device, ex, ranks)
-        records = _walk(model, adapter, captured, plan, config, ex, progress)
+        records = _walk(model, adapter, captured, plan, config, ex, progress, ckpt, timings)
     finally:
         ex.close()
     if dev.type == "cuda":
@@ -227,4 +303,28 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
                        timings=timings, block_safeguard=records.guard, phases=ex.phases,
-                       calibration_shape=tuple(ids.shape))
+                       calibration_shape=tuple(ids.shape), notes=notes, resumed_from_block=resumed)
+
+
+def _resume_notes(ckpt: Checkpoint, config: PruneConfig, dev, progress: Progress) -> list[str]:
+    """What a run with a checkpoint says (the log line and the report's notes)."""
+    where, n = config.run.checkpoint_dir, ckpt.identity["model"]["num_blocks"]
+    notes = []
+    if config.run.resume and ckpt.state is None:
+        notes.append(f"--resume: no checkpoint in {where}; started from block 0")
+    elif ckpt.state is not None and ckpt.last_block < 0:
+        notes.append(f"--resume: the checkpoint in {where} held the allocation only; started from block 0")
+    elif ckpt.state is not None:
+        k = ckpt.last_block
+        rest = f"blocks {k + 1}..{n - 1} pruned now" if k + 1 < n else "none left to prune"
+        notes.append(f"resumed from the checkpoint in {where}: blocks 0..{k} of {n} restored (pruned by an earlier "
+                     f"process), {rest}; timings cover this process only")
+        if config.run.batch_size and ckpt.batch_size and config.run.batch_size != ckpt.batch_size:
+            notes.append(f"--batch-size {config.run.batch_size} differs from the interrupted run's {ckpt.batch_size}: "
+                         "results equal an uninterrupted run up to floating-point summation order")
+        dnote = ckpt.note_device(dev)
+        if dnote:
+            notes.append(dnote)
+    for line in notes[:1]:
+        progress.message(line)
+    return notes

@@ -241,6 +241,7 @@ def _metrics(dense: dict, pruned: dict) -> dict:
 def cmd_prune(args) -> int:
     from .api import prune
     from .io.evaluate import prepare_eval_sets
+    from .io.checkpoint import precheck, remove_checkpoint
     from .io.export import check_output_dir, write_outputs
     from .io.models import ModelAdapter, load_model
     from .io.report import build_report, markdown, summary_text
@@ -248,6 +249,13 @@ def cmd_prune(args) -> int:
     t_all = time.perf_counter()
     cfg = config_from_args(args)
     check_output_dir(args.output, args.overwrite)
+    if cfg.run.checkpoint_dir:
+        from pathlib import Path
+
+        out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
+        if ck == out or out in ck.parents:
+            raise TrimpruneError(f"--checkpoint-dir {cfg.run.checkpoint_dir!r} is inside --output {args.output!r}, "
+                                 "which is written at the end: give a folder outside it")
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
     dev = _device(args)
@@ -260,6 +268,7 @@ def cmd_prune(args) -> int:
     adapter = ModelAdapter.from_model(model)
     adapter.check_context(cfg.calib.seqlen, "--seqlen")
     adapter.check_context(eval_seqlen, "--eval-seqlen")
+    precheck(cfg, model)                     # a checkpoint of another run is refused before any evaluation
     sets = prepare_eval_sets(args.eval, tok, eval_seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=cfg.calib.seed,
                              progress=progress) if args.eval else {}
@@ -285,6 +294,8 @@ def cmd_prune(args) -> int:
         return 0
     write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
                   save_model=not args.no_save_model, save_format=args.save_format)
+    if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
+        remove_checkpoint(cfg.run.checkpoint_dir)        # the output is complete: the checkpoint is not needed
     print(summary_text(report))
     print(f"written: {args.output}")
     return 0
@@ -386,7 +397,12 @@ def main(argv=None) -> int:
         print(f"trimprune: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("trimprune: interrupted (nothing was written)", file=sys.stderr)
+        import os
+
+        ck = getattr(args, "checkpoint_dir", None)
+        kept = f"; the checkpoint in {ck} keeps the finished blocks: rerun with --resume to continue" \
+            if ck and os.path.isfile(os.path.join(ck, "state.json")) else ""
+        print(f"trimprune: interrupted (nothing was written{' to --output' if kept else ''}){kept}", file=sys.stderr)
         return 130
     finally:
         if args.command in ("prune", "eval"):

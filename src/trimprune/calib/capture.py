@@ -239,13 +239,16 @@ class BlockRun:
 
 def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
          visit: Callable[[BlockRun], StreamUpdate | None], offload: bool = False, progress=True,
-         desc: str = "pruning", ex: Executor = EAGER) -> Streams:
+         desc: str = "pruning", ex: Executor = EAGER, start: int = 0,
+         after_block: Callable[[int, Streams], None] | None = None) -> Streams:
     """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs are
     recomputed with its final weights (unless the visitor returned them) and fed to block i+1.
-    `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes."""
+    `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes.
+    `start`: the first block visited (`streams` are then the states entering it: a resumed run);
+    `after_block(i, streams)`: called once block i is done, with the streams entering block i+1 (checkpoints)."""
     own = not isinstance(progress, BlockProgress)
     blocks = Progress.of(progress).blocks(adapter.num_blocks, desc) if own else progress
-    for i in range(adapter.num_blocks):
+    for i in range(start, adapter.num_blocks):
         block = adapter.blocks[i]
         with ex.resident(adapter.blocks, i, captured.exec_device) if offload else contextlib.nullcontext():
             run = BlockRun(i, block, adapter.linears(i), captured, streams)
@@ -256,6 +259,8 @@ def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
                     main = run.forward(streams.main)
             streams = Streams(main, streams.subset_dense if upd.subset_dense is None else upd.subset_dense,
                               streams.subset_pruned if upd.subset_pruned is None else upd.subset_pruned)
+        if after_block is not None:
+            after_block(i, streams)
         blocks.step(i)
     if own:
         blocks.close()
