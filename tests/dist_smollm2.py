@@ -1,5 +1,6 @@
 """SmolLM2-135M pruned by one process or, under torchrun, by several (gloo on CPU): WikiText-2 perplexity
-of wanda, wanda+TRIM and sparsegpt at 50 % (C4 16 x 256), one JSON file written by rank 0.
+of wanda, wanda+TRIM and sparsegpt at 50 % (C4 16 x 256 in batches of 8: one batch per rank with two
+ranks), one JSON file written by rank 0.
 
     python tests/dist_smollm2.py OUT.json
     torchrun --nproc-per-node 2 tests/dist_smollm2.py OUT.json
