@@ -147,7 +147,10 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     `config.calib` (`tokenizer` is then needed). `device`: where blocks are computed (default: the
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
     `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
-    `profile`: the phases' mode (`exec.profiling`), for benchmarks."""
+    `profile`: the phases' mode (`exec.profiling`), for benchmarks.
+
+    NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
+    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place."""
     t_start = time.perf_counter()
     progress = Progress.of(progress)
     adapter = ModelAdapter.from_model(model)
@@ -189,6 +192,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
                    total_seconds=time.perf_counter() - t_start)
     if dev.type == "cuda":
         timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    notes = [f"{name}: SparseGPT {r.scorer_info.fallback}" for name, r in records.layers.items()
+             if r.scorer_info is not None and r.scorer_info.fallback]
     return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
-                       timings=timings, block_safeguard=records.guard, phases=ex.phases,
+                       timings=timings, block_safeguard=records.guard, phases=ex.phases, notes=notes,
                        calibration_shape=(sum(b.shape[0] for b in batches), batches[0].shape[1]))
