@@ -227,7 +227,10 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
     arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
     split across ranks, and every rank ends with the same pruned weights and the same `PruneResult`
-    (`algo.ranks`). Only rank 0 shows progress."""
+    (`algo.ranks`). Only rank 0 shows progress.
+
+    NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
+    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place."""
     t_start = time.perf_counter()
     ranks = Ranks.current()
     progress = Progress.of(progress if ranks.main else False)
@@ -301,6 +304,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
                    total_seconds=time.perf_counter() - t_start)
     if dev.type == "cuda":
         timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    notes += [f"{name}: SparseGPT {r.scorer_info.fallback}" for name, r in records.layers.items()
+             if r.scorer_info is not None and r.scorer_info.fallback]
     return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
                        timings=timings, block_safeguard=records.guard, phases=ex.phases,
                        calibration_shape=tuple(ids.shape), notes=notes, resumed_from_block=resumed)

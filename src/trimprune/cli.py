@@ -202,15 +202,16 @@ def _same_windows(sets: dict) -> dict:
     return sets
 
 
-def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress) -> dict:
+def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress, label: str = "the model") -> dict:
     """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}.
+    A perplexity that is not a finite number stops with an error naming the set and `label` (the model).
     Under torchrun the ranks share the perplexity windows; rank 0 alone runs the zero-shot tasks."""
     from .io.evaluate import evaluate_sets
     from .io.zeroshot import evaluate_tasks, mean_accuracy
 
     out = {}
     if sets:
-        out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress)
+        out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress, label)
         for k, v in sets.items():
             out["eval"][k]["source"] = v["source"]
     if args.tasks and _main_rank():
@@ -273,9 +274,10 @@ def cmd_prune(args) -> int:
                              self_samples=args.self_eval_samples, seed=cfg.calib.seed,
                              progress=progress) if args.eval else {}
     sets = _same_windows(sets)
-    dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
+    dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress,
+                                                    "the dense model")
     result = prune(model, tok, cfg, device=dev, progress=progress)
-    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
+    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the pruned model")
     metrics = _metrics(dense, pruned)
     timings = dict(result.timings, load_seconds=t_load)
     timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + \

@@ -56,6 +56,7 @@ def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured,
         with hooks:
             out = run.forward(run.streams.main, on_batch_end=hooks.next_batch)
         hooks.reduce()
+        run.check_statistics(hooks, ex)
         scores = [Wanda().importance(weight_2d(mod).float(), hooks.stats_for(n)) for n, mod in run.linears.items()]
         ratios.append(outlier_ratio(scores, config.owl_m))
         return StreamUpdate(main=out)           # the dense block's outputs feed the next block
