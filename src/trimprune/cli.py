@@ -244,7 +244,7 @@ def _metrics(dense: dict, pruned: dict) -> dict:
     return m
 
 
-def _check_disk_args(args, offload) -> None:
+def _check_disk_args(args, offload, calib: str | None = None) -> None:
     """What `--offload disk` cannot do (it never holds the whole model in memory), before anything is loaded."""
     if offload != "disk":
         return
@@ -255,8 +255,8 @@ def _check_disk_args(args, offload) -> None:
         why = "--save-format compact"
     elif args.tasks:
         why = "--tasks (lm-evaluation-harness runs the whole model in memory)"
-    elif "self" in (args.eval or []):
-        why = "--eval self (it samples from the whole model)"
+    elif "self" in (args.eval or []) or calib == "self":
+        why = f"--{'calib' if calib == 'self' else 'eval'} self (it samples from the whole model)"
     elif launched() and args.command == "prune":
         why = "several processes (torchrun)"
     if why:
@@ -291,7 +291,7 @@ def _prune_command(args, scope) -> int:
                                  "which is written at the end: give a folder outside it")
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
-    _check_disk_args(args, cfg.run.offload)
+    _check_disk_args(args, cfg.run.offload, cfg.calib.source)
     dev = _device(args)
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto", log_json=args.log_json if main_rank else None)
