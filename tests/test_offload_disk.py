@@ -13,6 +13,7 @@ from trimprune import PruneConfig, TrimpruneError, load_masks, prune
 from trimprune.cli import main
 from trimprune.exec.offload import materialised
 from trimprune.io.diskmodel import disk_storage, load_disk_model
+from trimprune.io.evaluate import nll_of_windows
 from trimprune.io.export import StagedDir, write_outputs
 from trimprune.io.models import ModelAdapter, load_model
 
@@ -53,7 +54,9 @@ def test_disk_offload_output_equals_the_in_memory_prune(family, flat, tmp_path):
     make(family).save_pretrained(tmp_path / "src")
     ids = calib(4, 16)
     mem_model, mem = prune_in_memory(tmp_path / "src", flat, ids, tmp_path / "mem")
-    _, disk = prune_from_disk(tmp_path / "src", flat, ids, tmp_path / "disk")
+    disk_model, disk = prune_from_disk(tmp_path / "src", flat, ids, tmp_path / "disk")
+    # evaluating the pruned model streams its blocks from the written (now committed) shards
+    assert nll_of_windows(disk_model, ids, 2) == nll_of_windows(mem_model, ids, 2)
     assert set(mem.masks) == set(disk.masks)
     for name in mem.masks:
         assert torch.equal(mem.masks[name], disk.masks[name]), name

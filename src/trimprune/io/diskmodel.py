@@ -176,9 +176,25 @@ class DiskBlocks:
         """Complete the output folder: the rest of the model, the index, the configs and the tokenizer."""
         self.writer.finish(self.rest_state(), self.model, tokenizer)
 
+    def moved_to(self, folder: str | Path) -> None:
+        """The output folder was renamed to `folder` (committed): the pruned blocks are read from there."""
+        self.writer.folder = self._output.folder = Path(folder)
+
     def discard(self) -> None:
-        """Remove the written shards (the output keeps no model); the pruned blocks are lost."""
+        """Remove the written shards (the output keeps no model): the pruned blocks cannot be read again."""
         self.writer.discard()
+        self.location = [_Discarded(self.writer.folder)] * self.num_blocks
+
+
+class _Discarded:
+    """Where the blocks of a pruned model are after `--no-save-model` removed them."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def read(self, *args, **kwargs):
+        raise TrimpruneError(f"the pruned blocks written to {str(self.folder)!r} were removed (the output keeps no "
+                             "model): the pruned model cannot be read again")
 
 
 def disk_storage(model: nn.Module) -> DiskBlocks | None:

@@ -162,6 +162,8 @@ def write_outputs(path: str | Path, model, tokenizer, result, report: dict, repo
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
         if report_md is not None:
             (tmp / "report.md").write_text(report_md(report) if callable(report_md) else report_md)
+    if save_model and disk_storage(model) is not None:
+        disk_storage(model).moved_to(path)          # the pruned blocks are read from the committed folder now
     return Path(path)
 
 
