@@ -125,14 +125,19 @@ class BatchMover:
 class BlockStorage(Protocol):
     """Where the parameters of offloaded blocks live between their visits (`io.diskmodel.DiskBlocks`)."""
 
-    def read(self, index: int, pin: bool = False) -> dict[str, torch.Tensor]:
-        """Block `index`'s parameters (names inside the block) as new host tensors."""
+    def read(self, index: int, empty: Callable[..., torch.Tensor] = torch.empty) -> dict[str, torch.Tensor]:
+        """Block `index`'s parameters (names inside the block) as new host tensors made by `empty`."""
 
     def writes(self, index: int) -> bool:
         """Whether block `index` is written back when released."""
 
     def write(self, index: int, state: dict[str, torch.Tensor]) -> None:
         """Keep block `index`'s final state (its `state_dict`, host tensors)."""
+
+
+def _pinned_empty(*shape, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor in pinned memory (its copies to the GPU are asynchronous)."""
+    return torch.empty(*shape, dtype=dtype, pin_memory=True)
 
 
 def _install(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -192,7 +197,7 @@ class StoredBlocks:
     def read_ahead(self, blocks, index: int) -> None:
         """Start reading block `index` (if it exists and is neither read nor being read)."""
         if index < len(blocks) and index not in self.reads and index not in self.installed:
-            self.reads[index] = self.io.submit(self.storage.read, index, self.pin)
+            self.reads[index] = self.io.submit(self.storage.read, index, _pinned_empty if self.pin else torch.empty)
 
     def fetch(self, blocks, index: int) -> nn.Module:
         """Block `index` with its parameters in host memory (waits for its read, started now unless ahead)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -120,11 +121,12 @@ class DiskBlocks:
     def num_blocks(self) -> int:
         return len(self.params)
 
-    def read(self, index: int, pin: bool = False) -> dict[str, torch.Tensor]:
-        """Block `index`'s parameters (names inside the block) as new host tensors of the model's dtypes."""
+    def read(self, index: int, empty: Callable[..., torch.Tensor] = torch.empty) -> dict[str, torch.Tensor]:
+        """Block `index`'s parameters (names inside the block) as new host tensors of the model's dtypes, made by
+        `empty(shape, dtype=...)`."""
         entries = self.params[index]
         return self.location[index].read({k: t.stored for k, t in entries.items()},
-                                         {k: t.dtype for k, t in entries.items()}, pin)
+                                         {k: t.dtype for k, t in entries.items()}, empty)
 
     def writes(self, index: int) -> bool:
         """Whether block `index`, once released, is written to the output (the pruning walk)."""

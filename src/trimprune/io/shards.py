@@ -2,8 +2,8 @@
 
 `SafetensorsCheckpoint`: the tensors of a model folder stored as safetensors (one `model.safetensors`, or
 the shards that `model.safetensors.index.json` lists). A tensor is read through safetensors' memory map
-(`safe_open`) and copied out of it, converted to the dtype asked for (into pinned memory when asked),
-only when it is needed; each read opens the files it needs and closes them again, so the pages it
+(`safe_open`) and copied out of it, converted to the dtype asked for (into memory the caller allocates:
+the executor's pinned memory for a GPU), only when it is needed; each read opens the files it needs and closes them again, so the pages it
 touched are unmapped (the process does not keep the whole checkpoint mapped).
 
 `ShardWriter`: the output folder of `--offload disk`, written while a prune runs: each decoder block as
@@ -19,6 +19,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -84,9 +85,10 @@ class SafetensorsCheckpoint:
                 out |= {name: tuple(f.get_slice(name).get_shape()) for name in group}
         return out
 
-    def read(self, names: dict[str, str], dtypes: dict[str, torch.dtype], pin: bool = False) -> dict[str, torch.Tensor]:
+    def read(self, names: dict[str, str], dtypes: dict[str, torch.dtype],
+             empty: Callable[..., torch.Tensor] = torch.empty) -> dict[str, torch.Tensor]:
         """{key: tensor} for `names` (key -> stored tensor name): each copied out of the memory map into a new
-        host tensor of `dtypes[key]` (pinned memory with `pin`)."""
+        host tensor of `dtypes[key]` made by `empty(shape, dtype=...)`."""
         by_file: dict[str, list[str]] = {}
         for key, name in names.items():
             by_file.setdefault(self.weight_map[name], []).append(key)
@@ -96,7 +98,7 @@ class SafetensorsCheckpoint:
                 with safe_open(str(self.folder / fname), framework="pt") as f:
                     for key in keys:
                         src = f.get_tensor(names[key])          # a view of the memory map
-                        dst = torch.empty(src.shape, dtype=dtypes[key], pin_memory=pin)
+                        dst = empty(src.shape, dtype=dtypes[key])
                         dst.copy_(src)
                         out[key] = dst
                         del src
