@@ -57,6 +57,8 @@ def test_disk_offload_output_equals_the_in_memory_prune(family, flat, tmp_path):
     disk_model, disk = prune_from_disk(tmp_path / "src", flat, ids, tmp_path / "disk")
     # evaluating the pruned model streams its blocks from the written (now committed) shards
     assert nll_of_windows(disk_model, ids, 2) == nll_of_windows(mem_model, ids, 2)
+    with pytest.raises(TrimpruneError, match="already: load it again"):
+        prune(disk_model, None, PruneConfig.from_flat(flat | {"offload": "disk"}), calibration=ids, progress=False)
     assert set(mem.masks) == set(disk.masks)
     for name in mem.masks:
         assert torch.equal(mem.masks[name], disk.masks[name]), name

@@ -145,12 +145,19 @@ class DiskBlocks:
         self.writer = ShardWriter(folder, self.num_blocks)
         self._output = SafetensorsCheckpoint(Path(folder), self.writer.weight_map)   # names filled as blocks land
 
-    @contextlib.contextmanager
-    def pruning(self):
-        """The pruning walk: every block released in it is written to the output folder."""
+    def check_output(self) -> None:
+        """A pruning walk needs an output folder (`write_to`) that holds no pruned block yet."""
         if self.writer is None:
             raise TrimpruneError("a model loaded with offload='disk' is pruned into an output folder: call "
                                  "model.trimprune_storage.write_to(FOLDER) first (the command line does)")
+        if self.writer.written:
+            raise TrimpruneError(f"this model loaded with offload='disk' was pruned into {str(self.writer.folder)!r} "
+                                 "already: load it again to prune it again")
+
+    @contextlib.contextmanager
+    def pruning(self):
+        """The pruning walk: every block released in it is written to the output folder."""
+        self.check_output()
         self._pruning = True
         try:
             yield
@@ -288,7 +295,5 @@ def check_disk_prune(model: nn.Module, config, ranks, sampling: bool) -> DiskBlo
     if sampling and config.calib.source == "self":
         raise TrimpruneError("--calib self samples from the whole model, which --offload disk does not hold in memory: "
                              f"use another --calib, or {FIX}")
-    if storage.writer is None:
-        raise TrimpruneError("a model loaded with offload='disk' is pruned into an output folder: call "
-                             "model.trimprune_storage.write_to(FOLDER) first (the command line does)")
+    storage.check_output()
     return storage
