@@ -42,6 +42,8 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     block_safeguard: list[BlockGuardRecord] = field(default_factory=list)
     phases: Phases | None = field(repr=False, default=None)     # the profiling phases (benchmarks read them)
+    search: dict | None = None          # --allocation search: trials, best, held-out objectives, profiles
+    trim_guard: dict | None = None      # --trim-guard model: both held-out objectives and the choice
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -158,6 +160,135 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
     return records
 
 
+class Session:
+    """What every prune of one model from one calibration set shares, prepared once: the adapter, the
+    calibration sequences (less the held-out ones of a search, `holdout`), the executor and the captured
+    block inputs. `allocate(config)` builds an allocation from them and `run(config, allocation)` walks the
+    blocks through `prune_block`; `snapshot()` / `restore()` keep and put back the dense weights of the
+    prunable linears (a host copy) so that several prunes can start from the same dense model (the search
+    and `--trim-guard model`). `prune` is `open` + `allocate` + `run` + `close`."""
+
+    def __init__(self, model, adapter: ModelAdapter, config: PruneConfig, ranks: Ranks, progress: Progress,
+                 dev: torch.device, ids: torch.Tensor, holdout: torch.Tensor | None, ex, profile: str,
+                 t_start: float, timings: dict):
+        self.model, self.adapter, self.config, self.ranks = model, adapter, config, ranks
+        self.progress, self.dev, self.ids, self.holdout = progress, dev, ids, holdout
+        self.ex, self.profile, self.t_start, self.timings = ex, profile, t_start, timings
+        self.t_prune = 0.0
+        self.captured = None
+        self.dense: dict[str, torch.Tensor] | None = None
+        self.last_allocation_seconds = 0.0
+
+    @classmethod
+    def open(cls, model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None, progress=True,
+             profile: str = "time", holdout: int = 0, guard_subset: bool | None = None) -> "Session":
+        """Calibration (built from `config.calib` when None) and the capture of the block inputs. `holdout`:
+        the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether to
+        capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
+        t_start = time.perf_counter()
+        ranks = Ranks.current()
+        progress = Progress.of(progress if ranks.main else False)
+        adapter = ModelAdapter.from_model(model)
+        dev = torch.device(device) if device is not None else model_device(model)
+        if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
+            dev = torch.device("cuda")
+        if calibration is None:
+            adapter.check_context(config.calib.seqlen, "--seqlen")
+            calibration = get_calibration(config.calib, tokenizer, model, progress=progress)
+        timings = {"calibration_data_seconds": time.perf_counter() - t_start}
+        ids = _as_ids(calibration)
+        adapter.check_context(ids.shape[1], "--seqlen")
+        held = None
+        if holdout:
+            if holdout >= ids.shape[0]:
+                raise TrimpruneError(f"--search-holdout {holdout} leaves none of the {ids.shape[0]} calibration "
+                                     "sequences to prune with: use more --nsamples or a smaller --search-holdout")
+            ids, held = ids[: ids.shape[0] - holdout], ids[ids.shape[0] - holdout:]
+        if ids.shape[0] < ranks.world:
+            raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
+                                 f"use --nsamples {ranks.world} or more, or fewer processes")
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ex = make_executor(dev, profile)
+        self = cls(model, adapter, config, ranks, progress, dev, ids, held, ex, profile, t_start, timings)
+        try:
+            self._capture(config.trim.block_guard if guard_subset is None else guard_subset)
+        except BaseException:
+            ex.close()
+            raise
+        return self
+
+    def _capture(self, guard: bool) -> None:
+        config, ids, ranks, model, adapter, dev = self.config, self.ids, self.ranks, self.model, self.adapter, self.dev
+        batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
+        batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
+        self.t_prune = time.perf_counter()
+        subset = None
+        if guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
+            n_sub = min(ids.shape[0], max(4, ids.shape[0] // 8))
+            subset = ids[:n_sub][ranks.share(n_sub)]
+        on_device = config.run.offload and activations_fit(
+            adapter, sum(b.shape[0] for b in batches), 0 if subset is None else subset.shape[0], ids.shape[1], dev,
+            next(model.parameters()).dtype)
+        with self.ex.phase("capture"):
+            self.captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=subset, ex=self.ex,
+                                    ranks=ranks, keep_on_device=on_device)
+        self.timings["capture_seconds"] = time.perf_counter() - self.t_prune
+
+    # ------------------------------------------------------------------ dense weights
+    def linears(self) -> dict[str, nn.Module]:
+        """Every prunable linear, by full name."""
+        return {self.adapter.full_name(i, n): m for i in range(self.adapter.num_blocks)
+                for n, m in self.adapter.linears(i).items()}
+
+    def snapshot(self) -> None:
+        """A host copy of the prunable linears' (dense) weights, for `restore`."""
+        self.dense = {k: m.weight.data.to("cpu", copy=True) for k, m in self.linears().items()}
+
+    def restore(self) -> None:
+        """The weights of `snapshot` back into the model (in place: offloaded blocks keep their pinned memory)."""
+        if self.dense is None:
+            raise RuntimeError("Session.restore() needs a snapshot() first")
+        for k, m in self.linears().items():
+            m.weight.data.copy_(self.dense[k])
+
+    # ------------------------------------------------------------------ prunes
+    def allocate(self, config: PruneConfig) -> Allocation:
+        """The allocation `config.allocation` names (OWL walks the captured activations through the model,
+        which must be dense then)."""
+        t0 = time.perf_counter()
+        with self.ex.phase("allocation"):
+            allocation = build_allocation(config, self.adapter, self.captured, self.ex, progress=self.progress)
+            if self.ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
+                allocation = self.ranks.gather(allocation)[0]
+        self.last_allocation_seconds = time.perf_counter() - t0
+        return allocation
+
+    def run(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
+        """Prune the model in place with `allocation` (the walk of `prune_block` over the captured inputs)."""
+        ex = self.ex
+        plan = Plan.make(config, allocation.per_linear, self.adapter.full_name, make_scorer(config.scorer, ex),
+                         self.captured.exec_device, ex, self.ranks)
+        records = _walk(self.model, self.adapter, self.captured, plan, config, ex, self.progress)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        ph = ex.phases.totals
+        timings = dict(self.timings, allocation_seconds=self.last_allocation_seconds)
+        timings.update(prune_seconds=time.perf_counter() - self.t_prune, trim_search_seconds=ph.get("trim search", 0.0),
+                       mask_and_update_seconds=ph.get("masks", 0.0),
+                       block_safeguard_seconds=ph.get("block safeguard", 0.0),
+                       total_seconds=time.perf_counter() - self.t_start)
+        if self.dev.type == "cuda":
+            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
+                           timings=timings, block_safeguard=records.guard, phases=ex.phases,
+                           calibration_shape=tuple(self.ids.shape))
+
+    def close(self) -> None:
+        self.ex.close()
+        self.dense = None
+
+
 def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None,
           progress=True, profile: str = "time") -> PruneResult:
     """Prune `model` in place following `config`; returns a `PruneResult`.
@@ -168,63 +299,20 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
     `profile`: the phases' mode (`exec.profiling`), for benchmarks.
 
+    `--allocation search` and `--trim-guard model` prune several times from one capture and keep the
+    best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` / `.trim_guard`).
+
     In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
     arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
     split across ranks, and every rank ends with the same pruned weights and the same `PruneResult`
     (`algo.ranks`). Only rank 0 shows progress."""
-    t_start = time.perf_counter()
-    ranks = Ranks.current()
-    progress = Progress.of(progress if ranks.main else False)
-    adapter = ModelAdapter.from_model(model)
-    dev = torch.device(device) if device is not None else model_device(model)
-    if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
-        dev = torch.device("cuda")
-    if calibration is None:
-        adapter.check_context(config.calib.seqlen, "--seqlen")
-        calibration = get_calibration(config.calib, tokenizer, model, progress=progress)
-    timings = {"calibration_data_seconds": time.perf_counter() - t_start}
-    ids = _as_ids(calibration)
-    adapter.check_context(ids.shape[1], "--seqlen")
-    if ids.shape[0] < ranks.world:
-        raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
-                             f"use --nsamples {ranks.world} or more, or fewer processes")
-    batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
-    batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    ex = make_executor(dev, profile)
-    t_prune = time.perf_counter()
-    subset = None
-    if config.trim.block_guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
-        n_sub = min(ids.shape[0], max(4, ids.shape[0] // 8))
-        subset = ids[:n_sub][ranks.share(n_sub)]
+    if config.holdout is not None:
+        from .search import search_prune
+
+        return search_prune(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
+    session = Session.open(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
     try:
-        on_device = config.run.offload and activations_fit(
-            adapter, sum(b.shape[0] for b in batches), 0 if subset is None else subset.shape[0], ids.shape[1], dev,
-            next(model.parameters()).dtype)
-        with ex.phase("capture"):
-            captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=subset, ex=ex,
-                               ranks=ranks, keep_on_device=on_device)
-        timings["capture_seconds"] = time.perf_counter() - t_prune
-        t0 = time.perf_counter()
-        with ex.phase("allocation"):
-            allocation = build_allocation(config, adapter, captured, ex, progress=progress)
-            if ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
-                allocation = ranks.gather(allocation)[0]
-        timings["allocation_seconds"] = time.perf_counter() - t0
-        plan = Plan.make(config, allocation.per_linear, adapter.full_name, make_scorer(config.scorer, ex),
-                         captured.exec_device, ex, ranks)
-        records = _walk(model, adapter, captured, plan, config, ex, progress)
+        allocation = session.allocate(config)
+        return session.run(config, allocation)
     finally:
-        ex.close()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    ph = ex.phases.totals
-    timings.update(prune_seconds=time.perf_counter() - t_prune, trim_search_seconds=ph.get("trim search", 0.0),
-                   mask_and_update_seconds=ph.get("masks", 0.0), block_safeguard_seconds=ph.get("block safeguard", 0.0),
-                   total_seconds=time.perf_counter() - t_start)
-    if dev.type == "cuda":
-        timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
-                       timings=timings, block_safeguard=records.guard, phases=ex.phases,
-                       calibration_shape=tuple(ids.shape))
+        session.close()

@@ -64,7 +64,7 @@ def _add_eval_args(p, batch_size_alias: bool = False):
 
 # flag groups of the generated pruning flags: PruneConfig's own fields, then one group per part
 GROUPS = {None: "pruning", "scorer": "scorer", "allocation": "allocation",
-          "calib": "calibration", "trim": "TRIM", "run": "execution"}
+          "calib": "calibration", "trim": "TRIM", "run": "execution", "search": "allocation search"}
 
 
 def _add_config_args(p) -> None:
