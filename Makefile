@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA    ?= $(wildcard ../shared/data)
 
-.PHONY: setup demo test test-fixtures test-slow bench-cpu clean
+.PHONY: setup demo test test-fixtures test-dist test-slow bench-cpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: setup
 # what prune decides on SmolLM2 (18 configurations, C4 8 x 128) against the recorded digests (~12 min)
 test-fixtures: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow tests/test_equivalence.py
+
+# SmolLM2 pruned by two gloo processes against one (~5 min)
+test-dist: setup
+	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow tests/test_distributed.py
 
 test-slow: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow

@@ -3,13 +3,15 @@
 Tiny random models in float16/float32 on CUDA: every scorer x TRIM mode x allocation runs, hits its
 exact sparsity, gives finite perplexity; GPU masks equal CPU masks (float32 Wanda); the Gram metrics
 equal explicit metrics on the GPU; every registered fast path equals its pure function; graph replay
-and deferred host copies equal eager execution; offloaded pruning and evaluation equal resident ones.
+and deferred host copies equal eager execution; offloaded pruning and evaluation equal resident ones;
+a prune interrupted after a block and resumed from its checkpoint equals the uninterrupted prune.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import calib, make  # noqa: E402
+from tiny_models import calib, make, make_llama  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune.algo.executor import Executor  # noqa: E402
@@ -27,6 +29,7 @@ from trimprune.algo.trim.evaluators import ExplicitEvaluator, GramEvaluator, Gra
 from trimprune.algo.trim.metrics import layer_metric  # noqa: E402
 from trimprune.algo.trim.search import TrimSearch, TrimSettings  # noqa: E402
 from trimprune.exec import CudaExecutor, fastpaths, make_executor, readback  # noqa: E402
+from trimprune.io import checkpoint as ckpt_mod  # noqa: E402
 from trimprune.io.evaluate import nll_of_windows  # noqa: E402
 
 
@@ -186,5 +189,49 @@ x1, _ = nll_of_windows(m, ids[:6], 3)
 m.cpu()
 x2, _ = nll_of_windows(m, ids[:6], 3, device=dev, offload=True)
 check(abs(x1 - x2) / abs(x1) < 1e-5, f"offloaded eval == plain eval ({x1:.5f} vs {x2:.5f})")
+
+
+# interrupted after block 1 (of 4) and resumed from the checkpoint == uninterrupted: weights, masks, records
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(k):
+    def hook(block):
+        if block == k:
+            raise _Stop
+    return hook
+
+
+for dtype, off, kw in [(torch.float16, False, dict(scorer="wanda", trim=True)),
+                       (torch.bfloat16, False, dict(scorer="sparsegpt", allocation="owl")),
+                       (torch.float16, False, dict(scorer="sparsegpt", trim=True)),
+                       (torch.float32, True, dict(scorer="wanda", trim=True))]:
+    flat = dict(kw, sparsity=0.6, nsamples=16, seqlen=64, offload=off)
+
+    def fresh():
+        m = make_llama(4, dtype=dtype)
+        return m if off else m.to(dev)
+
+    runs = []
+    for _ in range(2):                                   # two uninterrupted runs: is the GPU run deterministic?
+        m = fresh()
+        runs.append((m, prune(m, None, cfg(**flat), calibration=ids, device=dev, progress=False)))
+    with tempfile.TemporaryDirectory() as d:
+        ckpt_mod._after_commit = _stop_after(1)
+        try:
+            prune(fresh(), None, cfg(**flat, checkpoint_dir=d), calibration=ids, device=dev, progress=False)
+        except _Stop:
+            pass
+        ckpt_mod._after_commit = lambda block: None
+        m = fresh()
+        res = prune(m, None, cfg(**flat, checkpoint_dir=d, resume=True), calibration=ids, device=dev, progress=False)
+    for label, (m0, r0) in [("resumed", (m, res)), ("rerun", runs[1])]:
+        mr, rr = runs[0]
+        w = all(torch.equal(a, b) for a, b in zip(mr.state_dict().values(), m0.state_dict().values()))
+        mk = all(torch.equal(rr.masks[n], r0.masks[n]) for n in rr.masks)
+        check(w and mk and rr.layers == r0.layers and rr.block_safeguard == r0.block_safeguard,
+              f"{label} == uninterrupted, {str(dtype):15} offload={off} {kw}: weights {w}, masks {mk}, records "
+              f"{rr.layers == r0.layers}" + (f", resumed_from_block {r0.resumed_from_block}" if label == "resumed" else ""))
 print("FAILURES:", fails)
 sys.exit(1 if fails else 0)

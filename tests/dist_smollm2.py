@@ -1,5 +1,6 @@
 """SmolLM2-135M pruned by one process or, under torchrun, by several (gloo on CPU): WikiText-2 perplexity
-of wanda, wanda+TRIM and sparsegpt at 50 % (C4 16 x 256), one JSON file written by rank 0.
+of wanda, wanda+TRIM and sparsegpt at 50 % (C4 16 x 256 in batches of 8: one batch per rank with two
+ranks), one JSON file written by rank 0.
 
     python tests/dist_smollm2.py OUT.json
     torchrun --nproc-per-node 2 tests/dist_smollm2.py OUT.json
@@ -25,7 +26,7 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    base = {"sparsity": 0.5, "calib": "c4", "nsamples": 16, "seqlen": 256, "batch_size": 4}
+    base = {"sparsity": 0.5, "calib": "c4", "nsamples": 16, "seqlen": 256, "batch_size": 8}
     calib = get_calibration(PruneConfig.from_flat(base).calib, tok)
     sets = prepare_eval_sets(["wikitext2"], tok, 256, limit=16)
     out = {"world": Ranks.current().world}

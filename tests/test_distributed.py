@@ -231,9 +231,12 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_two_processes_perplexity_within_0_1_percent(tmp_path, with_data_env):
-    """SmolLM2-135M on CPU, two gloo processes against one: WikiText-2 perplexity of wanda, wanda+TRIM
-    and sparsegpt at 50 % within 0.1 %."""
+def test_smollm2_two_processes_perplexity(tmp_path, with_data_env):
+    """SmolLM2-135M on CPU, two gloo processes of one batch each against one process of two batches:
+    WikiText-2 perplexity of wanda and wanda+TRIM at 50 % within 0.1 % (measured: equal), sparsegpt within
+    5 %. SparseGPT's result from 16 x 256 calibration tokens moves by a few percent with any change in the
+    rounding of its Gram matrix: in one process, 2 threads instead of 1 gave 92.18 instead of 89.68, and
+    batches of 4 instead of 8 gave 92.08; two processes gave 92.03 (the addmm order, see the top)."""
     script = os.path.join(os.path.dirname(__file__), "dist_smollm2.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -245,6 +248,6 @@ def test_smollm2_two_processes_perplexity_within_0_1_percent(tmp_path, with_data
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
     assert a["world"] == 2 and b["world"] == 1
-    for name in ("wanda", "wanda_trim", "sparsegpt"):
+    for name, rel in (("wanda", 1e-3), ("wanda_trim", 1e-3), ("sparsegpt", 5e-2)):
         assert a[name]["sparsity"] == pytest.approx(b[name]["sparsity"], abs=1e-9)
-        assert a[name]["ppl"] == pytest.approx(b[name]["ppl"], rel=1e-3), name
+        assert a[name]["ppl"] == pytest.approx(b[name]["ppl"], rel=rel), name

@@ -7,6 +7,7 @@ from trimprune import PruneConfig, prune
 from trimprune.algo.masks import is_nm, matrix_mask, nm_mask, pack_mask, row_mask, unpack_mask
 from trimprune.algo.scorers import Member, SparseGPT, Target, Wanda
 from trimprune.calib.stats import InputStats, StatsNeeds
+from trimprune.errors import NonFiniteError
 from trimprune.io.models import ModelAdapter, weight_2d
 
 FAMS = ["llama", "qwen2", "opt", "gpt2", "gemma", "gemma3", "gpt_neox", "phi3"]
@@ -208,11 +209,11 @@ def test_sparsegpt_survives_singular_and_non_pd_gram(caplog):
     assert out.info.damp_retries >= 1 and out.info.percdamp_used > 1e-12
     assert int(out.mask.sum()) == round(0.5 * W.numel())
     assert out.info.dead_columns == 7
-    # non-finite statistics fall back to plain selection, never NaN
+    # non-finite statistics are an error, never a silent fallback
     st = _gram_stats(X)
     st.gram[0, 0] = float("nan")
-    out = sg.prune_group([Member("w", W, Target(0.5))], st)[0]
-    assert torch.isfinite(out.weight).all() and out.info.fallback
+    with pytest.raises(NonFiniteError, match="Gram matrix"):
+        sg.prune_group([Member("w", W, Target(0.5))], st)
 
 
 def test_shared_input_linears_share_one_statistic():

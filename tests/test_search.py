@@ -324,6 +324,9 @@ def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
     (dict(atp_beta=1.5), "--atp-beta 1.5 must be in [0, 1]"),
     (dict(allocation="atp", mask_structure="2:4", sparsity=0.5), "--allocation atp cannot be combined"),
     (dict(search_objective="ppl"), "--search-objective 'ppl' is unknown"),
+    (dict(allocation="search", checkpoint_dir="ck"), "--checkpoint-dir cannot be combined with --allocation search"),
+    (dict(trim=True, trim_guard="model", checkpoint_dir="ck"),
+     "--checkpoint-dir cannot be combined with --trim-guard model"),
 ])
 def test_bad_search_settings_are_one_line_errors(flat, needle):
     with pytest.raises(TrimpruneError) as e:
@@ -338,12 +341,29 @@ def test_search_is_refused_under_torchrun_and_without_optuna(monkeypatch, tmp_pa
     from trimprune.algo.ranks import Ranks
 
     monkeypatch.setattr(search.Ranks, "current", classmethod(lambda cls: Ranks(0, 2)))
-    with pytest.raises(TrimpruneError, match="not under torchrun"):
+    with pytest.raises(TrimpruneError, match="not under torchrun") as e:
         _search(tmp_path)
+    assert "--allocation search" in str(e.value) and "share one --search-storage" in str(e.value)
+    with pytest.raises(TrimpruneError, match="--trim-guard model runs in one process, not under torchrun"):
+        prune(make("llama"), None, _cfg(trim=True, trim_guard="model", search_holdout=2), calibration=calib(N, L),
+              progress=False)
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(TrimpruneError, match=r"pip install 'trimprune\[search\]'"):
         _search(tmp_path)
+
+
+def test_cli_refuses_a_search_under_torchrun_before_loading_the_model(tiny_dir, tmp_path, monkeypatch, capsys):
+    from trimprune.algo.ranks import Ranks
+    from trimprune.cli import main
+
+    monkeypatch.setattr(Ranks, "current", classmethod(lambda cls: Ranks(1, 2)))
+    monkeypatch.setattr("trimprune.io.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["prune", "--model", str(tiny_dir), "--nsamples", "8", "--seqlen", "32", "--allocation", "search",
+               "--output", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--allocation search runs in one process, not under torchrun (2 processes)" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_search_writes_allocation_trials_and_plots(tiny_dir, tmp_path, capsys, with_data_env):

@@ -40,15 +40,25 @@ LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "phi3": 4, "gemma": 7
                      "opt": 6, "gpt2": 4, "gpt_neox": 4}
 
 
-def make(family: str, seed: int = 0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    m = FAMILIES[family]().to(dtype).eval()
+def _perturbed(m):
     # random init leaves some families' norms at exactly 0/1; perturb all params a little so
     # every path matters
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return m
+
+
+def make(family: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return _perturbed(FAMILIES[family]().to(dtype).eval())
+
+
+def make_llama(num_layers: int = 4, seed: int = 0, dtype=torch.float32):
+    """A tiny Llama with `num_layers` blocks, seeded and perturbed like `make`."""
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(**_common(num_key_value_heads=2, num_hidden_layers=num_layers))
+    return _perturbed(T.LlamaForCausalLM(cfg).to(dtype).eval())
 
 
 def calib(n=8, L=24, seed=1):

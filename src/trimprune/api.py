@@ -2,6 +2,8 @@
 
 Calibration -> capture of the block inputs -> layer-wise allocation -> the walk over the decoder
 blocks, each pruned by `algo.block.prune_block` -> a `PruneResult` with typed records.
+With `config.run.checkpoint_dir`, every finished block is committed to a checkpoint
+(`io.checkpoint`), and `config.run.resume` continues an interrupted run after its last one.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .config import PruneConfig
 from .errors import TrimpruneError
 from .exec import Phases, make_executor
 from .exec.memory import usable_bytes
+from .io.checkpoint import Checkpoint
 from .io.models import ModelAdapter, model_device
 from .io.progress import BlockProgress, Progress
 
@@ -42,6 +45,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     block_safeguard: list[BlockGuardRecord] = field(default_factory=list)
     phases: Phases | None = field(repr=False, default=None)     # the profiling phases (benchmarks read them)
+    resumed_from_block: int | None = None        # the last block restored from a checkpoint (None: not resumed)
     search: dict | None = None          # --allocation search: trials, best, held-out objectives, profiles
     trim_guard: dict | None = None      # --trim-guard model: both held-out objectives and the choice
 
@@ -114,27 +118,77 @@ class _Records:
         self.layers: dict[str, LinearRecord] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.guard: list[BlockGuardRecord] = []
+        self.by_block: dict[int, BlockRecords] = {}
 
     def add(self, records: Deferred) -> None:
         self.pending.append(records)
+
+    def restore(self, rec: BlockRecords) -> None:
+        """A block's records read back from a checkpoint (reported by the run that made them)."""
+        self.layers.update(rec.linears)
+        self.masks.update(rec.masks)
+        if rec.guard is not None:
+            self.guard.append(rec.guard)
+        self.by_block[rec.block] = rec
 
     def collect(self, wait: bool) -> None:
         while self.pending and (wait or self.pending[0].ready()):
             rec: BlockRecords = self.pending.pop(0).result()
             if self.ranks.parallel:
                 rec = BlockRecords.merge(self.ranks.gather(rec), self.order(rec.block))
-            self.layers.update(rec.linears)
-            self.masks.update(rec.masks)
-            if rec.guard is not None:
-                self.guard.append(rec.guard)
+            self.restore(rec)
             self.blocks.record(rec.block, list(rec.linears.values()), rec.guard)
 
 
-def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfig, ex, progress: Progress) -> _Records:
+def _placed(streams: Streams, sizes: list[int], captured, ex) -> Streams:
+    """Streams read from a checkpoint, split like this run's batches and stored like its captured inputs."""
+    main = streams.main
+    if [m.shape[0] for m in main] != sizes:
+        main = list(torch.cat(main).split(sizes[0], 0))
+    want = [tuple(h.shape) for h in captured.hidden]
+    if [tuple(m.shape) for m in main] != want:
+        raise TrimpruneError(f"--resume: the checkpoint's hidden states {[tuple(m.shape) for m in main][:1]} do not "
+                             f"fit this run's {want[:1]}: remove the checkpoint folder and start afresh")
+
+    def put(hs):
+        out = [h.to(captured.store_device) for h in hs]
+        if captured.store_device.type == "cpu" and captured.exec_device.type == "cuda":
+            out = [ex.pinned(h) for h in out]
+        return out
+
+    return Streams(put(main), put(streams.subset_dense), put(streams.subset_pruned))
+
+
+def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfig, ex, progress: Progress,
+          ckpt: Checkpoint | None = None, timings: dict | None = None) -> _Records:
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
-    copies complete."""
+    copies complete. With a checkpoint, blocks it holds are restored (weights, masks, records) and the
+    walk starts after them; every finished block is committed to it."""
     blocks = progress.blocks(adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}")
     records = _Records(blocks, plan.ranks, lambda i: [adapter.full_name(i, n) for n in adapter.linears(i)])
+    subset = [captured.subset] if captured.subset is not None else []
+    streams, start, after = Streams(captured.hidden, subset, list(subset)), 0, None
+    if ckpt is not None:
+        t0 = time.perf_counter()
+        if ckpt.last_block >= 0:
+            for rec in ckpt.restore_blocks(adapter):
+                records.restore(rec)
+            saved, _ = ckpt.load_streams()
+            streams = _placed(saved, [h.shape[0] for h in captured.hidden], captured, ex)
+            start = ckpt.last_block + 1
+            blocks.resume_at(start)
+
+        def after(i: int, streams: Streams) -> None:
+            with ex.phase("records"):
+                records.collect(wait=True)
+            t = time.perf_counter()
+            if captured.exec_device.type == "cuda":      # offloaded weights copied back to host memory, streams
+                torch.cuda.synchronize(captured.exec_device)
+            with ex.phase("checkpoint"):
+                ckpt.commit_block(i, adapter, records.by_block[i], streams)
+            timings["checkpoint_seconds"] += time.perf_counter() - t
+
+        timings["checkpoint_seconds"] += time.perf_counter() - t0
 
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
@@ -144,13 +198,12 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
             records.collect(wait=plan.ranks.parallel)     # the ranks gather every block in step
         return StreamUpdate(subset_dense=decision.subset_dense, subset_pruned=decision.subset_pruned)
 
-    subset = [captured.subset] if captured.subset is not None else []
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
         with torch.no_grad():
-            walk(adapter, captured, Streams(captured.hidden, subset, list(subset)), visit, offload=config.run.offload,
-                 progress=blocks, ex=ex)
+            walk(adapter, captured, streams, visit, offload=config.run.offload, progress=blocks, ex=ex, start=start,
+                 after_block=after)
             with ex.phase("records"):
                 records.collect(wait=True)
     finally:
@@ -162,29 +215,37 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
 
 class Session:
     """What every prune of one model from one calibration set shares, prepared once: the adapter, the
-    calibration sequences (less the held-out ones of a search, `holdout`), the executor and the captured
-    block inputs. `allocate(config)` builds an allocation from them and `run(config, allocation)` walks the
-    blocks through `prune_block`; `snapshot()` / `restore()` keep and put back the dense weights of the
+    calibration sequences (less the held-out ones of a search, `holdout`), the checkpoint of
+    `config.run.checkpoint_dir`, the executor and the captured block inputs. `allocate(config)` builds an
+    allocation from them (a resumed run's is read from its checkpoint) and `run(config, allocation)` walks
+    the blocks through `prune_block`; `snapshot()` / `restore()` keep and put back the dense weights of the
     prunable linears (a host copy) so that several prunes can start from the same dense model (the search
-    and `--trim-guard model`). `prune` is `open` + `allocate` + `run` + `close`."""
+    and `--trim-guard model`; a session with a checkpoint prunes once). `prune` is `open` + `allocate` +
+    `run` + `close`."""
 
     def __init__(self, model, adapter: ModelAdapter, config: PruneConfig, ranks: Ranks, progress: Progress,
                  dev: torch.device, ids: torch.Tensor, holdout: torch.Tensor | None, ex, profile: str,
-                 t_start: float, timings: dict):
+                 t_start: float, timings: dict, batch_size: int, ckpt: Checkpoint | None = None,
+                 notes: list[str] | None = None):
         self.model, self.adapter, self.config, self.ranks = model, adapter, config, ranks
         self.progress, self.dev, self.ids, self.holdout = progress, dev, ids, holdout
         self.ex, self.profile, self.t_start, self.timings = ex, profile, t_start, timings
+        self.batch_size, self.ckpt, self.notes = batch_size, ckpt, list(notes or [])
+        # the last block restored from the checkpoint (None: not resumed)
+        self.resumed_from_block = ckpt.last_block if ckpt is not None and ckpt.last_block >= 0 else None
         self.t_prune = 0.0
         self.captured = None
         self.dense: dict[str, torch.Tensor] | None = None
         self.last_allocation_seconds = 0.0
+        self.runs = 0
 
     @classmethod
     def open(cls, model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None, progress=True,
              profile: str = "time", holdout: int = 0, guard_subset: bool | None = None) -> "Session":
-        """Calibration (built from `config.calib` when None) and the capture of the block inputs. `holdout`:
-        the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether to
-        capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
+        """Calibration (built from `config.calib` when None), the checkpoint (checked against this run; a
+        resumed run takes the interrupted run's automatic batch size) and the capture of the block inputs.
+        `holdout`: the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether
+        to capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
         t_start = time.perf_counter()
         ranks = Ranks.current()
         progress = Progress.of(progress if ranks.main else False)
@@ -207,10 +268,23 @@ class Session:
         if ids.shape[0] < ranks.world:
             raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
                                  f"use --nsamples {ranks.world} or more, or fewer processes")
+        batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
+        ckpt, notes = None, []
+        if config.run.checkpoint_dir:
+            if ranks.parallel:
+                raise TrimpruneError("--checkpoint-dir is not supported with several processes (torchrun) yet: run "
+                                     "one process, or leave --checkpoint-dir out")
+            t0 = time.perf_counter()
+            ckpt = Checkpoint.open(config.run.checkpoint_dir, config, adapter, ids, resume=config.run.resume)
+            timings["checkpoint_seconds"] = time.perf_counter() - t0
+            notes = _resume_notes(ckpt, config, dev, progress)
+            if ckpt.batch_size and not config.run.batch_size:
+                batch_size = ckpt.batch_size          # automatic: the interrupted run's split (same summation order)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         ex = make_executor(dev, profile)
-        self = cls(model, adapter, config, ranks, progress, dev, ids, held, ex, profile, t_start, timings)
+        self = cls(model, adapter, config, ranks, progress, dev, ids, held, ex, profile, t_start, timings, batch_size,
+                   ckpt, notes)
         try:
             self._capture(config.trim.block_guard if guard_subset is None else guard_subset)
         except BaseException:
@@ -219,9 +293,10 @@ class Session:
         return self
 
     def _capture(self, guard: bool) -> None:
+        """This rank's share of the calibration batches (and the block safeguard's subset with `guard`)
+        through the model up to every block: `self.captured`."""
         config, ids, ranks, model, adapter, dev = self.config, self.ids, self.ranks, self.model, self.adapter, self.dev
-        batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
-        batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
+        batches = list(ids[ranks.share(ids.shape[0])].split(self.batch_size, 0))
         self.t_prune = time.perf_counter()
         subset = None
         if guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
@@ -255,21 +330,35 @@ class Session:
     # ------------------------------------------------------------------ prunes
     def allocate(self, config: PruneConfig) -> Allocation:
         """The allocation `config.allocation` names (OWL walks the captured activations through the model,
-        which must be dense then)."""
+        which must be dense then); a resumed run's is the one its checkpoint saved. In a data-parallel run,
+        rank 0's."""
         t0 = time.perf_counter()
         with self.ex.phase("allocation"):
-            allocation = build_allocation(config, self.adapter, self.captured, self.ex, progress=self.progress)
+            allocation = self.ckpt.allocation() if self.ckpt is not None else None
+            if allocation is None:
+                allocation = build_allocation(config, self.adapter, self.captured, self.ex, progress=self.progress)
             if self.ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
                 allocation = self.ranks.gather(allocation)[0]
         self.last_allocation_seconds = time.perf_counter() - t0
         return allocation
 
     def run(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
-        """Prune the model in place with `allocation` (the walk of `prune_block` over the captured inputs)."""
-        ex = self.ex
+        """Prune the model in place with `allocation` (the walk of `prune_block` over the captured inputs).
+        With a checkpoint: the allocation is saved first (unless the checkpoint holds it), blocks it holds
+        are restored instead of pruned, and every finished block is committed."""
+        ex, ckpt = self.ex, self.ckpt
+        if ckpt is not None:
+            if self.runs or config != self.config:
+                raise RuntimeError("a Session with a checkpoint prunes once, with the config it was opened with")
+            t0 = time.perf_counter()
+            ckpt.begin(self.batch_size, self.dev)
+            if ckpt.state.get("allocation") is None:
+                ckpt.save_allocation(allocation, self.batch_size, self.dev)
+            self.timings["checkpoint_seconds"] += time.perf_counter() - t0
+        self.runs += 1
         plan = Plan.make(config, allocation.per_linear, self.adapter.full_name, make_scorer(config.scorer, ex),
                          self.captured.exec_device, ex, self.ranks)
-        records = _walk(self.model, self.adapter, self.captured, plan, config, ex, self.progress)
+        records = _walk(self.model, self.adapter, self.captured, plan, config, ex, self.progress, ckpt, self.timings)
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
         ph = ex.phases.totals
@@ -280,9 +369,12 @@ class Session:
                        total_seconds=time.perf_counter() - self.t_start)
         if self.dev.type == "cuda":
             timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        notes = self.notes + [f"{name}: SparseGPT {r.scorer_info.fallback}" for name, r in records.layers.items()
+                              if r.scorer_info is not None and r.scorer_info.fallback]
         return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
                            timings=timings, block_safeguard=records.guard, phases=ex.phases,
-                           calibration_shape=tuple(self.ids.shape))
+                           calibration_shape=tuple(self.ids.shape), notes=notes,
+                           resumed_from_block=self.resumed_from_block)
 
     def close(self) -> None:
         self.ex.close()
@@ -298,21 +390,51 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
     `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
     `profile`: the phases' mode (`exec.profiling`), for benchmarks.
+    `config.run.checkpoint_dir`: commit every finished block there (`io.checkpoint`); with
+    `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint is
+    left in place (the command line removes it once the output is written).
 
     `--allocation search` and `--trim-guard model` prune several times from one capture and keep the
-    best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` / `.trim_guard`).
+    best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` / `.trim_guard`);
+    they run in one process and without a checkpoint.
 
     In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
     arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
     split across ranks, and every rank ends with the same pruned weights and the same `PruneResult`
-    (`algo.ranks`). Only rank 0 shows progress."""
+    (`algo.ranks`). Only rank 0 shows progress.
+
+    NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
+    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place."""
     if config.holdout is not None:
         from .search import search_prune
 
         return search_prune(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
     session = Session.open(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
     try:
-        allocation = session.allocate(config)
-        return session.run(config, allocation)
+        return session.run(config, session.allocate(config))
     finally:
         session.close()
+
+
+def _resume_notes(ckpt: Checkpoint, config: PruneConfig, dev, progress: Progress) -> list[str]:
+    """What a run with a checkpoint says (the log line and the report's notes)."""
+    where, n = config.run.checkpoint_dir, ckpt.identity["model"]["num_blocks"]
+    notes = []
+    if config.run.resume and ckpt.state is None:
+        notes.append(f"--resume: no checkpoint in {where}; started from block 0")
+    elif ckpt.state is not None and ckpt.last_block < 0:
+        notes.append(f"--resume: the checkpoint in {where} held the allocation only; started from block 0")
+    elif ckpt.state is not None:
+        k = ckpt.last_block
+        rest = f"blocks {k + 1}..{n - 1} pruned now" if k + 1 < n else "none left to prune"
+        notes.append(f"resumed from the checkpoint in {where}: blocks 0..{k} of {n} restored (pruned by an earlier "
+                     f"process), {rest}; timings cover this process only")
+        if config.run.batch_size and ckpt.batch_size and config.run.batch_size != ckpt.batch_size:
+            notes.append(f"--batch-size {config.run.batch_size} differs from the interrupted run's {ckpt.batch_size}: "
+                         "results equal an uninterrupted run up to floating-point summation order")
+        dnote = ckpt.note_device(dev)
+        if dnote:
+            notes.append(dnote)
+    for line in notes[:1]:
+        progress.message(line)
+    return notes

@@ -202,15 +202,16 @@ def _same_windows(sets: dict) -> dict:
     return sets
 
 
-def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress) -> dict:
+def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress, label: str = "the model") -> dict:
     """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}.
+    A perplexity that is not a finite number stops with an error naming the set and `label` (the model).
     Under torchrun the ranks share the perplexity windows; rank 0 alone runs the zero-shot tasks."""
     from .io.evaluate import evaluate_sets
     from .io.zeroshot import evaluate_tasks, mean_accuracy
 
     out = {}
     if sets:
-        out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress)
+        out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress, label)
         for k, v in sets.items():
             out["eval"][k]["source"] = v["source"]
     if args.tasks and _main_rank():
@@ -241,6 +242,7 @@ def _metrics(dense: dict, pruned: dict) -> dict:
 def cmd_prune(args) -> int:
     from .api import prune
     from .io.evaluate import prepare_eval_sets
+    from .io.checkpoint import precheck, remove_checkpoint
     from .io.export import check_output_dir, write_outputs
     from .io.models import ModelAdapter, load_model
     from .io.report import build_report, markdown, summary_text
@@ -248,9 +250,21 @@ def cmd_prune(args) -> int:
     t_all = time.perf_counter()
     cfg = config_from_args(args)
     check_output_dir(args.output, args.overwrite)
+    if cfg.run.checkpoint_dir:
+        from pathlib import Path
+
+        out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
+        if ck == out or out in ck.parents:
+            raise TrimpruneError(f"--checkpoint-dir {cfg.run.checkpoint_dir!r} is inside --output {args.output!r}, "
+                                 "which is written at the end: give a folder outside it")
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
     dev = _device(args)
+    if cfg.holdout is not None:              # a search or --trim-guard model: refused under torchrun before any work
+        from .algo.ranks import Ranks
+        from .search import refuse_several_processes
+
+        refuse_several_processes(cfg, Ranks.current())
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto", log_json=args.log_json if main_rank else None)
     t0 = time.perf_counter()
@@ -260,13 +274,15 @@ def cmd_prune(args) -> int:
     adapter = ModelAdapter.from_model(model)
     adapter.check_context(cfg.calib.seqlen, "--seqlen")
     adapter.check_context(eval_seqlen, "--eval-seqlen")
+    precheck(cfg, model)                     # a checkpoint of another run is refused before any evaluation
     sets = prepare_eval_sets(args.eval, tok, eval_seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=cfg.calib.seed,
                              progress=progress) if args.eval else {}
     sets = _same_windows(sets)
-    dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
+    dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress,
+                                                    "the dense model")
     result = prune(model, tok, cfg, device=dev, progress=progress)
-    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress)
+    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the pruned model")
     metrics = _metrics(dense, pruned)
     timings = dict(result.timings, load_seconds=t_load)
     timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + \
@@ -285,6 +301,8 @@ def cmd_prune(args) -> int:
         return 0
     write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
                   save_model=not args.no_save_model, save_format=args.save_format)
+    if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
+        remove_checkpoint(cfg.run.checkpoint_dir)        # the output is complete: the checkpoint is not needed
     print(summary_text(report))
     print(f"written: {args.output}")
     return 0
@@ -386,7 +404,12 @@ def main(argv=None) -> int:
         print(f"trimprune: error{rank}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("trimprune: interrupted (nothing was written)", file=sys.stderr)
+        import os
+
+        ck = getattr(args, "checkpoint_dir", None)
+        kept = f"; the checkpoint in {ck} keeps the finished blocks: rerun with --resume to continue" \
+            if ck and os.path.isfile(os.path.join(ck, "state.json")) else ""
+        print(f"trimprune: interrupted (nothing was written{' to --output' if kept else ''}){kept}", file=sys.stderr)
         return 130
     finally:
         if args.command in ("prune", "eval"):

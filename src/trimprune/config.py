@@ -270,16 +270,29 @@ class TrimConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How the work is laid out; results do not depend on it beyond floating-point summation order."""
+    """How the work is laid out and kept; results do not depend on it beyond floating-point summation order
+    (a resumed run gives the uninterrupted run's masks and weights exactly)."""
 
     batch_size: int = option(0, "batch_size", "calibration sequences per forward (0 = from free memory)")
     offload: bool = option(False, "offload", "keep weights and activations in CPU memory; blocks visit the GPU "
                            "one at a time")
+    checkpoint_dir: str | None = option(None, "checkpoint_dir", "after each pruned block, save what a resumed run "
+                                        "needs into DIR (the block's weights, masks and records, the hidden states "
+                                        "entering the next block, the allocation); see --resume", metavar="DIR")
+    resume: bool = option(False, "resume", "continue the run whose checkpoint is in --checkpoint-dir after its last "
+                          "complete block (starts at block 0 when there is none); refuses a checkpoint of another "
+                          "config, model or calibration")
+    keep_checkpoint: bool = option(False, "keep_checkpoint", "keep --checkpoint-dir after the output is written "
+                                   "(by default the command line removes it then)")
 
     def __post_init__(self):
         _check_types(self)
         _in_range(self.batch_size, self.batch_size >= 0,
                   f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)")
+        if self.resume and not self.checkpoint_dir:
+            raise TrimpruneError("--resume needs --checkpoint-dir DIR: the folder of the interrupted run's checkpoint")
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
+            raise TrimpruneError("--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt")
 
 
 @dataclass(frozen=True)
@@ -369,6 +382,14 @@ class PruneConfig:
             raise TrimpruneError(f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
                                  f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
                                  "--search-holdout")
+        if self.run.checkpoint_dir and self.allocation.method == "search":
+            raise TrimpruneError("--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
+                                 "whole model again and again): a search resumes from its --search-storage, e.g. "
+                                 "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
+                                 "allocation.json through --allocation file:PATH --checkpoint-dir DIR")
+        if self.run.checkpoint_dir and self.trim.guard == "model":
+            raise TrimpruneError("--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
+                                 "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out")
         if nm is None:
             return
         if abs(s - nm[0] / nm[1]) > 1e-9:

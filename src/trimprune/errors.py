@@ -6,3 +6,7 @@ class TrimpruneError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class NonFiniteError(TrimpruneError):
+    """NaN or Inf in weights, activations, statistics or an evaluation result (`calib.finite`)."""

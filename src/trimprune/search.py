@@ -8,7 +8,9 @@ computed once, before any pruning, and kept in the model's dtype: holdout x (seq
 values, on the compute device, in host memory with `--offload`) or by the NLL of the next token.
 
 The search (Optuna's TPE, `--search-trials`, `--search-timeout`, `--search-seed`, `--search-storage`,
-`--search-study`) runs its trials here, in one process (`torchrun` is refused): the block inputs are
+`--search-study`) runs its trials here, in one process (`torchrun` is refused: several processes search
+together as Optuna intends, as independent single-process searches sharing one `--search-storage`, and
+the winner's allocation.json then prunes under torchrun with `--allocation file:PATH`): the block inputs are
 captured once (`api.Session`), the dense weights of the prunable linears are copied to host memory once
 (as much memory as those weights), and every trial restores them, builds its allocation
 (`algo.allocation.search`), walks the blocks through `prune_block` and measures the held-out objective. A
@@ -22,6 +24,9 @@ and measured again.
 `--trim-guard model`: the same allocation is pruned without and with TRIM from the same captured
 activations, and the model with the lower held-out objective is kept (TRIM on ties), so TRIM is never
 worse than its scorer alone on that objective; both objectives go to report.json.
+
+Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna storage
+instead, and its allocation.json can be pruned again with a checkpoint.
 """
 from __future__ import annotations
 
@@ -188,7 +193,8 @@ def _study_name(config: PruneConfig, session: Session) -> str:
     d = config.to_dict()
     for k in ("trials", "timeout", "seed", "storage", "study"):
         d["search"].pop(k, None)
-    d["run"].pop("batch_size", None)
+    for k in ("batch_size", "checkpoint_dir", "resume", "keep_checkpoint"):
+        d["run"].pop(k, None)
     h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
     h.update(model_fingerprint(session.adapter).encode())
     for t in (session.ids, session.holdout):
@@ -207,9 +213,20 @@ def _trial_record(t) -> dict:
     return rec
 
 
-def _say(progress: Progress, line: str) -> None:
-    if progress.mode != "off":
-        print(line, file=progress.stream, flush=True)
+def refuse_several_processes(config: PruneConfig, ranks: Ranks) -> None:
+    """A search and `--trim-guard model` run in one process: under torchrun, a one-line error on every rank
+    (before any collective, so no rank waits for another). Several processes search together as Optuna
+    intends: independent single-process searches sharing one `--search-storage`."""
+    if not ranks.parallel:
+        return
+    if config.allocation.method == "search":
+        raise TrimpruneError(f"--allocation search runs in one process, not under torchrun ({ranks.world} processes): "
+                             "to search with several processes, start several single-process searches that share "
+                             "one --search-storage (e.g. sqlite:///study.db; the same config gives the same study), "
+                             "then prune with the best allocation.json under torchrun through --allocation file:PATH")
+    if config.trim.guard == "model":
+        raise TrimpruneError(f"--trim-guard model runs in one process, not under torchrun ({ranks.world} processes): "
+                             "run it in one process, or use --trim-guard block under torchrun")
 
 
 def search_prune(model, tokenizer, config: PruneConfig, calibration=None, *, device=None, progress=True,
@@ -217,9 +234,7 @@ def search_prune(model, tokenizer, config: PruneConfig, calibration=None, *, dev
     """`prune` for `--allocation search` and / or `--trim-guard model` (see the module's docstring).
     `on_trial(number, params, value, metrics, model)`: called after every completed trial, the trial's
     pruned model in place (benchmarks evaluate it)."""
-    if Ranks.current().parallel:
-        raise TrimpruneError("--allocation search and --trim-guard model run in one process, not under torchrun: "
-                             "search in one process, then replay its allocation.json with --allocation file:PATH")
+    refuse_several_processes(config, Ranks.current())
     searching = config.allocation.method == "search"
     optuna = _optuna() if searching else None
     n = config.calib.nsamples if calibration is None else (
@@ -295,8 +310,8 @@ def _search(optuna, session: Session, config: PruneConfig, holdout: Holdout, on_
         "alpha_from_cache": sources.cached, "seconds": seconds,
     }
     res.timings["search_seconds"] = seconds
-    _say(verbose, f"search: best trial {best.number} ({params['family']}) held-out {holdout.kind} {best.value:.6g}; "
-                  f"final model {holdout.value(final):.6g}")
+    verbose.message(f"search: best trial {best.number} ({params['family']}) held-out {holdout.kind} "
+                    f"{best.value:.6g}; final model {holdout.value(final):.6g}")
     return res
 
 
@@ -332,14 +347,14 @@ def _trials(optuna, study, session: Session, config: PruneConfig, holdout: Holdo
                 trial.set_user_attr("error", why)
                 trial.set_user_attr("seconds", time.perf_counter() - t0)
                 study.tell(trial, state=states.PRUNED)
-                _say(shown, f"search: trial {trial.number} pruned ({why[:160]})")
+                shown.message(f"search: trial {trial.number} pruned ({why[:160]})")
                 continue
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("metrics", metrics)
             study.tell(trial, value)
             if on_trial is not None:
                 on_trial(trial.number, params, value, metrics, session.model)
-            _say(shown, f"search: trial {trial.number} ({n}/{sc.trials}) {params['family']}"
+            shown.message(f"search: trial {trial.number} ({n}/{sc.trials}) {params['family']}"
                         f"{' +trim' if params['trim'] else ''} held-out {holdout.kind} {value:.6g} "
                         f"(best {study.best_value:.6g}), {time.perf_counter() - t0:.1f} s")
     finally:

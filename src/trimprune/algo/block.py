@@ -63,9 +63,9 @@ class Plan:
         """The rank that decides each group of a block (all 0 in one process), balanced by weights."""
         return self.ranks.assign([sum(run.linears[n].weight.numel() for n in g) for g in groups])
 
-    def searched(self, full: str) -> bool:
-        """Whether TRIM searches the row sparsities of a linear (its target is strictly inside the bounds)."""
-        return self.search is not None and 0.0 < self.targets[full] < self.config.trim.max_row_sparsity
+    def searched(self, target: float) -> bool:
+        """Whether TRIM searches the row sparsities of a linear with this target (strictly inside the bounds)."""
+        return self.search is not None and 0.0 < target < self.config.trim.max_row_sparsity
 
 
 @dataclass
@@ -230,8 +230,7 @@ class Searches:
     def launch(cls, plan: Plan, members: dict[str, Member], stats: dict[str, InputStats]) -> "Searches":
         if plan.search is None:
             return cls([], {}, set())
-        cap = plan.config.trim.max_row_sparsity
-        todo = [m for m in members.values() if 0.0 < m.target.sparsity < cap]
+        todo = [m for m in members.values() if plan.searched(m.target.sparsity)]
         classes: dict = {}
         for m in todo:
             classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
@@ -328,7 +327,7 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
         c = mine.get(n)
         if plan.ranks.parallel:
             plan.ranks.broadcast_(run.linears[n].weight.data, owner)
-        if not guard or not plan.searched(plan.full_name(run.index, n)):
+        if not guard or not plan.searched(plan.targets[plan.full_name(run.index, n)]):
             continue
         if c is not None:
             out[n] = (c.trim.chosen.weight, c.trim.alone.weight)

@@ -1,6 +1,8 @@
 """Typed records of what the pruning decided: per linear, per TRIM search, per block safeguard.
 
-`to_dict()` gives the JSON form written to report.json.
+`to_dict()` gives the JSON form written to report.json; `from_dict()` reads it back (checkpoints of
+interrupted runs keep each finished block's records this way, so the round trip is exact: floats
+are written with `repr`).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ class Reconstruction:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Reconstruction":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
 
 @dataclass(frozen=True)
 class SearchSummary:
@@ -67,6 +73,13 @@ class SearchSummary:
         d["lr_candidates"] = {str(k): v for k, v in self.lr_candidates.items()}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSummary":
+        """From `to_dict()`'s form (extra keys, e.g. a `TrimRecord`'s, are ignored)."""
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls)}
+        kw["lr_candidates"] = {float(k): v for k, v in d["lr_candidates"].items()}
+        return cls(**kw)
+
 
 @dataclass(frozen=True)
 class TrimRecord:
@@ -85,6 +98,11 @@ class TrimRecord:
         if self.scorer_alone_metric is not None:
             d["scorer_alone_metric"] = self.scorer_alone_metric
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrimRecord":
+        return cls(SearchSummary.from_dict(d), d["metric"], d["trim_weights_metric"], Kept(d["kept"]),
+                   d.get("scorer_alone_metric"))
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,14 @@ class LinearRecord:
             d["scorer_info"] = self.scorer_info.to_dict()
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinearRecord":
+        """From `to_dict()`'s form (`numel` and `sparsity` are derived, not read)."""
+        return cls(d["block"], d["name"], tuple(d["shape"]), d["target_sparsity"], tuple(d["group"]), d["zeros"],
+                   d["row_sparsity_min"], d["row_sparsity_max"], d["row_sparsity_std"],
+                   TrimRecord.from_dict(d["trim"]) if d.get("trim") is not None else None,
+                   Reconstruction.from_dict(d["scorer_info"]) if d.get("scorer_info") is not None else None)
+
 
 @dataclass(frozen=True)
 class BlockGuardRecord:
@@ -138,3 +164,7 @@ class BlockGuardRecord:
     def to_dict(self) -> dict:
         return {"block": self.block, "err_trim": self.err_trim, "err_scorer_alone": self.err_scorer_alone,
                 "kept": self.kept.value, "linears": list(self.linears)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockGuardRecord":
+        return cls(d["block"], d["err_trim"], d["err_scorer_alone"], BlockChoice(d["kept"]), tuple(d["linears"]))

@@ -5,9 +5,10 @@
    positional and keyword arguments its block is called with (attention masks, position
    embeddings, cache flags — Gemma-style models pass different ones to different blocks), and the
    last one stops the forward. Nothing model-specific is needed.
-2. `walk`: for each block, in order: move it to the compute device (offload), hand it to a visitor
-   as a `BlockRun` (statistics with hooks, pruning), then recompute the block's outputs with the
-   pruned weights and feed them to the next block.
+2. `walk`: for each block, in order: move it to the compute device (offload), check that its
+   parameters and the hidden states entering it are finite (`finite.check_walk_step`), hand it to a
+   visitor as a `BlockRun` (statistics with hooks, pruning), then recompute the block's outputs with
+   the pruned weights and feed them to the next block.
 
 The streams (`Streams`): the calibration batches through the pruned model (`main`) and, for TRIM's
 block safeguard, a subset of the calibration sequences followed through the dense model
@@ -27,6 +28,8 @@ from ..algo.executor import EAGER, Executor
 from ..algo.ranks import SOLO, Ranks
 from ..io.models import ModelAdapter
 from ..io.progress import BlockProgress, Progress
+from .finite import check_statistics, check_walk_step
+from .finite import extrema as _extrema
 from .stats import BlockHooks, StatsNeeds, StopForward
 
 
@@ -165,8 +168,10 @@ def block_forward(block: nn.Module, captured: Captured, index: int, hidden: torc
 
 @torch.no_grad()
 def forward_block_all(block: nn.Module, captured: Captured, index: int, hidden: list[torch.Tensor],
-                      on_batch_end: Callable[[], None] | None = None, keep_outputs: bool = True):
-    """Run one block over every stored batch; returns the outputs (stored like the inputs)."""
+                      on_batch_end: Callable[[], None] | None = None, keep_outputs: bool = True,
+                      extrema: list[torch.Tensor] | None = None):
+    """Run one block over every stored batch; returns the outputs (stored like the inputs). `extrema`:
+    collects each output's (min, max) (`finite.extrema`), computed on the compute device."""
     outs = []
     dev = captured.exec_device
     for h in hidden:
@@ -177,6 +182,8 @@ def forward_block_all(block: nn.Module, captured: Captured, index: int, hidden: 
             y = None
         if on_batch_end is not None:
             on_batch_end()
+        if extrema is not None and y is not None:
+            extrema.append(_extrema(y))
         if keep_outputs:
             outs.append(y.to(captured.store_device, non_blocking=True) if y is not None else None)
     if keep_outputs and captured.store_device.type == "cpu" and dev.type == "cuda":
@@ -213,20 +220,30 @@ class BlockRun:
     linears: OrderedDict[str, nn.Module]
     captured: Captured
     streams: Streams
+    path: str = ""                                   # the block's module name, e.g. model.layers.3
 
-    def forward(self, hidden: list[torch.Tensor], on_batch_end=None, keep_outputs: bool = True) -> list:
-        return forward_block_all(self.module, self.captured, self.index, hidden, on_batch_end, keep_outputs)
+    def forward(self, hidden: list[torch.Tensor], on_batch_end=None, keep_outputs: bool = True,
+                extrema: list[torch.Tensor] | None = None) -> list:
+        return forward_block_all(self.module, self.captured, self.index, hidden, on_batch_end, keep_outputs, extrema)
 
     def statistics(self, needs: StatsNeeds, ex: Executor = EAGER, only: set[str] | None = None,
                    stop: bool = False) -> BlockHooks:
         """The statistics of the linears' inputs (of `only`, stopping the forward once they are seen
-        with `stop`) over the main stream, from one forward with hooks (summed over the ranks)."""
+        with `stop`) over the main stream, from one forward with hooks (summed over the ranks); checked to be
+        finite."""
         c = self.captured
         hooks = BlockHooks(self.linears, needs, c.exec_device, total_tokens=c.n_tokens, only=only, stop=stop, ex=ex,
                            ranks=c.ranks, token_offset=c.token_offset)
         with hooks:
             self.forward(self.streams.main, on_batch_end=hooks.next_batch, keep_outputs=False)
-        return hooks.reduce()
+        hooks.reduce()
+        self.check_statistics(hooks, ex)
+        return hooks
+
+    def check_statistics(self, hooks: BlockHooks, ex: Executor = EAGER) -> None:
+        """Stop (`NonFiniteError`, naming the linears) if the Wanda norms or Gram matrices are not finite."""
+        with ex.phase("finite checks"):
+            check_statistics(hooks, self.path, self.index, self.streams.main[0].dtype)
 
     def dense_subset(self) -> list[torch.Tensor]:
         """The block (still dense) on the dense model's subset stream."""
@@ -239,24 +256,39 @@ class BlockRun:
 
 def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
          visit: Callable[[BlockRun], StreamUpdate | None], offload: bool = False, progress=True,
-         desc: str = "pruning", ex: Executor = EAGER) -> Streams:
+         desc: str = "pruning", ex: Executor = EAGER, start: int = 0,
+         after_block: Callable[[int, Streams], None] | None = None) -> Streams:
     """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs are
     recomputed with its final weights (unless the visitor returned them) and fed to block i+1.
-    `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes."""
+    `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes.
+    `start`: the first block visited (`streams` are then the states entering it: a resumed run);
+    `after_block(i, streams)`: called once block i is done, with the streams entering block i+1 (checkpoints).
+
+    NaN / Inf never passes: as each block is loaded, its parameters and the hidden states entering it
+    on the main stream are checked (one reduction per tensor, one host read per block), and the last
+    block's outputs at the end; a `NonFiniteError` names the tensor."""
     own = not isinstance(progress, BlockProgress)
     blocks = Progress.of(progress).blocks(adapter.num_blocks, desc) if own else progress
-    for i in range(adapter.num_blocks):
+    main_extrema = None                     # extrema of streams.main, when the recompute computed them
+    for i in range(start, adapter.num_blocks):
         block = adapter.blocks[i]
         with ex.resident(adapter.blocks, i, captured.exec_device) if offload else contextlib.nullcontext():
-            run = BlockRun(i, block, adapter.linears(i), captured, streams)
+            with ex.phase("finite checks"):
+                check_walk_step(adapter, i, streams.main, main_extrema)
+            run = BlockRun(i, block, adapter.linears(i), captured, streams, f"{adapter.blocks_name}.{i}")
             upd = visit(run) or StreamUpdate()
-            main = upd.main
+            main, main_extrema = upd.main, None
             if main is None:
+                main_extrema = []
                 with ex.phase("recompute"):
-                    main = run.forward(streams.main)
+                    main = run.forward(streams.main, extrema=main_extrema)
             streams = Streams(main, streams.subset_dense if upd.subset_dense is None else upd.subset_dense,
                               streams.subset_pruned if upd.subset_pruned is None else upd.subset_pruned)
+        if after_block is not None:
+            after_block(i, streams)
         blocks.step(i)
+    with ex.phase("finite checks"):
+        check_walk_step(adapter, adapter.num_blocks, streams.main, main_extrema)
     if own:
         blocks.close()
     return streams

@@ -19,6 +19,7 @@ import torch
 from ..config import CalibConfig
 from ..errors import TrimpruneError
 from ..io.progress import Progress
+from .finite import blame, extrema, nonfinite
 
 DATA_ENV = "TRIMPRUNE_DATA"
 
@@ -224,6 +225,8 @@ def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_si
         b = min(batch_size, n - start)
         ids = torch.full((b, 1), bos, dtype=torch.long, device=dev)
         out = model(input_ids=ids, use_cache=True)
+        if nonfinite({"logits": extrema(out.logits)}):     # one host read per batch
+            raise blame(model, "sampling from the model (--calib self / --eval self): its logits are not finite")
         past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         toks = [ids]
         for _ in range(seqlen - 1):

@@ -57,7 +57,8 @@ class CudaExecutor(EagerExecutor):
         if graphs is None:
             graphs = os.environ.get("TRIMPRUNE_CUDA_GRAPHS", "1") != "0"
         self.graphs = GraphCache() if graphs else None
-        self.stager = BlockStager(device) if os.environ.get("TRIMPRUNE_PREFETCH", "1") != "0" else None
+        self.prefetch = os.environ.get("TRIMPRUNE_PREFETCH", "1") != "0"
+        self.stager: BlockStager | None = None          # made on the first offloaded block
         fastpaths.probe_out_dtype(torch.device(device))      # once, outside any graph capture
 
     def captures(self, device: torch.device, size: int) -> bool:
@@ -70,8 +71,10 @@ class CudaExecutor(EagerExecutor):
             self.stager.flush()
 
     def resident(self, blocks, index, device):
-        if self.stager is None or torch.device(device).type != "cuda":
+        if not self.prefetch or torch.device(device).type != "cuda":
             return super().resident(blocks, index, device)
+        if self.stager is None:
+            self.stager = BlockStager(device)
         if index == 0:                       # a new walk: nothing copied ahead is current
             self.stager.ahead.clear()
         return self.stager.resident(blocks, index)

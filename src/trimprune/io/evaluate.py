@@ -20,11 +20,13 @@ from torch import nn
 from ..algo.ranks import Ranks
 from ..calib import capture as walker
 from ..calib.data import eval_text, sample_from_model
-from ..errors import TrimpruneError
+from ..calib.finite import blame
+from ..errors import NonFiniteError, TrimpruneError
 from .models import ModelAdapter, model_device
 from .progress import Progress
 
 SELF_EVAL_SEED_OFFSET = 1_000_003   # held-out self samples never share the calibration seed
+MAX_NLL = math.log(torch.finfo(torch.float64).max)   # a mean NLL above this has no float perplexity
 
 
 def _nll_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -136,12 +138,20 @@ def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[
 
 
 def evaluate_sets(model, sets: dict[str, dict], batch_size: int = 4, device=None, offload: bool = False,
-                  progress=False) -> dict[str, dict]:
+                  progress=False, label: str = "the model") -> dict[str, dict]:
+    """Mean NLL and perplexity per set. A perplexity that is not a finite number is never returned:
+    `NonFiniteError` names the set, `label` (which model) and, when they are to blame, the non-finite
+    weights."""
     out = {}
     for name, s in sets.items():
         t0 = time.perf_counter()
         nll, ntok = nll_of_windows(model, s["windows"], batch_size, device, offload, progress, desc=f"eval {name}")
         mean = nll / ntok
+        if not math.isfinite(mean):
+            raise blame(model, f"the {name} perplexity of {label} is not a number (mean NLL {mean})")
+        if mean > MAX_NLL:
+            raise NonFiniteError(f"the {name} perplexity of {label} overflows: its mean NLL is {mean:.6g} nats per "
+                                 "token (finite logits, useless predictions): check the model")
         out[name] = {"nll": mean, "perplexity": math.exp(mean), "windows": int(s["windows"].shape[0]),
                      "tokens": ntok, "limited": bool(s.get("limited")), "seconds": time.perf_counter() - t0}
     return out

@@ -57,6 +57,11 @@ class Progress:
     def blocks(self, total: int, desc: str) -> "BlockProgress":
         return BlockProgress(self, total, desc)
 
+    def message(self, text: str) -> None:
+        """One line of news (e.g. a resumed run), unless progress is off."""
+        if self.mode != "off":
+            print(text, file=self.stream, flush=True)
+
 
 class BlockProgress:
     """Progress over the decoder blocks: `step(i)` when block i is done; `record(...)` when its records
@@ -66,8 +71,15 @@ class BlockProgress:
         self.p, self.total, self.desc = progress, total, desc
         self.t0 = self.last = time.perf_counter()
         self.seconds: dict[int, float] = {}
+        self.first = 0                      # blocks before it were done by an earlier (interrupted) run
         self._bar = progress.bar(total=total, desc=desc, unit="block") if progress.mode == "bar" else None
         self._log = open(progress.log_json, "a") if progress.log_json else None
+
+    def resume_at(self, first: int) -> None:
+        """Blocks 0..first-1 were restored from a checkpoint: count them done, time only the rest."""
+        self.first = first
+        if self._bar is not None and first:
+            self._bar.update(first)
 
     def step(self, index: int) -> None:
         now = time.perf_counter()
@@ -77,7 +89,7 @@ class BlockProgress:
             self._bar.update(1)
         elif self.p.mode == "lines":
             done, elapsed = index + 1, now - self.t0
-            eta = elapsed / done * (self.total - done)
+            eta = elapsed / max(1, done - self.first) * (self.total - done)
             print(f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, ETA {eta:.1f} s",
                   file=self.p.stream, flush=True)
 

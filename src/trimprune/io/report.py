@@ -40,6 +40,7 @@ def build_report(result, model_info: dict, metrics: dict, timings: dict, device=
         "timings": timings,
         "metrics": metrics,
         "notes": list(result.notes),
+        "resumed_from_block": getattr(result, "resumed_from_block", None),
     }
     if getattr(result, "search", None):
         rep["search"] = result.search
@@ -154,7 +155,9 @@ def markdown(report: dict) -> str:
            f"- scorer: **{cfg['scorer']['name']}**{' + TRIM (' + trim['inputs'] + ')' if trim['enabled'] else ''}, "
            f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
            f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
-           f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}", "",
+           f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}",
+           *([f"- resumed from a checkpoint: blocks 0..{report['resumed_from_block']} restored"]
+             if report.get("resumed_from_block") is not None else []), "",
            "## Summary", "", "```", summary_text(report), "```", "", "## Sparsity per block", "",
            "| block | allocated | achieved | |", "|---:|---:|---:|---|"]
     alloc = report["allocation"]["per_block"]

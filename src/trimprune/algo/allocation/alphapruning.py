@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from ...calib.finite import WEIGHTS_FIX
 from ...config import AllocationConfig
+from ...errors import NonFiniteError
 from ...io.models import weight_2d
 from ...io.progress import Progress
 from .base import Allocation, clip_to_mean
@@ -99,12 +101,15 @@ def alpha_metrics(eigs: torch.Tensor, bins: int = 100) -> dict[str, float]:
 
 
 def model_fingerprint(adapter) -> str:
-    """Identity of the weights: names, shapes and per-matrix sums (computed on their device)."""
+    """Identity of the weights: names, shapes and per-matrix sums (computed on their device). A sum that
+    is not finite stops here (`NonFiniteError`): the SVD of a NaN / Inf matrix would fail."""
     h = hashlib.sha256()
     for i in range(adapter.num_blocks):
         for n, mod in adapter.linears(i).items():
             w = weight_2d(mod)
             s = torch.stack([w.double().sum(), w.double().square().sum()]).tolist()
+            if not all(map(math.isfinite, s)):
+                raise NonFiniteError(f"non-finite weights: {adapter.full_name(i, n)} holds NaN/Inf: {WEIGHTS_FIX}")
             h.update(f"{i}.{n}:{tuple(w.shape)}:{s[0]:.10e}:{s[1]:.10e};".encode())
     return h.hexdigest()[:24]
 

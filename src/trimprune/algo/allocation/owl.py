@@ -63,6 +63,7 @@ def owl_ratios(ms: list[float], adapter, captured, offload: bool, ex: Executor =
         with hooks:
             out = run.forward(run.streams.main, on_batch_end=hooks.next_batch)
         hooks.reduce()
+        run.check_statistics(hooks, ex)
         scores = [Wanda().importance(weight_2d(mod).float(), hooks.stats_for(n)) for n, mod in run.linears.items()]
         ratios.append(outlier_ratios(scores, ms))
         return StreamUpdate(main=out)           # the dense block's outputs feed the next block

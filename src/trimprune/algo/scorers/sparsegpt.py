@@ -7,6 +7,13 @@ Cholesky factor of H^-1 (Algorithm 1); each pruned weight's error is then spread
 remaining columns of its row: W[:, j:] -= (w_ij / U_jj) * U[j, j:] (the OBS update).
 
 Rows of linears that read the same input (q/k/v, gate/up) share H, so they are solved together.
+
+Failures: a non-finite H is an error (`NonFiniteError`; the walk's statistics check names the linears
+before it gets here). Dead inputs (H_jj = 0) get H_jj = 1 and their weights are zeroed, as in the
+reference. A failed Cholesky factorisation is retried with 10x the damping (`percdamp_used`,
+`damp_retries`). Should the reconstruction of a linear still come out non-finite (finite inputs make
+this a numerical failure, not bad data), that linear keeps its mask without the update and its
+`Reconstruction.fallback` says so (`prune` lists it in the result's notes).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ...calib.stats import InputStats
+from ...errors import NonFiniteError
 from ..executor import EAGER, Executor
 from ..masks import row_ranks
 from ..records import Reconstruction
@@ -91,8 +99,8 @@ class SparseGPT(Scorer):
         H = gram.to(device=device).clone()
         fallback = None
         if not torch.isfinite(H).all():
-            fallback = "gram matrix has non-finite entries; used H = I (magnitude selection, no update)"
-            H = torch.eye(H.shape[0], device=device, dtype=H.dtype)
+            raise NonFiniteError("SparseGPT: the Gram matrix X^T X of a linear's inputs holds NaN/Inf: the calibration "
+                                 "activations are not finite (an overflow: try --dtype bfloat16 or --dtype float32)")
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         mean_diag = torch.mean(torch.diag(H))
@@ -182,13 +190,18 @@ class SparseGPT(Scorer):
             mask[:, i1:i2] = mask1
             if i2 < cols:
                 W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-        bad = not bool(torch.isfinite(W).all())
-        if bad:  # never return NaNs: fall back to the mask without reconstruction
-            log.warning("SparseGPT: reconstruction produced non-finite weights; kept the mask without update")
-            W = torch.cat([m.weight for m in members], 0).masked_fill(mask, 0.0)
-        fallback = "non-finite reconstruction; mask applied without update" if bad else f.fallback
-        return [Outcome(weight=W[sg], mask=mask[sg],
-                        info=Reconstruction(percdamp_used=f.percdamp_used, damp_retries=f.damp_retries,
-                                            fallback=fallback, dead_columns=f.dead_columns,
-                                            obs_loss=float(losses[sg].sum())))
-                for sg in segs]
+        # never return NaN / Inf: a linear whose reconstruction is not finite keeps its mask without the update
+        finite = torch.stack([torch.isfinite(W[sg]).all() for sg in segs]).tolist()
+        out = []
+        for sg, m, ok in zip(segs, members, finite):
+            fallback = f.fallback
+            if not ok:
+                log.warning("SparseGPT: the reconstruction of %s is not finite; kept its mask without the update",
+                            m.name)
+                W[sg] = m.weight.masked_fill(mask[sg], 0.0)
+                fallback = "non-finite reconstruction; mask applied without update"
+            out.append(Outcome(weight=W[sg], mask=mask[sg],
+                               info=Reconstruction(percdamp_used=f.percdamp_used, damp_retries=f.damp_retries,
+                                                   fallback=fallback, dead_columns=f.dead_columns,
+                                                   obs_loss=float(losses[sg].sum()))))
+        return out
