@@ -64,7 +64,7 @@ def _add_eval_args(p, batch_size_alias: bool = False):
 
 # flag groups of the generated pruning flags: PruneConfig's own fields, then one group per part
 GROUPS = {None: "pruning", "scorer": "scorer", "allocation": "allocation",
-          "calib": "calibration", "trim": "TRIM", "run": "execution"}
+          "calib": "calibration", "trim": "TRIM", "run": "execution", "search": "allocation search"}
 
 
 def _add_config_args(p) -> None:
@@ -293,6 +293,11 @@ def _prune_command(args, scope) -> int:
     _check_eval_args(args, eval_seqlen)
     _check_disk_args(args, cfg.run.offload, cfg.calib.source)
     dev = _device(args)
+    if cfg.holdout is not None:              # a search or --trim-guard model: refused under torchrun before any work
+        from .algo.ranks import Ranks
+        from .search import refuse_several_processes
+
+        refuse_several_processes(cfg, Ranks.current())
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto", log_json=args.log_json if main_rank else None)
     t0 = time.perf_counter()
