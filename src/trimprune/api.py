@@ -7,6 +7,7 @@ With `config.run.checkpoint_dir`, every finished block is committed to a checkpo
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,17 +15,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .algo.allocation import Allocation, build_allocation
+from .algo.allocation import Allocation, build_allocation, resolve_sparsity
 from .algo.block import BlockRecords, Plan, prune_block
 from .algo.executor import Deferred
 from .algo.masks import unpack_mask
 from .algo.ranks import Ranks
 from .algo.records import BlockGuardRecord, LinearRecord
 from .algo.scorers import make_scorer
-from .calib.capture import Streams, StreamUpdate, capture, walk
+from .calib.capture import Captured, Streams, StreamUpdate, capture, walk
 from .calib.data import get_calibration
 from .config import PruneConfig
-from .errors import TrimpruneError
+from .errors import NonFiniteError, TrimpruneError
 from .exec import Phases, make_executor
 from .exec.memory import usable_bytes
 from .io.checkpoint import Checkpoint
@@ -211,6 +212,20 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
     return records
 
 
+def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload: bool, ex) -> None:
+    """Before any weight changes: the dense model's blocks on the first calibration batch, every block's
+    outputs checked (`calib.finite.check_walk_step`). Activations that overflow (float16's range is
+    65504) stop the run here, before the first block is pruned, with the error naming the block and
+    the dtype to use; one batch through the blocks is all it costs."""
+    first = dataclasses.replace(captured, hidden=captured.hidden[:1], subset=None)
+    try:
+        with ex.phase("dense check"):
+            walk(adapter, first, Streams(list(first.hidden)), lambda run: None, offload=offload, progress=False,
+                 ex=ex)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"before pruning, the dense model on the first calibration batch: {e}") from None
+
+
 def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None,
           progress=True, profile: str = "time") -> PruneResult:
     """Prune `model` in place following `config`; returns a `PruneResult`.
@@ -230,11 +245,19 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     (`algo.ranks`). Only rank 0 shows progress.
 
     NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
-    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place."""
+    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place.
+    Before the first block is pruned, the dense model runs on the first calibration batch
+    (`check_dense_batch`): activations that overflow the dtype (float16) stop the run there.
+
+    `config.allocation` "file:PATH" is read against the model first (`algo.allocation.resolve_sparsity`):
+    its parameter-weighted mean must be `config.sparsity` within 1e-4; with `config.sparsity` None the
+    mean is the target (the result's config holds it, its notes say so)."""
     t_start = time.perf_counter()
     ranks = Ranks.current()
     progress = Progress.of(progress if ranks.main else False)
     adapter = ModelAdapter.from_model(model)
+    file_target = config.sparsity is None
+    config = resolve_sparsity(config, adapter)
     dev = torch.device(device) if device is not None else model_device(model)
     if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
         dev = torch.device("cuda")
@@ -248,6 +271,9 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
         raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
                              f"use --nsamples {ranks.world} or more, or fewer processes")
     notes, ckpt, resumed = [], None, None
+    if file_target:
+        notes.append(f"no --sparsity given: the target is the parameter-weighted mean of "
+                     f"{config.allocation.method}, {config.sparsity:.6g}")
     batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
     if config.run.checkpoint_dir:
         if ranks.parallel:
@@ -277,6 +303,9 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
             captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=subset, ex=ex,
                                ranks=ranks, keep_on_device=on_device)
         timings["capture_seconds"] = time.perf_counter() - t_prune
+        t0 = time.perf_counter()
+        check_dense_batch(adapter, captured, config.run.offload, ex)
+        timings["dense_check_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with ex.phase("allocation"):
             allocation = ckpt.allocation() if ckpt is not None else None
