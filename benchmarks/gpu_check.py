@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import calib, make, make_llama  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
+import trimprune.api  # noqa: E402
 from trimprune.algo.executor import Executor  # noqa: E402
 from trimprune.algo.masks import row_ranks  # noqa: E402
 from trimprune.algo.trim.evaluators import ExplicitEvaluator, GramEvaluator, GramSpec  # noqa: E402
@@ -167,9 +168,13 @@ check(used[0] == used[1] == used[2], f"GPU memory allocated after 1, 2, 3 prunes
 
 # offloaded pruning (weights and activations in CPU memory, blocks visit the GPU, the next one copied
 # ahead on a side stream; and with TRIMPRUNE_PREFETCH=0 the eager block moves) == resident pruning
+# ("host activations": the hidden states kept in host memory, copied ahead and back on side streams)
 recs, weights = {}, {}
-for run in ["resident", "offload", "offload, no prefetch"]:
+OFFLOADED = ["offload", "offload, host activations", "offload, host activations, no prefetch"]
+fits = trimprune.api.activations_fit
+for run in ["resident", *OFFLOADED]:
     os.environ["TRIMPRUNE_PREFETCH"] = "0" if run.endswith("no prefetch") else "1"
+    trimprune.api.activations_fit = (lambda *a, **k: False) if "host" in run else fits
     off = run != "resident"
     m = make("llama") if off else make("llama").to(dev)
     r = prune(m, None, cfg(scorer="sparsegpt", sparsity=0.6, nsamples=16, seqlen=64, trim=True, offload=off),
@@ -177,7 +182,8 @@ for run in ["resident", "offload", "offload, no prefetch"]:
     recs[run] = {n: r.masks[n] for n in r.layers}
     weights[run] = {k: v.detach().cpu() for k, v in m.state_dict().items()}
 os.environ["TRIMPRUNE_PREFETCH"] = "1"
-for run in ["offload", "offload, no prefetch"]:
+trimprune.api.activations_fit = fits
+for run in OFFLOADED:
     same = sum(torch.equal(recs["resident"][n], recs[run][n]) for n in recs["resident"])
     same_w = sum(torch.equal(weights["resident"][k], weights[run][k]) for k in weights["resident"])
     check(same == len(recs["resident"]) and same_w == len(weights["resident"]),

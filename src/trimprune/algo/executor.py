@@ -19,6 +19,9 @@ What an algorithm asks of its executor:
   in the background and the caller reads it once the copy is done;
 - `resident(blocks, index, device)`: a context holding block `index` on `device` while it is processed
   (offload), its weights back in host memory afterwards (a GPU executor copies the next block ahead);
+- `batches(stored, device)` / `store(tensor, device)`: the stored hidden-state batches, each on the
+  compute device in turn, and a computed batch copied to where the streams are stored (a GPU executor
+  copies host-stored batches ahead and back on side streams, overlapping the block's forward);
 - `phase(name)`: a context naming a phase of the work (timings, profiles);
 - `close()`: release what the executor holds (captured graphs), at the end of a prune.
 """
@@ -92,6 +95,13 @@ class Executor:
             yield block
         finally:
             block.to("cpu")
+
+    def batches(self, stored: list[torch.Tensor], device: torch.device):
+        for h in stored:
+            yield h.to(device, non_blocking=True)
+
+    def store(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
 
     @contextlib.contextmanager
     def phase(self, name: str):

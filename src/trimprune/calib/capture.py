@@ -169,13 +169,13 @@ def block_forward(block: nn.Module, captured: Captured, index: int, hidden: torc
 @torch.no_grad()
 def forward_block_all(block: nn.Module, captured: Captured, index: int, hidden: list[torch.Tensor],
                       on_batch_end: Callable[[], None] | None = None, keep_outputs: bool = True,
-                      extrema: list[torch.Tensor] | None = None):
+                      extrema: list[torch.Tensor] | None = None, ex: Executor = EAGER):
     """Run one block over every stored batch; returns the outputs (stored like the inputs). `extrema`:
-    collects each output's (min, max) (`finite.extrema`), computed on the compute device."""
+    collects each output's (min, max) (`finite.extrema`), computed on the compute device. The batches
+    go to the compute device and back through `ex.batches` / `ex.store`."""
     outs = []
     dev = captured.exec_device
-    for h in hidden:
-        x = h.to(dev, non_blocking=True)
+    for x in ex.batches(hidden, dev):
         try:
             y = block_forward(block, captured, index, x)
         except StopForward:
@@ -185,7 +185,7 @@ def forward_block_all(block: nn.Module, captured: Captured, index: int, hidden: 
         if extrema is not None and y is not None:
             extrema.append(_extrema(y))
         if keep_outputs:
-            outs.append(y.to(captured.store_device, non_blocking=True) if y is not None else None)
+            outs.append(ex.store(y, captured.store_device) if y is not None else None)
     if keep_outputs and captured.store_device.type == "cpu" and dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return outs
@@ -221,10 +221,12 @@ class BlockRun:
     captured: Captured
     streams: Streams
     path: str = ""                                   # the block's module name, e.g. model.layers.3
+    ex: Executor = EAGER                             # moves the stored batches to the compute device and back
 
     def forward(self, hidden: list[torch.Tensor], on_batch_end=None, keep_outputs: bool = True,
                 extrema: list[torch.Tensor] | None = None) -> list:
-        return forward_block_all(self.module, self.captured, self.index, hidden, on_batch_end, keep_outputs, extrema)
+        return forward_block_all(self.module, self.captured, self.index, hidden, on_batch_end, keep_outputs, extrema,
+                                 self.ex)
 
     def statistics(self, needs: StatsNeeds, ex: Executor = EAGER, only: set[str] | None = None,
                    stop: bool = False) -> BlockHooks:
@@ -275,7 +277,7 @@ def walk(adapter: ModelAdapter, captured: Captured, streams: Streams,
         with ex.resident(adapter.blocks, i, captured.exec_device) if offload else contextlib.nullcontext():
             with ex.phase("finite checks"):
                 check_walk_step(adapter, i, streams.main, main_extrema)
-            run = BlockRun(i, block, adapter.linears(i), captured, streams, f"{adapter.blocks_name}.{i}")
+            run = BlockRun(i, block, adapter.linears(i), captured, streams, f"{adapter.blocks_name}.{i}", ex)
             upd = visit(run) or StreamUpdate()
             main, main_extrema = upd.main, None
             if main is None:

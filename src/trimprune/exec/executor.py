@@ -5,7 +5,8 @@
 - `CudaExecutor`: graph replay of small static computations (`graphs.GraphCache`, captured on the
   second use), side streams for launched computations, registered fast paths (`fastpaths`,
   `kernels`), small host-to-device copies through pinned memory, and host copies that do not make the
-  host wait (`readback`), offloaded blocks in pinned memory copied ahead on a side stream (`offload`).
+  host wait (`readback`), offloaded blocks in pinned memory copied ahead on a side stream, host-stored
+  hidden-state batches copied ahead and back on side streams (`offload`).
   `TRIMPRUNE_CUDA_GRAPHS=0` / `TRIMPRUNE_TRITON=0` / `TRIMPRUNE_PREFETCH=0` turn graphs / kernels /
   the copies ahead off.
 """
@@ -18,7 +19,7 @@ import torch
 from ..algo.executor import Executor, Launched
 from . import fastpaths, kernels, readback
 from .graphs import MAX_ELEMENTS, GraphCache
-from .offload import BlockStager
+from .offload import BatchMover, BlockStager
 from .profiling import Phases
 
 
@@ -59,6 +60,7 @@ class CudaExecutor(EagerExecutor):
         self.graphs = GraphCache() if graphs else None
         self.prefetch = os.environ.get("TRIMPRUNE_PREFETCH", "1") != "0"
         self.stager: BlockStager | None = None          # made on the first offloaded block
+        self.mover: BatchMover | None = None            # made on the first host-stored batches
         fastpaths.probe_out_dtype(torch.device(device))      # once, outside any graph capture
 
     def captures(self, device: torch.device, size: int) -> bool:
@@ -78,6 +80,23 @@ class CudaExecutor(EagerExecutor):
         if index == 0:                       # a new walk: nothing copied ahead is current
             self.stager.ahead.clear()
         return self.stager.resident(blocks, index)
+
+    def _moves(self, device: torch.device) -> bool:
+        if not self.prefetch or torch.device(device).type != "cuda":
+            return False
+        if self.mover is None:
+            self.mover = BatchMover(device)
+        return True
+
+    def batches(self, stored, device):
+        if not stored or stored[0].device.type != "cpu" or not self._moves(device):
+            return super().batches(stored, device)
+        return self.mover.batches(stored)
+
+    def store(self, tensor, device):
+        if tensor.device.type != "cuda" or torch.device(device).type != "cpu" or not self._moves(tensor.device):
+            return super().store(tensor, device)
+        return self.mover.store(tensor)
 
     def run(self, key, fn, inputs, size):
         if not self.captures(_device_of(inputs), size):

@@ -337,6 +337,10 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
             m.hf_quantizer = None
     if not offload:
         m.to(dev)
+    elif dev.type == "cuda":
+        from ..exec.offload import pin
+
+        pin(m)                      # weights in pinned host memory: their copies to the GPU are asynchronous
     m.trimprune_source = {"model": model, "gguf_file": gguf, "resolved": target,
                           "dtype_from": "given" if dtype not in (None, "", "auto") else
                           "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"}
