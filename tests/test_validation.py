@@ -41,6 +41,24 @@ def _prune(model, out, *extra) -> int:
                  *extra])
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Small calibration (C4-like JSON lines, 8 documents of about 150 tokens) and evaluation files: a tiny
+    prune then costs well under a second of data handling."""
+    d = tmp_path_factory.mktemp("small-data")
+    words = "the of and to in a is was for on that with as by at from his her it an were are which".split()
+    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + ("." if j % 11 == 10 else "") for j in range(150))
+            for i in range(8)]
+    (d / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (d / "eval.txt").write_text("\n".join(docs[:4]) + "\n")
+    return d
+
+
+def _fast(small) -> list[str]:
+    """The flags of a cheap calibration from the small file."""
+    return ["--calib", "c4", "--calib-data", str(small / "calib.jsonl")]
+
+
 # ----------------------------------------------------------------------------- outputs
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
 def test_unwritable_output_fails_before_the_model_loads(tiny_dir, capsys, no_load, with_data_env):
@@ -58,22 +76,24 @@ def test_log_json_and_checkpoint_dir_are_probed_too(tiny_dir, tmp_path, capsys, 
     assert "--checkpoint-dir" in _one_line(capsys)
     assert main(["eval", "--model", str(tiny_dir), "--eval", "wikitext2", "--output", "/proc/x.json"]) == 2
     assert "cannot write into '/proc'" in _one_line(capsys)
+    assert main(["report", str(tmp_path), "-o", "/proc/x.html"]) == 2
+    assert "cannot write into '/proc'" in _one_line(capsys)
 
 
-def test_overwrite_replaces_only_what_trimprune_wrote(tiny_dir, tmp_path, capsys, with_data_env):
+def test_overwrite_replaces_only_what_trimprune_wrote(tiny_dir, tmp_path, small, capsys, with_data_env):
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "thesis.tex").write_text("x")
-    assert _prune(tiny_dir, keep, "--calib", "self", "--overwrite") == 2
+    assert _prune(tiny_dir, keep, *_fast(small), "--overwrite") == 2
     assert "holds no trimprune report" in _one_line(capsys) and (keep / "thesis.tex").read_text() == "x"
     f = tmp_path / "file.txt"
     f.write_text("y")
-    assert _prune(tiny_dir, f, "--calib", "self", "--overwrite") == 2
+    assert _prune(tiny_dir, f, *_fast(small), "--overwrite") == 2
     assert "is a file" in _one_line(capsys) and f.read_text() == "y"
     out = tmp_path / "run"
-    assert _prune(tiny_dir, out, "--calib", "self") == 0
+    assert _prune(tiny_dir, out, *_fast(small)) == 0
     capsys.readouterr()
-    assert _prune(tiny_dir, out, "--calib", "self", "--sparsity", "0.6", "--overwrite") == 0
+    assert _prune(tiny_dir, out, *_fast(small), "--sparsity", "0.6", "--overwrite") == 0
     assert json.loads((out / "report.json").read_text())["sparsity"]["requested"] == 0.6
     # `trimprune export` marks its folder, so exporting again with --overwrite replaces it
     exp = tmp_path / "hf"
@@ -95,7 +115,7 @@ with atomic_dir({out!r}) as tmp:
 """
 
 
-def test_a_run_killed_while_writing_is_reported_and_removed_with_overwrite(tiny_dir, tmp_path, capsys,
+def test_a_run_killed_while_writing_is_reported_and_removed_with_overwrite(tiny_dir, tmp_path, capsys, monkeypatch,
                                                                             with_data_env):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(src=str(SRC), out=str(out))],
@@ -105,19 +125,23 @@ def test_a_run_killed_while_writing_is_reported_and_removed_with_overwrite(tiny_
     proc.wait()
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     assert len(left) == 1 and not out.exists()
-    assert _prune(tiny_dir, out, "--calib", "self") == 0
+
+    def stop(*a, **k):                        # the report comes with the checks, before the model loads
+        raise TrimpruneError("stopped after the checks")
+    monkeypatch.setattr(models, "load_model", stop)
+    assert _prune(tiny_dir, out, "--calib", "self") == 2
     err = capsys.readouterr().err
     assert f"trimprune: warning: a run writing --output '{out}' was interrupted and left {left[0].name} (200.0 KB)" \
         in err and "--overwrite" in err, err
-    assert left[0].is_dir() and out.is_dir()
-    assert _prune(tiny_dir, out, "--calib", "self", "--overwrite") == 0
+    assert left[0].is_dir()
+    assert _prune(tiny_dir, out, "--calib", "self", "--overwrite") == 2
     err = capsys.readouterr().err
     assert f"removed the partial output of an interrupted run beside --output '{out}': {left[0].name}" in err, err
-    assert not left[0].exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert not left[0].exists() and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("how,rc", [("sigterm", 143), ("interrupt", 130), ("error", 1)])
-def test_temporary_output_folder_is_removed_on_any_python_level_exit(how, rc, tiny_dir, tmp_path, monkeypatch,
+def test_temporary_output_folder_is_removed_on_any_python_level_exit(how, rc, tiny_dir, tmp_path, small, monkeypatch,
                                                                      capsys, with_data_env):
     import trimprune.io.export as ex
 
@@ -133,21 +157,21 @@ def test_temporary_output_folder_is_removed_on_any_python_level_exit(how, rc, ti
     before = signal.getsignal(signal.SIGTERM)
     if how == "error":
         with pytest.raises(RuntimeError):
-            _prune(tiny_dir, tmp_path / "o", "--calib", "self")
+            _prune(tiny_dir, tmp_path / "o", *_fast(small))
     else:
-        assert _prune(tiny_dir, tmp_path / "o", "--calib", "self") == rc
+        assert _prune(tiny_dir, tmp_path / "o", *_fast(small)) == rc
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before             # the handler is put back
 
 
-def test_two_identical_runs_write_the_same_bytes(tiny_dir, tmp_path, with_data_env):
+def test_two_identical_runs_write_the_same_bytes(tiny_dir, tmp_path, small, with_data_env):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert _prune(tiny_dir, out, "--calib", "c4", "--trim", "--save-format", "compact") == 0
+        assert _prune(tiny_dir, out, *_fast(small), "--save-format", "compact") == 0
         runs.append(out)
     files = sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*") if p.is_file())
-    assert "masks.safetensors" in files and "model.compact.safetensors" in files
+    assert "masks.safetensors" in files and "model.compact.safetensors" in files and "config.json" in files
     for f in files:
         if f in ("report.json", "report.md"):              # timings and the time of day
             continue
@@ -351,8 +375,8 @@ def test_allocation_file_values_fail_before_the_model_loads(text, needle, tiny_d
     assert needle in err, err
 
 
-def test_allocation_file_mean_must_match_sparsity_unless_it_is_left_out(tiny_dir, tmp_path, capsys, monkeypatch,
-                                                                        with_data_env):
+def test_allocation_file_mean_must_match_sparsity_unless_it_is_left_out(tiny_dir, tmp_path, small, capsys,
+                                                                        monkeypatch, with_data_env):
     """Checked as soon as the model is loaded (before evaluation and calibration)."""
     import trimprune.calib.data as data
 
@@ -360,20 +384,18 @@ def test_allocation_file_mean_must_match_sparsity_unless_it_is_left_out(tiny_dir
     f.write_text("[0.7, 0.5]")                           # both blocks hold the same weight count: mean 0.6
     real = data.get_calibration
     monkeypatch.setattr(data, "get_calibration", lambda *a, **k: pytest.fail("calibration before the check"))
-    assert _prune(tiny_dir, tmp_path / "o", "--allocation", f"file:{f}", "--sparsity", "0.5", "--calib", "c4") == 2
+    assert _prune(tiny_dir, tmp_path / "o", "--allocation", f"file:{f}", "--sparsity", "0.5", *_fast(small)) == 2
     err = _one_line(capsys)
     assert "has a parameter-weighted mean sparsity of 0.6, not --sparsity 0.5" in err and "--sparsity 0.6" in err
+    recipe = tmp_path / "r.yaml"                         # a recipe's sparsity counts as given
+    recipe.write_text(f"sparsity: 0.5\nallocation: 'file:{f}'\n")
+    assert _prune(tiny_dir, tmp_path / "c", "--recipe", str(recipe), *_fast(small)) == 2
+    assert "not --sparsity 0.5" in _one_line(capsys)
     monkeypatch.setattr(data, "get_calibration", real)
-    assert _prune(tiny_dir, tmp_path / "a", "--allocation", f"file:{f}", "--sparsity", "0.60005", "--calib", "self",
-                  "--no-save-model") == 0
-    assert _prune(tiny_dir, tmp_path / "b", "--allocation", f"file:{f}", "--calib", "self", "--no-save-model") == 0
+    assert _prune(tiny_dir, tmp_path / "b", "--allocation", f"file:{f}", *_fast(small), "--no-save-model") == 0
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert rep["sparsity"]["requested"] == pytest.approx(0.6) and abs(rep["sparsity"]["achieved"] - 0.6) < 0.01
     assert any("no --sparsity given: the target is the parameter-weighted mean of file:" in n for n in rep["notes"])
-    recipe = tmp_path / "r.yaml"                         # a recipe's sparsity counts as given
-    recipe.write_text(f"sparsity: 0.5\nallocation: 'file:{f}'\n")
-    assert _prune(tiny_dir, tmp_path / "c", "--recipe", str(recipe), "--calib", "self") == 2
-    assert "not --sparsity 0.5" in _one_line(capsys)
 
 
 def test_allocation_file_through_the_api(tmp_path):
@@ -388,10 +410,18 @@ def test_allocation_file_through_the_api(tmp_path):
     with pytest.raises(TrimpruneError, match="not --sparsity 0.5"):
         prune(make("llama"), None, PruneConfig(sparsity=0.5, allocation=f"file:{f}"), calibration=calib(4, 16),
               progress=False)
+    from trimprune.algo.allocation import linear_sizes
+    from trimprune.algo.allocation.base import from_file
+    from trimprune.io.models import ModelAdapter
+
+    sizes = linear_sizes(ModelAdapter.from_model(make("llama")))
+    assert from_file(str(f), 0.60009, *sizes).requested == 0.60009          # within 1e-4
+    with pytest.raises(TrimpruneError, match="differ by more than 0.0001"):
+        from_file(str(f), 0.60011, *sizes)
 
 
 # ----------------------------------------------------------------------------- dtype and float16 overflow
-def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cpu(monkeypatch):
+def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cpu(monkeypatch, tmp_path):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert models.resolve_dtype(None, cpu) == torch.float32
     assert models.resolve_dtype(None, cpu, torch.bfloat16) == torch.bfloat16
@@ -407,6 +437,20 @@ def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cp
     assert models.config_dtype({"dtype": "int8"}) is None
     src = models.resolve_model_path("smollm2-135m", None)
     assert models.native_dtype(*src) is None                       # Q4_1: quantised, no float dtype of its own
+    import gguf
+    import numpy as np
+
+    for file_type, want in ((1, torch.float16), (32, torch.bfloat16), (0, torch.float32), (15, None)):
+        path = tmp_path / f"m{file_type}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])          # arrays before the file type are skipped
+        w.add_file_type(file_type)
+        w.add_tensor("t", np.zeros(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        assert models.gguf_dtype(path) == want and models.native_dtype(str(tmp_path), path.name) == want
 
 
 @pytest.fixture(scope="module")
@@ -428,24 +472,25 @@ def overflow_dirs(tiny_dir, tmp_path_factory):
 
 
 def test_float16_overflow_is_an_error_naming_bfloat16_and_the_default_dtype_prunes_soundly(overflow_dirs, tmp_path,
-                                                                                          capsys, with_data_env):
+                                                                                          small, capsys,
+                                                                                          with_data_env):
     d = overflow_dirs[torch.float32]
+    ev = ["--eval", "mine", "--eval-data", f"mine={small / 'eval.txt'}", "--eval-limit", "2"]
     # forced float16: the dense check on the first calibration batch stops before block 0 is pruned
-    assert _prune(d, tmp_path / "a", "--dtype", "float16", "--calib", "c4", "--no-dense-eval") == 2
+    assert _prune(d, tmp_path / "a", "--dtype", "float16", *_fast(small)) == 2
     err = _one_line(capsys)
     assert "before pruning, the dense model on the first calibration batch: the outputs of block 0" in err, err
     assert "overflow in float16: try --dtype bfloat16" in err
     # with --eval the dense evaluation finds it even earlier
-    assert _prune(d, tmp_path / "a", "--dtype", "float16", "--eval", "wikitext2", "--eval-limit", "1") == 2
+    assert _prune(d, tmp_path / "a", "--dtype", "float16", *_fast(small), *ev) == 2
     assert "the activations overflow in float16: try --dtype bfloat16" in _one_line(capsys)
     assert not (tmp_path / "a").exists()
     # the default dtype: the checkpoint's own (float32 here, bfloat16 for the second), a sound prune
     for dt, out in ((torch.float32, tmp_path / "b"), (torch.bfloat16, tmp_path / "c")):
-        assert _prune(overflow_dirs[dt], out, "--calib", "c4", "--eval", "wikitext2", "--eval-limit", "2",
-                      "--no-save-model") == 0
+        assert _prune(overflow_dirs[dt], out, *_fast(small), *ev, "--no-save-model") == 0
         rep = json.loads((out / "report.json").read_text())
         assert rep["model"]["dtype"] == str(dt)
         assert rep["model"]["dtype_from"] == ("checkpoint" if dt == torch.bfloat16 else "default on cpu")
-        ppl = rep["metrics"]["perplexity"]["wikitext2"]
-        assert math.isfinite(ppl) and math.isfinite(rep["metrics"]["dense_perplexity"]["wikitext2"])
+        ppl = rep["metrics"]["perplexity"]["mine"]
+        assert math.isfinite(ppl) and math.isfinite(rep["metrics"]["dense_perplexity"]["mine"])
         assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)

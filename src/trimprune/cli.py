@@ -375,8 +375,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .io.export import check_output_file
     from .io.render import write_report
 
+    if args.output:
+        check_output_file(args.output, "--output")
     page, md = write_report(args.run_dirs, args.output)
     print(f"written: {page}, {md}")
     return 0

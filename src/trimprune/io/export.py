@@ -302,8 +302,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file through a temporary file in the same folder, renamed into place."""
     p = Path(path)
     if not p.resolve().parent.exists():
-        raise TrimpruneError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
+        raise OutputError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
+    if p.is_dir():
+        raise OutputError(f"--output {str(path)!r} is a folder: give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
+    except OSError as e:
+        raise OutputError(f"--output {str(path)!r}: cannot write into {str(p.resolve().parent)!r} "
+                          f"({e.strerror or e}): choose a writable folder")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
