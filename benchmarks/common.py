@@ -84,6 +84,30 @@ def peak_rss_gb() -> float:
     return r / 2**20 if sys.platform != "darwin" else r / 2**30
 
 
+def reset_rss_peak() -> bool:
+    """Reset the kernel's peak resident-set mark of this process (Linux: `5 > /proc/self/clear_refs`), so that
+    `rss_gb("VmHWM")` measures from now on; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_gb(field: str = "VmRSS") -> float | None:
+    """This process's resident set (`VmRSS`) or its peak since the last `reset_rss_peak` (`VmHWM`), in GiB
+    (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def append_jsonl(path: str | Path, rec: dict) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

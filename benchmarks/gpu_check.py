@@ -4,7 +4,8 @@ Tiny random models in float16/float32 on CUDA: every scorer x TRIM mode x alloca
 exact sparsity, gives finite perplexity; GPU masks equal CPU masks (float32 Wanda); the Gram metrics
 equal explicit metrics on the GPU; every registered fast path equals its pure function; graph replay
 and deferred host copies equal eager execution; offloaded pruning and evaluation equal resident ones;
-a prune interrupted after a block and resumed from its checkpoint equals the uninterrupted prune.
+a prune interrupted after a block and resumed from its checkpoint equals the uninterrupted prune;
+`--offload disk` (read from safetensors, written as shards) equals resident pruning and evaluation.
 """
 from __future__ import annotations
 
@@ -189,6 +190,45 @@ for run in OFFLOADED:
     check(same == len(recs["resident"]) and same_w == len(weights["resident"]),
           f"{run} SparseGPT+TRIM prune == resident: {same}/{len(recs['resident'])} masks, "
           f"{same_w}/{len(weights['resident'])} tensors")
+
+
+
+def disk_offload_checks(dev, ids, resident_masks, resident_weights):
+    """--offload disk (blocks read from safetensors on the I/O thread, pinned, copied ahead; pruned blocks
+    written as shards) == resident pruning: masks and every weight of the written folder; the offloaded
+    evaluation of the pruned model (streamed from the written shards) == the resident pruned model's."""
+    from transformers import AutoModelForCausalLM
+
+    from trimprune.io.diskmodel import disk_storage, load_disk_model
+    from trimprune.io.export import StagedDir, write_outputs
+
+    ref = make("llama")
+    ref.load_state_dict(resident_weights)
+    x_ref, _ = nll_of_windows(ref.to(dev), ids[:6], 3)
+    with tempfile.TemporaryDirectory() as d:
+        make("llama").save_pretrained(Path(d) / "src")
+        for run in ["offload disk", "offload disk, no prefetch"]:
+            os.environ["TRIMPRUNE_PREFETCH"] = "0" if run.endswith("no prefetch") else "1"
+            m = load_disk_model(str(Path(d) / "src"), torch.float32)
+            out = Path(d) / run.replace(",", "").replace(" ", "-")
+            with StagedDir(out) as staged:
+                disk_storage(m).write_to(staged.tmp)
+                r = prune(m, None, cfg(scorer="sparsegpt", sparsity=0.6, nsamples=16, seqlen=64, trim=True,
+                                       offload="disk"), calibration=ids, device=dev, progress=False)
+                write_outputs(out, m, None, r, {}, staged=staged)
+            written = AutoModelForCausalLM.from_pretrained(out).state_dict()
+            same = sum(torch.equal(resident_masks[n], r.masks[n]) for n in resident_masks)
+            same_w = sum(torch.equal(resident_weights[k], written[k]) for k in resident_weights)
+            check(same == len(resident_masks) and same_w == len(resident_weights),
+                  f"{run} SparseGPT+TRIM prune == resident: {same}/{len(resident_masks)} masks, "
+                  f"{same_w}/{len(resident_weights)} tensors written")
+            x, _ = nll_of_windows(m, ids[:6], 3, device=dev, offload=True)
+            check(abs(x - x_ref) / abs(x_ref) < 1e-5, f"{run}: eval of the written pruned model == resident "
+                  f"({x:.5f} vs {x_ref:.5f})")
+    os.environ["TRIMPRUNE_PREFETCH"] = "1"
+
+
+disk_offload_checks(dev, ids, recs["resident"], weights["resident"])
 
 m = make("gemma3").to(dev)
 x1, _ = nll_of_windows(m, ids[:6], 3)

@@ -22,7 +22,7 @@ def test_flat_and_nested_recipes_give_the_same_config():
 
 @pytest.mark.parametrize("text,needle", [
     ("trim: 'false'", "trim 'false' must be true or false"),
-    ("offload: 'no'", "offload 'no' must be true or false"),
+    ("offload: 'no'", "--offload 'no' is unknown: choose one of cpu, disk or false"),
     ("seed: abc", "seed 'abc' must be an integer"),
     ("blocksize: true", "blocksize True must be an integer"),
     ("mask_structure: 2:4", "quote it"),                     # YAML 1.1 reads 2:4 as the integer 124

@@ -7,6 +7,7 @@ With `config.run.checkpoint_dir`, every finished block is committed to a checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .errors import NonFiniteError, TrimpruneError
 from .exec import Phases, make_executor
 from .exec.memory import usable_bytes
 from .io.checkpoint import Checkpoint
+from .io.diskmodel import check_disk_prune
 from .io.models import ModelAdapter, model_device
 from .io.progress import BlockProgress, Progress
 
@@ -235,6 +237,9 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
     `progress`: a `io.progress.Progress` (bars, log lines, --log-json) or True / False.
     `profile`: the phases' mode (`exec.profiling`), for benchmarks.
+    `config.run.offload == "disk"`: the model comes from `load_model(..., offload="disk")` and
+    `model.trimprune_storage.write_to(FOLDER)` names the folder where each block is written as it
+    finishes (`io.diskmodel`); `io.export.write_outputs` completes that folder.
     `config.run.checkpoint_dir`: commit every finished block there (`io.checkpoint`); with
     `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint is
     left in place (the command line removes it once the output is written).
@@ -258,6 +263,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     adapter = ModelAdapter.from_model(model)
     file_target = config.sparsity is None
     config = resolve_sparsity(config, adapter)
+    storage = check_disk_prune(model, config, ranks, sampling=calibration is None)   # None unless offload disk
     dev = torch.device(device) if device is not None else model_device(model)
     if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
         dev = torch.device("cuda")
@@ -289,7 +295,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    ex = make_executor(dev, profile)
+    ex = make_executor(dev, profile, storage=storage)
     t_prune = time.perf_counter()
     subset = None
     if config.trim.block_guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
@@ -322,7 +328,8 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
             timings["checkpoint_seconds"] += time.perf_counter() - t0
         plan = Plan.make(config, allocation.per_linear, adapter.full_name, make_scorer(config.scorer, ex),
                          captured.exec_device, ex, ranks)
-        records = _walk(model, adapter, captured, plan, config, ex, progress, ckpt, timings)
+        with storage.pruning() if storage is not None else contextlib.nullcontext():   # blocks written as done
+            records = _walk(model, adapter, captured, plan, config, ex, progress, ckpt, timings)
     finally:
         ex.close()
     if dev.type == "cuda":

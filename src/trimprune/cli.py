@@ -77,7 +77,10 @@ def _add_config_args(p) -> None:
         meta, default = f.metadata, defaults[key]
         shown = default is not None and not isinstance(default, bool)
         help_ = f"{meta['help']} (default {default})" if shown else meta["help"]
-        if isinstance(default, bool):
+        if meta.get("const") is not None:        # --offload [cpu|disk]: the flag alone means `const`
+            g.add_argument(flag_of(f), dest=key, nargs="?", const=meta["const"], choices=meta["choices"], default=None,
+                           metavar=meta["metavar"], help=help_)
+        elif isinstance(default, bool):
             g.add_argument(flag_of(f), dest=key, action="store_false" if default else "store_true", default=None,
                            help=help_)
         elif isinstance(default, list):
@@ -121,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e, batch_size_alias=True)
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
     e.add_argument("--seed", type=int, default=0, help="seed for --eval self sampling")
-    e.add_argument("--offload", action="store_true", help="evaluate block by block from CPU memory")
+    e.add_argument("--offload", nargs="?", const="cpu", choices=["cpu", "disk"], default=False, metavar="{cpu,disk}",
+                   help="evaluate block by block: cpu (the flag alone) from CPU memory, disk from the model's "
+                        "safetensors")
     e.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
     e.add_argument("--quiet", action="store_true",
                    help="no progress output (else bars on a terminal, nothing per batch in a log)")
@@ -244,16 +249,43 @@ def _metrics(dense: dict, pruned: dict) -> dict:
     return m
 
 
+def _check_disk_args(args, offload, calib: str | None = None) -> None:
+    """What `--offload disk` cannot do (it never holds the whole model in memory), before anything is loaded."""
+    if offload != "disk":
+        return
+    from .exec.distributed import launched
+
+    why = None
+    if getattr(args, "save_format", "dense") == "compact":
+        why = "--save-format compact"
+    elif args.tasks:
+        why = "--tasks (lm-evaluation-harness runs the whole model in memory)"
+    elif "self" in (args.eval or []) or calib == "self":
+        why = f"--{'calib' if calib == 'self' else 'eval'} self (it samples from the whole model)"
+    elif launched() and args.command == "prune":
+        why = "several processes (torchrun)"
+    if why:
+        raise TrimpruneError(f"--offload disk does not support {why}: use --offload cpu")
+
+
+def cmd_prune(args) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as scope:       # the output staged by --offload disk is removed on failure
+        return _prune_command(args, scope)
+
+
 def _warn(message: str) -> None:
     print(f"trimprune: warning: {message}", file=sys.stderr)
 
 
-def cmd_prune(args) -> int:
+def _prune_command(args, scope) -> int:
     from .algo.allocation import resolve_sparsity
     from .api import prune
     from .io.evaluate import prepare_eval_sets
     from .io.checkpoint import precheck, remove_checkpoint
-    from .io.export import write_outputs
+    from .io.diskmodel import disk_storage
+    from .io.export import StagedDir, write_outputs
     from .io.models import ModelAdapter, load_model
     from .io.report import build_report, markdown, summary_text
     from .preflight import check_prune_inputs
@@ -262,6 +294,7 @@ def cmd_prune(args) -> int:
     cfg = config_from_args(args)
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
+    _check_disk_args(args, cfg.run.offload, cfg.calib.source)
     warnings_ = check_prune_inputs(args, cfg, _eval_data(args.eval_data))      # everything before the model loads
     dev = _device(args)
     main_rank = _main_rank()
@@ -272,6 +305,10 @@ def cmd_prune(args) -> int:
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.run.offload,
                             trust_remote_code=args.trust_remote_code)
     t_load = time.perf_counter() - t0
+    staged = None
+    if disk_storage(model) is not None:          # each pruned block is written as it finishes
+        staged = scope.enter_context(StagedDir(args.output, args.overwrite))
+        disk_storage(model).write_to(staged.tmp)
     adapter = ModelAdapter.from_model(model)
     adapter.check_context(cfg.calib.seqlen, "--seqlen")
     adapter.check_context(eval_seqlen, "--eval-seqlen")
@@ -307,7 +344,7 @@ def cmd_prune(args) -> int:
     if not main_rank:              # rank 0 writes the outputs and prints
         return 0
     write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
-                  save_model=not args.no_save_model, save_format=args.save_format)
+                  save_model=not args.no_save_model, save_format=args.save_format, staged=staged)
     if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
         remove_checkpoint(cfg.run.checkpoint_dir)        # the output is complete: the checkpoint is not needed
     print(summary_text(report))
@@ -325,6 +362,7 @@ def cmd_eval(args) -> int:
         raise TrimpruneError("trimprune eval needs --eval (perplexity) or --tasks (zero-shot accuracy), e.g. "
                              "--eval wikitext2 or --tasks boolq,rte")
     _check_eval_args(args, args.seqlen)
+    _check_disk_args(args, args.offload)
     from .preflight import check_eval_inputs
 
     check_eval_inputs(args, _eval_data(args.eval_data))             # everything before the model loads

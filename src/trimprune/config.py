@@ -40,12 +40,14 @@ ALPHA_METRICS = ("alpha_peak", "alpha_mid")
 ALPHA_MAPPINGS = ("block_wise", "per_matrix")
 TRIM_PRECISIONS = ("fp32", "tf32", "bf16")
 LR_SEARCHES = ("auto", "parallel", "sequential")
+OFFLOADS = ("cpu", "disk")          # where offloaded weights live (RunConfig.offload; false: on the compute device)
 
 
-def option(default, key: str, help: str, *, choices=None, metavar: str | None = None):
+def option(default, key: str, help: str, *, choices=None, metavar: str | None = None, const=None):
     """A config field with its flat name (`key`: recipe key; CLI flag `--key` with dashes, or
-    `--no-key` for a boolean that defaults to true) and its help text."""
-    meta = {"key": key, "help": help, "choices": choices, "metavar": metavar}
+    `--no-key` for a boolean that defaults to true) and its help text. `const`: a field that is false or
+    one of `choices` (the flag alone means `const`)."""
+    meta = {"key": key, "help": help, "choices": choices, "metavar": metavar, "const": const}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -145,13 +147,16 @@ def _check_types(obj) -> None:
             hint = " (in YAML, quote it: '2:4')" if f.name == "mask_structure" and isinstance(v, int) else ""
             if args[0] in (int, float):
                 hint = _number_hint(v, args[0])
-            raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be {_describe(args[0])}{hint}")
+            what = f"{', '.join(f.metadata['choices'])} or false" if f.metadata.get("const") else _describe(args[0])
+            raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be {what}{hint}")
         if not _finite(v):
             raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be a finite number")
         if isinstance(v, list):
             object.__setattr__(obj, f.name, tuple(v))
-        if f.metadata.get("choices") and v is not None and v not in f.metadata["choices"]:
-            raise ConfigError(f"{flag_of(f)} {_shown(v)} is unknown: choose one of {', '.join(f.metadata['choices'])}")
+        if f.metadata.get("choices") and v is not None and v is not False and v not in f.metadata["choices"]:
+            off = " or false" if f.metadata.get("const") else ""
+            raise ConfigError(f"{flag_of(f)} {_shown(v)} is unknown: choose one of "
+                              f"{', '.join(f.metadata['choices'])}{off}")
 
 
 def _shown(v) -> str:
@@ -291,8 +296,10 @@ class RunConfig:
     (a resumed run gives the uninterrupted run's masks and weights exactly)."""
 
     batch_size: int = option(0, "batch_size", "calibration sequences per forward (0 = from free memory)")
-    offload: bool = option(False, "offload", "keep weights and activations in CPU memory; blocks visit the GPU "
-                           "one at a time")
+    offload: bool | str = option(False, "offload", "cpu: weights in pinned CPU memory; disk: weights read from the "
+                                 "model's safetensors as each block is needed and the pruned blocks written to --output "
+                                 "as they finish (a bare --offload is cpu); blocks visit the GPU one at a time",
+                                 choices=OFFLOADS, metavar="{cpu,disk}", const="cpu")
     checkpoint_dir: str | None = option(None, "checkpoint_dir", "after each pruned block, save what a resumed run "
                                         "needs into DIR (the block's weights, masks and records, the hidden states "
                                         "entering the next block, the allocation); see --resume", metavar="DIR")
@@ -303,7 +310,12 @@ class RunConfig:
                                    "(by default the command line removes it then)")
 
     def __post_init__(self):
+        if self.offload is True:                # the boolean of earlier recipes and of the Python API
+            object.__setattr__(self, "offload", "cpu")
         _check_types(self)
+        if self.offload == "disk" and self.checkpoint_dir:
+            raise ConfigError("--checkpoint-dir is not supported with --offload disk (the pruned blocks go straight "
+                              "to --output): use --offload cpu, or leave --checkpoint-dir out")
         _in_range(self.batch_size, self.batch_size >= 0,
                   f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)")
         if self.resume and not self.checkpoint_dir:

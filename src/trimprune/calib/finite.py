@@ -80,7 +80,8 @@ def overflow_fix(dtype: torch.dtype) -> str:
 def nonfinite_parameters(model: nn.Module) -> dict[str, str]:
     """name -> "NaN" / "Inf" for every parameter of `model` that is not finite (one pass, one read per
     device): run once something came out non-finite, to say which weights are to blame."""
-    return nonfinite({n: extrema(p) for n, p in model.named_parameters()})
+    return nonfinite({n: extrema(p) for n, p in model.named_parameters()
+                      if p.device.type != "meta"})      # --offload disk: blocks not loaded (checked as they are)
 
 
 def blame(model: nn.Module, what: str) -> NonFiniteError:

@@ -9,29 +9,74 @@
   hidden-state batches copied ahead and back on side streams (`offload`).
   `TRIMPRUNE_CUDA_GRAPHS=0` / `TRIMPRUNE_TRITON=0` / `TRIMPRUNE_PREFETCH=0` turn graphs / kernels /
   the copies ahead off.
+
+Both take a `storage` (`--offload disk`): the blocks' parameters are then read from it before their
+visit and handed back after it (`offload.StoredBlocks`), around the residency above.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable
 
 import torch
 
 from ..algo.executor import Executor, Launched
 from . import fastpaths, kernels, readback
 from .graphs import MAX_ELEMENTS, GraphCache
-from .offload import BatchMover, BlockStager
+from .offload import BatchMover, BlockStager, BlockStorage, StoredBlocks
 from .profiling import Phases
 
 
 class EagerExecutor(Executor):
-    def __init__(self, phases: Phases | None = None):
+    def __init__(self, phases: Phases | None = None, storage: BlockStorage | None = None):
         self.phases = phases if phases is not None else Phases()
+        self.stored = StoredBlocks(storage, pin=self._pins()) if storage is not None else None
 
     def phase(self, name: str):
         return self.phases.phase(name)
 
     def defer(self, tensors, then):
         return readback.stage(tensors, then)
+
+    def close(self) -> None:
+        if self.stored is not None:
+            self.stored.close()
+
+    # ------------------------------------------------------------------ offloaded blocks
+    def resident(self, blocks, index, device):
+        if self.stored is None:
+            return self._resident(blocks, index, device)
+        return self._stored_resident(blocks, index, device)
+
+    def _resident(self, blocks, index, device):
+        """Block `index` on `device` while it is processed, its parameters in host memory before and after."""
+        return Executor.resident(self, blocks, index, device)
+
+    def _pins(self) -> bool:
+        """Whether blocks read from storage go to pinned host memory."""
+        return False
+
+    def _copies_ahead(self, device) -> bool:
+        """Whether `_resident` copies block i+1 to `device` while block i is processed (it must then be in host
+        memory when block i starts)."""
+        return False
+
+    def _copied_back(self, device) -> Callable[[], None] | None:
+        """After `_resident`: a wait for the block's copies back to host memory (None: they are complete)."""
+        return None
+
+    @contextlib.contextmanager
+    def _stored_resident(self, blocks, index, device):
+        """`_resident` for blocks whose parameters live in storage: read (ahead), installed, released after."""
+        ahead = self._copies_ahead(device)
+        self.stored.fetch(blocks, index)
+        if ahead and index + 1 < len(blocks):
+            self.stored.fetch(blocks, index + 1)
+        self.stored.read_ahead(blocks, index + (2 if ahead else 1))
+        with self._resident(blocks, index, device) as block:
+            yield block
+        self.stored.release(blocks, index, self._copied_back(device))
 
 
 class SideStreamLaunched(Launched):
@@ -53,8 +98,9 @@ def _device_of(inputs: dict) -> torch.device:
 
 
 class CudaExecutor(EagerExecutor):
-    def __init__(self, device: torch.device, phases: Phases | None = None, graphs: bool | None = None):
-        super().__init__(phases)
+    def __init__(self, device: torch.device, phases: Phases | None = None, graphs: bool | None = None,
+                 storage: BlockStorage | None = None):
+        super().__init__(phases, storage)
         if graphs is None:
             graphs = os.environ.get("TRIMPRUNE_CUDA_GRAPHS", "1") != "0"
         self.graphs = GraphCache() if graphs else None
@@ -71,10 +117,24 @@ class CudaExecutor(EagerExecutor):
             self.graphs.clear()
         if self.stager is not None:
             self.stager.flush()
+        super().close()
 
-    def resident(self, blocks, index, device):
+    def _pins(self) -> bool:
+        return True
+
+    def _copies_ahead(self, device) -> bool:
+        return self.prefetch and torch.device(device).type == "cuda"
+
+    def _copied_back(self, device):
+        if torch.device(device).type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))        # after the copies back, queued on this stream
+        return done.synchronize
+
+    def _resident(self, blocks, index, device):
         if not self.prefetch or torch.device(device).type != "cuda":
-            return super().resident(blocks, index, device)
+            return Executor.resident(self, blocks, index, device)
         if self.stager is None:
             self.stager = BlockStager(device)
         if index == 0:                       # a new walk: nothing copied ahead is current
@@ -137,10 +197,12 @@ class CudaExecutor(EagerExecutor):
         return t.pin_memory().to(device, non_blocking=True)
 
 
-def make_executor(device: torch.device | str, profile: str = "time") -> EagerExecutor:
-    """The executor for computing on `device`: `CudaExecutor` on a GPU, else eager."""
+def make_executor(device: torch.device | str, profile: str = "time", storage: BlockStorage | None = None
+                  ) -> EagerExecutor:
+    """The executor for computing on `device`: `CudaExecutor` on a GPU, else eager. `storage`: where the
+    offloaded blocks' parameters live (`--offload disk`)."""
     device = torch.device(device)
     phases = Phases(profile)
     if device.type == "cuda":
-        return CudaExecutor(device, phases)
-    return EagerExecutor(phases)
+        return CudaExecutor(device, phases, storage=storage)
+    return EagerExecutor(phases, storage)

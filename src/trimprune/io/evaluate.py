@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..algo.executor import EAGER
 from ..algo.ranks import Ranks
 from ..calib import capture as walker
 from ..calib.data import check_source, eval_text, probe_rows, sample_from_model
 from ..calib.finite import blame
 from ..errors import NonFiniteError, TrimpruneError
+from .diskmodel import disk_storage
 from .models import ModelAdapter, model_device
 from .progress import Progress
 
@@ -71,7 +73,8 @@ def _nll_share(model: nn.Module, windows: torch.Tensor, batch_size: int, dev: to
     batches = list(windows.split(batch_size, 0))
     if not batches:
         return total
-    if not offload:
+    storage = disk_storage(model)              # --offload disk: blocks read from the checkpoint or the output
+    if not offload and storage is None:
         for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
             total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
@@ -79,8 +82,16 @@ def _nll_share(model: nn.Module, windows: torch.Tensor, batch_size: int, dev: to
     # offloaded: walk the blocks one at a time on `dev`, then run the model's own tail
     adapter = ModelAdapter.from_model(model)
     captured = walker.capture(model, adapter, batches, dev, offload=True)
-    hidden = walker.walk(adapter, captured, walker.Streams(captured.hidden), lambda run: None, offload=True,
-                         progress=progress, desc=desc).main
+    ex = EAGER
+    if storage is not None:
+        from ..exec import make_executor
+
+        ex = make_executor(dev, storage=storage)
+    try:
+        hidden = walker.walk(adapter, captured, walker.Streams(captured.hidden), lambda run: None, offload=True,
+                             progress=progress, desc=desc, ex=ex).main
+    finally:
+        ex.close()
     feeder = _Feeder()
     stand_ins = [feeder] + [_Identity() for _ in range(adapter.num_blocks - 1)]
     with walker.blocks_replaced(adapter, stand_ins), walker.non_block_modules_on(model, dev, True):

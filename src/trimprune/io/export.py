@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ..algo.masks import unpack_mask
 from ..errors import OutputError, TrimpruneError
 from .compact import save_compact
+from .diskmodel import disk_storage
 from .tensorfile import save_tensors
 
 MASKS_FORMAT = "trimprune-masks-v1"
@@ -181,22 +182,26 @@ def handle_partial_outputs(path: str | Path, remove: bool, flag: str = "--output
             "add --overwrite to have it removed")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--output"):
-    """Yield a temporary directory next to `path`; on success rename it to `path` (replacing an
-    existing one only with `overwrite`, and only a folder trimprune wrote), on any failure or Python-level
-    exit (an exception, KeyboardInterrupt, SystemExit) delete it. No half-written `path` ever. The
-    temporary folder's name holds this process's id, so a run killed meanwhile is recognised later
-    (`partial_outputs`)."""
-    p = check_output_dir(path, overwrite, flag)
-    parent = p.resolve().parent
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.{TMP_TAG}-{os.getpid()}-", dir=parent))
-    except OSError as e:
-        raise OutputError(f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): choose a "
-                          "writable folder")
-    try:
-        yield tmp
+class StagedDir:
+    """An output folder written over time: a temporary folder next to `path` (`tmp`) that `commit` renames
+    to `path` (replacing an existing one only with `overwrite`, and only a folder trimprune wrote) and
+    `discard` deletes (leaving the context discards it unless committed). No half-written `path` ever.
+    The temporary folder's name holds this process's id, so a run killed meanwhile is recognised later
+    (`partial_outputs`); any Python-level exit (an exception, KeyboardInterrupt, SystemExit) discards it."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False, flag: str = "--output"):
+        self.path = check_output_dir(path, overwrite, flag)
+        parent = self.path.resolve().parent
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{TMP_TAG}-{os.getpid()}-", dir=parent))
+        except OSError as e:
+            raise OutputError(f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): choose "
+                              "a writable folder")
+        self.committed = False
+
+    def commit(self) -> None:
+        p, tmp = self.path, self.tmp
+        parent = p.resolve().parent
         _normal_permissions(tmp)
         if p.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{p.name}.{OLD_TAG}-{os.getpid()}-", dir=parent))
@@ -210,9 +215,30 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = "--output"
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, p)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        self.committed = True
+
+    def discard(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "StagedDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False, staged: StagedDir | None = None, flag: str = "--output"):
+    """Yield a temporary directory next to `path` (`staged.tmp` when given: a folder written earlier);
+    on success rename it to `path` (replacing an existing one only with `overwrite`, and only a folder
+    trimprune wrote), on any failure or Python-level exit delete it. No half-written `path` ever."""
+    staged = staged if staged is not None else StagedDir(path, overwrite, flag)
+    try:
+        yield staged.tmp
+        staged.commit()
+    finally:
+        staged.discard()
 
 
 def _normal_permissions(folder: Path) -> None:
@@ -259,6 +285,10 @@ def save_model_dir(out: Path, model, tokenizer, save_format: str = "dense", spar
     if save_format == "compact":
         save_compact(out, model, tokenizer, set(sparse))
         return
+    storage = disk_storage(model)
+    if storage is not None:              # --offload disk: the blocks' shards are in `out` already
+        storage.finish(tokenizer)
+        return
     model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -271,14 +301,18 @@ def pruned_parameters(model, linear_names) -> set[str]:
 
 
 def write_outputs(path: str | Path, model, tokenizer, result, report: dict, report_md=None,
-                  overwrite: bool = False, save_model: bool = True, save_format: str = "dense") -> Path:
+                  overwrite: bool = False, save_model: bool = True, save_format: str = "dense",
+                  staged: StagedDir | None = None) -> Path:
     """The output folder: model (dense or compact), masks, allocation, plots, report.json and report.md
-    (`report_md(report)` renders the Markdown once the plots are known)."""
+    (`report_md(report)` renders the Markdown once the plots are known). `staged`: the temporary folder
+    written since the prune started (`--offload disk`: the blocks' shards), completed and committed here."""
     from . import plots
 
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, staged) as tmp:
         if save_model:
             save_model_dir(tmp, model, tokenizer, save_format, pruned_parameters(model, result.layers))
+        elif disk_storage(model) is not None:
+            disk_storage(model).discard()
         shapes = {k: list(r.shape) for k, r in result.layers.items()}
         save_masks(tmp / "masks.safetensors", result.masks, shapes)
         result.allocation.save(tmp / "allocation.json")
@@ -290,6 +324,8 @@ def write_outputs(path: str | Path, model, tokenizer, result, report: dict, repo
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
         if report_md is not None:
             (tmp / "report.md").write_text(report_md(report) if callable(report_md) else report_md)
+    if save_model and disk_storage(model) is not None:
+        disk_storage(model).moved_to(path)          # the pruned blocks are read from the committed folder now
     return Path(path)
 
 

@@ -328,12 +328,13 @@ def check_gguf(path: Path) -> None:
                              "give a .gguf model file")
 
 
-def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None, offload: bool = False,
+def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None, offload: bool | str = False,
                trust_remote_code: bool = False):
-    """Load (model, tokenizer). With ``offload`` the weights stay in CPU memory; each block is
-    moved to ``device`` only while it is processed. ``dtype`` None: the checkpoint's own when it is
-    float16 or bfloat16, else bfloat16 on a GPU (float16 where bfloat16 is not supported), float32 on
-    the CPU (`resolve_dtype`)."""
+    """Load (model, tokenizer). With ``offload`` (True or "cpu") the weights stay in CPU memory; each block is
+    moved to ``device`` only while it is processed. With ``offload="disk"`` the decoder blocks' weights stay
+    in the model's safetensors (`io.diskmodel`): each block is read when it is processed. ``dtype`` None:
+    the checkpoint's own when it is float16 or bfloat16, else bfloat16 on a GPU (float16 where bfloat16 is
+    not supported), float32 on the CPU (`resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_transformers()
@@ -342,6 +343,10 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
     target, gguf = resolve_model_path(model, gguf_file)
     native = native_dtype(target, gguf, trust_remote_code) if dtype in (None, "", "auto") else None
     dt = resolve_dtype(dtype, dev, native)
+    if offload == "disk":
+        from .diskmodel import load_disk_model, open_checkpoint
+
+        open_checkpoint(target, gguf)           # a GGUF or .bin model is refused before anything is loaded
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf is not None:
         if importlib.util.find_spec("gguf") is None:
@@ -349,10 +354,13 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
         kwargs["gguf_file"] = gguf
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
-        try:
-            m = AutoModelForCausalLM.from_pretrained(target, dtype=dt, **kwargs)
-        except TypeError:  # transformers < 4.56 uses torch_dtype
-            m = AutoModelForCausalLM.from_pretrained(target, torch_dtype=dt, **kwargs)
+        if offload == "disk":
+            m = load_disk_model(target, dt, trust_remote_code)
+        else:
+            try:
+                m = AutoModelForCausalLM.from_pretrained(target, dtype=dt, **kwargs)
+            except TypeError:  # transformers < 4.56 uses torch_dtype
+                m = AutoModelForCausalLM.from_pretrained(target, torch_dtype=dt, **kwargs)
     except TrimpruneError:
         raise
     except (OSError, ValueError) as e:

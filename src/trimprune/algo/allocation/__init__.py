@@ -50,8 +50,9 @@ def build_allocation(config: PruneConfig, adapter, captured, ex: Executor = EAGE
     if a.method == "owl":
         from .owl import owl_allocation
         return owl_allocation(a, s, adapter, captured, numels, block_of, config.run.offload, ex, progress)
-    from .alphapruning import alpha_allocation
-    return alpha_allocation(a, s, adapter, numels, block_of, captured.exec_device, progress)
+    from .alphapruning import BlockVisit, alpha_allocation
+    visit = BlockVisit(ex, captured.exec_device) if config.run.offload else None
+    return alpha_allocation(a, s, adapter, numels, block_of, captured.exec_device, progress, visit)
 
 
 __all__ = ["Allocation", "MEAN_TOLERANCE", "build_allocation", "linear_sizes", "read_allocation_file",

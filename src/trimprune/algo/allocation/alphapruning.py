@@ -18,10 +18,12 @@ parameter-weighted mean is the target. Unlike the reference we keep every sparsi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,9 +33,18 @@ from ...config import AllocationConfig
 from ...errors import NonFiniteError
 from ...io.models import weight_2d
 from ...io.progress import Progress
+from ..executor import Executor
 from .base import Allocation, clip_to_mean
 
 UPPER = 0.99
+
+
+@dataclass(frozen=True)
+class BlockVisit:
+    """Offloaded blocks: `ex.resident` holds each one on `device` while its weights are read."""
+
+    ex: Executor
+    device: object
 
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
@@ -100,11 +111,19 @@ def alpha_metrics(eigs: torch.Tensor, bins: int = 100) -> dict[str, float]:
     return {"alpha_peak": float(alphas[k]), "alpha_mid": float(a_mid[0])}
 
 
-def model_fingerprint(adapter) -> str:
+def _blocks(adapter, visit: BlockVisit | None):
+    """The block indices in order; with `visit` (offload) each block is held by the executor while its
+    linears are read."""
+    for i in range(adapter.num_blocks):
+        with visit.ex.resident(adapter.blocks, i, visit.device) if visit is not None else contextlib.nullcontext():
+            yield i
+
+
+def model_fingerprint(adapter, visit: BlockVisit | None = None) -> str:
     """Identity of the weights: names, shapes and per-matrix sums (computed on their device). A sum that
     is not finite stops here (`NonFiniteError`): the SVD of a NaN / Inf matrix would fail."""
     h = hashlib.sha256()
-    for i in range(adapter.num_blocks):
+    for i in _blocks(adapter, visit):
         for n, mod in adapter.linears(i).items():
             w = weight_2d(mod)
             s = torch.stack([w.double().sum(), w.double().square().sum()]).tolist()
@@ -123,11 +142,12 @@ def cache_dir(config: AllocationConfig) -> Path:
 
 @torch.no_grad()
 def layer_metrics(adapter, device, config: AllocationConfig | None = None,
-                  progress=False) -> tuple[dict[str, dict], bool]:
-    """Per-linear alpha metrics, cached by model fingerprint (JSON). Returns (metrics, from_cache)."""
+                  progress=False, visit: BlockVisit | None = None) -> tuple[dict[str, dict], bool]:
+    """Per-linear alpha metrics, cached by model fingerprint (JSON). Returns (metrics, from_cache).
+    `visit`: the blocks are offloaded; each is read while the executor holds it."""
     path = None
     if config is not None:
-        fp = model_fingerprint(adapter)
+        fp = model_fingerprint(adapter, visit)
         path = cache_dir(config) / f"{fp}.json"
         if path.is_file():
             try:
@@ -135,10 +155,13 @@ def layer_metrics(adapter, device, config: AllocationConfig | None = None,
             except (OSError, json.JSONDecodeError):
                 pass
     out = {}
-    names = [(i, n, m) for i in range(adapter.num_blocks) for n, m in adapter.linears(i).items()]
-    for i, n, mod in Progress.of(progress).bar(names, desc="ESD"):
-        w = weight_2d(mod).to(device)
-        out[adapter.full_name(i, n)] = alpha_metrics(esd(w))
+    bar = Progress.of(progress).bar(total=sum(len(adapter.linears(i)) for i in range(adapter.num_blocks)), desc="ESD")
+    for i in _blocks(adapter, visit):
+        for n, mod in adapter.linears(i).items():
+            w = weight_2d(mod).to(device)
+            out[adapter.full_name(i, n)] = alpha_metrics(esd(w))
+            bar.update(1)
+    bar.close()
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +191,8 @@ def alpha_sparsities(metrics: list[float], numels: list[int], sparsity: float, e
 
 
 def alpha_allocation(config: AllocationConfig, sparsity: float, adapter, numels, block_of, device,
-                     progress=False) -> Allocation:
-    metrics, cached = layer_metrics(adapter, device, config, progress)
+                     progress=False, visit: BlockVisit | None = None) -> Allocation:
+    metrics, cached = layer_metrics(adapter, device, config, progress, visit)
     names = list(numels)
     vals = [metrics[k][config.alpha_metric] for k in names]
     bad = [k for k, v in zip(names, vals) if not math.isfinite(v)]

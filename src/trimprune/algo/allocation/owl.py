@@ -61,7 +61,8 @@ def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured,
         ratios.append(outlier_ratio(scores, config.owl_m))
         return StreamUpdate(main=out)           # the dense block's outputs feed the next block
 
-    walk(adapter, captured, Streams(captured.hidden), visit, offload=offload, progress=progress, desc="OWL scores")
+    walk(adapter, captured, Streams(captured.hidden), visit, offload=offload, progress=progress, desc="OWL scores",
+         ex=ex)
     block_numels = [sum(n for k, n in numels.items() if block_of[k] == b) for b in range(adapter.num_blocks)]
     per_block = owl_block_sparsities(ratios, sparsity, config.owl_lambda, block_numels)
     per_linear = {k: per_block[block_of[k]] for k in numels}
