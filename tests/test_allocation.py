@@ -136,7 +136,7 @@ def test_clip_to_mean_shift_and_scale():
         assert float((out * w).sum() / w.sum()) == pytest.approx(0.45, abs=1e-12)
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "owl", "alphapruning"])
+@pytest.mark.parametrize("allocation", ["uniform", "owl", "alphapruning", "atp"])
 @pytest.mark.parametrize("scorer", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("trim", [False, True])
 def test_every_allocation_has_exact_global_mean_and_composes(allocation, scorer, trim, tmp_path):

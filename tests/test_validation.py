@@ -338,6 +338,10 @@ RECIPES = [
     ("sparsity: 5e-1", "sparsity '5e-1' must be a number (YAML reads 5e-1 as text"),
     ("percdamp: .inf", "percdamp inf must be a finite number"),
     ("scorer: {name: wanda, speed: 2}", "recipe key scorer.speed is unknown"),
+    ('search_trials: "10"', "search_trials '10' must be an integer (YAML reads 10 as text"),
+    ("search_timeout: .nan", "search_timeout nan must be a finite number"),
+    ("search: {objective: kl, space: [rules, free]}", "search_space ['rules', 'free'] must be a string"),
+    ("atp_beta: true", "atp_beta True must be a number"),
     ("created: 2024-13-45", "is not valid YAML"),
     ("[1, 2", "is not valid YAML"),
 ]
@@ -351,6 +355,19 @@ def test_recipe_values_of_the_wrong_type_fail_before_the_model_loads(text, needl
     assert _prune(tiny_dir, tmp_path / "o", "--recipe", str(recipe)) == 2
     err = _one_line(capsys)
     assert needle in err, err
+
+
+def test_search_inputs_fail_before_the_model_loads(tiny_dir, tmp_path, small, capsys, monkeypatch, no_load,
+                                                   with_data_env):
+    import importlib.util
+
+    base = ["--allocation", "search", "--search-trials", "2", *_fast(small)]
+    assert _prune(tiny_dir, tmp_path / "o", *base, "--search-storage", "sqlite:////proc/trimprune/study.db") == 2
+    assert "--search-storage '/proc/trimprune/study.db'" in _one_line(capsys)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    assert _prune(tiny_dir, tmp_path / "o", *base) == 2
+    assert "--allocation search needs Optuna" in _one_line(capsys)
 
 
 ALLOCATIONS = [

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PruneConfig": ".config", "ScorerConfig": ".config", "AllocationConfig": ".config", "CalibConfig": ".config",
-    "TrimConfig": ".config", "RunConfig": ".config", "TrimpruneError": ".errors", "NonFiniteError": ".errors",
+    "TrimConfig": ".config", "RunConfig": ".config", "SearchConfig": ".config", "TrimpruneError": ".errors",
+    "NonFiniteError": ".errors",
     "PruneResult": ".api", "prune": ".api", "load_model": ".io.models", "ModelAdapter": ".io.models",
     "perplexity": ".io.evaluate", "load_masks": ".io.export", "load_pruned": ".io.compact",
 }

@@ -49,6 +49,8 @@ class PruneResult:
     block_safeguard: list[BlockGuardRecord] = field(default_factory=list)
     phases: Phases | None = field(repr=False, default=None)     # the profiling phases (benchmarks read them)
     resumed_from_block: int | None = None        # the last block restored from a checkpoint (None: not resumed)
+    search: dict | None = None          # --allocation search: trials, best, held-out objectives, profiles
+    trim_guard: dict | None = None      # --trim-guard model: both held-out objectives and the choice
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -214,11 +216,12 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
     return records
 
 
-def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload: bool, ex) -> None:
+def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload, ex) -> None:
     """Before any weight changes: the dense model's blocks on the first calibration batch, every block's
     outputs checked (`calib.finite.check_walk_step`). Activations that overflow (float16's range is
     65504) stop the run here, before the first block is pruned, with the error naming the block and
-    the dtype to use; one batch through the blocks is all it costs."""
+    the dtype to use; one batch through the blocks is all it costs (with --offload disk, one more read of
+    the blocks)."""
     first = dataclasses.replace(captured, hidden=captured.hidden[:1], subset=None)
     try:
         with ex.phase("dense check"):
@@ -226,6 +229,185 @@ def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload: bool, 
                  ex=ex)
     except NonFiniteError as e:
         raise NonFiniteError(f"before pruning, the dense model on the first calibration batch: {e}") from None
+
+
+class Session:
+    """What every prune of one model from one calibration set shares, prepared once: the adapter, the
+    calibration sequences (less the held-out ones of a search, `holdout`), the checkpoint of
+    `config.run.checkpoint_dir`, the executor and the captured block inputs. `allocate(config)` builds an
+    allocation from them (a resumed run's is read from its checkpoint) and `run(config, allocation)` walks
+    the blocks through `prune_block`; `snapshot()` / `restore()` keep and put back the dense weights of the
+    prunable linears (a host copy) so that several prunes can start from the same dense model (the search
+    and `--trim-guard model`; a session with a checkpoint prunes once). `prune` is `open` + `allocate` +
+    `run` + `close`."""
+
+    def __init__(self, model, adapter: ModelAdapter, config: PruneConfig, ranks: Ranks, progress: Progress,
+                 dev: torch.device, ids: torch.Tensor, holdout: torch.Tensor | None, ex, profile: str,
+                 t_start: float, timings: dict, batch_size: int, ckpt: Checkpoint | None = None,
+                 notes: list[str] | None = None, storage=None):
+        self.model, self.adapter, self.config, self.ranks = model, adapter, config, ranks
+        self.progress, self.dev, self.ids, self.holdout = progress, dev, ids, holdout
+        self.ex, self.profile, self.t_start, self.timings = ex, profile, t_start, timings
+        self.batch_size, self.ckpt, self.notes = batch_size, ckpt, list(notes or [])
+        self.storage = storage              # --offload disk: the blocks' files (`io.diskmodel.DiskBlocks`), else None
+        # the last block restored from the checkpoint (None: not resumed)
+        self.resumed_from_block = ckpt.last_block if ckpt is not None and ckpt.last_block >= 0 else None
+        self.t_prune = 0.0
+        self.captured = None
+        self.dense: dict[str, torch.Tensor] | None = None
+        self.last_allocation_seconds = 0.0
+        self.runs = 0
+
+    @classmethod
+    def open(cls, model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None, progress=True,
+             profile: str = "time", holdout: int = 0, guard_subset: bool | None = None) -> "Session":
+        """Calibration (built from `config.calib` when None), the checkpoint (checked against this run; a
+        resumed run takes the interrupted run's automatic batch size) and the capture of the block inputs.
+        `holdout`: the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether
+        to capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
+        t_start = time.perf_counter()
+        ranks = Ranks.current()
+        progress = Progress.of(progress if ranks.main else False)
+        adapter = ModelAdapter.from_model(model)
+        storage = check_disk_prune(model, config, ranks, sampling=calibration is None)   # None unless offload disk
+        dev = torch.device(device) if device is not None else model_device(model)
+        if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
+            dev = torch.device("cuda")
+        if calibration is None:
+            adapter.check_context(config.calib.seqlen, "--seqlen")
+            calibration = get_calibration(config.calib, tokenizer, model, progress=progress)
+        timings = {"calibration_data_seconds": time.perf_counter() - t_start}
+        ids = _as_ids(calibration)
+        adapter.check_context(ids.shape[1], "--seqlen")
+        held = None
+        if holdout:
+            if holdout >= ids.shape[0]:
+                raise TrimpruneError(f"--search-holdout {holdout} leaves none of the {ids.shape[0]} calibration "
+                                     "sequences to prune with: use more --nsamples or a smaller --search-holdout")
+            ids, held = ids[: ids.shape[0] - holdout], ids[ids.shape[0] - holdout:]
+        if ids.shape[0] < ranks.world:
+            raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
+                                 f"use --nsamples {ranks.world} or more, or fewer processes")
+        batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
+        ckpt, notes = None, []
+        if config.run.checkpoint_dir:
+            if ranks.parallel:
+                raise TrimpruneError("--checkpoint-dir is not supported with several processes (torchrun) yet: run "
+                                     "one process, or leave --checkpoint-dir out")
+            t0 = time.perf_counter()
+            ckpt = Checkpoint.open(config.run.checkpoint_dir, config, adapter, ids, resume=config.run.resume)
+            timings["checkpoint_seconds"] = time.perf_counter() - t0
+            notes = _resume_notes(ckpt, config, dev, progress)
+            if ckpt.batch_size and not config.run.batch_size:
+                batch_size = ckpt.batch_size          # automatic: the interrupted run's split (same summation order)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ex = make_executor(dev, profile, storage=storage)
+        self = cls(model, adapter, config, ranks, progress, dev, ids, held, ex, profile, t_start, timings, batch_size,
+                   ckpt, notes, storage)
+        try:
+            self._capture(config.trim.block_guard if guard_subset is None else guard_subset)
+            t0 = time.perf_counter()
+            check_dense_batch(adapter, self.captured, config.run.offload, ex)
+            timings["dense_check_seconds"] = time.perf_counter() - t0
+        except BaseException:
+            ex.close()
+            raise
+        return self
+
+    def _capture(self, guard: bool) -> None:
+        """This rank's share of the calibration batches (and the block safeguard's subset with `guard`)
+        through the model up to every block: `self.captured`."""
+        config, ids, ranks, model, adapter, dev = self.config, self.ids, self.ranks, self.model, self.adapter, self.dev
+        batches = list(ids[ranks.share(ids.shape[0])].split(self.batch_size, 0))
+        self.t_prune = time.perf_counter()
+        subset = None
+        if guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
+            n_sub = min(ids.shape[0], max(4, ids.shape[0] // 8))
+            subset = ids[:n_sub][ranks.share(n_sub)]
+        on_device = config.run.offload and activations_fit(
+            adapter, sum(b.shape[0] for b in batches), 0 if subset is None else subset.shape[0], ids.shape[1], dev,
+            next(model.parameters()).dtype)
+        with self.ex.phase("capture"):
+            self.captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=subset, ex=self.ex,
+                                    ranks=ranks, keep_on_device=on_device)
+        self.timings["capture_seconds"] = time.perf_counter() - self.t_prune
+
+    # ------------------------------------------------------------------ dense weights
+    def linears(self) -> dict[str, nn.Module]:
+        """Every prunable linear, by full name."""
+        return {self.adapter.full_name(i, n): m for i in range(self.adapter.num_blocks)
+                for n, m in self.adapter.linears(i).items()}
+
+    def snapshot(self) -> None:
+        """A host copy of the prunable linears' (dense) weights, for `restore`."""
+        if self.storage is not None:
+            raise TrimpruneError("--offload disk prunes once (each pruned block goes to the output as it is done): "
+                                 "--allocation search and --trim-guard model need --offload cpu")
+        self.dense = {k: m.weight.data.to("cpu", copy=True) for k, m in self.linears().items()}
+
+    def restore(self) -> None:
+        """The weights of `snapshot` back into the model (in place: offloaded blocks keep their pinned memory)."""
+        if self.dense is None:
+            raise RuntimeError("Session.restore() needs a snapshot() first")
+        for k, m in self.linears().items():
+            m.weight.data.copy_(self.dense[k])
+
+    # ------------------------------------------------------------------ prunes
+    def allocate(self, config: PruneConfig) -> Allocation:
+        """The allocation `config.allocation` names (OWL walks the captured activations through the model,
+        which must be dense then); a resumed run's is the one its checkpoint saved. In a data-parallel run,
+        rank 0's."""
+        t0 = time.perf_counter()
+        with self.ex.phase("allocation"):
+            allocation = self.ckpt.allocation() if self.ckpt is not None else None
+            if allocation is None:
+                allocation = build_allocation(config, self.adapter, self.captured, self.ex, progress=self.progress)
+            if self.ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
+                allocation = self.ranks.gather(allocation)[0]
+        self.last_allocation_seconds = time.perf_counter() - t0
+        return allocation
+
+    def run(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
+        """Prune the model in place with `allocation` (the walk of `prune_block` over the captured inputs).
+        With a checkpoint: the allocation is saved first (unless the checkpoint holds it), blocks it holds
+        are restored instead of pruned, and every finished block is committed."""
+        ex, ckpt = self.ex, self.ckpt
+        if (ckpt is not None or self.storage is not None) and (self.runs or config != self.config):
+            raise RuntimeError("a Session with a checkpoint or --offload disk prunes once, with the config it was "
+                               "opened with")
+        if ckpt is not None:
+            t0 = time.perf_counter()
+            ckpt.begin(self.batch_size, self.dev)
+            if ckpt.state.get("allocation") is None:
+                ckpt.save_allocation(allocation, self.batch_size, self.dev)
+            self.timings["checkpoint_seconds"] += time.perf_counter() - t0
+        self.runs += 1
+        plan = Plan.make(config, allocation.per_linear, self.adapter.full_name, make_scorer(config.scorer, ex),
+                         self.captured.exec_device, ex, self.ranks)
+        with self.storage.pruning() if self.storage is not None else contextlib.nullcontext():   # blocks written as done
+            records = _walk(self.model, self.adapter, self.captured, plan, config, ex, self.progress, ckpt,
+                            self.timings)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        ph = ex.phases.totals
+        timings = dict(self.timings, allocation_seconds=self.last_allocation_seconds)
+        timings.update(prune_seconds=time.perf_counter() - self.t_prune, trim_search_seconds=ph.get("trim search", 0.0),
+                       mask_and_update_seconds=ph.get("masks", 0.0),
+                       block_safeguard_seconds=ph.get("block safeguard", 0.0),
+                       total_seconds=time.perf_counter() - self.t_start)
+        if self.dev.type == "cuda":
+            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        notes = self.notes + [f"{name}: SparseGPT {r.scorer_info.fallback}" for name, r in records.layers.items()
+                              if r.scorer_info is not None and r.scorer_info.fallback]
+        return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
+                           timings=timings, block_safeguard=records.guard, phases=ex.phases,
+                           calibration_shape=tuple(self.ids.shape), notes=notes,
+                           resumed_from_block=self.resumed_from_block)
+
+    def close(self) -> None:
+        self.ex.close()
+        self.dense = None
 
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *, device=None,
@@ -244,6 +426,10 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint is
     left in place (the command line removes it once the output is written).
 
+    `--allocation search` and `--trim-guard model` prune several times from one capture and keep the
+    best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` / `.trim_guard`);
+    they run in one process and without a checkpoint.
+
     In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
     arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
     split across ranks, and every rank ends with the same pruned weights and the same `PruneResult`
@@ -257,94 +443,21 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     `config.allocation` "file:PATH" is read against the model first (`algo.allocation.resolve_sparsity`):
     its parameter-weighted mean must be `config.sparsity` within 1e-4; with `config.sparsity` None the
     mean is the target (the result's config holds it, its notes say so)."""
-    t_start = time.perf_counter()
-    ranks = Ranks.current()
-    progress = Progress.of(progress if ranks.main else False)
-    adapter = ModelAdapter.from_model(model)
     file_target = config.sparsity is None
-    config = resolve_sparsity(config, adapter)
-    storage = check_disk_prune(model, config, ranks, sampling=calibration is None)   # None unless offload disk
-    dev = torch.device(device) if device is not None else model_device(model)
-    if config.run.offload and dev.type == "cpu" and torch.cuda.is_available():
-        dev = torch.device("cuda")
-    if calibration is None:
-        adapter.check_context(config.calib.seqlen, "--seqlen")
-        calibration = get_calibration(config.calib, tokenizer, model, progress=progress)
-    timings = {"calibration_data_seconds": time.perf_counter() - t_start}
-    ids = _as_ids(calibration)
-    adapter.check_context(ids.shape[1], "--seqlen")
-    if ids.shape[0] < ranks.world:
-        raise TrimpruneError(f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
-                             f"use --nsamples {ranks.world} or more, or fewer processes")
-    notes, ckpt, resumed = [], None, None
-    if file_target:
-        notes.append(f"no --sparsity given: the target is the parameter-weighted mean of "
-                     f"{config.allocation.method}, {config.sparsity:.6g}")
-    batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
-    if config.run.checkpoint_dir:
-        if ranks.parallel:
-            raise TrimpruneError("--checkpoint-dir is not supported with several processes (torchrun) yet: run one "
-                                 "process, or leave --checkpoint-dir out")
-        t0 = time.perf_counter()
-        ckpt = Checkpoint.open(config.run.checkpoint_dir, config, adapter, ids, resume=config.run.resume)
-        timings["checkpoint_seconds"] = time.perf_counter() - t0
-        notes += _resume_notes(ckpt, config, dev, progress)
-        if ckpt.batch_size and not config.run.batch_size:
-            batch_size = ckpt.batch_size              # automatic: the interrupted run's split (same summation order)
-        resumed = ckpt.last_block if ckpt.last_block >= 0 else None
-    batches = list(ids[ranks.share(ids.shape[0])].split(batch_size, 0))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    ex = make_executor(dev, profile, storage=storage)
-    t_prune = time.perf_counter()
-    subset = None
-    if config.trim.block_guard:    # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
-        n_sub = min(ids.shape[0], max(4, ids.shape[0] // 8))
-        subset = ids[:n_sub][ranks.share(n_sub)]
+    config = resolve_sparsity(config, ModelAdapter.from_model(model))
+    if config.holdout is not None:
+        from .search import search_prune
+
+        return search_prune(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
+    session = Session.open(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
     try:
-        on_device = config.run.offload and activations_fit(
-            adapter, sum(b.shape[0] for b in batches), 0 if subset is None else subset.shape[0], ids.shape[1], dev,
-            next(model.parameters()).dtype)
-        with ex.phase("capture"):
-            captured = capture(model, adapter, batches, dev, offload=config.run.offload, subset=subset, ex=ex,
-                               ranks=ranks, keep_on_device=on_device)
-        timings["capture_seconds"] = time.perf_counter() - t_prune
-        t0 = time.perf_counter()
-        check_dense_batch(adapter, captured, config.run.offload, ex)
-        timings["dense_check_seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with ex.phase("allocation"):
-            allocation = ckpt.allocation() if ckpt is not None else None
-            if allocation is None:
-                allocation = build_allocation(config, adapter, captured, ex, progress=progress)
-            if ranks.parallel:      # rank 0's (computed alike on every rank; one copy rules out any drift)
-                allocation = ranks.gather(allocation)[0]
-        timings["allocation_seconds"] = time.perf_counter() - t0
-        if ckpt is not None:
-            t0 = time.perf_counter()
-            ckpt.begin(batch_size, dev)
-            if ckpt.state.get("allocation") is None:
-                ckpt.save_allocation(allocation, batch_size, dev)
-            timings["checkpoint_seconds"] += time.perf_counter() - t0
-        plan = Plan.make(config, allocation.per_linear, adapter.full_name, make_scorer(config.scorer, ex),
-                         captured.exec_device, ex, ranks)
-        with storage.pruning() if storage is not None else contextlib.nullcontext():   # blocks written as done
-            records = _walk(model, adapter, captured, plan, config, ex, progress, ckpt, timings)
+        result = session.run(config, session.allocate(config))
     finally:
-        ex.close()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    ph = ex.phases.totals
-    timings.update(prune_seconds=time.perf_counter() - t_prune, trim_search_seconds=ph.get("trim search", 0.0),
-                   mask_and_update_seconds=ph.get("masks", 0.0), block_safeguard_seconds=ph.get("block safeguard", 0.0),
-                   total_seconds=time.perf_counter() - t_start)
-    if dev.type == "cuda":
-        timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    notes += [f"{name}: SparseGPT {r.scorer_info.fallback}" for name, r in records.layers.items()
-             if r.scorer_info is not None and r.scorer_info.fallback]
-    return PruneResult(config=config, layers=records.layers, allocation=allocation, masks=records.masks,
-                       timings=timings, block_safeguard=records.guard, phases=ex.phases,
-                       calibration_shape=tuple(ids.shape), notes=notes, resumed_from_block=resumed)
+        session.close()
+    if file_target:
+        result.notes.insert(0, f"no --sparsity given: the target is the parameter-weighted mean of "
+                               f"{config.allocation.method}, {config.sparsity:.6g}")
+    return result
 
 
 def _resume_notes(ckpt: Checkpoint, config: PruneConfig, dev, progress: Progress) -> list[str]:

@@ -65,7 +65,7 @@ def _add_eval_args(p, batch_size_alias: bool = False):
 
 # flag groups of the generated pruning flags: PruneConfig's own fields, then one group per part
 GROUPS = {None: "pruning", "scorer": "scorer", "allocation": "allocation",
-          "calib": "calibration", "trim": "TRIM", "run": "execution"}
+          "calib": "calibration", "trim": "TRIM", "run": "execution", "search": "allocation search"}
 
 
 def _add_config_args(p) -> None:
@@ -297,6 +297,11 @@ def _prune_command(args, scope) -> int:
     _check_disk_args(args, cfg.run.offload, cfg.calib.source)
     warnings_ = check_prune_inputs(args, cfg, _eval_data(args.eval_data))      # everything before the model loads
     dev = _device(args)
+    if cfg.holdout is not None:              # a search or --trim-guard model: refused under torchrun before any work
+        from .algo.ranks import Ranks
+        from .search import refuse_several_processes
+
+        refuse_several_processes(cfg, Ranks.current())
     main_rank = _main_rank()
     for w in warnings_ if main_rank else []:
         _warn(w)

@@ -2,7 +2,7 @@
 
     PruneConfig(sparsity, mask_structure,
                 scorer=ScorerConfig, allocation=AllocationConfig, calib=CalibConfig,
-                trim=TrimConfig, run=RunConfig)
+                trim=TrimConfig, run=RunConfig, search=SearchConfig)
 
 Every field carries its flat name (the recipe key and, with dashes, the command-line flag) and its
 help text in the field metadata: the CLI builds its flags from them, so a new field is one edit.
@@ -41,6 +41,10 @@ ALPHA_MAPPINGS = ("block_wise", "per_matrix")
 TRIM_PRECISIONS = ("fp32", "tf32", "bf16")
 LR_SEARCHES = ("auto", "parallel", "sequential")
 OFFLOADS = ("cpu", "disk")          # where offloaded weights live (RunConfig.offload; false: on the compute device)
+ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "search")
+TRIM_GUARDS = ("block", "model")
+SEARCH_SPACES = ("rules", "free", "trim")
+SEARCH_OBJECTIVES = ("kl", "nll")
 
 
 def option(default, key: str, help: str, *, choices=None, metavar: str | None = None, const=None):
@@ -187,10 +191,11 @@ class ScorerConfig:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024) or a file."""
+    """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024), ATP (Huang et al.
+    2025), a search over these rules and free profiles (`SearchConfig`), or a file."""
 
-    method: str = option("uniform", "allocation", "layer-wise allocation: uniform, owl, alphapruning or file:PATH",
-                         metavar="METHOD")
+    method: str = option("uniform", "allocation", "layer-wise allocation: uniform, owl, alphapruning, atp, search "
+                         "or file:PATH", metavar="METHOD")
     owl_m: float = option(5.0, "owl_m", "OWL outlier threshold M")
     owl_lambda: float = option(0.08, "owl_lambda", "OWL sparsity range lambda")
     alpha_metric: str = option("alpha_peak", "alpha_metric", "AlphaPruning heavy-tail metric", choices=ALPHA_METRICS)
@@ -198,17 +203,21 @@ class AllocationConfig:
     alpha_mapping: str = option("block_wise", "alpha_mapping", "AlphaPruning mapping", choices=ALPHA_MAPPINGS)
     alpha_cache_dir: str | None = option(None, "alpha_cache_dir", "cache folder of AlphaPruning metrics",
                                          metavar="DIR")
+    atp_beta: float = option(0.2, "atp_beta", "ATP: sparsity of the last block minus that of the first (a linear "
+                             "rise with depth; per-block step beta / (blocks - 1))")
 
     def __post_init__(self):
         _check_types(self)
         a = self.method
-        _in_range(a, a in ("uniform", "owl", "alphapruning") or (a.startswith("file:") and len(a) > 5),
-                  f"--allocation {a!r} is unknown: use uniform, owl, alphapruning or file:PATH")
+        _in_range(a, a in ALLOCATIONS or (a.startswith("file:") and len(a) > 5),
+                  f"--allocation {a!r} is unknown: use {', '.join(ALLOCATIONS)} or file:PATH")
         _in_range(self.owl_m, self.owl_m > 0, f"--owl-m {self.owl_m!r} must be > 0 (default 5)")
         _in_range(self.owl_lambda, 0 <= self.owl_lambda < 1,
                   f"--owl-lambda {self.owl_lambda!r} must be in [0, 1) (default 0.08)")
         _in_range(self.alpha_eps, 0 <= self.alpha_eps < 1,
                   f"--alpha-eps {self.alpha_eps!r} must be in [0, 1) (default 0.3)")
+        _in_range(self.atp_beta, 0 <= self.atp_beta <= 1,
+                  f"--atp-beta {self.atp_beta!r} must be in [0, 1] (default 0.2)")
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,9 @@ class TrimConfig:
     lr_search: str = option("auto", "trim_lr_search", "learning rates as one batched sweep (parallel) or one after "
                             "the other with the reference's early stop (sequential): same result; auto: parallel "
                             "for small matrices on GPU", choices=LR_SEARCHES)
+    guard: str = option("block", "trim_guard", "block: the safeguards above; model: also prune without TRIM from the "
+                        "same activations and keep the model with the lower held-out objective (--search-objective "
+                        "on --search-holdout sequences)", choices=TRIM_GUARDS)
 
     def __post_init__(self):
         _check_types(self)
@@ -324,8 +336,54 @@ class RunConfig:
             raise ConfigError("--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt")
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """`--allocation search`: Optuna's TPE over allocation rules and free depth profiles, scored on held-out
+    calibration sequences; the held-out objective also decides `--trim-guard model`."""
+
+    space: str = option("rules,free", "search_space", "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
+                        "(Chebyshev profile over depth), trim (TRIM on/off per trial)", metavar="LIST")
+    objective: str = option("kl", "search_objective", "held-out objective: kl (KL(dense || pruned) per token) or nll",
+                            choices=SEARCH_OBJECTIVES)
+    holdout: int = option(0, "search_holdout", "calibration sequences held out from the statistics for the "
+                          "objective, the last ones of --nsamples (0 = nsamples // 8, at least 1)")
+    trials: int = option(50, "search_trials", "trials of this run (a resumed study adds them)")
+    timeout: float = option(0.0, "search_timeout", "no new trial after this many seconds (0 = no limit)")
+    seed: int = option(0, "search_seed", "seed of the TPE sampler")
+    storage: str | None = option(None, "search_storage", "Optuna storage URL, e.g. sqlite:///study.db: the study "
+                                 "resumes there and several processes can share it", metavar="URL")
+    study: str | None = option(None, "search_study", "study name (default: from the config, model and calibration)",
+                               metavar="NAME")
+
+    def __post_init__(self):
+        _check_types(self)
+        parts = [p.strip() for p in self.space.split(",") if p.strip()]
+        bad = [p for p in parts if p not in SEARCH_SPACES]
+        _in_range(self.space, not bad and bool(parts),
+                  f"--search-space {self.space!r} is unknown: use a comma list of {', '.join(SEARCH_SPACES)}")
+        _in_range(self.space, set(parts) != {"trim"},
+                  "--search-space trim needs rules or free too: e.g. rules,free,trim")
+        _in_range(self.holdout, self.holdout >= 0,
+                  f"--search-holdout {self.holdout!r} must be >= 1 (or 0 for nsamples // 8)")
+        _in_range(self.trials, self.trials >= 1, f"--search-trials {self.trials!r} must be an integer >= 1")
+        _in_range(self.timeout, self.timeout >= 0, f"--search-timeout {self.timeout!r} must be >= 0 (0 = no limit)")
+        _in_range(self.storage, self.storage is None or "://" in self.storage,
+                  f"--search-storage {self.storage!r} is not a database URL: use e.g. sqlite:///study.db")
+        _in_range(self.study, self.study is None or bool(self.study.strip()),
+                  "--search-study must not be empty: give a name or leave it out")
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.strip() for p in self.space.split(",") if p.strip()))
+
+    def holdout_for(self, nsamples: int) -> int:
+        """The held-out sequences out of `nsamples` calibration sequences."""
+        return self.holdout or max(1, nsamples // 8)
+
+
 PARTS = {"scorer": (ScorerConfig, "name"), "allocation": (AllocationConfig, "method"),
-         "calib": (CalibConfig, "source"), "trim": (TrimConfig, "enabled"), "run": (RunConfig, None)}
+         "calib": (CalibConfig, "source"), "trim": (TrimConfig, "enabled"), "run": (RunConfig, None),
+         "search": (SearchConfig, None)}
 
 
 @dataclass(frozen=True)
@@ -341,6 +399,7 @@ class PruneConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     trim: TrimConfig = field(default_factory=TrimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self):
         for name, (cls, short) in PARTS.items():          # shorthands: scorer="wanda", trim=True, {...}
@@ -363,6 +422,25 @@ class PruneConfig:
         s = self.sparsity
         if s is not None and (math.isnan(s) or not (0.0 <= s < 1.0)):    # None: an allocation file's own mean
             raise ConfigError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
+        if self.trim.guard == "model" and not self.trim.enabled and "trim" not in self.search_spaces:
+            raise ConfigError("--trim-guard model compares TRIM with the scorer alone: add --trim")
+        if self.holdout is not None and self.holdout >= self.calib.nsamples:
+            raise ConfigError(f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
+                              f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
+                              "--search-holdout")
+        if self.run.checkpoint_dir and self.allocation.method == "search":
+            raise ConfigError("--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
+                              "whole model again and again): a search resumes from its --search-storage, e.g. "
+                              "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
+                              "allocation.json through --allocation file:PATH --checkpoint-dir DIR")
+        if self.run.offload == "disk" and (self.allocation.method == "search" or self.trim.guard == "model"):
+            what = "--allocation search" if self.allocation.method == "search" else "--trim-guard model"
+            raise ConfigError(f"--offload disk cannot be combined with {what} (it prunes the whole model several "
+                              "times from the dense weights; disk offload writes each block out once): use "
+                              "--offload cpu")
+        if self.run.checkpoint_dir and self.trim.guard == "model":
+            raise ConfigError("--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
+                              "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out")
         if nm is None:
             return
         if s is not None and abs(s - nm[0] / nm[1]) > 1e-9:
@@ -382,6 +460,19 @@ class PruneConfig:
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_nm(self.mask_structure)
+
+    @property
+    def search_spaces(self) -> tuple[str, ...]:
+        """The search space's parts with `--allocation search`, else none."""
+        return self.search.spaces if self.allocation.method == "search" else ()
+
+    @property
+    def holdout(self) -> int | None:
+        """The held-out calibration sequences (the last ones) of a search or of `--trim-guard model`; None
+        when every sequence goes to the statistics."""
+        if self.allocation.method != "search" and self.trim.guard != "model":
+            return None
+        return self.search.holdout_for(self.calib.nsamples)
 
     # ------------------------------------------------------------------ flat names, YAML
     @classmethod

@@ -14,7 +14,8 @@ them in order:
 4. the data: the calibration file and every evaluation file exist, are readable and their first rows
    parse (`calib.data.check_source`, `io.evaluate.check_eval_sources`); a set from the Hub needs a
    reachable Hub; the zero-shot tasks exist (`io.zeroshot.check_tasks`);
-5. an allocation file parses and holds numbers in [0, 1) (`algo.allocation.read_allocation_file`).
+5. an allocation file parses and holds numbers in [0, 1) (`algo.allocation.read_allocation_file`);
+   `--allocation search` has Optuna, and a `--search-storage` sqlite file can be written.
 
 Once the model is loaded, before any evaluation or calibration: the sequence lengths fit its context,
 a checkpoint to resume matches, and an allocation file matches its linears and `--sparsity`
@@ -54,7 +55,26 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
     check_eval_sources(args.eval or [], eval_data)
     if cfg.allocation.method.startswith("file:"):
         read_allocation_file(cfg.allocation.method[5:])
+    if cfg.allocation.method == "search":
+        check_search(cfg.search)
     return warnings
+
+
+def check_search(search) -> None:
+    """`--allocation search`: Optuna is installed; an sqlite `--search-storage` names a file that can be
+    written (a new one in a folder that takes files)."""
+    import importlib.util
+
+    from .errors import ConfigError
+    from .io.export import check_output_file
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)")
+    url = search.storage or ""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        if path and path != ":memory:":
+            check_output_file(path, "--search-storage")
 
 
 def check_eval_inputs(args, eval_data: dict[str, str]) -> None:

@@ -19,9 +19,9 @@ process died, temporary files) is ignored, and removed when the run resumes. Onl
 JSON are read back: nothing is unpickled.
 
 `--resume` (`RunConfig.resume`) refuses a checkpoint whose fingerprint differs: the config's fields
-that decide the computation (not `run`, the AlphaPruning cache folder or the calibration file's path),
-the model (its config.json, the names, shapes and dtypes of its parameters, the bytes of block 0's
-parameters before pruning) and the calibration token ids.
+that decide the computation (not `run`, `search`, the AlphaPruning cache folder or the calibration
+file's path), the model (its config.json, the names, shapes and dtypes of its parameters, the bytes of
+block 0's parameters before pruning) and the calibration token ids.
 
 The streams are the bulk: nsamples x seqlen x hidden values in the model's dtype for the main stream,
 and 2 x subset x seqlen x hidden more with TRIM's block safeguard (subset = nsamples / 8, at least 4).
@@ -67,9 +67,11 @@ _TMP = re.compile(r"\.(state\.json|allocation\.json|block\d+\.(safetensors|json)
 # ------------------------------------------------------------------------------------------ identity
 def config_identity(config: PruneConfig) -> dict:
     """The config's fields that decide what is computed (nested form): all but the run settings, the
-    AlphaPruning cache folder and the calibration file's path and format (its token ids are hashed)."""
+    search's settings (a search takes no checkpoint: `PruneConfig` refuses it), the AlphaPruning cache
+    folder and the calibration file's path and format (its token ids are hashed)."""
     d = config.to_dict()
     d.pop("run")
+    d.pop("search")
     d["allocation"].pop("alpha_cache_dir")
     d["calib"].pop("data")
     d["calib"].pop("format")

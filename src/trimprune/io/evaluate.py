@@ -70,36 +70,48 @@ def nll_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
 def _nll_share(model: nn.Module, windows: torch.Tensor, batch_size: int, dev: torch.device, offload: bool, progress,
                desc: str) -> float:
     total = 0.0
-    batches = list(windows.split(batch_size, 0))
+    for ids, logits in logits_batches(model, list(windows.split(batch_size, 0)), dev, offload, progress, desc):
+        total += _nll_from_logits(logits, ids)
+    return total
+
+
+@torch.no_grad()
+def logits_batches(model: nn.Module, batches: list[torch.Tensor], dev: torch.device, offload: bool = False,
+                   progress=False, desc: str = "eval", ex=None):
+    """(ids on `dev`, logits) of every batch of token ids, in order. Offloaded: the blocks are walked one at
+    a time on `dev` over all batches (hidden states in host memory), then the model's own tail runs per
+    batch. `ex`: the executor of the walk (a prune's, to reuse its offload staging)."""
     if not batches:
-        return total
+        return
     storage = disk_storage(model)              # --offload disk: blocks read from the checkpoint or the output
     if not offload and storage is None:
         for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
-            total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
-        return total
-    # offloaded: walk the blocks one at a time on `dev`, then run the model's own tail
+            yield ids, model(input_ids=ids, use_cache=False).logits
+        return
     adapter = ModelAdapter.from_model(model)
-    captured = walker.capture(model, adapter, batches, dev, offload=True)
-    ex = EAGER
-    if storage is not None:
-        from ..exec import make_executor
+    own = None
+    if ex is None:
+        if storage is not None:
+            from ..exec import make_executor
 
-        ex = make_executor(dev, storage=storage)
+            ex = own = make_executor(dev, storage=storage)
+        else:
+            ex = EAGER
     try:
+        captured = walker.capture(model, adapter, batches, dev, offload=True, ex=ex)
         hidden = walker.walk(adapter, captured, walker.Streams(captured.hidden), lambda run: None, offload=True,
                              progress=progress, desc=desc, ex=ex).main
     finally:
-        ex.close()
+        if own is not None:
+            own.close()
     feeder = _Feeder()
     stand_ins = [feeder] + [_Identity() for _ in range(adapter.num_blocks - 1)]
     with walker.blocks_replaced(adapter, stand_ins), walker.non_block_modules_on(model, dev, True):
         for ids, h in zip(batches, hidden):
             feeder.value = h.to(dev)
             ids = ids.to(dev)
-            total += _nll_from_logits(model(input_ids=ids, use_cache=False).logits, ids)
-    return total
+            yield ids, model(input_ids=ids, use_cache=False).logits
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -5,7 +5,10 @@
 - row_sparsity.png (TRIM): the distribution of the row sparsities per linear type, over all blocks;
 - trim_metric.png (TRIM): each searched linear's layer metric with the scorer alone (uniform rows) and
   with TRIM's allocation, and which one was kept;
-- metrics.png (with evaluation): dense vs pruned perplexity per dataset and zero-shot accuracy per task.
+- metrics.png (with evaluation): dense vs pruned perplexity per dataset and zero-shot accuracy per task;
+- search_trials.png (`--allocation search`): the held-out objective of every trial and the best so far;
+- search_profile.png (`--allocation search`): the winning per-block profile against uniform, OWL,
+  AlphaPruning and ATP (with the config's parameters), from the same captured data.
 """
 from __future__ import annotations
 
@@ -118,6 +121,43 @@ def metrics(report: dict, path: Path) -> str | None:
     return path.name
 
 
+def search_trials(report: dict, path: Path) -> str:
+    sr = report["search"]
+    plt, fig, ax = _figure()
+    done = [t for t in sr["trials"] if t["state"] == "complete" and t["value"] is not None]
+    x = np.array([t["number"] for t in done])
+    y = np.array([t["value"] for t in done])
+    fams = sorted({t["params"].get("family", "?") for t in done})
+    for fam in fams:
+        sel = np.array([t["params"].get("family") == fam for t in done], dtype=bool)
+        ax.plot(x[sel], y[sel], "o", ms=4, label=fam)
+    if len(y):
+        ax.step(x, np.minimum.accumulate(y), where="post", color="0.3", lw=1, label="best so far")
+    bad = [t["number"] for t in sr["trials"] if t["state"] != "complete"]
+    for b in bad:
+        ax.axvline(b, color="r", lw=0.6, alpha=0.5)
+    if len(y) and float(y.min()) > 0 and float(y.max()) / float(y.min()) > 20:
+        ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial", ylabel=f"held-out {sr['objective']}",
+           title=f"Allocation search ({len(bad)} pruned or failed, red)" if bad else "Allocation search")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def search_profile(report: dict, path: Path) -> str:
+    prof = report["search"]["profiles"]
+    plt, fig, ax = _figure()
+    for name, style in [("uniform", ":"), ("owl", "--"), ("alphapruning", "--"), ("atp", "--")]:
+        if name in prof:
+            ax.plot(range(len(prof[name])), prof[name], style, lw=1, label=name)
+    ax.plot(range(len(prof["search"])), prof["search"], "o-", ms=3, lw=2, color="k", label="search (best)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="block", ylabel="sparsity", title="Per-block sparsity: the search's winner and the rules")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
 def write_plots(folder: Path, report: dict, rows: dict[str, np.ndarray] | None = None) -> list[str]:
     """Write the plots of a report into `folder` (created); returns their file names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,5 +166,8 @@ def write_plots(folder: Path, report: dict, rows: dict[str, np.ndarray] | None =
         if rows:
             out.append(row_sparsity(report, rows, folder / "row_sparsity.png"))
         out.append(trim_metric(report, folder / "trim_metric.png"))
+    if report.get("search"):
+        out += [search_trials(report, folder / "search_trials.png"),
+                search_profile(report, folder / "search_profile.png")]
     name = metrics(report, folder / "metrics.png")
     return out + ([name] if name else [])

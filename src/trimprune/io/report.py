@@ -42,6 +42,10 @@ def build_report(result, model_info: dict, metrics: dict, timings: dict, device=
         "notes": list(result.notes),
         "resumed_from_block": getattr(result, "resumed_from_block", None),
     }
+    if getattr(result, "search", None):
+        rep["search"] = result.search
+    if getattr(result, "trim_guard", None):
+        rep["trim_guard"] = result.trim_guard
     if trim_layers:
         rep["trim_summary"] = {
             "linears": len(trim_layers),
@@ -121,6 +125,20 @@ def summary_text(report: dict) -> str:
                  f"allocation {report['allocation']['method']})")
     lines.append(f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data {t.get('calibration_data_seconds', 0):.1f} s,"
                  f" total {t.get('total_seconds', 0):.1f} s")
+    if report.get("search"):
+        sr = report["search"]
+        states = {}
+        for t in sr["trials"]:
+            states[t["state"]] = states.get(t["state"], 0) + 1
+        best = sr["best"]
+        lines.append(f"search: {len(sr['trials'])} trials ({', '.join(f'{v} {k}' for k, v in states.items())}), best "
+                     f"#{best['number']} {best['params']['family']}{' +trim' if best['params'].get('trim') else ''}: "
+                     f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} sequences, final "
+                     f"model {sr['final_objective']:.6g}")
+    if report.get("trim_guard"):
+        g = report["trim_guard"]
+        lines.append(f"TRIM guard (model): held-out {g['objective']} with TRIM {g['trim'][g['objective']]:.6g}, scorer "
+                     f"alone {g['scorer_alone'][g['objective']]:.6g}: kept {g['kept'].replace('_', ' ')}")
     if "trim_summary" in report:
         ts = report["trim_summary"]
         lines.append(f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean layer metric "
@@ -155,6 +173,19 @@ def markdown(report: dict) -> str:
         lr = f"{t['lr']}" if t else ""
         out.append(f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | {r['sparsity']:.4f} | "
                    f"{r['row_sparsity_min']:.3f} | {r['row_sparsity_max']:.3f} | {lr} | {tm} |")
+    if report.get("search"):
+        sr = report["search"]
+        out += ["", "## Allocation search", "",
+                f"Study `{sr['study']}`, objective held-out {sr['objective']} on {sr['holdout_sequences']} sequences "
+                f"(pruning statistics on {sr['prune_sequences']}); best trial #{sr['best']['number']}, final model "
+                f"{sr['final_objective']:.6g}.", "", "| trial | state | family | params | objective | seconds |",
+                "|---:|---|---|---|---:|---:|"]
+        for t in sr["trials"]:
+            ps = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
+                           if k != "family")
+            val = f"{t['value']:.6g}" if t["value"] is not None else "-"
+            sec = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
+            out.append(f"| {t['number']} | {t['state']} | {t['params'].get('family', '-')} | {ps} | {val} | {sec} |")
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
     out += ["", "## Timings", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"

@@ -15,7 +15,8 @@ from .base import MEAN_TOLERANCE, Allocation, from_file, read_allocation_file, u
 
 
 def linear_sizes(adapter) -> tuple[dict[str, int], dict[str, int]]:
-    """(full linear name -> weight count, full linear name -> block index) for `adapter`'s blocks."""
+    """(full linear name -> weight count, full linear name -> block index) for `adapter`'s blocks, in model
+    order."""
     numels, block_of = {}, {}
     for i in range(adapter.num_blocks):
         for n, mod in adapter.linears(i).items():
@@ -47,6 +48,11 @@ def build_allocation(config: PruneConfig, adapter, captured, ex: Executor = EAGE
         return uniform(s, numels, block_of)
     if a.method.startswith("file:"):
         return from_file(a.method[5:], s, numels, block_of)
+    if a.method == "atp":
+        from .atp import atp_allocation
+        return atp_allocation(a.atp_beta, s, numels, block_of)
+    if a.method == "search":
+        raise ValueError("--allocation search is decided by the search driver (trimprune.search), not here")
     if a.method == "owl":
         from .owl import owl_allocation
         return owl_allocation(a, s, adapter, captured, numels, block_of, config.run.offload, ex, progress)

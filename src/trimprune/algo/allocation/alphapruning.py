@@ -190,20 +190,27 @@ def alpha_sparsities(metrics: list[float], numels: list[int], sparsity: float, e
     return clip_to_mean(ratios * scaler, p, sparsity, 0.0, upper, mode="scale").tolist()
 
 
-def alpha_allocation(config: AllocationConfig, sparsity: float, adapter, numels, block_of, device,
-                     progress=False, visit: BlockVisit | None = None) -> Allocation:
-    metrics, cached = layer_metrics(adapter, device, config, progress, visit)
+def alpha_from_metrics(metrics: dict[str, dict], metric: str, eps: float, mapping: str, sparsity: float, numels,
+                       block_of, cached: bool = False) -> Allocation:
+    """The AlphaPruning allocation from per-linear metrics (`layer_metrics`)."""
     names = list(numels)
-    vals = [metrics[k][config.alpha_metric] for k in names]
+    vals = [metrics[k][metric] for k in names]
     bad = [k for k, v in zip(names, vals) if not math.isfinite(v)]
     if bad:
         # no power-law candidate (degenerate spectrum): use the mean metric for that matrix
         finite = [v for v in vals if math.isfinite(v)]
         fill = sum(finite) / len(finite) if finite else 1.0
         vals = [v if math.isfinite(v) else fill for v in vals]
-    blocks = [block_of[k] for k in names] if config.alpha_mapping == "block_wise" else None
-    sp = alpha_sparsities(vals, [numels[k] for k in names], sparsity, config.alpha_eps, blocks)
+    blocks = [block_of[k] for k in names] if mapping == "block_wise" else None
+    sp = alpha_sparsities(vals, [numels[k] for k in names], sparsity, eps, blocks)
     return Allocation("alphapruning", sparsity, dict(zip(names, sp)), numels, block_of,
-                      details={"metric": config.alpha_metric, "eps": config.alpha_eps, "mapping": config.alpha_mapping,
+                      details={"metric": metric, "eps": eps, "mapping": mapping,
                                "metric_values": dict(zip(names, vals)), "from_cache": cached,
                                "non_finite_metric": bad})
+
+
+def alpha_allocation(config: AllocationConfig, sparsity: float, adapter, numels, block_of, device,
+                     progress=False, visit: BlockVisit | None = None) -> Allocation:
+    metrics, cached = layer_metrics(adapter, device, config, progress, visit)
+    return alpha_from_metrics(metrics, config.alpha_metric, config.alpha_eps, config.alpha_mapping, sparsity, numels,
+                              block_of, cached)

@@ -24,8 +24,14 @@ from .base import Allocation, clip_to_mean
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     """100 * fraction of scores above m * mean (all linears of a block together)."""
+    return outlier_ratios(scores, [m])[0]
+
+
+def outlier_ratios(scores: list[torch.Tensor], ms: list[float]) -> list[float]:
+    """`outlier_ratio` for several thresholds M, the scores concatenated once."""
     flat = torch.cat([s.flatten().float() for s in scores])
-    return float((flat > flat.mean() * m).sum()) / flat.numel() * 100.0
+    mean = flat.mean()
+    return [float((flat > mean * m).sum()) / flat.numel() * 100.0 for m in ms]
 
 
 def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float, block_numels: list[int] | None = None,
@@ -43,12 +49,13 @@ def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float, block
 
 
 @torch.no_grad()
-def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured, numels, block_of, offload: bool,
-                   ex: Executor = EAGER, progress=False) -> Allocation:
+def owl_ratios(ms: list[float], adapter, captured, offload: bool, ex: Executor = EAGER,
+               progress=False) -> dict[float, list[float]]:
     """One dense walk over the captured calibration activations: per block, the Wanda scores of all its
-    linears give the outlier ratio D_l; then the mapping above."""
+    linears give the outlier ratio D_l for every threshold in `ms` (M -> [D_l per block])."""
     needs = StatsNeeds(sqnorm=True)
-    ratios: list[float] = []
+    ms = list(dict.fromkeys(float(m) for m in ms))
+    ratios: list[list[float]] = []
 
     def visit(run: BlockRun) -> StreamUpdate:
         hooks = BlockHooks(run.linears, needs, captured.exec_device, captured.n_tokens, ex=ex, ranks=captured.ranks,
@@ -58,13 +65,26 @@ def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured,
         hooks.reduce()
         run.check_statistics(hooks, ex)
         scores = [Wanda().importance(weight_2d(mod).float(), hooks.stats_for(n)) for n, mod in run.linears.items()]
-        ratios.append(outlier_ratio(scores, config.owl_m))
+        ratios.append(outlier_ratios(scores, ms))
         return StreamUpdate(main=out)           # the dense block's outputs feed the next block
 
     walk(adapter, captured, Streams(captured.hidden), visit, offload=offload, progress=progress, desc="OWL scores",
          ex=ex)
-    block_numels = [sum(n for k, n in numels.items() if block_of[k] == b) for b in range(adapter.num_blocks)]
-    per_block = owl_block_sparsities(ratios, sparsity, config.owl_lambda, block_numels)
+    return {m: [r[j] for r in ratios] for j, m in enumerate(ms)}
+
+
+def owl_from_ratios(ratios: list[float], owl_m: float, lam: float, sparsity: float, numels, block_of) -> Allocation:
+    """The OWL allocation from the blocks' outlier ratios at threshold `owl_m`."""
+    n_blocks = len(ratios)
+    block_numels = [sum(n for k, n in numels.items() if block_of[k] == b) for b in range(n_blocks)]
+    per_block = owl_block_sparsities(ratios, sparsity, lam, block_numels)
     per_linear = {k: per_block[block_of[k]] for k in numels}
     return Allocation("owl", sparsity, per_linear, numels, block_of,
-                      details={"outlier_ratio": ratios, "owl_m": config.owl_m, "owl_lambda": config.owl_lambda})
+                      details={"outlier_ratio": list(ratios), "owl_m": owl_m, "owl_lambda": lam})
+
+
+def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured, numels, block_of, offload: bool,
+                   ex: Executor = EAGER, progress=False) -> Allocation:
+    """The outlier ratios of one dense walk (`owl_ratios`), then the mapping above."""
+    ratios = owl_ratios([config.owl_m], adapter, captured, offload, ex, progress)[float(config.owl_m)]
+    return owl_from_ratios(ratios, config.owl_m, config.owl_lambda, sparsity, numels, block_of)

@@ -1,0 +1,143 @@
+"""The pure parts of `--allocation search`: the search space, a trial's parameters -> per-block profile
+-> an allocation with the exact parameter-weighted mean and the bounds of the other allocations.
+
+The driver (`trimprune.search`) asks Optuna's TPE for the parameters of each trial (through `suggest`,
+which only calls `trial.suggest_categorical` / `trial.suggest_float`: Optuna is not imported here),
+prunes with `allocation_for(params, ...)` and scores the model on held-out calibration sequences.
+
+Search space (`--search-space`, a comma list):
+- `rules`: the closed-form allocations and their parameters: OWL (M from `OWL_M_GRID`, lambda),
+  AlphaPruning (metric, eps; the mapping of `--alpha-mapping`), ATP (beta);
+- `free`: a smooth profile over depth, `N_CHEB` Chebyshev coefficients c_k on x_l = 2 l / (L - 1) - 1:
+  s_l = S + sum_k c_k T_k(x_l) (k = 1..N_CHEB; T_0 would only move the mean, which is fixed);
+- `trim`: TRIM on or off, per trial.
+Each trial first picks its family (`family`: owl, alphapruning, atp or free) as a categorical. Every
+profile ends with `clip_to_mean`: blocks in [0, UPPER] and the parameter-weighted mean exactly the
+target, as OWL, AlphaPruning and ATP do on their own. A new study starts with `warm_starts`: uniform
+(a free profile of zeros) and the rules with the config's parameters, so the search's best is never
+worse than those on its own objective.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ...config import ALPHA_METRICS
+from .atp import atp_block_sparsities, block_numels_of
+from .base import Allocation, clip_to_mean
+
+UPPER = 0.99
+RULES = ("owl", "alphapruning", "atp")
+OWL_M_GRID = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)     # OWL's paper tried M in {3, 5, 7, 10}
+OWL_LAMBDA = (0.0, 0.25)                               # its paper: lambda in [0.02, 0.2]
+ALPHA_EPS = (0.0, 0.5)
+ATP_BETA = (0.0, 0.6)
+N_CHEB = 4
+CHEB_RANGE = (-0.1, 0.1)
+
+
+def families(spaces) -> list[str]:
+    """The families a trial chooses from."""
+    out = []
+    if "rules" in spaces:
+        out += list(RULES)
+    if "free" in spaces:
+        out.append("free")
+    return out
+
+
+def suggest(trial, spaces, trim_default: bool) -> dict:
+    """A trial's parameters (Optuna's define-by-run: the parameters of the chosen family only)."""
+    fam = trial.suggest_categorical("family", families(spaces))
+    if fam == "owl":
+        trial.suggest_categorical("owl_m", list(OWL_M_GRID))
+        trial.suggest_float("owl_lambda", *OWL_LAMBDA)
+    elif fam == "alphapruning":
+        trial.suggest_categorical("alpha_metric", list(ALPHA_METRICS))
+        trial.suggest_float("alpha_eps", *ALPHA_EPS)
+    elif fam == "atp":
+        trial.suggest_float("atp_beta", *ATP_BETA)
+    else:
+        for k in range(1, N_CHEB + 1):
+            trial.suggest_float(f"c{k}", *CHEB_RANGE)
+    if "trim" in spaces:
+        trial.suggest_categorical("trim", [False, True])
+    params = dict(trial.params)
+    params.setdefault("trim", trim_default)
+    return params
+
+
+def _clamp(v: float, lo_hi: tuple[float, float]) -> float:
+    return min(max(float(v), lo_hi[0]), lo_hi[1])
+
+
+def warm_starts(spaces, allocation, trim_default: bool) -> list[dict]:
+    """The first trials of a new study: uniform (with `free`) and OWL, AlphaPruning and ATP with the
+    parameters of `allocation` (an `AllocationConfig`; with `rules`), clamped into the search's ranges."""
+    out = []
+    if "free" in spaces:
+        out.append({"family": "free"} | {f"c{k}": 0.0 for k in range(1, N_CHEB + 1)})
+    if "rules" in spaces:
+        m = float(allocation.owl_m) if float(allocation.owl_m) in OWL_M_GRID else 5.0
+        out += [{"family": "owl", "owl_m": m, "owl_lambda": _clamp(allocation.owl_lambda, OWL_LAMBDA)},
+                {"family": "alphapruning", "alpha_metric": allocation.alpha_metric,
+                 "alpha_eps": _clamp(allocation.alpha_eps, ALPHA_EPS)},
+                {"family": "atp", "atp_beta": _clamp(allocation.atp_beta, ATP_BETA)}]
+    if "trim" in spaces:
+        out = [p | {"trim": bool(trim_default)} for p in out]
+    return out
+
+
+def chebyshev_profile(coeffs: list[float], n_blocks: int) -> list[float]:
+    """sum_k c_k T_k(x_l), k = 1.., at x_l = 2 l / (L - 1) - 1 (x = 0 for one block)."""
+    if n_blocks == 1:
+        x = torch.zeros(1, dtype=torch.float64)
+    else:
+        x = torch.arange(n_blocks, dtype=torch.float64) * (2.0 / (n_blocks - 1)) - 1.0
+    t_prev, t = torch.ones_like(x), x.clone()
+    out = torch.zeros_like(x)
+    for c in coeffs:                 # T_1, T_2, ... by the recurrence T_{k+1} = 2 x T_k - T_{k-1}
+        out += float(c) * t
+        t_prev, t = t, 2 * x * t - t_prev
+    return out.tolist()
+
+
+def free_block_sparsities(coeffs: list[float], sparsity: float, block_numels: list[int],
+                          upper: float = UPPER) -> list[float]:
+    s = torch.tensor(chebyshev_profile(coeffs, len(block_numels)), dtype=torch.float64) + sparsity
+    return clip_to_mean(s, torch.tensor(block_numels, dtype=torch.float64), sparsity, 0.0, upper).tolist()
+
+
+class RuleSources(Protocol):
+    """What the rules need from the model: OWL's outlier ratios per block for a threshold M (from a dense
+    walk, cached), and AlphaPruning's per-linear metrics (from the weights, cached)."""
+
+    def owl_ratios(self, m: float) -> list[float]: ...
+
+    def alpha_metrics(self) -> dict[str, dict]: ...
+
+
+def allocation_for(params: dict, sparsity: float, numels: dict[str, int], block_of: dict[str, int],
+                   sources: RuleSources, alpha_mapping: str = "block_wise") -> Allocation:
+    """The allocation of a trial's parameters (`suggest`), method "search", with the parameters in its details."""
+    from .alphapruning import alpha_from_metrics
+    from .owl import owl_from_ratios
+
+    fam = params["family"]
+    blocks = block_numels_of(numels, block_of)
+    if fam == "owl":
+        per = owl_from_ratios(sources.owl_ratios(params["owl_m"]), params["owl_m"], params["owl_lambda"], sparsity,
+                              numels, block_of).per_linear
+    elif fam == "alphapruning":
+        per = alpha_from_metrics(sources.alpha_metrics(), params["alpha_metric"], params["alpha_eps"], alpha_mapping,
+                                 sparsity, numels, block_of).per_linear
+    elif fam == "atp":
+        pb = atp_block_sparsities(len(blocks), sparsity, params["atp_beta"], blocks)
+        per = {k: pb[block_of[k]] for k in numels}
+    elif fam == "free":
+        pb = free_block_sparsities([params[f"c{k}"] for k in range(1, N_CHEB + 1)], sparsity, blocks)
+        per = {k: pb[block_of[k]] for k in numels}
+    else:
+        raise ValueError(f"unknown search family {fam!r}")
+    return Allocation("search", sparsity, per, numels, block_of, details={"family": fam, "params": dict(params)})
