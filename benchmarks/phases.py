@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_model, config_overrides, machine, random_calibration  # noqa: E402
+from common import bench_dtype, bench_model, config_overrides, machine, random_calibration  # noqa: E402
 
 from trimprune import PruneConfig, prune  # noqa: E402
-from trimprune.io.models import resolve_device, resolve_dtype  # noqa: E402
+from trimprune.io.models import resolve_device  # noqa: E402
 
 
 def sync_table(phases) -> str:
@@ -66,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--model", default="synthetic:smollm2-135m")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--layers", type=int, default=None, help="synthetic models: number of blocks")
+    ap.add_argument("--dtype", default=None, help="default: what trimprune prune uses (printed)")
     ap.add_argument("--trim", default="none,all", help="comma list of none, all, last-token, sample:N")
     ap.add_argument("--trim-precision", default="tf32")
     ap.add_argument("--scorer", default="wanda")
@@ -81,7 +82,7 @@ def main(argv=None):
                     help="one more run under cProfile: the N functions with the most host time")
     args = ap.parse_args(argv)
     dev = resolve_device(None)
-    dtype = resolve_dtype(None, dev)
+    dtype = bench_dtype(args.model, args.gguf_file, args.dtype, dev)
     model, _ = bench_model(args.model, args.gguf_file, dev, dtype, args.layers)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)

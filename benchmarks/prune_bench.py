@@ -20,11 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer, append_jsonl, bench_model, config_overrides, machine, peak_rss_gb, random_calibration  # noqa: E402
+from common import (Timer, append_jsonl, bench_dtype, bench_model, config_overrides, machine, peak_rss_gb,  # noqa: E402
+                    random_calibration)
 
 from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune.calib.data import get_calibration  # noqa: E402
-from trimprune.io.models import resolve_device, resolve_dtype  # noqa: E402
+from trimprune.io.models import resolve_device  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +34,7 @@ def main(argv=None):
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--layers", type=int, default=None, help="synthetic models: number of blocks")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help="default: what trimprune prune uses (printed and recorded)")
     ap.add_argument("--scorer", action="append", default=None, help="repeatable (default wanda)")
     ap.add_argument("--trim", default="none",
                     help="comma list of none, all, last-token, sample:N (\"both\" = none,all,last-token)")
@@ -53,7 +54,7 @@ def main(argv=None):
     overrides = config_overrides(args.set, ap.error)
 
     dev = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, dev)
+    dtype = bench_dtype(args.model, args.gguf_file, args.dtype, dev)
     t0 = time.perf_counter()
     model, tok = bench_model(args.model, args.gguf_file, dev, dtype, args.layers, args.offload)
     load_s = time.perf_counter() - t0

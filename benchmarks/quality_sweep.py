@@ -85,7 +85,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help="default: what trimprune prune uses (recorded in every line)")
     ap.add_argument("--grid", default="all")
     ap.add_argument("--only", default=None, help="slice of the grid, e.g. 0:10")
     ap.add_argument("--nsamples", type=int, default=128)
@@ -104,6 +104,7 @@ def main(argv=None):
 
     model, tok = load_model(args.model, args.gguf_file, args.dtype, args.device)
     dev = next(model.parameters()).device
+    dtype = str(next(model.parameters()).dtype)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = dict(calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                 trim_precision=args.trim_precision, alpha_cache_dir=args.alpha_cache_dir)
@@ -116,10 +117,10 @@ def main(argv=None):
             done.add(json.dumps(r["config_overrides"], sort_keys=True))
     t = time.perf_counter()
     dense = evaluate_sets(model, sets, 8)["wikitext2"]
-    print(f"# {machine()} | dense wikitext2 ppl {dense['perplexity']:.4f} ({time.perf_counter() - t:.1f} s)", flush=True)
+    print(f"# {machine()} | {dtype} | dense wikitext2 ppl {dense['perplexity']:.4f} ({time.perf_counter() - t:.1f} s)", flush=True)
     dense_zs = None if "null" in done else zero_shot(model, tok, args)
     if dense_zs is not None:
-        append_jsonl(args.out, {"machine": machine(), "model": args.model, "config_overrides": None,
+        append_jsonl(args.out, {"machine": machine(), "model": args.model, "dtype": dtype, "config_overrides": None,
                                 "ppl": dense["perplexity"], "eval_windows": dense["windows"], "zero_shot": dense_zs})
         print(f"# dense zero-shot mean {dense_zs['mean_classic']} ({dense_zs['seconds']:.1f} s)", flush=True)
     configs = grid(args.grid)
@@ -139,7 +140,7 @@ def main(argv=None):
         wall = time.perf_counter() - t
         ev = evaluate_sets(model, sets, 8)["wikitext2"]
         ts = [r.trim for r in res.layers.values() if r.trim is not None]
-        rec = {"machine": machine(), "model": args.model, "config_overrides": g, "calib": f"c4 {args.nsamples}x"
+        rec = {"machine": machine(), "model": args.model, "dtype": dtype, "config_overrides": g, "calib": f"c4 {args.nsamples}x"
                f"{args.seqlen} seed {args.seed}", "ppl": ev["perplexity"], "dense_ppl": dense["perplexity"],
                "eval_windows": ev["windows"], "achieved_sparsity": res.global_sparsity,
                "prune_seconds": res.timings["prune_seconds"], "wall_seconds": wall,

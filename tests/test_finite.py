@@ -42,15 +42,31 @@ def test_check_finite_names_each_tensor_with_nan_or_inf():
 
 @pytest.mark.parametrize("scorer", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("value,kind", [(math.nan, "NaN"), (math.inf, "Inf"), (-math.inf, "Inf")])
-def test_non_finite_weight_names_the_linear(scorer, value, kind):
+def test_non_finite_weight_names_the_linear_before_any_block_is_pruned(scorer, value, kind):
     model = _poisoned(value)
     with pytest.raises(TrimpruneError) as e:
         _prune(model, scorer=scorer)
     msg = str(e.value)
     assert isinstance(e.value, NonFiniteError) and "\n" not in msg
     assert "model.layers.1.mlp.up_proj.weight holds " + kind in msg and "block 1 (model.layers.1)" in msg
-    assert "checkpoint" in msg
-    # block 0 was pruned (the check runs as block 1 is loaded), block 1 was not touched
+    assert "checkpoint" in msg and msg.startswith("before pruning, the dense model on the first calibration batch")
+    ad = ModelAdapter.from_model(model)          # the dense check ran first: no block was touched
+    assert not any(bool((weight_2d(m) == 0).any()) for i in range(2) for m in ad.linears(i).values())
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "sparsegpt"])
+def test_the_walk_checks_each_block_as_it_is_loaded(scorer, monkeypatch):
+    """Without the dense check (as for blocks restored from a checkpoint), the walk's own check stops at
+    block 1: block 0 is pruned, block 1 untouched."""
+    import trimprune.api as api
+
+    monkeypatch.setattr(api, "check_dense_batch", lambda *a, **k: None)
+    model = _poisoned(math.nan)
+    with pytest.raises(NonFiniteError) as e:
+        _prune(model, scorer=scorer)
+    msg = str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight holds NaN" in msg and "block 1 (model.layers.1)" in msg
+    assert not msg.startswith("before pruning")
     ad = ModelAdapter.from_model(model)
     assert all(float((weight_2d(m) == 0).float().mean()) == 0.5 for m in ad.linears(0).values())
     assert not any(bool((weight_2d(m) == 0).any()) for m in ad.linears(1).values())
@@ -97,13 +113,25 @@ def test_block_outputs_overflowing_in_float16_name_the_block(block):
 
 
 @pytest.mark.parametrize("dtype,fix", [(torch.float16, "--dtype bfloat16"), (torch.float32, "check the checkpoint")])
-def test_activations_overflowing_inside_a_block_stop_at_its_statistics(dtype, fix):
-    model = make("llama", dtype=dtype)
-    with torch.no_grad():
-        for p in model.model.layers[0].mlp.parameters():
-            p.mul_(1e4 if dtype == torch.float16 else 1e15)
+def test_activations_overflowing_inside_a_block_stop_at_its_statistics(dtype, fix, monkeypatch):
+    """The dense check on the first batch stops first (naming the block and the fix); without it (the
+    pruned model's own overflow), the statistics check names the linears that read the overflow."""
+    def overflowing():
+        model = make("llama", dtype=dtype)
+        with torch.no_grad():
+            for p in model.model.layers[0].mlp.parameters():
+                p.mul_(1e4 if dtype == torch.float16 else 1e15)
+        return model
+
     with pytest.raises(NonFiniteError) as e:
-        _prune(model, scorer="sparsegpt")
+        _prune(overflowing(), scorer="sparsegpt")
+    msg = str(e.value)
+    assert msg.startswith("before pruning") and "outputs of block 0 (model.layers.0)" in msg and fix in msg, msg
+    import trimprune.api as api
+
+    monkeypatch.setattr(api, "check_dense_batch", lambda *a, **k: None)
+    with pytest.raises(NonFiniteError) as e:
+        _prune(overflowing(), scorer="sparsegpt")
     msg = str(e.value)
     assert "model.layers.0.mlp.down_proj" in msg and "block 0 (model.layers.0)" in msg and fix in msg, msg
 

@@ -8,6 +8,7 @@ With `config.run.checkpoint_dir`, every finished block is committed to a checkpo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,17 +16,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .algo.allocation import Allocation, build_allocation
+from .algo.allocation import Allocation, build_allocation, resolve_sparsity
 from .algo.block import BlockRecords, Plan, prune_block
 from .algo.executor import Deferred
 from .algo.masks import unpack_mask
 from .algo.ranks import Ranks
 from .algo.records import BlockGuardRecord, LinearRecord
 from .algo.scorers import make_scorer
-from .calib.capture import Streams, StreamUpdate, capture, walk
+from .calib.capture import Captured, Streams, StreamUpdate, capture, walk
 from .calib.data import get_calibration
 from .config import PruneConfig
-from .errors import TrimpruneError
+from .errors import NonFiniteError, TrimpruneError
 from .exec import Phases, make_executor
 from .exec.memory import usable_bytes
 from .io.checkpoint import Checkpoint
@@ -215,6 +216,21 @@ def _walk(model, adapter: ModelAdapter, captured, plan: Plan, config: PruneConfi
     return records
 
 
+def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload, ex) -> None:
+    """Before any weight changes: the dense model's blocks on the first calibration batch, every block's
+    outputs checked (`calib.finite.check_walk_step`). Activations that overflow (float16's range is
+    65504) stop the run here, before the first block is pruned, with the error naming the block and
+    the dtype to use; one batch through the blocks is all it costs (with --offload disk, one more read of
+    the blocks)."""
+    first = dataclasses.replace(captured, hidden=captured.hidden[:1], subset=None)
+    try:
+        with ex.phase("dense check"):
+            walk(adapter, first, Streams(list(first.hidden)), lambda run: None, offload=offload, progress=False,
+                 ex=ex)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"before pruning, the dense model on the first calibration batch: {e}") from None
+
+
 class Session:
     """What every prune of one model from one calibration set shares, prepared once: the adapter, the
     calibration sequences (less the held-out ones of a search, `holdout`), the checkpoint of
@@ -291,6 +307,9 @@ class Session:
                    ckpt, notes, storage)
         try:
             self._capture(config.trim.block_guard if guard_subset is None else guard_subset)
+            t0 = time.perf_counter()
+            check_dense_batch(adapter, self.captured, config.run.offload, ex)
+            timings["dense_check_seconds"] = time.perf_counter() - t0
         except BaseException:
             ex.close()
             raise
@@ -417,16 +436,28 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, calibration=None, *,
     (`algo.ranks`). Only rank 0 shows progress.
 
     NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
-    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place."""
+    naming the block and the tensor (`calib.finite`); blocks before it are already pruned in place.
+    Before the first block is pruned, the dense model runs on the first calibration batch
+    (`check_dense_batch`): activations that overflow the dtype (float16) stop the run there.
+
+    `config.allocation` "file:PATH" is read against the model first (`algo.allocation.resolve_sparsity`):
+    its parameter-weighted mean must be `config.sparsity` within 1e-4; with `config.sparsity` None the
+    mean is the target (the result's config holds it, its notes say so)."""
+    file_target = config.sparsity is None
+    config = resolve_sparsity(config, ModelAdapter.from_model(model))
     if config.holdout is not None:
         from .search import search_prune
 
         return search_prune(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
     session = Session.open(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile)
     try:
-        return session.run(config, session.allocate(config))
+        result = session.run(config, session.allocate(config))
     finally:
         session.close()
+    if file_target:
+        result.notes.insert(0, f"no --sparsity given: the target is the parameter-weighted mean of "
+                               f"{config.allocation.method}, {config.sparsity:.6g}")
+    return result
 
 
 def _resume_notes(ckpt: Checkpoint, config: PruneConfig, dev, progress: Progress) -> list[str]:

@@ -26,7 +26,8 @@ def _add_model_args(p):
     g.add_argument("--gguf-file", help="GGUF file to load (path, or name inside --model directory)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weights dtype (default: float16 on GPU, float32 on CPU)")
+                   help="weights dtype (default: the checkpoint's own when it is float16 or bfloat16, else "
+                        "bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model repository (off unless asked)")
 
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--recipe", help="YAML file with PruneConfig fields; explicit flags override it")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it is a folder trimprune wrote (one with its report.json), and remove "
+                        "partial outputs of interrupted runs beside it")
     p.add_argument("--no-save-model", action="store_true",
                    help="write only masks, allocation and report (no weights), e.g. for sweeps")
     p.add_argument("--save-format", choices=["dense", "compact"], default="dense",
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild the dense weights (the only export format)")
     x.add_argument("run_dir", help="--output folder of `trimprune prune` (compact or dense)")
     x.add_argument("out_dir", help="new folder for the Hugging Face directory (written atomically)")
-    x.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace out_dir if it is a folder trimprune wrote")
     x.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model repository (off unless asked)")
     return ap
@@ -156,8 +160,9 @@ def _eval_data(pairs: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args) -> PruneConfig:
-    """The recipe's config (if any) with the flags given on the command line on top; validated once."""
-    flat = PruneConfig.from_yaml(args.recipe).to_flat() if getattr(args, "recipe", None) else {}
+    """The recipe's values (if any) with the flags given on the command line on top; validated once. A
+    sparsity given by neither is the default (0.5, N/M with --mask-structure, an allocation file's mean)."""
+    flat = PruneConfig.recipe_flat(args.recipe) if getattr(args, "recipe", None) else {}
     given = {k: getattr(args, k) for k in PruneConfig.flat_fields() if getattr(args, k, None) is not None}
     if "mask_structure" in given and "sparsity" not in given:
         flat.pop("sparsity", None)               # N:M fixes the sparsity (N/M)
@@ -270,28 +275,27 @@ def cmd_prune(args) -> int:
         return _prune_command(args, scope)
 
 
+def _warn(message: str) -> None:
+    print(f"trimprune: warning: {message}", file=sys.stderr)
+
+
 def _prune_command(args, scope) -> int:
+    from .algo.allocation import resolve_sparsity
     from .api import prune
     from .io.evaluate import prepare_eval_sets
     from .io.checkpoint import precheck, remove_checkpoint
     from .io.diskmodel import disk_storage
-    from .io.export import StagedDir, check_output_dir, write_outputs
+    from .io.export import StagedDir, write_outputs
     from .io.models import ModelAdapter, load_model
     from .io.report import build_report, markdown, summary_text
+    from .preflight import check_prune_inputs
 
     t_all = time.perf_counter()
     cfg = config_from_args(args)
-    check_output_dir(args.output, args.overwrite)
-    if cfg.run.checkpoint_dir:
-        from pathlib import Path
-
-        out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
-        if ck == out or out in ck.parents:
-            raise TrimpruneError(f"--checkpoint-dir {cfg.run.checkpoint_dir!r} is inside --output {args.output!r}, "
-                                 "which is written at the end: give a folder outside it")
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
     _check_disk_args(args, cfg.run.offload, cfg.calib.source)
+    warnings_ = check_prune_inputs(args, cfg, _eval_data(args.eval_data))      # everything before the model loads
     dev = _device(args)
     if cfg.holdout is not None:              # a search or --trim-guard model: refused under torchrun before any work
         from .algo.ranks import Ranks
@@ -299,6 +303,8 @@ def _prune_command(args, scope) -> int:
 
         refuse_several_processes(cfg, Ranks.current())
     main_rank = _main_rank()
+    for w in warnings_ if main_rank else []:
+        _warn(w)
     progress = Progress("off" if args.quiet or not main_rank else "auto", log_json=args.log_json if main_rank else None)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.run.offload,
@@ -311,6 +317,8 @@ def _prune_command(args, scope) -> int:
     adapter = ModelAdapter.from_model(model)
     adapter.check_context(cfg.calib.seqlen, "--seqlen")
     adapter.check_context(eval_seqlen, "--eval-seqlen")
+    file_target = cfg.sparsity is None
+    cfg = resolve_sparsity(cfg, adapter)     # an allocation file against the model's linears and --sparsity
     precheck(cfg, model)                     # a checkpoint of another run is refused before any evaluation
     sets = prepare_eval_sets(args.eval, tok, eval_seqlen, _eval_data(args.eval_data), args.eval_limit, model,
                              self_samples=args.self_eval_samples, seed=cfg.calib.seed,
@@ -327,13 +335,17 @@ def _prune_command(args, scope) -> int:
     timings["zero_shot_seconds"] = dense.get("zero_shot_seconds", 0.0) + pruned.get("zero_shot_seconds", 0.0)
     model_info = {"source": args.model, "gguf_file": args.gguf_file, "class": type(model).__name__,
                   "model_type": getattr(model.config, "model_type", None), "num_blocks": adapter.num_blocks,
-                  "dtype": str(next(model.parameters()).dtype), "device": str(dev)}
+                  "dtype": str(next(model.parameters()).dtype),
+                  "dtype_from": getattr(model, "trimprune_source", {}).get("dtype_from"), "device": str(dev)}
     timings["total_seconds"] = time.perf_counter() - t_all
     report = build_report(result, model_info, metrics, timings, dev, command=["trimprune"] + sys.argv[1:])
     if args.eval_limit is not None:
         report["notes"].append(f"--eval-limit {args.eval_limit}: perplexities use only the first windows")
     if args.tasks_limit is not None:
         report["notes"].append(f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples")
+    if file_target:
+        report["notes"].append(f"no --sparsity given: the target is the parameter-weighted mean of "
+                               f"{cfg.allocation.method}, {cfg.sparsity:.6g}")
     if not main_rank:              # rank 0 writes the outputs and prints
         return 0
     write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
@@ -356,6 +368,9 @@ def cmd_eval(args) -> int:
                              "--eval wikitext2 or --tasks boolq,rte")
     _check_eval_args(args, args.seqlen)
     _check_disk_args(args, args.offload)
+    from .preflight import check_eval_inputs
+
+    check_eval_inputs(args, _eval_data(args.eval_data))             # everything before the model loads
     dev = _device(args)
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto")
@@ -385,26 +400,52 @@ def cmd_export(args) -> int:
     from transformers import AutoTokenizer
 
     from .io.compact import load_pruned
-    from .io.export import atomic_dir, check_output_dir, save_model_dir
+    from .io.export import atomic_dir, save_model_dir, write_export_marker
+    from .preflight import check_export_inputs
 
-    check_output_dir(args.out_dir, args.overwrite)
+    for w in check_export_inputs(args):
+        _warn(w)
     model = load_pruned(args.run_dir, trust_remote_code=args.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(args.run_dir, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError):
         tok = None
-    with atomic_dir(args.out_dir, args.overwrite) as tmp:
+    with atomic_dir(args.out_dir, args.overwrite, flag="OUT_DIR") as tmp:
         save_model_dir(tmp, model, tok)
+        write_export_marker(tmp, args.run_dir)
     print(f"written: {args.out_dir}")
     return 0
 
 
 def cmd_report(args) -> int:
+    from .io.export import check_output_file
     from .io.render import write_report
 
+    if args.output:
+        check_output_file(args.output, "--output")
     page, md = write_report(args.run_dirs, args.output)
     print(f"written: {page}, {md}")
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` runs (temporary folders are removed)."""
+
+
+def _terminate_by_exception():
+    """Turn SIGTERM into `_Terminated` in a single process (under torchrun the launcher owns the signals).
+    Returns the previous handler, or None when none was installed."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
@@ -433,8 +474,13 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
         if quiet:
             hf_logging.set_verbosity_error()
+    previous = _terminate_by_exception()
     try:
         return COMMANDS[args.command](args)
+    except _Terminated:
+        print("trimprune: terminated (SIGTERM); nothing was written to --output and its temporary folder was "
+              "removed", file=sys.stderr)
+        return 143
     except TrimpruneError as e:
         import os
 
@@ -450,6 +496,10 @@ def main(argv=None) -> int:
         print(f"trimprune: interrupted (nothing was written{' to --output' if kept else ''}){kept}", file=sys.stderr)
         return 130
     finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
         if args.command in ("prune", "eval"):
             from .exec.distributed import shutdown
 

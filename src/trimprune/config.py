@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .errors import TrimpruneError
+from .errors import ConfigError, InputFileError
 
 SCORERS = ("magnitude", "wanda", "sparsegpt")
 CALIB_SOURCES = ("c4", "wikitext2", "ptb", "self")
@@ -68,10 +68,10 @@ def parse_nm(structure: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(structure))
     if not m:
-        raise TrimpruneError(f"--mask-structure {structure!r} is malformed: use N:M such as 2:4 or 4:8")
+        raise ConfigError(f"--mask-structure {structure!r} is malformed: use N:M such as 2:4 or 4:8")
     n, mm = int(m.group(1)), int(m.group(2))
     if not (0 < n < mm):
-        raise TrimpruneError(f"--mask-structure {structure!r} needs 0 < N < M, e.g. 2:4 or 4:8")
+        raise ConfigError(f"--mask-structure {structure!r} needs 0 < N < M, e.g. 2:4 or 4:8")
     return n, mm
 
 
@@ -90,7 +90,7 @@ class TrimInputs:
         m = re.fullmatch(r"sample:(\d+)", str(spec))
         if m and int(m.group(1)) > 0:
             return cls("sample", int(m.group(1)))
-        raise TrimpruneError(f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)")
+        raise ConfigError(f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)")
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -117,9 +117,28 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
+def _number_hint(value, tp) -> str:
+    """A hint for YAML's readings of values meant as numbers: `5e-1` (text in YAML 1.1), `2:4` (124)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads {value} as text: write a plain number such as {float(value)!r}, without quotes)"
+    return ""
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _check_types(obj) -> None:
     """Every field has the declared type: a recipe's "false" is not a boolean, YAML's 2:4 (read as the
-    integer 124) is not an N:M string."""
+    integer 124) is not an N:M string, a number is finite."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if "key" not in f.metadata:
@@ -130,18 +149,29 @@ def _check_types(obj) -> None:
             union = typing.get_origin(tp) in (typing.Union, types.UnionType)
             args = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
             hint = " (in YAML, quote it: '2:4')" if f.name == "mask_structure" and isinstance(v, int) else ""
+            if args[0] in (int, float):
+                hint = _number_hint(v, args[0])
             what = f"{', '.join(f.metadata['choices'])} or false" if f.metadata.get("const") else _describe(args[0])
-            raise TrimpruneError(f"{f.metadata['key']} {v!r} must be {what}{hint}")
+            raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be {what}{hint}")
+        if not _finite(v):
+            raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be a finite number")
         if isinstance(v, list):
             object.__setattr__(obj, f.name, tuple(v))
         if f.metadata.get("choices") and v is not None and v is not False and v not in f.metadata["choices"]:
             off = " or false" if f.metadata.get("const") else ""
-            raise TrimpruneError(f"{flag_of(f)} {v!r} is unknown: choose one of {', '.join(f.metadata['choices'])}{off}")
+            raise ConfigError(f"{flag_of(f)} {_shown(v)} is unknown: choose one of "
+                              f"{', '.join(f.metadata['choices'])}{off}")
+
+
+def _shown(v) -> str:
+    """A value as an error message shows it: its repr, cut at 60 characters."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _in_range(value, ok: bool, message: str) -> None:
     if not ok:
-        raise TrimpruneError(message)
+        raise ConfigError(message)
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -207,7 +237,7 @@ class CalibConfig:
     def __post_init__(self):
         _check_types(self)
         if self.source == "self" and self.data:
-            raise TrimpruneError("--calib self samples from the model and takes no --calib-data: drop --calib-data")
+            raise ConfigError("--calib self samples from the model and takes no --calib-data: drop --calib-data")
         _in_range(self.nsamples, self.nsamples >= 1, f"--nsamples {self.nsamples!r} must be an integer >= 1")
         _in_range(self.seqlen, self.seqlen >= 2, f"--seqlen {self.seqlen!r} must be an integer >= 2")
 
@@ -249,7 +279,7 @@ class TrimConfig:
         object.__setattr__(self, "_input_mode", mode)          # parsed once (not a field)
         if self.enabled and mode.mode == "all" and (self.metric not in GRAM_LAYER_METRICS
                                                     or self.dim_metric not in GRAM_DIM_METRICS):
-            raise TrimpruneError(
+            raise ConfigError(
                 f"--trim-metric {self.metric} / --trim-dim-metric {self.dim_metric} need explicit outputs, which "
                 "--trim-inputs all does not keep: use --trim-inputs sample:N or last-token, or a Gram metric "
                 f"({', '.join(GRAM_LAYER_METRICS)} / {', '.join(GRAM_DIM_METRICS)})")
@@ -296,14 +326,14 @@ class RunConfig:
             object.__setattr__(self, "offload", "cpu")
         _check_types(self)
         if self.offload == "disk" and self.checkpoint_dir:
-            raise TrimpruneError("--checkpoint-dir is not supported with --offload disk (the pruned blocks go straight "
-                                 "to --output): use --offload cpu, or leave --checkpoint-dir out")
+            raise ConfigError("--checkpoint-dir is not supported with --offload disk (the pruned blocks go straight "
+                              "to --output): use --offload cpu, or leave --checkpoint-dir out")
         _in_range(self.batch_size, self.batch_size >= 0,
                   f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)")
         if self.resume and not self.checkpoint_dir:
-            raise TrimpruneError("--resume needs --checkpoint-dir DIR: the folder of the interrupted run's checkpoint")
+            raise ConfigError("--resume needs --checkpoint-dir DIR: the folder of the interrupted run's checkpoint")
         if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
-            raise TrimpruneError("--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt")
+            raise ConfigError("--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt")
 
 
 @dataclass(frozen=True)
@@ -375,52 +405,57 @@ class PruneConfig:
         for name, (cls, short) in PARTS.items():          # shorthands: scorer="wanda", trim=True, {...}
             v = getattr(self, name)
             if isinstance(v, dict):
+                names = {f.name for f in dataclasses.fields(cls)}
+                unknown = [str(k) for k in v if k not in names]
+                if unknown:
+                    raise ConfigError(f"{name}.{unknown[0]} is unknown: valid keys are "
+                                      f"{', '.join(f'{name}.{n}' for n in sorted(names))}")
                 object.__setattr__(self, name, cls(**v))
             elif not isinstance(v, cls):
                 if short is None:
-                    raise TrimpruneError(f"{name} {v!r} must be a {cls.__name__}")
+                    raise ConfigError(f"{name} {_shown(v)} must be a {cls.__name__}")
                 object.__setattr__(self, name, cls(**{short: v}))
         nm = parse_nm(self.mask_structure) if isinstance(self.mask_structure, str) else None
-        if self.sparsity is None:
+        if self.sparsity is None and not self.allocation.method.startswith("file:"):
             object.__setattr__(self, "sparsity", nm[0] / nm[1] if nm else 0.5)
         _check_types(self)
         s = self.sparsity
-        if math.isnan(s) or not (0.0 <= s < 1.0):
-            raise TrimpruneError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
+        if s is not None and (math.isnan(s) or not (0.0 <= s < 1.0)):    # None: an allocation file's own mean
+            raise ConfigError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
         if self.trim.guard == "model" and not self.trim.enabled and "trim" not in self.search_spaces:
-            raise TrimpruneError("--trim-guard model compares TRIM with the scorer alone: add --trim")
+            raise ConfigError("--trim-guard model compares TRIM with the scorer alone: add --trim")
         if self.holdout is not None and self.holdout >= self.calib.nsamples:
-            raise TrimpruneError(f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
-                                 f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
-                                 "--search-holdout")
+            raise ConfigError(f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
+                              f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
+                              "--search-holdout")
         if self.run.checkpoint_dir and self.allocation.method == "search":
-            raise TrimpruneError("--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
-                                 "whole model again and again): a search resumes from its --search-storage, e.g. "
-                                 "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
-                                 "allocation.json through --allocation file:PATH --checkpoint-dir DIR")
+            raise ConfigError("--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
+                              "whole model again and again): a search resumes from its --search-storage, e.g. "
+                              "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
+                              "allocation.json through --allocation file:PATH --checkpoint-dir DIR")
         if self.run.offload == "disk" and (self.allocation.method == "search" or self.trim.guard == "model"):
             what = "--allocation search" if self.allocation.method == "search" else "--trim-guard model"
-            raise TrimpruneError(f"--offload disk cannot be combined with {what} (it prunes the whole model several "
-                                 "times from the dense weights; disk offload writes each block out once): use "
-                                 "--offload cpu")
+            raise ConfigError(f"--offload disk cannot be combined with {what} (it prunes the whole model several "
+                              "times from the dense weights; disk offload writes each block out once): use "
+                              "--offload cpu")
         if self.run.checkpoint_dir and self.trim.guard == "model":
-            raise TrimpruneError("--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
-                                 "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out")
+            raise ConfigError("--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
+                              "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out")
         if nm is None:
             return
-        if abs(s - nm[0] / nm[1]) > 1e-9:
-            raise TrimpruneError(
+        if s is not None and abs(s - nm[0] / nm[1]) > 1e-9:
+            raise ConfigError(
                 f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the weights but "
                 f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)")
         if self.trim.enabled:
-            raise TrimpruneError("--trim cannot be combined with --mask-structure "
-                                 f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them")
+            raise ConfigError("--trim cannot be combined with --mask-structure "
+                              f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them")
         if self.allocation.method != "uniform":
-            raise TrimpruneError(f"--allocation {self.allocation.method} cannot be combined with --mask-structure "
-                                 f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform")
+            raise ConfigError(f"--allocation {self.allocation.method} cannot be combined with --mask-structure "
+                              f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform")
         if self.scorer.blocksize % nm[1] != 0:
-            raise TrimpruneError(f"--blocksize {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
-                                 f"--mask-structure {self.mask_structure}")
+            raise ConfigError(f"--blocksize {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
+                              f"--mask-structure {self.mask_structure}")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -460,7 +495,7 @@ class PruneConfig:
         for k, v in data.items():
             key = str(k).replace("-", "_")
             if key not in fields:
-                raise TrimpruneError(f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}")
+                raise ConfigError(f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}")
             part, f = fields[key]
             (top if part is None else parts[part])[f.name] = v
         return cls(**top, **{p: PARTS[p][0](**kw) for p, kw in parts.items()})
@@ -480,10 +515,12 @@ class PruneConfig:
         return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
-        """Nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`) keys, or a mix."""
+    def flat_of(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The flat names and values of a nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`)
+        mapping, or a mix; unknown keys are an error."""
         if not isinstance(data, dict):
-            raise TrimpruneError(f"a recipe must be a mapping of PruneConfig fields, got {type(data).__name__}")
+            raise ConfigError(f"a recipe must be a mapping of PruneConfig fields, got {type(data).__name__}")
+        fields = cls.flat_fields()
         flat = {}
         for k, v in data.items():
             key = str(k).replace("-", "_")
@@ -492,12 +529,19 @@ class PruneConfig:
                 names = {f.name: f.metadata["key"] for f in dataclasses.fields(sub)}
                 for kk, vv in v.items():
                     if str(kk) not in names:
-                        raise TrimpruneError(f"recipe key {key}.{kk} is unknown: valid keys are "
-                                             f"{', '.join(f'{key}.{n}' for n in names)}")
+                        raise ConfigError(f"recipe key {key}.{kk} is unknown: valid keys are "
+                                          f"{', '.join(f'{key}.{n}' for n in names)}")
                     flat[names[str(kk)]] = vv
+            elif key not in fields:
+                raise ConfigError(f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}")
             else:
                 flat[key] = v
-        return cls.from_flat(flat)
+        return flat
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        """Nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`) keys, or a mix."""
+        return cls.from_flat(cls.flat_of(data))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -506,16 +550,31 @@ class PruneConfig:
         return text
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> "PruneConfig":
+    def recipe_flat(cls, path_or_text: str | Path) -> dict[str, Any]:
+        """The flat names and values a YAML recipe (a file, or the text itself) gives, before defaults: what
+        it sets and nothing else (the command line puts its flags on top)."""
         p = Path(path_or_text)
         if isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and "\n" not in str(path_or_text)):
+            if p.is_dir():
+                raise InputFileError(f"--recipe {str(path_or_text)!r} is a folder: give the path of a YAML file")
             if not p.is_file():
-                raise TrimpruneError(f"--recipe {str(path_or_text)!r} does not exist: give the path of a YAML file")
-            text = p.read_text()
+                raise InputFileError(f"--recipe {str(path_or_text)!r} does not exist: give the path of a YAML file")
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise InputFileError(f"--recipe {str(path_or_text)!r} is not UTF-8 text: give a YAML file")
+            except OSError as e:
+                raise InputFileError(f"--recipe {str(path_or_text)!r} cannot be read ({e.strerror or e})")
         else:
             text = str(path_or_text)
         try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise TrimpruneError(f"recipe {str(path_or_text)[:80]!r} is not valid YAML: {str(e).splitlines()[0]}")
-        return cls.from_dict(data)
+            data = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # a date like 2024-13-01: ValueError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputFileError(f"recipe {str(path_or_text)[:80]!r} is not valid YAML: {first}")
+        return cls.flat_of({} if data is None else data)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> "PruneConfig":
+        """A config from a YAML recipe: a file, or the text itself."""
+        return cls.from_flat(cls.recipe_flat(path_or_text))

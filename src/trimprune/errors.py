@@ -8,5 +8,22 @@ class TrimpruneError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class ConfigError(TrimpruneError):
+    """A config value (a flag or a recipe key) of the wrong type or out of range (`config`)."""
+
+
+class InputFileError(TrimpruneError):
+    """A calibration, evaluation, allocation or recipe file that is missing, unreadable or malformed."""
+
+
+class ModelSourceError(TrimpruneError):
+    """A --model / --gguf-file that is not a loadable model: a missing path, a folder without config.json, a
+    hub id that cannot be reached."""
+
+
+class OutputError(TrimpruneError):
+    """An output location that cannot be written, or that --overwrite may not replace (`io.export`)."""
+
+
 class NonFiniteError(TrimpruneError):
     """NaN or Inf in weights, activations, statistics or an evaluation result (`calib.finite`)."""

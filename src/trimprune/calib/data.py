@@ -8,16 +8,19 @@ and the Hub is reachable; otherwise the error names the flag that takes a local 
 """
 from __future__ import annotations
 
+import codecs
 import gzip
+import importlib.util
 import json
 import os
 import random
+import zlib
 from pathlib import Path
 
 import torch
 
 from ..config import CalibConfig
-from ..errors import TrimpruneError
+from ..errors import InputFileError, TrimpruneError
 from ..io.progress import Progress
 from .finite import blame, extrema, nonfinite
 
@@ -70,47 +73,174 @@ def detect_format(path: Path, fmt: str | None = None, flag: str = "--calib-data"
     raise TrimpruneError(f"{flag} {str(path)!r} has an unknown extension: add --calib-format txt|jsonl|parquet")
 
 
-def read_rows(path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data") -> list[str]:
-    """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
-    txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines -> "")."""
+PROBE_ROWS = 16              # rows of a jsonl / parquet file parsed before the model loads
+PROBE_BYTES = 1 << 16       # bytes of a text file checked for binary content before the model loads
+TEXT_HINT = "give a UTF-8 .txt, a .jsonl with a text field or a .parquet file with a text column"
+
+
+def _existing_file(path: str | Path, flag: str) -> Path:
     p = Path(path)
     if p.is_dir():
-        raise TrimpruneError(f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
+        raise InputFileError(f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
                              f"inside it")
     if not p.is_file():
-        raise TrimpruneError(f"{flag} {str(path)!r} does not exist: give the path of a .txt, .jsonl or .parquet file")
-    fmt = detect_format(p, fmt, flag)
-    if fmt == "jsonl":
-        opener = gzip.open if p.name.endswith(".gz") else open
-        rows = []
+        raise InputFileError(f"{flag} {str(path)!r} does not exist: give the path of a .txt, .jsonl or .parquet file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise InputFileError(f"{flag} {str(path)!r} cannot be read ({e.strerror or e}): check its permissions")
+    return p
+
+
+def _not_text(path, flag: str, e: UnicodeDecodeError) -> InputFileError:
+    return InputFileError(f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): "
+                          f"is it a binary file? {TEXT_HINT}")
+
+
+def _binary(path, flag: str, offset: int) -> InputFileError:
+    return InputFileError(f"{flag} {str(path)!r} is a binary file (a NUL byte at offset {offset}): {TEXT_HINT}")
+
+
+def _empty(path, flag: str) -> InputFileError:
+    return InputFileError(f"{flag} {str(path)!r} is empty (no text): {TEXT_HINT}")
+
+
+def _jsonl_rows(p: Path, field: str, flag: str, limit: int | None = None) -> list[str]:
+    """The `field` of each JSON line (blank lines skipped); the first `limit` only when given."""
+    opener = gzip.open if p.name.endswith(".gz") else open
+    rows = []
+    try:
         with opener(p, "rt", encoding="utf-8") as f:
             for ln, line in enumerate(f, 1):
+                if "\x00" in line:
+                    raise _binary(p, flag, line.index("\x00"))
                 if not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise TrimpruneError(f"{flag} {str(path)!r} line {ln} is not JSON: use one JSON object per line "
+                except (json.JSONDecodeError, RecursionError):
+                    raise InputFileError(f"{flag} {str(p)!r} line {ln} is not JSON: use one JSON object per line "
                                          "or --calib-format txt")
                 if not isinstance(obj, dict) or field not in obj:
-                    raise TrimpruneError(f"{flag} {str(path)!r} line {ln} has no {field!r} field: each line needs "
+                    raise InputFileError(f"{flag} {str(p)!r} line {ln} has no {field!r} field: each line needs "
                                          f"{{\"{field}\": ...}}")
+                if not isinstance(obj[field], str):
+                    raise InputFileError(f"{flag} {str(p)!r} line {ln}: its {field!r} is {type(obj[field]).__name__}, "
+                                         "not a string of text")
                 rows.append(obj[field])
-        return rows
+                if limit is not None and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError as e:
+        raise _not_text(p, flag, e)
+    except (OSError, EOFError, zlib.error) as e:          # gzip.BadGzipFile is an OSError
+        raise InputFileError(f"{flag} {str(p)!r} cannot be read as {'gzip-compressed ' if opener is gzip.open else ''}"
+                             f"JSON lines ({e}): {TEXT_HINT}")
+    return rows
+
+
+def _parquet_file(p: Path, field: str, flag: str):
+    try:
+        import pyarrow.parquet as pq
+        from pyarrow import ArrowException
+    except ImportError:
+        raise InputFileError(f"{flag} {str(p)!r} is parquet, which needs pyarrow: `pip install pyarrow`")
+    try:
+        pf = pq.ParquetFile(p)
+        schema = pf.schema_arrow
+    except (ArrowException, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise InputFileError(f"{flag} {str(p)!r} is not a parquet file ({first}): {TEXT_HINT}")
+    if field not in schema.names:
+        raise InputFileError(f"{flag} {str(p)!r} has no column {field!r}: columns are {schema.names}")
+    import pyarrow as pa
+
+    tp = schema.field(field).type
+    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp)):
+        raise InputFileError(f"{flag} {str(p)!r}: column {field!r} holds {tp}, not text")
+    return pf
+
+
+def _parquet_rows(p: Path, field: str, flag: str, limit: int | None = None) -> list[str]:
+    from pyarrow import ArrowException
+
+    pf = _parquet_file(p, field, flag)
+    try:
+        if limit is not None:
+            batch = next(pf.iter_batches(batch_size=limit, columns=[field]), None)
+            values = [] if batch is None else batch.column(0).to_pylist()
+        else:
+            values = pf.read(columns=[field]).column(field).to_pylist()
+    except (ArrowException, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise InputFileError(f"{flag} {str(p)!r} cannot be read as parquet ({first}): {TEXT_HINT}")
+    return ["" if x is None else str(x) for x in values]
+
+
+def _text(p: Path, flag: str, limit: int | None = None) -> str:
+    """The file's text (its first `limit` bytes, a cut multi-byte character dropped, when given)."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read() if limit is None else f.read(limit)
+    except OSError as e:
+        raise InputFileError(f"{flag} {str(p)!r} cannot be read ({e.strerror or e}): check its permissions")
+    if b"\x00" in data:
+        raise _binary(p, flag, data.index(b"\x00"))
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=limit is None)
+    except UnicodeDecodeError as e:
+        raise _not_text(p, flag, e)
+
+
+def _has_text(p: Path, flag: str) -> bool:
+    """Whether a text file holds anything but whitespace (read in 1 MB pieces up to its first text)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                if dec.decode(chunk).strip():
+                    return True
+            except UnicodeDecodeError as e:
+                raise _not_text(p, flag, e)
+    return False
+
+
+def probe_rows(path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data") -> None:
+    """Before the model loads: `path` is a readable file of its format whose first rows parse and hold
+    text (a text file: its first 64 KB are UTF-8 without NUL bytes, and it is not blank)."""
+    p = _existing_file(path, flag)
+    fmt = detect_format(p, fmt, flag)
     if fmt == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise TrimpruneError(f"{flag} {str(path)!r} is parquet, which needs pyarrow: `pip install pyarrow`")
-        table = pq.read_table(p)
-        if field not in table.column_names:
-            raise TrimpruneError(f"{flag} {str(path)!r} has no column {field!r}: columns are {table.column_names}")
-        return [str(x) for x in table.column(field).to_pylist()]
-    text = p.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    if p.name.endswith(".raw"):
-        return [ln if ln.strip() else "" for ln in lines]
-    return [ln.rstrip("\n") for ln in lines]
+        if not _parquet_rows(p, field, flag, PROBE_ROWS):
+            raise _empty(path, flag)
+    elif fmt == "jsonl":
+        if not _jsonl_rows(p, field, flag, PROBE_ROWS):
+            raise _empty(path, flag)
+    else:
+        _text(p, flag, PROBE_BYTES)
+        if not _has_text(p, flag):
+            raise _empty(path, flag)
+
+
+def read_rows(path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data") -> list[str]:
+    """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
+    txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines -> "").
+    A file that is empty, binary or not of its format is an `InputFileError` naming it."""
+    p = _existing_file(path, flag)
+    fmt = detect_format(p, fmt, flag)
+    if fmt == "jsonl":
+        rows = _jsonl_rows(p, field, flag)
+    elif fmt == "parquet":
+        rows = _parquet_rows(p, field, flag)
+    else:
+        lines = _text(p, flag).splitlines(keepends=True)
+        if p.name.endswith(".raw"):
+            rows = [ln if ln.strip() else "" for ln in lines]
+        else:
+            rows = [ln.rstrip("\n") for ln in lines]
+    if not any(r.strip() for r in rows):
+        raise _empty(path, flag)
+    return rows
 
 
 def hub_rows(name: str, split: str, flag: str) -> list[str]:
@@ -129,18 +259,51 @@ def hub_rows(name: str, split: str, flag: str) -> list[str]:
     return [str(x) for x in ds[field]]
 
 
+def _field(name: str, path) -> str:
+    return "sentence" if (name == "ptb" and str(path).endswith((".jsonl", ".parquet"))) else "text"
+
+
 def dataset_rows(name: str, split: str, path: str | None, fmt: str | None, flag: str) -> list[str]:
     if path is None:
         local = find_local(name, split)
         if local is not None:
             path = str(local)
     if path is not None:
-        field = "sentence" if (name == "ptb" and str(path).endswith((".jsonl", ".parquet"))) else "text"
-        rows = read_rows(path, fmt, field=field, flag=flag)
+        rows = read_rows(path, fmt, field=_field(name, path), flag=flag)
         if name == "ptb" and not str(path).endswith((".jsonl", ".parquet")):
             rows = [r.strip() for r in rows]
         return rows
     return hub_rows(name, split, flag)
+
+
+def check_source(name: str, split: str, path: str | None, fmt: str | None, flag: str) -> str:
+    """Before the model loads: where the rows of data set `name` (`split`) will come from, checked: a
+    local file (given, or found under TRIMPRUNE_DATA) is probed (`probe_rows`); the Hub needs `datasets`
+    and a reachable Hub. Returns the file's path, or "hub"."""
+    if path is None:
+        local = find_local(name, split)
+        path = str(local) if local is not None else None
+    if path is not None:
+        probe_rows(path, fmt, field=_field(name, path), flag=flag)
+        return path
+    if importlib.util.find_spec("datasets") is None:
+        raise InputFileError(f"{name} ({split}) is not available locally and the `datasets` package is not "
+                             f"installed: give a local file with {flag} or set {DATA_ENV}")
+    from ..io.models import hub_unreachable
+
+    why = hub_unreachable()
+    if why:
+        raise InputFileError(f"{name} ({split}) is not available locally and the Hub cannot be reached ({why}): "
+                             f"give a local file with {flag} or set {DATA_ENV} to a folder laid out like shared/data")
+    return "hub"
+
+
+def check_calibration_source(config: CalibConfig) -> str | None:
+    """Before the model loads: the calibration file (or the hub set) of `config` can be read; None for
+    `self`."""
+    if config.source == "self":
+        return None
+    return check_source(config.source, "train", config.data, config.format, "--calib-data")
 
 
 # ------------------------------------------------------------------------------ calibration

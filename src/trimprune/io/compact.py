@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import TrimpruneError
+from .tensorfile import save_tensors
 
 COMPACT_FORMAT = "trimprune-compact-v1"
 COMPACT_FILE = "model.compact.safetensors"
@@ -85,7 +85,7 @@ def save_compact(out: Path, model, tokenizer, sparse: set[str]) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(str(out))
-    save_file(tensors, str(out / COMPACT_FILE), metadata=meta)
+    save_tensors(tensors, out / COMPACT_FILE, meta)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 

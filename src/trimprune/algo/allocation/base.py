@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ...errors import TrimpruneError
+from ...errors import InputFileError
 
 
 def weighted_mean(values: dict[str, float], numels: dict[str, int]) -> float:
@@ -56,62 +57,101 @@ def uniform(sparsity: float, numels: dict[str, int], block_of: dict[str, int]) -
     return Allocation("uniform", sparsity, {k: float(sparsity) for k in numels}, numels, block_of)
 
 
-def from_file(path: str, requested: float, numels: dict[str, int], block_of: dict[str, int]) -> Allocation:
-    """Read per-block or per-linear sparsities from JSON/YAML. Accepted shapes:
-    a list (one value per block), a mapping block index -> value, a mapping linear name -> value
-    (full names such as ``model.layers.3.mlp.down_proj`` or block-relative ``3.mlp.down_proj``),
-    or a mapping with a ``per_linear`` or ``per_block`` key (what every run writes)."""
+MEAN_TOLERANCE = 1e-4      # an allocation file's weighted mean may differ from --sparsity by this much
+
+
+def _sparsity_value(where: str, key, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v < 1.0:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise InputFileError(f"{where} gives {key} the sparsity {shown}: every value must be a number in [0, 1)")
+    return float(v)
+
+
+def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
+    """Before the model loads: the sparsities an allocation file gives, checked for type and range: a list
+    (one per block), or a mapping of block index or linear name -> sparsity, optionally under a
+    `per_linear` or `per_block` key (what every run writes). JSON or YAML."""
+    where = f"--allocation file:{path}"
     p = Path(path)
+    if p.is_dir():
+        raise InputFileError(f"{where} is a folder: give a JSON or YAML file, e.g. a run's allocation.json")
     if not p.is_file():
-        raise TrimpruneError(f"--allocation file:{path} does not exist: give a JSON or YAML file")
+        raise InputFileError(f"{where} does not exist: give a JSON or YAML file")
     try:
-        data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise TrimpruneError(f"--allocation file:{path} is not valid JSON/YAML: {str(e).splitlines()[0]}")
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputFileError(f"{where} is not UTF-8 text: give a JSON or YAML file")
+    except OSError as e:
+        raise InputFileError(f"{where} cannot be read ({e.strerror or e}): check its permissions")
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputFileError(f"{where} is not valid JSON/YAML: {first}")
     if isinstance(data, dict) and "per_linear" in data:
         data = data["per_linear"]
     elif isinstance(data, dict) and "per_block" in data:
         data = data["per_block"]
+    if isinstance(data, list) and data:
+        return [_sparsity_value(where, f"block {i}", v) for i, v in enumerate(data)]
+    if isinstance(data, dict) and data:
+        return {str(k): _sparsity_value(where, repr(str(k)), v) for k, v in data.items()}
+    kind = "nothing" if data is None or data in ([], {}) else f"a {type(data).__name__}"
+    raise InputFileError(f"{where} holds {kind}: it must hold a list of block sparsities or a mapping of blocks or "
+                         "linears to sparsities (e.g. a run's allocation.json)")
+
+
+def from_file(path: str, requested: float | None, numels: dict[str, int], block_of: dict[str, int]) -> Allocation:
+    """Read per-block or per-linear sparsities from JSON/YAML (`read_allocation_file`). Accepted shapes:
+    a list (one value per block), a mapping block index -> value, a mapping linear name -> value
+    (full names such as ``model.layers.3.mlp.down_proj`` or block-relative ``3.mlp.down_proj``),
+    or a mapping with a ``per_linear`` or ``per_block`` key (what every run writes).
+    The parameter-weighted mean must equal `requested` within `MEAN_TOLERANCE`; `requested` None: the
+    mean is the target (`Allocation.requested`)."""
+    data = read_allocation_file(path)
     nblocks = max(block_of.values()) + 1
     per: dict[str, float] = {}
     if isinstance(data, list):
         if len(data) != nblocks:
-            raise TrimpruneError(f"--allocation file:{path} lists {len(data)} block sparsities but the model has "
+            raise InputFileError(f"--allocation file:{path} lists {len(data)} block sparsities but the model has "
                                  f"{nblocks} blocks: give one value per block")
-        per = {k: float(data[block_of[k]]) for k in numels}
-    elif isinstance(data, dict):
-        keys = {str(k): v for k, v in data.items()}
-        if all(k.isdigit() for k in keys):
-            missing = [b for b in range(nblocks) if str(b) not in keys]
-            if missing:
-                raise TrimpruneError(f"--allocation file:{path} has no sparsity for block {missing[0]}: give every "
-                                     f"block 0..{nblocks - 1}")
-            per = {k: float(keys[str(block_of[k])]) for k in numels}
-        else:
-            prefix = {}
-            for full in numels:
-                parts = full.split(".")
-                # also accept names relative to the block stack: "<block>.<linear>"
-                for i, part in enumerate(parts):
-                    if part.isdigit() and int(part) == block_of[full]:
-                        prefix[".".join(parts[i:])] = full
-                        break
-            for k, v in keys.items():
-                full = k if k in numels else prefix.get(k)
-                if full is None:
-                    raise TrimpruneError(f"--allocation file:{path} names {k!r}, which is not a prunable linear "
-                                         f"of this model (e.g. {next(iter(numels))})")
-                per[full] = float(v)
-            missing = [k for k in numels if k not in per]
-            if missing:
-                raise TrimpruneError(f"--allocation file:{path} has no sparsity for {missing[0]}: give every "
-                                     "prunable linear, or use per-block values")
+        per = {k: data[block_of[k]] for k in numels}
+    elif all(k.isdigit() for k in data):
+        missing = [b for b in range(nblocks) if str(b) not in data]
+        if missing:
+            raise InputFileError(f"--allocation file:{path} has no sparsity for block {missing[0]}: give every "
+                                 f"block 0..{nblocks - 1}")
+        extra = [k for k in data if int(k) >= nblocks]
+        if extra:
+            raise InputFileError(f"--allocation file:{path} gives block {extra[0]}, but the model has {nblocks} "
+                                 f"blocks (0..{nblocks - 1})")
+        per = {k: data[str(block_of[k])] for k in numels}
     else:
-        raise TrimpruneError(f"--allocation file:{path} must hold a list or a mapping of sparsities")
-    bad = [(k, v) for k, v in per.items() if not (0.0 <= v < 1.0)]
-    if bad:
-        raise TrimpruneError(f"--allocation file:{path} gives {bad[0][0]} sparsity {bad[0][1]}, outside [0, 1)")
-    return Allocation(f"file:{path}", requested, per, numels, block_of)
+        prefix = {}
+        for full in numels:
+            parts = full.split(".")
+            # also accept names relative to the block stack: "<block>.<linear>"
+            for i, part in enumerate(parts):
+                if part.isdigit() and int(part) == block_of[full]:
+                    prefix[".".join(parts[i:])] = full
+                    break
+        for k, v in data.items():
+            full = k if k in numels else prefix.get(k)
+            if full is None:
+                raise InputFileError(f"--allocation file:{path} names {k!r}, which is not a prunable linear "
+                                     f"of this model (e.g. {next(iter(numels))})")
+            per[full] = v
+        missing = [k for k in numels if k not in per]
+        if missing:
+            raise InputFileError(f"--allocation file:{path} has no sparsity for {missing[0]}: give every "
+                                 "prunable linear, or use per-block values")
+    mean = weighted_mean(per, numels)
+    if requested is not None and abs(mean - requested) > MEAN_TOLERANCE:
+        raise InputFileError(f"--allocation file:{path} has a parameter-weighted mean sparsity of {mean:.6g}, not "
+                             f"--sparsity {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): give --sparsity "
+                             f"{mean:.6g}, or leave --sparsity out to prune to the file's mean")
+    details = {} if requested is not None else {"target": "the file's parameter-weighted mean (no --sparsity given)"}
+    return Allocation(f"file:{path}", mean if requested is None else requested, per, numels, block_of, details)
 
 
 def clip_to_mean(values, weights, mean: float, lo: float, hi: float, mode: str = "shift"):
