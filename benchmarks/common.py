@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts."""
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,52 @@ import torch
 
 SYNTHETIC = {
     # name: LlamaConfig kwargs (random weights; timing only)
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True),
-    "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    ),
+    "llama-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "llama-tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -50,7 +86,9 @@ def synthetic_model(name: str, device: torch.device, dtype: torch.dtype, layers:
     return m.eval(), None
 
 
-def bench_dtype(name: str, gguf_file: str | None, dtype: str | None, device: torch.device) -> torch.dtype:
+def bench_dtype(
+    name: str, gguf_file: str | None, dtype: str | None, device: torch.device
+) -> torch.dtype:
     """The dtype a benchmark runs in: `dtype` when given, else what `trimprune prune` uses by default (the
     checkpoint's own float16 / bfloat16, else bfloat16 on GPU, float32 on CPU; synthetic models have
     none of their own). Every script prints and records it: the default on GPUs was float16 before."""
@@ -62,12 +100,20 @@ def bench_dtype(name: str, gguf_file: str | None, dtype: str | None, device: tor
     return resolve_dtype(dtype, device, native)
 
 
-def bench_model(name: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype,
-                layers: int | None = None, offload: bool = False):
+def bench_model(
+    name: str,
+    gguf_file: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    layers: int | None = None,
+    offload: bool = False,
+):
     """(model, tokenizer) for a benchmark: `synthetic:NAME` (random weights, tokenizer None; on CPU
     with offload) or anything `trimprune.load_model` takes."""
     if name.startswith("synthetic:"):
-        return synthetic_model(name.split(":", 1)[1], torch.device("cpu") if offload else device, dtype, layers)
+        return synthetic_model(
+            name.split(":", 1)[1], torch.device("cpu") if offload else device, dtype, layers
+        )
     from trimprune import load_model
 
     return load_model(name, gguf_file, dtype, device, offload=offload)

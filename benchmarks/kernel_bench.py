@@ -7,6 +7,7 @@ For each class (P linears of rows x in): the cross term of the quadratic prefix 
 (TrimSearch.run_many: baseline, every rate x 10 iterations, choice, final counts), CUDA-event timed,
 median of --repeat. Random weights and Gram matrices (timing only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from trimprune.algo.trim.evaluators import GramSpec, pruned_cross  # noqa: E402
 from trimprune.algo.trim.search import TrimSearch, TrimSettings  # noqa: E402
 from trimprune.exec import kernels, make_executor  # noqa: E402
 
-SHAPES = {   # (P, rows, in) per class: q/o, k/v, gate/up, down
+SHAPES = {  # (P, rows, in) per class: q/o, k/v, gate/up, down
     "smollm2": [(2, 576, 576), (2, 192, 576), (2, 1536, 576), (1, 576, 1536)],
     "llama-1b": [(2, 2048, 2048), (2, 512, 2048), (2, 8192, 2048), (1, 2048, 8192)],
     "llama-8b": [(2, 4096, 4096), (2, 1024, 4096), (2, 14336, 4096), (1, 4096, 14336)],
@@ -71,7 +72,9 @@ def main():
             tot.setdefault(cfg, 0.0)
             tot[cfg] += ms
             gel = P * R * N * N / ms / 1e6
-            print(f"cross P={P} {R}x{N} tiles={cfg or 'default'}: {ms:.3f} ms ({gel:.2f} G elem/ms) rel.diff {err:.1e}")
+            print(
+                f"cross P={P} {R}x{N} tiles={cfg or 'default'}: {ms:.3f} ms ({gel:.2f} G elem/ms) rel.diff {err:.1e}"
+            )
 
         def build():
             ev = GramSpec(262144).build(G, ex)
@@ -82,7 +85,7 @@ def main():
         if a.search:
             ts = TrimSearch(TrimSettings(), ex)
             s, totals = [0.5] * P, [R * (N // 2)] * P
-            run = (lambda: ts.run_many(GramSpec(262144), W, G, ranks, s, totals))
+            run = lambda: ts.run_many(GramSpec(262144), W, G, ranks, s, totals)
             print(f"search (graph replay incl. table) P={P} {R}x{N}: {timed(run, a.repeat):.3f} ms")
     for cfg, ms in tot.items():
         print(f"sum over classes, tiles={cfg or 'default'}: {ms:.3f} ms")

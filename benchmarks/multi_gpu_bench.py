@@ -19,6 +19,7 @@ slowest rank (the load imbalance of the per-linear work split). `--cap-gb G` add
 configuration on one GPU capped at G GiB (`torch.cuda.set_per_process_memory_fraction`), batch size
 automatic. The driver prints the table with the speed-up of N GPUs over one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,14 @@ from common import (  # noqa: E402
     random_calibration,
     synthetic_model,
 )
-
 from trimprune import PruneConfig, prune  # noqa: E402
-from trimprune.algo.ranks import Ranks  # noqa: E402
-from trimprune.calib.capture import Streams, capture, walk  # noqa: E402
+from trimprune.core.model import ModelAdapter  # noqa: E402
+from trimprune.core.ranks import Ranks  # noqa: E402
+from trimprune.engine.capture import capture
+from trimprune.engine.walk import Streams, walk  # noqa: E402
 from trimprune.exec import make_executor  # noqa: E402
 from trimprune.exec.distributed import init_from_env, launched, shutdown  # noqa: E402
 from trimprune.exec.offload import pin  # noqa: E402
-from trimprune.io.models import ModelAdapter  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -62,16 +63,21 @@ def peak_gpu_gb(dev: torch.device) -> float:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
 
 
-CONFIGS = {"floor": {"scorer": "wanda"}, "wanda": {"scorer": "wanda"},
-           "wanda+trim": {"scorer": "wanda", "trim": True, "trim_inputs": "all"},
-           "sparsegpt": {"scorer": "sparsegpt"},
-           "sparsegpt+trim": {"scorer": "sparsegpt", "trim": True, "trim_inputs": "all"}}
+CONFIGS = {
+    "floor": {"scorer": "wanda"},
+    "wanda": {"scorer": "wanda"},
+    "wanda+trim": {"scorer": "wanda", "trim": True, "trim_inputs": "all"},
+    "sparsegpt": {"scorer": "sparsegpt"},
+    "sparsegpt+trim": {"scorer": "sparsegpt", "trim": True, "trim_inputs": "all"},
+}
 
 
-def floor(model, calib: torch.Tensor, config: PruneConfig, dev: torch.device, offload: bool) -> float:
+def floor(
+    model, calib: torch.Tensor, config: PruneConfig, dev: torch.device, offload: bool
+) -> float:
     """Seconds of the capture and two forwards of every block over this rank's share (no statistics,
     no pruning): the same batches and streams as `prune`."""
-    from trimprune.api import activations_fit, auto_batch_size
+    from trimprune.session import activations_fit, auto_batch_size
 
     ranks = Ranks.current()
     adapter = ModelAdapter.from_model(model)
@@ -82,11 +88,22 @@ def floor(model, calib: torch.Tensor, config: PruneConfig, dev: torch.device, of
     sync(dev)
     t = time.perf_counter()
     try:
-        on_dev = offload and activations_fit(adapter, ids.shape[0], 0, ids.shape[1], dev, next(model.parameters()).dtype)
-        captured = capture(model, adapter, batches, dev, offload=offload, ex=ex, ranks=ranks, keep_on_device=on_dev)
+        on_dev = offload and activations_fit(
+            adapter, ids.shape[0], 0, ids.shape[1], dev, next(model.parameters()).dtype
+        )
+        captured = capture(
+            model, adapter, batches, dev, offload=offload, ex=ex, ranks=ranks, keep_on_device=on_dev
+        )
         with torch.no_grad():
-            walk(adapter, captured, Streams(captured.hidden), lambda run: run.forward(run.streams.main, keep_outputs=False),
-                 offload=offload, progress=False, ex=ex)
+            walk(
+                adapter,
+                captured,
+                Streams(captured.hidden),
+                lambda run: run.forward(run.streams.main, keep_outputs=False),
+                offload=offload,
+                progress=False,
+                ex=ex,
+            )
     finally:
         ex.close()
     sync(dev)
@@ -97,11 +114,23 @@ class CollectiveTimer:
     """Wraps `Ranks`' collectives: the GPU is synchronised before and after each, its time is summed by
     kind (the transfer plus the wait for the slowest rank)."""
 
-    KINDS = {"sum_": "all-reduce", "sum_int": "all-reduce", "counts": "all-gather", "broadcast_": "broadcast",
-             "cat": "all-gather", "gather": "gather objects", "barrier": "barrier"}
+    KINDS = {
+        "sum_": "all-reduce",
+        "sum_int": "all-reduce",
+        "counts": "all-gather",
+        "broadcast_": "broadcast",
+        "cat": "all-gather",
+        "gather": "gather objects",
+        "barrier": "barrier",
+    }
 
     def __init__(self, dev):
-        self.dev, self.seconds, self.calls, self.saved = dev, defaultdict(float), defaultdict(int), {}
+        self.dev, self.seconds, self.calls, self.saved = (
+            dev,
+            defaultdict(float),
+            defaultdict(int),
+            {},
+        )
 
     def __enter__(self):
         depth = [0]
@@ -110,7 +139,7 @@ class CollectiveTimer:
             self.saved[name] = orig
 
             def timed(*a, _orig=orig, _kind=kind, **kw):
-                if depth[0]:                                  # nested (cat -> counts): counted by the outer call
+                if depth[0]:  # nested (cat -> counts): counted by the outer call
                     return _orig(*a, **kw)
                 depth[0] += 1
                 sync(self.dev)
@@ -122,6 +151,7 @@ class CollectiveTimer:
                     self.seconds[_kind] += time.perf_counter() - t
                     self.calls[_kind] += 1
                     depth[0] -= 1
+
             setattr(Ranks, name, timed)
         return self
 
@@ -142,18 +172,36 @@ def one_run(model, state, calib, name: str, flat: dict, dev, profile: str = "tim
         secs = floor(model, calib, PruneConfig.from_flat(flat), dev, flat.get("offload", False))
         phases, sparsity = {}, 0.0
     else:
-        res = prune(model, None, PruneConfig.from_flat(flat), calibration=calib, device=dev, progress=False,
-                    profile=profile)
-        secs, phases, sparsity = res.timings["prune_seconds"], dict(res.phases.totals), res.global_sparsity
+        res = prune(
+            model,
+            None,
+            PruneConfig.from_flat(flat),
+            calibration=calib,
+            device=dev,
+            progress=False,
+            profile=profile,
+        )
+        secs, phases, sparsity = (
+            res.timings["prune_seconds"],
+            dict(res.phases.totals),
+            res.global_sparsity,
+        )
     sync(dev)
     Ranks.current().barrier()
-    return {"prune_seconds": secs, "wall_seconds": time.perf_counter() - t, "phases": phases,
-            "achieved_sparsity": sparsity, "peak_gpu_gb": peak_gpu_gb(dev),
-            "peak_rss_gb": peak_rss_gb()}
+    return {
+        "prune_seconds": secs,
+        "wall_seconds": time.perf_counter() - t,
+        "phases": phases,
+        "achieved_sparsity": sparsity,
+        "peak_gpu_gb": peak_gpu_gb(dev),
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 def worker(args) -> None:
-    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")   # CPU: a smoke test (gloo)
+    dev = (
+        torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    )  # CPU: a smoke test (gloo)
     if launched():
         dev = init_from_env(torch.device("cuda") if dev.type == "cuda" else dev)
     ranks = Ranks.current()
@@ -163,38 +211,62 @@ def worker(args) -> None:
     if args.offload and dev.type == "cuda":
         model.to("cpu")
         torch.cuda.empty_cache()
-        pin(model)                  # as load_model(..., offload=True) does on a GPU machine
-    state = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}   # host copy: restores weights
+        pin(model)  # as load_model(..., offload=True) does on a GPU machine
+    state = {
+        k: v.to("cpu", copy=True) for k, v in model.state_dict().items()
+    }  # host copy: restores weights
     build = time.perf_counter() - t0
     calib = random_calibration(model.config.vocab_size, args.nsamples, args.seqlen)
     nblocks = model.config.num_hidden_layers
-    base = {"sparsity": args.sparsity, "nsamples": args.nsamples, "seqlen": args.seqlen, "offload": args.offload}
+    base = {
+        "sparsity": args.sparsity,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "offload": args.offload,
+    }
     if args.batch_size:
         base["batch_size"] = args.batch_size
     if ranks.main:
-        print(f"# {machine()} | {ranks.world} GPU(s) | {args.model} {nblocks} blocks, built in {build:.0f} s | calib "
-              f"{args.nsamples}x{args.seqlen} | offload {args.offload}", flush=True)
+        print(
+            f"# {machine()} | {ranks.world} GPU(s) | {args.model} {nblocks} blocks, built in {build:.0f} s | calib "
+            f"{args.nsamples}x{args.seqlen} | offload {args.offload}",
+            flush=True,
+        )
     warm = base | {"scorer": "wanda", "nsamples": 2 * ranks.world, "batch_size": 1}
     one_run(model, state, calib[: 2 * ranks.world], "wanda", warm, dev)
 
     def record(name: str, rec: dict, extra: dict) -> None:
         per_rank = ranks.gather(rec)
         if ranks.main:
-            out = {"machine": machine(), "gpus": ranks.world, "model": args.model, "blocks": nblocks,
-                   "config": name, "sparsity": args.sparsity, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                   "dtype": str(dtype), "offload": args.offload, **extra,
-                   "prune_seconds": max(r["prune_seconds"] for r in per_rank),
-                   "per_block_seconds": max(r["prune_seconds"] for r in per_rank) / nblocks,
-                   "peak_gpu_gb": [r["peak_gpu_gb"] for r in per_rank],
-                   "peak_rss_gb": [r["peak_rss_gb"] for r in per_rank],
-                   "achieved_sparsity": per_rank[0]["achieved_sparsity"],
-                   "phases": [r["phases"] for r in per_rank]}
+            out = {
+                "machine": machine(),
+                "gpus": ranks.world,
+                "model": args.model,
+                "blocks": nblocks,
+                "config": name,
+                "sparsity": args.sparsity,
+                "nsamples": args.nsamples,
+                "seqlen": args.seqlen,
+                "dtype": str(dtype),
+                "offload": args.offload,
+                **extra,
+                "prune_seconds": max(r["prune_seconds"] for r in per_rank),
+                "per_block_seconds": max(r["prune_seconds"] for r in per_rank) / nblocks,
+                "peak_gpu_gb": [r["peak_gpu_gb"] for r in per_rank],
+                "peak_rss_gb": [r["peak_rss_gb"] for r in per_rank],
+                "achieved_sparsity": per_rank[0]["achieved_sparsity"],
+                "phases": [r["phases"] for r in per_rank],
+            }
             append_jsonl(args.out, out)
             ph = per_rank[0]["phases"]
-            top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])[:5])
-            print(f"{name:<16}{str(extra.get('run', '')):<12}{out['prune_seconds']:8.2f} s  peak GPU "
-                  f"{max(out['peak_gpu_gb']):6.1f} GiB  RSS {max(out['peak_rss_gb']):6.1f} GiB  | rank 0: {top}",
-                  flush=True)
+            top = ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(ph.items(), key=lambda kv: -kv[1])[:5]
+            )
+            print(
+                f"{name:<16}{str(extra.get('run', '')):<12}{out['prune_seconds']:8.2f} s  peak GPU "
+                f"{max(out['peak_gpu_gb']):6.1f} GiB  RSS {max(out['peak_rss_gb']):6.1f} GiB  | rank 0: {top}",
+                flush=True,
+            )
 
     for name in args.config:
         flat = base | CONFIGS[name]
@@ -208,9 +280,13 @@ def worker(args) -> None:
             record(name, rec, {"run": "breakdown", "collectives": per_rank})
             if ranks.main:
                 for r, c in enumerate(per_rank):
-                    print(f"    rank {r} collectives (synchronised, incl. waiting): "
-                          + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(c.items(), key=lambda kv: -kv[1])),
-                          flush=True)
+                    print(
+                        f"    rank {r} collectives (synchronised, incl. waiting): "
+                        + ", ".join(
+                            f"{k} {v:.2f} s" for k, v in sorted(c.items(), key=lambda kv: -kv[1])
+                        ),
+                        flush=True,
+                    )
     if args.cap_gb and not ranks.parallel and dev.type == "cuda":
         name = args.config[0] if args.config[0] != "floor" else "wanda"
         total = torch.cuda.get_device_properties(dev).total_memory
@@ -220,7 +296,10 @@ def worker(args) -> None:
             rec = one_run(model, state, calib, name, flat, dev)
             record(name, rec, {"run": f"cap {args.cap_gb:g} GiB", "cap_gb": args.cap_gb})
         except torch.OutOfMemoryError as e:
-            print(f"{name} under a {args.cap_gb} GiB cap: out of memory ({str(e).splitlines()[0]})", flush=True)
+            print(
+                f"{name} under a {args.cap_gb} GiB cap: out of memory ({str(e).splitlines()[0]})",
+                flush=True,
+            )
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, dev)
     shutdown()
@@ -232,8 +311,11 @@ def table(path: str, start: int) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()[start:]]
     timed = {(r["config"], r["gpus"]): r for r in rows if r.get("run") == "timed"}
     gpus = sorted({g for _, g in timed})
-    print(f"\n{'config':<16}" + "".join(f"{f'{g} GPU s':>12}" for g in gpus) + "".join(
-        f"{f'{g}/1 speed-up':>14}" for g in gpus[1:]))
+    print(
+        f"\n{'config':<16}"
+        + "".join(f"{f'{g} GPU s':>12}" for g in gpus)
+        + "".join(f"{f'{g}/1 speed-up':>14}" for g in gpus[1:])
+    )
     for name in dict.fromkeys(c for c, _ in timed):
         secs = [timed.get((name, g), {}).get("prune_seconds") for g in gpus]
         line = f"{name:<16}" + "".join(f"{s:>12.2f}" if s else f"{'-':>12}" for s in secs)
@@ -243,19 +325,34 @@ def table(path: str, start: int) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gpus", default="1,2", help="comma list of GPU counts (driver)")
     ap.add_argument("--model", default="llama-8b", choices=sorted(SYNTHETIC))
-    ap.add_argument("--layers", type=int, default=None, help="number of blocks (default: the shape's)")
-    ap.add_argument("--config", action="append", choices=sorted(CONFIGS), default=None,
-                    help="repeatable (default floor, wanda, wanda+trim, sparsegpt)")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="number of blocks (default: the shape's)"
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="repeatable (default floor, wanda, wanda+trim, sparsegpt)",
+    )
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=0, help="per rank (default automatic)")
     ap.add_argument("--offload", action="store_true")
-    ap.add_argument("--breakdown", action="store_true", help="N > 1: a second, synchronised run timing collectives")
-    ap.add_argument("--cap-gb", type=float, default=0.0, help="one GPU: also a run capped at this many GiB")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="N > 1: a second, synchronised run timing collectives",
+    )
+    ap.add_argument(
+        "--cap-gb", type=float, default=0.0, help="one GPU: also a run capped at this many GiB"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/multi_gpu.jsonl")
     args = ap.parse_args(argv)
@@ -263,18 +360,33 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     start = len(Path(args.out).read_text().splitlines()) if Path(args.out).exists() else 0
-    fwd, skip = [], False                                 # the arguments, less --gpus, for the workers
+    fwd, skip = [], False  # the arguments, less --gpus, for the workers
     for a in argv if argv is not None else sys.argv[1:]:
         if skip or a == "--gpus" or a.startswith("--gpus="):
             skip = a == "--gpus"
             continue
         fwd.append(a)
     for n in [int(g) for g in args.gpus.split(",")]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
-               "--worker", *fwd]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            __file__,
+            "--worker",
+            *fwd,
+        ]
         print(f"$ {' '.join(cmd[1:])}", flush=True)
-        rc = subprocess.call(cmd, env=os.environ | {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                                                    "NVSHMEM_DISABLE_NVLS": "1"})
+        rc = subprocess.call(
+            cmd,
+            env=os.environ
+            | {
+                "NCCL_NVLS_ENABLE": "0",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1",
+            },
+        )
         if rc:
             print(f"{n} GPU(s): exit {rc}", flush=True)
     if Path(args.out).exists():

@@ -13,6 +13,7 @@ method), plus one per search trial (`"trial": n`).
     TRIMPRUNE_DATA=../shared/data python benchmarks/search_sweep.py --nsamples 8 --seqlen 128 --trials 3 \
         --scorers wanda --sparsities 0.7 --eval-limit 4 --out /tmp/search_sweep.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_jsonl, machine  # noqa: E402
-
 from trimprune import PruneConfig, load_model, prune  # noqa: E402
 from trimprune.calib.data import get_calibration  # noqa: E402
 from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets  # noqa: E402
@@ -45,7 +45,7 @@ def spearman(x: list[float], y: list[float]) -> float | None:
         order = torch.argsort(t)
         r = torch.empty_like(t)
         r[order] = torch.arange(len(v), dtype=torch.float64)
-        for val in torch.unique(t):                       # mean rank of ties
+        for val in torch.unique(t):  # mean rank of ties
             sel = t == val
             r[sel] = r[sel].mean()
         return r
@@ -57,12 +57,19 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--nsamples", type=int, default=128, help="calibration sequences, the held-out ones included")
+    ap.add_argument(
+        "--nsamples",
+        type=int,
+        default=128,
+        help="calibration sequences, the held-out ones included",
+    )
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--holdout", type=int, default=0, help="held-out sequences (0 = nsamples // 8)")
@@ -74,9 +81,14 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.6,0.7,0.8")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--trim", action="store_true", help="TRIM on top of every method")
-    ap.add_argument("--no-correlation", action="store_true",
-                    help="skip WikiText-2 after every search trial (no rank correlation)")
-    ap.add_argument("--eval-limit", type=int, default=None, help="only the first W WikiText-2 windows")
+    ap.add_argument(
+        "--no-correlation",
+        action="store_true",
+        help="skip WikiText-2 after every search trial (no rank correlation)",
+    )
+    ap.add_argument(
+        "--eval-limit", type=int, default=None, help="only the first W WikiText-2 windows"
+    )
     ap.add_argument("--eval-batch-size", type=int, default=8)
     ap.add_argument("--alpha-cache-dir", default=None)
     ap.add_argument("--out", default="benchmarks/results/search_sweep.jsonl")
@@ -85,36 +97,64 @@ def main(argv=None):
     model, tok = load_model(args.model, args.gguf_file, args.dtype, args.device)
     dev = next(model.parameters()).device
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base = dict(calib="c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, search_holdout=args.holdout,
-                search_objective=args.objective, search_trials=args.trials, search_space=args.search_space,
-                search_seed=args.search_seed, alpha_cache_dir=args.alpha_cache_dir, trim=args.trim)
+    base = dict(
+        calib="c4",
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        search_holdout=args.holdout,
+        search_objective=args.objective,
+        search_trials=args.trials,
+        search_space=args.search_space,
+        search_seed=args.search_seed,
+        alpha_cache_dir=args.alpha_cache_dir,
+        trim=args.trim,
+    )
     cfg0 = PruneConfig.from_flat(base)
     ids = get_calibration(cfg0.calib, tok)
     h = cfg0.search.holdout_for(ids.shape[0])
-    prune_ids, held = ids[: ids.shape[0] - h], ids[ids.shape[0] - h:]
+    prune_ids, held = ids[: ids.shape[0] - h], ids[ids.shape[0] - h :]
     sets = prepare_eval_sets(["wikitext2"], tok, args.seqlen, None, args.eval_limit)
     t = time.perf_counter()
     dense = evaluate_sets(model, sets, args.eval_batch_size)["wikitext2"]
-    objective = Holdout(model, held, args.objective, dev)       # the dense pass, once
-    print(f"# {machine()} | {args.model} dense wikitext2 ppl {dense['perplexity']:.4f}, held-out NLL "
-          f"{objective.dense['nll']:.4f} on {h} x {args.seqlen} ({time.perf_counter() - t:.1f} s)", flush=True)
-    common = {"machine": machine(), "model": args.model, "calib": f"c4 {args.nsamples}x{args.seqlen} seed {args.seed}",
-              "holdout": h, "objective": args.objective, "dense_ppl": dense["perplexity"],
-              "eval_windows": dense["windows"], "trim": args.trim}
+    objective = Holdout(model, held, args.objective, dev)  # the dense pass, once
+    print(
+        f"# {machine()} | {args.model} dense wikitext2 ppl {dense['perplexity']:.4f}, held-out NLL "
+        f"{objective.dense['nll']:.4f} on {h} x {args.seqlen} ({time.perf_counter() - t:.1f} s)",
+        flush=True,
+    )
+    common = {
+        "machine": machine(),
+        "model": args.model,
+        "calib": f"c4 {args.nsamples}x{args.seqlen} seed {args.seed}",
+        "holdout": h,
+        "objective": args.objective,
+        "dense_ppl": dense["perplexity"],
+        "eval_windows": dense["windows"],
+        "trim": args.trim,
+    }
     for scorer in args.scorers.split(","):
         for sp in (float(x) for x in args.sparsities.split(",")):
             for method in args.methods.split(","):
                 model.load_state_dict(state)
-                cfg = PruneConfig.from_flat(base | dict(scorer=scorer, sparsity=sp, allocation=method))
+                cfg = PruneConfig.from_flat(
+                    base | dict(scorer=scorer, sparsity=sp, allocation=method)
+                )
                 t = time.perf_counter()
                 trials = []
                 if method == "search":
+
                     def on_trial(number, params, value, metrics, m):
                         rec = {"trial": number, "params": params, "value": value}
                         if not args.no_correlation:
-                            rec["ppl"] = evaluate_sets(m, sets, args.eval_batch_size)["wikitext2"]["perplexity"]
+                            rec["ppl"] = evaluate_sets(m, sets, args.eval_batch_size)["wikitext2"][
+                                "perplexity"
+                            ]
                         trials.append(rec)
-                        append_jsonl(args.out, common | {"scorer": scorer, "sparsity": sp, "method": "search"} | rec)
+                        append_jsonl(
+                            args.out,
+                            common | {"scorer": scorer, "sparsity": sp, "method": "search"} | rec,
+                        )
 
                     res = search_prune(model, tok, cfg, ids, progress=False, on_trial=on_trial)
                 else:
@@ -124,22 +164,42 @@ def main(argv=None):
                 wall = time.perf_counter() - t
                 ev = evaluate_sets(model, sets, args.eval_batch_size)["wikitext2"]
                 held_out = objective.measure()
-                rec = common | {"scorer": scorer, "sparsity": sp, "method": method, "ppl": ev["perplexity"],
-                                "held_out": held_out, "achieved_sparsity": res.global_sparsity,
-                                "allocation_per_block": res.allocation.per_block(), "wall_seconds": wall,
-                                "prune_seconds": res.timings["prune_seconds"]}
+                rec = common | {
+                    "scorer": scorer,
+                    "sparsity": sp,
+                    "method": method,
+                    "ppl": ev["perplexity"],
+                    "held_out": held_out,
+                    "achieved_sparsity": res.global_sparsity,
+                    "allocation_per_block": res.allocation.per_block(),
+                    "wall_seconds": wall,
+                    "prune_seconds": res.timings["prune_seconds"],
+                }
                 if method == "search":
                     sr = res.search
-                    rec |= {"best": sr["best"], "trials_complete": sum(t["state"] == "complete" for t in sr["trials"]),
-                            "trials_total": len(sr["trials"]), "search_seconds": sr["seconds"]}
+                    rec |= {
+                        "best": sr["best"],
+                        "trials_complete": sum(t["state"] == "complete" for t in sr["trials"]),
+                        "trials_total": len(sr["trials"]),
+                        "search_seconds": sr["seconds"],
+                    }
                     ok = [t for t in trials if "ppl" in t]
-                    rec["spearman_objective_vs_ppl"] = spearman([t["value"] for t in ok], [t["ppl"] for t in ok])
+                    rec["spearman_objective_vs_ppl"] = spearman(
+                        [t["value"] for t in ok], [t["ppl"] for t in ok]
+                    )
                 append_jsonl(args.out, rec)
                 rho = rec.get("spearman_objective_vs_ppl")
-                print(f"{scorer:<10} {sp:.2f} {method:<13} ppl {ev['perplexity']:10.3f}  held-out "
-                      f"{args.objective} {held_out[args.objective]:.5f}  {wall:7.1f} s"
-                      + (f"  best #{rec['best']['number']} {rec['best']['params']['family']}, spearman "
-                         f"{rho if rho is None else round(rho, 3)}" if method == "search" else ""), flush=True)
+                print(
+                    f"{scorer:<10} {sp:.2f} {method:<13} ppl {ev['perplexity']:10.3f}  held-out "
+                    f"{args.objective} {held_out[args.objective]:.5f}  {wall:7.1f} s"
+                    + (
+                        f"  best #{rec['best']['number']} {rec['best']['params']['family']}, spearman "
+                        f"{rho if rho is None else round(rho, 3)}"
+                        if method == "search"
+                        else ""
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

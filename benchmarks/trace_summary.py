@@ -6,6 +6,7 @@ Prints the run's span, the busy time of each CUDA stream and of all streams toge
 kernel and copy intervals), the device-idle time, the host ranges (trimprune::...) by total
 duration, and per stream the kernels with the most device time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,19 @@ def main():
     a = ap.parse_args()
     with gzip.open(a.trace, "rt") as f:
         ev = json.load(f)["traceEvents"]
-    dev = [e for e in ev if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    host = [e for e in ev if e.get("ph") == "X" and str(e.get("name", "")).startswith("trimprune::")]
+    dev = [
+        e
+        for e in ev
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+    host = [
+        e for e in ev if e.get("ph") == "X" and str(e.get("name", "")).startswith("trimprune::")
+    ]
     t0 = min(e["ts"] for e in dev + host)
     t1 = max(e["ts"] + e["dur"] for e in dev + host)
-    print(f"span {(t1 - t0) / 1e3:.1f} ms, device busy (any stream) {union([(e['ts'], e['ts'] + e['dur']) for e in dev]) / 1e3:.1f} ms")
+    print(
+        f"span {(t1 - t0) / 1e3:.1f} ms, device busy (any stream) {union([(e['ts'], e['ts'] + e['dur']) for e in dev]) / 1e3:.1f} ms"
+    )
     by_stream = defaultdict(list)
     for e in dev:
         by_stream[e.get("args", {}).get("stream", e.get("tid"))].append(e)
@@ -47,7 +56,7 @@ def main():
             n = names[e["name"][:90]]
             n[0] += e["dur"]
             n[1] += 1
-        for n, (d, c) in sorted(names.items(), key=lambda kv: -kv[1][0])[:a.top]:
+        for n, (d, c) in sorted(names.items(), key=lambda kv: -kv[1][0])[: a.top]:
             print(f"    {d / 1e3:8.2f} ms {c:6d}x  {n}")
     hs = defaultdict(lambda: [0.0, 0])
     for e in host:

@@ -8,6 +8,7 @@
   the first row after 60,000 characters of "\\n\\n"-joined text (more than 20 windows of 512 SmolLM2
   tokens, so its first windows are the test set's).
 """
+
 import json
 import sys
 from pathlib import Path
@@ -24,13 +25,16 @@ for line in open(next((src / "c4").glob("c4-train.*.json*"))):
         docs.append(text)
     if len(docs) == 48:
         break
-(out / "c4-demo.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs))
+(out / "c4-demo.jsonl").write_text(
+    "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs)
+)
 rows, n = [], 0
 for line in open(src / "wikitext2-raw" / "test.jsonl"):
     rows.append(json.loads(line)["text"])
     n += len(rows[-1]) + 2
     if n > 60_000:
         break
-(out / "wikitext2-test-excerpt.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                                          for t in rows))
+(out / "wikitext2-test-excerpt.jsonl").write_text(
+    "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows)
+)
 print(f"{len(docs)} C4 documents, {len(rows)} WikiText-2 rows")

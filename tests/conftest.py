@@ -21,7 +21,9 @@ def shared_data_dir() -> Path:
 def data_dir() -> Path:
     d = shared_data_dir()
     if not (d / "wikitext2-raw").is_dir():
-        pytest.fail(f"test data not found at {d}: set TRIMPRUNE_DATA to a folder laid out like shared/data")
+        pytest.fail(
+            f"test data not found at {d}: set TRIMPRUNE_DATA to a folder laid out like shared/data"
+        )
     return d
 
 
@@ -65,9 +67,18 @@ def tiny_dir(tmp_path_factory, data_dir):
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizers" / "gpt2"))
     tok.model_max_length = 256
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=256,
-                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     m.save_pretrained(d)
     tok.save_pretrained(d)
     return d

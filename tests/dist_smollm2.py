@@ -5,6 +5,7 @@ ranks), one JSON file written by rank 0.
     python tests/dist_smollm2.py OUT.json
     torchrun --nproc-per-node 2 tests/dist_smollm2.py OUT.json
 """
+
 import json
 import os
 import sys
@@ -13,12 +14,15 @@ import torch
 import torch.distributed as dist
 
 from trimprune import PruneConfig, load_model, prune
-from trimprune.algo.ranks import Ranks
 from trimprune.calib.data import get_calibration
+from trimprune.core.ranks import Ranks
 from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets
 
-CONFIGS = {"wanda": {"scorer": "wanda"}, "wanda_trim": {"scorer": "wanda", "trim": True},
-           "sparsegpt": {"scorer": "sparsegpt"}}
+CONFIGS = {
+    "wanda": {"scorer": "wanda"},
+    "wanda_trim": {"scorer": "wanda", "trim": True},
+    "sparsegpt": {"scorer": "sparsegpt"},
+}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
@@ -33,8 +37,11 @@ if __name__ == "__main__":
     for name, kw in CONFIGS.items():
         model.load_state_dict(state)
         res = prune(model, tok, PruneConfig.from_flat(base | kw), calibration=calib, progress=False)
-        out[name] = {"ppl": evaluate_sets(model, sets, 4)["wikitext2"]["perplexity"],
-                     "sparsity": res.global_sparsity, "prune_seconds": res.timings["prune_seconds"]}
+        out[name] = {
+            "ppl": evaluate_sets(model, sets, 4)["wikitext2"]["perplexity"],
+            "sparsity": res.global_sparsity,
+            "prune_seconds": res.timings["prune_seconds"],
+        }
     if Ranks.current().main:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)

@@ -13,6 +13,7 @@ intended change of behaviour with
 
 (`--dump FILE` writes the undigested records with exact floats, for a bit-for-bit diff.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 FIXTURE = HERE / "fixtures" / "equivalence.json"
 
-TINY_FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gemma3", "opt", "gpt2", "gpt_neox"]
+TINY_FAMILIES = [
+    "llama",
+    "qwen2",
+    "mistral",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "opt",
+    "gpt2",
+    "gpt_neox",
+]
 TINY_BASE = {"nsamples": 8, "seqlen": 24}
 
 
 def tiny_cases() -> dict[str, dict]:
     """families x scorers x TRIM (none / all / last-token) x 50 / 70 %, and the other paths once."""
     out = {}
-    for fam, sc, tr, sp in itertools.product(TINY_FAMILIES, ["magnitude", "wanda", "sparsegpt"],
-                                             [None, "all", "last-token"], [0.5, 0.7]):
+    for fam, sc, tr, sp in itertools.product(
+        TINY_FAMILIES, ["magnitude", "wanda", "sparsegpt"], [None, "all", "last-token"], [0.5, 0.7]
+    ):
         flat = dict(TINY_BASE, scorer=sc, sparsity=sp)
         if tr:
             flat.update(trim=True, trim_inputs=tr)
@@ -47,34 +60,78 @@ def tiny_cases() -> dict[str, dict]:
     extra = {
         "owl-wanda-trim": dict(scorer="wanda", sparsity=0.7, allocation="owl", trim=True),
         "owl-sparsegpt": dict(scorer="sparsegpt", sparsity=0.6, allocation="owl"),
-        "alpha-wanda-trim": dict(scorer="wanda", sparsity=0.7, allocation="alphapruning", trim=True,
-                                 alpha_mapping="per_matrix"),
-        "alpha-magnitude": dict(scorer="magnitude", sparsity=0.6, allocation="alphapruning", alpha_metric="alpha_mid"),
+        "alpha-wanda-trim": dict(
+            scorer="wanda",
+            sparsity=0.7,
+            allocation="alphapruning",
+            trim=True,
+            alpha_mapping="per_matrix",
+        ),
+        "alpha-magnitude": dict(
+            scorer="magnitude", sparsity=0.6, allocation="alphapruning", alpha_metric="alpha_mid"
+        ),
         "nm24-wanda": dict(scorer="wanda", sparsity=0.5, mask_structure="2:4"),
-        "nm48-sparsegpt": dict(scorer="sparsegpt", sparsity=0.5, mask_structure="4:8", blocksize=16),
+        "nm48-sparsegpt": dict(
+            scorer="sparsegpt", sparsity=0.5, mask_structure="4:8", blocksize=16
+        ),
         "nm24-magnitude": dict(scorer="magnitude", sparsity=0.5, mask_structure="2:4"),
         "recalc-wanda": dict(scorer="wanda", sparsity=0.6, trim_input_recalc=True),
         "recalc-wanda-trim": dict(scorer="wanda", sparsity=0.7, trim=True, trim_input_recalc=True),
-        "recalc-sparsegpt-trim": dict(scorer="sparsegpt", sparsity=0.7, trim=True, trim_input_recalc=True),
-        "sample64-wanda-trim": dict(scorer="wanda", sparsity=0.7, trim=True, trim_inputs="sample:64"),
-        "sample64-psnr": dict(scorer="wanda", sparsity=0.6, trim=True, trim_inputs="sample:64",
-                              trim_metric="psnr_dim", trim_dim_metric="psnr"),
-        "lastok-mae": dict(scorer="magnitude", sparsity=0.6, trim=True, trim_inputs="last-token", trim_metric="mae"),
-        "parallel-wanda-trim": dict(scorer="wanda", sparsity=0.7, trim=True, trim_lr_search="parallel"),
-        "parallel-sparsegpt-trim": dict(scorer="sparsegpt", sparsity=0.7, trim=True, trim_lr_search="parallel"),
-        "parallel-neg": dict(scorer="wanda", sparsity=0.5, trim=True, trim_lr_search="parallel",
-                             trim_lrs=[0.9, 2.0]),
-        "sequential-neg": dict(scorer="wanda", sparsity=0.5, trim=True, trim_lr_search="sequential",
-                               trim_lrs=[0.9, 2.0]),
+        "recalc-sparsegpt-trim": dict(
+            scorer="sparsegpt", sparsity=0.7, trim=True, trim_input_recalc=True
+        ),
+        "sample64-wanda-trim": dict(
+            scorer="wanda", sparsity=0.7, trim=True, trim_inputs="sample:64"
+        ),
+        "sample64-psnr": dict(
+            scorer="wanda",
+            sparsity=0.6,
+            trim=True,
+            trim_inputs="sample:64",
+            trim_metric="psnr_dim",
+            trim_dim_metric="psnr",
+        ),
+        "lastok-mae": dict(
+            scorer="magnitude", sparsity=0.6, trim=True, trim_inputs="last-token", trim_metric="mae"
+        ),
+        "parallel-wanda-trim": dict(
+            scorer="wanda", sparsity=0.7, trim=True, trim_lr_search="parallel"
+        ),
+        "parallel-sparsegpt-trim": dict(
+            scorer="sparsegpt", sparsity=0.7, trim=True, trim_lr_search="parallel"
+        ),
+        "parallel-neg": dict(
+            scorer="wanda", sparsity=0.5, trim=True, trim_lr_search="parallel", trim_lrs=[0.9, 2.0]
+        ),
+        "sequential-neg": dict(
+            scorer="wanda",
+            sparsity=0.5,
+            trim=True,
+            trim_lr_search="sequential",
+            trim_lrs=[0.9, 2.0],
+        ),
         "noneg-wanda-trim": dict(scorer="wanda", sparsity=0.6, trim=True, trim_forbid_neg_lr=True),
-        "mse-mse": dict(scorer="wanda", sparsity=0.6, trim=True, trim_metric="mse", trim_dim_metric="mse"),
+        "mse-mse": dict(
+            scorer="wanda", sparsity=0.6, trim=True, trim_metric="mse", trim_dim_metric="mse"
+        ),
         "snr-cosim": dict(scorer="sparsegpt", sparsity=0.6, trim=True, trim_metric="snr"),
-        "cosimdim-lasttok": dict(scorer="wanda", sparsity=0.7, trim=True, trim_inputs="last-token",
-                                 trim_metric="cosim_dim"),
+        "cosimdim-lasttok": dict(
+            scorer="wanda",
+            sparsity=0.7,
+            trim=True,
+            trim_inputs="last-token",
+            trim_metric="cosim_dim",
+        ),
         "no-safeguards": dict(scorer="wanda", sparsity=0.7, trim=True, trim_safeguard=False),
-        "no-block-safeguard": dict(scorer="magnitude", sparsity=0.7, trim=True, trim_block_safeguard=False),
-        "iters3-cap08": dict(scorer="wanda", sparsity=0.6, trim=True, trim_iterations=3, trim_max_row_sparsity=0.8),
-        "batch3-sparsegpt": dict(scorer="sparsegpt", sparsity=0.6, batch_size=3, percdamp=0.05, blocksize=8),
+        "no-block-safeguard": dict(
+            scorer="magnitude", sparsity=0.7, trim=True, trim_block_safeguard=False
+        ),
+        "iters3-cap08": dict(
+            scorer="wanda", sparsity=0.6, trim=True, trim_iterations=3, trim_max_row_sparsity=0.8
+        ),
+        "batch3-sparsegpt": dict(
+            scorer="sparsegpt", sparsity=0.6, batch_size=3, percdamp=0.05, blocksize=8
+        ),
     }
     for name, flat in extra.items():
         for fam in ("llama", "gpt2"):
@@ -85,11 +142,22 @@ def tiny_cases() -> dict[str, dict]:
 def smollm2_cases() -> dict[str, dict]:
     """SmolLM2-135M on CPU, C4 8 x 128: scorers x TRIM x allocations."""
     out = {}
-    for sc, tr, al in itertools.product(["wanda", "sparsegpt", "magnitude"], [False, True],
-                                        ["uniform", "owl", "alphapruning"]):
-        flat = dict(scorer=sc, sparsity=0.7 if al != "uniform" else 0.6, allocation=al, trim=tr,
-                    calib="c4", nsamples=8, seqlen=128)
-        out[f"smollm2/{sc}/{'trim' if tr else 'alone'}/{al}"] = {"family": "smollm2", "config": flat}
+    for sc, tr, al in itertools.product(
+        ["wanda", "sparsegpt", "magnitude"], [False, True], ["uniform", "owl", "alphapruning"]
+    ):
+        flat = dict(
+            scorer=sc,
+            sparsity=0.7 if al != "uniform" else 0.6,
+            allocation=al,
+            trim=tr,
+            calib="c4",
+            nsamples=8,
+            seqlen=128,
+        )
+        out[f"smollm2/{sc}/{'trim' if tr else 'alone'}/{al}"] = {
+            "family": "smollm2",
+            "config": flat,
+        }
     return out
 
 
@@ -128,12 +196,25 @@ def outcome(result) -> dict:
 def digest(out: dict) -> dict:
     h = hashlib.sha256()
     for k in sorted(out["masks"]):
-        h.update(k.encode() + b"\0" + json.dumps(out["layers"][k]["shape"]).encode() + b"\0" + out["masks"][k])
-    rec = json.dumps(_rounded({"layers": out["layers"], "block_safeguard": out["block_safeguard"]}), sort_keys=True)
+        h.update(
+            k.encode()
+            + b"\0"
+            + json.dumps(out["layers"][k]["shape"]).encode()
+            + b"\0"
+            + out["masks"][k]
+        )
+    rec = json.dumps(
+        _rounded({"layers": out["layers"], "block_safeguard": out["block_safeguard"]}),
+        sort_keys=True,
+    )
     lrs = sorted({str(r["trim"]["lr"]) for r in out["layers"].values() if r.get("trim")})
     kept = sum(1 for r in out["layers"].values() if r.get("trim") and r["trim"]["kept"] == "trim")
-    return {"masks": h.hexdigest()[:32], "records": hashlib.sha256(rec.encode()).hexdigest()[:32],
-            "trim_lrs": lrs, "trim_kept": kept}
+    return {
+        "masks": h.hexdigest()[:32],
+        "records": hashlib.sha256(rec.encode()).hexdigest()[:32],
+        "trim_lrs": lrs,
+        "trim_kept": kept,
+    }
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -168,17 +249,24 @@ def run_case(case: dict, alpha_cache: str | None = None) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--write", action="store_true", help="write tests/fixtures/equivalence.json")
-    ap.add_argument("--smollm2", action="store_true", help="also the SmolLM2 cases (needs TRIMPRUNE_DATA)")
+    ap.add_argument(
+        "--smollm2", action="store_true", help="also the SmolLM2 cases (needs TRIMPRUNE_DATA)"
+    )
     ap.add_argument("--only", default=None, help="substring of the case names to run")
-    ap.add_argument("--dump", default=None, help="write the undigested outcomes (exact floats) as JSON")
+    ap.add_argument(
+        "--dump", default=None, help="write the undigested outcomes (exact floats) as JSON"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cases = tiny_cases() | (smollm2_cases() if args.smollm2 else {})
     if args.only:
         cases = {k: v for k, v in cases.items() if args.only in k}
     import tempfile
+
     fixture = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else {}
     dump, bad = {}, []
     with tempfile.TemporaryDirectory() as ac:
@@ -187,13 +275,19 @@ def main(argv=None):
             out = run_case(case, ac)
             d = digest(out)
             if args.dump:
-                dump[name] = {"layers": out["layers"], "block_safeguard": out["block_safeguard"],
-                              "masks": {k: hashlib.sha256(v).hexdigest() for k, v in out["masks"].items()}}
+                dump[name] = {
+                    "layers": out["layers"],
+                    "block_safeguard": out["block_safeguard"],
+                    "masks": {k: hashlib.sha256(v).hexdigest() for k, v in out["masks"].items()},
+                }
             want = fixture.get(name)
             status = "new" if want is None else ("same" if want == d else "DIFFERENT")
             if status == "DIFFERENT":
                 bad.append(name)
-            print(f"{name:<55} {status:<9} {time.perf_counter() - t0:6.2f} s  kept {d['trim_kept']}", flush=True)
+            print(
+                f"{name:<55} {status:<9} {time.perf_counter() - t0:6.2f} s  kept {d['trim_kept']}",
+                flush=True,
+            )
             fixture[name] = d
     if args.write:
         FIXTURE.parent.mkdir(parents=True, exist_ok=True)

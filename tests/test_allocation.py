@@ -1,4 +1,5 @@
 """Layer-wise allocation: OWL and AlphaPruning equal direct recomputations; exact global mean; files."""
+
 import json
 
 import pytest
@@ -8,11 +9,13 @@ from tiny_models import calib, make
 from trimprune import PruneConfig, prune
 from trimprune.algo.allocation.alphapruning import alpha_metrics, alpha_sparsities, esd
 from trimprune.algo.allocation.base import clip_to_mean
-from trimprune.io.models import ModelAdapter, weight_2d
+from trimprune.core.model import ModelAdapter, weight_2d
 
 
 def _numel_mean(res):
-    return sum(r.target_sparsity * r.numel for r in res.layers.values()) / sum(r.numel for r in res.layers.values())
+    return sum(r.target_sparsity * r.numel for r in res.layers.values()) / sum(
+        r.numel for r in res.layers.values()
+    )
 
 
 def test_owl_equals_direct_recomputation():
@@ -20,8 +23,12 @@ def test_owl_equals_direct_recomputation():
     ref = make("llama", dtype=torch.float64)
     ad = ModelAdapter.from_model(ref)
     inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
-             for n, m in ad.all_linears().items()]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, a, o, n=n: inputs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n, m in ad.all_linears().items()
+    ]
     with torch.no_grad():
         ref(input_ids=ids)
     for h in hooks:
@@ -29,15 +36,25 @@ def test_owl_equals_direct_recomputation():
     M, lam, s = 5.0, 0.08, 0.6
     D = []
     for i in range(ad.num_blocks):
-        scores = torch.cat([(weight_2d(m).abs() * inputs[ad.full_name(i, n)].norm(dim=0)).flatten()
-                            for n, m in ad.linears(i).items()])
+        scores = torch.cat(
+            [
+                (weight_2d(m).abs() * inputs[ad.full_name(i, n)].norm(dim=0)).flatten()
+                for n, m in ad.linears(i).items()
+            ]
+        )
         D.append(float((scores > M * scores.mean()).sum()) / scores.numel() * 100)
     D = torch.tensor(D, dtype=torch.float64)
     dens = (D - D.min()) / (D.max() - D.min()) * lam * 2
     expected = 1 - (dens - dens.mean() + (1 - s))
-    res = prune(make("llama", dtype=torch.float64), None,
-                PruneConfig.from_flat(dict(scorer="wanda", sparsity=s, allocation="owl", nsamples=8, seqlen=24)), calibration=ids,
-                progress=False)
+    res = prune(
+        make("llama", dtype=torch.float64),
+        None,
+        PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=s, allocation="owl", nsamples=8, seqlen=24)
+        ),
+        calibration=ids,
+        progress=False,
+    )
     got = res.allocation.per_block()
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=0, atol=1e-12)
     assert res.allocation.details["outlier_ratio"] == pytest.approx(D.tolist(), abs=1e-12)
@@ -49,13 +66,19 @@ def _hill_ks_loop(e, i):
     N = len(e)
     n = N - i
     a = 1 + n / (sum(torch.log(e[i:]).tolist()) - n * float(torch.log(e[i])))
-    D = max(abs(1 - float(e[j] / e[i]) ** (1 - a) - (j - i) / n) for j in range(i, N)) if a > 1 else 1.0
+    D = (
+        max(abs(1 - float(e[j] / e[i]) ** (1 - a) - (j - i) / n) for j in range(i, N))
+        if a > 1
+        else 1.0
+    )
     return a, D
 
 
 def test_alpha_metrics_equal_direct_recomputation():
     torch.manual_seed(0)
-    W = torch.randn(48, 80, dtype=torch.float64) @ torch.diag(torch.linspace(0.2, 3, 80, dtype=torch.float64) ** 2)
+    W = torch.randn(48, 80, dtype=torch.float64) @ torch.diag(
+        torch.linspace(0.2, 3, 80, dtype=torch.float64) ** 2
+    )
     e = torch.sort(torch.linalg.svdvals(W.float()).double() ** 2)[0]
     got = alpha_metrics(e)
     # alpha_mid: xmin at the middle eigenvalue
@@ -63,7 +86,9 @@ def test_alpha_metrics_equal_direct_recomputation():
     # alpha_peak: minimal KS distance among the candidates of the reference loop
     h = torch.log10(e.float())
     counts = torch.histc(h, 100, min=float(h.min()), max=float(h.max()))
-    peak = 10 ** float(torch.linspace(float(h.min()), float(h.max()), 101)[int(torch.argmax(counts))])
+    peak = 10 ** float(
+        torch.linspace(float(h.min()), float(h.max()), 101)[int(torch.argmax(counts))]
+    )
     best = (2.0, None)
     for i in range(len(e) - 1):
         if float(e[i]) < torch.log10(torch.tensor(0.95 * peak)).item():
@@ -80,20 +105,34 @@ def test_alpha_metrics_equal_direct_recomputation():
 def test_hill_ks_recovers_power_law_exponent(alpha):
     g = torch.Generator().manual_seed(int(alpha * 10))
     u = torch.rand(3000, generator=g, dtype=torch.float64)
-    x = torch.sort(0.7 * (1 - u) ** (-1 / (alpha - 1)))[0]         # Pareto, density ~ x^-alpha, xmin 0.7
+    x = torch.sort(0.7 * (1 - u) ** (-1 / (alpha - 1)))[0]  # Pareto, density ~ x^-alpha, xmin 0.7
     assert alpha_metrics(x)["alpha_peak"] == pytest.approx(alpha, rel=0.05)
 
 
 def test_alphapruning_allocation_equals_direct_mapping(tmp_path):
     model = make("llama")
     s, eps = 0.5, 0.3
-    cfg = PruneConfig.from_flat(dict(scorer="magnitude", sparsity=s, allocation="alphapruning", alpha_eps=eps, nsamples=4, seqlen=16,
-                      alpha_cache_dir=str(tmp_path), alpha_mapping="per_matrix"))
+    cfg = PruneConfig.from_flat(
+        dict(
+            scorer="magnitude",
+            sparsity=s,
+            allocation="alphapruning",
+            alpha_eps=eps,
+            nsamples=4,
+            seqlen=16,
+            alpha_cache_dir=str(tmp_path),
+            alpha_mapping="per_matrix",
+        )
+    )
     ad = ModelAdapter.from_model(model)
     names = list(ad.all_linears())
-    metric = torch.tensor([alpha_metrics(esd(weight_2d(m)))["alpha_peak"] for m in ad.all_linears().values()],
-                          dtype=torch.float64)
-    numel = torch.tensor([weight_2d(m).numel() for m in ad.all_linears().values()], dtype=torch.float64)
+    metric = torch.tensor(
+        [alpha_metrics(esd(weight_2d(m)))["alpha_peak"] for m in ad.all_linears().values()],
+        dtype=torch.float64,
+    )
+    numel = torch.tensor(
+        [weight_2d(m).numel() for m in ad.all_linears().values()], dtype=torch.float64
+    )
     r = (metric - metric.min()) / (metric.max() - metric.min()) * (2 * eps) + (1 - eps)
     expected = r * (numel.sum() * s / (numel * r).sum())
     res = prune(model, None, cfg, calibration=calib(4, 16), progress=False)
@@ -115,13 +154,13 @@ def test_alphapruning_block_wise_uses_block_means():
 
 def test_alphapruning_never_exceeds_bounds_and_keeps_the_mean():
     """At eps 0.3 and 80 % the reference assigns ratios above 1; ours clips to 0.99 with the mean exact."""
-    metrics = [10.0, 9.5, 10.0, 10.0] + [1.0] * 6            # small matrices are the least trained
+    metrics = [10.0, 9.5, 10.0, 10.0] + [1.0] * 6  # small matrices are the least trained
     numels = [10, 10, 10, 10, 1000, 1000, 1000, 1000, 1000, 1000]
     ref_like = torch.tensor(metrics)
     r = (ref_like - ref_like.min()) / (ref_like.max() - ref_like.min()) * 0.6 + 0.7
     p = torch.tensor(numels, dtype=torch.float64)
     unclipped = r.double() * (p.sum() * 0.8 / (p * r).sum())
-    assert float(unclipped.max()) > 0.99                           # the reference mapping overflows
+    assert float(unclipped.max()) > 0.99  # the reference mapping overflows
     sp = torch.tensor(alpha_sparsities(metrics, numels, 0.8, 0.3), dtype=torch.float64)
     assert float(sp.max()) <= 0.99 and float(sp.min()) >= 0
     assert float((sp * p).sum() / p.sum()) == pytest.approx(0.8, abs=1e-12)
@@ -141,14 +180,31 @@ def test_clip_to_mean_shift_and_scale():
 @pytest.mark.parametrize("trim", [False, True])
 def test_every_allocation_has_exact_global_mean_and_composes(allocation, scorer, trim, tmp_path):
     s = 0.7
-    res = prune(make("qwen2"), None, PruneConfig.from_flat(dict(scorer=scorer, sparsity=s, allocation=allocation, trim=trim,
-                                                 nsamples=8, seqlen=24, alpha_cache_dir=str(tmp_path))),
-                calibration=calib(8, 24), progress=False)
+    res = prune(
+        make("qwen2"),
+        None,
+        PruneConfig.from_flat(
+            dict(
+                scorer=scorer,
+                sparsity=s,
+                allocation=allocation,
+                trim=trim,
+                nsamples=8,
+                seqlen=24,
+                alpha_cache_dir=str(tmp_path),
+            )
+        ),
+        calibration=calib(8, 24),
+        progress=False,
+    )
     assert res.allocation.achieved == pytest.approx(s, abs=1e-12)
     assert _numel_mean(res) == pytest.approx(s, abs=1e-12)
-    for r in res.layers.values():                                  # every linear hits its own target
-        per = round(r.target_sparsity * r.shape[1]) * r.shape[0] if scorer == "wanda" else \
-            round(r.target_sparsity * r.numel)
+    for r in res.layers.values():  # every linear hits its own target
+        per = (
+            round(r.target_sparsity * r.shape[1]) * r.shape[0]
+            if scorer == "wanda"
+            else round(r.target_sparsity * r.numel)
+        )
         assert r.zeros == per
     if allocation != "uniform":
         assert len({round(r.target_sparsity, 9) for r in res.layers.values()}) > 1
@@ -156,23 +212,54 @@ def test_every_allocation_has_exact_global_mean_and_composes(allocation, scorer,
 
 def test_allocation_file_round_trip(tmp_path):
     ids = calib(8, 24)
-    res = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, allocation="owl", nsamples=8,
-                                                 seqlen=24)), calibration=ids, progress=False)
+    res = prune(
+        make("llama"),
+        None,
+        PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=0.6, allocation="owl", nsamples=8, seqlen=24)
+        ),
+        calibration=ids,
+        progress=False,
+    )
     path = tmp_path / "alloc.json"
     res.allocation.save(path)
-    rep = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, allocation=f"file:{path}",
-                                                 nsamples=8, seqlen=24)), calibration=ids, progress=False)
+    rep = prune(
+        make("llama"),
+        None,
+        PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=0.6, allocation=f"file:{path}", nsamples=8, seqlen=24)
+        ),
+        calibration=ids,
+        progress=False,
+    )
     assert rep.allocation.per_linear == res.allocation.per_linear
     for n in res.layers:
         assert torch.equal(rep.mask(n), res.mask(n))
     # per-block list and block-relative names are accepted too; YAML as well as JSON
     blocks = res.allocation.per_block()
     (tmp_path / "b.yaml").write_text("\n".join(f"- {b}" for b in blocks))
-    rb = prune(make("llama"), None, PruneConfig.from_flat(dict(sparsity=0.6, allocation=f"file:{tmp_path / 'b.yaml'}", nsamples=8,
-                                                seqlen=24)), calibration=ids, progress=False)
+    rb = prune(
+        make("llama"),
+        None,
+        PruneConfig.from_flat(
+            dict(sparsity=0.6, allocation=f"file:{tmp_path / 'b.yaml'}", nsamples=8, seqlen=24)
+        ),
+        calibration=ids,
+        progress=False,
+    )
     assert rb.allocation.per_block() == pytest.approx(blocks)
-    rel = {f"{res.layers[n].block}.{res.layers[n].name}": v for n, v in res.allocation.per_linear.items()}
+    rel = {
+        f"{res.layers[n].block}.{res.layers[n].name}": v
+        for n, v in res.allocation.per_linear.items()
+    }
     (tmp_path / "r.json").write_text(json.dumps(rel))
-    rr = prune(make("llama"), None, PruneConfig.from_flat(dict(sparsity=0.6, allocation=f"file:{tmp_path / 'r.json'}", nsamples=8,
-                                                seqlen=24)), calibration=ids, progress=False)
+    rr = prune(
+        make("llama"),
+        None,
+        PruneConfig.from_flat(
+            dict(sparsity=0.6, allocation=f"file:{tmp_path / 'r.json'}", nsamples=8, seqlen=24)
+        ),
+        calibration=ids,
+        progress=False,
+    )
     assert rr.allocation.per_linear == res.allocation.per_linear

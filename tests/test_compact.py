@@ -1,4 +1,5 @@
 """Compact checkpoints: bitmask + kept values, an exact round trip, the size bound, dense export."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,8 +14,13 @@ from trimprune.io.report import build_report, markdown
 
 def _pruned(family, sparsity, dtype=torch.float32):
     model = make(family)
-    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=sparsity, nsamples=4, seqlen=16)),
-                calibration=calib(4, 16), progress=False)
+    res = prune(
+        model,
+        None,
+        PruneConfig.from_flat(dict(scorer="wanda", sparsity=sparsity, nsamples=4, seqlen=16)),
+        calibration=calib(4, 16),
+        progress=False,
+    )
     return model.to(dtype), res
 
 
@@ -23,18 +29,24 @@ def test_compact_round_trip_gives_identical_logits(family, tmp_path):
     model, res = _pruned(family, 0.6)
     rep = build_report(res, {"source": family}, {"perplexity": {}}, res.timings)
     write_outputs(tmp_path / "c", model, None, res, rep, markdown(rep), save_format="compact")
-    assert (tmp_path / "c" / COMPACT_FILE).is_file() and not (tmp_path / "c" / "model.safetensors").exists()
+    assert (tmp_path / "c" / COMPACT_FILE).is_file() and not (
+        tmp_path / "c" / "model.safetensors"
+    ).exists()
     loaded = load_pruned(tmp_path / "c")
     assert type(loaded) is type(model)
     ids = calib(3, 16, seed=9)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
     for name, p in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
     assert main(["export", "--dense", str(tmp_path / "c"), str(tmp_path / "d")]) == 0
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
     with torch.no_grad():
-        torch.testing.assert_close(dense(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            dense(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
 
 
 def test_pruned_linears_take_at_most_040_of_their_dense_bytes_at_70_percent_fp16(tmp_path):
@@ -45,8 +57,10 @@ def test_pruned_linears_take_at_most_040_of_their_dense_bytes_at_70_percent_fp16
     compact = dense = 0
     with safe_open(str(tmp_path / "c" / COMPACT_FILE), framework="pt") as f:
         for name in res.layers:
-            compact += sum(f.get_tensor(f"{name}.weight.{k}").numel() * (1 if k == "mask" else 2)
-                           for k in ("mask", "values"))
+            compact += sum(
+                f.get_tensor(f"{name}.weight.{k}").numel() * (1 if k == "mask" else 2)
+                for k in ("mask", "values")
+            )
             dense += res.layers[name].numel * 2
     assert compact / dense <= 0.40, compact / dense
     assert compact / dense == pytest.approx(1 / 16 + 0.3, abs=0.01)

@@ -1,4 +1,5 @@
 """PruneConfig: parts that validate themselves, flat and nested recipes, typed fields, generated flags."""
+
 import dataclasses
 
 import pytest
@@ -8,30 +9,45 @@ from trimprune.cli import build_parser, config_from_args
 
 
 def test_flat_and_nested_recipes_give_the_same_config():
-    flat = PruneConfig.from_yaml("scorer: sparsegpt\nsparsity: 0.7\ntrim: true\ntrim_inputs: sample:64\n"
-                                 "nsamples: 16\nowl_m: 7\n")
-    nested = PruneConfig.from_yaml("scorer: {name: sparsegpt}\nsparsity: 0.7\ntrim: {enabled: true, inputs: "
-                                   "'sample:64'}\ncalib: {nsamples: 16}\nallocation: {owl_m: 7}\n")
-    assert flat == nested == PruneConfig(scorer="sparsegpt", sparsity=0.7, trim=TrimConfig(enabled=True,
-                                                                                            inputs="sample:64"),
-                                         calib={"nsamples": 16}, allocation={"owl_m": 7})
+    flat = PruneConfig.from_yaml(
+        "scorer: sparsegpt\nsparsity: 0.7\ntrim: true\ntrim_inputs: sample:64\n"
+        "nsamples: 16\nowl_m: 7\n"
+    )
+    nested = PruneConfig.from_yaml(
+        "scorer: {name: sparsegpt}\nsparsity: 0.7\ntrim: {enabled: true, inputs: "
+        "'sample:64'}\ncalib: {nsamples: 16}\nallocation: {owl_m: 7}\n"
+    )
+    assert (
+        flat
+        == nested
+        == PruneConfig(
+            scorer="sparsegpt",
+            sparsity=0.7,
+            trim=TrimConfig(enabled=True, inputs="sample:64"),
+            calib={"nsamples": 16},
+            allocation={"owl_m": 7},
+        )
+    )
     assert PruneConfig.from_yaml(nested.to_yaml()) == nested
     assert PruneConfig.from_flat(nested.to_flat()) == nested
     assert nested.trim.input_mode.sample == 64
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("trim: 'false'", "trim 'false' must be true or false"),
-    ("offload: 'no'", "--offload 'no' is unknown: choose one of cpu, disk or false"),
-    ("seed: abc", "seed 'abc' must be an integer"),
-    ("blocksize: true", "blocksize True must be an integer"),
-    ("mask_structure: 2:4", "quote it"),                     # YAML 1.1 reads 2:4 as the integer 124
-    ("percdamp: x", "percdamp 'x' must be a number"),
-    ("trim_lrs: abc", "trim_lrs 'abc' must be a list of numbers"),
-    ("allocation: 5", "allocation 5 must be a string"),
-    ("trim: {inputs: all, speed: 3}", "trim.speed is unknown"),
-    ("sparsty: 0.5", "recipe key 'sparsty' is unknown"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("trim: 'false'", "trim 'false' must be true or false"),
+        ("offload: 'no'", "--offload 'no' is unknown: choose one of cpu, disk or false"),
+        ("seed: abc", "seed 'abc' must be an integer"),
+        ("blocksize: true", "blocksize True must be an integer"),
+        ("mask_structure: 2:4", "quote it"),  # YAML 1.1 reads 2:4 as the integer 124
+        ("percdamp: x", "percdamp 'x' must be a number"),
+        ("trim_lrs: abc", "trim_lrs 'abc' must be a list of numbers"),
+        ("allocation: 5", "allocation 5 must be a string"),
+        ("trim: {inputs: all, speed: 3}", "trim.speed is unknown"),
+        ("sparsty: 0.5", "recipe key 'sparsty' is unknown"),
+    ],
+)
 def test_recipe_values_of_the_wrong_type_are_one_line_errors(text, needle):
     with pytest.raises(TrimpruneError, match=None) as e:
         PruneConfig.from_yaml(text + "\n")
@@ -46,20 +62,45 @@ def test_parts_validate_themselves_when_made_or_replaced():
         dataclasses.replace(cfg, trim=dataclasses.replace(cfg.trim, metric="mae"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.trim.iterations = 3
-    assert PruneConfig(mask_structure="2:4").sparsity == 0.5 and PruneConfig(mask_structure="1:4").sparsity == 0.25
+    assert (
+        PruneConfig(mask_structure="2:4").sparsity == 0.5
+        and PruneConfig(mask_structure="1:4").sparsity == 0.25
+    )
 
 
 def test_every_config_field_has_a_generated_flag():
     parser = build_parser()
-    prune = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("prune"))
+    prune = next(
+        a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("prune")
+    )
     dests = {a.dest for a in prune._actions}
     assert set(PruneConfig.flat_fields()) <= dests
-    args = parser.parse_args(["prune", "--model", "m", "--output", "o", "--trim", "--trim-lrs", "0.1", "0.3",
-                              "--no-trim-block-safeguard", "--owl-m", "4", "--offload"])
+    args = parser.parse_args(
+        [
+            "prune",
+            "--model",
+            "m",
+            "--output",
+            "o",
+            "--trim",
+            "--trim-lrs",
+            "0.1",
+            "0.3",
+            "--no-trim-block-safeguard",
+            "--owl-m",
+            "4",
+            "--offload",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.trim.lrs == (0.1, 0.3) and not cfg.trim.block_safeguard and cfg.trim.safeguard
     assert cfg.allocation.owl_m == 4.0 and cfg.run.offload and cfg.sparsity == 0.5
-    cfg = config_from_args(parser.parse_args(["prune", "--model", "m", "--output", "o", "--mask-structure", "1:4"]))
+    cfg = config_from_args(
+        parser.parse_args(["prune", "--model", "m", "--output", "o", "--mask-structure", "1:4"])
+    )
     assert cfg.sparsity == 0.25 and cfg.nm == (1, 4)
     help_text = prune.format_help()
-    assert "--trim-max-row-sparsity" in help_text and "upper bound of every row's sparsity" in help_text
+    assert (
+        "--trim-max-row-sparsity" in help_text
+        and "upper bound of every row's sparsity" in help_text
+    )

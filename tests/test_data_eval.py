@@ -1,4 +1,5 @@
 """Calibration protocols, evaluation protocol and perplexity against hand-computed NLL."""
+
 import json
 import math
 import random
@@ -8,7 +9,14 @@ import torch
 
 from tiny_models import V, calib, make
 from trimprune import PruneConfig
-from trimprune.calib.data import calib_c4, calib_stream, eval_text, get_calibration, read_rows, sample_from_model
+from trimprune.calib.data import (
+    calib_c4,
+    calib_stream,
+    eval_text,
+    get_calibration,
+    read_rows,
+    sample_from_model,
+)
 from trimprune.errors import TrimpruneError
 from trimprune.io.evaluate import nll_of_windows, text_windows
 
@@ -20,8 +28,11 @@ def test_wikitext2_test_protocol_token_count(data_dir, gpt2_tokenizer):
     b, _ = eval_text("wikitext2", str(data_dir / "wikitext2-raw" / "wiki.test.raw"))
     assert a == b
     import hashlib
-    assert hashlib.sha256(a.encode()).hexdigest() == \
-        "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
+
+    assert (
+        hashlib.sha256(a.encode()).hexdigest()
+        == "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
+    )
     assert gpt2_tokenizer(a, return_tensors="pt").input_ids.numel() == 287644
 
 
@@ -39,10 +50,10 @@ def test_c4_calibration_matches_reference_loop(data_dir, gpt2_tokenizer):
             if enc.input_ids.shape[1] > L:
                 break
         i = random.randint(0, enc.input_ids.shape[1] - L - 1)
-        ref.append(enc.input_ids[:, i:i + L])
+        ref.append(enc.input_ids[:, i : i + L])
     got = calib_c4(gpt2_tokenizer, read_rows(path), n, L, seed)
     assert torch.equal(got, torch.cat(ref, 0))
-    assert torch.equal(got, calib_c4(gpt2_tokenizer, rows, n, L, seed))          # same seed, same windows
+    assert torch.equal(got, calib_c4(gpt2_tokenizer, rows, n, L, seed))  # same seed, same windows
     assert not torch.equal(got, calib_c4(gpt2_tokenizer, rows, n, L, seed + 1))
 
 
@@ -53,7 +64,7 @@ def test_stream_calibration_protocol(gpt2_tokenizer):
     ref = []
     for _ in range(4):
         i = random.randint(0, enc.shape[1] - 64 - 1)
-        ref.append(enc[:, i:i + 64])
+        ref.append(enc[:, i : i + 64])
     assert torch.equal(calib_stream(gpt2_tokenizer, text, 4, 64, 5), torch.cat(ref))
 
 
@@ -64,17 +75,25 @@ def test_local_calibration_files_all_formats(tmp_path, gpt2_tokenizer):
     (tmp_path / "d.data").write_text("\n".join(docs))
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
     outs = []
     for name, fmt in [("d.jsonl", None), ("d.txt", None), ("d.parquet", None), ("d.data", "txt")]:
-        cfg = PruneConfig.from_flat(dict(calib="c4", calib_data=str(tmp_path / name), calib_format=fmt, nsamples=3,
-                                         seqlen=64)).calib
+        cfg = PruneConfig.from_flat(
+            dict(
+                calib="c4", calib_data=str(tmp_path / name), calib_format=fmt, nsamples=3, seqlen=64
+            )
+        ).calib
         outs.append(get_calibration(cfg, gpt2_tokenizer))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert outs[0].shape == (3, 64)
     with pytest.raises(TrimpruneError, match="--calib-format"):
-        get_calibration(PruneConfig.from_flat(dict(calib_data=str(tmp_path / "d.data"), nsamples=1, seqlen=8)).calib,
-                        gpt2_tokenizer)
+        get_calibration(
+            PruneConfig.from_flat(
+                dict(calib_data=str(tmp_path / "d.data"), nsamples=1, seqlen=8)
+            ).calib,
+            gpt2_tokenizer,
+        )
 
 
 def test_hub_names_offline_name_the_local_flag(monkeypatch, gpt2_tokenizer):
@@ -82,7 +101,9 @@ def test_hub_names_offline_name_the_local_flag(monkeypatch, gpt2_tokenizer):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(TrimpruneError, match="--calib-data"):
-        get_calibration(PruneConfig.from_flat(dict(calib="c4", nsamples=1, seqlen=8)).calib, gpt2_tokenizer)
+        get_calibration(
+            PruneConfig.from_flat(dict(calib="c4", nsamples=1, seqlen=8)).calib, gpt2_tokenizer
+        )
     with pytest.raises(TrimpruneError, match="--eval-data wikitext2=PATH"):
         eval_text("wikitext2")
 
@@ -140,4 +161,8 @@ def test_offloaded_evaluation_equals_plain(monkeypatch):
 
 def test_text_windows_drop_the_remainder(gpt2_tokenizer):
     w = text_windows(gpt2_tokenizer, "hello world " * 100, 16)
-    assert w.shape[1] == 16 and w.shape[0] == gpt2_tokenizer("hello world " * 100, return_tensors="pt").input_ids.numel() // 16
+    assert (
+        w.shape[1] == 16
+        and w.shape[0]
+        == gpt2_tokenizer("hello world " * 100, return_tensors="pt").input_ids.numel() // 16
+    )

@@ -8,6 +8,7 @@ batch into it with `addmm_` (G + X2^T X2 in one BLAS call), two processes add tw
 came out identical here; SparseGPT, which solves with it, gives the same masks and weights within
 ~1e-7, so those runs are compared within a tolerance, as are runs with shares of unequal size.
 """
+
 import json
 import os
 import socket
@@ -22,29 +23,50 @@ from safetensors.torch import load_file, save_file
 
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
-from trimprune.algo.ranks import Ranks
-from trimprune.io.models import ModelAdapter, weight_2d
+from trimprune.core.model import ModelAdapter, weight_2d
+from trimprune.core.ranks import Ranks
 
 CASES = {
     # name: (family, nsamples, config) -- batch_size = nsamples / 2: one batch per rank with two ranks
     "wanda": ("llama", 8, dict(scorer="wanda", sparsity=0.5)),
-    "wanda_trim_last": ("llama", 8, dict(scorer="wanda", sparsity=0.6, trim=True, trim_inputs="last-token")),
-    "wanda_trim_sample": ("qwen2", 8, dict(scorer="wanda", sparsity=0.6, trim=True, trim_inputs="sample:40")),
+    "wanda_trim_last": (
+        "llama",
+        8,
+        dict(scorer="wanda", sparsity=0.6, trim=True, trim_inputs="last-token"),
+    ),
+    "wanda_trim_sample": (
+        "qwen2",
+        8,
+        dict(scorer="wanda", sparsity=0.6, trim=True, trim_inputs="sample:40"),
+    ),
     "owl": ("llama", 8, dict(scorer="wanda", sparsity=0.6, allocation="owl")),
     "wanda_trim_all": ("llama", 8, dict(scorer="wanda", sparsity=0.6, trim=True)),
     "sparsegpt": ("llama", 8, dict(scorer="sparsegpt", sparsity=0.5)),
     "sparsegpt_trim": ("qwen2", 8, dict(scorer="sparsegpt", sparsity=0.6, trim=True)),
-    "recalc": ("llama", 8, dict(scorer="wanda", sparsity=0.5, trim=True, trim_inputs="last-token",
-                                trim_input_recalc=True)),
+    "recalc": (
+        "llama",
+        8,
+        dict(
+            scorer="wanda",
+            sparsity=0.5,
+            trim=True,
+            trim_inputs="last-token",
+            trim_input_recalc=True,
+        ),
+    ),
 }
-EXACT = set(CASES) - {"sparsegpt", "sparsegpt_trim"}   # SparseGPT solves with the Gram matrix itself
+EXACT = set(CASES) - {"sparsegpt", "sparsegpt_trim"}  # SparseGPT solves with the Gram matrix itself
 L = 24
 
 
 def _config(name: str, world: int) -> tuple[str, torch.Tensor, PruneConfig]:
     family, n, kw = CASES[name]
-    per_rank = -(-n // 2)                 # one batch per rank with two ranks (the same batches in one process)
-    return family, calib(n, L), PruneConfig.from_flat(dict(kw, nsamples=n, seqlen=L, batch_size=per_rank))
+    per_rank = -(-n // 2)  # one batch per rank with two ranks (the same batches in one process)
+    return (
+        family,
+        calib(n, L),
+        PruneConfig.from_flat(dict(kw, nsamples=n, seqlen=L, batch_size=per_rank)),
+    )
 
 
 def _run(name: str, world: int):
@@ -74,9 +96,12 @@ def _worker(rank: int, world: int, port: int, names: list[str], out: str):
             tensors, res = _run(name, world)
             if rank == 0:
                 save_file(tensors, os.path.join(out, f"{name}.safetensors"))
-                meta = {"layers": {k: r.to_dict() for k, r in res.layers.items()},
-                        "guard": [g.to_dict() for g in res.block_safeguard],
-                        "allocation": res.allocation.per_linear, "shape": list(res.calibration_shape)}
+                meta = {
+                    "layers": {k: r.to_dict() for k, r in res.layers.items()},
+                    "guard": [g.to_dict() for g in res.block_safeguard],
+                    "allocation": res.allocation.per_linear,
+                    "shape": list(res.calibration_shape),
+                }
                 with open(os.path.join(out, f"{name}.json"), "w") as f:
                     json.dump(meta, f)
     finally:
@@ -104,7 +129,7 @@ def test_two_processes_equal_one(name, two_ranks):
     assert set(got) == set(want)
     assert meta["shape"] == list(res.calibration_shape)
     assert meta["allocation"] == pytest.approx(res.allocation.per_linear, abs=1e-12)
-    for k, r in res.layers.items():             # exact per-linear sparsity holds in both runs
+    for k, r in res.layers.items():  # exact per-linear sparsity holds in both runs
         assert meta["layers"][k]["zeros"] == r.zeros
     if name in EXACT:
         for k in want:
@@ -115,12 +140,15 @@ def test_two_processes_equal_one(name, two_ranks):
         assert meta["guard"] == _approx([g.to_dict() for g in res.block_safeguard])
     else:
         masks = [k for k in want if k.startswith("m/")]
-        differ = sum(int((got[k] != want[k]).sum()) for k in masks) / sum(want[k].numel() for k in masks)
+        differ = sum(int((got[k] != want[k]).sum()) for k in masks) / sum(
+            want[k].numel() for k in masks
+        )
         assert differ < 0.01, differ
         for k in want:
             if k.startswith("w/"):
-                torch.testing.assert_close(got[k][~got["m/" + k[2:]]], want[k][~got["m/" + k[2:]]],
-                                           rtol=1e-3, atol=1e-3)
+                torch.testing.assert_close(
+                    got[k][~got["m/" + k[2:]]], want[k][~got["m/" + k[2:]]], rtol=1e-3, atol=1e-3
+                )
 
 
 def _uneven_worker(rank: int, world: int, port: int, out: str):
@@ -129,13 +157,24 @@ def _uneven_worker(rank: int, world: int, port: int, out: str):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = make("llama")
-        cfg = PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, trim=True, nsamples=7, seqlen=L, batch_size=2))
+        cfg = PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=0.6, trim=True, nsamples=7, seqlen=L, batch_size=2)
+        )
         res = prune(model, None, cfg, calibration=calib(7, L), progress=False)
         lin = ModelAdapter.from_model(model).all_linears()
-        save_file({k: weight_2d(m).detach().contiguous() for k, m in lin.items()},
-                  os.path.join(out, f"rank{rank}.safetensors"))
+        save_file(
+            {k: weight_2d(m).detach().contiguous() for k, m in lin.items()},
+            os.path.join(out, f"rank{rank}.safetensors"),
+        )
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"sparsity": res.global_sparsity, "n": len(res.layers), "guard": len(res.block_safeguard)}, f)
+            json.dump(
+                {
+                    "sparsity": res.global_sparsity,
+                    "n": len(res.layers),
+                    "guard": len(res.block_safeguard),
+                },
+                f,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -151,7 +190,9 @@ def test_three_processes_with_uneven_shares_hold_the_same_weights(tmp_path):
         for k in w[0]:
             assert torch.equal(w[r][k], w[0][k]), k
     model = make("llama")
-    cfg = PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, trim=True, nsamples=7, seqlen=L, batch_size=2))
+    cfg = PruneConfig.from_flat(
+        dict(scorer="wanda", sparsity=0.6, trim=True, nsamples=7, seqlen=L, batch_size=2)
+    )
     res = prune(model, None, cfg, calibration=calib(7, L), progress=False)
     assert meta[0]["sparsity"] == pytest.approx(res.global_sparsity, abs=1e-12)
     assert meta[0]["n"] == len(res.layers)
@@ -159,7 +200,12 @@ def test_three_processes_with_uneven_shares_hold_the_same_weights(tmp_path):
 
 def test_shares_and_assignment():
     assert [Ranks(r, 3).share(7) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
-    assert [Ranks(r, 4).share(2) for r in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2), slice(2, 2)]
+    assert [Ranks(r, 4).share(2) for r in range(4)] == [
+        slice(0, 1),
+        slice(1, 2),
+        slice(2, 2),
+        slice(2, 2),
+    ]
     # largest first to the least loaded rank
     assert Ranks(0, 2).assign([192, 64, 128, 128]) == [0, 0, 1, 1]
     assert Ranks(1, 3).assign([10, 10, 10, 10]) == [0, 1, 2, 0]
@@ -167,15 +213,20 @@ def test_shares_and_assignment():
 
 
 def test_too_few_sequences_for_the_processes_is_an_error():
-    import trimprune.api as api
+    import trimprune.session as api
     from trimprune.errors import TrimpruneError
 
     orig = api.Ranks.current
     api.Ranks.current = classmethod(lambda cls: Ranks(0, 4))
     try:
         with pytest.raises(TrimpruneError, match="--nsamples 4"):
-            prune(make("llama"), None, PruneConfig.from_flat(dict(nsamples=2, seqlen=8)), calibration=calib(2, 8),
-                  progress=False)
+            prune(
+                make("llama"),
+                None,
+                PruneConfig.from_flat(dict(nsamples=2, seqlen=8)),
+                calibration=calib(2, 8),
+                progress=False,
+            )
     finally:
         api.Ranks.current = orig
 
@@ -183,25 +234,71 @@ def test_too_few_sequences_for_the_processes_is_an_error():
 def test_torchrun_command_line(tiny_dir, tmp_path, with_data_env):
     """`torchrun --nproc-per-node 2 -m trimprune prune ...` (gloo on CPU): rank 0 writes the output, whose
     masks equal a one-process run's; the perplexity is shared over the ranks."""
-    base = ["prune", "--model", str(tiny_dir), "--scorer", "wanda", "--sparsity", "0.5", "--calib", "c4",
-            "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--eval", "wikitext2", "--eval-limit", "5",
-            "--device", "cpu", "--quiet", "--trim", "--trim-inputs", "last-token"]
+    base = [
+        "prune",
+        "--model",
+        str(tiny_dir),
+        "--scorer",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        "c4",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval",
+        "wikitext2",
+        "--eval-limit",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--trim",
+        "--trim-inputs",
+        "last-token",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), "-m", "trimprune"] + base + ["--output", str(tmp_path / "two")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "trimprune",
+        ]
+        + base
+        + ["--output", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("written:") == 1                     # rank 0 alone writes and prints
-    r1 = subprocess.run([sys.executable, "-m", "trimprune"] + base + ["--output", str(tmp_path / "one")],
-                        env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.count("written:") == 1  # rank 0 alone writes and prints
+    r1 = subprocess.run(
+        [sys.executable, "-m", "trimprune"] + base + ["--output", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r1.returncode == 0, r1.stderr[-3000:]
     a, b = (load_file(str(tmp_path / d / "masks.safetensors")) for d in ("two", "one"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("two", "one"))
     pa, pb = ra["metrics"]["perplexity"]["wikitext2"], rb["metrics"]["perplexity"]["wikitext2"]
     assert pa == pytest.approx(pb, rel=1e-6)
-    assert ra["metrics"]["dense_perplexity"]["wikitext2"] == pytest.approx(rb["metrics"]["dense_perplexity"]["wikitext2"],
-                                                                          rel=1e-6)
+    assert ra["metrics"]["dense_perplexity"]["wikitext2"] == pytest.approx(
+        rb["metrics"]["dense_perplexity"]["wikitext2"], rel=1e-6
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -224,8 +321,22 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(FAILING.format(tests=os.path.dirname(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), str(script)], env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode != 0
     assert "IndexError" in r.stderr and "index out of range" in r.stderr
 
@@ -239,12 +350,31 @@ def test_smollm2_two_processes_perplexity(tmp_path, with_data_env):
     batches of 4 instead of 8 gave 92.08; two processes gave 92.03 (the addmm order, see the top)."""
     script = os.path.join(os.path.dirname(__file__), "dist_smollm2.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(_free_port()), script, str(tmp_path / "two.json")], env=env, capture_output=True,
-                         text=True, timeout=1800)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            script,
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one.json")], env=env, capture_output=True, text=True,
-                         timeout=1800)
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
     assert a["world"] == 2 and b["world"] == 1

@@ -1,16 +1,22 @@
 """The layer-sequential engine is exact and generic across model families."""
+
 import pytest
 import torch
 
 from tiny_models import FAMILIES, LINEARS_PER_BLOCK, calib, make
-from trimprune.calib import capture as engine
-from trimprune.io.models import ModelAdapter, is_prunable
+from trimprune.core.model import ModelAdapter, is_prunable
+from trimprune.engine.capture import capture
+from trimprune.engine.walk import Streams, forward_block_all, walk
 
 
 def _reference_block_outputs(model, adapter, ids):
     ref = {}
-    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: ref.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-             for i, b in enumerate(adapter.blocks)]
+    hooks = [
+        b.register_forward_hook(
+            lambda mod, a, o, i=i: ref.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i, b in enumerate(adapter.blocks)
+    ]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:
@@ -24,10 +30,10 @@ def test_walk_reproduces_every_block_output(family):
     ad = ModelAdapter.from_model(model)
     ids = calib(6, 20)
     ref = _reference_block_outputs(model, ad, ids)
-    cap = engine.capture(model, ad, list(ids.split(4)), torch.device("cpu"))   # batches of 4 and 2
+    cap = capture(model, ad, list(ids.split(4)), torch.device("cpu"))  # batches of 4 and 2
     hidden = cap.hidden
     for i in range(ad.num_blocks):
-        hidden = engine.forward_block_all(ad.blocks[i], cap, i, hidden)
+        hidden = forward_block_all(ad.blocks[i], cap, i, hidden)
         torch.testing.assert_close(torch.cat(hidden), ref[i], rtol=0, atol=0)
 
 
@@ -52,9 +58,9 @@ def test_offload_path_gives_identical_outputs():
     model = make("llama")
     ad = ModelAdapter.from_model(model)
     ids = calib(5, 16)
-    a = engine.capture(model, ad, list(ids.split(2)), torch.device("cpu"), offload=False)
-    b = engine.capture(model, ad, list(ids.split(2)), torch.device("cpu"), offload=True)
-    ha = engine.walk(ad, a, engine.Streams(a.hidden), lambda run: None, progress=False).main
-    hb = engine.walk(ad, b, engine.Streams(b.hidden), lambda run: None, offload=True, progress=False).main
+    a = capture(model, ad, list(ids.split(2)), torch.device("cpu"), offload=False)
+    b = capture(model, ad, list(ids.split(2)), torch.device("cpu"), offload=True)
+    ha = walk(ad, a, Streams(a.hidden), lambda run: None, progress=False).main
+    hb = walk(ad, b, Streams(b.hidden), lambda run: None, offload=True, progress=False).main
     torch.testing.assert_close(torch.cat(ha), torch.cat(hb), rtol=0, atol=0)
     assert b.store_device.type == "cpu"

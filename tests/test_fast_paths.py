@@ -1,6 +1,7 @@
 """The execution seam: every registered fast path equals the pure function it replaces, a failing
 kernel falls back to the pure function, deferred host copies equal eager ones, graph outputs keep
 their structure."""
+
 import dataclasses
 import os
 import subprocess
@@ -10,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trimprune.algo.executor import Executor
-from trimprune.algo.linalg import mm_f32
 from trimprune.algo.trim.evaluators import pruned_cross
 from trimprune.algo.trim.search import iterate
+from trimprune.core.linalg import mm_f32
+from trimprune.core.runtime import Executor
 from trimprune.exec import fastpaths, kernels, readback
 from trimprune.exec.executor import CudaExecutor
 from trimprune.exec.graphs import leaves, rebuild
 
-SCRIPT = r'''
+SCRIPT = r"""
 import torch
 from trimprune.exec import fastpaths
 bad = []
@@ -31,7 +32,7 @@ for pure, paths in fastpaths.REGISTRY.items():
         bad += [(fp.name, d) for ok, d in res if not ok]
         assert res, fp.name
 print("BAD" if bad else "OK", bad)
-'''
+"""
 
 
 def test_registry_holds_every_fast_path_with_examples():
@@ -51,13 +52,16 @@ def test_triton_fast_paths_equal_their_pure_functions_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 def test_a_failing_kernel_falls_back_to_the_pure_function(monkeypatch, caplog):
     """A Triton failure (e.g. no C compiler for its launcher) turns the kernels off with one warning and
     the pure function answers instead."""
+
     def pure(x):
         return x + 1
 
@@ -65,11 +69,24 @@ def test_a_failing_kernel_falls_back_to_the_pure_function(monkeypatch, caplog):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(kernels, "FAILED", [])
-    monkeypatch.setitem(fastpaths.REGISTRY, pure, [fastpaths.FastPath(
-        "broken", pure, broken, lambda x: kernels.enabled(), lambda d: [], fastpaths.rel_close(0), "triton")])
+    monkeypatch.setitem(
+        fastpaths.REGISTRY,
+        pure,
+        [
+            fastpaths.FastPath(
+                "broken",
+                pure,
+                broken,
+                lambda x: kernels.enabled(),
+                lambda d: [],
+                fastpaths.rel_close(0),
+                "triton",
+            )
+        ],
+    )
     monkeypatch.setenv("TRIMPRUNE_TRITON", "1")
     ex = CudaExecutor(torch.device("cpu"))
-    if not kernels.enabled():                       # no Triton here: the path never applies
+    if not kernels.enabled():  # no Triton here: the path never applies
         assert ex.call(pure, 1) == 2 and not ex.accelerates(pure, 1)
         return
     with caplog.at_level("WARNING", logger="trimprune"):
@@ -80,17 +97,26 @@ def test_a_failing_kernel_falls_back_to_the_pure_function(monkeypatch, caplog):
 
 def test_deferred_host_copies_equal_eager_ones():
     g = torch.Generator().manual_seed(0)
-    tensors = {"a/f64": torch.randn(3, 4, generator=g, dtype=torch.float64), "b/long": torch.arange(5),
-               "c/bool": torch.tensor(True), "d/f32": torch.randn(7, generator=g), "e/bytes": torch.arange(9,
-                                                                                                          dtype=torch.uint8),
-               "f/bytes": torch.tensor([255, 1], dtype=torch.uint8), "g/scalar": torch.tensor(2.5, dtype=torch.float64)}
+    tensors = {
+        "a/f64": torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "b/long": torch.arange(5),
+        "c/bool": torch.tensor(True),
+        "d/f32": torch.randn(7, generator=g),
+        "e/bytes": torch.arange(9, dtype=torch.uint8),
+        "f/bytes": torch.tensor([255, 1], dtype=torch.uint8),
+        "g/scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
     want = Executor().defer(tensors, dict).result()
     got = readback.stage(tensors, dict)
     assert got.ready()
     got = got.result()
     assert got.keys() == want.keys()
     for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape and torch.equal(got[k], want[k]), k
+        assert (
+            got[k].dtype == want[k].dtype
+            and got[k].shape == want[k].shape
+            and torch.equal(got[k], want[k])
+        ), k
 
 
 def test_graph_outputs_keep_their_structure():

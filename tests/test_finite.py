@@ -1,5 +1,6 @@
 """NaN / Inf never passes: weights, activations, statistics and evaluation results stop with a one-line
 error naming the tensor, before anything is written; dead inputs are handled by every scorer."""
+
 import math
 
 import pytest
@@ -9,13 +10,13 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
 from trimprune.algo.scorers import Member, SparseGPT, Target
+from trimprune.algo.stats import InputStats, StatsNeeds
 from trimprune.calib.data import sample_from_model
-from trimprune.calib.finite import check_finite, extrema, nonfinite
-from trimprune.calib.stats import InputStats, StatsNeeds
 from trimprune.cli import main
+from trimprune.core.finite import check_finite, extrema, nonfinite
+from trimprune.core.model import ModelAdapter, weight_2d
 from trimprune.errors import NonFiniteError, TrimpruneError
 from trimprune.io.evaluate import evaluate_sets
-from trimprune.io.models import ModelAdapter, weight_2d
 
 
 def _prune(model, **flat):
@@ -31,9 +32,14 @@ def _poisoned(value, family="llama"):
 
 
 def test_check_finite_names_each_tensor_with_nan_or_inf():
-    t = {"a": torch.ones(3), "b": torch.tensor([1.0, math.nan]), "c": torch.tensor([-math.inf, 0.0]),
-         "d": torch.tensor([math.inf, math.nan], dtype=torch.bfloat16), "e": torch.empty(0),
-         "f": torch.full((2,), 6e4, dtype=torch.float16)}
+    t = {
+        "a": torch.ones(3),
+        "b": torch.tensor([1.0, math.nan]),
+        "c": torch.tensor([-math.inf, 0.0]),
+        "d": torch.tensor([math.inf, math.nan], dtype=torch.bfloat16),
+        "e": torch.empty(0),
+        "f": torch.full((2,), 6e4, dtype=torch.float16),
+    }
     assert nonfinite({k: extrema(v) for k, v in t.items()}) == {"b": "NaN", "c": "Inf", "d": "NaN"}
     check_finite({"a": t["a"], "e": t["e"], "f": t["f"]}, "never raised")
     with pytest.raises(NonFiniteError, match=r"^weights of x: b holds NaN, c holds Inf: do this$"):
@@ -48,32 +54,47 @@ def test_non_finite_weight_names_the_linear_before_any_block_is_pruned(scorer, v
         _prune(model, scorer=scorer)
     msg = str(e.value)
     assert isinstance(e.value, NonFiniteError) and "\n" not in msg
-    assert "model.layers.1.mlp.up_proj.weight holds " + kind in msg and "block 1 (model.layers.1)" in msg
-    assert "checkpoint" in msg and msg.startswith("before pruning, the dense model on the first calibration batch")
-    ad = ModelAdapter.from_model(model)          # the dense check ran first: no block was touched
-    assert not any(bool((weight_2d(m) == 0).any()) for i in range(2) for m in ad.linears(i).values())
+    assert (
+        "model.layers.1.mlp.up_proj.weight holds " + kind in msg
+        and "block 1 (model.layers.1)" in msg
+    )
+    assert "checkpoint" in msg and msg.startswith(
+        "before pruning, the dense model on the first calibration batch"
+    )
+    ad = ModelAdapter.from_model(model)  # the dense check ran first: no block was touched
+    assert not any(
+        bool((weight_2d(m) == 0).any()) for i in range(2) for m in ad.linears(i).values()
+    )
 
 
 @pytest.mark.parametrize("scorer", ["magnitude", "sparsegpt"])
 def test_the_walk_checks_each_block_as_it_is_loaded(scorer, monkeypatch):
     """Without the dense check (as for blocks restored from a checkpoint), the walk's own check stops at
     block 1: block 0 is pruned, block 1 untouched."""
-    import trimprune.api as api
+    import trimprune.session as api
 
     monkeypatch.setattr(api, "check_dense_batch", lambda *a, **k: None)
     model = _poisoned(math.nan)
     with pytest.raises(NonFiniteError) as e:
         _prune(model, scorer=scorer)
     msg = str(e.value)
-    assert "model.layers.1.mlp.up_proj.weight holds NaN" in msg and "block 1 (model.layers.1)" in msg
+    assert (
+        "model.layers.1.mlp.up_proj.weight holds NaN" in msg and "block 1 (model.layers.1)" in msg
+    )
     assert not msg.startswith("before pruning")
     ad = ModelAdapter.from_model(model)
     assert all(float((weight_2d(m) == 0).float().mean()) == 0.5 for m in ad.linears(0).values())
     assert not any(bool((weight_2d(m) == 0).any()) for m in ad.linears(1).values())
 
 
-@pytest.mark.parametrize("flat", [dict(allocation="owl"), dict(allocation="alphapruning"),
-                                  dict(scorer="sparsegpt", trim=True, trim_input_recalc=True)])
+@pytest.mark.parametrize(
+    "flat",
+    [
+        dict(allocation="owl"),
+        dict(allocation="alphapruning"),
+        dict(scorer="sparsegpt", trim=True, trim_input_recalc=True),
+    ],
+)
 def test_non_finite_weight_stops_allocations_and_input_recalculation(flat, tmp_path):
     if flat.get("allocation") == "alphapruning":
         flat = flat | {"alpha_cache_dir": str(tmp_path)}
@@ -85,7 +106,9 @@ def test_non_finite_norm_weight_is_named():
     model = make("llama")
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[0] = math.inf
-    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.post_attention_layernorm\.weight holds Inf"):
+    with pytest.raises(
+        NonFiniteError, match=r"model\.layers\.1\.post_attention_layernorm\.weight holds Inf"
+    ):
         _prune(model)
 
 
@@ -93,8 +116,11 @@ def test_nan_embeddings_stop_at_the_inputs_of_block_0():
     model = make("llama")
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 3] = math.nan
-    with pytest.raises(NonFiniteError, match=r"inputs of block 0 \(model\.layers\.0.*model\.embed_tokens\.weight holds "
-                                             r"NaN"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"inputs of block 0 \(model\.layers\.0.*model\.embed_tokens\.weight holds "
+        r"NaN",
+    ):
         _prune(model)
 
 
@@ -107,15 +133,21 @@ def test_block_outputs_overflowing_in_float16_name_the_block(block):
     with torch.no_grad():
         h.attn.c_proj.bias.fill_(6e4)
         h.mlp.c_proj.bias.fill_(6e4)
-    with pytest.raises(NonFiniteError, match=rf"outputs of block {block} \(transformer\.h\.{block}\) hold Inf .*"
-                                             r"--dtype bfloat16"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"outputs of block {block} \(transformer\.h\.{block}\) hold Inf .*"
+        r"--dtype bfloat16",
+    ):
         _prune(model)
 
 
-@pytest.mark.parametrize("dtype,fix", [(torch.float16, "--dtype bfloat16"), (torch.float32, "check the checkpoint")])
+@pytest.mark.parametrize(
+    "dtype,fix", [(torch.float16, "--dtype bfloat16"), (torch.float32, "check the checkpoint")]
+)
 def test_activations_overflowing_inside_a_block_stop_at_its_statistics(dtype, fix, monkeypatch):
     """The dense check on the first batch stops first (naming the block and the fix); without it (the
     pruned model's own overflow), the statistics check names the linears that read the overflow."""
+
     def overflowing():
         model = make("llama", dtype=dtype)
         with torch.no_grad():
@@ -126,23 +158,31 @@ def test_activations_overflowing_inside_a_block_stop_at_its_statistics(dtype, fi
     with pytest.raises(NonFiniteError) as e:
         _prune(overflowing(), scorer="sparsegpt")
     msg = str(e.value)
-    assert msg.startswith("before pruning") and "outputs of block 0 (model.layers.0)" in msg and fix in msg, msg
-    import trimprune.api as api
+    assert (
+        msg.startswith("before pruning")
+        and "outputs of block 0 (model.layers.0)" in msg
+        and fix in msg
+    ), msg
+    import trimprune.session as api
 
     monkeypatch.setattr(api, "check_dense_batch", lambda *a, **k: None)
     with pytest.raises(NonFiniteError) as e:
         _prune(overflowing(), scorer="sparsegpt")
     msg = str(e.value)
-    assert "model.layers.0.mlp.down_proj" in msg and "block 0 (model.layers.0)" in msg and fix in msg, msg
+    assert (
+        "model.layers.0.mlp.down_proj" in msg and "block 0 (model.layers.0)" in msg and fix in msg
+    ), msg
 
 
-def test_sparsegpt_non_finite_gram_is_an_error_and_a_non_finite_reconstruction_falls_back_per_linear(caplog):
+def test_sparsegpt_non_finite_gram_is_an_error_and_a_non_finite_reconstruction_falls_back_per_linear(
+    caplog,
+):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(200, 32, generator=g)
     st = InputStats(32, X.device, StatsNeeds(sqnorm=True, gram=True))
     st.add(X)
     a = torch.randn(16, 32, generator=g)
-    b = torch.randn(8, 32, generator=g).clamp(-3, 3) * 1e38          # finite, but its OBS update overflows
+    b = torch.randn(8, 32, generator=g).clamp(-3, 3) * 1e38  # finite, but its OBS update overflows
     sg = SparseGPT(blocksize=8)
     out = sg.prune_group([Member("a", a, Target(0.5)), Member("b", b, Target(0.5))], st)
     alone = sg.prune_group([Member("a", a, Target(0.5))], st)[0]
@@ -172,11 +212,18 @@ def test_dead_inputs_are_pruned_exactly_without_error(scorer, trim):
     for name, mod in ad.linears(1).items():
         w, r = weight_2d(mod), res.layers[f"model.layers.1.{name}"]
         assert bool(torch.isfinite(w).all()), name
-        assert r.zeros == r.numel // 2, (name, r.zeros)                        # exact, every shape is even
+        assert r.zeros == r.numel // 2, (name, r.zeros)  # exact, every shape is even
         assert bool((w[res.mask(f"model.layers.1.{name}")] == 0).all()), name
-        if scorer == "sparsegpt":                                              # dead columns zeroed
-            dead = 64 if name == "mlp.down_proj" else 32 if name.startswith("mlp.") else \
-                8 if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") else 0
+        if scorer == "sparsegpt":  # dead columns zeroed
+            dead = (
+                64
+                if name == "mlp.down_proj"
+                else 32
+                if name.startswith("mlp.")
+                else 8
+                if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+                else 0
+            )
             assert r.scorer_info.dead_columns == dead and r.scorer_info.fallback is None, name
             if dead:
                 assert bool((w[:, :dead] == 0).all()), name
@@ -190,20 +237,27 @@ def test_evaluation_never_returns_a_nan_perplexity():
     assert math.isfinite(evaluate_sets(model, sets)["wikitext2"]["perplexity"])
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = math.nan
-    with pytest.raises(NonFiniteError, match=r"wikitext2 perplexity of the dense model is not a number.*"
-                                             r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"wikitext2 perplexity of the dense model is not a number.*"
+        r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN",
+    ):
         evaluate_sets(model, sets, label="the dense model")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN"):
         evaluate_sets(model, sets, offload=True)
-    with pytest.raises(NonFiniteError, match=r"sampling from the model.*model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        NonFiniteError, match=r"sampling from the model.*model\.layers\.1\.mlp\.up_proj\.weight"
+    ):
         sample_from_model(model, None, 2, 8, seed=0)
 
 
 def test_evaluation_blames_overflow_when_the_weights_are_finite():
     model = make("llama", dtype=torch.float16)
     with torch.no_grad():
-        model.model.norm.weight.fill_(6e4)                  # final hidden states overflow, weights finite
-    with pytest.raises(NonFiniteError, match=r"its weights are finite; the activations overflow in float16"):
+        model.model.norm.weight.fill_(6e4)  # final hidden states overflow, weights finite
+    with pytest.raises(
+        NonFiniteError, match=r"its weights are finite; the activations overflow in float16"
+    ):
         evaluate_sets(model, {"c4": {"windows": calib(2, 16)}})
 
 
@@ -228,20 +282,55 @@ def _one_line_error(capsys) -> tuple[str, str]:
     return err[0], cap.out
 
 
-@pytest.mark.parametrize("extra", [["--calib", "c4"], ["--calib", "self"], ["--calib", "c4", "--eval", "wikitext2"]])
-def test_cli_prune_of_a_nan_checkpoint_exits_2_and_writes_nothing(extra, nan_dir, tmp_path, capsys, with_data_env):
+@pytest.mark.parametrize(
+    "extra", [["--calib", "c4"], ["--calib", "self"], ["--calib", "c4", "--eval", "wikitext2"]]
+)
+def test_cli_prune_of_a_nan_checkpoint_exits_2_and_writes_nothing(
+    extra, nan_dir, tmp_path, capsys, with_data_env
+):
     out = tmp_path / "runs" / "out"
     out.parent.mkdir()
-    rc = main(["prune", "--model", str(nan_dir), "--output", str(out), "--quiet", "--nsamples", "2", "--seqlen", "32",
-               "--eval-limit", "2"] + extra)
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(nan_dir),
+            "--output",
+            str(out),
+            "--quiet",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "32",
+            "--eval-limit",
+            "2",
+        ]
+        + extra
+    )
     err, _ = _one_line_error(capsys)
     assert rc == 2 and "model.layers.1.mlp.up_proj.weight holds NaN" in err, err
-    assert list(out.parent.iterdir()) == []                     # no output folder, no .out.tmp-* left
+    assert list(out.parent.iterdir()) == []  # no output folder, no .out.tmp-* left
 
 
-def test_cli_eval_of_a_nan_checkpoint_exits_2_instead_of_printing_nan(nan_dir, capsys, with_data_env):
-    rc = main(["eval", "--model", str(nan_dir), "--eval", "wikitext2", "--eval-limit", "2", "--seqlen", "32",
-               "--quiet"])
+def test_cli_eval_of_a_nan_checkpoint_exits_2_instead_of_printing_nan(
+    nan_dir, capsys, with_data_env
+):
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(nan_dir),
+            "--eval",
+            "wikitext2",
+            "--eval-limit",
+            "2",
+            "--seqlen",
+            "32",
+            "--quiet",
+        ]
+    )
     err, out = _one_line_error(capsys)
-    assert rc == 2 and "wikitext2" in err and "model.layers.1.mlp.up_proj.weight holds NaN" in err, err
+    assert (
+        rc == 2 and "wikitext2" in err and "model.layers.1.mlp.up_proj.weight holds NaN" in err
+    ), err
     assert "perplexity" not in out

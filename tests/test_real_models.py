@@ -6,6 +6,7 @@ Recorded on CPU in float32 with transformers 5.24.0 (5.23.0 gives the same value
 the first 8 windows of 512 tokens. Tolerance: 0.1 % (CPU arithmetic of other machines and BLAS
 libraries moves the fourth digit at most; a loading fault moves the first two: Gemma-3 gives 69.63
 under transformers 5.20.0 and 5.22.2, whose GGUF tokenizer adds no <bos>, and 418.18 under 5.17.0)."""
+
 import importlib.util
 
 import pytest
@@ -14,7 +15,7 @@ from trimprune import load_model
 from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets
 from trimprune.io.models import ALIASES
 
-RECORDED = {                      # alias -> (seqlen, windows, dense perplexity)
+RECORDED = {  # alias -> (seqlen, windows, dense perplexity)
     "smollm2-135m": (512, 8, 30.6406),
     "gemma3-270m": (512, 8, 63.6785),
 }
@@ -30,4 +31,6 @@ def test_dense_perplexity_of_each_real_model(alias, with_data_env):
     model, tok = load_model(alias, device="cpu", dtype="float32")
     sets = prepare_eval_sets(["wikitext2"], tok, seqlen, None, windows)
     got = evaluate_sets(model, sets, 4)["wikitext2"]["perplexity"]
-    assert got == pytest.approx(want, rel=1e-3), f"{alias}: dense perplexity {got:.4f}, recorded {want}"
+    assert got == pytest.approx(want, rel=1e-3), (
+        f"{alias}: dense perplexity {got:.4f}, recorded {want}"
+    )

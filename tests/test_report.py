@@ -1,4 +1,5 @@
 """Plots next to report.json, and `trimprune report`: one self-contained HTML page plus Markdown."""
+
 import base64
 import json
 
@@ -13,10 +14,28 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory, data_dir):
     import os
+
     os.environ["TRIMPRUNE_DATA"] = str(data_dir)
     d = tmp_path_factory.mktemp("runs")
-    base = ["prune", "--model", str(tiny_dir), "--calib", "self", "--nsamples", "4", "--seqlen", "16", "--quiet",
-            "--eval", "wikitext2", "--eval-limit", "2", "--eval-seqlen", "64", "--no-save-model"]
+    base = [
+        "prune",
+        "--model",
+        str(tiny_dir),
+        "--calib",
+        "self",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--quiet",
+        "--eval",
+        "wikitext2",
+        "--eval-limit",
+        "2",
+        "--eval-seqlen",
+        "64",
+        "--no-save-model",
+    ]
     assert main(base + ["--output", str(d / "trim"), "--trim"]) == 0
     assert main(base + ["--output", str(d / "alone"), "--sparsity", "0.7"]) == 0
     return d
@@ -24,12 +43,16 @@ def runs(tiny_dir, tmp_path_factory, data_dir):
 
 def test_every_prune_writes_its_plots(runs):
     r = json.loads((runs / "trim" / "report.json").read_text())
-    assert r["plots"] == ["plots/sparsity_per_block.png", "plots/row_sparsity.png", "plots/trim_metric.png",
-                          "plots/metrics.png"]
+    assert r["plots"] == [
+        "plots/sparsity_per_block.png",
+        "plots/row_sparsity.png",
+        "plots/trim_metric.png",
+        "plots/metrics.png",
+    ]
     for p in r["plots"]:
         assert (runs / "trim" / p).read_bytes()[:8] == PNG
     alone = json.loads((runs / "alone" / "report.json").read_text())
-    assert alone["plots"] == ["plots/sparsity_per_block.png", "plots/metrics.png"]       # no TRIM plots
+    assert alone["plots"] == ["plots/sparsity_per_block.png", "plots/metrics.png"]  # no TRIM plots
     assert "![trim_metric](plots/trim_metric.png)" in (runs / "trim" / "report.md").read_text()
 
 
@@ -41,9 +64,11 @@ def test_report_page_compares_runs_and_embeds_the_plots(runs, tmp_path, capsys):
     assert "ppl wikitext2" in page and "zero-shot mean (%)" in page and "prune s" in page
     imgs = page.split("data:image/png;base64,")[1:]
     assert len(imgs) == 6 and all(base64.b64decode(i.split("'")[0])[:8] == PNG for i in imgs)
-    assert "src='http" not in page and "src=\"http" not in page                  # self-contained
+    assert "src='http" not in page and 'src="http' not in page  # self-contained
     md = out.with_suffix(".md").read_text()
-    assert "| run | method | sparsity (achieved) |" in md and "| trim | wanda | 0.5 (0.5000) |" in md
+    assert (
+        "| run | method | sparsity (achieved) |" in md and "| trim | wanda | 0.5 (0.5000) |" in md
+    )
     assert "| alone | wanda | 0.7 (0.6" in md
     assert (runs / "trim" / "plots" / "row_sparsity.png").is_file()
 
@@ -51,7 +76,9 @@ def test_report_page_compares_runs_and_embeds_the_plots(runs, tmp_path, capsys):
 def test_report_of_one_run_keeps_its_own_markdown(runs):
     before = (runs / "alone" / "report.md").read_text()
     assert main(["report", str(runs / "alone")]) == 0
-    assert (runs / "alone" / "report.html").is_file() and (runs / "alone" / "report-page.md").is_file()
+    assert (runs / "alone" / "report.html").is_file() and (
+        runs / "alone" / "report-page.md"
+    ).is_file()
     assert (runs / "alone" / "report.md").read_text() == before
 
 

@@ -1,4 +1,5 @@
 """Magnitude, Wanda and SparseGPT: exact sparsity, N:M validity, equality with brute force."""
+
 import pytest
 import torch
 
@@ -6,9 +7,9 @@ from tiny_models import calib, make
 from trimprune import PruneConfig, prune
 from trimprune.algo.masks import is_nm, matrix_mask, nm_mask, pack_mask, row_mask, unpack_mask
 from trimprune.algo.scorers import Member, SparseGPT, Target, Wanda
-from trimprune.calib.stats import InputStats, StatsNeeds
+from trimprune.algo.stats import InputStats, StatsNeeds
+from trimprune.core.model import ModelAdapter, weight_2d
 from trimprune.errors import NonFiniteError
-from trimprune.io.models import ModelAdapter, weight_2d
 
 FAMS = ["llama", "qwen2", "opt", "gpt2", "gemma", "gemma3", "gpt_neox", "phi3"]
 
@@ -60,8 +61,9 @@ def test_mask_helpers_and_bit_packing():
     assert (row_mask(s, 0.3).sum(1) == 12).all()
     assert int(matrix_mask(s, 0.3).sum()) == round(0.3 * 520)
     assert is_nm(nm_mask(s, 2, 4), 2, 4)
-    m = torch.rand(7, 9, generator=g) > 0.5          # 63 bits: not a multiple of 8
+    m = torch.rand(7, 9, generator=g) > 0.5  # 63 bits: not a multiple of 8
     import numpy as np
+
     packed = pack_mask(m)
     assert torch.equal(packed, torch.from_numpy(np.packbits(m.numpy().ravel())))
     assert torch.equal(unpack_mask(packed, m.shape), m)
@@ -70,8 +72,12 @@ def test_mask_helpers_and_bit_packing():
 def _capture_linear_inputs(model, block, names):
     """Brute force: inputs of the named linears of `block` over a full-model forward."""
     got = {}
-    hooks = [dict(block.named_modules())[n].register_forward_hook(
-        lambda mod, a, o, n=n: got.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).clone())) for n in names]
+    hooks = [
+        dict(block.named_modules())[n].register_forward_hook(
+            lambda mod, a, o, n=n: got.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).clone())
+        )
+        for n in names
+    ]
     return got, hooks
 
 
@@ -98,9 +104,18 @@ def test_wanda_equals_bruteforce_sequential_reference():
                 order = sorted(range(W.shape[1]), key=lambda j: (abs(float(W[r, j])) * norm[j], j))
                 for j in order[:k]:
                     W[r, j] = 0.0
-    prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=s, nsamples=6, seqlen=20, batch_size=4)),
-          calibration=ids, progress=False)
-    for (n1, a), (n2, b) in zip(ModelAdapter.from_model(model).all_linears().items(), ad.all_linears().items()):
+    prune(
+        model,
+        None,
+        PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=s, nsamples=6, seqlen=20, batch_size=4)
+        ),
+        calibration=ids,
+        progress=False,
+    )
+    for (n1, a), (n2, b) in zip(
+        ModelAdapter.from_model(model).all_linears().items(), ad.all_linears().items()
+    ):
         assert torch.equal(weight_2d(a) == 0, weight_2d(b) == 0), n1
 
 
@@ -128,7 +143,7 @@ def _reference_fasterprune(W, H, sparsity, blocksize=128, percdamp=0.01):
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+        tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
         k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         mask1.view(-1)[torch.sort(tmp.flatten(), stable=True)[1][:k]] = True
@@ -148,8 +163,10 @@ def _reference_fasterprune(W, H, sparsity, blocksize=128, percdamp=0.01):
 
 def test_sparsegpt_equals_reference_transcription():
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(400, 96, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 96, dtype=torch.float64)
-    X[:, 5] = 0                                                      # a dead input column
+    X = torch.randn(400, 96, generator=g, dtype=torch.float64) * torch.linspace(
+        0.1, 3, 96, dtype=torch.float64
+    )
+    X[:, 5] = 0  # a dead input column
     W = torch.randn(40, 96, generator=g, dtype=torch.float64)
     st = _gram_stats(X)
     out = SparseGPT(blocksize=32).prune_group([Member("w", W, Target(0.6))], st)[0]
@@ -173,13 +190,20 @@ def test_sparsegpt_reconstruction_beats_wanda_and_magnitude_on_a_layer(sparsity)
         lin = ad.linears(0)["mlp.down_proj"]
         W0 = weight_2d(lin).clone()
         got = {}
-        h = lin.register_forward_hook(lambda m, a, o: got.__setitem__("x", a[0].reshape(-1, a[0].shape[-1])))
+        h = lin.register_forward_hook(
+            lambda m, a, o: got.__setitem__("x", a[0].reshape(-1, a[0].shape[-1]))
+        )
         ids = calib(16, 32)
         with torch.no_grad():
             model(input_ids=ids)
         h.remove()
-        prune(model, None, PruneConfig.from_flat(dict(scorer=scorer, sparsity=sparsity, nsamples=16, seqlen=32)), calibration=ids,
-              progress=False)
+        prune(
+            model,
+            None,
+            PruneConfig.from_flat(dict(scorer=scorer, sparsity=sparsity, nsamples=16, seqlen=32)),
+            calibration=ids,
+            progress=False,
+        )
         errs[scorer] = _recon_error(W0, weight_2d(lin), got["x"])
     assert errs["sparsegpt"] < errs["wanda"] and errs["sparsegpt"] < errs["magnitude"], errs
 
@@ -189,7 +213,9 @@ def test_sparsegpt_per_row_counts_are_exact():
     X = torch.randn(300, 64, generator=g)
     W = torch.randn(24, 64, generator=g)
     counts = torch.randint(0, 60, (24,), generator=g)
-    out = SparseGPT(blocksize=16).prune_group([Member("w", W, Target(0.5, row_counts=counts))], _gram_stats(X))[0]
+    out = SparseGPT(blocksize=16).prune_group(
+        [Member("w", W, Target(0.5, row_counts=counts))], _gram_stats(X)
+    )[0]
     assert torch.equal(out.mask.sum(1), counts)
     assert bool((out.weight[out.mask] == 0).all())
 
@@ -203,7 +229,7 @@ def test_sparsegpt_survives_singular_and_non_pd_gram(caplog):
     W = torch.randn(16, 48, generator=g)
     sg = SparseGPT(blocksize=16, percdamp=1e-12)
     st = _gram_stats(X)
-    st.gram[10, 11] = st.gram[11, 10] = 1e6                          # make H indefinite
+    st.gram[10, 11] = st.gram[11, 10] = 1e6  # make H indefinite
     out = sg.prune_group([Member("w", W, Target(0.5))], st)[0]
     assert torch.isfinite(out.weight).all()
     assert out.info.damp_retries >= 1 and out.info.percdamp_used > 1e-12
@@ -221,8 +247,12 @@ def test_shared_input_linears_share_one_statistic():
     cfg = PruneConfig.from_flat(dict(scorer="sparsegpt", sparsity=0.5, nsamples=4, seqlen=16))
     res = prune(model, None, cfg, calibration=calib(4, 16), progress=False)
     groups = {r.group for r in res.layers.values() if r.block == 0}
-    assert groups == {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)}
+    assert groups == {
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    }
 
 
 def test_wanda_importance_is_weight_times_input_norm():
@@ -242,7 +272,10 @@ def test_row_mask_by_kth_value_equals_the_stable_sort(values):
     g = torch.Generator().manual_seed(3)
     for _ in range(60):
         r, c = torch.randint(1, 48, (2,), generator=g).tolist()
-        s = (torch.randint(0, 3 if values == "few" else 40, (r, c), generator=g).float() if values != "continuous"
-             else torch.randn(r, c, generator=g))
+        s = (
+            torch.randint(0, 3 if values == "few" else 40, (r, c), generator=g).float()
+            if values != "continuous"
+            else torch.randn(r, c, generator=g)
+        )
         for sp in (0.0, 0.05, 0.5, 0.7, 0.99):
             assert torch.equal(row_mask(s, sp), row_mask_by_sort(s, sp))

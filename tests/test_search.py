@@ -1,5 +1,6 @@
 """ATP, `--allocation search` (Optuna's TPE over rules and free profiles, held-out objective) and
 `--trim-guard model`, on tiny models (CPU)."""
+
 import dataclasses
 import json
 import math
@@ -12,15 +13,26 @@ from hypothesis import strategies as st
 from tiny_models import calib, make
 from trimprune import PruneConfig, TrimpruneError, prune
 from trimprune.algo.allocation.atp import atp_allocation, atp_block_sparsities
-from trimprune.algo.allocation.search import (ALPHA_EPS, ATP_BETA, CHEB_RANGE, N_CHEB, OWL_LAMBDA, OWL_M_GRID, UPPER,
-                                              allocation_for, chebyshev_profile)
-from trimprune.io.models import ModelAdapter
+from trimprune.algo.allocation.search import (
+    ALPHA_EPS,
+    ATP_BETA,
+    CHEB_RANGE,
+    N_CHEB,
+    OWL_LAMBDA,
+    OWL_M_GRID,
+    UPPER,
+    allocation_for,
+    chebyshev_profile,
+)
+from trimprune.core.model import ModelAdapter
 
 optuna = pytest.importorskip("optuna")
 N, L = 8, 24
 
 
-FAST_TRIM = dict(trim_iterations=3, trim_lrs=[0.04, 0.12], trim_neg_lrs=[-0.02])     # a cheaper TRIM search
+FAST_TRIM = dict(
+    trim_iterations=3, trim_lrs=[0.04, 0.12], trim_neg_lrs=[-0.02]
+)  # a cheaper TRIM search
 
 
 def _cfg(**kw):
@@ -34,7 +46,11 @@ def _mean(per: dict, numels: dict) -> float:
 
 def _sizes(model):
     ad = ModelAdapter.from_model(model)
-    numels = {ad.full_name(i, n): m.weight.numel() for i in range(ad.num_blocks) for n, m in ad.linears(i).items()}
+    numels = {
+        ad.full_name(i, n): m.weight.numel()
+        for i in range(ad.num_blocks)
+        for n, m in ad.linears(i).items()
+    }
     block_of = {ad.full_name(i, n): i for i in range(ad.num_blocks) for n in ad.linears(i)}
     return numels, block_of
 
@@ -42,7 +58,7 @@ def _sizes(model):
 # ------------------------------------------------------------------------------------------ ATP
 def test_atp_is_the_centred_progression_monotone_with_exact_mean_and_bounds():
     got = atp_block_sparsities(5, 0.6, 0.2)
-    assert got == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7], abs=1e-12)          # beta / (L - 1) per block
+    assert got == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7], abs=1e-12)  # beta / (L - 1) per block
     assert atp_block_sparsities(1, 0.6, 0.5) == pytest.approx([0.6])
     for s, beta in [(0.5, 0.3), (0.9, 0.6), (0.05, 0.6), (0.95, 1.0), (0.0, 0.4)]:
         numels = [3, 5, 5, 5, 100, 7, 7, 1]
@@ -50,7 +66,7 @@ def test_atp_is_the_centred_progression_monotone_with_exact_mean_and_bounds():
         w = torch.tensor(numels, dtype=torch.float64)
         assert float((sp * w).sum() / w.sum()) == pytest.approx(s, abs=1e-12)
         assert float(sp.min()) >= 0 and float(sp.max()) <= UPPER
-        assert bool((sp[1:] >= sp[:-1]).all())                                       # never decreasing with depth
+        assert bool((sp[1:] >= sp[:-1]).all())  # never decreasing with depth
         if 0 < s < UPPER:
             assert float(sp[-1]) > float(sp[0])
 
@@ -58,8 +74,13 @@ def test_atp_is_the_centred_progression_monotone_with_exact_mean_and_bounds():
 @pytest.mark.parametrize("trim", [False, True])
 def test_atp_prune_hits_every_target(trim):
     model = make("qwen2")
-    res = prune(model, None, _cfg(sparsity=0.7, allocation="atp", atp_beta=0.3, trim=trim), calibration=calib(N, L),
-                progress=False)
+    res = prune(
+        model,
+        None,
+        _cfg(sparsity=0.7, allocation="atp", atp_beta=0.3, trim=trim),
+        calibration=calib(N, L),
+        progress=False,
+    )
     blocks = res.allocation.per_block()
     assert blocks[1] - blocks[0] == pytest.approx(0.3) and res.allocation.method == "atp"
     assert res.allocation.achieved == pytest.approx(0.7, abs=1e-12)
@@ -81,8 +102,13 @@ class _FakeSources:
         return self.ratios[m]
 
     def alpha_metrics(self):
-        return {k: {"alpha_peak": 2 + 4 * float(torch.rand(1, generator=self.g)),
-                    "alpha_mid": 2 + 4 * float(torch.rand(1, generator=self.g))} for k in self.names}
+        return {
+            k: {
+                "alpha_peak": 2 + 4 * float(torch.rand(1, generator=self.g)),
+                "alpha_mid": 2 + 4 * float(torch.rand(1, generator=self.g)),
+            }
+            for k in self.names
+        }
 
 
 def _params(draw):
@@ -92,7 +118,10 @@ def _params(draw):
     if fam == "owl":
         p |= {"owl_m": draw(st.sampled_from(OWL_M_GRID)), "owl_lambda": draw(f(*OWL_LAMBDA))}
     elif fam == "alphapruning":
-        p |= {"alpha_metric": draw(st.sampled_from(["alpha_peak", "alpha_mid"])), "alpha_eps": draw(f(*ALPHA_EPS))}
+        p |= {
+            "alpha_metric": draw(st.sampled_from(["alpha_peak", "alpha_mid"])),
+            "alpha_eps": draw(f(*ALPHA_EPS)),
+        }
     elif fam == "atp":
         p |= {"atp_beta": draw(f(*ATP_BETA))}
     else:
@@ -110,8 +139,14 @@ def _cases(draw):
             k = f"model.layers.{b}.l{j}"
             numels[k] = draw(st.integers(1, 5000))
             block_of[k] = b
-    return (_params(draw), draw(st.floats(0.0, 0.95)), numels, block_of, draw(st.integers(0, 2**16)),
-            draw(st.sampled_from(["block_wise", "per_matrix"])))
+    return (
+        _params(draw),
+        draw(st.floats(0.0, 0.95)),
+        numels,
+        block_of,
+        draw(st.integers(0, 2**16)),
+        draw(st.sampled_from(["block_wise", "per_matrix"])),
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -129,18 +164,36 @@ def test_every_profile_of_the_space_maps_to_an_allocation_with_exact_mean_and_bo
 
 def test_chebyshev_profile_is_the_polynomials_at_the_block_depths():
     x = torch.linspace(-1, 1, 7, dtype=torch.float64)
-    want = 0.1 * x + 0.2 * (2 * x**2 - 1) - 0.05 * (4 * x**3 - 3 * x) + 0.03 * (8 * x**4 - 8 * x**2 + 1)
+    want = (
+        0.1 * x
+        + 0.2 * (2 * x**2 - 1)
+        - 0.05 * (4 * x**3 - 3 * x)
+        + 0.03 * (8 * x**4 - 8 * x**2 + 1)
+    )
     assert chebyshev_profile([0.1, 0.2, -0.05, 0.03], 7) == pytest.approx(want.tolist(), abs=1e-12)
     assert chebyshev_profile([0.1, 0.2], 1) == pytest.approx([-0.2])
 
 
 # ------------------------------------------------------------------------------------------ the search
 def _search(tmp_path, trials=3, model=None, ids=None, **kw):
-    flat = dict(allocation="search", search_trials=trials, search_holdout=2, search_seed=7,
-                alpha_cache_dir=str(tmp_path / "alpha")) | kw
+    flat = (
+        dict(
+            allocation="search",
+            search_trials=trials,
+            search_holdout=2,
+            search_seed=7,
+            alpha_cache_dir=str(tmp_path / "alpha"),
+        )
+        | kw
+    )
     model = model if model is not None else make("llama")
-    return model, prune(model, None, _cfg(**flat), calibration=ids if ids is not None else calib(N, L),
-                        progress=False)
+    return model, prune(
+        model,
+        None,
+        _cfg(**flat),
+        calibration=ids if ids is not None else calib(N, L),
+        progress=False,
+    )
 
 
 def _trials(res):
@@ -155,7 +208,9 @@ def test_same_seed_same_trials_and_allocation(tmp_path):
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         assert torch.equal(p1, p2), n
     _, c = _search(tmp_path, trials=6, search_space="rules,free,trim", search_seed=8)
-    assert _trials(c)[:4] == _trials(a)[:4] and _trials(c)[4:] != _trials(a)[4:]     # the warm starts, then TPE
+    assert (
+        _trials(c)[:4] == _trials(a)[:4] and _trials(c)[4:] != _trials(a)[4:]
+    )  # the warm starts, then TPE
 
 
 def test_offloaded_search_equals_the_resident_one(tmp_path):
@@ -177,11 +232,15 @@ def test_every_trial_allocation_has_exact_mean_and_bounds_and_the_best_is_applie
         pb = t["per_block"]
         assert abs(sum(p * n for p, n in zip(pb, blocks)) / sum(blocks) - 0.6) <= 1e-9
         assert all(0 <= p <= UPPER for p in pb)
-    best = min((t for t in res.search["trials"] if t["state"] == "complete"), key=lambda t: t["value"])
+    best = min(
+        (t for t in res.search["trials"] if t["state"] == "complete"), key=lambda t: t["value"]
+    )
     assert res.search["best"]["number"] == best["number"]
     assert res.allocation.per_block() == pytest.approx(best["per_block"], abs=1e-15)
     assert res.allocation.method == "search" and res.allocation.details["trial"] == best["number"]
-    assert res.search["final_objective"] == pytest.approx(best["value"], rel=1e-9)   # the winner, re-pruned
+    assert res.search["final_objective"] == pytest.approx(
+        best["value"], rel=1e-9
+    )  # the winner, re-pruned
     assert res.global_sparsity == pytest.approx(0.6, abs=0.01)
     prof = res.search["profiles"]
     assert set(prof) == {"uniform", "owl", "alphapruning", "atp", "search"}
@@ -228,17 +287,23 @@ def test_a_nan_or_failing_trial_is_pruned_and_the_search_goes_on(tmp_path, monke
     _, res = _search(tmp_path, trials=4)
     states = [t["state"] for t in res.search["trials"]]
     assert states == ["complete", "pruned", "pruned", "complete"]
-    assert "nan" in res.search["trials"][1]["error"] and "injected failure" in res.search["trials"][2]["error"]
+    assert (
+        "nan" in res.search["trials"][1]["error"]
+        and "injected failure" in res.search["trials"][2]["error"]
+    )
     assert res.search["best"]["number"] in (0, 3) and math.isfinite(res.search["final_objective"])
     # no trial completes: a one-line error naming the first trial's
     monkeypatch.setattr(search.Holdout, "measure", lambda self: {"nll": math.inf, "kl": math.inf})
-    with pytest.raises(TrimpruneError, match=r"no trial of the search completed \(2 failed .*the held-out kl is inf"):
+    with pytest.raises(
+        TrimpruneError,
+        match=r"no trial of the search completed \(2 failed .*the held-out kl is inf",
+    ):
         _search(tmp_path, trials=2)
 
 
 def test_held_out_sequences_never_reach_the_statistics(tmp_path, monkeypatch):
-    import trimprune.api as api
     import trimprune.search as search
+    import trimprune.session as api
 
     seen = {}
     real_capture = api.capture
@@ -261,12 +326,15 @@ def test_held_out_sequences_never_reach_the_statistics(tmp_path, monkeypatch):
     ids = calib(N, L)
     _, res = _search(tmp_path, trials=1, ids=ids, search_holdout=3)
     assert seen["n_tokens"] == (N - 3) * L and torch.equal(seen["ids"], ids[: N - 3])
-    assert torch.equal(held["ids"], ids[N - 3:])
+    assert torch.equal(held["ids"], ids[N - 3 :])
     assert res.calibration_shape == (N - 3, L)
     assert res.search["holdout_sequences"] == 3 and res.search["prune_sequences"] == N - 3
     # the default holdout: nsamples // 8, at least 1
-    assert _cfg(allocation="search").holdout == 1 and _cfg(allocation="search", nsamples=64).holdout == 8
-    assert _cfg().holdout is None                                          # no search: every sequence is used
+    assert (
+        _cfg(allocation="search").holdout == 1
+        and _cfg(allocation="search", nsamples=64).holdout == 8
+    )
+    assert _cfg().holdout is None  # no search: every sequence is used
 
 
 # ------------------------------------------------------------------------------------------ the TRIM guard
@@ -277,7 +345,9 @@ def _kl(dense, model, held):
     return float((d.exp() * (d - p)).sum() / (held.shape[0] * (held.shape[1] - 1)))
 
 
-@pytest.mark.parametrize("scorer,sparsity,family", [("wanda", 0.7, "llama"), ("sparsegpt", 0.6, "qwen2")])
+@pytest.mark.parametrize(
+    "scorer,sparsity,family", [("wanda", 0.7, "llama"), ("sparsegpt", 0.6, "qwen2")]
+)
 def test_trim_guard_model_keeps_the_lower_held_out_objective(scorer, sparsity, family):
     ids = calib(N, L)
     cfg = _cfg(scorer=scorer, sparsity=sparsity, trim=True, trim_guard="model", search_holdout=2)
@@ -287,13 +357,18 @@ def test_trim_guard_model_keeps_the_lower_held_out_objective(scorer, sparsity, f
     assert g["objective"] == "kl" and g["holdout_sequences"] == 2
     lower = "trim" if g["trim"]["kl"] <= g["scorer_alone"]["kl"] else "scorer_alone"
     assert g["kept"] == lower
-    got = _kl(make(family), model, ids[N - 2:])
+    got = _kl(make(family), model, ids[N - 2 :])
     assert got == pytest.approx(min(g["trim"]["kl"], g["scorer_alone"]["kl"]), rel=1e-4, abs=1e-9)
     # never worse than the scorer alone (the same allocation, the same statistics)
     alone = make(family)
-    prune(alone, None, dataclasses.replace(cfg, trim=dataclasses.replace(cfg.trim, enabled=False, guard="block")),
-          calibration=ids[: N - 2], progress=False)
-    assert got <= _kl(make(family), alone, ids[N - 2:]) * (1 + 1e-6) + 1e-12
+    prune(
+        alone,
+        None,
+        dataclasses.replace(cfg, trim=dataclasses.replace(cfg.trim, enabled=False, guard="block")),
+        calibration=ids[: N - 2],
+        progress=False,
+    )
+    assert got <= _kl(make(family), alone, ids[N - 2 :]) * (1 + 1e-6) + 1e-12
 
 
 def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
@@ -303,8 +378,13 @@ def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
     monkeypatch.setattr(search.Holdout, "measure", lambda self: next(values))
     ids = calib(N, L)
     model = make("llama")
-    res = prune(model, None, _cfg(sparsity=0.7, trim=True, trim_guard="model", search_holdout=2), calibration=ids,
-                progress=False)
+    res = prune(
+        model,
+        None,
+        _cfg(sparsity=0.7, trim=True, trim_guard="model", search_holdout=2),
+        calibration=ids,
+        progress=False,
+    )
     assert res.trim_guard["kept"] == "scorer_alone" and res.trim_guard["trim"]["kl"] == 2.0
     assert not res.config.trim.enabled and all(r.trim is None for r in res.layers.values())
     ref = make("llama")
@@ -314,20 +394,37 @@ def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ errors, CLI
-@pytest.mark.parametrize("flat,needle", [
-    (dict(search_space="rules,foo"), "--search-space 'rules,foo' is unknown"),
-    (dict(search_space="trim"), "needs rules or free too"),
-    (dict(trim_guard="model"), "--trim-guard model compares TRIM with the scorer alone: add --trim"),
-    (dict(allocation="search", search_holdout=8), "--search-holdout 8 leaves no calibration sequence"),
-    (dict(search_storage="study.db"), "not a database URL"),
-    (dict(search_trials=0), "--search-trials 0"),
-    (dict(atp_beta=1.5), "--atp-beta 1.5 must be in [0, 1]"),
-    (dict(allocation="atp", mask_structure="2:4", sparsity=0.5), "--allocation atp cannot be combined"),
-    (dict(search_objective="ppl"), "--search-objective 'ppl' is unknown"),
-    (dict(allocation="search", checkpoint_dir="ck"), "--checkpoint-dir cannot be combined with --allocation search"),
-    (dict(trim=True, trim_guard="model", checkpoint_dir="ck"),
-     "--checkpoint-dir cannot be combined with --trim-guard model"),
-])
+@pytest.mark.parametrize(
+    "flat,needle",
+    [
+        (dict(search_space="rules,foo"), "--search-space 'rules,foo' is unknown"),
+        (dict(search_space="trim"), "needs rules or free too"),
+        (
+            dict(trim_guard="model"),
+            "--trim-guard model compares TRIM with the scorer alone: add --trim",
+        ),
+        (
+            dict(allocation="search", search_holdout=8),
+            "--search-holdout 8 leaves no calibration sequence",
+        ),
+        (dict(search_storage="study.db"), "not a database URL"),
+        (dict(search_trials=0), "--search-trials 0"),
+        (dict(atp_beta=1.5), "--atp-beta 1.5 must be in [0, 1]"),
+        (
+            dict(allocation="atp", mask_structure="2:4", sparsity=0.5),
+            "--allocation atp cannot be combined",
+        ),
+        (dict(search_objective="ppl"), "--search-objective 'ppl' is unknown"),
+        (
+            dict(allocation="search", checkpoint_dir="ck"),
+            "--checkpoint-dir cannot be combined with --allocation search",
+        ),
+        (
+            dict(trim=True, trim_guard="model", checkpoint_dir="ck"),
+            "--checkpoint-dir cannot be combined with --trim-guard model",
+        ),
+    ],
+)
 def test_bad_search_settings_are_one_line_errors(flat, needle):
     with pytest.raises(TrimpruneError) as e:
         _cfg(**flat)
@@ -337,32 +434,59 @@ def test_bad_search_settings_are_one_line_errors(flat, needle):
 def test_search_is_refused_under_torchrun_and_without_optuna(monkeypatch, tmp_path):
     import sys
 
-    import trimprune.search as search
-    from trimprune.algo.ranks import Ranks
+    from trimprune.core.ranks import Ranks
 
-    monkeypatch.setattr(search.Ranks, "current", classmethod(lambda cls: Ranks(0, 2)))
+    monkeypatch.setattr(Ranks, "current", classmethod(lambda cls: Ranks(0, 2)))
     with pytest.raises(TrimpruneError, match="not under torchrun") as e:
         _search(tmp_path)
     assert "--allocation search" in str(e.value) and "share one --search-storage" in str(e.value)
-    with pytest.raises(TrimpruneError, match="--trim-guard model runs in one process, not under torchrun"):
-        prune(make("llama"), None, _cfg(trim=True, trim_guard="model", search_holdout=2), calibration=calib(N, L),
-              progress=False)
+    with pytest.raises(
+        TrimpruneError, match="--trim-guard model runs in one process, not under torchrun"
+    ):
+        prune(
+            make("llama"),
+            None,
+            _cfg(trim=True, trim_guard="model", search_holdout=2),
+            calibration=calib(N, L),
+            progress=False,
+        )
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(TrimpruneError, match=r"pip install 'trimprune\[search\]'"):
         _search(tmp_path)
 
 
-def test_cli_refuses_a_search_under_torchrun_before_loading_the_model(tiny_dir, tmp_path, monkeypatch, capsys):
-    from trimprune.algo.ranks import Ranks
+def test_cli_refuses_a_search_under_torchrun_before_loading_the_model(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
     from trimprune.cli import main
+    from trimprune.core.ranks import Ranks
 
     monkeypatch.setattr(Ranks, "current", classmethod(lambda cls: Ranks(1, 2)))
-    monkeypatch.setattr("trimprune.io.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    rc = main(["prune", "--model", str(tiny_dir), "--nsamples", "8", "--seqlen", "32", "--allocation", "search",
-               "--output", str(tmp_path / "o"), "--quiet"])
+    monkeypatch.setattr(
+        "trimprune.io.models.load_model", lambda *a, **k: pytest.fail("the model was loaded")
+    )
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_dir),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--allocation",
+            "search",
+            "--output",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and "--allocation search runs in one process, not under torchrun (2 processes)" in err, err
+    assert (
+        rc == 2
+        and "--allocation search runs in one process, not under torchrun (2 processes)" in err
+    ), err
     assert not (tmp_path / "o").exists()
 
 
@@ -370,16 +494,48 @@ def test_cli_search_writes_allocation_trials_and_plots(tiny_dir, tmp_path, capsy
     from trimprune.cli import main
 
     out = tmp_path / "s"
-    rc = main(["prune", "--model", str(tiny_dir), "--calib", "c4", "--nsamples", "8", "--seqlen", "32",
-               "--allocation", "search", "--search-trials", "3", "--search-space", "rules,free,trim", "--sparsity",
-               "0.7", "--alpha-cache-dir", str(tmp_path / "a"), "--output", str(out), "--quiet", "--no-save-model",
-               "--trim-iterations", "3", "--trim-lrs", "0.04", "0.12"])
+    rc = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_dir),
+            "--calib",
+            "c4",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "32",
+            "--allocation",
+            "search",
+            "--search-trials",
+            "3",
+            "--search-space",
+            "rules,free,trim",
+            "--sparsity",
+            "0.7",
+            "--alpha-cache-dir",
+            str(tmp_path / "a"),
+            "--output",
+            str(out),
+            "--quiet",
+            "--no-save-model",
+            "--trim-iterations",
+            "3",
+            "--trim-lrs",
+            "0.04",
+            "0.12",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     alloc = json.loads((out / "allocation.json").read_text())
     r = json.loads((out / "report.json").read_text())
-    assert alloc["method"] == "search" and alloc["achieved_sparsity"] == pytest.approx(0.7, abs=1e-12)
+    assert alloc["method"] == "search" and alloc["achieved_sparsity"] == pytest.approx(
+        0.7, abs=1e-12
+    )
     sr = r["search"]
-    assert len(sr["trials"]) == 3 and {"number", "params", "value", "seconds", "state"} <= set(sr["trials"][0])
+    assert len(sr["trials"]) == 3 and {"number", "params", "value", "seconds", "state"} <= set(
+        sr["trials"][0]
+    )
     assert sr["holdout_sequences"] == 1 and r["calibration"]["shape"] == [7, 32]
     assert math.isfinite(sr["final_objective"]) and sr["objective"] == "kl"
     assert "plots/search_trials.png" in r["plots"] and "plots/search_profile.png" in r["plots"]
@@ -389,10 +545,36 @@ def test_cli_search_writes_allocation_trials_and_plots(tiny_dir, tmp_path, capsy
     capsys.readouterr()
     # the winner replays with --allocation file:
     rep = tmp_path / "replay"
-    assert main(["prune", "--model", str(tiny_dir), "--calib", "c4", "--nsamples", "7", "--seqlen", "32",
-                 "--sparsity", "0.7", "--allocation", f"file:{out / 'allocation.json'}", "--output", str(rep),
-                 "--quiet", "--no-save-model", "--trim-iterations", "3", "--trim-lrs", "0.04", "0.12"]
-                + (["--trim"] if sr["best"]["params"]["trim"] else [])) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_dir),
+                "--calib",
+                "c4",
+                "--nsamples",
+                "7",
+                "--seqlen",
+                "32",
+                "--sparsity",
+                "0.7",
+                "--allocation",
+                f"file:{out / 'allocation.json'}",
+                "--output",
+                str(rep),
+                "--quiet",
+                "--no-save-model",
+                "--trim-iterations",
+                "3",
+                "--trim-lrs",
+                "0.04",
+                "0.12",
+            ]
+            + (["--trim"] if sr["best"]["params"]["trim"] else [])
+        )
+        == 0
+    )
     r2 = json.loads((rep / "report.json").read_text())
     assert r2["allocation"]["per_linear"] == alloc["per_linear"]
     assert r2["sparsity"]["per_block"] == r["sparsity"]["per_block"]

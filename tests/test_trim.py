@@ -1,4 +1,5 @@
 """TRIM: Gram metrics are exact, last-token mode reproduces the reference loop, bounds hold."""
+
 import math
 
 import pytest
@@ -6,17 +7,27 @@ import torch
 
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
-from trimprune.algo.executor import Executor
 from trimprune.algo.masks import row_ranks
-from trimprune.algo.records import BlockChoice, Kept
-from trimprune.algo.trim.counts import _repair_counts, capped_counts, exact_counts, project_capped_mean
-from trimprune.algo.trim.evaluators import ExplicitEvaluator, ExplicitSpec, GramEvaluator, GramSpec, pruned_cross
+from trimprune.algo.trim.counts import (
+    _repair_counts,
+    capped_counts,
+    exact_counts,
+    project_capped_mean,
+)
+from trimprune.algo.trim.evaluators import (
+    ExplicitEvaluator,
+    ExplicitSpec,
+    GramEvaluator,
+    GramSpec,
+    pruned_cross,
+)
 from trimprune.algo.trim.metrics import dim_metric, layer_metric
 from trimprune.algo.trim.search import TrimSearch, TrimSettings, iterate
-from trimprune.io.models import ModelAdapter, weight_2d
+from trimprune.core.model import ModelAdapter, weight_2d
+from trimprune.core.records import BlockChoice, Kept
+from trimprune.core.runtime import Executor
 
 GRAM_LAYER = ["cosim_flat", "cosim_dim", "mse", "mse_dim", "snr"]
-
 
 
 @pytest.mark.parametrize("tables", ["on", "off"])
@@ -43,11 +54,16 @@ def test_gram_counts_fast_path_equals_explicit_masks(seed, tables):
             torch.testing.assert_close(st.q[p, c], (Yp * Yp).sum(-1), rtol=1e-10, atol=1e-9)
             torch.testing.assert_close(st.err[p, c], ((Y - Yp) ** 2).sum(-1), rtol=1e-10, atol=1e-9)
 
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gram_metrics_equal_explicit_metrics(seed):
     g = torch.Generator().manual_seed(seed)
     rows, n, T = 23, 37, 301
-    X = torch.randn(T, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) * 3
+    X = (
+        torch.randn(T, n, generator=g, dtype=torch.float64)
+        * torch.rand(n, generator=g, dtype=torch.float64)
+        * 3
+    )
     W = torch.randn(rows, n, generator=g, dtype=torch.float64)
     masks = torch.rand(4, rows, n, generator=g) < torch.linspace(0.1, 0.9, 4).view(4, 1, 1)
     gram = GramEvaluator(X.T @ X, T)
@@ -56,15 +72,21 @@ def test_gram_metrics_equal_explicit_metrics(seed):
     expl.prepare(W)
     sg, se = gram.stats_from_mask(masks), expl.stats_from_mask(masks)
     for name in GRAM_LAYER:
-        torch.testing.assert_close(layer_metric(name, sg), layer_metric(name, se), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            layer_metric(name, sg), layer_metric(name, se), rtol=1e-10, atol=1e-12
+        )
     for name in ["cosim", "mse"]:
-        torch.testing.assert_close(dim_metric(name, sg), dim_metric(name, se), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            dim_metric(name, sg), dim_metric(name, se), rtol=1e-10, atol=1e-12
+        )
     # against plain formulas on explicit outputs, too
     Y = W @ X.T
     Yp = (W * ~masks[1]) @ X.T
     cos = (Y * Yp).sum() / (Y.norm() + 1e-8) / (Yp.norm() + 1e-8)
     torch.testing.assert_close(layer_metric("cosim_flat", sg)[1], cos, rtol=1e-10, atol=0)
-    torch.testing.assert_close(layer_metric("mse", sg)[1], -((Y - Yp) ** 2).mean(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        layer_metric("mse", sg)[1], -((Y - Yp) ** 2).mean(), rtol=1e-10, atol=0
+    )
 
 
 # --------------------------------------------------------------- reference transcription
@@ -84,7 +106,9 @@ def _ref_cos_dim(a, b):
 
 
 def _ref_cos_flat(a, b):
-    return torch.clamp(((a / (torch.norm(a) + 1e-8)) * (b / (torch.norm(b) + 1e-8))).sum(), -1, 1).item()
+    return torch.clamp(
+        ((a / (torch.norm(a) + 1e-8)) * (b / (torch.norm(b) + 1e-8))).sum(), -1, 1
+    ).item()
 
 
 def _ref_iterative(s, W, inputs, sorted_idx, lr, iters=10):
@@ -112,11 +136,13 @@ def _ref_iterative(s, W, inputs, sorted_idx, lr, iters=10):
 def _ref_search(s, W, inputs, sorted_idx):
     """Sequential learning-rate sweep of the reference, written out plainly."""
     best_x = torch.ones(W.shape[0]) * s
-    best = _ref_cos_flat((W @ inputs).double(), (_ref_prune_matrix(W, sorted_idx, best_x) @ inputs).double())
+    best = _ref_cos_flat(
+        (W @ inputs).double(), (_ref_prune_matrix(W, sorted_idx, best_x) @ inputs).double()
+    )
     best_lr = None
     for sweep in ([0.01, 0.02, 0.04, 0.08, 0.12, 0.16], [-0.01, -0.02, -0.04]):
         if sweep[0] < 0 and best_lr is not None:
-            break                        # negative rates only when no positive one beat uniform
+            break  # negative rates only when no positive one beat uniform
         this = float("-inf")
         for lr in sweep:
             x, m, _ = _ref_iterative(s, W, inputs, sorted_idx, lr)
@@ -138,20 +164,36 @@ def test_last_token_mode_reproduces_reference_loop(sparsity):
     ad = ModelAdapter.from_model(model)
     lins = ad.linears(0)
     got = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: got.__setitem__(n, a[0])) for n, m in lins.items()]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: got.__setitem__(n, a[0]))
+        for n, m in lins.items()
+    ]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:
         h.remove()
-    search = TrimSearch(TrimSettings(rounding="floor"))   # what --trim-inputs last-token uses
-    res_pipeline = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=sparsity, nsamples=16, seqlen=24,
-                                                         trim=True, trim_inputs="last-token")),
-                         calibration=ids, progress=False)
+    search = TrimSearch(TrimSettings(rounding="floor"))  # what --trim-inputs last-token uses
+    res_pipeline = prune(
+        make("llama"),
+        None,
+        PruneConfig.from_flat(
+            dict(
+                scorer="wanda",
+                sparsity=sparsity,
+                nsamples=16,
+                seqlen=24,
+                trim=True,
+                trim_inputs="last-token",
+            )
+        ),
+        calibration=ids,
+        progress=False,
+    )
     n_lr_seen = set()
     for n, mod in lins.items():
         W = weight_2d(mod).float()
         x_all = got[n]
-        last = x_all[:, -1, :].T.contiguous().float()                  # (in, nsamples)
+        last = x_all[:, -1, :].T.contiguous().float()  # (in, nsamples)
         norm = x_all.reshape(-1, x_all.shape[-1]).float().norm(dim=0)
         score = W.abs() * norm
         sorted_idx = torch.sort(score, dim=-1, stable=True)[1]
@@ -169,10 +211,16 @@ def test_last_token_mode_reproduces_reference_loop(sparsity):
 def test_bounds_and_exact_mean_for_adversarial_vectors(case):
     g = torch.Generator().manual_seed(case)
     rows, n = 57, 131
-    xs = [torch.full((rows,), 0.95), torch.zeros(rows), torch.randn(rows, generator=g) * 5,
-          torch.where(torch.arange(rows) == 0, 40.0, -3.0), torch.rand(rows, generator=g) * 2 - 0.5,
-          torch.linspace(-1, 2, rows), torch.full((rows,), 0.7) + 1e-7 * torch.randn(rows, generator=g),
-          torch.tensor([1.0] * 3 + [0.0] * (rows - 3))]
+    xs = [
+        torch.full((rows,), 0.95),
+        torch.zeros(rows),
+        torch.randn(rows, generator=g) * 5,
+        torch.where(torch.arange(rows) == 0, 40.0, -3.0),
+        torch.rand(rows, generator=g) * 2 - 0.5,
+        torch.linspace(-1, 2, rows),
+        torch.full((rows,), 0.7) + 1e-7 * torch.randn(rows, generator=g),
+        torch.tensor([1.0] * 3 + [0.0] * (rows - 3)),
+    ]
     x = xs[case]
     for s in [0.05, 0.5, 0.7, 0.8, 0.94]:
         k = exact_counts(x, s, n, 0.95)
@@ -187,9 +235,16 @@ def test_one_rounding_round_is_exact_for_adversarial_batches():
     bounds for a batch of adversarial vectors at once, without the host repair."""
     g = torch.Generator().manual_seed(5)
     rows, n = 57, 131
-    xs = torch.stack([torch.full((rows,), 0.95), torch.zeros(rows), torch.randn(rows, generator=g) * 5,
-                      torch.where(torch.arange(rows) == 0, 40.0, -3.0), torch.linspace(-1, 2, rows),
-                      torch.full((rows,), 0.7) + 1e-7 * torch.randn(rows, generator=g)])
+    xs = torch.stack(
+        [
+            torch.full((rows,), 0.95),
+            torch.zeros(rows),
+            torch.randn(rows, generator=g) * 5,
+            torch.where(torch.arange(rows) == 0, 40.0, -3.0),
+            torch.linspace(-1, 2, rows),
+            torch.full((rows,), 0.7) + 1e-7 * torch.randn(rows, generator=g),
+        ]
+    )
     kmax = int(0.95 * n)
     for s in [0.05, 0.5, 0.7, 0.94]:
         totals = torch.full((xs.shape[0],), round(s * rows * n))
@@ -209,8 +264,8 @@ def test_repair_hands_out_a_wrong_remainder_one_weight_per_row():
     good = exact_counts(x, 0.6, n, 0.95)
     for shift in [7, -9]:
         bad = good.clone()
-        bad[:abs(shift)] += 1 if shift > 0 else -1
-        bad[-1] = kmax + 3                   # out of bounds: clamped first
+        bad[: abs(shift)] += 1 if shift > 0 else -1
+        bad[-1] = kmax + 3  # out of bounds: clamped first
         fixed = _repair_counts(x, bad.clone(), total, n, kmax)
         assert int(fixed.sum()) == total and int(fixed.min()) >= 0 and int(fixed.max()) <= kmax
         assert int((fixed - bad.clamp(0, kmax)).abs().max()) <= 1
@@ -221,27 +276,61 @@ def test_repair_hands_out_a_wrong_remainder_one_weight_per_row():
 def test_trim_composes_with_every_scorer_and_never_loses_to_it(scorer, inputs):
     model = make("qwen2")
     s = 0.7
-    res = prune(model, None, PruneConfig.from_flat(dict(scorer=scorer, sparsity=s, nsamples=8, seqlen=24, trim=True,
-                                         trim_inputs=inputs, trim_block_safeguard=False)),
-                calibration=calib(8, 24), progress=False)
+    res = prune(
+        model,
+        None,
+        PruneConfig.from_flat(
+            dict(
+                scorer=scorer,
+                sparsity=s,
+                nsamples=8,
+                seqlen=24,
+                trim=True,
+                trim_inputs=inputs,
+                trim_block_safeguard=False,
+            )
+        ),
+        calibration=calib(8, 24),
+        progress=False,
+    )
     for name, r in res.layers.items():
         t = r.trim
         rows, cols = r.shape
         expected = round(s * cols) * rows if scorer == "wanda" else round(s * r.numel)
-        assert r.zeros == expected, name                  # TRIM prunes exactly what the scorer would
+        assert r.zeros == expected, name  # TRIM prunes exactly what the scorer would
         assert t.search.row_sparsity_min >= 0 and t.search.row_sparsity_max <= 0.95
         kept_metric = t.trim_weights_metric if t.kept == Kept.TRIM else t.scorer_alone_metric
-        assert kept_metric >= t.scorer_alone_metric                         # safeguard
+        assert kept_metric >= t.scorer_alone_metric  # safeguard
         assert t.search.best_metric >= t.search.baseline_metric
-    if scorer != "sparsegpt":   # SparseGPT's own per-matrix selection is rarely beaten (see RESULTS.md)
-        assert any(r.trim.kept == Kept.TRIM and r.trim.search.lr is not None for r in res.layers.values())
+    if (
+        scorer != "sparsegpt"
+    ):  # SparseGPT's own per-matrix selection is rarely beaten (see RESULTS.md)
+        assert any(
+            r.trim.kept == Kept.TRIM and r.trim.search.lr is not None for r in res.layers.values()
+        )
 
 
 def test_trim_row_allocation_is_non_uniform_and_improves_the_gram_metric():
     model = make("llama")
-    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.7, nsamples=8, seqlen=24, trim=True,
-                                         trim_block_safeguard=False)), calibration=calib(8, 24), progress=False)
-    improved = [r for r in res.layers.values() if r.trim.search.final_metric > r.trim.search.baseline_metric]
+    res = prune(
+        model,
+        None,
+        PruneConfig.from_flat(
+            dict(
+                scorer="wanda",
+                sparsity=0.7,
+                nsamples=8,
+                seqlen=24,
+                trim=True,
+                trim_block_safeguard=False,
+            )
+        ),
+        calibration=calib(8, 24),
+        progress=False,
+    )
+    improved = [
+        r for r in res.layers.values() if r.trim.search.final_metric > r.trim.search.baseline_metric
+    ]
     assert improved
     assert any(r.row_sparsity_max - r.row_sparsity_min > 0.05 for r in improved)
 
@@ -250,22 +339,36 @@ def test_input_recalc_uses_inputs_of_the_pruned_earlier_linears():
     """With --trim-input-recalc, o_proj's statistics come from a forward in which q/k/v are already
     pruned, so the result differs from the plain run; both are exact in sparsity."""
     ids = calib(8, 24)
-    a = prune(make("llama"), None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24)), calibration=ids,
-              progress=False)
+    a = prune(
+        make("llama"),
+        None,
+        PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24)),
+        calibration=ids,
+        progress=False,
+    )
     mb = make("llama")
-    b = prune(mb, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24, trim_input_recalc=True)),
-              calibration=ids, progress=False)
+    b = prune(
+        mb,
+        None,
+        PruneConfig.from_flat(
+            dict(scorer="wanda", sparsity=0.6, nsamples=8, seqlen=24, trim_input_recalc=True)
+        ),
+        calibration=ids,
+        progress=False,
+    )
     q = "model.layers.0.self_attn.q_proj"
     o = "model.layers.0.self_attn.o_proj"
-    assert torch.equal(a.mask(q), b.mask(q))                # first group: same dense inputs
-    assert not torch.equal(a.mask(o), b.mask(o))            # later group: recomputed inputs
+    assert torch.equal(a.mask(q), b.mask(q))  # first group: same dense inputs
+    assert not torch.equal(a.mask(o), b.mask(o))  # later group: recomputed inputs
     # brute force: o_proj's input with pruned q/k/v and dense everything else
     ref = make("llama")
     ad = ModelAdapter.from_model(ref)
     for n in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]:
         weight_2d(ad.linears(0)[n])[b.mask(f"model.layers.0.{n}")] = 0
     got = {}
-    h = ad.linears(0)["self_attn.o_proj"].register_forward_hook(lambda m, x, y: got.__setitem__("x", x[0]))
+    h = ad.linears(0)["self_attn.o_proj"].register_forward_hook(
+        lambda m, x, y: got.__setitem__("x", x[0])
+    )
     with torch.no_grad():
         ref(input_ids=ids)
     h.remove()
@@ -281,8 +384,13 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
     s = 0.7
     ids = calib(16, 24)
     model = make("llama")
-    res = prune(model, None, PruneConfig.from_flat(dict(scorer="wanda", sparsity=s, nsamples=16, seqlen=24, trim=True)),
-                calibration=ids, progress=False)
+    res = prune(
+        model,
+        None,
+        PruneConfig.from_flat(dict(scorer="wanda", sparsity=s, nsamples=16, seqlen=24, trim=True)),
+        calibration=ids,
+        progress=False,
+    )
     assert len(res.block_safeguard) == 2
     ad = ModelAdapter.from_model(model)
     for b in res.block_safeguard:
@@ -292,7 +400,7 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
             rec = res.layers[ad.full_name(b.block, name)]
             W = weight_2d(ad.linears(b.block)[name])
             assert torch.equal(W == 0, res.mask(ad.full_name(b.block, name)))
-            if not kept_trim:                               # Wanda alone: round(s * in) zeros in every row
+            if not kept_trim:  # Wanda alone: round(s * in) zeros in every row
                 assert rec.trim.kept == Kept.BLOCK_SAFEGUARD
                 assert bool(((W == 0).sum(1) == round(s * W.shape[1])).all())
     # the recorded errors are, on the subset (the first 1/8 of the sequences), the squared distance
@@ -302,9 +410,14 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
     sub = ids[: max(4, 16 // 8)]
     outs = {}
     for tag, m, a in (("p", model, ad), ("d", dense, ad_d)):
-        hs = [b.register_forward_hook(lambda mod, args, o, k=(tag, i): outs.__setitem__(k, o[0] if isinstance(o, tuple)
-                                                                                         else o))
-              for i, b in enumerate(a.blocks)]
+        hs = [
+            b.register_forward_hook(
+                lambda mod, args, o, k=(tag, i): outs.__setitem__(
+                    k, o[0] if isinstance(o, tuple) else o
+                )
+            )
+            for i, b in enumerate(a.blocks)
+        ]
         with torch.no_grad():
             m(input_ids=sub)
         for h in hs:
@@ -312,7 +425,9 @@ def test_block_safeguard_keeps_the_block_variant_closer_to_the_dense_model():
     for b in res.block_safeguard:
         i = b.block
         chosen = min(b.err_trim, b.err_scorer_alone)
-        assert float((outs["p", i] - outs["d", i]).square().sum()) == pytest.approx(chosen, rel=1e-5)
+        assert float((outs["p", i] - outs["d", i]).square().sum()) == pytest.approx(
+            chosen, rel=1e-5
+        )
     assert {b.block for b in res.block_safeguard} == {0, 1}
 
 
@@ -320,8 +435,9 @@ def test_obs_proxy_is_exact_when_inputs_are_uncorrelated():
     """With a diagonal Gram matrix no weight can compensate another, so SparseGPT's reconstruction is
     plain masking and the OBS prediction (prefix sums of w^2 / [U]_jj^2) equals the exact statistics."""
     from trimprune.algo.scorers import SparseGPT
+    from trimprune.algo.stats import InputStats, StatsNeeds
     from trimprune.algo.trim.evaluators import ObsEvaluator
-    from trimprune.calib.stats import InputStats, StatsNeeds
+
     g = torch.Generator().manual_seed(4)
     n, rows = 40, 12
     G = torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 5 + 0.1)
@@ -341,16 +457,22 @@ def test_obs_proxy_is_exact_when_inputs_are_uncorrelated():
         torch.testing.assert_close(getattr(a, key)[0], getattr(b, key), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("lrs", [(0.01, 0.02, 0.04, 0.08, 0.12, 0.16), (0.9, 2.0)])   # the 2nd reaches negative rates
+@pytest.mark.parametrize(
+    "lrs", [(0.01, 0.02, 0.04, 0.08, 0.12, 0.16), (0.9, 2.0)]
+)  # the 2nd reaches negative rates
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_sequential_lr_search_equals_parallel(seed, lrs):
     """Learning rates one after the other (stopping as the reference) give the very same result as
     the batched sweep, while evaluating fewer (linear, rate) pairs."""
     g = torch.Generator().manual_seed(seed)
     P, rows, n, T = 3, 24, 40, 200
-    X = torch.randn(P, T, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) * 3
+    X = (
+        torch.randn(P, T, n, generator=g, dtype=torch.float64)
+        * torch.rand(n, generator=g, dtype=torch.float64)
+        * 3
+    )
     W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
-    W[1, :5] *= 6                                    # uneven rows: TRIM has something to find
+    W[1, :5] *= 6  # uneven rows: TRIM has something to find
     ranks = torch.stack([row_ranks(W[p].abs() * X[p].norm(dim=0)) for p in range(P)])
     G = X.transpose(1, 2) @ X
     s = [0.5, 0.6, 0.7]
@@ -370,7 +492,9 @@ def test_sequential_lr_search_equals_parallel(seed, lrs):
 
     for mode in ("parallel", "sequential"):
         ex = Counting()
-        out[mode] = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs), ex).run_many(GramSpec(T), W, G, ranks, s, totals)
+        out[mode] = TrimSearch(TrimSettings(lr_search=mode, lrs=lrs), ex).run_many(
+            GramSpec(T), W, G, ranks, s, totals
+        )
         evaluated[mode] = ex.pairs
     for p, (a, b) in enumerate(zip(out["parallel"], out["sequential"])):
         assert torch.equal(a.counts, b.counts)
@@ -390,12 +514,18 @@ def test_pruned_cross_equals_brute_force():
     P, rows, n = 2, 6, 9
     W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
     G = torch.randn(P, n, n, generator=g, dtype=torch.float64)
-    ranks = torch.stack([row_ranks(torch.randint(0, 3, (rows, n), generator=g).double()) for _ in range(P)])
-    got = pruned_cross(W, ranks, G, chunk_elems=3 * n * n)          # several row chunks
+    ranks = torch.stack(
+        [row_ranks(torch.randint(0, 3, (rows, n), generator=g).double()) for _ in range(P)]
+    )
+    got = pruned_cross(W, ranks, G, chunk_elems=3 * n * n)  # several row chunks
     for p in range(P):
         for r in range(rows):
             for a in range(n):
-                want = sum(float(G[p, a, b] * W[p, r, b]) for b in range(n) if ranks[p, r, b] < ranks[p, r, a])
+                want = sum(
+                    float(G[p, a, b] * W[p, r, b])
+                    for b in range(n)
+                    if ranks[p, r, b] < ranks[p, r, a]
+                )
                 assert math.isclose(float(got[p, r, a]), want, rel_tol=1e-12, abs_tol=1e-12)
 
 
@@ -406,7 +536,11 @@ def test_prefix_tables_give_the_same_search(seed, lrs):
     keeps the same rate, iteration and allocation as forming E G per candidate, rate after rate."""
     g = torch.Generator().manual_seed(seed)
     P, rows, n, T = 3, 24, 40, 200
-    X = torch.randn(P, T, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) * 3
+    X = (
+        torch.randn(P, T, n, generator=g, dtype=torch.float64)
+        * torch.rand(n, generator=g, dtype=torch.float64)
+        * 3
+    )
     W = torch.randn(P, rows, n, generator=g, dtype=torch.float64)
     W[1, :5] *= 6
     ranks = torch.stack([row_ranks(W[p].abs() * X[p].norm(dim=0)) for p in range(P)])

@@ -1,6 +1,7 @@
 """Every bad input ends in one line and exit code 2 before the expensive work (most before the model
 loads), float16 overflow is caught before pruning, nothing is lost or left behind, outputs are
 byte-reproducible. One test (or a parametrised case) per input a new user tried."""
+
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import trimprune.core.hub as hub
 import trimprune.io.models as models
 from trimprune.cli import main
 from trimprune.errors import TrimpruneError
@@ -24,8 +26,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 @pytest.fixture
 def no_load(monkeypatch):
     """Loading the model is an error: the check under test must come first."""
+
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
+
     monkeypatch.setattr(models, "load_model", boom)
 
 
@@ -37,8 +41,21 @@ def _one_line(capsys) -> str:
 
 
 def _prune(model, out, *extra) -> int:
-    return main(["prune", "--model", str(model), "--output", str(out), "--quiet", "--nsamples", "2", "--seqlen", "32",
-                 *extra])
+    return main(
+        [
+            "prune",
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--quiet",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "32",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +64,12 @@ def small(tmp_path_factory):
     prune then costs well under a second of data handling."""
     d = tmp_path_factory.mktemp("small-data")
     words = "the of and to in a is was for on that with as by at from his her it an were are which".split()
-    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + ("." if j % 11 == 10 else "") for j in range(150))
-            for i in range(8)]
+    docs = [
+        " ".join(
+            words[(i * 7 + j * 3) % len(words)] + ("." if j % 11 == 10 else "") for j in range(150)
+        )
+        for i in range(8)
+    ]
     (d / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     (d / "eval.txt").write_text("\n".join(docs[:4]) + "\n")
     return d
@@ -68,24 +89,34 @@ def test_unwritable_output_fails_before_the_model_loads(tiny_dir, capsys, no_loa
     assert "--output '/proc/trimprune-x': cannot write into '/proc'" in err, err
 
 
-def test_log_json_and_checkpoint_dir_are_probed_too(tiny_dir, tmp_path, capsys, no_load, with_data_env):
+def test_log_json_and_checkpoint_dir_are_probed_too(
+    tiny_dir, tmp_path, capsys, no_load, with_data_env
+):
     (tmp_path / "f").write_text("x")
     assert _prune(tiny_dir, tmp_path / "o", "--log-json", str(tmp_path)) == 2
     assert "--log-json" in _one_line(capsys)
     assert _prune(tiny_dir, tmp_path / "o", "--checkpoint-dir", str(tmp_path / "f" / "ck")) == 2
     assert "--checkpoint-dir" in _one_line(capsys)
-    assert main(["eval", "--model", str(tiny_dir), "--eval", "wikitext2", "--output", "/proc/x.json"]) == 2
+    assert (
+        main(["eval", "--model", str(tiny_dir), "--eval", "wikitext2", "--output", "/proc/x.json"])
+        == 2
+    )
     assert "cannot write into '/proc'" in _one_line(capsys)
     assert main(["report", str(tmp_path), "-o", "/proc/x.html"]) == 2
     assert "cannot write into '/proc'" in _one_line(capsys)
 
 
-def test_overwrite_replaces_only_what_trimprune_wrote(tiny_dir, tmp_path, small, capsys, with_data_env):
+def test_overwrite_replaces_only_what_trimprune_wrote(
+    tiny_dir, tmp_path, small, capsys, with_data_env
+):
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "thesis.tex").write_text("x")
     assert _prune(tiny_dir, keep, *_fast(small), "--overwrite") == 2
-    assert "holds no trimprune report" in _one_line(capsys) and (keep / "thesis.tex").read_text() == "x"
+    assert (
+        "holds no trimprune report" in _one_line(capsys)
+        and (keep / "thesis.tex").read_text() == "x"
+    )
     f = tmp_path / "file.txt"
     f.write_text("y")
     assert _prune(tiny_dir, f, *_fast(small), "--overwrite") == 2
@@ -115,34 +146,46 @@ with atomic_dir({out!r}) as tmp:
 """
 
 
-def test_a_run_killed_while_writing_is_reported_and_removed_with_overwrite(tiny_dir, tmp_path, capsys, monkeypatch,
-                                                                            with_data_env):
+def test_a_run_killed_while_writing_is_reported_and_removed_with_overwrite(
+    tiny_dir, tmp_path, capsys, monkeypatch, with_data_env
+):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER.format(src=str(SRC), out=str(out))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER.format(src=str(SRC), out=str(out))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     assert len(left) == 1 and not out.exists()
 
-    def stop(*a, **k):                        # the report comes with the checks, before the model loads
+    def stop(*a, **k):  # the report comes with the checks, before the model loads
         raise TrimpruneError("stopped after the checks")
+
     monkeypatch.setattr(models, "load_model", stop)
     assert _prune(tiny_dir, out, "--calib", "self") == 2
     err = capsys.readouterr().err
-    assert f"trimprune: warning: a run writing --output '{out}' was interrupted and left {left[0].name} (200.0 KB)" \
-        in err and "--overwrite" in err, err
+    assert (
+        f"trimprune: warning: a run writing --output '{out}' was interrupted and left {left[0].name} (200.0 KB)"
+        in err
+        and "--overwrite" in err
+    ), err
     assert left[0].is_dir()
     assert _prune(tiny_dir, out, "--calib", "self", "--overwrite") == 2
     err = capsys.readouterr().err
-    assert f"removed the partial output of an interrupted run beside --output '{out}': {left[0].name}" in err, err
+    assert (
+        f"removed the partial output of an interrupted run beside --output '{out}': {left[0].name}"
+        in err
+    ), err
     assert not left[0].exists() and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("how,rc", [("sigterm", 143), ("interrupt", 130), ("error", 1)])
-def test_temporary_output_folder_is_removed_on_any_python_level_exit(how, rc, tiny_dir, tmp_path, small, monkeypatch,
-                                                                     capsys, with_data_env):
+def test_temporary_output_folder_is_removed_on_any_python_level_exit(
+    how, rc, tiny_dir, tmp_path, small, monkeypatch, capsys, with_data_env
+):
     import trimprune.io.export as ex
 
     def stop(*a, **k):
@@ -161,7 +204,7 @@ def test_temporary_output_folder_is_removed_on_any_python_level_exit(how, rc, ti
     else:
         assert _prune(tiny_dir, tmp_path / "o", *_fast(small)) == rc
     assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) == before             # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
 
 
 def test_two_identical_runs_write_the_same_bytes(tiny_dir, tmp_path, small, with_data_env):
@@ -171,9 +214,13 @@ def test_two_identical_runs_write_the_same_bytes(tiny_dir, tmp_path, small, with
         assert _prune(tiny_dir, out, *_fast(small), "--save-format", "compact") == 0
         runs.append(out)
     files = sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*") if p.is_file())
-    assert "masks.safetensors" in files and "model.compact.safetensors" in files and "config.json" in files
+    assert (
+        "masks.safetensors" in files
+        and "model.compact.safetensors" in files
+        and "config.json" in files
+    )
     for f in files:
-        if f in ("report.json", "report.md"):              # timings and the time of day
+        if f in ("report.json", "report.md"):  # timings and the time of day
             continue
         assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes(), f
     a, b = (json.loads((r / "report.json").read_text()) for r in runs)
@@ -187,7 +234,10 @@ def test_safetensors_metadata_is_written_sorted(tmp_path):
     gave different bytes."""
     from trimprune.io.export import save_masks
 
-    masks = {"b.weight": torch.arange(6, dtype=torch.uint8), "a.weight": torch.ones(3, dtype=torch.uint8)}
+    masks = {
+        "b.weight": torch.arange(6, dtype=torch.uint8),
+        "a.weight": torch.ones(3, dtype=torch.uint8),
+    }
     shapes = {"a.weight": [3, 8], "b.weight": [6, 8]}
     blobs = set()
     for i in range(8):
@@ -196,7 +246,7 @@ def test_safetensors_metadata_is_written_sorted(tmp_path):
     assert len(blobs) == 1
     blob = blobs.pop()
     n = int.from_bytes(blob[:8], "little")
-    meta = json.loads(blob[8:8 + n])["__metadata__"]
+    meta = json.loads(blob[8 : 8 + n])["__metadata__"]
     assert list(meta) == sorted(meta)
 
 
@@ -219,8 +269,9 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize("name,content,calib,needle", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-def test_bad_calibration_file_fails_before_the_model_loads(name, content, calib, needle, tiny_dir, tmp_path, capsys,
-                                                           no_load, with_data_env):
+def test_bad_calibration_file_fails_before_the_model_loads(
+    name, content, calib, needle, tiny_dir, tmp_path, capsys, no_load, with_data_env
+):
     path = tmp_path / name
     if content is None:
         path.mkdir()
@@ -235,31 +286,47 @@ def test_bad_calibration_file_fails_before_the_model_loads(name, content, calib,
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("name,content,calib,needle", [b for b in BAD_FILES if b[0] in
-                                                       ("empty.txt", "binary.txt", "missing.jsonl")])
-def test_bad_evaluation_file_fails_before_the_model_loads(name, content, calib, needle, tiny_dir, tmp_path, capsys,
-                                                          no_load, with_data_env):
+@pytest.mark.parametrize(
+    "name,content,calib,needle",
+    [b for b in BAD_FILES if b[0] in ("empty.txt", "binary.txt", "missing.jsonl")],
+)
+def test_bad_evaluation_file_fails_before_the_model_loads(
+    name, content, calib, needle, tiny_dir, tmp_path, capsys, no_load, with_data_env
+):
     path = tmp_path / name
     if content != "missing":
         path.write_bytes(content)
     for cmd in (["prune", "--output", str(tmp_path / "o"), "--calib", "self"], ["eval"]):
         for spec in (f"wikitext2={path}", f"mine={path}"):
-            rc = main([*cmd, "--model", str(tiny_dir), "--eval", spec.split("=")[0], "--eval-data", spec, "--quiet"])
+            rc = main(
+                [
+                    *cmd,
+                    "--model",
+                    str(tiny_dir),
+                    "--eval",
+                    spec.split("=")[0],
+                    "--eval-data",
+                    spec,
+                    "--quiet",
+                ]
+            )
             err = _one_line(capsys)
             assert rc == 2 and str(path) in err and needle in err and "--eval-data" in err, err
 
 
-def test_hub_data_sets_offline_fail_before_the_model_loads(tiny_dir, tmp_path, capsys, no_load, monkeypatch):
+def test_hub_data_sets_offline_fail_before_the_model_loads(
+    tiny_dir, tmp_path, capsys, no_load, monkeypatch
+):
     monkeypatch.delenv("TRIMPRUNE_DATA", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models.hub_unreachable.cache_clear()
+    hub.hub_unreachable.cache_clear()
     try:
         assert _prune(tiny_dir, tmp_path / "o", "--calib", "c4") == 2
         err = _one_line(capsys)
         assert "c4 (train) is not available locally" in err and "--calib-data" in err, err
     finally:
-        models.hub_unreachable.cache_clear()
+        hub.hub_unreachable.cache_clear()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -281,8 +348,9 @@ def test_model_folder_without_config_json(tiny_dir, tmp_path, capsys, no_load, w
 
 
 @pytest.mark.parametrize("offline", ["env", "probe"])
-def test_hub_like_id_that_is_no_local_path_fails_at_once_offline(offline, tmp_path, capsys, monkeypatch,
-                                                                  with_data_env):
+def test_hub_like_id_that_is_no_local_path_fails_at_once_offline(
+    offline, tmp_path, capsys, monkeypatch, with_data_env
+):
     """Before: 49 s of retries. HF_HUB_OFFLINE, or one failed connection, ends it at once."""
     from huggingface_hub import constants
 
@@ -296,20 +364,40 @@ def test_hub_like_id_that_is_no_local_path_fails_at_once_offline(offline, tmp_pa
     if offline == "env":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
+
         def refuse(*a, **k):
             raise OSError(101, "Network is unreachable")
-        monkeypatch.setattr(models.socket, "create_connection", refuse)
-    models.hub_unreachable.cache_clear()
+
+        monkeypatch.setattr(hub.socket, "create_connection", refuse)
+    hub.hub_unreachable.cache_clear()
     try:
         t0 = time.perf_counter()
-        rc = main(["prune", "--model", "some-org/some-model", "--output", str(tmp_path / "o"), "--calib", "self"])
+        rc = main(
+            [
+                "prune",
+                "--model",
+                "some-org/some-model",
+                "--output",
+                str(tmp_path / "o"),
+                "--calib",
+                "self",
+            ]
+        )
         seconds = time.perf_counter() - t0
         err = _one_line(capsys)
         assert rc == 2 and seconds < 2, (rc, seconds)
-        why = "HF_HUB_OFFLINE is set" if offline == "env" else "no connection to huggingface.co: Network is unreachable"
-        assert "--model 'some-org/some-model' is not a local path" in err and why in err and "local model" in err, err
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if offline == "env"
+            else "no connection to huggingface.co: Network is unreachable"
+        )
+        assert (
+            "--model 'some-org/some-model' is not a local path" in err
+            and why in err
+            and "local model" in err
+        ), err
     finally:
-        models.hub_unreachable.cache_clear()
+        hub.hub_unreachable.cache_clear()
     assert main(["eval", "--model", "a/b/c", "--eval", "wikitext2"]) == 2
     assert "'a/b/c' does not exist" in _one_line(capsys)
 
@@ -318,8 +406,11 @@ def test_transformers_older_than_the_floor_is_refused(monkeypatch):
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
-    with pytest.raises(TrimpruneError, match=rf"transformers 5\.17\.0 is older than {models.MIN_TRANSFORMERS}.*"
-                                             r"Gemma-3 GGUF.*pip install"):
+    with pytest.raises(
+        TrimpruneError,
+        match=rf"transformers 5\.17\.0 is older than {models.MIN_TRANSFORMERS}.*"
+        r"Gemma-3 GGUF.*pip install",
+    ):
         models.load_model("smollm2-135m", device="cpu")
 
 
@@ -327,7 +418,10 @@ def test_transformers_older_than_the_floor_is_refused(monkeypatch):
 RECIPES = [
     ("allocation: 5", "allocation 5 must be a string"),
     ('percdamp: "x"', "percdamp 'x' must be a number"),
-    ('owl_m: "5"', "owl_m '5' must be a number (YAML reads 5 as text: write a plain number such as 5.0"),
+    (
+        'owl_m: "5"',
+        "owl_m '5' must be a number (YAML reads 5 as text: write a plain number such as 5.0",
+    ),
     ("trim_lrs: abc", "trim_lrs 'abc' must be a list of numbers"),
     ('trim: "false"', "trim 'false' must be true or false"),
     ('offload: "no"', "--offload 'no' is unknown: choose one of cpu, disk or false"),
@@ -340,7 +434,10 @@ RECIPES = [
     ("scorer: {name: wanda, speed: 2}", "recipe key scorer.speed is unknown"),
     ('search_trials: "10"', "search_trials '10' must be an integer (YAML reads 10 as text"),
     ("search_timeout: .nan", "search_timeout nan must be a finite number"),
-    ("search: {objective: kl, space: [rules, free]}", "search_space ['rules', 'free'] must be a string"),
+    (
+        "search: {objective: kl, space: [rules, free]}",
+        "search_space ['rules', 'free'] must be a string",
+    ),
     ("atp_beta: true", "atp_beta True must be a number"),
     ("created: 2024-13-45", "is not valid YAML"),
     ("[1, 2", "is not valid YAML"),
@@ -348,8 +445,9 @@ RECIPES = [
 
 
 @pytest.mark.parametrize("text,needle", RECIPES, ids=[r[0] for r in RECIPES])
-def test_recipe_values_of_the_wrong_type_fail_before_the_model_loads(text, needle, tiny_dir, tmp_path, capsys,
-                                                                     no_load, with_data_env):
+def test_recipe_values_of_the_wrong_type_fail_before_the_model_loads(
+    text, needle, tiny_dir, tmp_path, capsys, no_load, with_data_env
+):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text + "\n")
     assert _prune(tiny_dir, tmp_path / "o", "--recipe", str(recipe)) == 2
@@ -357,15 +455,27 @@ def test_recipe_values_of_the_wrong_type_fail_before_the_model_loads(text, needl
     assert needle in err, err
 
 
-def test_search_inputs_fail_before_the_model_loads(tiny_dir, tmp_path, small, capsys, monkeypatch, no_load,
-                                                   with_data_env):
+def test_search_inputs_fail_before_the_model_loads(
+    tiny_dir, tmp_path, small, capsys, monkeypatch, no_load, with_data_env
+):
     import importlib.util
 
     base = ["--allocation", "search", "--search-trials", "2", *_fast(small)]
-    assert _prune(tiny_dir, tmp_path / "o", *base, "--search-storage", "sqlite:////proc/trimprune/study.db") == 2
+    assert (
+        _prune(
+            tiny_dir,
+            tmp_path / "o",
+            *base,
+            "--search-storage",
+            "sqlite:////proc/trimprune/study.db",
+        )
+        == 2
+    )
     assert "--search-storage '/proc/trimprune/study.db'" in _one_line(capsys)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a)
+    )
     assert _prune(tiny_dir, tmp_path / "o", *base) == 2
     assert "--allocation search needs Optuna" in _one_line(capsys)
 
@@ -384,8 +494,9 @@ ALLOCATIONS = [
 
 
 @pytest.mark.parametrize("text,needle", ALLOCATIONS, ids=[str(a[0]) for a in ALLOCATIONS])
-def test_allocation_file_values_fail_before_the_model_loads(text, needle, tiny_dir, tmp_path, capsys, no_load,
-                                                            with_data_env):
+def test_allocation_file_values_fail_before_the_model_loads(
+    text, needle, tiny_dir, tmp_path, capsys, no_load, with_data_env
+):
     f = tmp_path / "alloc.json"
     f.write_bytes(text if isinstance(text, bytes) else text.encode())
     assert _prune(tiny_dir, tmp_path / "o", "--allocation", f"file:{f}", "--calib", "self") == 2
@@ -393,27 +504,55 @@ def test_allocation_file_values_fail_before_the_model_loads(text, needle, tiny_d
     assert needle in err, err
 
 
-def test_allocation_file_mean_must_match_sparsity_unless_it_is_left_out(tiny_dir, tmp_path, small, capsys,
-                                                                        monkeypatch, with_data_env):
+def test_allocation_file_mean_must_match_sparsity_unless_it_is_left_out(
+    tiny_dir, tmp_path, small, capsys, monkeypatch, with_data_env
+):
     """Checked as soon as the model is loaded (before evaluation and calibration)."""
     import trimprune.calib.data as data
 
     f = tmp_path / "alloc.json"
-    f.write_text("[0.7, 0.5]")                           # both blocks hold the same weight count: mean 0.6
+    f.write_text("[0.7, 0.5]")  # both blocks hold the same weight count: mean 0.6
     real = data.get_calibration
-    monkeypatch.setattr(data, "get_calibration", lambda *a, **k: pytest.fail("calibration before the check"))
-    assert _prune(tiny_dir, tmp_path / "o", "--allocation", f"file:{f}", "--sparsity", "0.5", *_fast(small)) == 2
+    monkeypatch.setattr(
+        data, "get_calibration", lambda *a, **k: pytest.fail("calibration before the check")
+    )
+    assert (
+        _prune(
+            tiny_dir,
+            tmp_path / "o",
+            "--allocation",
+            f"file:{f}",
+            "--sparsity",
+            "0.5",
+            *_fast(small),
+        )
+        == 2
+    )
     err = _one_line(capsys)
-    assert "has a parameter-weighted mean sparsity of 0.6, not --sparsity 0.5" in err and "--sparsity 0.6" in err
-    recipe = tmp_path / "r.yaml"                         # a recipe's sparsity counts as given
+    assert (
+        "has a parameter-weighted mean sparsity of 0.6, not --sparsity 0.5" in err
+        and "--sparsity 0.6" in err
+    )
+    recipe = tmp_path / "r.yaml"  # a recipe's sparsity counts as given
     recipe.write_text(f"sparsity: 0.5\nallocation: 'file:{f}'\n")
     assert _prune(tiny_dir, tmp_path / "c", "--recipe", str(recipe), *_fast(small)) == 2
     assert "not --sparsity 0.5" in _one_line(capsys)
     monkeypatch.setattr(data, "get_calibration", real)
-    assert _prune(tiny_dir, tmp_path / "b", "--allocation", f"file:{f}", *_fast(small), "--no-save-model") == 0
+    assert (
+        _prune(
+            tiny_dir, tmp_path / "b", "--allocation", f"file:{f}", *_fast(small), "--no-save-model"
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert rep["sparsity"]["requested"] == pytest.approx(0.6) and abs(rep["sparsity"]["achieved"] - 0.6) < 0.01
-    assert any("no --sparsity given: the target is the parameter-weighted mean of file:" in n for n in rep["notes"])
+    assert (
+        rep["sparsity"]["requested"] == pytest.approx(0.6)
+        and abs(rep["sparsity"]["achieved"] - 0.6) < 0.01
+    )
+    assert any(
+        "no --sparsity given: the target is the parameter-weighted mean of file:" in n
+        for n in rep["notes"]
+    )
 
 
 def test_allocation_file_through_the_api(tmp_path):
@@ -422,24 +561,36 @@ def test_allocation_file_through_the_api(tmp_path):
 
     f = tmp_path / "a.yaml"
     f.write_text("- 0.7\n- 0.5\n")
-    res = prune(make("llama"), None, PruneConfig(sparsity=None, allocation=f"file:{f}", calib={"nsamples": 4}),
-                calibration=calib(4, 16), progress=False)
+    res = prune(
+        make("llama"),
+        None,
+        PruneConfig(sparsity=None, allocation=f"file:{f}", calib={"nsamples": 4}),
+        calibration=calib(4, 16),
+        progress=False,
+    )
     assert res.config.sparsity == pytest.approx(0.6) and "parameter-weighted mean" in res.notes[0]
     with pytest.raises(TrimpruneError, match="not --sparsity 0.5"):
-        prune(make("llama"), None, PruneConfig(sparsity=0.5, allocation=f"file:{f}"), calibration=calib(4, 16),
-              progress=False)
+        prune(
+            make("llama"),
+            None,
+            PruneConfig(sparsity=0.5, allocation=f"file:{f}"),
+            calibration=calib(4, 16),
+            progress=False,
+        )
     from trimprune.algo.allocation import linear_sizes
     from trimprune.algo.allocation.base import from_file
-    from trimprune.io.models import ModelAdapter
+    from trimprune.core.model import ModelAdapter
 
     sizes = linear_sizes(ModelAdapter.from_model(make("llama")))
-    assert from_file(str(f), 0.60009, *sizes).requested == 0.60009          # within 1e-4
+    assert from_file(str(f), 0.60009, *sizes).requested == 0.60009  # within 1e-4
     with pytest.raises(TrimpruneError, match="differ by more than 0.0001"):
         from_file(str(f), 0.60011, *sizes)
 
 
 # ----------------------------------------------------------------------------- dtype and float16 overflow
-def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cpu(monkeypatch, tmp_path):
+def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cpu(
+    monkeypatch, tmp_path
+):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert models.resolve_dtype(None, cpu) == torch.float32
     assert models.resolve_dtype(None, cpu, torch.bfloat16) == torch.bfloat16
@@ -454,21 +605,31 @@ def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cp
     assert models.config_dtype({"text_config": {"dtype": "float16"}}) == torch.float16
     assert models.config_dtype({"dtype": "int8"}) is None
     src = models.resolve_model_path("smollm2-135m", None)
-    assert models.native_dtype(*src) is None                       # Q4_1: quantised, no float dtype of its own
+    assert models.native_dtype(*src) is None  # Q4_1: quantised, no float dtype of its own
     import gguf
     import numpy as np
 
-    for file_type, want in ((1, torch.float16), (32, torch.bfloat16), (0, torch.float32), (15, None)):
+    for file_type, want in (
+        (1, torch.float16),
+        (32, torch.bfloat16),
+        (0, torch.float32),
+        (15, None),
+    ):
         path = tmp_path / f"m{file_type}.gguf"
         w = gguf.GGUFWriter(str(path), "llama")
-        w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])          # arrays before the file type are skipped
+        w.add_array(
+            "tokenizer.ggml.tokens", ["a", "bb", "ccc"]
+        )  # arrays before the file type are skipped
         w.add_file_type(file_type)
         w.add_tensor("t", np.zeros(4, dtype=np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        assert models.gguf_dtype(path) == want and models.native_dtype(str(tmp_path), path.name) == want
+        assert (
+            models.gguf_dtype(path) == want
+            and models.native_dtype(str(tmp_path), path.name) == want
+        )
 
 
 @pytest.fixture(scope="module")
@@ -489,15 +650,18 @@ def overflow_dirs(tiny_dir, tmp_path_factory):
     return out
 
 
-def test_float16_overflow_is_an_error_naming_bfloat16_and_the_default_dtype_prunes_soundly(overflow_dirs, tmp_path,
-                                                                                          small, capsys,
-                                                                                          with_data_env):
+def test_float16_overflow_is_an_error_naming_bfloat16_and_the_default_dtype_prunes_soundly(
+    overflow_dirs, tmp_path, small, capsys, with_data_env
+):
     d = overflow_dirs[torch.float32]
     ev = ["--eval", "mine", "--eval-data", f"mine={small / 'eval.txt'}", "--eval-limit", "2"]
     # forced float16: the dense check on the first calibration batch stops before block 0 is pruned
     assert _prune(d, tmp_path / "a", "--dtype", "float16", *_fast(small)) == 2
     err = _one_line(capsys)
-    assert "before pruning, the dense model on the first calibration batch: the outputs of block 0" in err, err
+    assert (
+        "before pruning, the dense model on the first calibration batch: the outputs of block 0"
+        in err
+    ), err
     assert "overflow in float16: try --dtype bfloat16" in err
     # with --eval the dense evaluation finds it even earlier
     assert _prune(d, tmp_path / "a", "--dtype", "float16", *_fast(small), *ev) == 2
@@ -508,7 +672,9 @@ def test_float16_overflow_is_an_error_naming_bfloat16_and_the_default_dtype_prun
         assert _prune(overflow_dirs[dt], out, *_fast(small), *ev, "--no-save-model") == 0
         rep = json.loads((out / "report.json").read_text())
         assert rep["model"]["dtype"] == str(dt)
-        assert rep["model"]["dtype_from"] == ("checkpoint" if dt == torch.bfloat16 else "default on cpu")
+        assert rep["model"]["dtype_from"] == (
+            "checkpoint" if dt == torch.bfloat16 else "default on cpu"
+        )
         ppl = rep["metrics"]["perplexity"]["mine"]
         assert math.isfinite(ppl) and math.isfinite(rep["metrics"]["dense_perplexity"]["mine"])
         assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)

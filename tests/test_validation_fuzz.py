@@ -1,5 +1,6 @@
 """Property: random config values and random file contents given to the validation layer are accepted or
 end in `TrimpruneError` (one line for the command line), never another exception."""
+
 import gzip
 import io
 import json
@@ -16,18 +17,54 @@ from trimprune.calib.data import probe_rows, read_rows
 from trimprune.errors import TrimpruneError
 from trimprune.io.models import check_model_source
 
-FUZZ = settings(max_examples=120, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 KEYS = sorted(PruneConfig.flat_fields())
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["2:4", "4:8", "1:0", "0:4", "sample:8", "sample:0",
-                                                           "all", "last-token", "file:", "file:/nonexistent",
-                                                           "owl", "wanda", "c4", "self", "cosim_flat", "tf32", "auto",
-                                                           "0.5", "1e-3", "true", "no", "-1"]))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6),
-                                                                                           inner, max_size=3),
-                      max_leaves=6)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "2:4",
+            "4:8",
+            "1:0",
+            "0:4",
+            "sample:8",
+            "sample:0",
+            "all",
+            "last-token",
+            "file:",
+            "file:/nonexistent",
+            "owl",
+            "wanda",
+            "c4",
+            "self",
+            "cosim_flat",
+            "tf32",
+            "auto",
+            "0.5",
+            "1e-3",
+            "true",
+            "no",
+            "-1",
+        ]
+    ),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 FLAT = st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), VALUES, max_size=6)
 
 
@@ -45,14 +82,27 @@ def test_random_flat_configs(flat):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["sparsity", "mask_structure", "scorer", "allocation", "calib", "trim",
-                                        "run"]), VALUES, max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["sparsity", "mask_structure", "scorer", "allocation", "calib", "trim", "run"]
+        ),
+        VALUES,
+        max_size=4,
+    )
+)
 def test_random_nested_configs(kwargs):
     _accepted_or_trimprune_error(lambda kw: PruneConfig(**kw), kwargs)
 
 
 @FUZZ
-@given(FLAT.map(lambda d: json.loads(json.dumps(d, default=str).replace("NaN", "null").replace("Infinity", "1e999"))))
+@given(
+    FLAT.map(
+        lambda d: json.loads(
+            json.dumps(d, default=str).replace("NaN", "null").replace("Infinity", "1e999")
+        )
+    )
+)
 def test_random_yaml_recipes(data):
     import yaml
 
@@ -73,20 +123,28 @@ def _yamlish(value) -> bytes:
 CONTENTS = st.one_of(
     st.binary(max_size=300),
     st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
-    st.lists(st.one_of(st.dictionaries(st.sampled_from(["text", "sentence", "x"]), VALUES, max_size=2), VALUES),
-             max_size=5).map(lambda rows: b"\n".join(_yamlish(r) for r in rows)),
+    st.lists(
+        st.one_of(
+            st.dictionaries(st.sampled_from(["text", "sentence", "x"]), VALUES, max_size=2), VALUES
+        ),
+        max_size=5,
+    ).map(lambda rows: b"\n".join(_yamlish(r) for r in rows)),
 )
 
 
 @FUZZ
-@given(CONTENTS, st.sampled_from(["c.txt", "c.raw", "c.jsonl", "c.json", "c.jsonl.gz", "c.parquet", "c.bin"]),
-       st.booleans(), st.sampled_from(["text", "sentence"]))
+@given(
+    CONTENTS,
+    st.sampled_from(["c.txt", "c.raw", "c.jsonl", "c.json", "c.jsonl.gz", "c.parquet", "c.bin"]),
+    st.booleans(),
+    st.sampled_from(["text", "sentence"]),
+)
 def test_random_data_files(content, name, gz, field):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / name
         if name.endswith(".gz") and gz:
             content = gzip.compress(content)
-        if name.endswith(".parquet") and gz:               # a real parquet file of random strings
+        if name.endswith(".parquet") and gz:  # a real parquet file of random strings
             import pyarrow as pa
             import pyarrow.parquet as pq
 
@@ -98,16 +156,30 @@ def test_random_data_files(content, name, gz, field):
             _accepted_or_trimprune_error(fn, p, None, field, "--calib-data")
 
 
-NUMELS = {f"model.layers.{b}.{n}": 64 * (i + 1) for b in range(3) for i, n in enumerate(["q", "k", "mlp.down"])}
+NUMELS = {
+    f"model.layers.{b}.{n}": 64 * (i + 1)
+    for b in range(3)
+    for i, n in enumerate(["q", "k", "mlp.down"])
+}
 BLOCK_OF = {k: int(k.split(".")[2]) for k in NUMELS}
 
 
 @FUZZ
-@given(st.one_of(CONTENTS, VALUES.map(_yamlish),
-                 st.lists(st.floats(0, 0.99), min_size=1, max_size=4).map(_yamlish),
-                 st.dictionaries(st.sampled_from(["0", "1", "2", "3", "1.q", "model.layers.0.q", "per_block",
-                                                  "per_linear"]), VALUES, max_size=4).map(_yamlish)),
-       st.one_of(st.none(), st.floats(0, 0.99)))
+@given(
+    st.one_of(
+        CONTENTS,
+        VALUES.map(_yamlish),
+        st.lists(st.floats(0, 0.99), min_size=1, max_size=4).map(_yamlish),
+        st.dictionaries(
+            st.sampled_from(
+                ["0", "1", "2", "3", "1.q", "model.layers.0.q", "per_block", "per_linear"]
+            ),
+            VALUES,
+            max_size=4,
+        ).map(_yamlish),
+    ),
+    st.one_of(st.none(), st.floats(0, 0.99)),
+)
 def test_random_allocation_files(content, requested):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "alloc.json"
@@ -130,16 +202,24 @@ def test_random_model_folders(config, name):
         _accepted_or_trimprune_error(check_model_source, str(p), None)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.0, 10**30, "", "  ", [], {}, [[]]])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -0.0, 10**30, "", "  ", [], {}, [[]]]
+)
 def test_edge_values_for_every_field(value):
     for key in KEYS:
         _accepted_or_trimprune_error(PruneConfig.from_flat, {key: value})
 
 
-@pytest.mark.parametrize("flat", [{"mask_structure": "2:4", "allocation": "file:/x"},
-                                  {"sparsity": None, "allocation": "file:/x", "mask_structure": "4:8"},
-                                  {"sparsity": None, "allocation": "file:/x", "trim": True},
-                                  {"scorer": {"name": "wanda"}}, {"calib": {"nsamples": "8"}}])
+@pytest.mark.parametrize(
+    "flat",
+    [
+        {"mask_structure": "2:4", "allocation": "file:/x"},
+        {"sparsity": None, "allocation": "file:/x", "mask_structure": "4:8"},
+        {"sparsity": None, "allocation": "file:/x", "trim": True},
+        {"scorer": {"name": "wanda"}},
+        {"calib": {"nsamples": "8"}},
+    ],
+)
 def test_combinations(flat):
     _accepted_or_trimprune_error(PruneConfig.from_flat, flat)
     _accepted_or_trimprune_error(lambda kw: PruneConfig(**kw), flat)

@@ -1,4 +1,5 @@
 """Tiny random causal LMs of every supported family, built from configs (no downloads)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,14 @@ V = 96  # vocabulary size
 
 
 def _common(**kw):
-    base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=128)
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     base.update(kw)
     return base
 
@@ -18,26 +25,66 @@ FAMILIES = {
     "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**_common(num_key_value_heads=2))),
     "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_common(num_key_value_heads=2))),
     "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**_common(num_key_value_heads=2))),
-    "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**_common(num_key_value_heads=4, pad_token_id=0))),
-    "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(**_common(num_key_value_heads=2, head_dim=8))),
-    "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_common(num_key_value_heads=2, head_dim=8,
-                                                                   sliding_window=8, num_hidden_layers=2))),
-    "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_common(num_key_value_heads=2, head_dim=8,
-                                                                       sliding_window=8, num_hidden_layers=3,
-                                                                       layer_types=["sliding_attention",
-                                                                                    "full_attention",
-                                                                                    "sliding_attention"]))),
-    "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                                num_attention_heads=4, max_position_embeddings=128,
-                                                word_embed_proj_dim=32)),
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128)),
-    "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=2, num_attention_heads=4,
-                                                             max_position_embeddings=128)),
+    "phi3": lambda: T.Phi3ForCausalLM(
+        T.Phi3Config(**_common(num_key_value_heads=4, pad_token_id=0))
+    ),
+    "gemma": lambda: T.GemmaForCausalLM(
+        T.GemmaConfig(**_common(num_key_value_heads=2, head_dim=8))
+    ),
+    "gemma2": lambda: T.Gemma2ForCausalLM(
+        T.Gemma2Config(
+            **_common(num_key_value_heads=2, head_dim=8, sliding_window=8, num_hidden_layers=2)
+        )
+    ),
+    "gemma3": lambda: T.Gemma3ForCausalLM(
+        T.Gemma3TextConfig(
+            **_common(
+                num_key_value_heads=2,
+                head_dim=8,
+                sliding_window=8,
+                num_hidden_layers=3,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            )
+        )
+    ),
+    "opt": lambda: T.OPTForCausalLM(
+        T.OPTConfig(
+            vocab_size=V,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+        )
+    ),
+    "gpt2": lambda: T.GPT2LMHeadModel(
+        T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    ),
+    "gpt_neox": lambda: T.GPTNeoXForCausalLM(
+        T.GPTNeoXConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+    ),
 }
 # prunable linears per block
-LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "phi3": 4, "gemma": 7, "gemma2": 7, "gemma3": 7,
-                     "opt": 6, "gpt2": 4, "gpt_neox": 4}
+LINEARS_PER_BLOCK = {
+    "llama": 7,
+    "qwen2": 7,
+    "mistral": 7,
+    "phi3": 4,
+    "gemma": 7,
+    "gemma2": 7,
+    "gemma3": 7,
+    "opt": 6,
+    "gpt2": 4,
+    "gpt_neox": 4,
+}
 
 
 def _perturbed(m):

@@ -2,6 +2,7 @@
 
 The names below load on first use, so `import trimprune` (and the command line) starts without torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -9,11 +10,22 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PruneConfig": ".config", "ScorerConfig": ".config", "AllocationConfig": ".config", "CalibConfig": ".config",
-    "TrimConfig": ".config", "RunConfig": ".config", "SearchConfig": ".config", "TrimpruneError": ".errors",
+    "PruneConfig": ".config",
+    "ScorerConfig": ".config",
+    "AllocationConfig": ".config",
+    "CalibConfig": ".config",
+    "TrimConfig": ".config",
+    "RunConfig": ".config",
+    "SearchConfig": ".config",
+    "TrimpruneError": ".errors",
     "NonFiniteError": ".errors",
-    "PruneResult": ".api", "prune": ".api", "load_model": ".io.models", "ModelAdapter": ".io.models",
-    "perplexity": ".io.evaluate", "load_masks": ".io.export", "load_pruned": ".io.compact",
+    "PruneResult": ".api",
+    "prune": ".api",
+    "load_model": ".io.models",
+    "ModelAdapter": ".io.models",
+    "perplexity": ".io.evaluate",
+    "load_masks": ".io.export",
+    "load_pruned": ".io.compact",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -1,6 +1,7 @@
 """`python -m trimprune ...`: the command line."""
+
 import sys
 
-from .cli import main
+from trimprune.cli import main
 
 sys.exit(main())

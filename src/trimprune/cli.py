@@ -1,4 +1,5 @@
 """Command line: `trimprune prune` and `trimprune eval`."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,9 @@ import sys
 import time
 import warnings
 
-from .config import PruneConfig, flag_of
-from .errors import TrimpruneError
-from .io.progress import Progress
+from trimprune.config import PruneConfig, flag_of
+from trimprune.core.progress import Progress
+from trimprune.errors import TrimpruneError
 
 
 def _eval_names(s: str) -> list[str]:
@@ -21,15 +22,27 @@ def _eval_names(s: str) -> list[str]:
 
 def _add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
-                   help="hub id, local model directory, a .gguf file, or a built-in alias (smollm2-135m)")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="hub id, local model directory, a .gguf file, or a built-in alias (smollm2-135m)",
+    )
     g.add_argument("--gguf-file", help="GGUF file to load (path, or name inside --model directory)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weights dtype (default: the checkpoint's own when it is float16 or bfloat16, else "
-                        "bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code from the model repository (off unless asked)")
+    g.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
+    )
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="weights dtype (default: the checkpoint's own when it is float16 or bfloat16, else "
+        "bfloat16 on GPU, float32 on CPU)",
+    )
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model repository (off unless asked)",
+    )
 
 
 def _task_names(s: str) -> list[str]:
@@ -41,31 +54,77 @@ def _task_names(s: str) -> list[str]:
 
 def _add_eval_args(p, batch_size_alias: bool = False):
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", type=_eval_names, default=None,
-                   help="comma list of wikitext2, c4, ptb, self, or names given by --eval-data")
-    g.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH",
-                   help="local file for an evaluation set (repeatable), e.g. wikitext2=wiki.test.raw")
-    g.add_argument("--eval-limit", type=int, default=None, metavar="W",
-                   help="evaluate only the first W windows (quick check; the report says so)")
-    g.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward pass in evaluation")
-    g.add_argument("--self-eval-samples", type=int, default=16,
-                   help="number of held-out sequences sampled from the dense model for --eval self")
-    g.add_argument("--tasks", type=_task_names, default=None, metavar="T1,T2",
-                   help="zero-shot accuracy with lm-evaluation-harness (pip install 'trimprune[eval]'), 0-shot, e.g. "
-                        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (their mean acc is "
-                        "reported)")
-    g.add_argument("--tasks-limit", type=int, default=None, metavar="N",
-                   help="only the first N examples of each task (quick check; the report says so)")
-    g.add_argument(*(["--tasks-batch-size", "--batch-size"] if batch_size_alias else ["--tasks-batch-size"]),
-                   dest="tasks_batch_size", type=int, default=8, help="examples per forward pass in the zero-shot tasks")
-    g.add_argument("--tasks-data", default=None, metavar="DIR",
-                   help="local task files laid out like shared/data (offline); default: $TRIMPRUNE_DATA where it "
-                        "has them, else the Hugging Face Hub")
+    g.add_argument(
+        "--eval",
+        type=_eval_names,
+        default=None,
+        help="comma list of wikitext2, c4, ptb, self, or names given by --eval-data",
+    )
+    g.add_argument(
+        "--eval-data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="local file for an evaluation set (repeatable), e.g. wikitext2=wiki.test.raw",
+    )
+    g.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        metavar="W",
+        help="evaluate only the first W windows (quick check; the report says so)",
+    )
+    g.add_argument(
+        "--eval-batch-size", type=int, default=4, help="windows per forward pass in evaluation"
+    )
+    g.add_argument(
+        "--self-eval-samples",
+        type=int,
+        default=16,
+        help="number of held-out sequences sampled from the dense model for --eval self",
+    )
+    g.add_argument(
+        "--tasks",
+        type=_task_names,
+        default=None,
+        metavar="T1,T2",
+        help="zero-shot accuracy with lm-evaluation-harness (pip install 'trimprune[eval]'), 0-shot, e.g. "
+        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (their mean acc is "
+        "reported)",
+    )
+    g.add_argument(
+        "--tasks-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the first N examples of each task (quick check; the report says so)",
+    )
+    g.add_argument(
+        *(["--tasks-batch-size", "--batch-size"] if batch_size_alias else ["--tasks-batch-size"]),
+        dest="tasks_batch_size",
+        type=int,
+        default=8,
+        help="examples per forward pass in the zero-shot tasks",
+    )
+    g.add_argument(
+        "--tasks-data",
+        default=None,
+        metavar="DIR",
+        help="local task files laid out like shared/data (offline); default: $TRIMPRUNE_DATA where it "
+        "has them, else the Hugging Face Hub",
+    )
 
 
 # flag groups of the generated pruning flags: PruneConfig's own fields, then one group per part
-GROUPS = {None: "pruning", "scorer": "scorer", "allocation": "allocation",
-          "calib": "calibration", "trim": "TRIM", "run": "execution", "search": "allocation search"}
+GROUPS = {
+    None: "pruning",
+    "scorer": "scorer",
+    "allocation": "allocation",
+    "calib": "calibration",
+    "trim": "TRIM",
+    "run": "execution",
+    "search": "allocation search",
+}
 
 
 def _add_config_args(p) -> None:
@@ -77,75 +136,158 @@ def _add_config_args(p) -> None:
         meta, default = f.metadata, defaults[key]
         shown = default is not None and not isinstance(default, bool)
         help_ = f"{meta['help']} (default {default})" if shown else meta["help"]
-        if meta.get("const") is not None:        # --offload [cpu|disk]: the flag alone means `const`
-            g.add_argument(flag_of(f), dest=key, nargs="?", const=meta["const"], choices=meta["choices"], default=None,
-                           metavar=meta["metavar"], help=help_)
+        if meta.get("const") is not None:  # --offload [cpu|disk]: the flag alone means `const`
+            g.add_argument(
+                flag_of(f),
+                dest=key,
+                nargs="?",
+                const=meta["const"],
+                choices=meta["choices"],
+                default=None,
+                metavar=meta["metavar"],
+                help=help_,
+            )
         elif isinstance(default, bool):
-            g.add_argument(flag_of(f), dest=key, action="store_false" if default else "store_true", default=None,
-                           help=help_)
+            g.add_argument(
+                flag_of(f),
+                dest=key,
+                action="store_false" if default else "store_true",
+                default=None,
+                help=help_,
+            )
         elif isinstance(default, list):
-            g.add_argument(flag_of(f), dest=key, type=float, nargs="+", default=None, metavar=meta["metavar"],
-                           help=help_)
+            g.add_argument(
+                flag_of(f),
+                dest=key,
+                type=float,
+                nargs="+",
+                default=None,
+                metavar=meta["metavar"],
+                help=help_,
+            )
         else:
-            g.add_argument(flag_of(f), dest=key, type={int: int, float: float}.get(type(default), str), default=None,
-                           choices=meta["choices"],
-                           metavar=meta["metavar"], help=help_)
+            g.add_argument(
+                flag_of(f),
+                dest=key,
+                type={int: int, float: float}.get(type(default), str),
+                default=None,
+                choices=meta["choices"],
+                metavar=meta["metavar"],
+                help=help_,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="trimprune", description="One-shot LLM pruning with TRIM, Wanda, SparseGPT.")
+    ap = argparse.ArgumentParser(
+        prog="trimprune", description="One-shot LLM pruning with TRIM, Wanda, SparseGPT."
+    )
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command")
 
-    p = sub.add_parser("prune", help="prune a model and write a Hugging Face model directory + report")
+    p = sub.add_parser(
+        "prune", help="prune a model and write a Hugging Face model directory + report"
+    )
     _add_model_args(p)
     p.add_argument("--recipe", help="YAML file with PruneConfig fields; explicit flags override it")
     p.add_argument("--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --output if it is a folder trimprune wrote (one with its report.json), and remove "
-                        "partial outputs of interrupted runs beside it")
-    p.add_argument("--no-save-model", action="store_true",
-                   help="write only masks, allocation and report (no weights), e.g. for sweeps")
-    p.add_argument("--save-format", choices=["dense", "compact"], default="dense",
-                   help="dense: a plain Hugging Face directory; compact: each pruned weight as a bitmask plus its "
-                        "kept values (trimprune.load_pruned or `trimprune export --dense` read it back)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress output (else bars on a terminal, one line per block in a log)")
-    p.add_argument("--log-json", default=None, metavar="FILE",
-                   help="append one JSON line per pruned block: block, seconds, sparsity, TRIM kept")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it is a folder trimprune wrote (one with its report.json), and remove "
+        "partial outputs of interrupted runs beside it",
+    )
+    p.add_argument(
+        "--no-save-model",
+        action="store_true",
+        help="write only masks, allocation and report (no weights), e.g. for sweeps",
+    )
+    p.add_argument(
+        "--save-format",
+        choices=["dense", "compact"],
+        default="dense",
+        help="dense: a plain Hugging Face directory; compact: each pruned weight as a bitmask plus its "
+        "kept values (trimprune.load_pruned or `trimprune export --dense` read it back)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (else bars on a terminal, one line per block in a log)",
+    )
+    p.add_argument(
+        "--log-json",
+        default=None,
+        metavar="FILE",
+        help="append one JSON line per pruned block: block, seconds, sparsity, TRIM kept",
+    )
+    p.add_argument(
+        "--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)"
+    )
     _add_config_args(p)
     _add_eval_args(p)
-    p.add_argument("--no-dense-eval", action="store_true", help="skip evaluating the dense model first")
+    p.add_argument(
+        "--no-dense-eval", action="store_true", help="skip evaluating the dense model first"
+    )
 
-    e = sub.add_parser("eval", help="evaluate a model's perplexity",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a model's perplexity",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_model_args(e)
     _add_eval_args(e, batch_size_alias=True)
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window")
     e.add_argument("--seed", type=int, default=0, help="seed for --eval self sampling")
-    e.add_argument("--offload", nargs="?", const="cpu", choices=["cpu", "disk"], default=False, metavar="{cpu,disk}",
-                   help="evaluate block by block: cpu (the flag alone) from CPU memory, disk from the model's "
-                        "safetensors")
+    e.add_argument(
+        "--offload",
+        nargs="?",
+        const="cpu",
+        choices=["cpu", "disk"],
+        default=False,
+        metavar="{cpu,disk}",
+        help="evaluate block by block: cpu (the flag alone) from CPU memory, disk from the model's "
+        "safetensors",
+    )
     e.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
-    e.add_argument("--quiet", action="store_true",
-                   help="no progress output (else bars on a terminal, nothing per batch in a log)")
+    e.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (else bars on a terminal, nothing per batch in a log)",
+    )
 
-    r = sub.add_parser("report", help="one HTML page (plots embedded) and Markdown for one or more prune outputs")
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--output folders of `trimprune prune`")
-    r.add_argument("-o", "--output", default=None, metavar="OUT.html",
-                   help="the HTML file (default RUN_DIR/report.html for one run, else trimprune-report.html); the "
-                        "Markdown is written beside it")
+    r = sub.add_parser(
+        "report", help="one HTML page (plots embedded) and Markdown for one or more prune outputs"
+    )
+    r.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="--output folders of `trimprune prune`"
+    )
+    r.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="OUT.html",
+        help="the HTML file (default RUN_DIR/report.html for one run, else trimprune-report.html); the "
+        "Markdown is written beside it",
+    )
 
-    x = sub.add_parser("export", help="write a plain Hugging Face model directory from a prune's output")
-    x.add_argument("--dense", action="store_true", required=True,
-                   help="rebuild the dense weights (the only export format)")
+    x = sub.add_parser(
+        "export", help="write a plain Hugging Face model directory from a prune's output"
+    )
+    x.add_argument(
+        "--dense",
+        action="store_true",
+        required=True,
+        help="rebuild the dense weights (the only export format)",
+    )
     x.add_argument("run_dir", help="--output folder of `trimprune prune` (compact or dense)")
     x.add_argument("out_dir", help="new folder for the Hugging Face directory (written atomically)")
-    x.add_argument("--overwrite", action="store_true",
-                   help="replace out_dir if it is a folder trimprune wrote")
-    x.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code from the model repository (off unless asked)")
+    x.add_argument(
+        "--overwrite", action="store_true", help="replace out_dir if it is a folder trimprune wrote"
+    )
+    x.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model repository (off unless asked)",
+    )
     return ap
 
 
@@ -153,7 +295,9 @@ def _eval_data(pairs: list[str]) -> dict[str, str]:
     out = {}
     for p in pairs:
         if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]:
-            raise TrimpruneError(f"--eval-data {p!r} is malformed: use NAME=PATH, e.g. wikitext2=wiki.test.raw")
+            raise TrimpruneError(
+                f"--eval-data {p!r} is malformed: use NAME=PATH, e.g. wikitext2=wiki.test.raw"
+            )
         k, v = p.split("=", 1)
         out[k] = v
     return out
@@ -163,9 +307,11 @@ def config_from_args(args) -> PruneConfig:
     """The recipe's values (if any) with the flags given on the command line on top; validated once. A
     sparsity given by neither is the default (0.5, N/M with --mask-structure, an allocation file's mean)."""
     flat = PruneConfig.recipe_flat(args.recipe) if getattr(args, "recipe", None) else {}
-    given = {k: getattr(args, k) for k in PruneConfig.flat_fields() if getattr(args, k, None) is not None}
+    given = {
+        k: getattr(args, k) for k in PruneConfig.flat_fields() if getattr(args, k, None) is not None
+    }
     if "mask_structure" in given and "sparsity" not in given:
-        flat.pop("sparsity", None)               # N:M fixes the sparsity (N/M)
+        flat.pop("sparsity", None)  # N:M fixes the sparsity (N/M)
     return PruneConfig.from_flat(flat | given)
 
 
@@ -175,11 +321,16 @@ def _check_eval_args(args, seqlen: int):
     if seqlen < 2:
         raise TrimpruneError(f"--seqlen {seqlen} must be >= 2")
     for name in args.eval or []:
-        if name not in ("wikitext2", "c4", "ptb", "self") and name not in _eval_data(args.eval_data):
-            raise TrimpruneError(f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
-                                 f"--eval-data {name}=PATH")
+        if name not in ("wikitext2", "c4", "ptb", "self") and name not in _eval_data(
+            args.eval_data
+        ):
+            raise TrimpruneError(
+                f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
+                f"--eval-data {name}=PATH"
+            )
     if args.tasks:
-        from .io.zeroshot import check_tasks
+        from trimprune.io.zeroshot import check_tasks
+
         if args.tasks_limit is not None and args.tasks_limit < 1:
             raise TrimpruneError(f"--tasks-limit {args.tasks_limit} must be >= 1")
         check_tasks(args.tasks, args.tasks_data)
@@ -188,22 +339,22 @@ def _check_eval_args(args, seqlen: int):
 def _device(args):
     """The device of this process: --device, or under torchrun the GPU of its LOCAL_RANK (the process
     group is joined here)."""
-    from .exec.distributed import init_from_env, launched
-    from .io.models import resolve_device
+    from trimprune.exec.distributed import init_from_env, launched
+    from trimprune.io.models import resolve_device
 
     dev = resolve_device(args.device)
     return init_from_env(dev) if launched() else dev
 
 
 def _main_rank() -> bool:
-    from .algo.ranks import Ranks
+    from trimprune.core.ranks import Ranks
 
     return Ranks.current().main
 
 
 def _same_windows(sets: dict) -> dict:
     """Under torchrun: rank 0's evaluation windows on every rank (`self` samples from the model)."""
-    from .algo.ranks import Ranks
+    from trimprune.core.ranks import Ranks
 
     ranks = Ranks.current()
     if ranks.parallel:
@@ -212,22 +363,33 @@ def _same_windows(sets: dict) -> dict:
     return sets
 
 
-def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress, label: str = "the model") -> dict:
+def _evaluate(
+    model, tok, sets: dict, args, dev, offload: bool, progress, label: str = "the model"
+) -> dict:
     """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}.
     A perplexity that is not a finite number stops with an error naming the set and `label` (the model).
     Under torchrun the ranks share the perplexity windows; rank 0 alone runs the zero-shot tasks."""
-    from .io.evaluate import evaluate_sets
-    from .io.zeroshot import evaluate_tasks, mean_accuracy
+    from trimprune.io.evaluate import evaluate_sets
+    from trimprune.io.zeroshot import evaluate_tasks, mean_accuracy
 
     out = {}
     if sets:
-        out["eval"] = evaluate_sets(model, sets, args.eval_batch_size, dev, offload, progress, label)
+        out["eval"] = evaluate_sets(
+            model, sets, args.eval_batch_size, dev, offload, progress, label
+        )
         for k, v in sets.items():
             out["eval"][k]["source"] = v["source"]
     if args.tasks and _main_rank():
         t0 = time.perf_counter()
-        scores = evaluate_tasks(model, tok, args.tasks, limit=args.tasks_limit, batch_size=args.tasks_batch_size,
-                                tasks_data=args.tasks_data, device=dev)
+        scores = evaluate_tasks(
+            model,
+            tok,
+            args.tasks,
+            limit=args.tasks_limit,
+            batch_size=args.tasks_batch_size,
+            tasks_data=args.tasks_data,
+            device=dev,
+        )
         out["zero_shot"] = {t: s.to_dict() for t, s in scores.items()}
         out["zero_shot_mean"] = mean_accuracy(scores)
         out["zero_shot_seconds"] = time.perf_counter() - t0
@@ -236,16 +398,27 @@ def _evaluate(model, tok, sets: dict, args, dev, offload: bool, progress, label:
 
 def _metrics(dense: dict, pruned: dict) -> dict:
     """report.json's metrics: per dataset / task, after pruning and (dense_*) before."""
-    m = {"perplexity": {k: v["perplexity"] for k, v in pruned.get("eval", {}).items()},
-         "dense_perplexity": {k: v["perplexity"] for k, v in dense.get("eval", {}).items()},
-         "eval": pruned.get("eval", {}), "dense_eval": dense.get("eval", {})}
+    m = {
+        "perplexity": {k: v["perplexity"] for k, v in pruned.get("eval", {}).items()},
+        "dense_perplexity": {k: v["perplexity"] for k, v in dense.get("eval", {}).items()},
+        "eval": pruned.get("eval", {}),
+        "dense_eval": dense.get("eval", {}),
+    }
     if "zero_shot" in pruned:
         m |= {"zero_shot": pruned["zero_shot"], "zero_shot_mean": pruned["zero_shot_mean"]}
     if "zero_shot" in dense:
-        m |= {"dense_zero_shot": dense["zero_shot"], "dense_zero_shot_mean": dense["zero_shot_mean"]}
+        m |= {
+            "dense_zero_shot": dense["zero_shot"],
+            "dense_zero_shot_mean": dense["zero_shot_mean"],
+        }
     if "self" in m["eval"] and "self" in m["dense_eval"]:
         d, p = m["dense_eval"]["self"]["nll"], m["eval"]["self"]["nll"]
-        m["self_kl"] = {"dense_nll": d, "pruned_nll": p, "kl_estimate": p - d, "source": m["eval"]["self"]["source"]}
+        m["self_kl"] = {
+            "dense_nll": d,
+            "pruned_nll": p,
+            "kl_estimate": p - d,
+            "source": m["eval"]["self"]["source"],
+        }
     return m
 
 
@@ -253,7 +426,7 @@ def _check_disk_args(args, offload, calib: str | None = None) -> None:
     """What `--offload disk` cannot do (it never holds the whole model in memory), before anything is loaded."""
     if offload != "disk":
         return
-    from .exec.distributed import launched
+    from trimprune.exec.distributed import launched
 
     why = None
     if getattr(args, "save_format", "dense") == "compact":
@@ -271,7 +444,9 @@ def _check_disk_args(args, offload, calib: str | None = None) -> None:
 def cmd_prune(args) -> int:
     import contextlib
 
-    with contextlib.ExitStack() as scope:       # the output staged by --offload disk is removed on failure
+    with (
+        contextlib.ExitStack() as scope
+    ):  # the output staged by --offload disk is removed on failure
         return _prune_command(args, scope)
 
 
@@ -280,128 +455,204 @@ def _warn(message: str) -> None:
 
 
 def _prune_command(args, scope) -> int:
-    from .algo.allocation import resolve_sparsity
-    from .api import prune
-    from .io.evaluate import prepare_eval_sets
-    from .io.checkpoint import precheck, remove_checkpoint
-    from .io.diskmodel import disk_storage
-    from .io.export import StagedDir, write_outputs
-    from .io.models import ModelAdapter, load_model
-    from .io.report import build_report, markdown, summary_text
-    from .preflight import check_prune_inputs
+    from trimprune.api import prune
+    from trimprune.core.model import ModelAdapter
+    from trimprune.core.ranks import Ranks
+    from trimprune.io.diskmodel import disk_storage
+    from trimprune.io.evaluate import prepare_eval_sets
+    from trimprune.io.export import StagedDir, write_outputs
+    from trimprune.io.models import load_model
+    from trimprune.io.report import build_report, markdown, summary_text
+    from trimprune.io.resume import remove_checkpoint
+    from trimprune.preflight import check_prune_inputs
+    from trimprune.session import check_against_model, check_before_load
 
     t_all = time.perf_counter()
     cfg = config_from_args(args)
     eval_seqlen = args.eval_seqlen or cfg.calib.seqlen
     _check_eval_args(args, eval_seqlen)
     _check_disk_args(args, cfg.run.offload, cfg.calib.source)
-    warnings_ = check_prune_inputs(args, cfg, _eval_data(args.eval_data))      # everything before the model loads
+    warnings_ = check_prune_inputs(
+        args, cfg, _eval_data(args.eval_data)
+    )  # everything before the model loads
     dev = _device(args)
-    if cfg.holdout is not None:              # a search or --trim-guard model: refused under torchrun before any work
-        from .algo.ranks import Ranks
-        from .search import refuse_several_processes
-
-        refuse_several_processes(cfg, Ranks.current())
+    check_before_load(cfg, Ranks.current())  # a search or --trim-guard model: one process only
     main_rank = _main_rank()
     for w in warnings_ if main_rank else []:
         _warn(w)
-    progress = Progress("off" if args.quiet or not main_rank else "auto", log_json=args.log_json if main_rank else None)
+    progress = Progress(
+        "off" if args.quiet or not main_rank else "auto",
+        log_json=args.log_json if main_rank else None,
+    )
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=cfg.run.offload,
-                            trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(
+        args.model,
+        args.gguf_file,
+        args.dtype,
+        dev,
+        offload=cfg.run.offload,
+        trust_remote_code=args.trust_remote_code,
+    )
     t_load = time.perf_counter() - t0
     staged = None
-    if disk_storage(model) is not None:          # each pruned block is written as it finishes
+    if disk_storage(model) is not None:  # each pruned block is written as it finishes
         staged = scope.enter_context(StagedDir(args.output, args.overwrite))
         disk_storage(model).write_to(staged.tmp)
     adapter = ModelAdapter.from_model(model)
-    adapter.check_context(cfg.calib.seqlen, "--seqlen")
-    adapter.check_context(eval_seqlen, "--eval-seqlen")
-    file_target = cfg.sparsity is None
-    cfg = resolve_sparsity(cfg, adapter)     # an allocation file against the model's linears and --sparsity
-    precheck(cfg, model)                     # a checkpoint of another run is refused before any evaluation
-    sets = prepare_eval_sets(args.eval, tok, eval_seqlen, _eval_data(args.eval_data), args.eval_limit, model,
-                             self_samples=args.self_eval_samples, seed=cfg.calib.seed,
-                             progress=progress) if args.eval else {}
+    # before any evaluation: the context, an allocation file, an existing resume state
+    checked = check_against_model(cfg, model, seqlens=(eval_seqlen,), loaded_ranks=True)
+    cfg = checked.config
+    sets = (
+        prepare_eval_sets(
+            args.eval,
+            tok,
+            eval_seqlen,
+            _eval_data(args.eval_data),
+            args.eval_limit,
+            model,
+            self_samples=args.self_eval_samples,
+            seed=cfg.calib.seed,
+            progress=progress,
+        )
+        if args.eval
+        else {}
+    )
     sets = _same_windows(sets)
-    dense = {} if args.no_dense_eval else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress,
-                                                    "the dense model")
-    result = prune(model, tok, cfg, device=dev, progress=progress)
+    dense = (
+        {}
+        if args.no_dense_eval
+        else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the dense model")
+    )
+    result = prune(model, tok, checked, device=dev, progress=progress)
     pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the pruned model")
     metrics = _metrics(dense, pruned)
     timings = dict(result.timings, load_seconds=t_load)
-    timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + \
-        sum(v["seconds"] for v in metrics["dense_eval"].values())
-    timings["zero_shot_seconds"] = dense.get("zero_shot_seconds", 0.0) + pruned.get("zero_shot_seconds", 0.0)
-    model_info = {"source": args.model, "gguf_file": args.gguf_file, "class": type(model).__name__,
-                  "model_type": getattr(model.config, "model_type", None), "num_blocks": adapter.num_blocks,
-                  "dtype": str(next(model.parameters()).dtype),
-                  "dtype_from": getattr(model, "trimprune_source", {}).get("dtype_from"), "device": str(dev)}
+    timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + sum(
+        v["seconds"] for v in metrics["dense_eval"].values()
+    )
+    timings["zero_shot_seconds"] = dense.get("zero_shot_seconds", 0.0) + pruned.get(
+        "zero_shot_seconds", 0.0
+    )
+    model_info = {
+        "source": args.model,
+        "gguf_file": args.gguf_file,
+        "class": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "num_blocks": adapter.num_blocks,
+        "dtype": str(next(model.parameters()).dtype),
+        "dtype_from": getattr(model, "trimprune_source", {}).get("dtype_from"),
+        "device": str(dev),
+    }
     timings["total_seconds"] = time.perf_counter() - t_all
-    report = build_report(result, model_info, metrics, timings, dev, command=["trimprune"] + sys.argv[1:])
+    report = build_report(
+        result, model_info, metrics, timings, dev, command=["trimprune"] + sys.argv[1:]
+    )
     if args.eval_limit is not None:
-        report["notes"].append(f"--eval-limit {args.eval_limit}: perplexities use only the first windows")
+        report["notes"].append(
+            f"--eval-limit {args.eval_limit}: perplexities use only the first windows"
+        )
     if args.tasks_limit is not None:
-        report["notes"].append(f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples")
-    if file_target:
-        report["notes"].append(f"no --sparsity given: the target is the parameter-weighted mean of "
-                               f"{cfg.allocation.method}, {cfg.sparsity:.6g}")
-    if not main_rank:              # rank 0 writes the outputs and prints
+        report["notes"].append(
+            f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples"
+        )
+    if not main_rank:  # rank 0 writes the outputs and prints
         return 0
-    write_outputs(args.output, model, tok, result, report, markdown, overwrite=args.overwrite,
-                  save_model=not args.no_save_model, save_format=args.save_format, staged=staged)
+    write_outputs(
+        args.output,
+        model,
+        tok,
+        result,
+        report,
+        markdown,
+        overwrite=args.overwrite,
+        save_model=not args.no_save_model,
+        save_format=args.save_format,
+        staged=staged,
+    )
     if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
-        remove_checkpoint(cfg.run.checkpoint_dir)        # the output is complete: the checkpoint is not needed
+        remove_checkpoint(
+            cfg.run.checkpoint_dir
+        )  # the output is complete: the checkpoint is not needed
     print(summary_text(report))
     print(f"written: {args.output}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .io.evaluate import prepare_eval_sets
-    from .io.export import write_json_atomic
-    from .io.models import ModelAdapter, load_model
-    from .io.report import versions, zero_shot_table
+    from trimprune.core.model import ModelAdapter
+    from trimprune.io.evaluate import prepare_eval_sets
+    from trimprune.io.export import write_json_atomic
+    from trimprune.io.models import load_model
+    from trimprune.io.report import versions, zero_shot_table
 
     if not args.eval and not args.tasks:
-        raise TrimpruneError("trimprune eval needs --eval (perplexity) or --tasks (zero-shot accuracy), e.g. "
-                             "--eval wikitext2 or --tasks boolq,rte")
+        raise TrimpruneError(
+            "trimprune eval needs --eval (perplexity) or --tasks (zero-shot accuracy), e.g. "
+            "--eval wikitext2 or --tasks boolq,rte"
+        )
     _check_eval_args(args, args.seqlen)
     _check_disk_args(args, args.offload)
-    from .preflight import check_eval_inputs
+    from trimprune.preflight import check_eval_inputs
 
-    check_eval_inputs(args, _eval_data(args.eval_data))             # everything before the model loads
+    check_eval_inputs(args, _eval_data(args.eval_data))  # everything before the model loads
     dev = _device(args)
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto")
-    model, tok = load_model(args.model, args.gguf_file, args.dtype, dev, offload=args.offload,
-                            trust_remote_code=args.trust_remote_code)
+    model, tok = load_model(
+        args.model,
+        args.gguf_file,
+        args.dtype,
+        dev,
+        offload=args.offload,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.eval:
         ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")
-    sets = prepare_eval_sets(args.eval, tok, args.seqlen, _eval_data(args.eval_data), args.eval_limit, model,
-                             self_samples=args.self_eval_samples, seed=args.seed,
-                             progress=progress) if args.eval else {}
+    sets = (
+        prepare_eval_sets(
+            args.eval,
+            tok,
+            args.seqlen,
+            _eval_data(args.eval_data),
+            args.eval_limit,
+            model,
+            self_samples=args.self_eval_samples,
+            seed=args.seed,
+            progress=progress,
+        )
+        if args.eval
+        else {}
+    )
     res = _evaluate(model, tok, _same_windows(sets), args, dev, args.offload, progress)
     if not main_rank:
         return 0
     for name, r in res.get("eval", {}).items():
         lim = f" (first {r['windows']} windows)" if r["limited"] else ""
-        print(f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows {r['windows']}{lim}")
+        print(
+            f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows {r['windows']}{lim}"
+        )
     metrics = _metrics({}, res)
     if "zero_shot" in metrics:
         print("\n".join(zero_shot_table(metrics)))
     if args.output:
-        write_json_atomic(args.output, {"model": args.model, "seqlen": args.seqlen, "versions": versions(dev),
-                                        "metrics": metrics})
+        write_json_atomic(
+            args.output,
+            {
+                "model": args.model,
+                "seqlen": args.seqlen,
+                "versions": versions(dev),
+                "metrics": metrics,
+            },
+        )
     return 0
 
 
 def cmd_export(args) -> int:
     from transformers import AutoTokenizer
 
-    from .io.compact import load_pruned
-    from .io.export import atomic_dir, save_model_dir, write_export_marker
-    from .preflight import check_export_inputs
+    from trimprune.io.compact import load_pruned
+    from trimprune.io.export import atomic_dir, save_model_dir, write_export_marker
+    from trimprune.preflight import check_export_inputs
 
     for w in check_export_inputs(args):
         _warn(w)
@@ -418,8 +669,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .io.export import check_output_file
-    from .io.render import write_report
+    from trimprune.io.export import check_output_file
+    from trimprune.io.render import write_report
 
     if args.output:
         check_output_file(args.output, "--output")
@@ -439,7 +690,10 @@ def _terminate_by_exception():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
         return None
 
     def handler(signum, frame):
@@ -457,7 +711,8 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.version:
-        from . import __version__
+        from trimprune import __version__
+
         print(__version__)
         return 0
     if args.command is None:
@@ -468,7 +723,11 @@ def main(argv=None) -> int:
         # no bars in a log, the libraries' own included (set before they import tqdm: the commands import them)
         import os
 
-        os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+        os.environ.update(
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+            TQDM_DISABLE="1",
+        )
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -478,8 +737,11 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except _Terminated:
-        print("trimprune: terminated (SIGTERM); nothing was written to --output and its temporary folder was "
-              "removed", file=sys.stderr)
+        print(
+            "trimprune: terminated (SIGTERM); nothing was written to --output and its temporary folder was "
+            "removed",
+            file=sys.stderr,
+        )
         return 143
     except TrimpruneError as e:
         import os
@@ -491,9 +753,15 @@ def main(argv=None) -> int:
         import os
 
         ck = getattr(args, "checkpoint_dir", None)
-        kept = f"; the checkpoint in {ck} keeps the finished blocks: rerun with --resume to continue" \
-            if ck and os.path.isfile(os.path.join(ck, "state.json")) else ""
-        print(f"trimprune: interrupted (nothing was written{' to --output' if kept else ''}){kept}", file=sys.stderr)
+        kept = (
+            f"; the checkpoint in {ck} keeps the finished blocks: rerun with --resume to continue"
+            if ck and os.path.isfile(os.path.join(ck, "state.json"))
+            else ""
+        )
+        print(
+            f"trimprune: interrupted (nothing was written{' to --output' if kept else ''}){kept}",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if previous is not None:
@@ -501,7 +769,7 @@ def main(argv=None) -> int:
 
             signal.signal(signal.SIGTERM, previous)
         if args.command in ("prune", "eval"):
-            from .exec.distributed import shutdown
+            from trimprune.exec.distributed import shutdown
 
             shutdown()
 

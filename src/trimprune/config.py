@@ -11,6 +11,7 @@ Every config validates itself once, when it is made (frozen dataclasses; change 
 `calib="c4"`, `trim=True`. `PruneConfig.from_flat({...})` takes the flat names (`trim_inputs`,
 `nsamples`, ...); YAML recipes may be flat or nested (`to_yaml` writes the nested form).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,14 +25,24 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, InputFileError
+from trimprune.errors import ConfigError, InputFileError
 
 SCORERS = ("magnitude", "wanda", "sparsegpt")
 CALIB_SOURCES = ("c4", "wikitext2", "ptb", "self")
 CALIB_FORMATS = ("txt", "jsonl", "parquet")
 # Layer metrics and dimension-wise metrics of TRIM (reference: flobk/TRIM lib/trim.py).
-TRIM_LAYER_METRICS = ("cosim_flat", "cosim_dim", "cosim_sample", "mse", "mse_dim", "mae", "snr",
-                      "psnr_flat", "psnr_dim", "psnr_sample")
+TRIM_LAYER_METRICS = (
+    "cosim_flat",
+    "cosim_dim",
+    "cosim_sample",
+    "mse",
+    "mse_dim",
+    "mae",
+    "snr",
+    "psnr_flat",
+    "psnr_dim",
+    "psnr_sample",
+)
 TRIM_DIM_METRICS = ("cosim", "mse", "psnr")
 # Metrics that are functions of W, W' and the Gram matrix G = X^T X alone.
 GRAM_LAYER_METRICS = ("cosim_flat", "cosim_dim", "mse", "mse_dim", "snr")
@@ -40,7 +51,10 @@ ALPHA_METRICS = ("alpha_peak", "alpha_mid")
 ALPHA_MAPPINGS = ("block_wise", "per_matrix")
 TRIM_PRECISIONS = ("fp32", "tf32", "bf16")
 LR_SEARCHES = ("auto", "parallel", "sequential")
-OFFLOADS = ("cpu", "disk")          # where offloaded weights live (RunConfig.offload; false: on the compute device)
+OFFLOADS = (
+    "cpu",
+    "disk",
+)  # where offloaded weights live (RunConfig.offload; false: on the compute device)
 ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "search")
 TRIM_GUARDS = ("block", "model")
 SEARCH_SPACES = ("rules", "free", "trim")
@@ -68,7 +82,9 @@ def parse_nm(structure: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(structure))
     if not m:
-        raise ConfigError(f"--mask-structure {structure!r} is malformed: use N:M such as 2:4 or 4:8")
+        raise ConfigError(
+            f"--mask-structure {structure!r} is malformed: use N:M such as 2:4 or 4:8"
+        )
     n, mm = int(m.group(1)), int(m.group(2))
     if not (0 < n < mm):
         raise ConfigError(f"--mask-structure {structure!r} needs 0 < N < M, e.g. 2:4 or 4:8")
@@ -80,24 +96,28 @@ class TrimInputs:
     """What TRIM measures its metrics on: every calibration token through the Gram matrix ("all"), the
     last token of every sequence ("last-token", the reference), or a seeded sample of N tokens."""
 
-    mode: str                  # all | last-token | sample
+    mode: str  # all | last-token | sample
     sample: int | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> "TrimInputs":
+    def parse(cls, spec: str) -> TrimInputs:
         if spec in ("all", "last-token"):
             return cls(spec)
         m = re.fullmatch(r"sample:(\d+)", str(spec))
         if m and int(m.group(1)) > 0:
             return cls("sample", int(m.group(1)))
-        raise ConfigError(f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)")
+        raise ConfigError(
+            f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ checks
 def _describe(tp) -> str:
     if typing.get_origin(tp) is tuple:
         return "a list of numbers"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
 
 
 def _type_ok(value, tp) -> bool:
@@ -107,7 +127,9 @@ def _type_ok(value, tp) -> bool:
     if tp is type(None):
         return value is None
     if origin is tuple:
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, typing.get_args(tp)[0]) for v in value)
+        return isinstance(value, (list, tuple)) and all(
+            _type_ok(v, typing.get_args(tp)[0]) for v in value
+        )
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -148,19 +170,34 @@ def _check_types(obj) -> None:
             tp = hints[f.name]
             union = typing.get_origin(tp) in (typing.Union, types.UnionType)
             args = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
-            hint = " (in YAML, quote it: '2:4')" if f.name == "mask_structure" and isinstance(v, int) else ""
+            hint = (
+                " (in YAML, quote it: '2:4')"
+                if f.name == "mask_structure" and isinstance(v, int)
+                else ""
+            )
             if args[0] in (int, float):
                 hint = _number_hint(v, args[0])
-            what = f"{', '.join(f.metadata['choices'])} or false" if f.metadata.get("const") else _describe(args[0])
+            what = (
+                f"{', '.join(f.metadata['choices'])} or false"
+                if f.metadata.get("const")
+                else _describe(args[0])
+            )
             raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be {what}{hint}")
         if not _finite(v):
             raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be a finite number")
         if isinstance(v, list):
             object.__setattr__(obj, f.name, tuple(v))
-        if f.metadata.get("choices") and v is not None and v is not False and v not in f.metadata["choices"]:
+        if (
+            f.metadata.get("choices")
+            and v is not None
+            and v is not False
+            and v not in f.metadata["choices"]
+        ):
             off = " or false" if f.metadata.get("const") else ""
-            raise ConfigError(f"{flag_of(f)} {_shown(v)} is unknown: choose one of "
-                              f"{', '.join(f.metadata['choices'])}{off}")
+            raise ConfigError(
+                f"{flag_of(f)} {_shown(v)} is unknown: choose one of "
+                f"{', '.join(f.metadata['choices'])}{off}"
+            )
 
 
 def _shown(v) -> str:
@@ -181,12 +218,20 @@ class ScorerConfig:
 
     name: str = option("wanda", "scorer", "importance score", choices=SCORERS)
     blocksize: int = option(128, "blocksize", "SparseGPT: columns per block")
-    percdamp: float = option(0.01, "percdamp", "SparseGPT: dampening, fraction of the mean of diag(H)")
+    percdamp: float = option(
+        0.01, "percdamp", "SparseGPT: dampening, fraction of the mean of diag(H)"
+    )
 
     def __post_init__(self):
         _check_types(self)
-        _in_range(self.blocksize, self.blocksize >= 1, f"--blocksize {self.blocksize!r} must be an integer >= 1")
-        _in_range(self.percdamp, self.percdamp > 0, f"--percdamp {self.percdamp!r} must be > 0, e.g. 0.01")
+        _in_range(
+            self.blocksize,
+            self.blocksize >= 1,
+            f"--blocksize {self.blocksize!r} must be an integer >= 1",
+        )
+        _in_range(
+            self.percdamp, self.percdamp > 0, f"--percdamp {self.percdamp!r} must be > 0, e.g. 0.01"
+        )
 
 
 @dataclass(frozen=True)
@@ -194,30 +239,55 @@ class AllocationConfig:
     """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024), ATP (Huang et al.
     2025), a search over these rules and free profiles (`SearchConfig`), or a file."""
 
-    method: str = option("uniform", "allocation", "layer-wise allocation: uniform, owl, alphapruning, atp, search "
-                         "or file:PATH", metavar="METHOD")
+    method: str = option(
+        "uniform",
+        "allocation",
+        "layer-wise allocation: uniform, owl, alphapruning, atp, search or file:PATH",
+        metavar="METHOD",
+    )
     owl_m: float = option(5.0, "owl_m", "OWL outlier threshold M")
     owl_lambda: float = option(0.08, "owl_lambda", "OWL sparsity range lambda")
-    alpha_metric: str = option("alpha_peak", "alpha_metric", "AlphaPruning heavy-tail metric", choices=ALPHA_METRICS)
+    alpha_metric: str = option(
+        "alpha_peak", "alpha_metric", "AlphaPruning heavy-tail metric", choices=ALPHA_METRICS
+    )
     alpha_eps: float = option(0.3, "alpha_eps", "AlphaPruning range epsilon")
-    alpha_mapping: str = option("block_wise", "alpha_mapping", "AlphaPruning mapping", choices=ALPHA_MAPPINGS)
-    alpha_cache_dir: str | None = option(None, "alpha_cache_dir", "cache folder of AlphaPruning metrics",
-                                         metavar="DIR")
-    atp_beta: float = option(0.2, "atp_beta", "ATP: sparsity of the last block minus that of the first (a linear "
-                             "rise with depth; per-block step beta / (blocks - 1))")
+    alpha_mapping: str = option(
+        "block_wise", "alpha_mapping", "AlphaPruning mapping", choices=ALPHA_MAPPINGS
+    )
+    alpha_cache_dir: str | None = option(
+        None, "alpha_cache_dir", "cache folder of AlphaPruning metrics", metavar="DIR"
+    )
+    atp_beta: float = option(
+        0.2,
+        "atp_beta",
+        "ATP: sparsity of the last block minus that of the first (a linear "
+        "rise with depth; per-block step beta / (blocks - 1))",
+    )
 
     def __post_init__(self):
         _check_types(self)
         a = self.method
-        _in_range(a, a in ALLOCATIONS or (a.startswith("file:") and len(a) > 5),
-                  f"--allocation {a!r} is unknown: use {', '.join(ALLOCATIONS)} or file:PATH")
+        _in_range(
+            a,
+            a in ALLOCATIONS or (a.startswith("file:") and len(a) > 5),
+            f"--allocation {a!r} is unknown: use {', '.join(ALLOCATIONS)} or file:PATH",
+        )
         _in_range(self.owl_m, self.owl_m > 0, f"--owl-m {self.owl_m!r} must be > 0 (default 5)")
-        _in_range(self.owl_lambda, 0 <= self.owl_lambda < 1,
-                  f"--owl-lambda {self.owl_lambda!r} must be in [0, 1) (default 0.08)")
-        _in_range(self.alpha_eps, 0 <= self.alpha_eps < 1,
-                  f"--alpha-eps {self.alpha_eps!r} must be in [0, 1) (default 0.3)")
-        _in_range(self.atp_beta, 0 <= self.atp_beta <= 1,
-                  f"--atp-beta {self.atp_beta!r} must be in [0, 1] (default 0.2)")
+        _in_range(
+            self.owl_lambda,
+            0 <= self.owl_lambda < 1,
+            f"--owl-lambda {self.owl_lambda!r} must be in [0, 1) (default 0.08)",
+        )
+        _in_range(
+            self.alpha_eps,
+            0 <= self.alpha_eps < 1,
+            f"--alpha-eps {self.alpha_eps!r} must be in [0, 1) (default 0.3)",
+        )
+        _in_range(
+            self.atp_beta,
+            0 <= self.atp_beta <= 1,
+            f"--atp-beta {self.atp_beta!r} must be in [0, 1] (default 0.2)",
+        )
 
 
 @dataclass(frozen=True)
@@ -225,21 +295,38 @@ class CalibConfig:
     """Calibration data and how its statistics are gathered."""
 
     source: str = option("c4", "calib", "calibration source", choices=CALIB_SOURCES)
-    data: str | None = option(None, "calib_data", "local .txt/.jsonl/.parquet file for --calib", metavar="PATH")
-    format: str | None = option(None, "calib_format", "format of --calib-data when its extension is ambiguous",
-                                choices=CALIB_FORMATS)
+    data: str | None = option(
+        None, "calib_data", "local .txt/.jsonl/.parquet file for --calib", metavar="PATH"
+    )
+    format: str | None = option(
+        None,
+        "calib_format",
+        "format of --calib-data when its extension is ambiguous",
+        choices=CALIB_FORMATS,
+    )
     nsamples: int = option(128, "nsamples", "calibration sequences")
     seqlen: int = option(2048, "seqlen", "tokens per calibration sequence (and evaluation window)")
     seed: int = option(0, "seed", "seed of the calibration sampling")
-    input_recalc: bool = option(False, "trim_input_recalc",
-                                "recompute the inputs of later linears of a block after earlier ones are pruned")
+    input_recalc: bool = option(
+        False,
+        "trim_input_recalc",
+        "recompute the inputs of later linears of a block after earlier ones are pruned",
+    )
 
     def __post_init__(self):
         _check_types(self)
         if self.source == "self" and self.data:
-            raise ConfigError("--calib self samples from the model and takes no --calib-data: drop --calib-data")
-        _in_range(self.nsamples, self.nsamples >= 1, f"--nsamples {self.nsamples!r} must be an integer >= 1")
-        _in_range(self.seqlen, self.seqlen >= 2, f"--seqlen {self.seqlen!r} must be an integer >= 2")
+            raise ConfigError(
+                "--calib self samples from the model and takes no --calib-data: drop --calib-data"
+            )
+        _in_range(
+            self.nsamples,
+            self.nsamples >= 1,
+            f"--nsamples {self.nsamples!r} must be an integer >= 1",
+        )
+        _in_range(
+            self.seqlen, self.seqlen >= 2, f"--seqlen {self.seqlen!r} must be an integer >= 2"
+        )
 
 
 @dataclass(frozen=True)
@@ -247,50 +334,103 @@ class TrimConfig:
     """TRIM (Beck, Rudman & Eickhoff 2025): row-wise sparsity search and its safeguards."""
 
     enabled: bool = option(False, "trim", "row-wise sparsity search (TRIM)")
-    inputs: str = option("all", "trim_inputs", "all (exact, Gram matrix over all tokens), last-token (reference) "
-                         "or sample:N", metavar="MODE")
+    inputs: str = option(
+        "all",
+        "trim_inputs",
+        "all (exact, Gram matrix over all tokens), last-token (reference) or sample:N",
+        metavar="MODE",
+    )
     iterations: int = option(10, "trim_iterations", "iterations per learning rate")
     metric: str = option("cosim_flat", "trim_metric", "layer metric", choices=TRIM_LAYER_METRICS)
-    dim_metric: str = option("cosim", "trim_dim_metric", "per-row quality metric", choices=TRIM_DIM_METRICS)
-    lrs: tuple[float, ...] = option((0.01, 0.02, 0.04, 0.08, 0.12, 0.16), "trim_lrs",
-                                    "learning rates, tried upward", metavar="LR")
-    neg_lrs: tuple[float, ...] = option((-0.01, -0.02, -0.04), "trim_neg_lrs",
-                                        "negative learning rates, tried when no positive one beats uniform",
-                                        metavar="LR")
+    dim_metric: str = option(
+        "cosim", "trim_dim_metric", "per-row quality metric", choices=TRIM_DIM_METRICS
+    )
+    lrs: tuple[float, ...] = option(
+        (0.01, 0.02, 0.04, 0.08, 0.12, 0.16),
+        "trim_lrs",
+        "learning rates, tried upward",
+        metavar="LR",
+    )
+    neg_lrs: tuple[float, ...] = option(
+        (-0.01, -0.02, -0.04),
+        "trim_neg_lrs",
+        "negative learning rates, tried when no positive one beats uniform",
+        metavar="LR",
+    )
     forbid_neg_lr: bool = option(False, "trim_forbid_neg_lr", "never try negative learning rates")
-    safeguard: bool = option(True, "trim_safeguard", "keep TRIM's allocation of a linear only where its layer "
-                             "metric is at least that of the scorer alone")
-    block_safeguard: bool = option(True, "trim_block_safeguard", "keep TRIM in a block only where the block's "
-                                   "output on 1/8 of the calibration sequences is at least as close to the dense "
-                                   "model's as with the scorer alone")
-    max_row_sparsity: float = option(0.95, "trim_max_row_sparsity", "upper bound of every row's sparsity")
-    precision: str = option("tf32", "trim_precision", "matmul precision of the Gram-based metric on GPU "
-                            "(CPU: always fp32)", choices=TRIM_PRECISIONS)
-    lr_search: str = option("auto", "trim_lr_search", "learning rates as one batched sweep (parallel) or one after "
-                            "the other with the reference's early stop (sequential): same result; auto: parallel "
-                            "for small matrices on GPU", choices=LR_SEARCHES)
-    guard: str = option("block", "trim_guard", "block: the safeguards above; model: also prune without TRIM from the "
-                        "same activations and keep the model with the lower held-out objective (--search-objective "
-                        "on --search-holdout sequences)", choices=TRIM_GUARDS)
+    safeguard: bool = option(
+        True,
+        "trim_safeguard",
+        "keep TRIM's allocation of a linear only where its layer "
+        "metric is at least that of the scorer alone",
+    )
+    block_safeguard: bool = option(
+        True,
+        "trim_block_safeguard",
+        "keep TRIM in a block only where the block's "
+        "output on 1/8 of the calibration sequences is at least as close to the dense "
+        "model's as with the scorer alone",
+    )
+    max_row_sparsity: float = option(
+        0.95, "trim_max_row_sparsity", "upper bound of every row's sparsity"
+    )
+    precision: str = option(
+        "tf32",
+        "trim_precision",
+        "matmul precision of the Gram-based metric on GPU (CPU: always fp32)",
+        choices=TRIM_PRECISIONS,
+    )
+    lr_search: str = option(
+        "auto",
+        "trim_lr_search",
+        "learning rates as one batched sweep (parallel) or one after "
+        "the other with the reference's early stop (sequential): same result; auto: parallel "
+        "for small matrices on GPU",
+        choices=LR_SEARCHES,
+    )
+    guard: str = option(
+        "block",
+        "trim_guard",
+        "block: the safeguards above; model: also prune without TRIM from the "
+        "same activations and keep the model with the lower held-out objective (--search-objective "
+        "on --search-holdout sequences)",
+        choices=TRIM_GUARDS,
+    )
 
     def __post_init__(self):
         _check_types(self)
         mode = TrimInputs.parse(self.inputs)
-        object.__setattr__(self, "_input_mode", mode)          # parsed once (not a field)
-        if self.enabled and mode.mode == "all" and (self.metric not in GRAM_LAYER_METRICS
-                                                    or self.dim_metric not in GRAM_DIM_METRICS):
+        object.__setattr__(self, "_input_mode", mode)  # parsed once (not a field)
+        if (
+            self.enabled
+            and mode.mode == "all"
+            and (self.metric not in GRAM_LAYER_METRICS or self.dim_metric not in GRAM_DIM_METRICS)
+        ):
             raise ConfigError(
                 f"--trim-metric {self.metric} / --trim-dim-metric {self.dim_metric} need explicit outputs, which "
                 "--trim-inputs all does not keep: use --trim-inputs sample:N or last-token, or a Gram metric "
-                f"({', '.join(GRAM_LAYER_METRICS)} / {', '.join(GRAM_DIM_METRICS)})")
-        _in_range(self.iterations, self.iterations >= 1,
-                  f"--trim-iterations {self.iterations!r} must be an integer >= 1")
-        _in_range(self.lrs, bool(self.lrs) and all(lr > 0 for lr in self.lrs),
-                  f"trim_lrs {list(self.lrs)!r} must be a non-empty list of positive learning rates")
-        _in_range(self.neg_lrs, all(lr < 0 for lr in self.neg_lrs),
-                  f"trim_neg_lrs {list(self.neg_lrs)!r} must hold negative learning rates only")
-        _in_range(self.max_row_sparsity, 0 < self.max_row_sparsity <= 1,
-                  f"trim_max_row_sparsity {self.max_row_sparsity!r} must be in (0, 1]")
+                f"({', '.join(GRAM_LAYER_METRICS)} / {', '.join(GRAM_DIM_METRICS)})"
+            )
+        _in_range(
+            self.iterations,
+            self.iterations >= 1,
+            f"--trim-iterations {self.iterations!r} must be an integer >= 1",
+        )
+        _in_range(
+            self.lrs,
+            bool(self.lrs) and all(lr > 0 for lr in self.lrs),
+            f"trim_lrs {list(self.lrs)!r} must be a non-empty list of positive learning rates",
+        )
+        _in_range(
+            self.neg_lrs,
+            all(lr < 0 for lr in self.neg_lrs),
+            f"trim_neg_lrs {list(self.neg_lrs)!r} must hold negative learning rates only",
+        )
+        _in_range(
+            self.max_row_sparsity,
+            0 < self.max_row_sparsity <= 1,
+            f"trim_max_row_sparsity {self.max_row_sparsity!r} must be in (0, 1]",
+        )
 
     @property
     def input_mode(self) -> TrimInputs:
@@ -307,33 +447,63 @@ class RunConfig:
     """How the work is laid out and kept; results do not depend on it beyond floating-point summation order
     (a resumed run gives the uninterrupted run's masks and weights exactly)."""
 
-    batch_size: int = option(0, "batch_size", "calibration sequences per forward (0 = from free memory)")
-    offload: bool | str = option(False, "offload", "cpu: weights in pinned CPU memory; disk: weights read from the "
-                                 "model's safetensors as each block is needed and the pruned blocks written to --output "
-                                 "as they finish (a bare --offload is cpu); blocks visit the GPU one at a time",
-                                 choices=OFFLOADS, metavar="{cpu,disk}", const="cpu")
-    checkpoint_dir: str | None = option(None, "checkpoint_dir", "after each pruned block, save what a resumed run "
-                                        "needs into DIR (the block's weights, masks and records, the hidden states "
-                                        "entering the next block, the allocation); see --resume", metavar="DIR")
-    resume: bool = option(False, "resume", "continue the run whose checkpoint is in --checkpoint-dir after its last "
-                          "complete block (starts at block 0 when there is none); refuses a checkpoint of another "
-                          "config, model or calibration")
-    keep_checkpoint: bool = option(False, "keep_checkpoint", "keep --checkpoint-dir after the output is written "
-                                   "(by default the command line removes it then)")
+    batch_size: int = option(
+        0, "batch_size", "calibration sequences per forward (0 = from free memory)"
+    )
+    offload: bool | str = option(
+        False,
+        "offload",
+        "cpu: weights in pinned CPU memory; disk: weights read from the "
+        "model's safetensors as each block is needed and the pruned blocks written to --output "
+        "as they finish (a bare --offload is cpu); blocks visit the GPU one at a time",
+        choices=OFFLOADS,
+        metavar="{cpu,disk}",
+        const="cpu",
+    )
+    checkpoint_dir: str | None = option(
+        None,
+        "checkpoint_dir",
+        "after each pruned block, save what a resumed run "
+        "needs into DIR (the block's weights, masks and records, the hidden states "
+        "entering the next block, the allocation); see --resume",
+        metavar="DIR",
+    )
+    resume: bool = option(
+        False,
+        "resume",
+        "continue the run whose checkpoint is in --checkpoint-dir after its last "
+        "complete block (starts at block 0 when there is none); refuses a checkpoint of another "
+        "config, model or calibration",
+    )
+    keep_checkpoint: bool = option(
+        False,
+        "keep_checkpoint",
+        "keep --checkpoint-dir after the output is written "
+        "(by default the command line removes it then)",
+    )
 
     def __post_init__(self):
-        if self.offload is True:                # the boolean of earlier recipes and of the Python API
+        if self.offload is True:  # the boolean of earlier recipes and of the Python API
             object.__setattr__(self, "offload", "cpu")
         _check_types(self)
         if self.offload == "disk" and self.checkpoint_dir:
-            raise ConfigError("--checkpoint-dir is not supported with --offload disk (the pruned blocks go straight "
-                              "to --output): use --offload cpu, or leave --checkpoint-dir out")
-        _in_range(self.batch_size, self.batch_size >= 0,
-                  f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)")
+            raise ConfigError(
+                "--checkpoint-dir is not supported with --offload disk (the pruned blocks go straight "
+                "to --output): use --offload cpu, or leave --checkpoint-dir out"
+            )
+        _in_range(
+            self.batch_size,
+            self.batch_size >= 0,
+            f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)",
+        )
         if self.resume and not self.checkpoint_dir:
-            raise ConfigError("--resume needs --checkpoint-dir DIR: the folder of the interrupted run's checkpoint")
+            raise ConfigError(
+                "--resume needs --checkpoint-dir DIR: the folder of the interrupted run's checkpoint"
+            )
         if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
-            raise ConfigError("--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt")
+            raise ConfigError(
+                "--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt"
+            )
 
 
 @dataclass(frozen=True)
@@ -341,36 +511,83 @@ class SearchConfig:
     """`--allocation search`: Optuna's TPE over allocation rules and free depth profiles, scored on held-out
     calibration sequences; the held-out objective also decides `--trim-guard model`."""
 
-    space: str = option("rules,free", "search_space", "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
-                        "(Chebyshev profile over depth), trim (TRIM on/off per trial)", metavar="LIST")
-    objective: str = option("kl", "search_objective", "held-out objective: kl (KL(dense || pruned) per token) or nll",
-                            choices=SEARCH_OBJECTIVES)
-    holdout: int = option(0, "search_holdout", "calibration sequences held out from the statistics for the "
-                          "objective, the last ones of --nsamples (0 = nsamples // 8, at least 1)")
+    space: str = option(
+        "rules,free",
+        "search_space",
+        "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
+        "(Chebyshev profile over depth), trim (TRIM on/off per trial)",
+        metavar="LIST",
+    )
+    objective: str = option(
+        "kl",
+        "search_objective",
+        "held-out objective: kl (KL(dense || pruned) per token) or nll",
+        choices=SEARCH_OBJECTIVES,
+    )
+    holdout: int = option(
+        0,
+        "search_holdout",
+        "calibration sequences held out from the statistics for the "
+        "objective, the last ones of --nsamples (0 = nsamples // 8, at least 1)",
+    )
     trials: int = option(50, "search_trials", "trials of this run (a resumed study adds them)")
-    timeout: float = option(0.0, "search_timeout", "no new trial after this many seconds (0 = no limit)")
+    timeout: float = option(
+        0.0, "search_timeout", "no new trial after this many seconds (0 = no limit)"
+    )
     seed: int = option(0, "search_seed", "seed of the TPE sampler")
-    storage: str | None = option(None, "search_storage", "Optuna storage URL, e.g. sqlite:///study.db: the study "
-                                 "resumes there and several processes can share it", metavar="URL")
-    study: str | None = option(None, "search_study", "study name (default: from the config, model and calibration)",
-                               metavar="NAME")
+    storage: str | None = option(
+        None,
+        "search_storage",
+        "Optuna storage URL, e.g. sqlite:///study.db: the study "
+        "resumes there and several processes can share it",
+        metavar="URL",
+    )
+    study: str | None = option(
+        None,
+        "search_study",
+        "study name (default: from the config, model and calibration)",
+        metavar="NAME",
+    )
 
     def __post_init__(self):
         _check_types(self)
         parts = [p.strip() for p in self.space.split(",") if p.strip()]
         bad = [p for p in parts if p not in SEARCH_SPACES]
-        _in_range(self.space, not bad and bool(parts),
-                  f"--search-space {self.space!r} is unknown: use a comma list of {', '.join(SEARCH_SPACES)}")
-        _in_range(self.space, set(parts) != {"trim"},
-                  "--search-space trim needs rules or free too: e.g. rules,free,trim")
-        _in_range(self.holdout, self.holdout >= 0,
-                  f"--search-holdout {self.holdout!r} must be >= 1 (or 0 for nsamples // 8)")
-        _in_range(self.trials, self.trials >= 1, f"--search-trials {self.trials!r} must be an integer >= 1")
-        _in_range(self.timeout, self.timeout >= 0, f"--search-timeout {self.timeout!r} must be >= 0 (0 = no limit)")
-        _in_range(self.storage, self.storage is None or "://" in self.storage,
-                  f"--search-storage {self.storage!r} is not a database URL: use e.g. sqlite:///study.db")
-        _in_range(self.study, self.study is None or bool(self.study.strip()),
-                  "--search-study must not be empty: give a name or leave it out")
+        _in_range(
+            self.space,
+            not bad and bool(parts),
+            f"--search-space {self.space!r} is unknown: use a comma list of {', '.join(SEARCH_SPACES)}",
+        )
+        _in_range(
+            self.space,
+            set(parts) != {"trim"},
+            "--search-space trim needs rules or free too: e.g. rules,free,trim",
+        )
+        _in_range(
+            self.holdout,
+            self.holdout >= 0,
+            f"--search-holdout {self.holdout!r} must be >= 1 (or 0 for nsamples // 8)",
+        )
+        _in_range(
+            self.trials,
+            self.trials >= 1,
+            f"--search-trials {self.trials!r} must be an integer >= 1",
+        )
+        _in_range(
+            self.timeout,
+            self.timeout >= 0,
+            f"--search-timeout {self.timeout!r} must be >= 0 (0 = no limit)",
+        )
+        _in_range(
+            self.storage,
+            self.storage is None or "://" in self.storage,
+            f"--search-storage {self.storage!r} is not a database URL: use e.g. sqlite:///study.db",
+        )
+        _in_range(
+            self.study,
+            self.study is None or bool(self.study.strip()),
+            "--search-study must not be empty: give a name or leave it out",
+        )
 
     @property
     def spaces(self) -> tuple[str, ...]:
@@ -381,19 +598,26 @@ class SearchConfig:
         return self.holdout or max(1, nsamples // 8)
 
 
-PARTS = {"scorer": (ScorerConfig, "name"), "allocation": (AllocationConfig, "method"),
-         "calib": (CalibConfig, "source"), "trim": (TrimConfig, "enabled"), "run": (RunConfig, None),
-         "search": (SearchConfig, None)}
+PARTS = {
+    "scorer": (ScorerConfig, "name"),
+    "allocation": (AllocationConfig, "method"),
+    "calib": (CalibConfig, "source"),
+    "trim": (TrimConfig, "enabled"),
+    "run": (RunConfig, None),
+    "search": (SearchConfig, None),
+}
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """How to prune: the target, and one sub-config per concern."""
 
-    sparsity: float | None = option(None, "sparsity", "target fraction of pruned weights in [0, 1); N/M with "
-                                    "--mask-structure")
-    mask_structure: str | None = option(None, "mask_structure", "N:M semi-structured pattern, e.g. 2:4",
-                                        metavar="N:M")
+    sparsity: float | None = option(
+        None, "sparsity", "target fraction of pruned weights in [0, 1); N/M with --mask-structure"
+    )
+    mask_structure: str | None = option(
+        None, "mask_structure", "N:M semi-structured pattern, e.g. 2:4", metavar="N:M"
+    )
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -402,14 +626,16 @@ class PruneConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self):
-        for name, (cls, short) in PARTS.items():          # shorthands: scorer="wanda", trim=True, {...}
+        for name, (cls, short) in PARTS.items():  # shorthands: scorer="wanda", trim=True, {...}
             v = getattr(self, name)
             if isinstance(v, dict):
                 names = {f.name for f in dataclasses.fields(cls)}
                 unknown = [str(k) for k in v if k not in names]
                 if unknown:
-                    raise ConfigError(f"{name}.{unknown[0]} is unknown: valid keys are "
-                                      f"{', '.join(f'{name}.{n}' for n in sorted(names))}")
+                    raise ConfigError(
+                        f"{name}.{unknown[0]} is unknown: valid keys are "
+                        f"{', '.join(f'{name}.{n}' for n in sorted(names))}"
+                    )
                 object.__setattr__(self, name, cls(**v))
             elif not isinstance(v, cls):
                 if short is None:
@@ -420,42 +646,69 @@ class PruneConfig:
             object.__setattr__(self, "sparsity", nm[0] / nm[1] if nm else 0.5)
         _check_types(self)
         s = self.sparsity
-        if s is not None and (math.isnan(s) or not (0.0 <= s < 1.0)):    # None: an allocation file's own mean
+        if s is not None and (
+            math.isnan(s) or not (0.0 <= s < 1.0)
+        ):  # None: an allocation file's own mean
             raise ConfigError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
-        if self.trim.guard == "model" and not self.trim.enabled and "trim" not in self.search_spaces:
+        if (
+            self.trim.guard == "model"
+            and not self.trim.enabled
+            and "trim" not in self.search_spaces
+        ):
             raise ConfigError("--trim-guard model compares TRIM with the scorer alone: add --trim")
         if self.holdout is not None and self.holdout >= self.calib.nsamples:
-            raise ConfigError(f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
-                              f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
-                              "--search-holdout")
+            raise ConfigError(
+                f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
+                f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
+                "--search-holdout"
+            )
         if self.run.checkpoint_dir and self.allocation.method == "search":
-            raise ConfigError("--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
-                              "whole model again and again): a search resumes from its --search-storage, e.g. "
-                              "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
-                              "allocation.json through --allocation file:PATH --checkpoint-dir DIR")
-        if self.run.offload == "disk" and (self.allocation.method == "search" or self.trim.guard == "model"):
-            what = "--allocation search" if self.allocation.method == "search" else "--trim-guard model"
-            raise ConfigError(f"--offload disk cannot be combined with {what} (it prunes the whole model several "
-                              "times from the dense weights; disk offload writes each block out once): use "
-                              "--offload cpu")
+            raise ConfigError(
+                "--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
+                "whole model again and again): a search resumes from its --search-storage, e.g. "
+                "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
+                "allocation.json through --allocation file:PATH --checkpoint-dir DIR"
+            )
+        if self.run.offload == "disk" and (
+            self.allocation.method == "search" or self.trim.guard == "model"
+        ):
+            what = (
+                "--allocation search"
+                if self.allocation.method == "search"
+                else "--trim-guard model"
+            )
+            raise ConfigError(
+                f"--offload disk cannot be combined with {what} (it prunes the whole model several "
+                "times from the dense weights; disk offload writes each block out once): use "
+                "--offload cpu"
+            )
         if self.run.checkpoint_dir and self.trim.guard == "model":
-            raise ConfigError("--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
-                              "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out")
+            raise ConfigError(
+                "--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
+                "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out"
+            )
         if nm is None:
             return
         if s is not None and abs(s - nm[0] / nm[1]) > 1e-9:
             raise ConfigError(
                 f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the weights but "
-                f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)")
+                f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)"
+            )
         if self.trim.enabled:
-            raise ConfigError("--trim cannot be combined with --mask-structure "
-                              f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them")
+            raise ConfigError(
+                "--trim cannot be combined with --mask-structure "
+                f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them"
+            )
         if self.allocation.method != "uniform":
-            raise ConfigError(f"--allocation {self.allocation.method} cannot be combined with --mask-structure "
-                              f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform")
+            raise ConfigError(
+                f"--allocation {self.allocation.method} cannot be combined with --mask-structure "
+                f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform"
+            )
         if self.scorer.blocksize % nm[1] != 0:
-            raise ConfigError(f"--blocksize {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
-                              f"--mask-structure {self.mask_structure}")
+            raise ConfigError(
+                f"--blocksize {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
+                f"--mask-structure {self.mask_structure}"
+            )
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -465,6 +718,14 @@ class PruneConfig:
     def search_spaces(self) -> tuple[str, ...]:
         """The search space's parts with `--allocation search`, else none."""
         return self.search.spaces if self.allocation.method == "search" else ()
+
+    @property
+    def mode(self) -> str:
+        """How `prune` runs this config: "search" (`--allocation search`), "model-guard"
+        (`--trim-guard model`: with and without TRIM, the better kept) or "plain" (one prune)."""
+        if self.allocation.method == "search":
+            return "search"
+        return "model-guard" if self.trim.guard == "model" else "plain"
 
     @property
     def holdout(self) -> int | None:
@@ -488,14 +749,16 @@ class PruneConfig:
         return out
 
     @classmethod
-    def from_flat(cls, data: dict[str, Any]) -> "PruneConfig":
+    def from_flat(cls, data: dict[str, Any]) -> PruneConfig:
         """A config from flat names (recipe keys / CLI destinations: `trim_inputs`, `nsamples`, ...)."""
         fields = cls.flat_fields()
         top, parts = {}, {p: {} for p in PARTS}
         for k, v in data.items():
             key = str(k).replace("-", "_")
             if key not in fields:
-                raise ConfigError(f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}")
+                raise ConfigError(
+                    f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}"
+                )
             part, f = fields[key]
             (top if part is None else parts[part])[f.name] = v
         return cls(**top, **{p: PARTS[p][0](**kw) for p, kw in parts.items()})
@@ -509,17 +772,24 @@ class PruneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The nested form (report.json, `to_yaml`)."""
+
         def plain(x):
             return list(x) if isinstance(x, tuple) else x
+
         d = dataclasses.asdict(self)
-        return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in d.items()}
+        return {
+            k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in d.items()
+        }
 
     @classmethod
     def flat_of(cls, data: dict[str, Any]) -> dict[str, Any]:
         """The flat names and values of a nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`)
         mapping, or a mix; unknown keys are an error."""
         if not isinstance(data, dict):
-            raise ConfigError(f"a recipe must be a mapping of PruneConfig fields, got {type(data).__name__}")
+            raise ConfigError(
+                f"a recipe must be a mapping of PruneConfig fields, got {type(data).__name__}"
+            )
         fields = cls.flat_fields()
         flat = {}
         for k, v in data.items():
@@ -529,17 +799,21 @@ class PruneConfig:
                 names = {f.name: f.metadata["key"] for f in dataclasses.fields(sub)}
                 for kk, vv in v.items():
                     if str(kk) not in names:
-                        raise ConfigError(f"recipe key {key}.{kk} is unknown: valid keys are "
-                                          f"{', '.join(f'{key}.{n}' for n in names)}")
+                        raise ConfigError(
+                            f"recipe key {key}.{kk} is unknown: valid keys are "
+                            f"{', '.join(f'{key}.{n}' for n in names)}"
+                        )
                     flat[names[str(kk)]] = vv
             elif key not in fields:
-                raise ConfigError(f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}")
+                raise ConfigError(
+                    f"recipe key {key!r} is unknown: valid keys are {', '.join(sorted(fields))}"
+                )
             else:
                 flat[key] = v
         return flat
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
         """Nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`) keys, or a mix."""
         return cls.from_flat(cls.flat_of(data))
 
@@ -554,27 +828,42 @@ class PruneConfig:
         """The flat names and values a YAML recipe (a file, or the text itself) gives, before defaults: what
         it sets and nothing else (the command line puts its flags on top)."""
         p = Path(path_or_text)
-        if isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and "\n" not in str(path_or_text)):
+        if isinstance(path_or_text, Path) or (
+            len(str(path_or_text)) < 4096 and "\n" not in str(path_or_text)
+        ):
             if p.is_dir():
-                raise InputFileError(f"--recipe {str(path_or_text)!r} is a folder: give the path of a YAML file")
+                raise InputFileError(
+                    f"--recipe {str(path_or_text)!r} is a folder: give the path of a YAML file"
+                )
             if not p.is_file():
-                raise InputFileError(f"--recipe {str(path_or_text)!r} does not exist: give the path of a YAML file")
+                raise InputFileError(
+                    f"--recipe {str(path_or_text)!r} does not exist: give the path of a YAML file"
+                )
             try:
                 text = p.read_text(encoding="utf-8")
             except UnicodeDecodeError:
-                raise InputFileError(f"--recipe {str(path_or_text)!r} is not UTF-8 text: give a YAML file")
+                raise InputFileError(
+                    f"--recipe {str(path_or_text)!r} is not UTF-8 text: give a YAML file"
+                )
             except OSError as e:
-                raise InputFileError(f"--recipe {str(path_or_text)!r} cannot be read ({e.strerror or e})")
+                raise InputFileError(
+                    f"--recipe {str(path_or_text)!r} cannot be read ({e.strerror or e})"
+                )
         else:
             text = str(path_or_text)
         try:
             data = yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # a date like 2024-13-01: ValueError
+        except (
+            yaml.YAMLError,
+            ValueError,
+            TypeError,
+            RecursionError,
+        ) as e:  # a date like 2024-13-01: ValueError
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputFileError(f"recipe {str(path_or_text)[:80]!r} is not valid YAML: {first}")
         return cls.flat_of({} if data is None else data)
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> "PruneConfig":
+    def from_yaml(cls, path_or_text: str | Path) -> PruneConfig:
         """A config from a YAML recipe: a file, or the text itself."""
         return cls.from_flat(cls.recipe_flat(path_or_text))

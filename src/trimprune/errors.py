@@ -26,4 +26,4 @@ class OutputError(TrimpruneError):
 
 
 class NonFiniteError(TrimpruneError):
-    """NaN or Inf in weights, activations, statistics or an evaluation result (`calib.finite`)."""
+    """NaN or Inf in weights, activations, statistics or an evaluation result (`core.finite`)."""

@@ -20,31 +20,39 @@ them in order:
 Once the model is loaded, before any evaluation or calibration: the sequence lengths fit its context,
 a checkpoint to resume matches, and an allocation file matches its linears and `--sparsity`
 (`algo.allocation.resolve_sparsity`). The dense model's outputs on the first calibration batch are
-checked before the first block is pruned (`api.check_dense_batch`).
+checked before the first block is pruned (`session.check_dense_batch`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import OutputError
+from trimprune.errors import OutputError
 
 
 def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
     """Steps 2-5 for `trimprune prune` (the config is made and the evaluation flags checked already).
     Returns the warnings to print (partial outputs of killed runs)."""
-    from .algo.allocation.base import read_allocation_file
-    from .calib.data import check_calibration_source
-    from .io.evaluate import check_eval_sources
-    from .io.export import check_folder_writable, check_output_dir, check_output_file, handle_partial_outputs
-    from .io.models import check_model_source
+    from trimprune.algo.allocation.base import read_allocation_file
+    from trimprune.calib.data import check_calibration_source
+    from trimprune.io.evaluate import check_eval_sources
+    from trimprune.io.export import (
+        check_folder_writable,
+        check_output_dir,
+        check_output_file,
+        handle_partial_outputs,
+    )
+    from trimprune.io.models import check_model_source
 
     check_output_dir(args.output, args.overwrite)
     warnings = [w for w in [handle_partial_outputs(args.output, remove=args.overwrite)] if w]
     if cfg.run.checkpoint_dir:
         out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
         if ck == out or out in ck.parents:
-            raise OutputError(f"--checkpoint-dir {cfg.run.checkpoint_dir!r} is inside --output {args.output!r}, "
-                              "which is written at the end: give a folder outside it")
+            raise OutputError(
+                f"--checkpoint-dir {cfg.run.checkpoint_dir!r} is inside --output {args.output!r}, "
+                "which is written at the end: give a folder outside it"
+            )
         check_folder_writable(cfg.run.checkpoint_dir, "--checkpoint-dir")
     if cfg.allocation.method == "alphapruning" and cfg.allocation.alpha_cache_dir:
         check_folder_writable(cfg.allocation.alpha_cache_dir, "--alpha-cache-dir")
@@ -65,23 +73,25 @@ def check_search(search) -> None:
     written (a new one in a folder that takes files)."""
     import importlib.util
 
-    from .errors import ConfigError
-    from .io.export import check_output_file
+    from trimprune.errors import ConfigError
+    from trimprune.io.export import check_output_file
 
     if importlib.util.find_spec("optuna") is None:
-        raise ConfigError("--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)")
+        raise ConfigError(
+            "--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
+        )
     url = search.storage or ""
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):].split("?", 1)[0]
+        path = url[len("sqlite:///") :].split("?", 1)[0]
         if path and path != ":memory:":
             check_output_file(path, "--search-storage")
 
 
 def check_eval_inputs(args, eval_data: dict[str, str]) -> None:
     """Steps 2-4 for `trimprune eval`: --output, the model, the evaluation files."""
-    from .io.evaluate import check_eval_sources
-    from .io.export import check_output_file
-    from .io.models import check_model_source
+    from trimprune.io.evaluate import check_eval_sources
+    from trimprune.io.export import check_output_file
+    from trimprune.io.models import check_model_source
 
     if args.output:
         check_output_file(args.output, "--output")
@@ -91,15 +101,23 @@ def check_eval_inputs(args, eval_data: dict[str, str]) -> None:
 
 def check_export_inputs(args) -> list[str]:
     """`trimprune export`: RUN_DIR is a prune's output, OUT_DIR can be written. Returns the warnings."""
-    from .errors import InputFileError
-    from .io.compact import COMPACT_FILE
-    from .io.export import check_output_dir, handle_partial_outputs
+    from trimprune.errors import InputFileError
+    from trimprune.io.compact import COMPACT_FILE
+    from trimprune.io.export import check_output_dir, handle_partial_outputs
 
     run = Path(args.run_dir)
     if not run.is_dir():
-        raise InputFileError(f"RUN_DIR {args.run_dir!r} is not a folder: give the --output folder of a prune")
+        raise InputFileError(
+            f"RUN_DIR {args.run_dir!r} is not a folder: give the --output folder of a prune"
+        )
     if not (run / COMPACT_FILE).is_file() and not (run / "config.json").is_file():
-        raise InputFileError(f"RUN_DIR {args.run_dir!r} holds no model (no config.json / {COMPACT_FILE}): give the "
-                             "--output folder of a prune that saved its model")
+        raise InputFileError(
+            f"RUN_DIR {args.run_dir!r} holds no model (no config.json / {COMPACT_FILE}): give the "
+            "--output folder of a prune that saved its model"
+        )
     check_output_dir(args.out_dir, args.overwrite, flag="OUT_DIR")
-    return [w for w in [handle_partial_outputs(args.out_dir, remove=args.overwrite, flag="OUT_DIR")] if w]
+    return [
+        w
+        for w in [handle_partial_outputs(args.out_dir, remove=args.overwrite, flag="OUT_DIR")]
+        if w
+    ]

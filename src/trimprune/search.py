@@ -28,6 +28,7 @@ worse than its scorer alone on that objective; both objectives go to report.json
 Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna storage
 instead, and its allocation.json can be pruned again with a checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,29 +37,31 @@ import json
 import math
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .algo.allocation import Allocation, linear_sizes
-from .algo.allocation.alphapruning import layer_metrics, model_fingerprint
-from .algo.allocation.atp import atp_block_sparsities, block_numels_of
-from .algo.allocation.base import uniform
-from .algo.allocation.owl import owl_from_ratios, owl_ratios
-from .algo.allocation.search import OWL_M_GRID, allocation_for, suggest, warm_starts
-from .algo.ranks import Ranks
-from .api import PruneResult, Session
-from .config import PruneConfig
-from .errors import TrimpruneError
-from .io.evaluate import logits_batches
-from .io.progress import Progress
+from trimprune.algo.allocation import Allocation, linear_sizes
+from trimprune.algo.allocation.alphapruning import layer_metrics, model_fingerprint
+from trimprune.algo.allocation.atp import atp_block_sparsities, block_numels_of
+from trimprune.algo.allocation.base import uniform
+from trimprune.algo.allocation.owl import owl_from_ratios
+from trimprune.algo.allocation.search import OWL_M_GRID, allocation_for, suggest, warm_starts
+from trimprune.config import PruneConfig
+from trimprune.core.progress import Progress
+from trimprune.engine.allocate import owl_ratios
+from trimprune.errors import TrimpruneError
+from trimprune.io.evaluate import logits_batches
+from trimprune.session import PruneResult, Session
 
 
 def _optuna():
     try:
         import optuna
     except ImportError:
-        raise TrimpruneError("--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)")
+        raise TrimpruneError(
+            "--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
+        )
     return optuna
 
 
@@ -68,9 +71,23 @@ class Holdout:
     sequences `ids` (KL only when the dense log-probabilities were kept, i.e. for the objective kl). Made
     while the model is dense (the dense pass happens here)."""
 
-    def __init__(self, model, ids: torch.Tensor, kind: str, device, offload: bool = False,
-                 batch_size: int | None = None, ex=None):
-        self.model, self.kind, self.dev, self.offload, self.ex = model, kind, torch.device(device), offload, ex
+    def __init__(
+        self,
+        model,
+        ids: torch.Tensor,
+        kind: str,
+        device,
+        offload: bool = False,
+        batch_size: int | None = None,
+        ex=None,
+    ):
+        self.model, self.kind, self.dev, self.offload, self.ex = (
+            model,
+            kind,
+            torch.device(device),
+            offload,
+            ex,
+        )
         self.holdout_sequences = int(ids.shape[0])
         self.batches = list(ids.split(batch_size or (1 if offload else 4), 0))
         self.tokens = ids.shape[0] * (ids.shape[1] - 1)
@@ -79,18 +96,27 @@ class Holdout:
         self.dense = self._measure(keep=kind == "kl")
 
     @classmethod
-    def of(cls, session: Session, kind: str) -> "Holdout":
+    def of(cls, session: Session, kind: str) -> Holdout:
         """On the session's held-out sequences, computed like its prunes."""
         run = session.config.run
-        return cls(session.model, session.holdout, kind, session.dev, run.offload, run.batch_size or None, session.ex)
+        return cls(
+            session.model,
+            session.holdout,
+            kind,
+            session.dev,
+            run.offload,
+            run.batch_size or None,
+            session.ex,
+        )
 
     @torch.no_grad()
     def _measure(self, keep: bool = False) -> dict:
         dtype = next(self.model.parameters()).dtype
         nll = torch.zeros((), dtype=torch.float64, device=self.dev)
         kl = torch.zeros((), dtype=torch.float64, device=self.dev)
-        for b, (ids, logits) in enumerate(logits_batches(self.model, self.batches, self.dev, self.offload,
-                                                         ex=self.ex)):
+        for b, (ids, logits) in enumerate(
+            logits_batches(self.model, self.batches, self.dev, self.offload, ex=self.ex)
+        ):
             lp = torch.log_softmax(logits[:, :-1].float(), -1)
             del logits
             nll -= lp.gather(-1, ids[:, 1:, None]).sum(dtype=torch.float64)
@@ -122,7 +148,9 @@ class _Sources:
         a = config.allocation
         ms = list(dict.fromkeys([*OWL_M_GRID, float(a.owl_m)]))
         s = session
-        self.ratios = owl_ratios(ms, s.adapter, s.captured, config.run.offload, s.ex, progress=s.progress)
+        self.ratios = owl_ratios(
+            ms, s.adapter, s.captured, config.run.offload, s.ex, progress=s.progress
+        )
         self.metrics, self.cached = layer_metrics(s.adapter, s.captured.exec_device, a, s.progress)
 
     def owl_ratios(self, m: float) -> list[float]:
@@ -135,22 +163,28 @@ class _Sources:
 
     def profiles(self, config: PruneConfig, numels, block_of) -> dict[str, list[float]]:
         """Per-block sparsities of the closed-form allocations with the config's parameters (for the plot)."""
-        from .algo.allocation.alphapruning import alpha_from_metrics
+        from trimprune.algo.allocation.alphapruning import alpha_from_metrics
 
         a, s = config.allocation, config.sparsity
         blocks = block_numels_of(numels, block_of)
         owl = owl_from_ratios(self.owl_ratios(a.owl_m), a.owl_m, a.owl_lambda, s, numels, block_of)
-        return {"uniform": uniform(s, numels, block_of).per_block(), "owl": owl.per_block(),
-                "alphapruning": alpha_from_metrics(self.metrics, a.alpha_metric, a.alpha_eps, a.alpha_mapping, s,
-                                                   numels, block_of).per_block(),
-                "atp": atp_block_sparsities(len(blocks), s, a.atp_beta, blocks)}
+        return {
+            "uniform": uniform(s, numels, block_of).per_block(),
+            "owl": owl.per_block(),
+            "alphapruning": alpha_from_metrics(
+                self.metrics, a.alpha_metric, a.alpha_eps, a.alpha_mapping, s, numels, block_of
+            ).per_block(),
+            "atp": atp_block_sparsities(len(blocks), s, a.atp_beta, blocks),
+        }
 
 
 # ------------------------------------------------------------------------------------------ prunes
 def _with_trim(config: PruneConfig, enabled: bool) -> PruneConfig:
     if config.trim.enabled == enabled:
         return config
-    trim = dataclasses.replace(config.trim, enabled=enabled, **({} if enabled else {"guard": "block"}))
+    trim = dataclasses.replace(
+        config.trim, enabled=enabled, **({} if enabled else {"guard": "block"})
+    )
     return dataclasses.replace(config, trim=trim)
 
 
@@ -159,8 +193,12 @@ def _prune(session: Session, config: PruneConfig, allocation: Allocation) -> Pru
     return session.run(config, allocation)
 
 
-def guarded(session: Session, config: PruneConfig, allocation: Allocation, holdout: Holdout,
-            ) -> tuple[PruneResult, dict, dict | None]:
+def guarded(
+    session: Session,
+    config: PruneConfig,
+    allocation: Allocation,
+    holdout: Holdout,
+) -> tuple[PruneResult, dict, dict | None]:
     """Prune with `allocation` from the dense weights; with TRIM and `--trim-guard model`, without TRIM too,
     keeping the lower held-out objective. Returns (result, its held-out metrics, the guard's record)."""
     if not (config.trim.enabled and config.trim.guard == "model"):
@@ -179,11 +217,16 @@ def guarded(session: Session, config: PruneConfig, allocation: Allocation, holdo
     else:
         keep_trim = v_trim <= v_alone
     m = m_trim
-    if not keep_trim:               # the scorer alone again (deterministic; cheaper than keeping a copy)
+    if not keep_trim:  # the scorer alone again (deterministic; cheaper than keeping a copy)
         res = _prune(session, alone_cfg, allocation)
         m = holdout.measure()
-    record = {"objective": holdout.kind, "holdout_sequences": holdout.holdout_sequences,
-              "trim": m_trim, "scorer_alone": m_alone, "kept": "trim" if keep_trim else "scorer_alone"}
+    record = {
+        "objective": holdout.kind,
+        "holdout_sequences": holdout.holdout_sequences,
+        "trim": m_trim,
+        "scorer_alone": m_alone,
+        "kept": "trim" if keep_trim else "scorer_alone",
+    }
     return res, m, record
 
 
@@ -206,64 +249,129 @@ def _trial_record(t) -> dict:
     seconds = t.user_attrs.get("seconds")
     if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-    rec = {"number": t.number, "state": t.state.name.lower(), "params": dict(t.params), "value": t.value,
-           "seconds": seconds, "metrics": t.user_attrs.get("metrics"), "per_block": t.user_attrs.get("per_block")}
+    rec = {
+        "number": t.number,
+        "state": t.state.name.lower(),
+        "params": dict(t.params),
+        "value": t.value,
+        "seconds": seconds,
+        "metrics": t.user_attrs.get("metrics"),
+        "per_block": t.user_attrs.get("per_block"),
+    }
     if "error" in t.user_attrs:
         rec["error"] = t.user_attrs["error"]
     return rec
 
 
-def refuse_several_processes(config: PruneConfig, ranks: Ranks) -> None:
-    """A search and `--trim-guard model` run in one process: under torchrun, a one-line error on every rank
-    (before any collective, so no rank waits for another). Several processes search together as Optuna
-    intends: independent single-process searches sharing one `--search-storage`."""
-    if not ranks.parallel:
-        return
-    if config.allocation.method == "search":
-        raise TrimpruneError(f"--allocation search runs in one process, not under torchrun ({ranks.world} processes): "
-                             "to search with several processes, start several single-process searches that share "
-                             "one --search-storage (e.g. sqlite:///study.db; the same config gives the same study), "
-                             "then prune with the best allocation.json under torchrun through --allocation file:PATH")
-    if config.trim.guard == "model":
-        raise TrimpruneError(f"--trim-guard model runs in one process, not under torchrun ({ranks.world} processes): "
-                             "run it in one process, or use --trim-guard block under torchrun")
+def _open(model, tokenizer, config: PruneConfig, calibration, **kwargs) -> tuple[Session, int]:
+    """A session whose last calibration sequences are held out (the block safeguard's subset captured
+    when any prune may need it), and the number of calibration sequences."""
+    n = (
+        config.calib.nsamples
+        if calibration is None
+        else (calibration.shape[0] if isinstance(calibration, torch.Tensor) else len(calibration))
+    )
+    guard_subset = (
+        config.trim.block_safeguard
+        and config.trim.safeguard
+        and (config.trim.enabled or "trim" in config.search_spaces)
+    )
+    session = Session.open(
+        model,
+        tokenizer,
+        config,
+        calibration,
+        holdout=config.search.holdout_for(n),
+        guard_subset=guard_subset,
+        **kwargs,
+    )
+    return session, n
 
 
-def search_prune(model, tokenizer, config: PruneConfig, calibration=None, *, device=None, progress=True,
-                 profile: str = "time", on_trial: Callable | None = None) -> PruneResult:
-    """`prune` for `--allocation search` and / or `--trim-guard model` (see the module's docstring).
-    `on_trial(number, params, value, metrics, model)`: called after every completed trial, the trial's
-    pruned model in place (benchmarks evaluate it)."""
-    refuse_several_processes(config, Ranks.current())
-    searching = config.allocation.method == "search"
-    optuna = _optuna() if searching else None
-    n = config.calib.nsamples if calibration is None else (
-        calibration.shape[0] if isinstance(calibration, torch.Tensor) else len(calibration))
-    holdout_n = config.search.holdout_for(n)
-    guard_subset = config.trim.block_safeguard and config.trim.safeguard and (
-        config.trim.enabled or "trim" in config.search_spaces)
-    session = Session.open(model, tokenizer, config, calibration, device=device, progress=progress, profile=profile,
-                           holdout=holdout_n, guard_subset=guard_subset)
+def _held_out(
+    model, tokenizer, config: PruneConfig, calibration, prunes: Callable, **kwargs
+) -> PruneResult:
+    """`prunes(session, holdout)` on a session with held-out sequences, the dense weights kept."""
+    session, n = _open(model, tokenizer, config, calibration, **kwargs)
     try:
         t0 = time.perf_counter()
         holdout = Holdout.of(session, config.search.objective)
         session.snapshot()
         timings = {"holdout_dense_seconds": time.perf_counter() - t0}
-        if not searching:
-            allocation = session.allocate(config)
-            res, final, record = guarded(session, config, allocation, holdout)
-            res.trim_guard = record
-        else:
-            res = _search(optuna, session, config, holdout, on_trial)
+        res = prunes(session, holdout)
         res.timings.update(timings)
-        res.notes.append(f"the last {holdout.holdout_sequences} of the {n} calibration sequences were held out for "
-                         f"the {holdout.kind} objective; the statistics use the first {session.ids.shape[0]}")
+        res.notes.append(
+            f"the last {holdout.holdout_sequences} of the {n} calibration sequences were held out for "
+            f"the {holdout.kind} objective; the statistics use the first {session.ids.shape[0]}"
+        )
         return res
     finally:
         session.close()
 
 
-def _search(optuna, session: Session, config: PruneConfig, holdout: Holdout, on_trial) -> PruneResult:
+def guard_prune(
+    model,
+    tokenizer,
+    config: PruneConfig,
+    calibration=None,
+    *,
+    device=None,
+    progress=True,
+    profile: str = "time",
+) -> PruneResult:
+    """`prune` for `--trim-guard model` with a rule's allocation (see the module's docstring)."""
+
+    def prunes(session: Session, holdout: Holdout) -> PruneResult:
+        res, _, record = guarded(session, config, session.allocate(config), holdout)
+        res.trim_guard = record
+        return res
+
+    return _held_out(
+        model,
+        tokenizer,
+        config,
+        calibration,
+        prunes,
+        device=device,
+        progress=progress,
+        profile=profile,
+    )
+
+
+def search_prune(
+    model,
+    tokenizer,
+    config: PruneConfig,
+    calibration=None,
+    *,
+    device=None,
+    progress=True,
+    profile: str = "time",
+    on_trial: Callable | None = None,
+) -> PruneResult:
+    """`prune` for `--allocation search` (see the module's docstring). `on_trial(number, params, value,
+    metrics, model)`: called after every completed trial, the trial's pruned model in place (benchmarks
+    evaluate it)."""
+    optuna = _optuna()
+
+    def prunes(session: Session, holdout: Holdout) -> PruneResult:
+        return _search(optuna, session, config, holdout, on_trial)
+
+    return _held_out(
+        model,
+        tokenizer,
+        config,
+        calibration,
+        prunes,
+        device=device,
+        progress=progress,
+        profile=profile,
+    )
+
+
+def _search(
+    optuna, session: Session, config: PruneConfig, holdout: Holdout, on_trial
+) -> PruneResult:
     sc, spaces, verbose = config.search, config.search_spaces, session.progress
     t0 = time.perf_counter()
     sources = _Sources(session, config)
@@ -275,54 +383,93 @@ def _search(optuna, session: Session, config: PruneConfig, holdout: Holdout, on_
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=sc.seed, multivariate=True, group=True)
-        study = optuna.create_study(storage=sc.storage, sampler=sampler, study_name=name, direction="minimize",
-                                    load_if_exists=True)
-        if not study.get_trials(deepcopy=False):      # a new study starts from uniform and the rules as configured
+        study = optuna.create_study(
+            storage=sc.storage,
+            sampler=sampler,
+            study_name=name,
+            direction="minimize",
+            load_if_exists=True,
+        )
+        if not study.get_trials(
+            deepcopy=False
+        ):  # a new study starts from uniform and the rules as configured
             for params in warm_starts(spaces, config.allocation, config.trim.enabled):
                 study.enqueue_trial(params, skip_if_exists=True)
-        trials = _trials(optuna, study, session, config, holdout, sources, numels, block_of, on_trial)
+        trials = _trials(
+            optuna, study, session, config, holdout, sources, numels, block_of, on_trial
+        )
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
         if not done:
             first = next((t.user_attrs["error"] for t in finished if "error" in t.user_attrs), "-")
-            raise TrimpruneError(f"no trial of the search completed ({len(finished)} failed or were pruned; first "
-                                 f"error: {first}): check the configuration with --allocation uniform")
+            raise TrimpruneError(
+                f"no trial of the search completed ({len(finished)} failed or were pruned; first "
+                f"error: {first}): check the configuration with --allocation uniform"
+            )
         best = study.best_trial
     finally:
         optuna.logging.set_verbosity(level)
     params = dict(best.params)
     params.setdefault("trim", config.trim.enabled)
     final_cfg = _with_trim(config, bool(params["trim"]))
-    allocation = allocation_for(params, config.sparsity, numels, block_of, sources, config.allocation.alpha_mapping)
-    allocation.details.update(trial=best.number, objective=config.search.objective, value=best.value, study=name)
+    allocation = allocation_for(
+        params, config.sparsity, numels, block_of, sources, config.allocation.alpha_mapping
+    )
+    allocation.details.update(
+        trial=best.number, objective=config.search.objective, value=best.value, study=name
+    )
     seconds = time.perf_counter() - t0
     res, final, record = guarded(session, final_cfg, allocation, holdout)
     res.trim_guard = record
     res.search = {
-        "objective": holdout.kind, "holdout_sequences": int(session.holdout.shape[0]),
-        "prune_sequences": int(session.ids.shape[0]), "space": list(spaces), "study": name, "storage": sc.storage,
-        "seed": sc.seed, "trials_requested": sc.trials, "timeout": sc.timeout, "trials_run": trials,
-        "trials": [_trial_record(t) for t in study.get_trials(deepcopy=False)
-                   if t.state != optuna.trial.TrialState.WAITING],         # enqueued warm starts not run yet
+        "objective": holdout.kind,
+        "holdout_sequences": int(session.holdout.shape[0]),
+        "prune_sequences": int(session.ids.shape[0]),
+        "space": list(spaces),
+        "study": name,
+        "storage": sc.storage,
+        "seed": sc.seed,
+        "trials_requested": sc.trials,
+        "timeout": sc.timeout,
+        "trials_run": trials,
+        "trials": [
+            _trial_record(t)
+            for t in study.get_trials(deepcopy=False)
+            if t.state != optuna.trial.TrialState.WAITING
+        ],  # enqueued warm starts not run yet
         "best": {"number": best.number, "params": params, "value": best.value},
-        "final": final, "final_objective": holdout.value(final), "dense": holdout.dense,
+        "final": final,
+        "final_objective": holdout.value(final),
+        "dense": holdout.dense,
         "profiles": sources.profiles(config, numels, block_of) | {"search": allocation.per_block()},
-        "alpha_from_cache": sources.cached, "seconds": seconds,
+        "alpha_from_cache": sources.cached,
+        "seconds": seconds,
     }
     res.timings["search_seconds"] = seconds
-    verbose.message(f"search: best trial {best.number} ({params['family']}) held-out {holdout.kind} "
-                    f"{best.value:.6g}; final model {holdout.value(final):.6g}")
+    verbose.message(
+        f"search: best trial {best.number} ({params['family']}) held-out {holdout.kind} "
+        f"{best.value:.6g}; final model {holdout.value(final):.6g}"
+    )
     return res
 
 
-def _trials(optuna, study, session: Session, config: PruneConfig, holdout: Holdout, sources, numels, block_of,
-            on_trial) -> int:
+def _trials(
+    optuna,
+    study,
+    session: Session,
+    config: PruneConfig,
+    holdout: Holdout,
+    sources,
+    numels,
+    block_of,
+    on_trial,
+) -> int:
     """Run this process's trials (ask / tell); returns how many were asked."""
     sc, spaces = config.search, config.search_spaces
     shown, quiet = session.progress, Progress("off")
     states = optuna.trial.TrialState
     t_start, n = time.perf_counter(), 0
-    session.progress = quiet                # no per-block lines for every trial
+    session.progress = quiet  # no per-block lines for every trial
     try:
         while n < sc.trials and not (sc.timeout and time.perf_counter() - t_start >= sc.timeout):
             trial = study.ask()
@@ -331,8 +478,14 @@ def _trials(optuna, study, session: Session, config: PruneConfig, holdout: Holdo
             try:
                 params = suggest(trial, spaces, config.trim.enabled)
                 cfg = _with_trim(config, bool(params["trim"]))
-                allocation = allocation_for(params, config.sparsity, numels, block_of, sources,
-                                            config.allocation.alpha_mapping)
+                allocation = allocation_for(
+                    params,
+                    config.sparsity,
+                    numels,
+                    block_of,
+                    sources,
+                    config.allocation.alpha_mapping,
+                )
                 trial.set_user_attr("per_block", allocation.per_block())
                 _prune(session, cfg, allocation)
                 metrics = holdout.measure()
@@ -354,9 +507,11 @@ def _trials(optuna, study, session: Session, config: PruneConfig, holdout: Holdo
             study.tell(trial, value)
             if on_trial is not None:
                 on_trial(trial.number, params, value, metrics, session.model)
-            shown.message(f"search: trial {trial.number} ({n}/{sc.trials}) {params['family']}"
-                        f"{' +trim' if params['trim'] else ''} held-out {holdout.kind} {value:.6g} "
-                        f"(best {study.best_value:.6g}), {time.perf_counter() - t0:.1f} s")
+            shown.message(
+                f"search: trial {trial.number} ({n}/{sc.trials}) {params['family']}"
+                f"{' +trim' if params['trim'] else ''} held-out {holdout.kind} {value:.6g} "
+                f"(best {study.best_value:.6g}), {time.perf_counter() - t0:.1f} s"
+            )
     finally:
         session.progress = shown
     return n

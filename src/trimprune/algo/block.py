@@ -8,26 +8,40 @@ does not lose to the scorer alone (`trim.safeguard`). The decision is final when
 returns: weights are set, and the records are a `Deferred` the executor resolves (its host copy may
 still be under way).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
-from ..calib.stats import InputStats, StatsNeeds
-from ..config import PruneConfig
-from ..errors import TrimpruneError
-from ..io.models import set_weight_2d, weight_2d
-from .executor import EAGER, Deferred, Executor
-from .masks import pack_mask, row_ranks
-from .ranks import SOLO, Ranks
-from .records import BlockChoice, BlockGuardRecord, Kept, LinearRecord, Reconstruction, TrimRecord
-from .scorers import Member, Outcome, Scorer, Target
-from .trim.evaluators import ExplicitSpec, GramSpec, ObsEvaluator, ObsSpec
-from .trim.safeguard import BlockGuard, Found, TrimChoice, block_safeguard, linear_safeguard
-from .trim.results import summarize
-from .trim.search import PendingSearch, SearchBatch, TrimSearch, TrimSettings
+from trimprune.algo.masks import pack_mask, row_ranks
+from trimprune.algo.scorers import Member, Outcome, Scorer, Target
+from trimprune.algo.stats import InputStats, StatsNeeds
+from trimprune.algo.trim.evaluators import ExplicitSpec, GramSpec, ObsEvaluator, ObsSpec
+from trimprune.algo.trim.results import summarize
+from trimprune.algo.trim.safeguard import (
+    BlockGuard,
+    Found,
+    TrimChoice,
+    block_safeguard,
+    linear_safeguard,
+)
+from trimprune.algo.trim.search import PendingSearch, SearchBatch, TrimSearch, TrimSettings
+from trimprune.config import PruneConfig
+from trimprune.core.model import set_weight_2d, weight_2d
+from trimprune.core.ranks import SOLO, Ranks
+from trimprune.core.records import (
+    BlockChoice,
+    BlockGuardRecord,
+    Kept,
+    LinearRecord,
+    Reconstruction,
+    TrimRecord,
+)
+from trimprune.core.runtime import EAGER, Deferred, Executor
+from trimprune.errors import TrimpruneError
 
 # scorer-alone masks of mask scorers are made while the searches run for blocks up to this many weights
 # (their outcomes are held until used)
@@ -40,22 +54,33 @@ class Plan:
     scorer, the TRIM search and the statistics they need."""
 
     config: PruneConfig
-    targets: dict[str, float]                 # full linear name -> target sparsity
+    targets: dict[str, float]  # full linear name -> target sparsity
     full_name: Callable[[int, str], str]
     scorer: Scorer
     search: TrimSearch | None
     needs: StatsNeeds
-    device: torch.device                      # where the blocks are computed
-    ranks: Ranks = SOLO                       # the processes of a data-parallel run
+    device: torch.device  # where the blocks are computed
+    ranks: Ranks = SOLO  # the processes of a data-parallel run
 
     @classmethod
-    def make(cls, config: PruneConfig, targets: dict[str, float], full_name, scorer: Scorer, device,
-             ex: Executor = EAGER, ranks: Ranks = SOLO) -> "Plan":
+    def make(
+        cls,
+        config: PruneConfig,
+        targets: dict[str, float],
+        full_name,
+        scorer: Scorer,
+        device,
+        ex: Executor = EAGER,
+        ranks: Ranks = SOLO,
+    ) -> Plan:
         trim, mode = config.trim, config.trim.input_mode
-        needs = StatsNeeds(sqnorm=True, gram=scorer.needs_gram or (trim.enabled and mode.mode == "all"),
-                           last_token=trim.enabled and mode.mode == "last-token",
-                           sample=(mode.sample or 0) if trim.enabled and mode.mode == "sample" else 0,
-                           seed=config.calib.seed)
+        needs = StatsNeeds(
+            sqnorm=True,
+            gram=scorer.needs_gram or (trim.enabled and mode.mode == "all"),
+            last_token=trim.enabled and mode.mode == "last-token",
+            sample=(mode.sample or 0) if trim.enabled and mode.mode == "sample" else 0,
+            seed=config.calib.seed,
+        )
         search = TrimSearch(TrimSettings.from_config(trim), ex) if trim.enabled else None
         return cls(config, targets, full_name, scorer, search, needs, torch.device(device), ranks)
 
@@ -97,12 +122,12 @@ class BlockDecision:
 @dataclass
 class BlockRecords:
     block: int
-    linears: dict[str, LinearRecord]          # full linear name -> record
+    linears: dict[str, LinearRecord]  # full linear name -> record
     guard: BlockGuardRecord | None
-    masks: dict[str, torch.Tensor]            # full linear name -> bit-packed mask (host)
+    masks: dict[str, torch.Tensor]  # full linear name -> bit-packed mask (host)
 
     @classmethod
-    def merge(cls, parts: list["BlockRecords"], order: list[str]) -> "BlockRecords":
+    def merge(cls, parts: list[BlockRecords], order: list[str]) -> BlockRecords:
         """One block's records from the ranks that decided its linears, in model order (`order`: full
         linear names). The block safeguard's record names the linears kept TRIM on any rank."""
         linears = {k: v for p in parts for k, v in p.linears.items()}
@@ -112,13 +137,17 @@ class BlockRecords:
         if guards:
             names = tuple(sorted({n for g in guards for n in g.linears}))
             guard = replace(guards[0], linears=names)
-        return cls(parts[0].block, {k: linears[k] for k in order if k in linears}, guard,
-                   {k: masks[k] for k in order if k in masks})
+        return cls(
+            parts[0].block,
+            {k: linears[k] for k in order if k in linears},
+            guard,
+            {k: masks[k] for k in order if k in masks},
+        )
 
 
 # ------------------------------------------------------------------------------------------ the step
 def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
-    """Prune one block (`run`: a `calib.capture.BlockRun`): statistics, TRIM searches, masks, safeguards."""
+    """Prune one block (`run`: a `engine.walk.BlockRun`): statistics, TRIM searches, masks, safeguards."""
     if plan.config.calib.input_recalc:
         return _prune_block_recalc(run, plan, ex)
     guard = plan.config.trim.block_guard
@@ -126,7 +155,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
         hooks = run.statistics(plan.needs, ex)
     groups = [g for g in hooks.groups if g]
     owners = plan.owners(run, groups)
-    mine = [g for g, o in zip(groups, owners) if o == plan.ranks.rank]     # every group in one process
+    mine = [g for g, o in zip(groups, owners) if o == plan.ranks.rank]  # every group in one process
     # without TRIM each group's float32 working copies exist only while the group is decided
     lazy = plan.search is None
     members = {} if lazy else {n: _member(run, plan, n) for g in mine for n in g}
@@ -135,16 +164,26 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     dense_sub = alone_sub = None
     if guard:
         with ex.phase("block safeguard"):
-            dense_sub = run.dense_subset()           # the block is still dense
+            dense_sub = run.dense_subset()  # the block is still dense
     alone: dict[str, Outcome] = {}
     # mask scorers select row by row: their scorer-alone masks do not depend on the searches, so they
     # are made (and, for the block safeguard, the scorer-alone block run) while the searches run
-    if not lazy and not plan.scorer.reconstructs and \
-            sum(m.weight.numel() for m in members.values()) <= EARLY_ALONE_MAX_WEIGHTS:
+    if (
+        not lazy
+        and not plan.scorer.reconstructs
+        and sum(m.weight.numel() for m in members.values()) <= EARLY_ALONE_MAX_WEIGHTS
+    ):
         with ex.phase("masks"):
             for g in mine:
-                alone.update(_scorer_alone(plan, searches, [members[n] for n in g], hooks.stats_for(g[0])))
-        if guard and searches.names and all(n in alone for n in members) and not plan.ranks.parallel:
+                alone.update(
+                    _scorer_alone(plan, searches, [members[n] for n in g], hooks.stats_for(g[0]))
+                )
+        if (
+            guard
+            and searches.names
+            and all(n in alone for n in members)
+            and not plan.ranks.parallel
+        ):
             with ex.phase("block safeguard"):
                 for n in members:
                     set_weight_2d(run.linears[n], alone[n].weight)
@@ -180,9 +219,12 @@ def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
             with ex.phase("trim search"):
                 searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in g})
                 found = searches.finish(plan)
-            choices += _decide_group(run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {},
-                                     ex)
-        shared |= _share(run, plan, g, owner, choices)      # the next group's statistics see these weights
+            choices += _decide_group(
+                run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {}, ex
+            )
+        shared |= _share(
+            run, plan, g, owner, choices
+        )  # the next group's statistics see these weights
     return _conclude(run, plan, choices, dense_sub, None, shared, ex)
 
 
@@ -195,8 +237,10 @@ def _member(run, plan: Plan, name: str) -> Member:
     W = w.to(plan.device, torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
     full = plan.full_name(run.index, name)
     if nm is not None and W.shape[1] % nm[1]:
-        raise TrimpruneError(f"{full} has {W.shape[1]} inputs, not a multiple of M={nm[1]}: --mask-structure "
-                             f"{plan.config.mask_structure} cannot be applied")
+        raise TrimpruneError(
+            f"{full} has {W.shape[1]} inputs, not a multiple of M={nm[1]}: --mask-structure "
+            f"{plan.config.mask_structure} cannot be applied"
+        )
     return Member(name, W, Target(sparsity=plan.targets[full], nm=nm))
 
 
@@ -223,11 +267,13 @@ class Searches:
     linears, launched together so that they overlap on the device."""
 
     launched: list[tuple[list[Member], PendingSearch]]
-    ranks: dict[str, torch.Tensor]     # row ranks of a mask scorer's importance, reused for the masks
-    names: set[str]                    # the searched linears
+    ranks: dict[str, torch.Tensor]  # row ranks of a mask scorer's importance, reused for the masks
+    names: set[str]  # the searched linears
 
     @classmethod
-    def launch(cls, plan: Plan, members: dict[str, Member], stats: dict[str, InputStats]) -> "Searches":
+    def launch(
+        cls, plan: Plan, members: dict[str, Member], stats: dict[str, InputStats]
+    ) -> Searches:
         if plan.search is None:
             return cls([], {}, set())
         todo = [m for m in members.values() if plan.searched(m.target.sparsity)]
@@ -238,33 +284,49 @@ class Searches:
         per_matrix = len(plan.search.all_lrs)
         for ms in classes.values():
             step = max(1, int(2**28 // (per_matrix * ms[0].weight.numel())))
-            for chunk in (ms[a:a + step] for a in range(0, len(ms), step)):
+            for chunk in (ms[a : a + step] for a in range(0, len(ms), step)):
                 out.launched.append((chunk, plan.search.launch(out._batch(plan, chunk, stats))))
         return out
 
     def _batch(self, plan: Plan, chunk: list[Member], stats: dict[str, InputStats]) -> SearchBatch:
         scorer = plan.scorer
         importance = [scorer.importance(m.weight, stats[m.name]) for m in chunk]
-        specs = [_search_spec(plan, stats[m.name], m.weight, imp) for m, imp in zip(chunk, importance)]
+        specs = [
+            _search_spec(plan, stats[m.name], m.weight, imp) for m, imp in zip(chunk, importance)
+        ]
         srcs = [src for _, src in specs]
         same = all(x is srcs[0] for x in srcs)
         src = srcs[0].unsqueeze(0).expand(len(chunk), *srcs[0].shape) if same else torch.stack(srcs)
         ranks = torch.stack([row_ranks(imp) for imp in importance])
         if scorer.selects_by_row_ranks and not scorer.reconstructs:
-            self.ranks.update({m.name: ranks[j] for j, m in enumerate(chunk)})   # reused for the masks
-        return SearchBatch(specs[0][0], torch.stack([m.weight for m in chunk]), src, ranks,
-                           [m.target.sparsity for m in chunk],
-                           [scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk])
+            self.ranks.update(
+                {m.name: ranks[j] for j, m in enumerate(chunk)}
+            )  # reused for the masks
+        return SearchBatch(
+            specs[0][0],
+            torch.stack([m.weight for m in chunk]),
+            src,
+            ranks,
+            [m.target.sparsity for m in chunk],
+            [scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk],
+        )
 
     def finish(self, plan: Plan) -> dict[str, Found]:
         if not self.launched:
             return {}
         results = plan.search.finish([p for _, p in self.launched])
-        return {m.name: Found(res, j) for (chunk, _), res in zip(self.launched, results) for j, m in enumerate(chunk)}
+        return {
+            m.name: Found(res, j)
+            for (chunk, _), res in zip(self.launched, results)
+            for j, m in enumerate(chunk)
+        }
 
     def with_ranks(self, members: list[Member]) -> list[Member]:
         """The members with the row ranks of their search, where there was one (reused for the masks)."""
-        return [Member(m.name, m.weight, replace(m.target, ranks=self.ranks.get(m.name))) for m in members]
+        return [
+            Member(m.name, m.weight, replace(m.target, ranks=self.ranks.get(m.name)))
+            for m in members
+        ]
 
 
 def _needs_alone(plan: Plan, searches: Searches, name: str) -> bool:
@@ -273,28 +335,43 @@ def _needs_alone(plan: Plan, searches: Searches, name: str) -> bool:
     return name not in searches.names or plan.config.trim.safeguard
 
 
-def _scorer_alone(plan: Plan, searches: Searches, members: list[Member], stats: InputStats) -> dict[str, Outcome]:
+def _scorer_alone(
+    plan: Plan, searches: Searches, members: list[Member], stats: InputStats
+) -> dict[str, Outcome]:
     ms = [m for m in searches.with_ranks(members) if _needs_alone(plan, searches, m.name)]
     return dict(zip([m.name for m in ms], plan.scorer.prune_group(ms, stats))) if ms else {}
 
 
-def _decide_group(run, plan: Plan, members: list[Member], stats: InputStats, searches: Searches,
-                  found: dict[str, Found], alone: dict[str, Outcome], ex: Executor) -> list[LinearChoice]:
+def _decide_group(
+    run,
+    plan: Plan,
+    members: list[Member],
+    stats: InputStats,
+    searches: Searches,
+    found: dict[str, Found],
+    alone: dict[str, Outcome],
+    ex: Executor,
+) -> list[LinearChoice]:
     """The outcomes of one group: the scorer alone's (those not made yet) and TRIM's, in one scorer call
     (SparseGPT solves the rows of a group together), then each searched linear's own safeguard. Sets the
     chosen weights."""
     names = tuple(m.name for m in members)
     members = searches.with_ranks(members)
-    trim_members = [Member(m.name, m.weight, replace(m.target, row_counts=found[m.name].counts))
-                    for m in members if m.name in found]
+    trim_members = [
+        Member(m.name, m.weight, replace(m.target, row_counts=found[m.name].counts))
+        for m in members
+        if m.name in found
+    ]
     with ex.phase("masks"):
         need = [m for m in members if _needs_alone(plan, searches, m.name) and m.name not in alone]
         outs = plan.scorer.prune_group(need + trim_members, stats) if need or trim_members else []
-    base = {m.name: o for m, o in zip(need, outs[:len(need)])} | {n: alone[n] for n in names if n in alone}
-    trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need):])}
+    base = {m.name: o for m, o in zip(need, outs[: len(need)])} | {
+        n: alone[n] for n in names if n in alone
+    }
+    trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need) :])}
     evaluator = []
 
-    def measure():                            # one evaluator per group, made when first needed
+    def measure():  # one evaluator per group, made when first needed
         if not evaluator:
             spec, src = _measure_spec(plan, stats)
             evaluator.append(spec.build(src, ex))
@@ -306,14 +383,32 @@ def _decide_group(run, plan: Plan, members: list[Member], stats: InputStats, sea
         trim = None
         chosen = base.get(m.name)
         if m.name in found:
-            trim = linear_safeguard(m, found[m.name], trim_out[m.name], base.get(m.name), plan.config.trim,
-                                    plan.scorer, exact, measure)
+            trim = linear_safeguard(
+                m,
+                found[m.name],
+                trim_out[m.name],
+                base.get(m.name),
+                plan.config.trim,
+                plan.scorer,
+                exact,
+                measure,
+            )
             chosen = trim.chosen
         set_weight_2d(run.linears[m.name], chosen.weight)
         if trim is not None and not plan.config.trim.block_guard:
-            trim = trim.settled()                       # the weights are needed no more
-        choices.append(LinearChoice(m.name, plan.full_name(run.index, m.name), tuple(m.weight.shape),
-                                    m.target.sparsity, names, chosen.mask, chosen.info, trim))
+            trim = trim.settled()  # the weights are needed no more
+        choices.append(
+            LinearChoice(
+                m.name,
+                plan.full_name(run.index, m.name),
+                tuple(m.weight.shape),
+                m.target.sparsity,
+                names,
+                chosen.mask,
+                chosen.info,
+                trim,
+            )
+        )
     return choices
 
 
@@ -333,8 +428,11 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
             out[n] = (c.trim.chosen.weight, c.trim.alone.weight)
         else:
             w = weight_2d(run.linears[n])
-            alone = torch.empty(tuple(w.shape), dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
-                                device=w.device)
+            alone = torch.empty(
+                tuple(w.shape),
+                dtype=torch.float64 if w.dtype == torch.float64 else torch.float32,
+                device=w.device,
+            )
             out[n] = (w.clone(), alone)
         if plan.ranks.parallel:
             plan.ranks.broadcast_(out[n][1], owner)
@@ -344,11 +442,14 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
 def _mask_stats(mask: torch.Tensor) -> torch.Tensor:
     """Pruned weights of the matrix and the min / max / std of the pruned weights per row (float64, (4,))."""
     row = mask.sum(1, dtype=torch.float64)
-    return torch.stack([row.sum(), row.min(), row.max(), row.std() if row.numel() > 1 else row.sum() * 0])
+    return torch.stack(
+        [row.sum(), row.min(), row.max(), row.std() if row.numel() > 1 else row.sum() * 0]
+    )
 
 
-def _conclude(run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub, shared: dict,
-              ex: Executor) -> BlockDecision:
+def _conclude(
+    run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub, shared: dict, ex: Executor
+) -> BlockDecision:
     """The block safeguard (over every searched linear of the block, `shared`), the final masks and the
     records (deferred) of this rank's linears."""
     guard, pruned_sub = None, None
@@ -364,8 +465,11 @@ def _conclude(run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub
         tensors[f"{c.full}/packed"] = pack_mask(mask, to_cpu=False)
         if c.trim is not None:
             t = c.trim
-            tensors |= {f"{c.full}/trim_metric": t.trim_metric, f"{c.full}/alone_metric": t.alone_metric,
-                        f"{c.full}/keep": t.keep}
+            tensors |= {
+                f"{c.full}/trim_metric": t.trim_metric,
+                f"{c.full}/alone_metric": t.alone_metric,
+                f"{c.full}/keep": t.keep,
+            }
             searches.setdefault(id(t.found.tensors), (len(searches), t.found.tensors))
     for k, res in searches.values():
         tensors |= {f"search{k}/{name}": v for name, v in res.summary_tensors().items()}
@@ -385,9 +489,9 @@ class _LinearLayout:
     shape: tuple[int, int]
     target_sparsity: float
     group: tuple[str, ...]
-    info: Reconstruction | None                        # the chosen outcome's solver info (not searched)
-    search: tuple[int, int] | None = None              # (search key, index in it) when searched
-    infos: tuple = (None, None)                        # TRIM's and the scorer alone's solver info
+    info: Reconstruction | None  # the chosen outcome's solver info (not searched)
+    search: tuple[int, int] | None = None  # (search key, index in it) when searched
+    infos: tuple = (None, None)  # TRIM's and the scorer alone's solver info
 
 
 @dataclass
@@ -397,14 +501,20 @@ class _Layout:
 
     block: int
     linears: list[_LinearLayout]
-    guard_names: list[str] | None                      # the block safeguard's linears, when it ran
-    guard_keep: bool | None                            # its choice, when made on the host
+    guard_names: list[str] | None  # the block safeguard's linears, when it ran
+    guard_keep: bool | None  # its choice, when made on the host
     settings: TrimSettings | None
     config: PruneConfig
 
     @classmethod
-    def of(cls, block: int, plan: Plan, choices: list[LinearChoice], guard: BlockGuard | None,
-           keys: dict[int, int]) -> "_Layout":
+    def of(
+        cls,
+        block: int,
+        plan: Plan,
+        choices: list[LinearChoice],
+        guard: BlockGuard | None,
+        keys: dict[int, int],
+    ) -> _Layout:
         lins = []
         for c in choices:
             lay = _LinearLayout(c.full, c.name, c.shape, c.target, c.group, c.info)
@@ -412,14 +522,21 @@ class _Layout:
                 lay.search = (keys[id(c.trim.found.tensors)], c.trim.found.index)
                 lay.infos = c.trim.infos
             lins.append(lay)
-        return cls(block, lins, guard.names if guard is not None else None,
-                   guard.keep if guard is not None and isinstance(guard.keep, bool) else None,
-                   plan.search.cfg if plan.search else None, plan.config)
+        return cls(
+            block,
+            lins,
+            guard.names if guard is not None else None,
+            guard.keep if guard is not None and isinstance(guard.keep, bool) else None,
+            plan.search.cfg if plan.search else None,
+            plan.config,
+        )
 
     def records(self, host: dict[str, torch.Tensor]) -> BlockRecords:
         block_keeps = True
         if self.guard_names is not None:
-            block_keeps = self.guard_keep if self.guard_keep is not None else bool(host["guard/keep"])
+            block_keeps = (
+                self.guard_keep if self.guard_keep is not None else bool(host["guard/keep"])
+            )
         linears, masks, kept_trim = {}, {}, []
         for lay in self.linears:
             zeros, rmin, rmax, rstd = host[f"{lay.full}/mask"].tolist()
@@ -431,19 +548,41 @@ class _Layout:
                     kept_trim.append(lay.name)
                 k, j = lay.search
                 prefix = f"search{k}/"
-                summary = summarize({n[len(prefix):]: v for n, v in host.items() if n.startswith(prefix)}, j,
-                                    self.settings)
-                trim = TrimRecord(summary, self.config.trim.metric, float(host[f"{lay.full}/trim_metric"]),
-                                  Kept.of(keep, block_keeps),
-                                  float(host[f"{lay.full}/alone_metric"]) if self.config.trim.safeguard else None)
+                summary = summarize(
+                    {n[len(prefix) :]: v for n, v in host.items() if n.startswith(prefix)},
+                    j,
+                    self.settings,
+                )
+                trim = TrimRecord(
+                    summary,
+                    self.config.trim.metric,
+                    float(host[f"{lay.full}/trim_metric"]),
+                    Kept.of(keep, block_keeps),
+                    float(host[f"{lay.full}/alone_metric"]) if self.config.trim.safeguard else None,
+                )
                 info = lay.infos[0] if keep else lay.infos[1]
-            linears[lay.full] = LinearRecord(self.block, lay.name, lay.shape, lay.target_sparsity, lay.group,
-                                             int(zeros), rmin / cols, rmax / cols, rstd / cols, trim, info)
+            linears[lay.full] = LinearRecord(
+                self.block,
+                lay.name,
+                lay.shape,
+                lay.target_sparsity,
+                lay.group,
+                int(zeros),
+                rmin / cols,
+                rmax / cols,
+                rstd / cols,
+                trim,
+                info,
+            )
             masks[lay.full] = host[f"{lay.full}/packed"]
         guard = None
         if self.guard_names is not None and kept_trim:
             e_trim, e_alone = host["guard/errors"].tolist()
-            guard = BlockGuardRecord(self.block, e_trim, e_alone,
-                                     BlockChoice.TRIM if block_keeps else BlockChoice.SCORER_ALONE,
-                                     tuple(n for n in self.guard_names if n in kept_trim))
+            guard = BlockGuardRecord(
+                self.block,
+                e_trim,
+                e_alone,
+                BlockChoice.TRIM if block_keeps else BlockChoice.SCORER_ALONE,
+                tuple(n for n in self.guard_names if n in kept_trim),
+            )
         return BlockRecords(self.block, linears, guard, masks)

@@ -1,5 +1,6 @@
 """Mask construction shared by every scorer. A mask is a bool tensor shaped like the weight
 (out_features, in_features); True marks a weight that is pruned (set to zero)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,11 @@ def row_ranks(scores: torch.Tensor) -> torch.Tensor:
     ties keep column order, as in the Wanda reference). One sort per matrix; any per-row
     sparsity vector then gives its mask by a comparison (`mask_from_counts`)."""
     order = torch.sort(scores, dim=1, stable=True)[1]
-    dt = torch.int32 if scores.shape[1] < 2**31 else torch.int64   # half the memory traffic of int64
+    dt = torch.int32 if scores.shape[1] < 2**31 else torch.int64  # half the memory traffic of int64
     ranks = torch.empty(order.shape, dtype=dt, device=scores.device)
-    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device, dtype=dt).expand_as(order))
+    ranks.scatter_(
+        1, order, torch.arange(scores.shape[1], device=scores.device, dtype=dt).expand_as(order)
+    )
     return ranks
 
 
@@ -39,7 +42,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     kth = scores.kthvalue(k, dim=1, keepdim=True).values
     below = scores < kth
     tie = scores == kth
-    room = k - below.sum(1, keepdim=True, dtype=torch.int32)             # >= 1: the k-th value itself ties
+    room = k - below.sum(1, keepdim=True, dtype=torch.int32)  # >= 1: the k-th value itself ties
     return below | (tie & (tie.cumsum(1, dtype=torch.int32) <= room))
 
 
@@ -80,7 +83,7 @@ def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
 
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-_BITS_ON: dict = {}          # a copy per device (a host-to-device copy each time would synchronise)
+_BITS_ON: dict = {}  # a copy per device (a host-to-device copy each time would synchronise)
 
 
 def pack_mask(mask: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:

@@ -6,6 +6,7 @@ shared data (``c4/c4-train*.json*``, ``wikitext2-raw/test.jsonl``, ``ptb/ptb.tes
 the environment variable TRIMPRUNE_DATA. Hub names are loaded through `datasets` when it is installed
 and the Hub is reachable; otherwise the error names the flag that takes a local file.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import CalibConfig
-from ..errors import InputFileError, TrimpruneError
-from ..io.progress import Progress
-from .finite import blame, extrema, nonfinite
+from trimprune.config import CalibConfig
+from trimprune.core.finite import blame, extrema, nonfinite
+from trimprune.core.progress import Progress
+from trimprune.errors import InputFileError, TrimpruneError
 
 DATA_ENV = "TRIMPRUNE_DATA"
 
@@ -36,9 +37,18 @@ LAYOUT = {
     ("ptb", "test"): ["ptb/ptb.test.txt"],
 }
 HUB = {
-    ("c4", "train"): ("allenai/c4", {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}, "train", "text"),
-    ("c4", "validation"): ("allenai/c4", {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
-                           "validation", "text"),
+    ("c4", "train"): (
+        "allenai/c4",
+        {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
+        "train",
+        "text",
+    ),
+    ("c4", "validation"): (
+        "allenai/c4",
+        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
+        "validation",
+        "text",
+    ),
     ("wikitext2", "train"): ("wikitext", {"name": "wikitext-2-raw-v1"}, "train", "text"),
     ("wikitext2", "test"): ("wikitext", {"name": "wikitext-2-raw-v1"}, "test", "text"),
     ("ptb", "train"): ("ptb_text_only", {"name": "penn_treebank"}, "train", "sentence"),
@@ -66,40 +76,59 @@ def detect_format(path: Path, fmt: str | None = None, flag: str = "--calib-data"
     if fmt:
         return fmt
     name = path.name.lower()
-    for suffix, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".jsonl.gz", "jsonl"), (".json.gz", "jsonl"),
-                      (".parquet", "parquet"), (".txt", "txt"), (".raw", "txt")):
+    for suffix, f in (
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+        (".jsonl.gz", "jsonl"),
+        (".json.gz", "jsonl"),
+        (".parquet", "parquet"),
+        (".txt", "txt"),
+        (".raw", "txt"),
+    ):
         if name.endswith(suffix):
             return f
-    raise TrimpruneError(f"{flag} {str(path)!r} has an unknown extension: add --calib-format txt|jsonl|parquet")
+    raise TrimpruneError(
+        f"{flag} {str(path)!r} has an unknown extension: add --calib-format txt|jsonl|parquet"
+    )
 
 
-PROBE_ROWS = 16              # rows of a jsonl / parquet file parsed before the model loads
-PROBE_BYTES = 1 << 16       # bytes of a text file checked for binary content before the model loads
+PROBE_ROWS = 16  # rows of a jsonl / parquet file parsed before the model loads
+PROBE_BYTES = 1 << 16  # bytes of a text file checked for binary content before the model loads
 TEXT_HINT = "give a UTF-8 .txt, a .jsonl with a text field or a .parquet file with a text column"
 
 
 def _existing_file(path: str | Path, flag: str) -> Path:
     p = Path(path)
     if p.is_dir():
-        raise InputFileError(f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
-                             f"inside it")
+        raise InputFileError(
+            f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
+            f"inside it"
+        )
     if not p.is_file():
-        raise InputFileError(f"{flag} {str(path)!r} does not exist: give the path of a .txt, .jsonl or .parquet file")
+        raise InputFileError(
+            f"{flag} {str(path)!r} does not exist: give the path of a .txt, .jsonl or .parquet file"
+        )
     try:
         with open(p, "rb"):
             pass
     except OSError as e:
-        raise InputFileError(f"{flag} {str(path)!r} cannot be read ({e.strerror or e}): check its permissions")
+        raise InputFileError(
+            f"{flag} {str(path)!r} cannot be read ({e.strerror or e}): check its permissions"
+        )
     return p
 
 
 def _not_text(path, flag: str, e: UnicodeDecodeError) -> InputFileError:
-    return InputFileError(f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): "
-                          f"is it a binary file? {TEXT_HINT}")
+    return InputFileError(
+        f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}): "
+        f"is it a binary file? {TEXT_HINT}"
+    )
 
 
 def _binary(path, flag: str, offset: int) -> InputFileError:
-    return InputFileError(f"{flag} {str(path)!r} is a binary file (a NUL byte at offset {offset}): {TEXT_HINT}")
+    return InputFileError(
+        f"{flag} {str(path)!r} is a binary file (a NUL byte at offset {offset}): {TEXT_HINT}"
+    )
 
 
 def _empty(path, flag: str) -> InputFileError:
@@ -120,22 +149,30 @@ def _jsonl_rows(p: Path, field: str, flag: str, limit: int | None = None) -> lis
                 try:
                     obj = json.loads(line)
                 except (json.JSONDecodeError, RecursionError):
-                    raise InputFileError(f"{flag} {str(p)!r} line {ln} is not JSON: use one JSON object per line "
-                                         "or --calib-format txt")
+                    raise InputFileError(
+                        f"{flag} {str(p)!r} line {ln} is not JSON: use one JSON object per line "
+                        "or --calib-format txt"
+                    )
                 if not isinstance(obj, dict) or field not in obj:
-                    raise InputFileError(f"{flag} {str(p)!r} line {ln} has no {field!r} field: each line needs "
-                                         f"{{\"{field}\": ...}}")
+                    raise InputFileError(
+                        f"{flag} {str(p)!r} line {ln} has no {field!r} field: each line needs "
+                        f'{{"{field}": ...}}'
+                    )
                 if not isinstance(obj[field], str):
-                    raise InputFileError(f"{flag} {str(p)!r} line {ln}: its {field!r} is {type(obj[field]).__name__}, "
-                                         "not a string of text")
+                    raise InputFileError(
+                        f"{flag} {str(p)!r} line {ln}: its {field!r} is {type(obj[field]).__name__}, "
+                        "not a string of text"
+                    )
                 rows.append(obj[field])
                 if limit is not None and len(rows) >= limit:
                     break
     except UnicodeDecodeError as e:
         raise _not_text(p, flag, e)
-    except (OSError, EOFError, zlib.error) as e:          # gzip.BadGzipFile is an OSError
-        raise InputFileError(f"{flag} {str(p)!r} cannot be read as {'gzip-compressed ' if opener is gzip.open else ''}"
-                             f"JSON lines ({e}): {TEXT_HINT}")
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise InputFileError(
+            f"{flag} {str(p)!r} cannot be read as {'gzip-compressed ' if opener is gzip.open else ''}"
+            f"JSON lines ({e}): {TEXT_HINT}"
+        )
     return rows
 
 
@@ -144,7 +181,9 @@ def _parquet_file(p: Path, field: str, flag: str):
         import pyarrow.parquet as pq
         from pyarrow import ArrowException
     except ImportError:
-        raise InputFileError(f"{flag} {str(p)!r} is parquet, which needs pyarrow: `pip install pyarrow`")
+        raise InputFileError(
+            f"{flag} {str(p)!r} is parquet, which needs pyarrow: `pip install pyarrow`"
+        )
     try:
         pf = pq.ParquetFile(p)
         schema = pf.schema_arrow
@@ -152,7 +191,9 @@ def _parquet_file(p: Path, field: str, flag: str):
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise InputFileError(f"{flag} {str(p)!r} is not a parquet file ({first}): {TEXT_HINT}")
     if field not in schema.names:
-        raise InputFileError(f"{flag} {str(p)!r} has no column {field!r}: columns are {schema.names}")
+        raise InputFileError(
+            f"{flag} {str(p)!r} has no column {field!r}: columns are {schema.names}"
+        )
     import pyarrow as pa
 
     tp = schema.field(field).type
@@ -183,7 +224,9 @@ def _text(p: Path, flag: str, limit: int | None = None) -> str:
         with open(p, "rb") as f:
             data = f.read() if limit is None else f.read(limit)
     except OSError as e:
-        raise InputFileError(f"{flag} {str(p)!r} cannot be read ({e.strerror or e}): check its permissions")
+        raise InputFileError(
+            f"{flag} {str(p)!r} cannot be read ({e.strerror or e}): check its permissions"
+        )
     if b"\x00" in data:
         raise _binary(p, flag, data.index(b"\x00"))
     try:
@@ -205,7 +248,9 @@ def _has_text(p: Path, flag: str) -> bool:
     return False
 
 
-def probe_rows(path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data") -> None:
+def probe_rows(
+    path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data"
+) -> None:
     """Before the model loads: `path` is a readable file of its format whose first rows parse and hold
     text (a text file: its first 64 KB are UTF-8 without NUL bytes, and it is not blank)."""
     p = _existing_file(path, flag)
@@ -222,7 +267,9 @@ def probe_rows(path: str | Path, fmt: str | None = None, field: str = "text", fl
             raise _empty(path, flag)
 
 
-def read_rows(path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data") -> list[str]:
+def read_rows(
+    path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data"
+) -> list[str]:
     """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
     txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines -> "").
     A file that is empty, binary or not of its format is an `InputFileError` naming it."""
@@ -248,14 +295,18 @@ def hub_rows(name: str, split: str, flag: str) -> list[str]:
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise TrimpruneError(f"{name} ({split}) is not available locally and the `datasets` package is not "
-                             f"installed: give a local file with {flag} or set {DATA_ENV}")
+        raise TrimpruneError(
+            f"{name} ({split}) is not available locally and the `datasets` package is not "
+            f"installed: give a local file with {flag} or set {DATA_ENV}"
+        )
     try:
         ds = datasets.load_dataset(repo, split=hsplit, **kw)
     except Exception as e:  # offline, missing, ...
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise TrimpruneError(f"could not load {name} ({split}) from the Hub ({first}): give a local file "
-                             f"with {flag} or set {DATA_ENV}")
+        raise TrimpruneError(
+            f"could not load {name} ({split}) from the Hub ({first}): give a local file "
+            f"with {flag} or set {DATA_ENV}"
+        )
     return [str(x) for x in ds[field]]
 
 
@@ -287,14 +338,18 @@ def check_source(name: str, split: str, path: str | None, fmt: str | None, flag:
         probe_rows(path, fmt, field=_field(name, path), flag=flag)
         return path
     if importlib.util.find_spec("datasets") is None:
-        raise InputFileError(f"{name} ({split}) is not available locally and the `datasets` package is not "
-                             f"installed: give a local file with {flag} or set {DATA_ENV}")
-    from ..io.models import hub_unreachable
+        raise InputFileError(
+            f"{name} ({split}) is not available locally and the `datasets` package is not "
+            f"installed: give a local file with {flag} or set {DATA_ENV}"
+        )
+    from trimprune.core.hub import hub_unreachable
 
     why = hub_unreachable()
     if why:
-        raise InputFileError(f"{name} ({split}) is not available locally and the Hub cannot be reached ({why}): "
-                             f"give a local file with {flag} or set {DATA_ENV} to a folder laid out like shared/data")
+        raise InputFileError(
+            f"{name} ({split}) is not available locally and the Hub cannot be reached ({why}): "
+            f"give a local file with {flag} or set {DATA_ENV} to a folder laid out like shared/data"
+        )
     return "hub"
 
 
@@ -333,10 +388,12 @@ def calib_c4(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int) 
                 if long_enough is None:
                     long_enough = any(_encode(tokenizer, r).numel() > seqlen for r in rows)
                 if not long_enough:
-                    raise TrimpruneError(f"no calibration document is longer than --seqlen {seqlen} tokens: "
-                                         "use a smaller --seqlen or --calib wikitext2 (windows of the joined text)")
+                    raise TrimpruneError(
+                        f"no calibration document is longer than --seqlen {seqlen} tokens: "
+                        "use a smaller --seqlen or --calib wikitext2 (windows of the joined text)"
+                    )
         j = rng.randint(0, enc.numel() - seqlen - 1)
-        out.append(enc[j:j + seqlen])
+        out.append(enc[j : j + seqlen])
     return torch.stack(out)
 
 
@@ -344,13 +401,15 @@ def calib_stream(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) ->
     """WikiText-2 / PTB protocol: tokenize the joined text once, seeded random windows."""
     enc = _encode(tokenizer, text)
     if enc.numel() <= seqlen + 1:
-        raise TrimpruneError(f"the calibration text has {enc.numel()} tokens, not more than --seqlen {seqlen}: "
-                             "use a smaller --seqlen or a larger file")
+        raise TrimpruneError(
+            f"the calibration text has {enc.numel()} tokens, not more than --seqlen {seqlen}: "
+            "use a smaller --seqlen or a larger file"
+        )
     rng = random.Random(seed)
     out = []
     for _ in range(nsamples):
         i = rng.randint(0, enc.numel() - seqlen - 1)
-        out.append(enc[i:i + seqlen])
+        out.append(enc[i : i + seqlen])
     return torch.stack(out)
 
 
@@ -369,17 +428,28 @@ def bos_token_id(model, tokenizer) -> int:
 
 
 @torch.no_grad()
-def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_size: int = 16,
-                      temperature: float = 1.0, device=None, progress=False) -> torch.Tensor:
+def sample_from_model(
+    model,
+    tokenizer,
+    n: int,
+    seqlen: int,
+    seed: int,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    device=None,
+    progress=False,
+) -> torch.Tensor:
     """n sequences of seqlen tokens sampled from the model (seeded; start at BOS; temperature 1,
     no top-k/top-p; EOS is an ordinary token, so every sequence has exactly seqlen tokens and
     the samples follow the model's own distribution over length-seqlen strings)."""
     import inspect
 
-    from ..io.models import model_device
+    from trimprune.core.model import model_device
 
     dev = torch.device(device) if device is not None else model_device(model)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     bos = bos_token_id(model, tokenizer)
     gen = torch.Generator(device=dev).manual_seed(seed)
     seqs = []
@@ -388,8 +458,11 @@ def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_si
         b = min(batch_size, n - start)
         ids = torch.full((b, 1), bos, dtype=torch.long, device=dev)
         out = model(input_ids=ids, use_cache=True)
-        if nonfinite({"logits": extrema(out.logits)}):     # one host read per batch
-            raise blame(model, "sampling from the model (--calib self / --eval self): its logits are not finite")
+        if nonfinite({"logits": extrema(out.logits)}):  # one host read per batch
+            raise blame(
+                model,
+                "sampling from the model (--calib self / --eval self): its logits are not finite",
+            )
         past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         toks = [ids]
         for _ in range(seqlen - 1):
@@ -411,8 +484,15 @@ def get_calibration(config: CalibConfig, tokenizer, model=None, progress=False) 
     if name == "self":
         if model is None:
             raise TrimpruneError("--calib self needs the model to sample from")
-        return sample_from_model(model, tokenizer, config.nsamples, config.seqlen, config.seed,
-                                 batch_size=max(1, min(config.nsamples, 32)), progress=progress)
+        return sample_from_model(
+            model,
+            tokenizer,
+            config.nsamples,
+            config.seqlen,
+            config.seed,
+            batch_size=max(1, min(config.nsamples, 32)),
+            progress=progress,
+        )
     rows = dataset_rows(name, "train", config.data, config.format, "--calib-data")
     if name == "c4":
         return calib_c4(tokenizer, rows, config.nsamples, config.seqlen, config.seed)
@@ -434,6 +514,8 @@ def eval_text(name: str, path: str | None = None, fmt: str | None = None) -> tup
         rows = dataset_rows("c4", "validation", path, fmt, flag)
         return " ".join(rows[:1100]), 256
     if path is None:
-        raise TrimpruneError(f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
-                             f"--eval-data {name}=PATH")
+        raise TrimpruneError(
+            f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
+            f"--eval-data {name}=PATH"
+        )
     return "\n\n".join(read_rows(path, fmt, flag=f"--eval-data {name}")), None

@@ -1,4 +1,4 @@
-"""Executors: how the algorithms' tensor work runs (see `algo.executor` for the seam).
+"""Executors: how the algorithms' tensor work runs (see `core.runtime` for the seam).
 
 - `EagerExecutor`: as written, with profiling phases and deferred records (CPU, or a GPU with the
   speed machinery off).
@@ -13,19 +13,20 @@
 Both take a `storage` (`--offload disk`): the blocks' parameters are then read from it before their
 visit and handed back after it (`offload.StoredBlocks`), around the residency above.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..algo.executor import Executor, Launched
-from . import fastpaths, kernels, readback
-from .graphs import MAX_ELEMENTS, GraphCache
-from .offload import BatchMover, BlockStager, BlockStorage, StoredBlocks
-from .profiling import Phases
+from trimprune.core.runtime import Executor, Launched
+from trimprune.exec import fastpaths, kernels, readback
+from trimprune.exec.graphs import MAX_ELEMENTS, GraphCache
+from trimprune.exec.offload import BatchMover, BlockStager, BlockStorage, StoredBlocks
+from trimprune.exec.profiling import Phases
 
 
 class EagerExecutor(Executor):
@@ -84,7 +85,10 @@ class SideStreamLaunched(Launched):
 
     def __init__(self, value, event, inputs: dict):
         super().__init__(value)
-        self._event, self._inputs = event, inputs       # inputs stay referenced until the side stream is done
+        self._event, self._inputs = (
+            event,
+            inputs,
+        )  # inputs stay referenced until the side stream is done
 
     def result(self):
         if self._event is not None:
@@ -98,16 +102,21 @@ def _device_of(inputs: dict) -> torch.device:
 
 
 class CudaExecutor(EagerExecutor):
-    def __init__(self, device: torch.device, phases: Phases | None = None, graphs: bool | None = None,
-                 storage: BlockStorage | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        phases: Phases | None = None,
+        graphs: bool | None = None,
+        storage: BlockStorage | None = None,
+    ):
         super().__init__(phases, storage)
         if graphs is None:
             graphs = os.environ.get("TRIMPRUNE_CUDA_GRAPHS", "1") != "0"
         self.graphs = GraphCache() if graphs else None
         self.prefetch = os.environ.get("TRIMPRUNE_PREFETCH", "1") != "0"
-        self.stager: BlockStager | None = None          # made on the first offloaded block
-        self.mover: BatchMover | None = None            # made on the first host-stored batches
-        fastpaths.probe_out_dtype(torch.device(device))      # once, outside any graph capture
+        self.stager: BlockStager | None = None  # made on the first offloaded block
+        self.mover: BatchMover | None = None  # made on the first host-stored batches
+        fastpaths.probe_out_dtype(torch.device(device))  # once, outside any graph capture
 
     def captures(self, device: torch.device, size: int) -> bool:
         return self.graphs is not None and device.type == "cuda" and size <= MAX_ELEMENTS
@@ -129,7 +138,9 @@ class CudaExecutor(EagerExecutor):
         if torch.device(device).type != "cuda":
             return None
         done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(device))        # after the copies back, queued on this stream
+        done.record(
+            torch.cuda.current_stream(device)
+        )  # after the copies back, queued on this stream
         return done.synchronize
 
     def _resident(self, blocks, index, device):
@@ -137,7 +148,7 @@ class CudaExecutor(EagerExecutor):
             return Executor.resident(self, blocks, index, device)
         if self.stager is None:
             self.stager = BlockStager(device)
-        if index == 0:                       # a new walk: nothing copied ahead is current
+        if index == 0:  # a new walk: nothing copied ahead is current
             self.stager.ahead.clear()
         return self.stager.resident(blocks, index)
 
@@ -154,7 +165,11 @@ class CudaExecutor(EagerExecutor):
         return self.mover.batches(stored)
 
     def store(self, tensor, device):
-        if tensor.device.type != "cuda" or torch.device(device).type != "cpu" or not self._moves(tensor.device):
+        if (
+            tensor.device.type != "cuda"
+            or torch.device(device).type != "cpu"
+            or not self._moves(tensor.device)
+        ):
             return super().store(tensor, device)
         return self.mover.store(tensor)
 
@@ -178,7 +193,7 @@ class CudaExecutor(EagerExecutor):
             return pure_fn(*args, **kwargs)
         try:
             return fp.impl(*args, **kwargs)
-        except Exception as e:      # noqa: BLE001 - a kernel's compile / launch error: the pure function is exact too
+        except Exception as e:  # noqa: BLE001 - a kernel's compile / launch error: the pure function is exact too
             if fp.backend != "triton":
                 raise
             kernels.disable(e)
@@ -197,8 +212,9 @@ class CudaExecutor(EagerExecutor):
         return t.pin_memory().to(device, non_blocking=True)
 
 
-def make_executor(device: torch.device | str, profile: str = "time", storage: BlockStorage | None = None
-                  ) -> EagerExecutor:
+def make_executor(
+    device: torch.device | str, profile: str = "time", storage: BlockStorage | None = None
+) -> EagerExecutor:
     """The executor for computing on `device`: `CudaExecutor` on a GPU, else eager. `storage`: where the
     offloaded blocks' parameters live (`--offload disk`)."""
     device = torch.device(device)

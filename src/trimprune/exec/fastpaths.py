@@ -7,15 +7,16 @@ those arguments (keywords may be missing when asked ahead of time, e.g. `acceler
 suite (`tests/test_fast_paths.py`, in Triton's CPU interpreter) and `benchmarks/gpu_check.py` (on a
 GPU) run `check` for every registered fast path.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
-from ..algo.linalg import mm_f32
+from trimprune.core.linalg import mm_f32
 
 log = logging.getLogger("trimprune")
 
@@ -28,7 +29,7 @@ class FastPath:
     applies: Callable[..., bool]
     examples: Callable[[torch.device], Iterable[tuple[tuple, dict]]]
     compare: Callable[[object, object], tuple[bool, str]]
-    backend: str                     # "triton" (runs in Triton's CPU interpreter too) or "cuda"
+    backend: str  # "triton" (runs in Triton's CPU interpreter too) or "cuda"
 
 
 REGISTRY: dict[Callable, list[FastPath]] = {}
@@ -61,6 +62,7 @@ def rel_close(rtol: float):
         got, want = got.double(), want.double()
         rel = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
         return rel <= rtol, f"max rel. diff {rel:.1e} (<= {rtol:g})"
+
     return compare
 
 
@@ -97,8 +99,13 @@ def _mm_out_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _mm_applies(a=None, b=None) -> bool:
-    return (a is not None and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
-            and probe_out_dtype(a.device))
+    return (
+        a is not None
+        and a.is_cuda
+        and a.dtype in (torch.float16, torch.bfloat16)
+        and a.dtype == b.dtype
+        and probe_out_dtype(a.device)
+    )
 
 
 def _mm_examples(device):
@@ -106,8 +113,23 @@ def _mm_examples(device):
     for dt in (torch.float16, torch.bfloat16):
         a = torch.randn(300, 96, generator=g).to(device, dt)
         yield (a.t(), a), {}
-        yield (torch.randn(3, 40, 64, generator=g).to(device, dt), torch.randn(3, 64, 64, generator=g).to(device, dt)), {}
+        yield (
+            (
+                torch.randn(3, 40, 64, generator=g).to(device, dt),
+                torch.randn(3, 64, 64, generator=g).to(device, dt),
+            ),
+            {},
+        )
 
 
-register(FastPath("float32 product of half inputs on tensor cores (torch.mm out_dtype)", mm_f32, _mm_out_f32,
-                  _mm_applies, _mm_examples, rel_close(1e-5), "cuda"))
+register(
+    FastPath(
+        "float32 product of half inputs on tensor cores (torch.mm out_dtype)",
+        mm_f32,
+        _mm_out_f32,
+        _mm_applies,
+        _mm_examples,
+        rel_close(1e-5),
+        "cuda",
+    )
+)

@@ -5,17 +5,18 @@ kernel launches; captured once per key and replayed, they cost one launch. Large
 compute-bound and run eagerly (`MAX_ELEMENTS`). Outputs may be tensors or nested tuples / lists /
 dataclasses of tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-MAX_ELEMENTS = 64 * 2**20   # graph only computations whose main tensors are below this size
+MAX_ELEMENTS = 64 * 2**20  # graph only computations whose main tensors are below this size
 SIDE_STREAMS = 4
-_STREAMS: dict = {}         # device -> the side streams, made once per process (the caching allocator keeps
-                            # freed memory per stream: new streams for every prune would not reuse it)
+_STREAMS: dict = {}  # device -> the side streams, made once per process (the caching allocator keeps
+# freed memory per stream: new streams for every prune would not reuse it)
 
 
 def side_streams(device: torch.device) -> list:
@@ -42,8 +43,13 @@ def rebuild(template, tensors):
     if isinstance(template, (tuple, list)):
         return type(template)(rebuild(o, tensors) for o in template)
     if dataclasses.is_dataclass(template):
-        return dataclasses.replace(template, **{f.name: rebuild(getattr(template, f.name), tensors)
-                                                for f in dataclasses.fields(template)})
+        return dataclasses.replace(
+            template,
+            **{
+                f.name: rebuild(getattr(template, f.name), tensors)
+                for f in dataclasses.fields(template)
+            },
+        )
     return template
 
 

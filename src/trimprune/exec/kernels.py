@@ -10,6 +10,7 @@
 The first failure (e.g. no C compiler for Triton's launcher) turns the kernels off with one warning;
 the pure functions answer instead (`TRIMPRUNE_TRITON=0` turns them off from the start).
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,51 +18,83 @@ import os
 
 import torch
 
-from ..algo.trim.evaluators import GramSpec, pruned_cross
-from ..algo.trim.search import TrimSearch, TrimSettings, iterate
-from ..algo.masks import row_ranks
-from .fastpaths import FastPath, register, rel_close
+from trimprune.algo.masks import row_ranks
+from trimprune.algo.trim.evaluators import GramSpec, pruned_cross
+from trimprune.algo.trim.search import TrimSearch, TrimSettings, iterate
+from trimprune.exec.fastpaths import FastPath, register, rel_close
 
-try:                                    # a dependency of CUDA builds of torch; optional here
+try:  # a dependency of CUDA builds of torch; optional here
     import triton
     import triton.language as tl
-except ImportError:                     # pragma: no cover - depends on the installation
+except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 log = logging.getLogger("trimprune")
 
 
 if triton is not None:
+
     @triton.jit
-    def _cross_kernel(W, RK, G, C, R, N: tl.constexpr,
-                      s_wp, s_wr, s_kp, s_kr, s_gp, s_ga, s_cp, s_cr,
-                      BR: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
+    def _cross_kernel(
+        W,
+        RK,
+        G,
+        C,
+        R,
+        N: tl.constexpr,
+        s_wp,
+        s_wr,
+        s_kp,
+        s_kr,
+        s_gp,
+        s_ga,
+        s_cp,
+        s_cr,
+        BR: tl.constexpr,
+        BA: tl.constexpr,
+        BB: tl.constexpr,
+    ):
         # one program: rows [r0, r0+BR) x columns a in [a0, a0+BA) of linear p; loops over b tiles
         p = tl.program_id(2).to(tl.int64)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         cols_a = tl.program_id(1) * BA + tl.arange(0, BA)
         ok_r = rows < R
         ok_a = cols_a < N
-        ra = tl.load(RK + p * s_kp + rows[:, None] * s_kr + cols_a[None, :],
-                     mask=ok_r[:, None] & ok_a[None, :], other=-1)            # (BR, BA)
+        ra = tl.load(
+            RK + p * s_kp + rows[:, None] * s_kr + cols_a[None, :],
+            mask=ok_r[:, None] & ok_a[None, :],
+            other=-1,
+        )  # (BR, BA)
         # products accumulate elementwise; one reduction at the end (a reduction per tile was 3x slower)
         acc = tl.zeros((BR, BA, BB), dtype=tl.float32)
         for b0 in range(0, N, BB):
             cols_b = b0 + tl.arange(0, BB)
             ok_b = cols_b < N
-            g = tl.load(G + p * s_gp + cols_a[:, None] * s_ga + cols_b[None, :],
-                        mask=ok_a[:, None] & ok_b[None, :], other=0.0)        # (BA, BB)
-            w = tl.load(W + p * s_wp + rows[:, None] * s_wr + cols_b[None, :],
-                        mask=ok_r[:, None] & ok_b[None, :], other=0.0)        # (BR, BB)
-            rb = tl.load(RK + p * s_kp + rows[:, None] * s_kr + cols_b[None, :],
-                         mask=ok_r[:, None] & ok_b[None, :], other=2147483647)
-            below = rb[:, None, :] < ra[:, :, None]                           # (BR, BA, BB)
+            g = tl.load(
+                G + p * s_gp + cols_a[:, None] * s_ga + cols_b[None, :],
+                mask=ok_a[:, None] & ok_b[None, :],
+                other=0.0,
+            )  # (BA, BB)
+            w = tl.load(
+                W + p * s_wp + rows[:, None] * s_wr + cols_b[None, :],
+                mask=ok_r[:, None] & ok_b[None, :],
+                other=0.0,
+            )  # (BR, BB)
+            rb = tl.load(
+                RK + p * s_kp + rows[:, None] * s_kr + cols_b[None, :],
+                mask=ok_r[:, None] & ok_b[None, :],
+                other=2147483647,
+            )
+            below = rb[:, None, :] < ra[:, :, None]  # (BR, BA, BB)
             acc += tl.where(below, g[None, :, :] * w[:, None, :], 0.0)
-        tl.store(C + p * s_cp + rows[:, None] * s_cr + cols_a[None, :], tl.sum(acc, axis=2),
-                 mask=ok_r[:, None] & ok_a[None, :])
+        tl.store(
+            C + p * s_cp + rows[:, None] * s_cr + cols_a[None, :],
+            tl.sum(acc, axis=2),
+            mask=ok_r[:, None] & ok_a[None, :],
+        )
 
 
-FAILED: list[str] = []       # the first Triton failure: kernels off
+FAILED: list[str] = []  # the first Triton failure: kernels off
 
 
 def enabled() -> bool:
@@ -71,11 +104,21 @@ def enabled() -> bool:
 def disable(error: Exception) -> None:
     """Turn the kernels off after a failure (one warning)."""
     FAILED.append(repr(error))
-    log.warning("Triton kernels unavailable (%s); using the tensor code (slower)", repr(error)[:200])
+    log.warning(
+        "Triton kernels unavailable (%s); using the tensor code (slower)", repr(error)[:200]
+    )
 
 
-def pruned_cross_triton(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, chunk_elems: int = 0, BR: int = 4,
-                        BA: int = 64, BB: int = 16, num_warps: int = 4) -> torch.Tensor:
+def pruned_cross_triton(
+    W: torch.Tensor,
+    ranks: torch.Tensor,
+    G: torch.Tensor,
+    chunk_elems: int = 0,
+    BR: int = 4,
+    BA: int = 64,
+    BB: int = 16,
+    num_warps: int = 4,
+) -> torch.Tensor:
     """`pruned_cross` as one Triton kernel. W (P, rows, in), ranks (P, rows, in), G (P, in, in) (a stride-0
     expansion of one G is fine) -> float32 (P, rows, in). (`chunk_elems` belongs to the pure function.)"""
     # tiles: best of 14 configurations on an H100 for the SmolLM2 shapes (benchmarks/kernel_bench.py)
@@ -90,8 +133,26 @@ def pruned_cross_triton(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, c
         G = G.contiguous()
     C = torch.empty(P, R, N, dtype=torch.float32, device=W.device)
     grid = (triton.cdiv(R, BR), triton.cdiv(N, BA), P)
-    _cross_kernel[grid](W, ranks, G, C, R, N, W.stride(0), W.stride(1), ranks.stride(0), ranks.stride(1),
-                        G.stride(0), G.stride(1), C.stride(0), C.stride(1), BR=BR, BA=BA, BB=BB, num_warps=num_warps)
+    _cross_kernel[grid](
+        W,
+        ranks,
+        G,
+        C,
+        R,
+        N,
+        W.stride(0),
+        W.stride(1),
+        ranks.stride(0),
+        ranks.stride(1),
+        G.stride(0),
+        G.stride(1),
+        C.stride(0),
+        C.stride(1),
+        BR=BR,
+        BA=BA,
+        BB=BB,
+        num_warps=num_warps,
+    )
     return C
 
 
@@ -101,11 +162,30 @@ FUSED_LAYER = {"cosim_flat": 0, "cosim_dim": 1, "mse": 2, "mse_dim": 2}
 FUSED_DIM = {"cosim": 0, "mse": 1}
 
 if triton is not None:
+
     @triton.jit
-    def _trim_iterations_kernel(TW, TE, YY, S, LR, X, DQ, BX, BM, BIT,
-                                R: tl.constexpr, N: tl.constexpr, KMAX: tl.constexpr, L: tl.constexpr,
-                                ITERS: tl.constexpr, CAP: tl.constexpr, NT: tl.constexpr,
-                                LAYER: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    def _trim_iterations_kernel(
+        TW,
+        TE,
+        YY,
+        S,
+        LR,
+        X,
+        DQ,
+        BX,
+        BM,
+        BIT,
+        R: tl.constexpr,
+        N: tl.constexpr,
+        KMAX: tl.constexpr,
+        L: tl.constexpr,
+        ITERS: tl.constexpr,
+        CAP: tl.constexpr,
+        NT: tl.constexpr,
+        LAYER: tl.constexpr,
+        DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # one program: linear p, learning rate l; rows in chunks of BLOCK; x, dq, best x in scratch rows
         pid = tl.program_id(0)
         p = pid // L
@@ -173,7 +253,9 @@ if triton is not None:
                 c = yy - wge
                 q = tl.maximum(yy - 2 * wge + err, 0.0)
                 err = tl.maximum(err, 0.0)
-                cos = tl.minimum(tl.maximum(c / ((tl.sqrt(yy) + 1e-8) * (tl.sqrt(q) + 1e-8)), -1.0), 1.0)
+                cos = tl.minimum(
+                    tl.maximum(c / ((tl.sqrt(yy) + 1e-8) * (tl.sqrt(q) + 1e-8)), -1.0), 1.0
+                )
                 if DIM == 0:
                     tl.store(DQ + row + offs, cos, mask=ok)
                 else:
@@ -183,8 +265,13 @@ if triton is not None:
                 e_acc += tl.where(ok, err, 0.0)
                 cos_acc += tl.where(ok, cos, 0.0)
             if LAYER == 0:
-                m = tl.minimum(tl.maximum(tl.sum(c_acc) / ((tl.sqrt(syy) + 1e-8) * (tl.sqrt(tl.sum(q_acc)) + 1e-8)),
-                                          -1.0), 1.0)
+                m = tl.minimum(
+                    tl.maximum(
+                        tl.sum(c_acc) / ((tl.sqrt(syy) + 1e-8) * (tl.sqrt(tl.sum(q_acc)) + 1e-8)),
+                        -1.0,
+                    ),
+                    1.0,
+                )
             elif LAYER == 1:
                 m = tl.sum(cos_acc) / R
             else:
@@ -193,18 +280,31 @@ if triton is not None:
             if better:
                 for c0 in range(0, R, BLOCK):
                     offs = c0 + tl.arange(0, BLOCK)
-                    tl.store(BX + row + offs, tl.load(X + row + offs, mask=offs < R, other=0.0), mask=offs < R)
+                    tl.store(
+                        BX + row + offs,
+                        tl.load(X + row + offs, mask=offs < R, other=0.0),
+                        mask=offs < R,
+                    )
             best = tl.where(better, m, best)
             best_it = tl.where(better, it, best_it)
         tl.store(BM + pid, best)
         tl.store(BIT + pid, best_it)
 
 
-
-
-def trim_iterations(tables: torch.Tensor, yy: torch.Tensor, s3: torch.Tensor, base_m: torch.Tensor,
-                    base_dq: torch.Tensor, lrs: torch.Tensor, iterations: int, cap: float, kmax: int,
-                    n_tokens: int, layer_metric: str, dim_metric: str):
+def trim_iterations(
+    tables: torch.Tensor,
+    yy: torch.Tensor,
+    s3: torch.Tensor,
+    base_m: torch.Tensor,
+    base_dq: torch.Tensor,
+    lrs: torch.Tensor,
+    iterations: int,
+    cap: float,
+    kmax: int,
+    n_tokens: int,
+    layer_metric: str,
+    dim_metric: str,
+):
     """TrimSearch._iterate for every (linear, rate) as one Triton kernel, reading the statistics of each
     candidate from the prefix tables (2, P, rows, in + 1) of quality.GramEvaluator. yy (P, rows) float64,
     s3 (P,) float32, base_m (P,) and base_dq (P, rows) float64 at uniform, lrs (L,) float64.
@@ -217,10 +317,29 @@ def trim_iterations(tables: torch.Tensor, yy: torch.Tensor, s3: torch.Tensor, ba
     bm = base_m.view(P, 1).expand(P, L).contiguous()
     bit = torch.zeros(P, L, dtype=torch.int64, device=x.device)
     block = min(2048, triton.next_power_of_2(R))
-    _trim_iterations_kernel[(P * L,)](tables[0], tables[1], yy.contiguous(), s3.contiguous(), lrs.contiguous(), x, dq,
-                                      bx, bm, bit, R=R, N=N1 - 1, KMAX=kmax, L=L, ITERS=iterations, CAP=cap,
-                                      NT=n_tokens, LAYER=FUSED_LAYER[layer_metric], DIM=FUSED_DIM[dim_metric],
-                                      BLOCK=block, num_warps=8 if block >= 1024 else 4)
+    _trim_iterations_kernel[(P * L,)](
+        tables[0],
+        tables[1],
+        yy.contiguous(),
+        s3.contiguous(),
+        lrs.contiguous(),
+        x,
+        dq,
+        bx,
+        bm,
+        bit,
+        R=R,
+        N=N1 - 1,
+        KMAX=kmax,
+        L=L,
+        ITERS=iterations,
+        CAP=cap,
+        NT=n_tokens,
+        LAYER=FUSED_LAYER[layer_metric],
+        DIM=FUSED_DIM[dim_metric],
+        BLOCK=block,
+        num_warps=8 if block >= 1024 else 4,
+    )
     return bx, bm, bit
 
 
@@ -231,8 +350,13 @@ def _cross_applies(W=None, ranks=None, G=None, **_) -> bool:
 
 def _cross_examples(device):
     g = torch.Generator().manual_seed(0)
-    for P, R, N, shared in [(1, 5, 7, False), (2, 37, 70, True), (3, 130, 333, False), (2, 1536, 576, True)]:
-        if device.type == "cpu" and R * N > 50_000:           # the interpreter is slow
+    for P, R, N, shared in [
+        (1, 5, 7, False),
+        (2, 37, 70, True),
+        (3, 130, 333, False),
+        (2, 1536, 576, True),
+    ]:
+        if device.type == "cpu" and R * N > 50_000:  # the interpreter is slow
             continue
         X = torch.randn(P, 3 * N, N, generator=g)
         G = X.transpose(1, 2) @ X
@@ -243,23 +367,51 @@ def _cross_examples(device):
         yield (W.to(device), ranks.to(device), G.to(device)), {}
 
 
-register(FastPath("Triton cross term of the e G e^T prefix table", pruned_cross, pruned_cross_triton,
-                  _cross_applies, _cross_examples, rel_close(1e-5), "triton"))
+register(
+    FastPath(
+        "Triton cross term of the e G e^T prefix table",
+        pruned_cross,
+        pruned_cross_triton,
+        _cross_applies,
+        _cross_examples,
+        rel_close(1e-5),
+        "triton",
+    )
+)
 
 
 def fused_iterate(ev, ranks, s3, base_lm, base_dq, lrs, settings: TrimSettings):
     """`iterate` as one Triton kernel over the evaluator's prefix tables."""
     P, _, n = ranks.shape
     kmax = int(settings.max_row_sparsity * n + 1e-9)
-    return trim_iterations(ev.count_tables(), ev.yy, s3.view(P), base_lm[:, 0], base_dq[:, 0], lrs.to(torch.float64),
-                           settings.iterations, settings.max_row_sparsity, kmax, ev.T, settings.layer_metric,
-                           settings.dim_metric)
+    return trim_iterations(
+        ev.count_tables(),
+        ev.yy,
+        s3.view(P),
+        base_lm[:, 0],
+        base_dq[:, 0],
+        lrs.to(torch.float64),
+        settings.iterations,
+        settings.max_row_sparsity,
+        kmax,
+        ev.T,
+        settings.layer_metric,
+        settings.dim_metric,
+    )
 
 
-def _iterate_applies(ev=None, ranks=None, s3=None, base_lm=None, base_dq=None, lrs=None, settings=None) -> bool:
-    return (enabled() and ranks is not None and ranks.is_cuda and ev.count_tables() is not None
-            and settings.rounding == "exact" and settings.layer_metric in FUSED_LAYER
-            and settings.dim_metric in FUSED_DIM)
+def _iterate_applies(
+    ev=None, ranks=None, s3=None, base_lm=None, base_dq=None, lrs=None, settings=None
+) -> bool:
+    return (
+        enabled()
+        and ranks is not None
+        and ranks.is_cuda
+        and ev.count_tables() is not None
+        and settings.rounding == "exact"
+        and settings.layer_metric in FUSED_LAYER
+        and settings.dim_metric in FUSED_DIM
+    )
 
 
 def _iterate_examples(device):
@@ -272,12 +424,17 @@ def _iterate_examples(device):
         W = torch.randn(P, rows, n, generator=g)
         W[1, :5] *= 6
         ranks = torch.stack([row_ranks(W[p].abs() * X[p].norm(dim=0)) for p in range(P)]).to(device)
-        settings = TrimSettings(layer_metric=["cosim_flat", "cosim_dim", "mse", "mse_dim"][seed % 4],
-                                dim_metric=["cosim", "mse"][seed % 2])
+        settings = TrimSettings(
+            layer_metric=["cosim_flat", "cosim_dim", "mse", "mse_dim"][seed % 4],
+            dim_metric=["cosim", "mse"][seed % 2],
+        )
         s = torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64, device=device)
-        ev, s3, base_lm, base_dq, _ = TrimSearch(settings)._start(GramSpec(T, tables="on"), W.to(device),
-                                                                   (X.transpose(1, 2) @ X).to(device), ranks, s)
-        lrs = torch.tensor(settings.all_lrs, dtype=torch.float64, device=device) * (1 if seed < 4 else 20)
+        ev, s3, base_lm, base_dq, _ = TrimSearch(settings)._start(
+            GramSpec(T, tables="on"), W.to(device), (X.transpose(1, 2) @ X).to(device), ranks, s
+        )
+        lrs = torch.tensor(settings.all_lrs, dtype=torch.float64, device=device) * (
+            1 if seed < 4 else 20
+        )
         yield (ev, ranks, s3, base_lm, base_dq, lrs, settings), {}
 
 
@@ -285,9 +442,21 @@ def _same_search(got, want):
     (bx, bm, bit), (fx, fm, fit) = want, got
     dm = float((bm - fm).abs().max())
     same = torch.equal(bx, fx) and torch.equal(bit, fit)
-    return same and dm <= 1e-12, f"same x and iterations: {same}, metrics within {dm:.1e}, " \
-                                 f"best iteration up to {int(bit.max())}"
+    return (
+        same and dm <= 1e-12,
+        f"same x and iterations: {same}, metrics within {dm:.1e}, "
+        f"best iteration up to {int(bit.max())}",
+    )
 
 
-register(FastPath("fused TRIM iterations (one Triton kernel)", iterate, fused_iterate, _iterate_applies,
-                  _iterate_examples, _same_search, "triton"))
+register(
+    FastPath(
+        "fused TRIM iterations (one Triton kernel)",
+        iterate,
+        fused_iterate,
+        _iterate_applies,
+        _iterate_examples,
+        _same_search,
+        "triton",
+    )
+)

@@ -1,4 +1,5 @@
 """How much GPU memory this process may still take."""
+
 from __future__ import annotations
 
 import torch

@@ -19,11 +19,13 @@ block's parameters are installed into its modules only for its visit and dropped
 GPU copy-ahead, blocks i and i+1 are in host memory while block i runs and block i+2 is being read; at
 most one finished block waits to be written.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -51,7 +53,9 @@ class BlockStager:
 
     def _upload(self, block: nn.Module):
         pin(block)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))   # the host tensors are up to date
+        self.stream.wait_stream(
+            torch.cuda.current_stream(self.device)
+        )  # the host tensors are up to date
         with torch.cuda.stream(self.stream):
             on_gpu = [t.data.to(self.device, non_blocking=True) for t in _tensors(block)]
             done = torch.cuda.Event()
@@ -67,7 +71,7 @@ class BlockStager:
         tensors = _tensors(block)
         host = [t.data for t in tensors]
         for t, g in zip(tensors, on_gpu):
-            g.record_stream(compute)           # made on the side stream, used on this one
+            g.record_stream(compute)  # made on the side stream, used on this one
             t.data = g
         if index + 1 < len(blocks):
             self.ahead[index + 1] = self._upload(blocks[index + 1])
@@ -109,7 +113,7 @@ class BatchMover:
             if j + 1 < len(stored):
                 nxt = self._ahead(stored[j + 1])
             compute.wait_event(done)
-            x.record_stream(compute)           # made on the side stream, used on this one
+            x.record_stream(compute)  # made on the side stream, used on this one
             yield x
 
     def store(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -125,7 +129,9 @@ class BatchMover:
 class BlockStorage(Protocol):
     """Where the parameters of offloaded blocks live between their visits (`io.diskmodel.DiskBlocks`)."""
 
-    def read(self, index: int, empty: Callable[..., torch.Tensor] = torch.empty) -> dict[str, torch.Tensor]:
+    def read(
+        self, index: int, empty: Callable[..., torch.Tensor] = torch.empty
+    ) -> dict[str, torch.Tensor]:
         """Block `index`'s parameters (names inside the block) as new host tensors made by `empty`."""
 
     def writes(self, index: int) -> bool:
@@ -153,7 +159,9 @@ def _drop(block: nn.Module) -> None:
     for mod in block.modules():
         for attr, p in mod._parameters.items():
             if p is not None and p.device.type != "meta":
-                mod._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                mod._parameters[attr] = nn.Parameter(
+                    torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                )
 
 
 def _load_trim():
@@ -197,7 +205,9 @@ class StoredBlocks:
     def read_ahead(self, blocks, index: int) -> None:
         """Start reading block `index` (if it exists and is neither read nor being read)."""
         if index < len(blocks) and index not in self.reads and index not in self.installed:
-            self.reads[index] = self.io.submit(self.storage.read, index, _pinned_empty if self.pin else torch.empty)
+            self.reads[index] = self.io.submit(
+                self.storage.read, index, _pinned_empty if self.pin else torch.empty
+            )
 
     def fetch(self, blocks, index: int) -> nn.Module:
         """Block `index` with its parameters in host memory (waits for its read, started now unless ahead)."""
@@ -214,7 +224,9 @@ class StoredBlocks:
         if self.storage.writes(index):
             state = {k: v.detach() for k, v in block.state_dict().items()}
             self._raise_failed_write()
-            while len(self.pending_writes) > 1:             # at most one block waits behind the one being written
+            while (
+                len(self.pending_writes) > 1
+            ):  # at most one block waits behind the one being written
                 self.pending_writes.pop(0).result()
             self.pending_writes.append(self.io.submit(self._write, index, state, ready))
             _drop(block)

@@ -9,6 +9,7 @@ Modes:
   work (slower; `benchmarks/phases.py --mode sync`).
 - "trace": each phase is a `torch.profiler.record_function` range named `trimprune::<phase>`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,9 @@ class Mark:
 @dataclass
 class Phases:
     mode: str = "time"
-    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))   # exclusive host seconds
+    totals: dict[str, float] = field(
+        default_factory=lambda: defaultdict(float)
+    )  # exclusive host seconds
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     marks: list[Mark] = field(default_factory=list)
     _stack: list[float] = field(default_factory=list)
@@ -60,8 +63,11 @@ class Phases:
         self._mark(name, "start")
         t0 = time.perf_counter()
         self._stack.append(0.0)
-        ctx = torch.profiler.record_function(f"trimprune::{name}") if self.mode == "trace" else \
-            contextlib.nullcontext()
+        ctx = (
+            torch.profiler.record_function(f"trimprune::{name}")
+            if self.mode == "trace"
+            else contextlib.nullcontext()
+        )
         try:
             with ctx:
                 yield

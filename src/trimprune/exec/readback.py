@@ -6,24 +6,32 @@ records an event; the returned `Staged` is a `Deferred` whose `result()` waits f
 copy is not done yet), splits the buffers back into the named tensors (their dtypes and shapes) and
 returns `then(host tensors)`. On the CPU the same path runs without copies.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..algo.executor import Deferred
+from trimprune.core.runtime import Deferred
 
 
 class Staged(Deferred):
-    def __init__(self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], object]):
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], object]
+    ):
         self._then = then
         self._done = False
         self._value = None
         device = next((t.device for t in tensors.values() if t.is_cuda), torch.device("cpu"))
-        self._numbers = [(k, t.dtype, t.shape) for k, t in tensors.items() if t.dtype != torch.uint8]
+        self._numbers = [
+            (k, t.dtype, t.shape) for k, t in tensors.items() if t.dtype != torch.uint8
+        ]
         self._bytes = [(k, t.shape) for k, t in tensors.items() if t.dtype == torch.uint8]
-        nums = [tensors[k].reshape(-1).to(device, torch.float64, non_blocking=True) for k, _, _ in self._numbers]
+        nums = [
+            tensors[k].reshape(-1).to(device, torch.float64, non_blocking=True)
+            for k, _, _ in self._numbers
+        ]
         byts = [tensors[k].reshape(-1).to(device, non_blocking=True) for k, _ in self._bytes]
         self._flat = [torch.cat(nums) if nums else None, torch.cat(byts) if byts else None]
         self._event = None
@@ -54,16 +62,22 @@ class Staged(Deferred):
         nums, byts = self._flat
         out = {}
         if nums is not None:
-            for (k, dtype, shape), part in zip(self._numbers, nums.split([s.numel() for _, _, s in self._numbers])):
+            for (k, dtype, shape), part in zip(
+                self._numbers, nums.split([s.numel() for _, _, s in self._numbers])
+            ):
                 out[k] = part.view(shape).to(dtype)
         if byts is not None:
             # copies into pageable memory by numpy: torch's CPU copy_ wakes its thread pool (tens of ms
             # on some GPU hosts), and clone() of pinned memory allocates pinned memory, which waits for
             # the device
-            for (k, shape), part in zip(self._bytes, byts.split([s.numel() for _, s in self._bytes])):
+            for (k, shape), part in zip(
+                self._bytes, byts.split([s.numel() for _, s in self._bytes])
+            ):
                 out[k] = torch.from_numpy(part.numpy().copy()).view(shape)
         return out
 
 
-def stage(tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], object]) -> Staged:
+def stage(
+    tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], object]
+) -> Staged:
     return Staged(tensors, then)

@@ -15,6 +15,7 @@ hold. At sparsity s in float16 a pruned weight takes 1/16 + (1 - s) of its dense
 `load_pruned(DIR)` returns an ordinary transformers model; `trimprune export --dense` writes a plain
 Hugging Face directory from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,16 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import TrimpruneError
-from .tensorfile import save_tensors
+from trimprune.errors import TrimpruneError
+from trimprune.io.tensorfile import save_tensors
 
 COMPACT_FORMAT = "trimprune-compact-v1"
 COMPACT_FILE = "model.compact.safetensors"
 
 
-def compact_tensors(state: dict[str, torch.Tensor], sparse: set[str]) -> tuple[dict[str, torch.Tensor], dict]:
+def compact_tensors(
+    state: dict[str, torch.Tensor], sparse: set[str]
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of `model.compact.safetensors` for a state dict whose parameters named in
     `sparse` are stored as bitmask + values. Tensors that share storage (tied embeddings) are stored once."""
     out, shapes, tied, seen = {}, {}, {}, {}
@@ -58,8 +61,10 @@ def dense_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != COMPACT_FORMAT:
-            raise TrimpruneError(f"{path} is not a trimprune compact checkpoint (format {meta.get('format')!r}): "
-                                 "give the folder a `--save-format compact` run wrote")
+            raise TrimpruneError(
+                f"{path} is not a trimprune compact checkpoint (format {meta.get('format')!r}): "
+                "give the folder a `--save-format compact` run wrote"
+            )
         shapes = json.loads(meta["sparse_shapes"])
         state = {}
         for key in f.keys():
@@ -98,21 +103,29 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
     p = Path(path)
     if not (p / COMPACT_FILE).is_file():
         if not (p / "config.json").is_file():
-            raise TrimpruneError(f"{str(path)!r} holds no model (no config.json / {COMPACT_FILE}): give the "
-                                 "--output folder of a prune that saved its model")
+            raise TrimpruneError(
+                f"{str(path)!r} holds no model (no config.json / {COMPACT_FILE}): give the "
+                "--output folder of a prune that saved its model"
+            )
         model = AutoModelForCausalLM.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         return model.to(device).eval() if device is not None else model.eval()
     state, tied = dense_state(p / COMPACT_FILE)
     config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, torch_dtype=dtype, trust_remote_code=trust_remote_code
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(tied):
-        raise TrimpruneError(f"{str(path)!r} does not match its config: missing {sorted(set(missing) - set(tied))[:3]},"
-                             f" unexpected {unexpected[:3]}")
+        raise TrimpruneError(
+            f"{str(path)!r} does not match its config: missing {sorted(set(missing) - set(tied))[:3]},"
+            f" unexpected {unexpected[:3]}"
+        )
     if tied:
         model.tie_weights()
     return model.to(device).eval() if device is not None else model.eval()

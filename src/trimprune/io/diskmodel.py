@@ -13,18 +13,19 @@ evaluation of the pruned model) come from that shard; `finish` completes the fol
 name needs the checkpoint's tensor names to be the model's state-dict names (as `save_pretrained`
 writes them; a checkpoint that transformers converts on load is refused with the fix).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..errors import TrimpruneError
-from .shards import SafetensorsCheckpoint, ShardWriter
+from trimprune.errors import TrimpruneError
+from trimprune.io.shards import SafetensorsCheckpoint, ShardWriter
 
 FIX = "use --offload cpu"
 
@@ -50,22 +51,31 @@ def local_checkpoint(target: str) -> Path:
         return Path(snapshot_download(target, allow_patterns=["*.safetensors", "*.json"]))
     except Exception as e:  # noqa: BLE001 - any hub failure: one line naming the model
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TrimpruneError(f"--model {target!r} could not be fetched for --offload disk ({first[:160]}): give a "
-                             "local model folder")
+        raise TrimpruneError(
+            f"--model {target!r} could not be fetched for --offload disk ({first[:160]}): give a "
+            "local model folder"
+        )
 
 
 def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsCheckpoint:
     """The safetensors checkpoint of `target`; a GGUF or `.bin` model is refused with the fix."""
     if gguf_file is not None:
-        raise TrimpruneError(f"--offload disk reads a model stored as safetensors; {gguf_file} is a GGUF file: "
-                             f"{FIX} (or convert the model to safetensors)")
+        raise TrimpruneError(
+            f"--offload disk reads a model stored as safetensors; {gguf_file} is a GGUF file: "
+            f"{FIX} (or convert the model to safetensors)"
+        )
     folder = local_checkpoint(target)
     ckpt = SafetensorsCheckpoint.open(folder)
     if ckpt is None:
-        found = sorted(p.name for p in folder.glob("*.bin"))[:1] + sorted(p.name for p in folder.glob("*.gguf"))[:1]
+        found = (
+            sorted(p.name for p in folder.glob("*.bin"))[:1]
+            + sorted(p.name for p in folder.glob("*.gguf"))[:1]
+        )
         held = f" (it holds {found[0]})" if found else ""
-        raise TrimpruneError(f"--offload disk reads a model stored as safetensors, and {str(folder)!r} has no "
-                             f"model.safetensors or {'model.safetensors.index.json'}{held}: {FIX}")
+        raise TrimpruneError(
+            f"--offload disk reads a model stored as safetensors, and {str(folder)!r} has no "
+            f"model.safetensors or {'model.safetensors.index.json'}{held}: {FIX}"
+        )
     return ckpt
 
 
@@ -86,26 +96,46 @@ class DiskBlocks:
     the pruning walk has finished a block, in its shard of the output folder. Read and written on the
     executor's I/O thread (`exec.offload.StoredBlocks`); `writes` is asked on the main thread."""
 
-    def __init__(self, model: nn.Module, blocks_name: str, blocks: nn.ModuleList, source: SafetensorsCheckpoint,
-                 stored_name):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks_name: str,
+        blocks: nn.ModuleList,
+        source: SafetensorsCheckpoint,
+        stored_name,
+    ):
         self.model, self.blocks_name, self.source = model, blocks_name, source
-        self.params: list[dict[str, StoredTensor]] = []       # per block: its parameters (names inside it)
-        self.names: list[dict[str, str]] = []                 # per block: state-dict name inside it -> stored name
-        self.rest_names = {n: stored_name(n) or n for n in model.state_dict() if not n.startswith(f"{blocks_name}.")}
+        self.params: list[
+            dict[str, StoredTensor]
+        ] = []  # per block: its parameters (names inside it)
+        self.names: list[dict[str, str]] = []  # per block: state-dict name inside it -> stored name
+        self.rest_names = {
+            n: stored_name(n) or n
+            for n in model.state_dict()
+            if not n.startswith(f"{blocks_name}.")
+        }
         for i, block in enumerate(blocks):
             entries = {}
             for local, p in block.named_parameters(remove_duplicate=False):
                 full = f"{blocks_name}.{i}.{local}"
                 stored = stored_name(full)
                 if stored is None:
-                    raise TrimpruneError(f"the checkpoint in {str(source.folder)!r} has no tensor {full} (its names "
-                                         f"differ from the model's, e.g. a layout transformers converts on load): {FIX}")
+                    raise TrimpruneError(
+                        f"the checkpoint in {str(source.folder)!r} has no tensor {full} (its names "
+                        f"differ from the model's, e.g. a layout transformers converts on load): {FIX}"
+                    )
                 entries[local] = StoredTensor(stored, p.dtype, tuple(p.shape))
             self.params.append(entries)
-            self.names.append({local: stored_name(f"{blocks_name}.{i}.{local}") or f"{blocks_name}.{i}.{local}"
-                               for local in block.state_dict()})
+            self.names.append(
+                {
+                    local: stored_name(f"{blocks_name}.{i}.{local}") or f"{blocks_name}.{i}.{local}"
+                    for local in block.state_dict()
+                }
+            )
         self._check_shapes()
-        self.location: list[SafetensorsCheckpoint] = [source] * len(blocks)   # where each block is read from
+        self.location: list[SafetensorsCheckpoint] = [source] * len(
+            blocks
+        )  # where each block is read from
         self.writer: ShardWriter | None = None
         self._pruning = False
 
@@ -114,19 +144,26 @@ class DiskBlocks:
         wanted = {t.stored: t.shape for entries in self.params for t in entries.values()}
         for name, shape in self.source.shapes(list(wanted)).items():
             if shape != wanted[name]:
-                raise TrimpruneError(f"the checkpoint's {name} has shape {list(shape)}, the model's config says "
-                                     f"{list(wanted[name])}: check the model folder, or {FIX}")
+                raise TrimpruneError(
+                    f"the checkpoint's {name} has shape {list(shape)}, the model's config says "
+                    f"{list(wanted[name])}: check the model folder, or {FIX}"
+                )
 
     @property
     def num_blocks(self) -> int:
         return len(self.params)
 
-    def read(self, index: int, empty: Callable[..., torch.Tensor] = torch.empty) -> dict[str, torch.Tensor]:
+    def read(
+        self, index: int, empty: Callable[..., torch.Tensor] = torch.empty
+    ) -> dict[str, torch.Tensor]:
         """Block `index`'s parameters (names inside the block) as new host tensors of the model's dtypes, made by
         `empty(shape, dtype=...)`."""
         entries = self.params[index]
-        return self.location[index].read({k: t.stored for k, t in entries.items()},
-                                         {k: t.dtype for k, t in entries.items()}, empty)
+        return self.location[index].read(
+            {k: t.stored for k, t in entries.items()},
+            {k: t.dtype for k, t in entries.items()},
+            empty,
+        )
 
     def writes(self, index: int) -> bool:
         """Whether block `index`, once released, is written to the output (the pruning walk)."""
@@ -143,16 +180,22 @@ class DiskBlocks:
         """Write the pruned blocks into `folder` (an empty, usually temporary, folder that the caller renames
         into place at the end, e.g. `io.export.StagedDir`)."""
         self.writer = ShardWriter(folder, self.num_blocks)
-        self._output = SafetensorsCheckpoint(Path(folder), self.writer.weight_map)   # names filled as blocks land
+        self._output = SafetensorsCheckpoint(
+            Path(folder), self.writer.weight_map
+        )  # names filled as blocks land
 
     def check_output(self) -> None:
         """A pruning walk needs an output folder (`write_to`) that holds no pruned block yet."""
         if self.writer is None:
-            raise TrimpruneError("a model loaded with offload='disk' is pruned into an output folder: call "
-                                 "model.trimprune_storage.write_to(FOLDER) first (the command line does)")
+            raise TrimpruneError(
+                "a model loaded with offload='disk' is pruned into an output folder: call "
+                "model.trimprune_storage.write_to(FOLDER) first (the command line does)"
+            )
         if self.writer.written:
-            raise TrimpruneError(f"this model loaded with offload='disk' was pruned into {str(self.writer.folder)!r} "
-                                 "already: load it again to prune it again")
+            raise TrimpruneError(
+                f"this model loaded with offload='disk' was pruned into {str(self.writer.folder)!r} "
+                "already: load it again to prune it again"
+            )
 
     @contextlib.contextmanager
     def pruning(self):
@@ -202,8 +245,10 @@ class _Discarded:
         self.folder = folder
 
     def read(self, *args, **kwargs):
-        raise TrimpruneError(f"the pruned blocks written to {str(self.folder)!r} were removed (the output keeps no "
-                             "model): the pruned model cannot be read again")
+        raise TrimpruneError(
+            f"the pruned blocks written to {str(self.folder)!r} were removed (the output keeps no "
+            "model): the pruned model cannot be read again"
+        )
 
 
 def disk_storage(model: nn.Module) -> DiskBlocks | None:
@@ -220,8 +265,12 @@ def _stored_names(model: nn.Module, ckpt: SafetensorsCheckpoint) -> dict[str, st
     out = {}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:                    # transformers 4: names as stored, up to the base-model prefix
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:  # transformers 4: names as stored, up to the base-model prefix
         for key in ckpt.weight_map:
             for name in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
                 if name in state:
@@ -238,39 +287,53 @@ def _stored_names(model: nn.Module, ckpt: SafetensorsCheckpoint) -> dict[str, st
     return out
 
 
-def load_disk_model(target: str, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str | None = None):
+def load_disk_model(
+    target: str, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str | None = None
+):
     """The model of `target` with its decoder blocks left in the checkpoint (see the module's docstring)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from .models import ModelAdapter
+    from trimprune.core.model import ModelAdapter
 
     ckpt = open_checkpoint(target, gguf_file)
     config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-    with init_empty_weights():                 # parameters on the meta device, buffers computed for real
+    with init_empty_weights():  # parameters on the meta device, buffers computed for real
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        except TypeError:                      # transformers < 4.56 uses torch_dtype
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        except TypeError:  # transformers < 4.56 uses torch_dtype
+            model = AutoModelForCausalLM.from_config(
+                config, torch_dtype=dtype, trust_remote_code=trust_remote_code
+            )
     adapter = ModelAdapter.from_model(model)
     find = _stored_names(model, ckpt).get
     block_prefix = f"{adapter.blocks_name}."
     persistent = model.state_dict(keep_vars=True)
     outside = {n: t for n, t in persistent.items() if not n.startswith(block_prefix)}
     present = {n: find(n) for n in outside}
-    values = ckpt.read({n: s for n, s in present.items() if s is not None},
-                       {n: t.dtype for n, t in outside.items()})
+    values = ckpt.read(
+        {n: s for n, s in present.items() if s is not None},
+        {n: t.dtype for n, t in outside.items()},
+    )
     for n, v in values.items():
         _set_tensor(model, n, v)
-    for n, t in persistent.items():            # persistent buffers of the blocks (rare; small): read now
+    for n, t in persistent.items():  # persistent buffers of the blocks (rare; small): read now
         s = find(n) if n.startswith(block_prefix) and not isinstance(t, nn.Parameter) else None
         if s is not None:
             _set_tensor(model, n, ckpt.read({n: s}, {n: t.dtype})[n])
     model.tie_weights()
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(block_prefix)]
+    meta = [
+        n
+        for n, p in model.named_parameters()
+        if p.device.type == "meta" and not n.startswith(block_prefix)
+    ]
     if meta:
-        raise TrimpruneError(f"the checkpoint in {str(ckpt.folder)!r} has no tensor {meta[0]}: check the model folder, "
-                             f"or {FIX}")
+        raise TrimpruneError(
+            f"the checkpoint in {str(ckpt.folder)!r} has no tensor {meta[0]}: check the model folder, "
+            f"or {FIX}"
+        )
     with contextlib.suppress(OSError, ValueError):
         model.generation_config = GenerationConfig.from_pretrained(target)
     model.trimprune_storage = DiskBlocks(model, adapter.blocks_name, adapter.blocks, ckpt, find)
@@ -283,17 +346,25 @@ def check_disk_prune(model: nn.Module, config, ranks, sampling: bool) -> DiskBlo
     disk = config.run.offload == "disk"
     if storage is None:
         if disk:
-            raise TrimpruneError("offload 'disk' prunes a model loaded with load_model(..., offload='disk') (its blocks "
-                                 "stay in the checkpoint): load it so, or use offload 'cpu'")
+            raise TrimpruneError(
+                "offload 'disk' prunes a model loaded with load_model(..., offload='disk') (its blocks "
+                "stay in the checkpoint): load it so, or use offload 'cpu'"
+            )
         return None
     if not disk:
-        raise TrimpruneError("the model was loaded with offload='disk' (its blocks are not in memory): prune it with "
-                             "offload 'disk'")
+        raise TrimpruneError(
+            "the model was loaded with offload='disk' (its blocks are not in memory): prune it with "
+            "offload 'disk'"
+        )
     if ranks.parallel:
-        raise TrimpruneError("--offload disk is not supported with several processes (torchrun) yet: run one process, "
-                             f"or {FIX}")
+        raise TrimpruneError(
+            "--offload disk is not supported with several processes (torchrun) yet: run one process, "
+            f"or {FIX}"
+        )
     if sampling and config.calib.source == "self":
-        raise TrimpruneError("--calib self samples from the whole model, which --offload disk does not hold in memory: "
-                             f"use another --calib, or {FIX}")
+        raise TrimpruneError(
+            "--calib self samples from the whole model, which --offload disk does not hold in memory: "
+            f"use another --calib, or {FIX}"
+        )
     storage.check_output()
     return storage

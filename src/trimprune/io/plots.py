@@ -10,6 +10,7 @@
 - search_profile.png (`--allocation search`): the winning per-block profile against uniform, OWL,
   AlphaPruning and ATP (with the config's parameters), from the same captured data.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..algo.masks import unpack_mask
+from trimprune.algo.masks import unpack_mask
 
 
 def available() -> bool:
@@ -28,7 +29,9 @@ def available() -> bool:
     return True
 
 
-def row_sparsities(masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+def row_sparsities(
+    masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]
+) -> dict[str, np.ndarray]:
     """Per linear, the sparsity of every row, from bit-packed masks (one matrix unpacked at a time)."""
     return {k: unpack_mask(v, shapes[k]).float().mean(1).numpy() for k, v in masks.items()}
 
@@ -54,7 +57,13 @@ def sparsity_per_block(report: dict, path: Path) -> str:
     plt, fig, ax = _figure()
     achieved = report["sparsity"]["per_block"]
     blocks = range(len(achieved))
-    ax.plot(blocks, report["allocation"]["per_block"], "o-", ms=3, label=f"target ({report['allocation']['method']})")
+    ax.plot(
+        blocks,
+        report["allocation"]["per_block"],
+        "o-",
+        ms=3,
+        label=f"target ({report['allocation']['method']})",
+    )
     ax.plot(blocks, achieved, "s--", ms=3, label="achieved")
     ax.set(xlabel="block", ylabel="sparsity", title="Sparsity per block", ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
@@ -68,9 +77,16 @@ def row_sparsity(report: dict, rows: dict[str, np.ndarray], path: Path) -> str:
             by_type.setdefault(r["name"].split(".")[-1], []).append(rows[name])
     plt, fig, ax = _figure()
     labels = list(by_type)
-    ax.boxplot([np.concatenate(v) for v in by_type.values()], whis=(5, 95), showfliers=False, showmeans=True)
+    ax.boxplot(
+        [np.concatenate(v) for v in by_type.values()],
+        whis=(5, 95),
+        showfliers=False,
+        showmeans=True,
+    )
     ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
-    ax.set(ylabel="row sparsity", title="Row sparsities per linear type (all blocks; whiskers 5-95 %)")
+    ax.set(
+        ylabel="row sparsity", title="Row sparsities per linear type (all blocks; whiskers 5-95 %)"
+    )
     return _save(plt, fig, path)
 
 
@@ -78,12 +94,23 @@ def trim_metric(report: dict, path: Path) -> str:
     recs = [r["trim"] for r in report["layers"].values() if r.get("trim")]
     plt, fig, ax = _figure()
     x = np.arange(len(recs))
-    ax.plot(x, [t["baseline_metric"] for t in recs], "o", ms=3, color="0.6", label="scorer alone (uniform rows)")
+    ax.plot(
+        x,
+        [t["baseline_metric"] for t in recs],
+        "o",
+        ms=3,
+        color="0.6",
+        label="scorer alone (uniform rows)",
+    )
     kept = np.array([t["kept"] == "trim" for t in recs])
     trim = np.array([t["trim_weights_metric"] for t in recs])
     ax.plot(x[kept], trim[kept], "^", ms=4, label="TRIM, kept")
     ax.plot(x[~kept], trim[~kept], "x", ms=4, label="TRIM, not kept (safeguards)")
-    ax.set(xlabel="linear (model order)", ylabel=recs[0]["metric"] if recs else "", title="TRIM's layer metric")
+    ax.set(
+        xlabel="linear (model order)",
+        ylabel=recs[0]["metric"] if recs else "",
+        title="TRIM's layer metric",
+    )
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
@@ -99,7 +126,9 @@ def metrics(report: dict, path: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 if len(panels) == 1 else 10.0, 3.2), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(7.0 if len(panels) == 1 else 10.0, 3.2), dpi=110, squeeze=False
+    )
     for ax, panel in zip(axes[0], panels):
         names = list(ppl if panel == "ppl" else zs)
         x, w = np.arange(len(names)), 0.38
@@ -108,7 +137,9 @@ def metrics(report: dict, path: Path) -> str | None:
             pruned = [ppl[n] for n in names]
             ax.set(yscale="log", ylabel="perplexity", title="Perplexity")
         else:
-            dense = [100 * m.get("dense_zero_shot", {}).get(n, {}).get("acc", np.nan) for n in names]
+            dense = [
+                100 * m.get("dense_zero_shot", {}).get(n, {}).get("acc", np.nan) for n in names
+            ]
             pruned = [100 * zs[n]["acc"] for n in names]
             ax.set(ylabel="accuracy (%)", title="Zero-shot accuracy (acc)")
         ax.bar(x - w / 2, dense, w, label="dense")
@@ -139,8 +170,13 @@ def search_trials(report: dict, path: Path) -> str:
     if len(y) and float(y.min()) > 0 and float(y.max()) / float(y.min()) > 20:
         ax.set_yscale("log")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="trial", ylabel=f"held-out {sr['objective']}",
-           title=f"Allocation search ({len(bad)} pruned or failed, red)" if bad else "Allocation search")
+    ax.set(
+        xlabel="trial",
+        ylabel=f"held-out {sr['objective']}",
+        title=f"Allocation search ({len(bad)} pruned or failed, red)"
+        if bad
+        else "Allocation search",
+    )
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
@@ -151,9 +187,21 @@ def search_profile(report: dict, path: Path) -> str:
     for name, style in [("uniform", ":"), ("owl", "--"), ("alphapruning", "--"), ("atp", "--")]:
         if name in prof:
             ax.plot(range(len(prof[name])), prof[name], style, lw=1, label=name)
-    ax.plot(range(len(prof["search"])), prof["search"], "o-", ms=3, lw=2, color="k", label="search (best)")
+    ax.plot(
+        range(len(prof["search"])),
+        prof["search"],
+        "o-",
+        ms=3,
+        lw=2,
+        color="k",
+        label="search (best)",
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="block", ylabel="sparsity", title="Per-block sparsity: the search's winner and the rules")
+    ax.set(
+        xlabel="block",
+        ylabel="sparsity",
+        title="Per-block sparsity: the search's winner and the rules",
+    )
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
 
@@ -167,7 +215,9 @@ def write_plots(folder: Path, report: dict, rows: dict[str, np.ndarray] | None =
             out.append(row_sparsity(report, rows, folder / "row_sparsity.png"))
         out.append(trim_metric(report, folder / "trim_metric.png"))
     if report.get("search"):
-        out += [search_trials(report, folder / "search_trials.png"),
-                search_profile(report, folder / "search_profile.png")]
+        out += [
+            search_trials(report, folder / "search_trials.png"),
+            search_profile(report, folder / "search_profile.png"),
+        ]
     name = metrics(report, folder / "metrics.png")
     return out + ([name] if name else [])

@@ -1,5 +1,6 @@
 """`trimprune report RUN_DIR [RUN_DIR ...] [-o OUT]`: one self-contained HTML page (the plots embedded
 as data URIs) and the same as Markdown; with several runs, a comparison table first."""
+
 from __future__ import annotations
 
 import base64
@@ -8,30 +9,41 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..errors import TrimpruneError
-from . import plots
-from .export import load_masks, write_text_atomic
-from .report import zero_shot_table
+from trimprune.errors import TrimpruneError
+from trimprune.io import plots
+from trimprune.io.export import load_masks, write_text_atomic
+from trimprune.io.report import zero_shot_table
 
 
 def load_run(folder: str | Path) -> dict:
     p = Path(folder) / "report.json"
     if not p.is_file():
-        raise TrimpruneError(f"{str(folder)!r} has no report.json: give the --output folder of `trimprune prune`")
+        raise TrimpruneError(
+            f"{str(folder)!r} has no report.json: give the --output folder of `trimprune prune`"
+        )
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise TrimpruneError(f"{p} is not valid JSON ({e.msg}): give the --output folder of a finished prune")
+        raise TrimpruneError(
+            f"{p} is not valid JSON ({e.msg}): give the --output folder of a finished prune"
+        )
 
 
 def run_plots(folder: Path, report: dict) -> dict[str, bytes]:
     """The run's PNG plots (name -> bytes): those it wrote, else made now (when matplotlib is installed)."""
-    found = {Path(p).name: (folder / p).read_bytes() for p in report.get("plots", []) if (folder / p).is_file()}
+    found = {
+        Path(p).name: (folder / p).read_bytes()
+        for p in report.get("plots", [])
+        if (folder / p).is_file()
+    }
     if found or not plots.available():
         return found
     rows = None
     if report.get("trim_summary") and (folder / "masks.safetensors").is_file():
-        rows = {k: m.float().mean(1).numpy() for k, m in load_masks(folder / "masks.safetensors").items()}
+        rows = {
+            k: m.float().mean(1).numpy()
+            for k, m in load_masks(folder / "masks.safetensors").items()
+        }
     with tempfile.TemporaryDirectory() as tmp:
         names = plots.write_plots(Path(tmp), report, rows)
         return {n: (Path(tmp) / n).read_bytes() for n in names}
@@ -48,40 +60,63 @@ def comparison(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]
     """The comparison table: method, sparsity, allocation, TRIM, perplexity per dataset, zero-shot mean,
     prune time."""
     sets = list(dict.fromkeys(k for _, r in runs for k in r["metrics"].get("perplexity", {})))
-    head = ["run", "method", "sparsity (achieved)", "allocation", "TRIM"] + [f"ppl {s}" for s in sets] + \
-        ["zero-shot mean (%)", "prune s"]
+    head = (
+        ["run", "method", "sparsity (achieved)", "allocation", "TRIM"]
+        + [f"ppl {s}" for s in sets]
+        + ["zero-shot mean (%)", "prune s"]
+    )
     rows = []
     for name, r in runs:
         m = r["metrics"]
         scorer, sp, alloc, trim = _method(r)
         zs = m.get("zero_shot_mean")
-        rows.append([name, scorer, f"{sp} ({r['sparsity']['achieved']:.4f})", alloc, trim]
-                    + [f"{m['perplexity'][s]:.3f}" if s in m.get("perplexity", {}) else "-" for s in sets]
-                    + [f"{100 * zs:.2f}" if zs is not None else "-", f"{r['timings'].get('prune_seconds', 0):.1f}"])
+        rows.append(
+            [name, scorer, f"{sp} ({r['sparsity']['achieved']:.4f})", alloc, trim]
+            + [f"{m['perplexity'][s]:.3f}" if s in m.get("perplexity", {}) else "-" for s in sets]
+            + [
+                f"{100 * zs:.2f}" if zs is not None else "-",
+                f"{r['timings'].get('prune_seconds', 0):.1f}",
+            ]
+        )
     return head, rows
 
 
 def _html_table(head: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
-    h = "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>" if head else ""
-    b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    h = (
+        "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead>"
+        if head
+        else ""
+    )
+    b = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f"<table class='{cls}'>{h}<tbody>{b}</tbody></table>"
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |"
-                                                                        for r in rows]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(map(str, r)) + " |" for r in rows
+    ]
 
 
 def _run_facts(r: dict) -> list[tuple[str, str]]:
     scorer, sp, alloc, trim = _method(r)
-    facts = [("model", str(r["model"].get("source"))), ("method", f"{scorer}, TRIM {trim}, allocation {alloc}"),
-             ("sparsity", f"target {sp}, achieved {r['sparsity']['achieved']:.4f}"),
-             ("calibration", f"{r['calibration']['source']} {r['calibration']['shape']}"),
-             ("prune time", f"{r['timings'].get('prune_seconds', 0):.1f} s")]
+    facts = [
+        ("model", str(r["model"].get("source"))),
+        ("method", f"{scorer}, TRIM {trim}, allocation {alloc}"),
+        ("sparsity", f"target {sp}, achieved {r['sparsity']['achieved']:.4f}"),
+        ("calibration", f"{r['calibration']['source']} {r['calibration']['shape']}"),
+        ("prune time", f"{r['timings'].get('prune_seconds', 0):.1f} s"),
+    ]
     if r.get("trim_summary"):
         t = r["trim_summary"]
-        facts.append(("TRIM", f"{t['kept_trim']}/{t['linears']} linears kept TRIM; "
-                              f"{t['blocks_kept_trim']}/{len(t['block_safeguard'])} blocks (block safeguard)"))
+        facts.append(
+            (
+                "TRIM",
+                f"{t['kept_trim']}/{t['linears']} linears kept TRIM; "
+                f"{t['blocks_kept_trim']}/{len(t['block_safeguard'])} blocks (block safeguard)",
+            )
+        )
     m = r["metrics"]
     for s, p in m.get("perplexity", {}).items():
         d = m.get("dense_perplexity", {}).get(s)
@@ -96,8 +131,10 @@ pre{background:#f7f7f7;padding:0.6em}h2{border-bottom:1px solid #ddd;padding-bot
 
 
 def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>trimprune report</title>",
-             f"<style>{CSS}</style></head><body><h1>trimprune report</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>trimprune report</title>",
+        f"<style>{CSS}</style></head><body><h1>trimprune report</h1>",
+    ]
     head, rows = comparison([(n, r) for n, r, _ in runs])
     parts.append("<h2>Comparison</h2>" + _html_table(head, rows))
     for name, r, images in runs:
@@ -107,12 +144,21 @@ def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
         if zs:
             parts.append("<pre>" + html.escape("\n".join(zs)) + "</pre>")
         for img, data in images.items():
-            parts.append(f"<img alt='{html.escape(img)}' src='data:image/png;base64,"
-                         f"{base64.b64encode(data).decode()}'>")
-        blocks = [[str(i), f"{a:.4f}", f"{s:.4f}"] for i, (a, s) in
-                  enumerate(zip(r["allocation"]["per_block"], r["sparsity"]["per_block"]))]
-        parts.append("<details><summary>sparsity per block</summary>"
-                     + _html_table(["block", "target", "achieved"], blocks) + "</details>")
+            parts.append(
+                f"<img alt='{html.escape(img)}' src='data:image/png;base64,"
+                f"{base64.b64encode(data).decode()}'>"
+            )
+        blocks = [
+            [str(i), f"{a:.4f}", f"{s:.4f}"]
+            for i, (a, s) in enumerate(
+                zip(r["allocation"]["per_block"], r["sparsity"]["per_block"])
+            )
+        ]
+        parts.append(
+            "<details><summary>sparsity per block</summary>"
+            + _html_table(["block", "target", "achieved"], blocks)
+            + "</details>"
+        )
     return "\n".join(parts) + "</body></html>\n"
 
 
@@ -142,17 +188,24 @@ def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Pat
     Markdown beside it (OUT with .md; report-page.md where that would be a run's own report.md)."""
     folders = [Path(d) for d in run_dirs]
     reports = [load_run(f) for f in folders]
-    html_path = Path(out) if out else (folders[0] / "report.html" if len(folders) == 1 else
-                                      Path("trimprune-report.html"))
+    html_path = (
+        Path(out)
+        if out
+        else (folders[0] / "report.html" if len(folders) == 1 else Path("trimprune-report.html"))
+    )
     if html_path.suffix != ".html":
         html_path = html_path.with_suffix(".html")
     if not html_path.resolve().parent.is_dir():
-        raise TrimpruneError(f"-o {str(out)!r}: folder {str(html_path.resolve().parent)!r} does not exist")
+        raise TrimpruneError(
+            f"-o {str(out)!r}: folder {str(html_path.resolve().parent)!r} does not exist"
+        )
     names = [f.resolve().name for f in folders]
     page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
     md = render_markdown([(n, r, f) for n, r, f in zip(names, reports, folders)], html_path)
     md_path = html_path.with_suffix(".md")
-    if any(md_path.resolve() == (f / "report.md").resolve() for f in folders):    # the prune's own report.md
+    if any(
+        md_path.resolve() == (f / "report.md").resolve() for f in folders
+    ):  # the prune's own report.md
         md_path = html_path.with_name(f"{html_path.stem}-page.md")
     write_text_atomic(html_path, page)
     write_text_atomic(md_path, md)

@@ -1,4 +1,5 @@
 """report.json / report.md contents and the console summary table."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -11,18 +12,27 @@ import torch
 def versions(device=None) -> dict:
     import transformers
 
-    from .. import __version__
+    from trimprune import __version__
 
-    v = {"trimprune": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "transformers": transformers.__version__, "platform": platform.platform()}
+    v = {
+        "trimprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
-        v["gpu"] = torch.cuda.get_device_name(device if device is not None and str(device).startswith("cuda") else 0)
+        v["gpu"] = torch.cuda.get_device_name(
+            device if device is not None and str(device).startswith("cuda") else 0
+        )
     return v
 
 
-def build_report(result, model_info: dict, metrics: dict, timings: dict, device=None, command=None) -> dict:
-    from ..algo.records import BlockChoice, Kept
+def build_report(
+    result, model_info: dict, metrics: dict, timings: dict, device=None, command=None
+) -> dict:
+    from trimprune.core.records import BlockChoice, Kept
 
     cfg = result.config
     trim_layers = [r.trim for r in result.layers.values() if r.trim is not None]
@@ -32,9 +42,17 @@ def build_report(result, model_info: dict, metrics: dict, timings: dict, device=
         "versions": versions(device),
         "model": model_info,
         "config": cfg.to_dict(),
-        "calibration": {"source": cfg.calib.source, "data": cfg.calib.data, "shape": list(result.calibration_shape)},
-        "sparsity": {"requested": cfg.sparsity, "allocation_mean": result.allocation.achieved,
-                     "achieved": result.global_sparsity, "per_block": result.block_sparsity()},
+        "calibration": {
+            "source": cfg.calib.source,
+            "data": cfg.calib.data,
+            "shape": list(result.calibration_shape),
+        },
+        "sparsity": {
+            "requested": cfg.sparsity,
+            "allocation_mean": result.allocation.achieved,
+            "achieved": result.global_sparsity,
+            "per_block": result.block_sparsity(),
+        },
         "allocation": result.allocation.to_dict() | {"details": result.allocation.details},
         "layers": {k: r.to_dict() for k, r in result.layers.items()},
         "timings": timings,
@@ -51,7 +69,8 @@ def build_report(result, model_info: dict, metrics: dict, timings: dict, device=
             "linears": len(trim_layers),
             "kept_trim": sum(t.kept == Kept.TRIM for t in trim_layers),
             "safeguard_fallbacks": sum(t.kept != Kept.TRIM for t in trim_layers),
-            "mean_baseline_metric": sum(t.search.baseline_metric for t in trim_layers) / len(trim_layers),
+            "mean_baseline_metric": sum(t.search.baseline_metric for t in trim_layers)
+            / len(trim_layers),
             "mean_final_metric": sum(t.trim_weights_metric for t in trim_layers) / len(trim_layers),
             "block_safeguard": [b.to_dict() for b in result.block_safeguard],
             "blocks_kept_trim": sum(b.kept == BlockChoice.TRIM for b in result.block_safeguard),
@@ -84,23 +103,38 @@ def zero_shot_table(metrics: dict) -> list[str]:
     if not tasks:
         return []
     both = bool(pruned) and bool(dense)
-    head = ["zero-shot (%)", "acc", "acc_norm"] if not both else ["zero-shot (%)", "dense acc", "pruned acc",
-                                                                 "dense acc_norm", "pruned acc_norm"]
+    head = (
+        ["zero-shot (%)", "acc", "acc_norm"]
+        if not both
+        else ["zero-shot (%)", "dense acc", "pruned acc", "dense acc_norm", "pruned acc_norm"]
+    )
     rows = [head]
     for t in tasks:
         if both:
-            rows.append([t, _acc(dense.get(t)), _acc(pruned.get(t)), _acc(dense.get(t), "acc_norm"),
-                         _acc(pruned.get(t), "acc_norm")])
+            rows.append(
+                [
+                    t,
+                    _acc(dense.get(t)),
+                    _acc(pruned.get(t)),
+                    _acc(dense.get(t), "acc_norm"),
+                    _acc(pruned.get(t), "acc_norm"),
+                ]
+            )
         else:
             sc = pruned.get(t) or dense.get(t)
             rows.append([t, _acc(sc), _acc(sc, "acc_norm")])
-    means = [metrics.get("dense_zero_shot_mean"), metrics.get("zero_shot_mean")] if both else \
-        [metrics.get("zero_shot_mean", metrics.get("dense_zero_shot_mean"))]
+    means = (
+        [metrics.get("dense_zero_shot_mean"), metrics.get("zero_shot_mean")]
+        if both
+        else [metrics.get("zero_shot_mean", metrics.get("dense_zero_shot_mean"))]
+    )
     if any(m is not None for m in means):
         cells = [f"{100 * m:.2f}" if m is not None else "-" for m in means]
         rows.append(["mean of 7 (acc)", *cells, *([""] * (len(head) - 1 - len(cells)))])
     w = [max(len(r[i]) for r in rows) + 2 for i in range(len(head))]
-    return ["".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return [
+        "".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows
+    ]
 
 
 def summary_text(report: dict) -> str:
@@ -119,75 +153,129 @@ def summary_text(report: dict) -> str:
     lines += zero_shot_table(m)
     if m.get("self_kl"):
         s = m["self_kl"]
-        lines.append(f"self NLL: dense {s['dense_nll']:.4f}  pruned {s['pruned_nll']:.4f}  "
-                     f"=> KL(dense||pruned) ~ {s['kl_estimate']:.4f} nats/token")
-    lines.append(f"sparsity: {sp['achieved']:.4f} of prunable weights (requested {sp['requested']:g}, "
-                 f"allocation {report['allocation']['method']})")
-    lines.append(f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data {t.get('calibration_data_seconds', 0):.1f} s,"
-                 f" total {t.get('total_seconds', 0):.1f} s")
+        lines.append(
+            f"self NLL: dense {s['dense_nll']:.4f}  pruned {s['pruned_nll']:.4f}  "
+            f"=> KL(dense||pruned) ~ {s['kl_estimate']:.4f} nats/token"
+        )
+    lines.append(
+        f"sparsity: {sp['achieved']:.4f} of prunable weights (requested {sp['requested']:g}, "
+        f"allocation {report['allocation']['method']})"
+    )
+    lines.append(
+        f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data {t.get('calibration_data_seconds', 0):.1f} s,"
+        f" total {t.get('total_seconds', 0):.1f} s"
+    )
     if report.get("search"):
         sr = report["search"]
         states = {}
         for t in sr["trials"]:
             states[t["state"]] = states.get(t["state"], 0) + 1
         best = sr["best"]
-        lines.append(f"search: {len(sr['trials'])} trials ({', '.join(f'{v} {k}' for k, v in states.items())}), best "
-                     f"#{best['number']} {best['params']['family']}{' +trim' if best['params'].get('trim') else ''}: "
-                     f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} sequences, final "
-                     f"model {sr['final_objective']:.6g}")
+        lines.append(
+            f"search: {len(sr['trials'])} trials ({', '.join(f'{v} {k}' for k, v in states.items())}), best "
+            f"#{best['number']} {best['params']['family']}{' +trim' if best['params'].get('trim') else ''}: "
+            f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} sequences, final "
+            f"model {sr['final_objective']:.6g}"
+        )
     if report.get("trim_guard"):
         g = report["trim_guard"]
-        lines.append(f"TRIM guard (model): held-out {g['objective']} with TRIM {g['trim'][g['objective']]:.6g}, scorer "
-                     f"alone {g['scorer_alone'][g['objective']]:.6g}: kept {g['kept'].replace('_', ' ')}")
+        lines.append(
+            f"TRIM guard (model): held-out {g['objective']} with TRIM {g['trim'][g['objective']]:.6g}, scorer "
+            f"alone {g['scorer_alone'][g['objective']]:.6g}: kept {g['kept'].replace('_', ' ')}"
+        )
     if "trim_summary" in report:
         ts = report["trim_summary"]
-        lines.append(f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean layer metric "
-                     f"{ts['mean_baseline_metric']:.5f} (uniform) -> {ts['mean_final_metric']:.5f}")
+        lines.append(
+            f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean layer metric "
+            f"{ts['mean_baseline_metric']:.5f} (uniform) -> {ts['mean_final_metric']:.5f}"
+        )
         if ts["block_safeguard"]:
-            lines.append(f"TRIM block safeguard: {ts['blocks_kept_trim']}/{len(ts['block_safeguard'])} blocks kept TRIM")
+            lines.append(
+                f"TRIM block safeguard: {ts['blocks_kept_trim']}/{len(ts['block_safeguard'])} blocks kept TRIM"
+            )
     return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
     trim = cfg["trim"]
-    out = ["# trimprune report", "", f"- model: `{report['model'].get('source')}`",
-           f"- scorer: **{cfg['scorer']['name']}**{' + TRIM (' + trim['inputs'] + ')' if trim['enabled'] else ''}, "
-           f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
-           f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
-           f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}",
-           *([f"- resumed from a checkpoint: blocks 0..{report['resumed_from_block']} restored"]
-             if report.get("resumed_from_block") is not None else []), "",
-           "## Summary", "", "```", summary_text(report), "```", "", "## Sparsity per block", "",
-           "| block | allocated | achieved | |", "|---:|---:|---:|---|"]
+    out = [
+        "# trimprune report",
+        "",
+        f"- model: `{report['model'].get('source')}`",
+        f"- scorer: **{cfg['scorer']['name']}**{' + TRIM (' + trim['inputs'] + ')' if trim['enabled'] else ''}, "
+        f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
+        f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
+        f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}",
+        *(
+            [f"- resumed from a checkpoint: blocks 0..{report['resumed_from_block']} restored"]
+            if report.get("resumed_from_block") is not None
+            else []
+        ),
+        "",
+        "## Summary",
+        "",
+        "```",
+        summary_text(report),
+        "```",
+        "",
+        "## Sparsity per block",
+        "",
+        "| block | allocated | achieved | |",
+        "|---:|---:|---:|---|",
+    ]
     alloc = report["allocation"]["per_block"]
     for i, s in enumerate(report["sparsity"]["per_block"]):
         a = alloc[i] if i < len(alloc) else float("nan")
         bar = "#" * int(round(s * 40))
         out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}` |")
-    out += ["", "## Linears", "", "| linear | shape | target | achieved | row min | row max | TRIM lr | metric uniform -> final |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+    out += [
+        "",
+        "## Linears",
+        "",
+        "| linear | shape | target | achieved | row min | row max | TRIM lr | metric uniform -> final |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, r in report["layers"].items():
         t = r.get("trim")
-        tm = f"{t['baseline_metric']:.5f} -> {t['trim_weights_metric']:.5f} ({t['kept']})" if t else ""
+        tm = (
+            f"{t['baseline_metric']:.5f} -> {t['trim_weights_metric']:.5f} ({t['kept']})"
+            if t
+            else ""
+        )
         lr = f"{t['lr']}" if t else ""
-        out.append(f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | {r['sparsity']:.4f} | "
-                   f"{r['row_sparsity_min']:.3f} | {r['row_sparsity_max']:.3f} | {lr} | {tm} |")
+        out.append(
+            f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | {r['sparsity']:.4f} | "
+            f"{r['row_sparsity_min']:.3f} | {r['row_sparsity_max']:.3f} | {lr} | {tm} |"
+        )
     if report.get("search"):
         sr = report["search"]
-        out += ["", "## Allocation search", "",
-                f"Study `{sr['study']}`, objective held-out {sr['objective']} on {sr['holdout_sequences']} sequences "
-                f"(pruning statistics on {sr['prune_sequences']}); best trial #{sr['best']['number']}, final model "
-                f"{sr['final_objective']:.6g}.", "", "| trial | state | family | params | objective | seconds |",
-                "|---:|---|---|---|---:|---:|"]
+        out += [
+            "",
+            "## Allocation search",
+            "",
+            f"Study `{sr['study']}`, objective held-out {sr['objective']} on {sr['holdout_sequences']} sequences "
+            f"(pruning statistics on {sr['prune_sequences']}); best trial #{sr['best']['number']}, final model "
+            f"{sr['final_objective']:.6g}.",
+            "",
+            "| trial | state | family | params | objective | seconds |",
+            "|---:|---|---|---|---:|---:|",
+        ]
         for t in sr["trials"]:
-            ps = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
-                           if k != "family")
+            ps = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in t["params"].items()
+                if k != "family"
+            )
             val = f"{t['value']:.6g}" if t["value"] is not None else "-"
             sec = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
-            out.append(f"| {t['number']} | {t['state']} | {t['params'].get('family', '-')} | {ps} | {val} | {sec} |")
+            out.append(
+                f"| {t['number']} | {t['state']} | {t['params'].get('family', '-')} | {ps} | {val} | {sec} |"
+            )
     if report.get("plots"):
         out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
-    out += ["", "## Timings", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
-                                     for k, v in report["timings"].items()]
+    out += ["", "## Timings", ""] + [
+        f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+        for k, v in report["timings"].items()
+    ]
     return "\n".join(out) + "\n"

@@ -12,24 +12,25 @@ at the end the rest of the model (embeddings, final norm, head: shard 1), `model
 config.json, generation_config.json and the tokenizer. `transformers.AutoModelForCausalLM.from_pretrained`
 loads the folder like one written by `save_pretrained`.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import TrimpruneError
+from trimprune.errors import TrimpruneError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-SHARD_METADATA = {"format": "pt"}          # what save_pretrained writes into every shard
+SHARD_METADATA = {"format": "pt"}  # what save_pretrained writes into every shard
 
 
 def _header_names(path: Path) -> list[str]:
@@ -44,12 +45,16 @@ def checkpoint_files(folder: Path) -> dict[str, str] | None:
         try:
             weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TrimpruneError(f"{folder / INDEX} is not a safetensors index ({type(e).__name__}: {e}): check the "
-                                 "model folder")
+            raise TrimpruneError(
+                f"{folder / INDEX} is not a safetensors index ({type(e).__name__}: {e}): check the "
+                "model folder"
+            )
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise TrimpruneError(f"{folder / INDEX} lists {missing[0]}, which is not in the folder: download the "
-                                 "model again")
+            raise TrimpruneError(
+                f"{folder / INDEX} lists {missing[0]}, which is not in the folder: download the "
+                "model again"
+            )
         return dict(weight_map)
     if (folder / SINGLE).is_file():
         return dict.fromkeys(_header_names(folder / SINGLE), SINGLE)
@@ -61,11 +66,11 @@ class SafetensorsCheckpoint:
     """The tensors of one safetensors checkpoint folder, read through safetensors' memory map."""
 
     folder: Path
-    weight_map: dict[str, str]                 # tensor name -> file name inside `folder`
+    weight_map: dict[str, str]  # tensor name -> file name inside `folder`
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def open(cls, folder: str | Path) -> "SafetensorsCheckpoint | None":
+    def open(cls, folder: str | Path) -> SafetensorsCheckpoint | None:
         """The checkpoint in `folder`, or None when it holds no safetensors."""
         folder = Path(folder)
         names = checkpoint_files(folder)
@@ -85,19 +90,23 @@ class SafetensorsCheckpoint:
                 out |= {name: tuple(f.get_slice(name).get_shape()) for name in group}
         return out
 
-    def read(self, names: dict[str, str], dtypes: dict[str, torch.dtype],
-             empty: Callable[..., torch.Tensor] = torch.empty) -> dict[str, torch.Tensor]:
+    def read(
+        self,
+        names: dict[str, str],
+        dtypes: dict[str, torch.dtype],
+        empty: Callable[..., torch.Tensor] = torch.empty,
+    ) -> dict[str, torch.Tensor]:
         """{key: tensor} for `names` (key -> stored tensor name): each copied out of the memory map into a new
         host tensor of `dtypes[key]` made by `empty(shape, dtype=...)`."""
         by_file: dict[str, list[str]] = {}
         for key, name in names.items():
             by_file.setdefault(self.weight_map[name], []).append(key)
         out = {}
-        with self._lock:                        # one reader at a time: reads are sequential on disk anyway
+        with self._lock:  # one reader at a time: reads are sequential on disk anyway
             for fname, keys in by_file.items():
                 with safe_open(str(self.folder / fname), framework="pt") as f:
                     for key in keys:
-                        src = f.get_tensor(names[key])          # a view of the memory map
+                        src = f.get_tensor(names[key])  # a view of the memory map
                         dst = empty(src.shape, dtype=dtypes[key])
                         dst.copy_(src)
                         out[key] = dst
@@ -117,11 +126,11 @@ class ShardWriter:
     def __init__(self, folder: str | Path, num_blocks: int):
         self.folder = Path(folder)
         self.num_blocks = num_blocks
-        self.total = num_blocks + 1                       # the blocks, then the rest of the model
+        self.total = num_blocks + 1  # the blocks, then the rest of the model
         self.weight_map: dict[str, str] = {}
         self.nbytes: dict[str, int] = {}
         self.numels: dict[str, int] = {}
-        self.written: set[int] = set()                    # blocks written
+        self.written: set[int] = set()  # blocks written
 
     def block_file(self, index: int) -> str:
         return shard_name(index + 1, self.total)
@@ -130,7 +139,9 @@ class ShardWriter:
         """One shard, through a temporary name renamed into place (a reader never sees half a file)."""
         path = self.folder / fname
         tmp = self.folder / f".{fname}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA)
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=SHARD_METADATA
+        )
         os.replace(tmp, path)
         for k, v in tensors.items():
             self.weight_map[k] = fname
@@ -150,12 +161,18 @@ class ShardWriter:
         generation_config.json and the tokenizer."""
         missing = sorted(set(range(self.num_blocks)) - self.written)
         if missing:
-            raise TrimpruneError(f"the output folder lacks the shards of blocks {missing[:5]}: the prune did not finish "
-                                 "every block")
+            raise TrimpruneError(
+                f"the output folder lacks the shards of blocks {missing[:5]}: the prune did not finish "
+                "every block"
+            )
         self._write(shard_name(0, self.total), rest)
-        index = {"metadata": {"total_size": sum(self.nbytes.values()),
-                              "total_parameters": sum(self.numels.values())},
-                 "weight_map": dict(sorted(self.weight_map.items()))}
+        index = {
+            "metadata": {
+                "total_size": sum(self.nbytes.values()),
+                "total_parameters": sum(self.numels.values()),
+            },
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
         (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         cfg = model.config
         cfg.dtype = str(model.dtype).split(".")[1]

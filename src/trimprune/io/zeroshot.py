@@ -8,6 +8,7 @@ YAML and overrides only where the data comes from (the harness's task-config mec
 `TaskManager` include path); the harness itself is neither patched nor copied. Online, the task
 names load as usual. Accuracies and their standard errors are read from the harness's results.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -19,15 +20,27 @@ from pathlib import Path
 
 import yaml
 
-from ..calib.data import data_root
-from ..errors import TrimpruneError
+from trimprune.calib.data import data_root
+from trimprune.errors import TrimpruneError
 
 # the mean zero-shot accuracy of the pruning papers (Wanda, SparseGPT, OWL, AlphaPruning, TRIM): acc of
-CLASSIC_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+CLASSIC_TASKS = (
+    "boolq",
+    "rte",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+)
 
 # task -> (file in a shared-data folder, the split it holds, overrides of the harness's config)
 LOCAL_TASKS = {
-    "boolq": ("boolq/validation.jsonl", "validation", {"doc_to_target": "{{answer|int}}"}),  # google/boolq rows
+    "boolq": (
+        "boolq/validation.jsonl",
+        "validation",
+        {"doc_to_target": "{{answer|int}}"},
+    ),  # google/boolq rows
     "rte": ("rte/validation.jsonl", "validation", {}),
     "hellaswag": ("hellaswag/validation.jsonl.gz", "validation", {}),
     "winogrande": ("winogrande/validation.jsonl", "validation", {}),
@@ -50,19 +63,25 @@ class TaskScore:
     samples: int
 
     def to_dict(self) -> dict:
-        return {"acc": self.acc, "acc_stderr": self.acc_stderr, "acc_norm": self.acc_norm,
-                "acc_norm_stderr": self.acc_norm_stderr, "samples": self.samples}
+        return {
+            "acc": self.acc,
+            "acc_stderr": self.acc_stderr,
+            "acc_norm": self.acc_norm,
+            "acc_norm_stderr": self.acc_norm_stderr,
+            "samples": self.samples,
+        }
 
 
 def _require_harness():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise TrimpruneError("--tasks needs lm-evaluation-harness: pip install 'trimprune[eval]' "
-                             "(lm-eval==0.4.13)")
+        raise TrimpruneError(
+            "--tasks needs lm-evaluation-harness: pip install 'trimprune[eval]' (lm-eval==0.4.13)"
+        )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builtin_tasks():
     """The harness's own task index (a `TaskManager`; scanning its YAML files takes seconds: done once)."""
     from lm_eval.tasks import TaskManager
@@ -70,7 +89,7 @@ def _builtin_tasks():
     return TaskManager()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _task_manager(folder: str | None, tasks: tuple[str, ...]):
     """The `TaskManager` for `tasks`: the built-in one, or one whose include path points the tasks that have
     local files in `folder` at them (the configs stay in a folder removed when the process exits)."""
@@ -80,21 +99,28 @@ def _task_manager(folder: str | None, tasks: tuple[str, ...]):
         return _builtin_tasks()
     tmp = Path(tempfile.mkdtemp(prefix="trimprune-tasks-"))
     atexit.register(shutil.rmtree, tmp, True)
-    return TaskManager(include_path=str(tmp)) if local_task_configs(list(tasks), Path(folder), tmp) else \
-        _builtin_tasks()
+    return (
+        TaskManager(include_path=str(tmp))
+        if local_task_configs(list(tasks), Path(folder), tmp)
+        else _builtin_tasks()
+    )
 
 
 def check_tasks(tasks: list[str], tasks_data: str | Path | None) -> None:
     """Before the model loads: the harness is installed, --tasks-data is a folder, every task exists."""
     _require_harness()
     if tasks_data and not Path(tasks_data).is_dir():
-        raise TrimpruneError(f"--tasks-data {str(tasks_data)!r} is not a folder: give a folder laid out like "
-                             "shared/data (boolq/validation.jsonl, ...)")
+        raise TrimpruneError(
+            f"--tasks-data {str(tasks_data)!r} is not a folder: give a folder laid out like "
+            "shared/data (boolq/validation.jsonl, ...)"
+        )
     known = set(_builtin_tasks().all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise TrimpruneError(f"--tasks {unknown[0]} is not a task of lm-evaluation-harness: use e.g. "
-                             f"{','.join(CLASSIC_TASKS)}")
+        raise TrimpruneError(
+            f"--tasks {unknown[0]} is not a task of lm-evaluation-harness: use e.g. "
+            f"{','.join(CLASSIC_TASKS)}"
+        )
 
 
 def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
@@ -110,18 +136,33 @@ def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
         entry = index.get(task)
         if not data.is_file() or entry is None or entry.yaml_path is None:
             continue
-        cfg = {"task": task, "include": str(Path(entry.yaml_path).resolve()), "tag": "trimprune_local",
-               "dataset_path": "json",
-               "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
-               "training_split": None, "validation_split": split if split == "validation" else None,
-               "test_split": split if split == "test" else None, "fewshot_split": None} | extra
+        cfg = {
+            "task": task,
+            "include": str(Path(entry.yaml_path).resolve()),
+            "tag": "trimprune_local",
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(data.resolve())}},
+            "training_split": None,
+            "validation_split": split if split == "validation" else None,
+            "test_split": split if split == "test" else None,
+            "fewshot_split": None,
+        } | extra
         (out / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         done.append(task)
     return done
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
-                   tasks_data: str | Path | None = None, device=None) -> dict[str, TaskScore]:
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    tasks_data: str | Path | None = None,
+    device=None,
+) -> dict[str, TaskScore]:
     """0-shot accuracy of `model` on `tasks`; offline from `tasks_data` (or TRIMPRUNE_DATA) where the
     folder holds a task's file."""
     _require_harness()
@@ -133,17 +174,31 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = No
     dev = str(device if device is not None else next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,
-                                      task_manager=manager, log_samples=False)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=0,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+        )
     except (ConnectionError, OSError) as e:
-        raise TrimpruneError(f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
-                             " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA")
+        raise TrimpruneError(
+            f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
+            " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA"
+        )
     scores = {}
     for task in tasks:
         r = out["results"][task]
         n = out.get("n-samples", {}).get(task, {}).get("effective", 0)
-        scores[task] = TaskScore(task, r["acc,none"], r.get("acc_stderr,none"), r.get("acc_norm,none"),
-                                 r.get("acc_norm_stderr,none"), int(n))
+        scores[task] = TaskScore(
+            task,
+            r["acc,none"],
+            r.get("acc_stderr,none"),
+            r.get("acc_norm,none"),
+            r.get("acc_norm_stderr,none"),
+            int(n),
+        )
     return scores
 
 

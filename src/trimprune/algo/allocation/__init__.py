@@ -4,14 +4,20 @@ Every method returns an `Allocation` whose parameter-weighted mean equals the re
 sparsity (exactly, up to float rounding); a `file:` allocation must have that mean within
 `MEAN_TOLERANCE`, or, with no sparsity given, sets the target to its own mean (`resolve_sparsity`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 
-from ...config import PruneConfig
-from ...io.models import weight_2d
-from ..executor import EAGER, Executor
-from .base import MEAN_TOLERANCE, Allocation, from_file, read_allocation_file, uniform, weighted_mean
+from trimprune.algo.allocation.base import (
+    MEAN_TOLERANCE,
+    Allocation,
+    from_file,
+    read_allocation_file,
+    weighted_mean,
+)
+from trimprune.config import PruneConfig
+from trimprune.core.model import weight_2d
 
 
 def linear_sizes(adapter) -> tuple[dict[str, int], dict[str, int]]:
@@ -35,31 +41,18 @@ def resolve_sparsity(config: PruneConfig, adapter) -> PruneConfig:
     if not a.method.startswith("file:"):
         return config
     alloc = from_file(a.method[5:], config.sparsity, *linear_sizes(adapter))
-    return config if config.sparsity is not None else dataclasses.replace(config, sparsity=alloc.requested)
+    return (
+        config
+        if config.sparsity is not None
+        else dataclasses.replace(config, sparsity=alloc.requested)
+    )
 
 
-def build_allocation(config: PruneConfig, adapter, captured, ex: Executor = EAGER,
-                     progress=False) -> Allocation:
-    """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks the
-    captured calibration activations through the dense model)."""
-    numels, block_of = linear_sizes(adapter)
-    a, s = config.allocation, config.sparsity
-    if a.method == "uniform":
-        return uniform(s, numels, block_of)
-    if a.method.startswith("file:"):
-        return from_file(a.method[5:], s, numels, block_of)
-    if a.method == "atp":
-        from .atp import atp_allocation
-        return atp_allocation(a.atp_beta, s, numels, block_of)
-    if a.method == "search":
-        raise ValueError("--allocation search is decided by the search driver (trimprune.search), not here")
-    if a.method == "owl":
-        from .owl import owl_allocation
-        return owl_allocation(a, s, adapter, captured, numels, block_of, config.run.offload, ex, progress)
-    from .alphapruning import BlockVisit, alpha_allocation
-    visit = BlockVisit(ex, captured.exec_device) if config.run.offload else None
-    return alpha_allocation(a, s, adapter, numels, block_of, captured.exec_device, progress, visit)
-
-
-__all__ = ["Allocation", "MEAN_TOLERANCE", "build_allocation", "linear_sizes", "read_allocation_file",
-           "resolve_sparsity", "weighted_mean"]
+__all__ = [
+    "Allocation",
+    "MEAN_TOLERANCE",
+    "linear_sizes",
+    "read_allocation_file",
+    "resolve_sparsity",
+    "weighted_mean",
+]

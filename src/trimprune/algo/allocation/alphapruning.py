@@ -16,6 +16,7 @@ Mapping (reference `ww_sparsity`): metrics (block means for `block_wise`) are ma
 parameter-weighted mean is the target. Unlike the reference we keep every sparsity in [0, 0.99]
 (re-solving the scale with clipping, so the mean stays exact).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from ...calib.finite import WEIGHTS_FIX
-from ...config import AllocationConfig
-from ...errors import NonFiniteError
-from ...io.models import weight_2d
-from ...io.progress import Progress
-from ..executor import Executor
-from .base import Allocation, clip_to_mean
+from trimprune.algo.allocation.base import Allocation, clip_to_mean
+from trimprune.config import AllocationConfig
+from trimprune.core.finite import WEIGHTS_FIX
+from trimprune.core.model import weight_2d
+from trimprune.core.progress import Progress
+from trimprune.core.runtime import Executor
+from trimprune.errors import NonFiniteError
 
 UPPER = 0.99
 
@@ -57,7 +58,7 @@ def hill_ks(eigs: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, to
     e = eigs.double()
     N = e.numel()
     loge = e.log()
-    suffix = torch.flip(torch.cumsum(torch.flip(loge, [0]), 0), [0])       # sum_{j>=i} ln e_j
+    suffix = torch.flip(torch.cumsum(torch.flip(loge, [0]), 0), [0])  # sum_{j>=i} ln e_j
     idx = torch.arange(start, stop, device=e.device)
     n = (N - idx).double()
     alpha = 1 + n / (suffix[idx] - n * loge[idx])
@@ -65,16 +66,16 @@ def hill_ks(eigs: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, to
     j = torch.arange(N, device=e.device)
     chunk = max(1, (1 << 24) // max(N, 1))
     for c0 in range(0, idx.numel(), chunk):
-        ii = idx[c0:c0 + chunk]
-        a = alpha[c0:c0 + chunk]
-        rel = j.unsqueeze(0) - ii.unsqueeze(1)                               # j - i
+        ii = idx[c0 : c0 + chunk]
+        a = alpha[c0 : c0 + chunk]
+        rel = j.unsqueeze(0) - ii.unsqueeze(1)  # j - i
         valid = rel >= 0
         ratio = (e.unsqueeze(0) / e[ii].unsqueeze(1)).clamp_min(1e-300)
         cdf = 1 - ratio.pow(1 - a.unsqueeze(1))
-        dev = (cdf - rel.double() / n[c0:c0 + chunk].unsqueeze(1)).abs()
+        dev = (cdf - rel.double() / n[c0 : c0 + chunk].unsqueeze(1)).abs()
         dev = torch.where(valid, dev, torch.zeros_like(dev))
         d = dev.amax(1)
-        D[c0:c0 + chunk] = torch.where(a > 1, d, torch.ones_like(d))
+        D[c0 : c0 + chunk] = torch.where(a > 1, d, torch.ones_like(d))
     return alpha, D
 
 
@@ -97,17 +98,21 @@ def alpha_metrics(eigs: torch.Tensor, bins: int = 100) -> dict[str, float]:
     xmin_max = 1.5 * peak
     cand = torch.arange(N - 1, device=e.device)
     above = (e[:-1] > xmin_max).nonzero()
-    stop = int(above[0]) if above.numel() else N - 1          # the reference breaks here
-    ok = (e[:-1] >= xmin_min) & (cand < stop)                 # ... and skips xmin < xmin_min
+    stop = int(above[0]) if above.numel() else N - 1  # the reference breaks here
+    ok = (e[:-1] >= xmin_min) & (cand < stop)  # ... and skips xmin < xmin_min
     alphas = torch.zeros(N - 1, dtype=torch.float64, device=e.device)
     Ds = torch.ones(N - 1, dtype=torch.float64, device=e.device)
     sel = cand[ok]
     if sel.numel():
         a, d = hill_ks(e, int(sel.min()), int(sel.max()) + 1)
-        keep = ok[int(sel.min()):int(sel.max()) + 1]
-        alphas[int(sel.min()):int(sel.max()) + 1] = torch.where(keep, a, alphas[int(sel.min()):int(sel.max()) + 1])
-        Ds[int(sel.min()):int(sel.max()) + 1] = torch.where(keep, d, Ds[int(sel.min()):int(sel.max()) + 1])
-    k = int(torch.argmin(Ds))                                  # first minimum, as torch.argmin
+        keep = ok[int(sel.min()) : int(sel.max()) + 1]
+        alphas[int(sel.min()) : int(sel.max()) + 1] = torch.where(
+            keep, a, alphas[int(sel.min()) : int(sel.max()) + 1]
+        )
+        Ds[int(sel.min()) : int(sel.max()) + 1] = torch.where(
+            keep, d, Ds[int(sel.min()) : int(sel.max()) + 1]
+        )
+    k = int(torch.argmin(Ds))  # first minimum, as torch.argmin
     return {"alpha_peak": float(alphas[k]), "alpha_mid": float(a_mid[0])}
 
 
@@ -115,7 +120,11 @@ def _blocks(adapter, visit: BlockVisit | None):
     """The block indices in order; with `visit` (offload) each block is held by the executor while its
     linears are read."""
     for i in range(adapter.num_blocks):
-        with visit.ex.resident(adapter.blocks, i, visit.device) if visit is not None else contextlib.nullcontext():
+        with (
+            visit.ex.resident(adapter.blocks, i, visit.device)
+            if visit is not None
+            else contextlib.nullcontext()
+        ):
             yield i
 
 
@@ -128,7 +137,9 @@ def model_fingerprint(adapter, visit: BlockVisit | None = None) -> str:
             w = weight_2d(mod)
             s = torch.stack([w.double().sum(), w.double().square().sum()]).tolist()
             if not all(map(math.isfinite, s)):
-                raise NonFiniteError(f"non-finite weights: {adapter.full_name(i, n)} holds NaN/Inf: {WEIGHTS_FIX}")
+                raise NonFiniteError(
+                    f"non-finite weights: {adapter.full_name(i, n)} holds NaN/Inf: {WEIGHTS_FIX}"
+                )
             h.update(f"{i}.{n}:{tuple(w.shape)}:{s[0]:.10e}:{s[1]:.10e};".encode())
     return h.hexdigest()[:24]
 
@@ -136,13 +147,20 @@ def model_fingerprint(adapter, visit: BlockVisit | None = None) -> str:
 def cache_dir(config: AllocationConfig) -> Path:
     if config.alpha_cache_dir:
         return Path(config.alpha_cache_dir)
-    base = os.environ.get("TRIMPRUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "trimprune")
+    base = os.environ.get("TRIMPRUNE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "trimprune"
+    )
     return Path(base) / "alpha"
 
 
 @torch.no_grad()
-def layer_metrics(adapter, device, config: AllocationConfig | None = None,
-                  progress=False, visit: BlockVisit | None = None) -> tuple[dict[str, dict], bool]:
+def layer_metrics(
+    adapter,
+    device,
+    config: AllocationConfig | None = None,
+    progress=False,
+    visit: BlockVisit | None = None,
+) -> tuple[dict[str, dict], bool]:
     """Per-linear alpha metrics, cached by model fingerprint (JSON). Returns (metrics, from_cache).
     `visit`: the blocks are offloaded; each is read while the executor holds it."""
     path = None
@@ -155,7 +173,9 @@ def layer_metrics(adapter, device, config: AllocationConfig | None = None,
             except (OSError, json.JSONDecodeError):
                 pass
     out = {}
-    bar = Progress.of(progress).bar(total=sum(len(adapter.linears(i)) for i in range(adapter.num_blocks)), desc="ESD")
+    bar = Progress.of(progress).bar(
+        total=sum(len(adapter.linears(i)) for i in range(adapter.num_blocks)), desc="ESD"
+    )
     for i in _blocks(adapter, visit):
         for n, mod in adapter.linears(i).items():
             w = weight_2d(mod).to(device)
@@ -173,8 +193,14 @@ def layer_metrics(adapter, device, config: AllocationConfig | None = None,
     return out, False
 
 
-def alpha_sparsities(metrics: list[float], numels: list[int], sparsity: float, eps: float,
-                     block_index: list[int] | None = None, upper: float = UPPER) -> list[float]:
+def alpha_sparsities(
+    metrics: list[float],
+    numels: list[int],
+    sparsity: float,
+    eps: float,
+    block_index: list[int] | None = None,
+    upper: float = UPPER,
+) -> list[float]:
     """Reference mapping to [s(1-eps), s(1+eps)] (scaled to the exact mean), clipped to [0, upper]."""
     m = torch.tensor(metrics, dtype=torch.float64)
     if block_index is not None:
@@ -190,8 +216,16 @@ def alpha_sparsities(metrics: list[float], numels: list[int], sparsity: float, e
     return clip_to_mean(ratios * scaler, p, sparsity, 0.0, upper, mode="scale").tolist()
 
 
-def alpha_from_metrics(metrics: dict[str, dict], metric: str, eps: float, mapping: str, sparsity: float, numels,
-                       block_of, cached: bool = False) -> Allocation:
+def alpha_from_metrics(
+    metrics: dict[str, dict],
+    metric: str,
+    eps: float,
+    mapping: str,
+    sparsity: float,
+    numels,
+    block_of,
+    cached: bool = False,
+) -> Allocation:
     """The AlphaPruning allocation from per-linear metrics (`layer_metrics`)."""
     names = list(numels)
     vals = [metrics[k][metric] for k in names]
@@ -203,14 +237,41 @@ def alpha_from_metrics(metrics: dict[str, dict], metric: str, eps: float, mappin
         vals = [v if math.isfinite(v) else fill for v in vals]
     blocks = [block_of[k] for k in names] if mapping == "block_wise" else None
     sp = alpha_sparsities(vals, [numels[k] for k in names], sparsity, eps, blocks)
-    return Allocation("alphapruning", sparsity, dict(zip(names, sp)), numels, block_of,
-                      details={"metric": metric, "eps": eps, "mapping": mapping,
-                               "metric_values": dict(zip(names, vals)), "from_cache": cached,
-                               "non_finite_metric": bad})
+    return Allocation(
+        "alphapruning",
+        sparsity,
+        dict(zip(names, sp)),
+        numels,
+        block_of,
+        details={
+            "metric": metric,
+            "eps": eps,
+            "mapping": mapping,
+            "metric_values": dict(zip(names, vals)),
+            "from_cache": cached,
+            "non_finite_metric": bad,
+        },
+    )
 
 
-def alpha_allocation(config: AllocationConfig, sparsity: float, adapter, numels, block_of, device,
-                     progress=False, visit: BlockVisit | None = None) -> Allocation:
+def alpha_allocation(
+    config: AllocationConfig,
+    sparsity: float,
+    adapter,
+    numels,
+    block_of,
+    device,
+    progress=False,
+    visit: BlockVisit | None = None,
+) -> Allocation:
     metrics, cached = layer_metrics(adapter, device, config, progress, visit)
-    return alpha_from_metrics(metrics, config.alpha_metric, config.alpha_eps, config.alpha_mapping, sparsity, numels,
-                              block_of, cached)
+    return alpha_from_metrics(
+        metrics,
+        config.alpha_metric,
+        config.alpha_eps,
+        config.alpha_mapping,
+        sparsity,
+        numels,
+        block_of,
+        cached,
+    )

@@ -15,11 +15,12 @@ weighted mean exactly S (a no-op when the blocks have equal sizes and nothing le
 Every linear of a block gets the block's sparsity. The default beta 0.2 is ours (between OWL's default
 range 2 * 0.08 and AlphaPruning's 2 * 0.3 * S at S = 0.7); `--allocation search` searches it.
 """
+
 from __future__ import annotations
 
 import torch
 
-from .base import Allocation, clip_to_mean
+from trimprune.algo.allocation.base import Allocation, clip_to_mean
 
 UPPER = 0.99
 
@@ -31,11 +32,18 @@ def atp_profile(n_blocks: int, beta: float) -> list[float]:
     return [beta * (i / (n_blocks - 1) - 0.5) for i in range(n_blocks)]
 
 
-def atp_block_sparsities(n_blocks: int, sparsity: float, beta: float, block_numels: list[int] | None = None,
-                         upper: float = UPPER) -> list[float]:
+def atp_block_sparsities(
+    n_blocks: int,
+    sparsity: float,
+    beta: float,
+    block_numels: list[int] | None = None,
+    upper: float = UPPER,
+) -> list[float]:
     """Block sparsities: the progression around `sparsity`, clipped to [0, upper] with the exact weighted mean."""
     s = torch.tensor(atp_profile(n_blocks, beta), dtype=torch.float64) + sparsity
-    w = torch.tensor(block_numels if block_numels is not None else [1] * n_blocks, dtype=torch.float64)
+    w = torch.tensor(
+        block_numels if block_numels is not None else [1] * n_blocks, dtype=torch.float64
+    )
     return clip_to_mean(s, w, sparsity, 0.0, upper).tolist()
 
 
@@ -47,8 +55,16 @@ def block_numels_of(numels: dict[str, int], block_of: dict[str, int]) -> list[in
     return out
 
 
-def atp_allocation(beta: float, sparsity: float, numels: dict[str, int], block_of: dict[str, int]) -> Allocation:
+def atp_allocation(
+    beta: float, sparsity: float, numels: dict[str, int], block_of: dict[str, int]
+) -> Allocation:
     blocks = block_numels_of(numels, block_of)
     per_block = atp_block_sparsities(len(blocks), sparsity, beta, blocks)
-    return Allocation("atp", sparsity, {k: per_block[block_of[k]] for k in numels}, numels, block_of,
-                      details={"atp_beta": beta, "common_difference": beta / max(len(blocks) - 1, 1)})
+    return Allocation(
+        "atp",
+        sparsity,
+        {k: per_block[block_of[k]] for k in numels},
+        numels,
+        block_of,
+        details={"atp_beta": beta, "common_difference": beta / max(len(blocks) - 1, 1)},
+    )

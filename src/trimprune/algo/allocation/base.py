@@ -1,4 +1,5 @@
 """The `Allocation` record and helpers shared by the allocators."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ...errors import InputFileError
+from trimprune.errors import InputFileError
 
 
 def weighted_mean(values: dict[str, float], numels: dict[str, int]) -> float:
@@ -20,9 +21,9 @@ def weighted_mean(values: dict[str, float], numels: dict[str, int]) -> float:
 class Allocation:
     method: str
     requested: float
-    per_linear: dict[str, float]             # full linear name -> target sparsity
+    per_linear: dict[str, float]  # full linear name -> target sparsity
     numels: dict[str, int]
-    block_of: dict[str, int]                 # full linear name -> block index
+    block_of: dict[str, int]  # full linear name -> block index
     details: dict = field(default_factory=dict)
 
     @property
@@ -41,8 +42,13 @@ class Allocation:
 
     def to_dict(self) -> dict:
         """The replayable form (`--allocation file:PATH` reads it back)."""
-        return {"method": self.method, "requested_sparsity": self.requested, "achieved_sparsity": self.achieved,
-                "per_block": self.per_block(), "per_linear": dict(self.per_linear)}
+        return {
+            "method": self.method,
+            "requested_sparsity": self.requested,
+            "achieved_sparsity": self.achieved,
+            "per_block": self.per_block(),
+            "per_linear": dict(self.per_linear),
+        }
 
     def save(self, path: str | Path) -> None:
         p = Path(path)
@@ -57,13 +63,20 @@ def uniform(sparsity: float, numels: dict[str, int], block_of: dict[str, int]) -
     return Allocation("uniform", sparsity, {k: float(sparsity) for k in numels}, numels, block_of)
 
 
-MEAN_TOLERANCE = 1e-4      # an allocation file's weighted mean may differ from --sparsity by this much
+MEAN_TOLERANCE = 1e-4  # an allocation file's weighted mean may differ from --sparsity by this much
 
 
 def _sparsity_value(where: str, key, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v < 1.0:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or not 0.0 <= v < 1.0
+    ):
         shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
-        raise InputFileError(f"{where} gives {key} the sparsity {shown}: every value must be a number in [0, 1)")
+        raise InputFileError(
+            f"{where} gives {key} the sparsity {shown}: every value must be a number in [0, 1)"
+        )
     return float(v)
 
 
@@ -74,7 +87,9 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
     where = f"--allocation file:{path}"
     p = Path(path)
     if p.is_dir():
-        raise InputFileError(f"{where} is a folder: give a JSON or YAML file, e.g. a run's allocation.json")
+        raise InputFileError(
+            f"{where} is a folder: give a JSON or YAML file, e.g. a run's allocation.json"
+        )
     if not p.is_file():
         raise InputFileError(f"{where} does not exist: give a JSON or YAML file")
     try:
@@ -97,11 +112,15 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
     if isinstance(data, dict) and data:
         return {str(k): _sparsity_value(where, repr(str(k)), v) for k, v in data.items()}
     kind = "nothing" if data is None or data in ([], {}) else f"a {type(data).__name__}"
-    raise InputFileError(f"{where} holds {kind}: it must hold a list of block sparsities or a mapping of blocks or "
-                         "linears to sparsities (e.g. a run's allocation.json)")
+    raise InputFileError(
+        f"{where} holds {kind}: it must hold a list of block sparsities or a mapping of blocks or "
+        "linears to sparsities (e.g. a run's allocation.json)"
+    )
 
 
-def from_file(path: str, requested: float | None, numels: dict[str, int], block_of: dict[str, int]) -> Allocation:
+def from_file(
+    path: str, requested: float | None, numels: dict[str, int], block_of: dict[str, int]
+) -> Allocation:
     """Read per-block or per-linear sparsities from JSON/YAML (`read_allocation_file`). Accepted shapes:
     a list (one value per block), a mapping block index -> value, a mapping linear name -> value
     (full names such as ``model.layers.3.mlp.down_proj`` or block-relative ``3.mlp.down_proj``),
@@ -113,18 +132,24 @@ def from_file(path: str, requested: float | None, numels: dict[str, int], block_
     per: dict[str, float] = {}
     if isinstance(data, list):
         if len(data) != nblocks:
-            raise InputFileError(f"--allocation file:{path} lists {len(data)} block sparsities but the model has "
-                                 f"{nblocks} blocks: give one value per block")
+            raise InputFileError(
+                f"--allocation file:{path} lists {len(data)} block sparsities but the model has "
+                f"{nblocks} blocks: give one value per block"
+            )
         per = {k: data[block_of[k]] for k in numels}
     elif all(k.isdigit() for k in data):
         missing = [b for b in range(nblocks) if str(b) not in data]
         if missing:
-            raise InputFileError(f"--allocation file:{path} has no sparsity for block {missing[0]}: give every "
-                                 f"block 0..{nblocks - 1}")
+            raise InputFileError(
+                f"--allocation file:{path} has no sparsity for block {missing[0]}: give every "
+                f"block 0..{nblocks - 1}"
+            )
         extra = [k for k in data if int(k) >= nblocks]
         if extra:
-            raise InputFileError(f"--allocation file:{path} gives block {extra[0]}, but the model has {nblocks} "
-                                 f"blocks (0..{nblocks - 1})")
+            raise InputFileError(
+                f"--allocation file:{path} gives block {extra[0]}, but the model has {nblocks} "
+                f"blocks (0..{nblocks - 1})"
+            )
         per = {k: data[str(block_of[k])] for k in numels}
     else:
         prefix = {}
@@ -138,20 +163,32 @@ def from_file(path: str, requested: float | None, numels: dict[str, int], block_
         for k, v in data.items():
             full = k if k in numels else prefix.get(k)
             if full is None:
-                raise InputFileError(f"--allocation file:{path} names {k!r}, which is not a prunable linear "
-                                     f"of this model (e.g. {next(iter(numels))})")
+                raise InputFileError(
+                    f"--allocation file:{path} names {k!r}, which is not a prunable linear "
+                    f"of this model (e.g. {next(iter(numels))})"
+                )
             per[full] = v
         missing = [k for k in numels if k not in per]
         if missing:
-            raise InputFileError(f"--allocation file:{path} has no sparsity for {missing[0]}: give every "
-                                 "prunable linear, or use per-block values")
+            raise InputFileError(
+                f"--allocation file:{path} has no sparsity for {missing[0]}: give every "
+                "prunable linear, or use per-block values"
+            )
     mean = weighted_mean(per, numels)
     if requested is not None and abs(mean - requested) > MEAN_TOLERANCE:
-        raise InputFileError(f"--allocation file:{path} has a parameter-weighted mean sparsity of {mean:.6g}, not "
-                             f"--sparsity {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): give --sparsity "
-                             f"{mean:.6g}, or leave --sparsity out to prune to the file's mean")
-    details = {} if requested is not None else {"target": "the file's parameter-weighted mean (no --sparsity given)"}
-    return Allocation(f"file:{path}", mean if requested is None else requested, per, numels, block_of, details)
+        raise InputFileError(
+            f"--allocation file:{path} has a parameter-weighted mean sparsity of {mean:.6g}, not "
+            f"--sparsity {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): give --sparsity "
+            f"{mean:.6g}, or leave --sparsity out to prune to the file's mean"
+        )
+    details = (
+        {}
+        if requested is not None
+        else {"target": "the file's parameter-weighted mean (no --sparsity given)"}
+    )
+    return Allocation(
+        f"file:{path}", mean if requested is None else requested, per, numels, block_of, details
+    )
 
 
 def clip_to_mean(values, weights, mean: float, lo: float, hi: float, mode: str = "shift"):

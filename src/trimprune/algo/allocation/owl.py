@@ -9,17 +9,12 @@ more outliers keep more weights: densities are mapped linearly onto [1 - s - lam
 (reference: TRIM/OWL `prune_wanda_outlier`). The scores come from a dense walk over the calibration
 activations already captured for pruning (one forward per block; no second data sampling or capture).
 """
+
 from __future__ import annotations
 
 import torch
 
-from ...calib.capture import BlockRun, Streams, StreamUpdate, walk
-from ...calib.stats import BlockHooks, StatsNeeds
-from ...config import AllocationConfig
-from ...io.models import weight_2d
-from ..executor import EAGER, Executor
-from ..scorers import Wanda
-from .base import Allocation, clip_to_mean
+from trimprune.algo.allocation.base import Allocation, clip_to_mean
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -34,8 +29,13 @@ def outlier_ratios(scores: list[torch.Tensor], ms: list[float]) -> list[float]:
     return [float((flat > mean * m).sum()) / flat.numel() * 100.0 for m in ms]
 
 
-def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float, block_numels: list[int] | None = None,
-                         upper: float = 0.99) -> list[float]:
+def owl_block_sparsities(
+    ratios: list[float],
+    sparsity: float,
+    lam: float,
+    block_numels: list[int] | None = None,
+    upper: float = 0.99,
+) -> list[float]:
     """Map outlier ratios D_l to block sparsities (more outliers -> less sparsity)."""
     d = torch.tensor(ratios, dtype=torch.float64)
     span = d.max() - d.min()
@@ -48,43 +48,19 @@ def owl_block_sparsities(ratios: list[float], sparsity: float, lam: float, block
     return clip_to_mean(s, w, sparsity, 0.0, upper).tolist()
 
 
-@torch.no_grad()
-def owl_ratios(ms: list[float], adapter, captured, offload: bool, ex: Executor = EAGER,
-               progress=False) -> dict[float, list[float]]:
-    """One dense walk over the captured calibration activations: per block, the Wanda scores of all its
-    linears give the outlier ratio D_l for every threshold in `ms` (M -> [D_l per block])."""
-    needs = StatsNeeds(sqnorm=True)
-    ms = list(dict.fromkeys(float(m) for m in ms))
-    ratios: list[list[float]] = []
-
-    def visit(run: BlockRun) -> StreamUpdate:
-        hooks = BlockHooks(run.linears, needs, captured.exec_device, captured.n_tokens, ex=ex, ranks=captured.ranks,
-                           token_offset=captured.token_offset)
-        with hooks:
-            out = run.forward(run.streams.main, on_batch_end=hooks.next_batch)
-        hooks.reduce()
-        run.check_statistics(hooks, ex)
-        scores = [Wanda().importance(weight_2d(mod).float(), hooks.stats_for(n)) for n, mod in run.linears.items()]
-        ratios.append(outlier_ratios(scores, ms))
-        return StreamUpdate(main=out)           # the dense block's outputs feed the next block
-
-    walk(adapter, captured, Streams(captured.hidden), visit, offload=offload, progress=progress, desc="OWL scores",
-         ex=ex)
-    return {m: [r[j] for r in ratios] for j, m in enumerate(ms)}
-
-
-def owl_from_ratios(ratios: list[float], owl_m: float, lam: float, sparsity: float, numels, block_of) -> Allocation:
+def owl_from_ratios(
+    ratios: list[float], owl_m: float, lam: float, sparsity: float, numels, block_of
+) -> Allocation:
     """The OWL allocation from the blocks' outlier ratios at threshold `owl_m`."""
     n_blocks = len(ratios)
     block_numels = [sum(n for k, n in numels.items() if block_of[k] == b) for b in range(n_blocks)]
     per_block = owl_block_sparsities(ratios, sparsity, lam, block_numels)
     per_linear = {k: per_block[block_of[k]] for k in numels}
-    return Allocation("owl", sparsity, per_linear, numels, block_of,
-                      details={"outlier_ratio": list(ratios), "owl_m": owl_m, "owl_lambda": lam})
-
-
-def owl_allocation(config: AllocationConfig, sparsity: float, adapter, captured, numels, block_of, offload: bool,
-                   ex: Executor = EAGER, progress=False) -> Allocation:
-    """The outlier ratios of one dense walk (`owl_ratios`), then the mapping above."""
-    ratios = owl_ratios([config.owl_m], adapter, captured, offload, ex, progress)[float(config.owl_m)]
-    return owl_from_ratios(ratios, config.owl_m, config.owl_lambda, sparsity, numels, block_of)
+    return Allocation(
+        "owl",
+        sparsity,
+        per_linear,
+        numels,
+        block_of,
+        details={"outlier_ratio": list(ratios), "owl_m": owl_m, "owl_lambda": lam},
+    )

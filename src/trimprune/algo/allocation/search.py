@@ -17,20 +17,21 @@ target, as OWL, AlphaPruning and ATP do on their own. A new study starts with `w
 (a free profile of zeros) and the rules with the config's parameters, so the search's best is never
 worse than those on its own objective.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch
 
-from ...config import ALPHA_METRICS
-from .atp import atp_block_sparsities, block_numels_of
-from .base import Allocation, clip_to_mean
+from trimprune.algo.allocation.atp import atp_block_sparsities, block_numels_of
+from trimprune.algo.allocation.base import Allocation, clip_to_mean
+from trimprune.config import ALPHA_METRICS
 
 UPPER = 0.99
 RULES = ("owl", "alphapruning", "atp")
-OWL_M_GRID = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)     # OWL's paper tried M in {3, 5, 7, 10}
-OWL_LAMBDA = (0.0, 0.25)                               # its paper: lambda in [0.02, 0.2]
+OWL_M_GRID = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # OWL's paper tried M in {3, 5, 7, 10}
+OWL_LAMBDA = (0.0, 0.25)  # its paper: lambda in [0.02, 0.2]
 ALPHA_EPS = (0.0, 0.5)
 ATP_BETA = (0.0, 0.6)
 N_CHEB = 4
@@ -80,10 +81,15 @@ def warm_starts(spaces, allocation, trim_default: bool) -> list[dict]:
         out.append({"family": "free"} | {f"c{k}": 0.0 for k in range(1, N_CHEB + 1)})
     if "rules" in spaces:
         m = float(allocation.owl_m) if float(allocation.owl_m) in OWL_M_GRID else 5.0
-        out += [{"family": "owl", "owl_m": m, "owl_lambda": _clamp(allocation.owl_lambda, OWL_LAMBDA)},
-                {"family": "alphapruning", "alpha_metric": allocation.alpha_metric,
-                 "alpha_eps": _clamp(allocation.alpha_eps, ALPHA_EPS)},
-                {"family": "atp", "atp_beta": _clamp(allocation.atp_beta, ATP_BETA)}]
+        out += [
+            {"family": "owl", "owl_m": m, "owl_lambda": _clamp(allocation.owl_lambda, OWL_LAMBDA)},
+            {
+                "family": "alphapruning",
+                "alpha_metric": allocation.alpha_metric,
+                "alpha_eps": _clamp(allocation.alpha_eps, ALPHA_EPS),
+            },
+            {"family": "atp", "atp_beta": _clamp(allocation.atp_beta, ATP_BETA)},
+        ]
     if "trim" in spaces:
         out = [p | {"trim": bool(trim_default)} for p in out]
     return out
@@ -97,16 +103,19 @@ def chebyshev_profile(coeffs: list[float], n_blocks: int) -> list[float]:
         x = torch.arange(n_blocks, dtype=torch.float64) * (2.0 / (n_blocks - 1)) - 1.0
     t_prev, t = torch.ones_like(x), x.clone()
     out = torch.zeros_like(x)
-    for c in coeffs:                 # T_1, T_2, ... by the recurrence T_{k+1} = 2 x T_k - T_{k-1}
+    for c in coeffs:  # T_1, T_2, ... by the recurrence T_{k+1} = 2 x T_k - T_{k-1}
         out += float(c) * t
         t_prev, t = t, 2 * x * t - t_prev
     return out.tolist()
 
 
-def free_block_sparsities(coeffs: list[float], sparsity: float, block_numels: list[int],
-                          upper: float = UPPER) -> list[float]:
+def free_block_sparsities(
+    coeffs: list[float], sparsity: float, block_numels: list[int], upper: float = UPPER
+) -> list[float]:
     s = torch.tensor(chebyshev_profile(coeffs, len(block_numels)), dtype=torch.float64) + sparsity
-    return clip_to_mean(s, torch.tensor(block_numels, dtype=torch.float64), sparsity, 0.0, upper).tolist()
+    return clip_to_mean(
+        s, torch.tensor(block_numels, dtype=torch.float64), sparsity, 0.0, upper
+    ).tolist()
 
 
 class RuleSources(Protocol):
@@ -118,26 +127,49 @@ class RuleSources(Protocol):
     def alpha_metrics(self) -> dict[str, dict]: ...
 
 
-def allocation_for(params: dict, sparsity: float, numels: dict[str, int], block_of: dict[str, int],
-                   sources: RuleSources, alpha_mapping: str = "block_wise") -> Allocation:
+def allocation_for(
+    params: dict,
+    sparsity: float,
+    numels: dict[str, int],
+    block_of: dict[str, int],
+    sources: RuleSources,
+    alpha_mapping: str = "block_wise",
+) -> Allocation:
     """The allocation of a trial's parameters (`suggest`), method "search", with the parameters in its details."""
-    from .alphapruning import alpha_from_metrics
-    from .owl import owl_from_ratios
+    from trimprune.algo.allocation.alphapruning import alpha_from_metrics
+    from trimprune.algo.allocation.owl import owl_from_ratios
 
     fam = params["family"]
     blocks = block_numels_of(numels, block_of)
     if fam == "owl":
-        per = owl_from_ratios(sources.owl_ratios(params["owl_m"]), params["owl_m"], params["owl_lambda"], sparsity,
-                              numels, block_of).per_linear
+        per = owl_from_ratios(
+            sources.owl_ratios(params["owl_m"]),
+            params["owl_m"],
+            params["owl_lambda"],
+            sparsity,
+            numels,
+            block_of,
+        ).per_linear
     elif fam == "alphapruning":
-        per = alpha_from_metrics(sources.alpha_metrics(), params["alpha_metric"], params["alpha_eps"], alpha_mapping,
-                                 sparsity, numels, block_of).per_linear
+        per = alpha_from_metrics(
+            sources.alpha_metrics(),
+            params["alpha_metric"],
+            params["alpha_eps"],
+            alpha_mapping,
+            sparsity,
+            numels,
+            block_of,
+        ).per_linear
     elif fam == "atp":
         pb = atp_block_sparsities(len(blocks), sparsity, params["atp_beta"], blocks)
         per = {k: pb[block_of[k]] for k in numels}
     elif fam == "free":
-        pb = free_block_sparsities([params[f"c{k}"] for k in range(1, N_CHEB + 1)], sparsity, blocks)
+        pb = free_block_sparsities(
+            [params[f"c{k}"] for k in range(1, N_CHEB + 1)], sparsity, blocks
+        )
         per = {k: pb[block_of[k]] for k in numels}
     else:
         raise ValueError(f"unknown search family {fam!r}")
-    return Allocation("search", sparsity, per, numels, block_of, details={"family": fam, "params": dict(params)})
+    return Allocation(
+        "search", sparsity, per, numels, block_of, details={"family": fam, "params": dict(params)}
+    )

@@ -1,10 +1,11 @@
 """Importance scorers: magnitude, Wanda, SparseGPT."""
-from ...config import ScorerConfig
-from ..executor import EAGER, Executor
-from .base import Member, Outcome, Scorer, Target
-from .magnitude import Magnitude
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
+
+from trimprune.algo.scorers.base import Member, Outcome, Scorer, Target
+from trimprune.algo.scorers.magnitude import Magnitude
+from trimprune.algo.scorers.sparsegpt import SparseGPT
+from trimprune.algo.scorers.wanda import Wanda
+from trimprune.config import ScorerConfig
+from trimprune.core.runtime import EAGER, Executor
 
 
 def make_scorer(config: ScorerConfig, ex: Executor = EAGER) -> Scorer:
@@ -15,4 +16,13 @@ def make_scorer(config: ScorerConfig, ex: Executor = EAGER) -> Scorer:
     return SparseGPT(blocksize=config.blocksize, percdamp=config.percdamp, ex=ex)
 
 
-__all__ = ["Member", "Outcome", "Scorer", "Target", "Magnitude", "Wanda", "SparseGPT", "make_scorer"]
+__all__ = [
+    "Member",
+    "Outcome",
+    "Scorer",
+    "Target",
+    "Magnitude",
+    "Wanda",
+    "SparseGPT",
+    "make_scorer",
+]

@@ -1,13 +1,14 @@
 """Scorer interface: an importance score per weight, and a pruning rule for a target."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ...calib.stats import InputStats
-from .. import masks as M
-from ..records import Reconstruction
+from trimprune.algo import masks as M
+from trimprune.algo.stats import InputStats
+from trimprune.core.records import Reconstruction
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Target:
     sparsity: float
     row_counts: torch.Tensor | None = None
     nm: tuple[int, int] | None = None
-    ranks: torch.Tensor | None = None     # row_ranks(importance) when already computed (TRIM), reused
+    ranks: torch.Tensor | None = None  # row_ranks(importance) when already computed (TRIM), reused
 
 
 @dataclass
@@ -26,14 +27,14 @@ class Member:
     """A linear to prune inside a group of linears that read the same input."""
 
     name: str
-    weight: torch.Tensor          # (out, in) float32 copy of the dense weight
+    weight: torch.Tensor  # (out, in) float32 copy of the dense weight
     target: Target
 
 
 @dataclass
 class Outcome:
-    weight: torch.Tensor          # pruned (and, for SparseGPT, reconstructed) weight, float32
-    mask: torch.Tensor            # True = pruned
+    weight: torch.Tensor  # pruned (and, for SparseGPT, reconstructed) weight, float32
+    mask: torch.Tensor  # True = pruned
     info: Reconstruction | None = None
 
 
@@ -43,9 +44,11 @@ class Scorer:
 
     name = "base"
     needs_gram = False
-    reconstructs = False            # changes the kept weights (SparseGPT)
-    selects_by_row_ranks = True     # with row counts, the mask is row_ranks(importance) < counts
-    alone_is_uniform_rows = True    # alone, it prunes round(s * in) per row (Wanda's comparison group)
+    reconstructs = False  # changes the kept weights (SparseGPT)
+    selects_by_row_ranks = True  # with row counts, the mask is row_ranks(importance) < counts
+    alone_is_uniform_rows = (
+        True  # alone, it prunes round(s * in) per row (Wanda's comparison group)
+    )
 
     def importance(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError
@@ -66,11 +69,22 @@ class Scorer:
         out = []
         for m in members:
             t = m.target
-            if t.ranks is not None and t.nm is None and (t.row_counts is not None or self.alone_is_uniform_rows):
+            if (
+                t.ranks is not None
+                and t.nm is None
+                and (t.row_counts is not None or self.alone_is_uniform_rows)
+            ):
                 # made on the ranks' device: a host tensor copied there would wait for all queued work
-                k = t.row_counts.to(t.ranks.device, t.ranks.dtype) if t.row_counts is not None else \
-                    torch.full((t.ranks.shape[0],), M.per_row_count(t.ranks.shape[1], t.sparsity),
-                               dtype=t.ranks.dtype, device=t.ranks.device)
+                k = (
+                    t.row_counts.to(t.ranks.device, t.ranks.dtype)
+                    if t.row_counts is not None
+                    else torch.full(
+                        (t.ranks.shape[0],),
+                        M.per_row_count(t.ranks.shape[1], t.sparsity),
+                        dtype=t.ranks.dtype,
+                        device=t.ranks.device,
+                    )
+                )
                 mask = M.mask_from_counts(t.ranks, k)
             else:
                 mask = self.select(self.importance(m.weight, stats), t)

@@ -15,6 +15,7 @@ reference. A failed Cholesky factorisation is retried with 10x the damping (`per
 this a numerical failure, not bad data), that linear keeps its mask without the update and its
 `Reconstruction.fallback` says so (`prune` lists it in the result's notes).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...calib.stats import InputStats
-from ...errors import NonFiniteError
-from ..executor import EAGER, Executor
-from ..masks import row_ranks
-from ..records import Reconstruction
-from .base import Member, Outcome, Scorer, Target
+from trimprune.algo.masks import row_ranks
+from trimprune.algo.scorers.base import Member, Outcome, Scorer, Target
+from trimprune.algo.stats import InputStats
+from trimprune.core.records import Reconstruction
+from trimprune.core.runtime import EAGER, Executor
+from trimprune.errors import NonFiniteError
 
 log = logging.getLogger("trimprune")
 
@@ -61,10 +62,10 @@ class _ObsBlock:
         Err1 = torch.zeros_like(W1)
         for i in range(W1.shape[1]):
             if self.m and i % self.m == 0:
-                tmp = W1[:, i:i + self.m].square() / d[i:i + self.m].square().unsqueeze(0)
+                tmp = W1[:, i : i + self.m].square() / d[i : i + self.m].square().unsqueeze(0)
                 mask1.scatter_(1, i + torch.topk(tmp, self.n, dim=1, largest=False)[1], True)
             err = W1[:, i] * mask1[:, i] / d[i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)    # column i becomes q (pruned entries ~0)
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # column i becomes q (pruned entries ~0)
             Err1[:, i] = err
         W1.masked_fill_(mask1, 0.0)
         return W1, Err1, mask1
@@ -74,14 +75,19 @@ class SparseGPT(Scorer):
     name = "sparsegpt"
     needs_gram = True
     reconstructs = True
-    selects_by_row_ranks = False    # blockwise selection on updated weights
+    selects_by_row_ranks = False  # blockwise selection on updated weights
     alone_is_uniform_rows = False
 
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> int:
-        return int(round(sparsity * rows * cols))           # one count per matrix
+        return int(round(sparsity * rows * cols))  # one count per matrix
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, max_damp_retries: int = 8,
-                 ex: Executor = EAGER):
+    def __init__(
+        self,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        max_damp_retries: int = 8,
+        ex: Executor = EAGER,
+    ):
         self.blocksize = blocksize
         self.percdamp = percdamp
         self.max_damp_retries = max_damp_retries
@@ -92,15 +98,19 @@ class SparseGPT(Scorer):
         """Upper Cholesky factor U of (H + lambda I)^-1 with dead columns handled as in the paper
         (H_jj = 0 -> H_jj = 1, w_:j = 0). On a failed factorisation the damping grows x10. Computed once
         per statistics (q/k/v share it)."""
-        return stats.derived(("sparsegpt inverse factor", device, self.percdamp, self.max_damp_retries),
-                             lambda: self._inverse_factor(stats.gram, device))
+        return stats.derived(
+            ("sparsegpt inverse factor", device, self.percdamp, self.max_damp_retries),
+            lambda: self._inverse_factor(stats.gram, device),
+        )
 
     def _inverse_factor(self, gram: torch.Tensor, device: torch.device) -> InverseFactor:
         H = gram.to(device=device).clone()
         fallback = None
         if not torch.isfinite(H).all():
-            raise NonFiniteError("SparseGPT: the Gram matrix X^T X of a linear's inputs holds NaN/Inf: the calibration "
-                                 "activations are not finite (an overflow: try --dtype bfloat16 or --dtype float32)")
+            raise NonFiniteError(
+                "SparseGPT: the Gram matrix X^T X of a linear's inputs holds NaN/Inf: the calibration "
+                "activations are not finite (an overflow: try --dtype bfloat16 or --dtype float32)"
+            )
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         mean_diag = torch.mean(torch.diag(H))
@@ -119,16 +129,24 @@ class SparseGPT(Scorer):
                     break
             retries += 1
             if retries > self.max_damp_retries:
-                fallback = (f"Cholesky failed up to percdamp {percdamp:g}; used H = I "
-                            "(magnitude selection, no update)")
+                fallback = (
+                    f"Cholesky failed up to percdamp {percdamp:g}; used H = I "
+                    "(magnitude selection, no update)"
+                )
                 U = torch.eye(H.shape[0], device=device, dtype=H.dtype)
                 break
             percdamp *= 10.0
             log.warning("SparseGPT: Cholesky failed, retrying with percdamp=%g", percdamp)
         if fallback:
             log.warning("SparseGPT: %s", fallback)
-        return InverseFactor(U=U, dead=dead, percdamp_used=percdamp, damp_retries=retries, fallback=fallback,
-                             dead_columns=int(dead.sum()))
+        return InverseFactor(
+            U=U,
+            dead=dead,
+            percdamp_used=percdamp,
+            damp_retries=retries,
+            fallback=fallback,
+            dead_columns=int(dead.sum()),
+        )
 
     def importance(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         """The saliency w^2 / [U]_jj^2 on the unmodified weights (the cheap proxy TRIM searches with)."""
@@ -137,8 +155,9 @@ class SparseGPT(Scorer):
         return w.square() / torch.diag(f.U).square().unsqueeze(0)
 
     # ------------------------------------------------------------------ solver
-    def _select_block(self, tmp: torch.Tensor, seg_rows: slice, target: Target, i1: int, i2: int,
-                      cols: int) -> torch.Tensor:
+    def _select_block(
+        self, tmp: torch.Tensor, seg_rows: slice, target: Target, i1: int, i2: int, cols: int
+    ) -> torch.Tensor:
         """Mask for columns [i1, i2) of one linear's rows. The counts per block telescope, so the
         whole matrix (or each row) ends with exactly the target number of pruned weights."""
         t = tmp[seg_rows]
@@ -178,13 +197,22 @@ class SparseGPT(Scorer):
             d = torch.diag(U1)
             if nm is None:
                 tmp = W1.square() / d.square().unsqueeze(0)
-                mask1 = torch.cat([self._select_block(tmp, sg, m.target, i1, i2, cols)
-                                   for sg, m in zip(segs, members)], 0)
+                mask1 = torch.cat(
+                    [
+                        self._select_block(tmp, sg, m.target, i1, i2, cols)
+                        for sg, m in zip(segs, members)
+                    ],
+                    0,
+                )
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             n, mm = nm if nm is not None else (0, 0)
-            W1, Err1, mask1 = self.ex.run(("obs", tuple(W1.shape), W1.dtype, n, mm), _ObsBlock(n, mm),
-                                          {"W1": W1, "U1": U1, "mask1": mask1}, size=W1.numel() * 4)
+            W1, Err1, mask1 = self.ex.run(
+                ("obs", tuple(W1.shape), W1.dtype, n, mm),
+                _ObsBlock(n, mm),
+                {"W1": W1, "U1": U1, "mask1": mask1},
+                size=W1.numel() * 4,
+            )
             losses += Err1.square().sum(1) / 2
             W[:, i1:i2] = W1
             mask[:, i1:i2] = mask1
@@ -196,12 +224,23 @@ class SparseGPT(Scorer):
         for sg, m, ok in zip(segs, members, finite):
             fallback = f.fallback
             if not ok:
-                log.warning("SparseGPT: the reconstruction of %s is not finite; kept its mask without the update",
-                            m.name)
+                log.warning(
+                    "SparseGPT: the reconstruction of %s is not finite; kept its mask without the update",
+                    m.name,
+                )
                 W[sg] = m.weight.masked_fill(mask[sg], 0.0)
                 fallback = "non-finite reconstruction; mask applied without update"
-            out.append(Outcome(weight=W[sg], mask=mask[sg],
-                               info=Reconstruction(percdamp_used=f.percdamp_used, damp_retries=f.damp_retries,
-                                                   fallback=fallback, dead_columns=f.dead_columns,
-                                                   obs_loss=float(losses[sg].sum()))))
+            out.append(
+                Outcome(
+                    weight=W[sg],
+                    mask=mask[sg],
+                    info=Reconstruction(
+                        percdamp_used=f.percdamp_used,
+                        damp_retries=f.damp_retries,
+                        fallback=fallback,
+                        dead_columns=f.dead_columns,
+                        obs_loss=float(losses[sg].sum()),
+                    ),
+                )
+            )
         return out

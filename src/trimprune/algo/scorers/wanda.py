@@ -1,7 +1,8 @@
 """Wanda (Sun et al. 2024): S_ij = |W_ij| * ||X_j||_2, compared within each output row (Eq. 1)."""
+
 from __future__ import annotations
 
-from .base import Scorer
+from trimprune.algo.scorers.base import Scorer
 
 
 class Wanda(Scorer):

@@ -4,6 +4,7 @@ The chosen vector of row sparsities is projected exactly onto {x in [0, x_max]^r
 and rounded to integer counts whose total is the scorer's own number of pruned weights, so TRIM and
 the scorer alone are compared at equal sparsity.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,17 +44,25 @@ def capped_counts(x: torch.Tensor, n: int, totals: torch.Tensor, cap: float):
     k0 = torch.floor(y + 1e-9).clamp(0, kmax)
     rem = tot - k0.sum(-1, keepdim=True)
     frac = y - k0
-    key = torch.where(rem >= 0, torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
-                      torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)))
+    key = torch.where(
+        rem >= 0,
+        torch.where(k0 < kmax, frac, torch.full_like(frac, -math.inf)),
+        torch.where(k0 > 0, -frac, torch.full_like(frac, -math.inf)),
+    )
     rank = torch.empty(x.shape, dtype=torch.long, device=x.device)
-    rank.scatter_(-1, torch.sort(key, dim=-1, descending=True, stable=True)[1],
-                  torch.arange(rows, device=x.device).expand(P, rows))
+    rank.scatter_(
+        -1,
+        torch.sort(key, dim=-1, descending=True, stable=True)[1],
+        torch.arange(rows, device=x.device).expand(P, rows),
+    )
     k = (k0 + torch.sign(rem) * (rank < rem.abs()).double()).long()
     ok = (k.sum(-1) == totals) & (k.amin(-1) >= 0) & (k.amax(-1) <= kmax)
     return k, ok
 
 
-def exact_counts(x: torch.Tensor, s: float, in_features: int, cap: float, total: int | None = None) -> torch.Tensor:
+def exact_counts(
+    x: torch.Tensor, s: float, in_features: int, cap: float, total: int | None = None
+) -> torch.Tensor:
     """`capped_counts` for one vector of row sparsities x (rows,), on the host, with the total
     round(s * rows * in) unless given; should the one round miss (float edge cases), the remaining
     weights are handed out one round after another by the same rule."""
@@ -83,10 +92,12 @@ def _repair_counts(x: torch.Tensor, k: torch.Tensor, total: int, n: int, kmax: i
             return k
         if rem > 0:
             pri = torch.where(k < kmax, frac, torch.full_like(frac, -math.inf))
-            idx = torch.sort(pri, descending=True, stable=True)[1][:min(rem, int((k < kmax).sum()))]
+            idx = torch.sort(pri, descending=True, stable=True)[1][
+                : min(rem, int((k < kmax).sum()))
+            ]
             k[idx] += 1
         else:
             pri = torch.where(k > 0, frac, torch.full_like(frac, math.inf))
-            idx = torch.sort(pri, stable=True)[1][:min(-rem, int((k > 0).sum()))]
+            idx = torch.sort(pri, stable=True)[1][: min(-rem, int((k > 0).sum()))]
             k[idx] -= 1
         frac[idx] = 0.0

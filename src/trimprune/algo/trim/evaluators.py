@@ -16,6 +16,7 @@ pruning the k least important weights of a row leaves e_k with
 
 so one pass over G per row (`pruned_cross`) gives e G e^T for EVERY k.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,12 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..executor import EAGER, Executor
-from ..linalg import mm_f32
-from .metrics import RowStats
+from trimprune.algo.trim.metrics import RowStats
+from trimprune.core.linalg import mm_f32
+from trimprune.core.runtime import EAGER, Executor
 
 
-def pruned_cross(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, chunk_elems: int = 2**24) -> torch.Tensor:
+def pruned_cross(
+    W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, chunk_elems: int = 2**24
+) -> torch.Tensor:
     """c[p, r, a] = sum_b G[p, a, b] W[p, r, b] [ranks[p, r, b] < ranks[p, r, a]] (module docstring), rows in
     chunks of at most `chunk_elems` (rows x in x in) intermediate elements.
     W (P, rows, in), ranks (P, rows, in), G (P, in, in) -> (P, rows, in) in G's dtype."""
@@ -38,10 +41,12 @@ def pruned_cross(W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, chunk_el
     for p in range(P):
         Gp = G[p]
         for r0 in range(0, R, step):
-            rk = ranks[p, r0:r0 + step]
-            below = rk.unsqueeze(1) < rk.unsqueeze(2)                      # (rows, a, b): rank b < rank a
+            rk = ranks[p, r0 : r0 + step]
+            below = rk.unsqueeze(1) < rk.unsqueeze(2)  # (rows, a, b): rank b < rank a
             Mg = torch.where(below, Gp, Gp.new_zeros(()))
-            out[p, r0:r0 + step] = torch.bmm(Mg, W[p, r0:r0 + step].to(G.dtype).unsqueeze(-1)).squeeze(-1)
+            out[p, r0 : r0 + step] = torch.bmm(
+                Mg, W[p, r0 : r0 + step].to(G.dtype).unsqueeze(-1)
+            ).squeeze(-1)
     return out
 
 
@@ -87,6 +92,7 @@ class _Batching:
             if squeeze_l:
                 v = v.squeeze(1)
             return v if self.batched else v.squeeze(0)
+
         return st.map(drop)
 
 
@@ -107,9 +113,15 @@ class GramEvaluator(_Batching, _MaskCounts):
     candidate), or "auto" (on where the executor accelerates `pruned_cross`, e.g. a GPU kernel for
     float32 G; elsewhere the per-candidate products are cheaper)."""
 
-    def __init__(self, gram: torch.Tensor, n_tokens: int, precision: str = "fp32", tables: str = "auto",
-                 ex: Executor = EAGER):
-        self.G = gram                                 # (in, in) or (P, in, in)
+    def __init__(
+        self,
+        gram: torch.Tensor,
+        n_tokens: int,
+        precision: str = "fp32",
+        tables: str = "auto",
+        ex: Executor = EAGER,
+    ):
+        self.G = gram  # (in, in) or (P, in, in)
         self.T = n_tokens
         self.precision = precision
         if tables not in ("auto", "on", "off"):
@@ -151,9 +163,9 @@ class GramEvaluator(_Batching, _MaskCounts):
         P, R, N = self.W.shape
         # w G: float32 (tf32 in the bf16 speed mode), the anchor of yy and <y, y'>
         with _matmul_precision("tf32" if self.precision == "bf16" else "fp32"):
-            self.A = torch.matmul(self.W, G3.expand(P, N, N))                  # W G        (P, rows, in)
+            self.A = torch.matmul(self.W, G3.expand(P, N, N))  # W G        (P, rows, in)
         self.AW = self.A * self.W
-        self.yy = self.AW.sum(-1, dtype=torch.float64)                         # ||w_r X||^2 (P, rows)
+        self.yy = self.AW.sum(-1, dtype=torch.float64)  # ||w_r X||^2 (P, rows)
         self._Gb = self._Wb = None
         # prefix sums of AW in the order of `_ranks`, and their flat row offsets (stats_from_counts)
         self._ranks = self._table = self._base = None
@@ -173,15 +185,24 @@ class GramEvaluator(_Batching, _MaskCounts):
         E, sq = self._lift(E)
         prod = self._eg(E) * E
         # e G e^T; on a GPU E G is a tf32 / bf16 product, far less exact than a float32 row sum
-        err = prod.sum(-1).double() if prod.is_cuda and prod.dtype == torch.float32 else \
-            prod.sum(-1, dtype=torch.float64)
+        err = (
+            prod.sum(-1).double()
+            if prod.is_cuda and prod.dtype == torch.float32
+            else prod.sum(-1, dtype=torch.float64)
+        )
         if wge is None:
-            wge = (self.A.unsqueeze(1) * E).sum(-1, dtype=torch.float64)     # w G e^T
+            wge = (self.A.unsqueeze(1) * E).sum(-1, dtype=torch.float64)  # w G e^T
         return self._drop(self._assemble(err, wge), sq)
 
     def _assemble(self, err: torch.Tensor, wge: torch.Tensor) -> RowStats:
         yy = self.yy.unsqueeze(1)
-        return RowStats(yy=yy, c=yy - wge, q=(yy - 2 * wge + err).clamp_min(0.0), err=err.clamp_min(0.0), T=self.T)
+        return RowStats(
+            yy=yy,
+            c=yy - wge,
+            q=(yy - 2 * wge + err).clamp_min(0.0),
+            err=err.clamp_min(0.0),
+            T=self.T,
+        )
 
     def count_tables(self):
         """The prefix tables (2, P, rows, in + 1) of w G e^T and e G e^T, once `stats_from_counts` has
@@ -225,7 +246,9 @@ class GramEvaluator(_Batching, _MaskCounts):
             if self._Wb is None:
                 self._Wb = self.W.to(torch.bfloat16)
             Wsrc = self._Wb
-        E = torch.where(ranks.unsqueeze(1) < kk.to(ranks.dtype).unsqueeze(-1), Wsrc.unsqueeze(1), 0.0)
+        E = torch.where(
+            ranks.unsqueeze(1) < kk.to(ranks.dtype).unsqueeze(-1), Wsrc.unsqueeze(1), 0.0
+        )
         return self.stats_from_error(E, wge)
 
     def stats_from_mask(self, mask: torch.Tensor) -> RowStats:
@@ -263,11 +286,21 @@ class ExplicitEvaluator(_Batching, _MaskCounts):
     def stats_from_weight(self, Wp: torch.Tensor) -> RowStats:
         Wp, sq = self._lift(Wp)
         P, L, R, N = Wp.shape
-        Yp = torch.matmul(Wp.to(self.X3.dtype).reshape(P, L * R, N),
-                          self.X3.expand(P, N, self.T)).reshape(P, L, R, self.T).double()
+        Yp = (
+            torch.matmul(Wp.to(self.X3.dtype).reshape(P, L * R, N), self.X3.expand(P, N, self.T))
+            .reshape(P, L, R, self.T)
+            .double()
+        )
         Y = self.Y64.unsqueeze(1)
-        st = RowStats(yy=Y.square().sum(-1), c=(Y * Yp).sum(-1), q=Yp.square().sum(-1),
-                      err=(Y - Yp).square().sum(-1), T=self.T, Y=Y, Yp=Yp)
+        st = RowStats(
+            yy=Y.square().sum(-1),
+            c=(Y * Yp).sum(-1),
+            q=Yp.square().sum(-1),
+            err=(Y - Yp).square().sum(-1),
+            T=self.T,
+            Y=Y,
+            Yp=Yp,
+        )
         return self._drop(st, sq)
 
     def stats_from_mask(self, mask: torch.Tensor) -> RowStats:
@@ -297,11 +330,13 @@ class ObsEvaluator:
 
     @staticmethod
     def count_tables():
-        return None     # its statistics are read from its own table, not from the e G e^T prefix tables
+        return (
+            None  # its statistics are read from its own table, not from the e G e^T prefix tables
+        )
 
     def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor | None = None) -> RowStats:
         n1 = self.table.shape[-1] - 1
-        yy = self.table[..., n1].unsqueeze(1)                                  # (P, 1, rows)
+        yy = self.table[..., n1].unsqueeze(1)  # (P, 1, rows)
         cum = self.table[..., :n1].unsqueeze(1).expand(*k.shape, n1)
         err = torch.gather(cum, -1, k.clamp(0, n1 - 1).unsqueeze(-1)).squeeze(-1).clamp(min=0.0)
         err = torch.minimum(err, yy.expand_as(err))
@@ -312,7 +347,7 @@ class ObsEvaluator:
     def table_for(weight: torch.Tensor, saliency: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         """Prefix sums of the sorted saliencies of each row, and the row's output energy."""
         srt = torch.sort(saliency.double(), dim=1, stable=True)[0]
-        cum = torch.cat([torch.zeros_like(srt[:, :1]), torch.cumsum(srt, 1)], 1)      # (rows, in + 1)
+        cum = torch.cat([torch.zeros_like(srt[:, :1]), torch.cumsum(srt, 1)], 1)  # (rows, in + 1)
         W = weight.to(gram.dtype)
         yy = ((W @ gram) * W).sum(-1, dtype=torch.float64)
         return torch.cat([cum, yy.unsqueeze(1)], 1)
@@ -335,7 +370,7 @@ class GramSpec:
 class ExplicitSpec:
     """`ExplicitEvaluator` (its source: the inputs, in_features x T, or P of them)."""
 
-    def build(self, src: torch.Tensor, ex: Executor = EAGER) -> "ExplicitEvaluator":
+    def build(self, src: torch.Tensor, ex: Executor = EAGER) -> ExplicitEvaluator:
         return ExplicitEvaluator(src)
 
 
@@ -345,5 +380,5 @@ class ObsSpec:
 
     n_tokens: int
 
-    def build(self, src: torch.Tensor, ex: Executor = EAGER) -> "ObsEvaluator":
+    def build(self, src: torch.Tensor, ex: Executor = EAGER) -> ObsEvaluator:
         return ObsEvaluator(src, self.n_tokens)

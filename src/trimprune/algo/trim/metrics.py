@@ -6,6 +6,7 @@ Every metric is a function of the row statistics an evaluator (`evaluators.py`) 
     yy_r = ||y_r||^2,  c_r = <y_r, y'_r>,  q_r = ||y'_r||^2,  err_r = ||y_r - y'_r||^2,  T tokens,
 and, for the metrics that need them (mae, psnr_*, cosim_sample), the outputs Y, Y' themselves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,16 @@ class RowStats:
     Y: torch.Tensor | None = None
     Yp: torch.Tensor | None = None
 
-    def map(self, fn) -> "RowStats":
+    def map(self, fn) -> RowStats:
         """fn applied to every tensor field."""
-        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: fn(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
 
 def _cos(c, na, nb):

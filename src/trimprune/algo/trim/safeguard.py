@@ -10,20 +10,21 @@
 Both choices are made on the device (`torch.where`), so nothing waits for the host; the block
 choice is made on the host only when the block outputs are kept off the device (offload).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ...config import TrimConfig
-from ...io.models import set_weight_2d
-from ..ranks import SOLO, Ranks
-from ..scorers import Member, Outcome, Scorer
-from .metrics import layer_metric
-from .results import SearchTensors
+from trimprune.algo.scorers import Member, Outcome, Scorer
+from trimprune.algo.trim.metrics import layer_metric
+from trimprune.algo.trim.results import SearchTensors
+from trimprune.config import TrimConfig
+from trimprune.core.model import set_weight_2d
+from trimprune.core.ranks import SOLO, Ranks
 
 
 @dataclass
@@ -47,18 +48,26 @@ class TrimChoice:
     found: Found
     chosen: Outcome | None
     alone: Outcome | None
-    trim_metric: torch.Tensor      # 0-dim float64
-    alone_metric: torch.Tensor     # 0-dim float64 (TRIM's own metric when the safeguard is off)
-    keep: torch.Tensor             # 0-dim bool: the linear keeps TRIM
-    infos: tuple                   # solver info of TRIM's outcome and of the scorer alone's
+    trim_metric: torch.Tensor  # 0-dim float64
+    alone_metric: torch.Tensor  # 0-dim float64 (TRIM's own metric when the safeguard is off)
+    keep: torch.Tensor  # 0-dim bool: the linear keeps TRIM
+    infos: tuple  # solver info of TRIM's outcome and of the scorer alone's
 
-    def settled(self) -> "TrimChoice":
+    def settled(self) -> TrimChoice:
         """Without the outcomes (the weight is set): what the records need when no block safeguard follows."""
         return dataclasses.replace(self, chosen=None, alone=None)
 
 
-def linear_safeguard(m: Member, found: Found, trim: Outcome, alone: Outcome | None, config: TrimConfig,
-                     scorer: Scorer, exact_rounding: bool, measure: Callable[[], object]) -> TrimChoice:
+def linear_safeguard(
+    m: Member,
+    found: Found,
+    trim: Outcome,
+    alone: Outcome | None,
+    config: TrimConfig,
+    scorer: Scorer,
+    exact_rounding: bool,
+    measure: Callable[[], object],
+) -> TrimChoice:
     """The per-linear safeguard. For mask scorers that select by row ranks, TRIM's mask is the search's
     own final allocation, so its metric is the search's; reconstructed weights (SparseGPT) are measured
     with `measure()` (the group's evaluator). The scorer alone's metric is the search's uniform baseline
@@ -80,10 +89,20 @@ def linear_safeguard(m: Member, found: Found, trim: Outcome, alone: Outcome | No
     if config.safeguard:
         a_metric = t.baseline[found.index] if base_is_uniform else vals[-1]
         keep = t_metric >= a_metric
-        chosen = Outcome(weight=torch.where(keep, trim.weight, alone.weight),
-                         mask=torch.where(keep, trim.mask, alone.mask), info=trim.info)
-    return TrimChoice(found, chosen, alone, t_metric, a_metric, keep,
-                      (trim.info, alone.info if alone is not None else None))
+        chosen = Outcome(
+            weight=torch.where(keep, trim.weight, alone.weight),
+            mask=torch.where(keep, trim.mask, alone.mask),
+            info=trim.info,
+        )
+    return TrimChoice(
+        found,
+        chosen,
+        alone,
+        t_metric,
+        a_metric,
+        keep,
+        (trim.info, alone.info if alone is not None else None),
+    )
 
 
 @dataclass
@@ -101,17 +120,29 @@ class BlockGuard:
         return torch.where(self.keep, with_trim, alone)
 
 
-def _squared_error(out: list[torch.Tensor], dense: list[torch.Tensor], ranks: Ranks, device) -> torch.Tensor:
+def _squared_error(
+    out: list[torch.Tensor], dense: list[torch.Tensor], ranks: Ranks, device
+) -> torch.Tensor:
     """sum ||out - dense||^2 in float64, over the subset sequences of every rank."""
-    if not out:                                  # a rank whose share of the subset is empty
+    if not out:  # a rank whose share of the subset is empty
         return ranks.sum_(torch.zeros((), dtype=torch.float64, device=device))
-    return ranks.sum_(torch.stack([(o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
-                                   for o, d in zip(out, dense)]).sum())
+    return ranks.sum_(
+        torch.stack(
+            [
+                (o.float() - d.to(o.device).float()).square().sum(dtype=torch.float64)
+                for o, d in zip(out, dense)
+            ]
+        ).sum()
+    )
 
 
-def block_safeguard(run, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], dense_out: list[torch.Tensor],
-                    alone_out: list[torch.Tensor] | None, ranks: Ranks = SOLO
-                    ) -> tuple[list[torch.Tensor], BlockGuard | None]:
+def block_safeguard(
+    run,
+    linears: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dense_out: list[torch.Tensor],
+    alone_out: list[torch.Tensor] | None,
+    ranks: Ranks = SOLO,
+) -> tuple[list[torch.Tensor], BlockGuard | None]:
     """Compare the block with TRIM (the linears' chosen weights, set already) and with the scorer alone
     in the searched `linears` (name -> (chosen weight, scorer-alone weight)) against the dense model's
     outputs `dense_out`, set the weights of the better, and return its outputs on the pruned model's
@@ -128,7 +159,9 @@ def block_safeguard(run, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], 
         alone_out = run.pruned_subset()
     e_alone = _squared_error(alone_out, dense_out, ranks, dev)
     keep = e_trim <= e_alone
-    if not all(o.device == keep.device for o in out_trim):     # outputs stored off the device: decide now
+    if not all(
+        o.device == keep.device for o in out_trim
+    ):  # outputs stored off the device: decide now
         keep = bool(keep)
     guard = BlockGuard(torch.stack([e_trim, e_alone]), keep, sorted(linears))
     for name, (chosen, alone) in linears.items():

@@ -18,6 +18,7 @@ negative rates are a second batch, run only where a linear needs them. Masks com
 of one sort per matrix with the counts, and nothing is read to the host inside the iterations. The
 chosen vector is finally made an exact integer allocation (`counts.capped_counts`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,41 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import TrimConfig
-from ..executor import EAGER, Executor, Launched
-from .counts import capped_counts, exact_counts
-from .metrics import dim_metric, layer_metric
-from .results import SearchTensors, TrimResult, summarize
-
-
-@dataclass(frozen=True)
-class TrimSettings:
-    """The search's parameters (`TrimConfig` holds them for users; this is what the search reads)."""
-
-    iterations: int = 10
-    layer_metric: str = "cosim_flat"
-    dim_metric: str = "cosim"
-    lrs: tuple = (0.01, 0.02, 0.04, 0.08, 0.12, 0.16)
-    neg_lrs: tuple = (-0.01, -0.02, -0.04)
-    forbid_neg_lr: bool = False
-    max_row_sparsity: float = 0.95
-    # how a sparsity vector becomes per-row counts inside the search:
-    #   "floor": floor(in * x_r) as the reference (non-uniform vectors then prune fewer weights);
-    #   "exact": round half to even, clamped (unbiased: candidates compare at the same sparsity).
-    rounding: str = "exact"
-    lr_search: str = "auto"       # parallel | sequential | auto (parallel where the batch is cheap)
-
-    @classmethod
-    def from_config(cls, cfg: TrimConfig) -> "TrimSettings":
-        return cls(iterations=cfg.iterations, layer_metric=cfg.metric, dim_metric=cfg.dim_metric,
-                   lrs=tuple(cfg.lrs), neg_lrs=tuple(cfg.neg_lrs), forbid_neg_lr=cfg.forbid_neg_lr,
-                   max_row_sparsity=cfg.max_row_sparsity,
-                   rounding="floor" if cfg.input_mode.mode == "last-token" else "exact", lr_search=cfg.lr_search)
-
-    @property
-    def all_lrs(self) -> tuple:
-        """The positive rates, then the negative ones (tried only when no positive rate beats uniform)."""
-        return tuple(self.lrs) + (() if self.forbid_neg_lr else tuple(self.neg_lrs))
+from trimprune.algo.trim.counts import capped_counts, exact_counts
+from trimprune.algo.trim.metrics import dim_metric, layer_metric
+from trimprune.algo.trim.results import SearchTensors, TrimResult, summarize
+from trimprune.algo.trim.settings import TrimSettings
+from trimprune.core.runtime import EAGER, Executor, Launched
 
 
 @dataclass
@@ -101,7 +72,7 @@ def search_counts(x: torch.Tensor, n: int, settings: TrimSettings) -> torch.Tens
     reference, or (default) round-half-even, which is unbiased, so candidates are compared at the same
     sparsity up to a few weights (the final allocation is made exact separately)."""
     if settings.rounding == "floor":
-        return (n * x).long()                       # reference: (width * sparsities).long()
+        return (n * x).long()  # reference: (width * sparsities).long()
     kmax = int(settings.max_row_sparsity * n + 1e-9)
     return torch.round(x.double() * n).clamp_(0, kmax).long()
 
@@ -115,8 +86,15 @@ def evaluate(ev, ranks: torch.Tensor, x: torch.Tensor, settings: TrimSettings):
     return lm, dq, cos
 
 
-def iterate(ev, ranks: torch.Tensor, s3: torch.Tensor, base_lm: torch.Tensor, base_dq: torch.Tensor,
-            lrs: torch.Tensor, settings: TrimSettings):
+def iterate(
+    ev,
+    ranks: torch.Tensor,
+    s3: torch.Tensor,
+    base_lm: torch.Tensor,
+    base_dq: torch.Tensor,
+    lrs: torch.Tensor,
+    settings: TrimSettings,
+):
     """The TRIM iterations (module docstring) for every learning rate of `lrs` (L,) at once, from the
     uniform allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality base_dq
     (P, 1, rows). Per rate: the best x (P, L, rows), its metric (P, L; the baseline when nothing beat
@@ -134,12 +112,15 @@ def iterate(ev, ranks: torch.Tensor, s3: torch.Tensor, base_lm: torch.Tensor, ba
         lo, hi = torch.aminmax(dq, dim=-1, keepdim=True)
         d = (dq - lo) / (hi - lo + 1e-6) * lr2
         d = d - d.mean(-1, keepdim=True)
-        x = (x.double() + d).to(torch.float32)     # reference: fp32 x += float64 step
+        x = (x.double() + d).to(torch.float32)  # reference: fp32 x += float64 step
         x = x.clamp(0.0, settings.max_row_sparsity)
         # the reference's float32 mean; with exact counts a float64 one, which does not depend on the
         # summation order (a fast path may sum in its own order)
-        mean = x.mean(-1, keepdim=True) if settings.rounding == "floor" else \
-            x.mean(-1, keepdim=True, dtype=torch.float64).to(torch.float32)
+        mean = (
+            x.mean(-1, keepdim=True)
+            if settings.rounding == "floor"
+            else x.mean(-1, keepdim=True, dtype=torch.float64).to(torch.float32)
+        )
         x = x - mean + s3
         m, dq, _ = evaluate(ev, ranks, x, settings)
         better = m > best_m
@@ -154,11 +135,15 @@ class PendingSearch:
     """A launched search: collect it with `TrimSearch.finish`."""
 
     batch: SearchBatch
-    s: torch.Tensor                  # targets (P,) on the device
-    totals: torch.Tensor             # (P,) on the device
-    size: int                        # elements of the batched search (the executor's capture decision)
-    launched: Launched | None = None     # -> (SearchTensors, (x, metric, iteration) of the rates evaluated)
-    neg_open: bool = False           # only the positive rates were evaluated; the negative ones may be needed
+    s: torch.Tensor  # targets (P,) on the device
+    totals: torch.Tensor  # (P,) on the device
+    size: int  # elements of the batched search (the executor's capture decision)
+    launched: Launched | None = (
+        None  # -> (SearchTensors, (x, metric, iteration) of the rates evaluated)
+    )
+    neg_open: bool = (
+        False  # only the positive rates were evaluated; the negative ones may be needed
+    )
 
 
 class TrimSearch:
@@ -229,9 +214,11 @@ class TrimSearch:
                     sub = spec.build(src[t], self.ex)
                     sub.prepare(W[t])
                     cur = (list(active), sub, ranks[t])
-                x, m, it = self._iterate(cur[1], cur[2], s3[t], base_lm[t], base_dq[t], lr_t[j:j + 1])
+                x, m, it = self._iterate(
+                    cur[1], cur[2], s3[t], base_lm[t], base_dq[t], lr_t[j : j + 1]
+                )
                 bx[t, j], bm[t, j], bit[t, j] = x[:, 0], m[:, 0], it[:, 0]
-                going = (improving_prefix(bm[t, j0:j + 1]) == j + 1 - j0).tolist()
+                going = (improving_prefix(bm[t, j0 : j + 1]) == j + 1 - j0).tolist()
                 active = [p for p, g in zip(active, going) if g]
             if j0 == 0 and L > Lp:
                 none = (kept_rate(bm[:, :Lp], base_lm[:, 0]) < 0).tolist()
@@ -256,19 +243,32 @@ class TrimSearch:
         pick = bx.gather(1, choice.clamp(min=0).view(P, 1, 1).expand(P, 1, rows)).squeeze(1)
         x = torch.where((choice >= 0).unsqueeze(-1), pick, s3[:, 0].expand(P, rows))
         counts, ok = capped_counts(x, n, totals, self.cfg.max_row_sparsity)
-        return SearchTensors(counts=counts, x=x, baseline=base, rate_metrics=bm, rate_iters=bit,
-                             positive_prefix=a_pos, negative_prefix=a_neg, choice=choice,
-                             row_var_before=base_cos[:, 0].var(-1), ok=ok,
-                             **self._final_stats(ev, ranks, counts))
+        return SearchTensors(
+            counts=counts,
+            x=x,
+            baseline=base,
+            rate_metrics=bm,
+            rate_iters=bit,
+            positive_prefix=a_pos,
+            negative_prefix=a_neg,
+            choice=choice,
+            row_var_before=base_cos[:, 0].var(-1),
+            ok=ok,
+            **self._final_stats(ev, ranks, counts),
+        )
 
     def _final_stats(self, ev, ranks, counts) -> dict[str, torch.Tensor]:
         """The layer metric, the variance of the row cosines and the min / mean / max row sparsity of
         `counts` (P, rows)."""
         st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
         xf = counts.double() / ranks.shape[-1]
-        return {"final_metric": layer_metric(self.cfg.layer_metric, st)[:, 0],
-                "row_var_after": dim_metric("cosim", st)[:, 0].var(-1),
-                "row_min": xf.amin(-1), "row_mean": xf.mean(-1), "row_max": xf.amax(-1)}
+        return {
+            "final_metric": layer_metric(self.cfg.layer_metric, st)[:, 0],
+            "row_var_after": dim_metric("cosim", st)[:, 0].var(-1),
+            "row_min": xf.amin(-1),
+            "row_mean": xf.mean(-1),
+            "row_max": xf.amax(-1),
+        }
 
     # ---------------------------------------------------------------- driver
     @torch.no_grad()
@@ -285,10 +285,16 @@ class TrimSearch:
         mode = self.cfg.lr_search
         if mode == "auto":
             mode = "parallel" if self.ex.captures(dev, size) or cheap else "sequential"
-        p = PendingSearch(batch, self.ex.to_device(batch.sparsity, torch.float64, dev),
-                          self.ex.to_device(batch.totals, torch.long, dev), size)
+        p = PendingSearch(
+            batch,
+            self.ex.to_device(batch.sparsity, torch.float64, dev),
+            self.ex.to_device(batch.totals, torch.long, dev),
+            size,
+        )
         if mode == "sequential":
-            p.launched = Launched((self._sequential(batch.spec, W, batch.src, batch.ranks, p.s, p.totals), None))
+            p.launched = Launched(
+                (self._sequential(batch.spec, W, batch.src, batch.ranks, p.s, p.totals), None)
+            )
             return p
         p.launched = self._batch(p, self.all_lrs if cheap else tuple(self.cfg.lrs), cheap)
         p.neg_open = not cheap and len(self.all_lrs) > len(self.cfg.lrs)
@@ -298,17 +304,41 @@ class TrimSearch:
         """Launch the batched search over `lrs`; `tables`: the evaluator reads prefix tables (part of the
         key: it changes the work)."""
         b = p.batch
-        inputs = {"W": b.W, "src": b.src, "ranks": b.ranks, "s": p.s, "totals": p.totals,
-                  "lrs": self.ex.to_device(lrs, torch.float64, b.W.device)}
+        inputs = {
+            "W": b.W,
+            "src": b.src,
+            "ranks": b.ranks,
+            "s": p.s,
+            "totals": p.totals,
+            "lrs": self.ex.to_device(lrs, torch.float64, b.W.device),
+        }
         if done is not None:
             inputs.update(zip(("done_x", "done_m", "done_it"), done))
 
         def fn(W, src, ranks, s, lrs, totals, **d):
-            return self._whole(b.spec, W, src, ranks, s, lrs, totals,
-                               (d["done_x"], d["done_m"], d["done_it"]) if d else None)
+            return self._whole(
+                b.spec,
+                W,
+                src,
+                ranks,
+                s,
+                lrs,
+                totals,
+                (d["done_x"], d["done_m"], d["done_it"]) if d else None,
+            )
 
-        key = ("trim", b.spec, lrs, tables, tuple(b.W.shape), tuple(b.src.shape), b.src.stride(0) == 0, b.W.dtype,
-               b.src.dtype, self.cfg)
+        key = (
+            "trim",
+            b.spec,
+            lrs,
+            tables,
+            tuple(b.W.shape),
+            tuple(b.src.shape),
+            b.src.stride(0) == 0,
+            b.W.dtype,
+            b.src.dtype,
+            self.cfg,
+        )
         return self.ex.launch(key, fn, inputs, p.size)
 
     @torch.no_grad()
@@ -325,7 +355,7 @@ class TrimSearch:
         rate improved, and repair allocations that missed the exact total (rare float edge cases)."""
         found = [f for f, _ in outs]
         host = self._read_choices(found)
-        neg = tuple(self.all_lrs[len(self.cfg.lrs):])
+        neg = tuple(self.all_lrs[len(self.cfg.lrs) :])
         redo = [i for i, p in enumerate(pending) if p.neg_open and any(c < 0 for c, _ in host[i])]
         again = [self._batch(pending[i], neg, False, done=outs[i][1]) for i in redo]
         for i, a in zip(redo, again):
@@ -336,12 +366,15 @@ class TrimSearch:
 
     @staticmethod
     def _read_choices(found: list[SearchTensors]) -> list[list[tuple[int, bool]]]:
-        flat = torch.cat([torch.stack([f.choice.double(), f.ok.double()], 1) for f in found]).tolist() \
-            if found else []
+        flat = (
+            torch.cat([torch.stack([f.choice.double(), f.ok.double()], 1) for f in found]).tolist()
+            if found
+            else []
+        )
         out, i = [], 0
         for f in found:
             n = f.choice.shape[0]
-            out.append([(int(c), bool(ok)) for c, ok in flat[i:i + n]])
+            out.append([(int(c), bool(ok)) for c, ok in flat[i : i + n]])
             i += n
         return out
 
@@ -355,7 +388,9 @@ class TrimSearch:
         _, rows, n = b.ranks.shape
         counts = found.counts.clone()
         for j in bad:
-            counts[j] = exact_counts(found.x[j], b.totals[j] / (rows * n), n, self.cfg.max_row_sparsity, b.totals[j])
+            counts[j] = exact_counts(
+                found.x[j], b.totals[j] / (rows * n), n, self.cfg.max_row_sparsity, b.totals[j]
+            )
         ev = b.spec.build(b.src, self.ex)
         ev.prepare(b.W)
         fix = self._final_stats(ev, b.ranks, counts)
@@ -368,17 +403,38 @@ class TrimSearch:
         ok_t[idx] = True
         return dataclasses.replace(found, counts=counts, ok=ok_t, **fixed)
 
-    def run_many(self, spec, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: list[float],
-                 totals: list[int]) -> list[TrimResult]:
+    def run_many(
+        self,
+        spec,
+        W: torch.Tensor,
+        src: torch.Tensor,
+        ranks: torch.Tensor,
+        s: list[float],
+        totals: list[int],
+    ) -> list[TrimResult]:
         """Search row sparsities for P linears of one shape (arguments as `SearchBatch`) and read the
         results to the host."""
-        found = self.finish([self.launch(SearchBatch(spec, W, src, ranks, list(s), list(totals)))])[0]
+        found = self.finish([self.launch(SearchBatch(spec, W, src, ranks, list(s), list(totals)))])[
+            0
+        ]
         host = {k: v.cpu() for k, v in found.summary_tensors().items()}
-        return [TrimResult(summarize(host, j, self.cfg), found.counts[j], found.x[j]) for j in range(W.shape[0])]
+        return [
+            TrimResult(summarize(host, j, self.cfg), found.counts[j], found.x[j])
+            for j in range(W.shape[0])
+        ]
 
-    def run(self, spec, W: torch.Tensor, src: torch.Tensor, ranks: torch.Tensor, s: float,
-            total: int | None = None) -> TrimResult:
+    def run(
+        self,
+        spec,
+        W: torch.Tensor,
+        src: torch.Tensor,
+        ranks: torch.Tensor,
+        s: float,
+        total: int | None = None,
+    ) -> TrimResult:
         """One linear: W (rows, in), src (in, in) Gram or (in, T) inputs, ranks (rows, in)."""
         rows, n = ranks.shape
         total = int(round(s * rows * n)) if total is None else int(total)
-        return self.run_many(spec, W.unsqueeze(0), src.unsqueeze(0), ranks.unsqueeze(0), [s], [total])[0]
+        return self.run_many(
+            spec, W.unsqueeze(0), src.unsqueeze(0), ranks.unsqueeze(0), [s], [total]
+        )[0]

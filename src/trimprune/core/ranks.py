@@ -11,6 +11,7 @@ ranks by `Ranks.assign` and each result is broadcast from the rank that computed
 rank holds the same pruned weights without repeating the work. With one process every operation
 here is the identity.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class Ranks:
     world: int = 1
 
     @classmethod
-    def current(cls) -> "Ranks":
+    def current(cls) -> Ranks:
         """The default process group's ranks, or a single process when none is initialised."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
@@ -66,7 +67,11 @@ class Ranks:
         return t
 
     def sum_int(self, n: int, device) -> int:
-        return int(self.sum_(torch.tensor([n], dtype=torch.int64, device=device)).item()) if self.parallel else n
+        return (
+            int(self.sum_(torch.tensor([n], dtype=torch.int64, device=device)).item())
+            if self.parallel
+            else n
+        )
 
     def counts(self, n: int, device) -> list[int]:
         """`n` of every rank, in rank order."""

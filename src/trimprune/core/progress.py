@@ -4,6 +4,7 @@ with `--quiet`; optionally one JSON line per pruned block (`--log-json FILE`).
 Everything that reports progress takes `progress`: a `Progress`, or True (automatic: bars when stderr
 is a terminal, else lines) / False (nothing).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,7 @@ class Progress:
         self.log_json = Path(log_json) if log_json else None
 
     @classmethod
-    def of(cls, progress) -> "Progress":
+    def of(cls, progress) -> Progress:
         if isinstance(progress, Progress):
             return progress
         return cls("auto" if progress else "off")
@@ -54,7 +55,7 @@ class Progress:
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=self.stream)
 
-    def blocks(self, total: int, desc: str) -> "BlockProgress":
+    def blocks(self, total: int, desc: str) -> BlockProgress:
         return BlockProgress(self, total, desc)
 
     def message(self, text: str) -> None:
@@ -71,8 +72,10 @@ class BlockProgress:
         self.p, self.total, self.desc = progress, total, desc
         self.t0 = self.last = time.perf_counter()
         self.seconds: dict[int, float] = {}
-        self.first = 0                      # blocks before it were done by an earlier (interrupted) run
-        self._bar = progress.bar(total=total, desc=desc, unit="block") if progress.mode == "bar" else None
+        self.first = 0  # blocks before it were done by an earlier (interrupted) run
+        self._bar = (
+            progress.bar(total=total, desc=desc, unit="block") if progress.mode == "bar" else None
+        )
         self._log = open(progress.log_json, "a") if progress.log_json else None
 
     def resume_at(self, first: int) -> None:
@@ -90,22 +93,29 @@ class BlockProgress:
         elif self.p.mode == "lines":
             done, elapsed = index + 1, now - self.t0
             eta = elapsed / max(1, done - self.first) * (self.total - done)
-            print(f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, ETA {eta:.1f} s",
-                  file=self.p.stream, flush=True)
+            print(
+                f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, ETA {eta:.1f} s",
+                file=self.p.stream,
+                flush=True,
+            )
 
     def record(self, index: int, linears: list, guard=None) -> None:
         """One JSON line for block `index` (its `LinearRecord`s and `BlockGuardRecord`) with --log-json."""
         if self._log is None:
             return
-        from ..algo.records import Kept
+        from trimprune.core.records import Kept
 
         zeros = sum(r.zeros for r in linears)
         numel = sum(r.numel for r in linears)
         trim = [r.trim for r in linears if r.trim is not None]
-        line = {"block": index, "seconds": round(self.seconds.get(index, 0.0), 4),
-                "sparsity": zeros / numel if numel else 0.0, "trim_linears": len(trim),
-                "trim_kept": sum(t.kept == Kept.TRIM for t in trim),
-                "block_safeguard": guard.kept.value if guard is not None else None}
+        line = {
+            "block": index,
+            "seconds": round(self.seconds.get(index, 0.0), 4),
+            "sparsity": zeros / numel if numel else 0.0,
+            "trim_linears": len(trim),
+            "trim_kept": sum(t.kept == Kept.TRIM for t in trim),
+            "block_safeguard": guard.kept.value if guard is not None else None,
+        }
         self._log.write(json.dumps(line) + "\n")
         self._log.flush()
 

@@ -1,4 +1,5 @@
 """Small matrix helpers shared by the statistics and the TRIM metrics."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@
 interrupted runs keep each finished block's records this way, so the round trip is exact: floats
 are written with `repr`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +16,13 @@ class Kept(str, enum.Enum):
     """Which allocation a TRIM-searched linear ended with."""
 
     TRIM = "trim"
-    SAFEGUARD = "scorer_alone (safeguard)"                 # its layer metric was worse than the scorer alone
-    BLOCK_SAFEGUARD = "scorer_alone (block safeguard)"     # its block was closer to the dense model without TRIM
+    SAFEGUARD = "scorer_alone (safeguard)"  # its layer metric was worse than the scorer alone
+    BLOCK_SAFEGUARD = (
+        "scorer_alone (block safeguard)"  # its block was closer to the dense model without TRIM
+    )
 
     @classmethod
-    def of(cls, linear_keeps_trim: bool, block_keeps_trim: bool) -> "Kept":
+    def of(cls, linear_keeps_trim: bool, block_keeps_trim: bool) -> Kept:
         if not linear_keeps_trim:
             return cls.SAFEGUARD
         return cls.TRIM if block_keeps_trim else cls.BLOCK_SAFEGUARD
@@ -46,7 +49,7 @@ class Reconstruction:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Reconstruction":
+    def from_dict(cls, d: dict) -> Reconstruction:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -66,7 +69,7 @@ class SearchSummary:
     row_sparsity_min: float
     row_sparsity_mean: float
     row_sparsity_max: float
-    lr_candidates: dict[float, float]     # learning rate -> best metric of that rate (rates evaluated)
+    lr_candidates: dict[float, float]  # learning rate -> best metric of that rate (rates evaluated)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -74,7 +77,7 @@ class SearchSummary:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SearchSummary":
+    def from_dict(cls, d: dict) -> SearchSummary:
         """From `to_dict()`'s form (extra keys, e.g. a `TrimRecord`'s, are ignored)."""
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)}
         kw["lr_candidates"] = {float(k): v for k, v in d["lr_candidates"].items()}
@@ -93,16 +96,24 @@ class TrimRecord:
     scorer_alone_metric: float | None = None
 
     def to_dict(self) -> dict:
-        d = self.search.to_dict() | {"metric": self.metric, "trim_weights_metric": self.trim_weights_metric,
-                                     "kept": self.kept.value}
+        d = self.search.to_dict() | {
+            "metric": self.metric,
+            "trim_weights_metric": self.trim_weights_metric,
+            "kept": self.kept.value,
+        }
         if self.scorer_alone_metric is not None:
             d["scorer_alone_metric"] = self.scorer_alone_metric
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrimRecord":
-        return cls(SearchSummary.from_dict(d), d["metric"], d["trim_weights_metric"], Kept(d["kept"]),
-                   d.get("scorer_alone_metric"))
+    def from_dict(cls, d: dict) -> TrimRecord:
+        return cls(
+            SearchSummary.from_dict(d),
+            d["metric"],
+            d["trim_weights_metric"],
+            Kept(d["kept"]),
+            d.get("scorer_alone_metric"),
+        )
 
 
 @dataclass(frozen=True)
@@ -110,10 +121,10 @@ class LinearRecord:
     """One pruned linear: where it is, its target, the achieved mask, and TRIM / solver details."""
 
     block: int
-    name: str                      # inside the block, e.g. self_attn.q_proj
-    shape: tuple[int, int]         # (out_features, in_features)
+    name: str  # inside the block, e.g. self_attn.q_proj
+    shape: tuple[int, int]  # (out_features, in_features)
     target_sparsity: float
-    group: tuple[str, ...]         # the linears that read the same input
+    group: tuple[str, ...]  # the linears that read the same input
     zeros: int
     row_sparsity_min: float
     row_sparsity_max: float
@@ -130,10 +141,19 @@ class LinearRecord:
         return self.zeros / self.numel
 
     def to_dict(self) -> dict:
-        d = {"block": self.block, "name": self.name, "shape": list(self.shape),
-             "target_sparsity": self.target_sparsity, "group": list(self.group), "zeros": self.zeros,
-             "numel": self.numel, "sparsity": self.sparsity, "row_sparsity_min": self.row_sparsity_min,
-             "row_sparsity_max": self.row_sparsity_max, "row_sparsity_std": self.row_sparsity_std}
+        d = {
+            "block": self.block,
+            "name": self.name,
+            "shape": list(self.shape),
+            "target_sparsity": self.target_sparsity,
+            "group": list(self.group),
+            "zeros": self.zeros,
+            "numel": self.numel,
+            "sparsity": self.sparsity,
+            "row_sparsity_min": self.row_sparsity_min,
+            "row_sparsity_max": self.row_sparsity_max,
+            "row_sparsity_std": self.row_sparsity_std,
+        }
         if self.trim is not None:
             d["trim"] = self.trim.to_dict()
         if self.scorer_info is not None:
@@ -141,12 +161,23 @@ class LinearRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LinearRecord":
+    def from_dict(cls, d: dict) -> LinearRecord:
         """From `to_dict()`'s form (`numel` and `sparsity` are derived, not read)."""
-        return cls(d["block"], d["name"], tuple(d["shape"]), d["target_sparsity"], tuple(d["group"]), d["zeros"],
-                   d["row_sparsity_min"], d["row_sparsity_max"], d["row_sparsity_std"],
-                   TrimRecord.from_dict(d["trim"]) if d.get("trim") is not None else None,
-                   Reconstruction.from_dict(d["scorer_info"]) if d.get("scorer_info") is not None else None)
+        return cls(
+            d["block"],
+            d["name"],
+            tuple(d["shape"]),
+            d["target_sparsity"],
+            tuple(d["group"]),
+            d["zeros"],
+            d["row_sparsity_min"],
+            d["row_sparsity_max"],
+            d["row_sparsity_std"],
+            TrimRecord.from_dict(d["trim"]) if d.get("trim") is not None else None,
+            Reconstruction.from_dict(d["scorer_info"])
+            if d.get("scorer_info") is not None
+            else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -162,9 +193,20 @@ class BlockGuardRecord:
     linears: tuple[str, ...]
 
     def to_dict(self) -> dict:
-        return {"block": self.block, "err_trim": self.err_trim, "err_scorer_alone": self.err_scorer_alone,
-                "kept": self.kept.value, "linears": list(self.linears)}
+        return {
+            "block": self.block,
+            "err_trim": self.err_trim,
+            "err_scorer_alone": self.err_scorer_alone,
+            "kept": self.kept.value,
+            "linears": list(self.linears),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BlockGuardRecord":
-        return cls(d["block"], d["err_trim"], d["err_scorer_alone"], BlockChoice(d["kept"]), tuple(d["linears"]))
+    def from_dict(cls, d: dict) -> BlockGuardRecord:
+        return cls(
+            d["block"],
+            d["err_trim"],
+            d["err_scorer_alone"],
+            BlockChoice(d["kept"]),
+            tuple(d["linears"]),
+        )

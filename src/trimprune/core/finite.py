@@ -6,7 +6,7 @@ are read back together: one host read (device sync) per check. A failed check ra
 a `TrimpruneError` whose one line names the tensor and what to do.
 
 Where they run (nothing here changes a computation):
-- `check_walk_step`, from the walk (`calib.capture.walk`), as each block is loaded: the block's
+- `check_walk_step`, from the walk (`engine.walk.walk`), as each block is loaded: the block's
   parameters and the hidden states entering it (block 0: the captured inputs; block i: block i-1's
   outputs), in one read; once more after the last block, for its outputs;
 - `check_statistics`, after each statistics forward (`BlockRun.statistics`, OWL): the Wanda squared
@@ -16,6 +16,7 @@ Where they run (nothing here changes a computation):
 Besides: AlphaPruning refuses a matrix whose sums (its fingerprint) are not finite, SparseGPT a Gram
 matrix that is not finite.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ from collections.abc import Hashable
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError
+from trimprune.errors import NonFiniteError
 
 WEIGHTS_FIX = "the checkpoint holds NaN/Inf weights: check it, or download or convert it again"
 
@@ -80,8 +81,9 @@ def overflow_fix(dtype: torch.dtype) -> str:
 def nonfinite_parameters(model: nn.Module) -> dict[str, str]:
     """name -> "NaN" / "Inf" for every parameter of `model` that is not finite (one pass, one read per
     device): run once something came out non-finite, to say which weights are to blame."""
-    return nonfinite({n: extrema(p) for n, p in model.named_parameters()
-                      if p.device.type != "meta"})      # --offload disk: blocks not loaded (checked as they are)
+    return nonfinite(
+        {n: extrema(p) for n, p in model.named_parameters() if p.device.type != "meta"}
+    )  # --offload disk: blocks not loaded (checked as they are)
 
 
 def blame(model: nn.Module, what: str) -> NonFiniteError:
@@ -90,18 +92,28 @@ def blame(model: nn.Module, what: str) -> NonFiniteError:
     bad = nonfinite_parameters(model)
     if bad:
         return NonFiniteError(f"{what}: {describe(bad)}: {WEIGHTS_FIX}")
-    return NonFiniteError(f"{what}: its weights are finite; {overflow_fix(next(model.parameters()).dtype)}")
+    return NonFiniteError(
+        f"{what}: its weights are finite; {overflow_fix(next(model.parameters()).dtype)}"
+    )
 
 
-def check_walk_step(adapter, index: int, hidden: list[torch.Tensor],
-                    hidden_extrema: list[torch.Tensor] | None = None) -> None:
+def check_walk_step(
+    adapter,
+    index: int,
+    hidden: list[torch.Tensor],
+    hidden_extrema: list[torch.Tensor] | None = None,
+) -> None:
     """Before block `index` of `adapter` (a `ModelAdapter`) runs: its parameters and the hidden states
     entering it; `index` = the number of blocks: after the last block, its outputs. `hidden_extrema`:
     the extrema of `hidden` when already computed (on the device, before the copy to storage). One host
     read."""
     name = f"{adapter.blocks_name}.{index}"
-    ext = {("hidden", k): e for k, e in enumerate(hidden_extrema if hidden_extrema is not None
-                                                  else [extrema(h) for h in hidden])}
+    ext = {
+        ("hidden", k): e
+        for k, e in enumerate(
+            hidden_extrema if hidden_extrema is not None else [extrema(h) for h in hidden]
+        )
+    }
     n_hidden = len(ext)
     params = dict(adapter.blocks[index].named_parameters()) if index < adapter.num_blocks else {}
     ext |= {("param", n): extrema(p) for n, p in params.items()}
@@ -111,22 +123,31 @@ def check_walk_step(adapter, index: int, hidden: list[torch.Tensor],
     acts = [k[1] for k in bad if k[0] == "hidden"]
     if not acts:
         weights = {f"{name}.{k[1]}": v for k, v in bad.items()}
-        raise NonFiniteError(f"non-finite weights in block {index} ({name}): {describe(weights)}: {WEIGHTS_FIX}")
+        raise NonFiniteError(
+            f"non-finite weights in block {index} ({name}): {describe(weights)}: {WEIGHTS_FIX}"
+        )
     kind = " and ".join(sorted({bad[("hidden", k)] for k in acts}))
     which = f"batch{'es' if len(acts) > 1 else ''} {', '.join(map(str, acts))} of {n_hidden}"
     if index > 0:
         prev = f"{adapter.blocks_name}.{index - 1}"
-        raise NonFiniteError(f"the outputs of block {index - 1} ({prev}) hold {kind} ({which}): "
-                             f"{overflow_fix(hidden[0].dtype)}")
+        raise NonFiniteError(
+            f"the outputs of block {index - 1} ({prev}) hold {kind} ({which}): "
+            f"{overflow_fix(hidden[0].dtype)}"
+        )
     # block 0's inputs come from the embeddings: their weights, or an overflow, are to blame
-    outside = {n: v for n, v in nonfinite_parameters(adapter.model).items()
-               if not n.startswith(f"{adapter.blocks_name}.")}
+    outside = {
+        n: v
+        for n, v in nonfinite_parameters(adapter.model).items()
+        if not n.startswith(f"{adapter.blocks_name}.")
+    }
     fix = f"{describe(outside)}: {WEIGHTS_FIX}" if outside else overflow_fix(hidden[0].dtype)
-    raise NonFiniteError(f"the inputs of block 0 ({name}, from the embeddings) hold {kind} ({which}): {fix}")
+    raise NonFiniteError(
+        f"the inputs of block 0 ({name}, from the embeddings) hold {kind} ({which}): {fix}"
+    )
 
 
 def check_statistics(hooks, path: str, index: int, dtype: torch.dtype) -> None:
-    """The input statistics of a block's linears (`hooks`: a `calib.stats.BlockHooks` after its forward;
+    """The input statistics of a block's linears (`hooks`: a `engine.hooks.BlockHooks` after its forward;
     `path`: the block, e.g. model.layers.3): Wanda squared norms and Gram matrices. One host read."""
     ext = {}
     for gid, names in enumerate(hooks.groups):
@@ -138,5 +159,7 @@ def check_statistics(hooks, path: str, index: int, dtype: torch.dtype) -> None:
     if bad:
         (gid, kind), v = next(iter(bad.items()))
         names = ", ".join(f"{path}.{n}" for n in hooks.groups[gid])
-        raise NonFiniteError(f"the input statistics ({kind}) of {names} hold {v}, in block {index} ({path}): "
-                             f"{overflow_fix(dtype)}")
+        raise NonFiniteError(
+            f"the input statistics ({kind}) of {names} hold {v}, in block {index} ({path}): "
+            f"{overflow_fix(dtype)}"
+        )

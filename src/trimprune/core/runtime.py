@@ -25,10 +25,12 @@ What an algorithm asks of its executor:
 - `phase(name)`: a context naming a phase of the work (timings, profiles);
 - `close()`: release what the executor holds (captured graphs), at the end of a prune.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -66,7 +68,9 @@ class Executor:
     def run(self, key, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], size: int):
         return fn(**inputs)
 
-    def launch(self, key, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], size: int) -> Launched:
+    def launch(
+        self, key, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], size: int
+    ) -> Launched:
         return Launched(fn(**inputs))
 
     def captures(self, device: torch.device, size: int) -> bool:
@@ -84,7 +88,9 @@ class Executor:
     def pinned(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def defer(self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], T]) -> Deferred[T]:
+    def defer(
+        self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], T]
+    ) -> Deferred[T]:
         return Deferred(then({k: v.detach().cpu() for k, v in tensors.items()}))
 
     @contextlib.contextmanager

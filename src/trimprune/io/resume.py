@@ -11,7 +11,7 @@
     block0003.json                        block 3's records (`LinearRecord` / `BlockGuardRecord.to_dict`)
     streams.block0003.rank0.safetensors   the hidden states entering block 4: the main stream per batch
                                           and the block safeguard's subset through the dense and the
-                                          pruned model (`calib.capture.Streams`), of rank 0
+                                          pruned model (`engine.walk.Streams`), of rank 0
 
 Each file is written to a temporary file in DIR, fsynced and renamed into place (`os.replace`);
 state.json is written last, so a file it does not name (a block that was being written when the
@@ -27,6 +27,7 @@ The streams are the bulk: nsamples x seqlen x hidden values in the model's dtype
 and 2 x subset x seqlen x hidden more with TRIM's block safeguard (subset = nsamples / 8, at least 4).
 Only the latest block's streams are kept.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,20 +38,20 @@ import os
 import re
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..algo.allocation import Allocation
-from ..algo.block import BlockRecords
-from ..algo.records import BlockGuardRecord, LinearRecord
-from ..calib.capture import Streams
-from ..config import PruneConfig
-from ..errors import TrimpruneError
+from trimprune.algo.allocation import Allocation
+from trimprune.algo.block import BlockRecords
+from trimprune.config import PruneConfig
+from trimprune.core.records import BlockGuardRecord, LinearRecord
+from trimprune.engine.walk import Streams
+from trimprune.errors import TrimpruneError
 
 FORMAT = "trimprune-checkpoint-v1"
 STATE = "state.json"
@@ -59,9 +60,13 @@ ALLOCATION = "allocation.json"
 # checkpoint is committed (tests/test_resume.py interrupts real runs with it); read in `_after_commit` only
 KILL_ENV = "TRIMPRUNE_TEST_KILL_AFTER_BLOCK"
 # the files a checkpoint writes (anything else in DIR is never touched)
-_OWN = re.compile(r"(state\.json|allocation\.json|block\d+\.(safetensors|json)|streams\.block\d+\.rank\d+\.safetensors)")
-_TMP = re.compile(r"\.(state\.json|allocation\.json|block\d+\.(safetensors|json)|"
-                  r"streams\.block\d+\.rank\d+\.safetensors)\.tmp-.*")
+_OWN = re.compile(
+    r"(state\.json|allocation\.json|block\d+\.(safetensors|json)|streams\.block\d+\.rank\d+\.safetensors)"
+)
+_TMP = re.compile(
+    r"\.(state\.json|allocation\.json|block\d+\.(safetensors|json)|"
+    r"streams\.block\d+\.rank\d+\.safetensors)\.tmp-.*"
+)
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -88,19 +93,29 @@ def model_identity(adapter) -> dict:
     parameters, and the bytes of block 0's parameters (call it before any block is pruned)."""
     model = adapter.model
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "use_cache")}
+    cfg = {
+        k: v
+        for k, v in cfg.items()
+        if not k.startswith("_") and k not in ("transformers_version", "use_cache")
+    }
     params = [[n, list(p.shape), str(p.dtype)] for n, p in model.named_parameters()]
     h = hashlib.sha256()
     for n, p in adapter.blocks[0].named_parameters():
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
         h.update(_tensor_bytes(p))
-    return {"config_sha256": _sha(cfg), "parameters_sha256": _sha(params), "block0_sha256": h.hexdigest(),
-            "num_blocks": adapter.num_blocks}
+    return {
+        "config_sha256": _sha(cfg),
+        "parameters_sha256": _sha(params),
+        "block0_sha256": h.hexdigest(),
+        "num_blocks": adapter.num_blocks,
+    }
 
 
 def calibration_identity(ids: torch.Tensor) -> dict:
-    return {"shape": list(ids.shape),
-            "sha256": hashlib.sha256(_tensor_bytes(ids.to(torch.int64))).hexdigest()}
+    return {
+        "shape": list(ids.shape),
+        "sha256": hashlib.sha256(_tensor_bytes(ids.to(torch.int64))).hexdigest(),
+    }
 
 
 def _sha(obj) -> str:
@@ -143,7 +158,7 @@ def _write_atomic(folder: Path, name: str, write: Callable[[str], None]) -> None
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())                 # mkstemp makes it private (0600)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, folder / name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -152,7 +167,7 @@ def _write_atomic(folder: Path, name: str, write: Callable[[str], None]) -> None
 
 
 def _write_json(folder: Path, name: str, data) -> None:
-    from .export import _json_default
+    from trimprune.io.export import _json_default
 
     text = json.dumps(data, indent=1, default=_json_default)
 
@@ -163,13 +178,15 @@ def _write_json(folder: Path, name: str, data) -> None:
     _write_atomic(folder, name, write)
 
 
-def _save_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _save_tensors(
+    folder: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     host, seen = {}, set()
     for k, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()                                   # safetensors stores no shared or partial storages
+            t = t.clone()  # safetensors stores no shared or partial storages
         seen.add(t.untyped_storage().data_ptr())
         host[k] = t
     _write_atomic(folder, name, lambda path: save_file(host, path, metadata=metadata))
@@ -198,12 +215,16 @@ def read_state(path: str | Path) -> dict | None:
     try:
         state = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise TrimpruneError(f"--checkpoint-dir {str(path)!r}: {STATE} is unreadable ({e}): remove the folder or "
-                             "choose another")
+        raise TrimpruneError(
+            f"--checkpoint-dir {str(path)!r}: {STATE} is unreadable ({e}): remove the folder or "
+            "choose another"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else None
-        raise TrimpruneError(f"--checkpoint-dir {str(path)!r} is not a checkpoint this trimprune reads (format "
-                             f"{fmt!r}, expected {FORMAT}): remove it or choose another folder")
+        raise TrimpruneError(
+            f"--checkpoint-dir {str(path)!r} is not a checkpoint this trimprune reads (format "
+            f"{fmt!r}, expected {FORMAT}): remove it or choose another folder"
+        )
     return state
 
 
@@ -213,7 +234,7 @@ def remove_checkpoint(path: str | Path) -> None:
     if not p.is_dir():
         return
     with contextlib.suppress(FileNotFoundError):
-        (p / STATE).unlink()                     # first: what remains is no longer a checkpoint
+        (p / STATE).unlink()  # first: what remains is no longer a checkpoint
     for f in p.iterdir():
         if f.is_file() and (_OWN.fullmatch(f.name) or _TMP.fullmatch(f.name)):
             with contextlib.suppress(FileNotFoundError):
@@ -241,22 +262,30 @@ def _mismatch(path, state: dict, identity: dict) -> str | None:
         return f"{where} was made with another config ({shown}): {fix}"
     if old.get("model") != identity["model"]:
         keys = [k for k in identity["model"] if old.get("model", {}).get(k) != identity["model"][k]]
-        what = {"config_sha256": "config.json", "parameters_sha256": "parameter names / shapes / dtypes",
-                "block0_sha256": "block-0 weights", "num_blocks": "number of blocks"}
+        what = {
+            "config_sha256": "config.json",
+            "parameters_sha256": "parameter names / shapes / dtypes",
+            "block0_sha256": "block-0 weights",
+            "num_blocks": "number of blocks",
+        }
         return f"{where} was made from another model ({', '.join(what.get(k, k) for k in keys)} differ): {fix}"
     if old.get("calibration") != identity["calibration"]:
-        return (f"{where} was made with other calibration data (the token ids differ; shape "
-                f"{old.get('calibration', {}).get('shape')} there, {identity['calibration']['shape']} now): {fix}")
+        return (
+            f"{where} was made with other calibration data (the token ids differ; shape "
+            f"{old.get('calibration', {}).get('shape')} there, {identity['calibration']['shape']} now): {fix}"
+        )
     return None
 
 
 def _existing(path, state: dict) -> TrimpruneError:
-    return TrimpruneError(f"--checkpoint-dir {str(path)!r} holds the checkpoint of a run "
-                          f"({state.get('last_block', -1) + 1} of {state.get('num_blocks')} blocks done): add --resume "
-                          "to continue it, or remove the folder / choose another to start afresh")
+    return TrimpruneError(
+        f"--checkpoint-dir {str(path)!r} holds the checkpoint of a run "
+        f"({state.get('last_block', -1) + 1} of {state.get('num_blocks')} blocks done): add --resume "
+        "to continue it, or remove the folder / choose another to start afresh"
+    )
 
 
-class Checkpoint:
+class ResumeState:
     """The checkpoint of one prune in a folder. `open` validates (and writes nothing); the walk then
     commits block after block (`commit_block`); a resumed run reads the allocation, the blocks and the
     streams back first."""
@@ -267,8 +296,15 @@ class Checkpoint:
         self.started = False
 
     @classmethod
-    def open(cls, path: str | Path, config: PruneConfig, adapter, calibration: torch.Tensor, resume: bool,
-             rank: int = 0) -> "Checkpoint":
+    def open(
+        cls,
+        path: str | Path,
+        config: PruneConfig,
+        adapter,
+        calibration: torch.Tensor,
+        resume: bool,
+        rank: int = 0,
+    ) -> ResumeState:
         """Check `path` against this run (model still dense): refuses a foreign or mismatched checkpoint
         (resume), or an existing one without `resume`. Writes nothing."""
         p = Path(path)
@@ -277,16 +313,21 @@ class Checkpoint:
         state = read_state(p)
         if state is not None and not resume:
             raise _existing(path, state)
-        identity = {"config": config_identity(config), "model": model_identity(adapter),
-                    "calibration": calibration_identity(calibration)}
+        identity = {
+            "config": config_identity(config),
+            "model": model_identity(adapter),
+            "calibration": calibration_identity(calibration),
+        }
         if state is not None:
             why = _mismatch(path, state, identity)
             if why:
                 raise TrimpruneError(why)
             missing = [f for f in cls._files(state) if not (p / f).is_file()]
             if missing:
-                raise TrimpruneError(f"--resume: the checkpoint in {str(path)!r} is incomplete ({missing[0]} is "
-                                     "missing): remove the folder and start afresh without --resume")
+                raise TrimpruneError(
+                    f"--resume: the checkpoint in {str(path)!r} is incomplete ({missing[0]} is "
+                    "missing): remove the folder and start afresh without --resume"
+                )
         return cls(p, identity, state, rank)
 
     @staticmethod
@@ -306,9 +347,14 @@ class Checkpoint:
         return self.state.get("batch_size") if self.state is not None else None
 
     def note_device(self, device) -> str | None:
-        if self.state is not None and self.state.get("device_type") not in (None, torch.device(device).type):
-            return (f"resumed on {torch.device(device).type}, the checkpoint was made on {self.state['device_type']}: "
-                    "results equal an uninterrupted run up to floating-point differences between the devices")
+        if self.state is not None and self.state.get("device_type") not in (
+            None,
+            torch.device(device).type,
+        ):
+            return (
+                f"resumed on {torch.device(device).type}, the checkpoint was made on {self.state['device_type']}: "
+                "results equal an uninterrupted run up to floating-point differences between the devices"
+            )
         return None
 
     def allocation(self) -> Allocation | None:
@@ -316,8 +362,14 @@ class Checkpoint:
         if self.state is None or not self.state.get("allocation"):
             return None
         d = json.loads((self.path / self.state["allocation"]).read_text())
-        return Allocation(d["method"], d["requested"], d["per_linear"], d["numels"],
-                          {k: int(v) for k, v in d["block_of"].items()}, d.get("details", {}))
+        return Allocation(
+            d["method"],
+            d["requested"],
+            d["per_linear"],
+            d["numels"],
+            {k: int(v) for k, v in d["block_of"].items()},
+            d.get("details", {}),
+        )
 
     def restore_blocks(self, adapter) -> list[BlockRecords]:
         """Set the saved weights of blocks 0..last_block (exactly as saved) and return their records and masks."""
@@ -331,13 +383,17 @@ class Checkpoint:
                 full = adapter.full_name(i, name)
                 w = tensors.get(f"{full}.weight")
                 if w is None or w.shape != mod.weight.shape or w.dtype != mod.weight.dtype:
-                    raise TrimpruneError(f"--resume: {entry['tensors']} in {str(self.path)!r} does not hold "
-                                         f"{full}'s weight as this model has it: remove the folder and start afresh")
+                    raise TrimpruneError(
+                        f"--resume: {entry['tensors']} in {str(self.path)!r} does not hold "
+                        f"{full}'s weight as this model has it: remove the folder and start afresh"
+                    )
                 with torch.no_grad():
                     mod.weight.data.copy_(w)
                 masks[full] = tensors[f"{full}.mask"]
                 linears[full] = LinearRecord.from_dict(rec["linears"][full])
-            guard = BlockGuardRecord.from_dict(rec["guard"]) if rec.get("guard") is not None else None
+            guard = (
+                BlockGuardRecord.from_dict(rec["guard"]) if rec.get("guard") is not None else None
+            )
             out.append(BlockRecords(i, linears, guard, masks))
         return out
 
@@ -347,15 +403,24 @@ class Checkpoint:
         path = self.path / self.state["streams"][str(self.rank)]
         meta = _metadata(path)
         if int(meta.get("block", -2)) != self.last_block:
-            raise TrimpruneError(f"--resume: {path.name} in {str(self.path)!r} is not the stream file of block "
-                                 f"{self.last_block}: remove the folder and start afresh")
+            raise TrimpruneError(
+                f"--resume: {path.name} in {str(self.path)!r} is not the stream file of block "
+                f"{self.last_block}: remove the folder and start afresh"
+            )
         t = load_file(str(path))
 
         def part(kind):
-            return [t[k] for k in sorted((k for k in t if k.startswith(kind + ".")), key=lambda k: int(k.split(".")[1]))]
+            return [
+                t[k]
+                for k in sorted(
+                    (k for k in t if k.startswith(kind + ".")), key=lambda k: int(k.split(".")[1])
+                )
+            ]
 
         main = part("main")
-        return Streams(main, part("subset_dense"), part("subset_pruned")), [m.shape[0] for m in main]
+        return Streams(main, part("subset_dense"), part("subset_pruned")), [
+            m.shape[0] for m in main
+        ]
 
     # ------------------------------------------------------------------ what the run writes
     def begin(self, batch_size: int, device) -> None:
@@ -366,22 +431,36 @@ class Checkpoint:
         self.path.mkdir(parents=True, exist_ok=True)
         keep = set(self._files(self.state)) | {STATE} if self.state is not None else set()
         for f in self.path.iterdir():
-            if f.is_file() and f.name not in keep and (_OWN.fullmatch(f.name) or _TMP.fullmatch(f.name)):
+            if (
+                f.is_file()
+                and f.name not in keep
+                and (_OWN.fullmatch(f.name) or _TMP.fullmatch(f.name))
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
         if self.state is None:
-            from .. import __version__
+            from trimprune import __version__
 
-            self.state = {"format": FORMAT, "fingerprint": self.fingerprint, "identity": self.identity,
-                          "num_blocks": self.identity["model"]["num_blocks"], "last_block": -1, "blocks": [],
-                          "streams": {}, "allocation": None, "world_size": 1, "batch_size": batch_size,
-                          "device_type": torch.device(device).type, "trimprune": __version__}
+            self.state = {
+                "format": FORMAT,
+                "fingerprint": self.fingerprint,
+                "identity": self.identity,
+                "num_blocks": self.identity["model"]["num_blocks"],
+                "last_block": -1,
+                "blocks": [],
+                "streams": {},
+                "allocation": None,
+                "world_size": 1,
+                "batch_size": batch_size,
+                "device_type": torch.device(device).type,
+                "trimprune": __version__,
+            }
         self.started = True
 
     def _commit(self) -> None:
         """state.json, last: the commit point."""
         self.state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        _fsync_dir(self.path)                    # the renames of the files it names are durable first
+        _fsync_dir(self.path)  # the renames of the files it names are durable first
         _write_json(self.path, STATE, self.state)
         _fsync_dir(self.path)
 
@@ -405,16 +484,24 @@ class Checkpoint:
             tensors[f"{full}.mask"] = records.masks[full]
         meta = {"format": FORMAT, "block": str(block), "fingerprint": self.fingerprint}
         _save_tensors(self.path, tensors_name, tensors, meta)
-        _write_json(self.path, records_name, {
-            "block": block, "linears": {k: r.to_dict() for k, r in records.linears.items()},
-            "guard": records.guard.to_dict() if records.guard is not None else None})
+        _write_json(
+            self.path,
+            records_name,
+            {
+                "block": block,
+                "linears": {k: r.to_dict() for k, r in records.linears.items()},
+                "guard": records.guard.to_dict() if records.guard is not None else None,
+            },
+        )
         st = {f"main.{j:05d}": h for j, h in enumerate(streams.main)}
         st |= {f"subset_dense.{j:05d}": h for j, h in enumerate(streams.subset_dense)}
         st |= {f"subset_pruned.{j:05d}": h for j, h in enumerate(streams.subset_pruned)}
         name = streams_file(block, self.rank)
         _save_tensors(self.path, name, st, meta | {"rank": str(self.rank)})
         old = self.state["streams"].get(str(self.rank))
-        self.state["blocks"].append({"block": block, "tensors": tensors_name, "records": records_name})
+        self.state["blocks"].append(
+            {"block": block, "tensors": tensors_name, "records": records_name}
+        )
         self.state["streams"][str(self.rank)] = name
         self.state["last_block"] = block
         self._commit()
@@ -442,10 +529,13 @@ def precheck(config: PruneConfig, model) -> None:
         return
     if not config.run.resume:
         raise _existing(path, state)
-    from .models import ModelAdapter
+    from trimprune.core.model import ModelAdapter
 
-    identity = {"config": config_identity(config), "model": model_identity(ModelAdapter.from_model(model)),
-                "calibration": state.get("identity", {}).get("calibration")}
+    identity = {
+        "config": config_identity(config),
+        "model": model_identity(ModelAdapter.from_model(model)),
+        "calibration": state.get("identity", {}).get("calibration"),
+    }
     why = _mismatch(path, state, identity)
     if why:
         raise TrimpruneError(why)

@@ -1,0 +1,123 @@
+"""The model's structure: decoder blocks, their prunable linears, and weight access.
+
+One adapter serves every causal LM: it finds the stack of decoder blocks (the largest
+``nn.ModuleList`` of identical blocks) and, inside each block, the prunable linear layers
+(``nn.Linear`` and GPT-2's ``Conv1D``). Embeddings and ``lm_head`` are never pruned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trimprune.errors import TrimpruneError
+
+try:  # GPT-2 style "Conv1D" (weight stored as in x out)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover
+    Conv1D = ()
+
+
+# --------------------------------------------------------------------------- adapter
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features); a view, so in-place edits write through."""
+    if Conv1D != () and isinstance(module, Conv1D):
+        return module.weight.data.t()
+    return module.weight.data
+
+
+def set_weight_2d(module: nn.Module, w: torch.Tensor) -> None:
+    weight_2d(module).copy_(w.to(module.weight.dtype))
+
+
+@dataclass
+class ModelAdapter:
+    """Finds decoder blocks and prunable linears of any causal LM."""
+
+    model: nn.Module
+    blocks_name: str
+    blocks: nn.ModuleList
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelAdapter:
+        best = None
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+                continue
+            if len({type(b) for b in mod}) != 1:
+                continue
+            if not any(is_prunable(x) for x in mod[0].modules()):
+                continue
+            n = sum(p.numel() for p in mod.parameters())
+            if best is None or n > best[0]:
+                best = (n, name, mod)
+        if best is None:
+            raise TrimpruneError(
+                f"{type(model).__name__} has no stack of decoder blocks with linear layers: "
+                "trimprune prunes decoder-only causal LMs"
+            )
+        return cls(model=model, blocks_name=best[1], blocks=best[2])
+
+    def linears(self, block_index: int) -> OrderedDict[str, nn.Module]:
+        """Prunable linears of one block, in module order, keyed by their name inside the block."""
+        out = OrderedDict()
+        for name, mod in self.blocks[block_index].named_modules():
+            if name and is_prunable(mod):
+                out[name] = mod
+        return out
+
+    def full_name(self, block_index: int, linear_name: str) -> str:
+        return f"{self.blocks_name}.{block_index}.{linear_name}"
+
+    def all_linears(self) -> OrderedDict[str, nn.Module]:
+        out = OrderedDict()
+        for i in range(len(self.blocks)):
+            for n, m in self.linears(i).items():
+                out[self.full_name(i, n)] = m
+        return out
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def check_context(self, length: int, flag: str) -> None:
+        """Refuse sequences longer than the model's context (one line naming the flag and the fix)."""
+        n_ctx = self.max_context()
+        if n_ctx is not None and length > n_ctx:
+            raise TrimpruneError(
+                f"{flag} {length} is above the model's context of {n_ctx} tokens: "
+                f"use {flag} {n_ctx} or less"
+            )
+
+    def max_context(self) -> int | None:
+        cfg = getattr(self.model, "config", None)
+        if cfg is None:
+            return None
+        cfg = getattr(cfg, "text_config", None) or cfg
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        for key in ("hidden_size", "n_embd", "d_model"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int):
+                return v
+        raise TrimpruneError("cannot tell the model's hidden size from its config")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
