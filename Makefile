@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA    ?= $(wildcard ../shared/data)
 
-.PHONY: setup demo test test-fixtures test-dist test-slow bench-cpu clean
+.PHONY: setup demo test test-fixtures test-dist test-slow bench-cpu docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,5 +43,11 @@ bench-cpu: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python benchmarks/prune_bench.py --model smollm2-135m \
 	    --device cpu --scorer wanda --nsamples 32 --seqlen 512 --repeat 1
 
+# the documentation site (docs/, mkdocs.yml) into site/; any warning fails the build. The CLI reference is
+# generated from the parser while building (docs/hooks/cli_reference.py). Results: docs/results.md.
+docs: $(BIN)/python
+	@$(BIN)/python -c "import material" 2>/dev/null || $(BIN)/python -m pip install -q mkdocs-material
+	$(BIN)/python -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache demo-output
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache demo-output site

@@ -1,4 +1,4 @@
-"""Print the Markdown tables of benchmarks/RESULTS.md from the JSON-lines results."""
+"""Print the Markdown tables of docs/results.md from the JSON-lines results in benchmarks/results."""
 
 from __future__ import annotations
 
@@ -68,47 +68,23 @@ def issue5(idx):
             print(f"| {int(sp * 100)} % | {sc} | " + " | ".join(cells) + " |")
 
 
-def same_as(old_file, new_file):
-    """Configurations of two quality sweeps whose perplexity, kept-TRIM count and sparsity are equal."""
-    old, new = quality_index(old_file), quality_index(new_file)
-    same = [
-        k
-        for k in new
-        if k in old
-        and all(old[k][f] == new[k][f] for f in ("ppl", "trim_kept", "achieved_sparsity"))
-    ]
-    print(
-        f"{len(same)} of {len(new)} configurations identical (perplexity, linears that kept TRIM, sparsity)"
-    )
-
-
-def speed(old_file, new_file):
-    """Warm runs (run > 0) of prune_bench files of two code versions: range and median of prune_seconds."""
+def speed(name):
+    """Warm runs (run > 0) of a prune_bench file: range and median of prune_seconds, peak GPU memory."""
     import statistics
 
-    old, new = load(old_file), load(new_file)
-    print(
-        "| scorer | TRIM | 4450ba2 prune s (median) | current prune s (median) | current / 4450ba2 | "
-        "peak GPU GB 4450ba2 / current |"
-    )
-    print("|---|---|---:|---:|---:|---:|")
-    for sc, tr in dict.fromkeys((r["scorer"], r["trim"]) for r in new):
-        o = [
-            r["prune_seconds"]
-            for r in old
-            if (r["scorer"], r["trim"], r["run"] > 0) == (sc, tr, True)
-        ]
+    rows = load(name)
+    print("| scorer | TRIM | warm runs | prune s (median) | peak GPU GB |")
+    print("|---|---|---:|---:|---:|")
+    for sc, tr in dict.fromkeys((r["scorer"], r["trim"]) for r in rows):
         n = [
             r["prune_seconds"]
-            for r in new
+            for r in rows
             if (r["scorer"], r["trim"], r["run"] > 0) == (sc, tr, True)
         ]
-        po = max(r["peak_gpu_gb"] for r in old if (r["scorer"], r["trim"]) == (sc, tr))
-        pn = [r["peak_gpu_gb"] for r in new if (r["scorer"], r["trim"]) == (sc, tr)]
+        pk = [r["peak_gpu_gb"] for r in rows if (r["scorer"], r["trim"]) == (sc, tr)]
         print(
-            f"| {sc} | {tr} | {min(o):.2f}–{max(o):.2f} ({statistics.median(o):.2f}) | {min(n):.2f}–{max(n):.2f} "
-            f"({statistics.median(n):.2f}) | {statistics.median(n) / statistics.median(o):.3f} | "
-            f"{po:.2f} / {min(pn):.2f}–{max(pn):.2f} |"
+            f"| {sc} | {tr} | {len(n)} | {min(n):.2f}–{max(n):.2f} ({statistics.median(n):.2f}) | "
+            f"{min(pk):.2f}–{max(pk):.2f} |"
         )
 
 
@@ -177,11 +153,9 @@ if __name__ == "__main__":
         issue4(idx)
     if what in ("issue5", "all"):
         issue5(idx)
-    if what in ("same", "all"):
-        same_as("h200_quality_4450ba2.jsonl", "h200_quality.jsonl")
     if what in ("speed", "all"):
-        speed("h200_bench_smol_4450ba2.jsonl", "h200_bench_smol.jsonl")
-        speed("h200_bench_smolsyn_4450ba2.jsonl", "h200_bench_smolsyn.jsonl")
+        speed("h200_bench_smol.jsonl")
+        speed("h200_bench_smolsyn.jsonl")
     if what in ("zeroshot", "all"):
         zeroshot("h200_zeroshot.jsonl")
     if what.startswith("bench:"):
