@@ -88,9 +88,10 @@ def _approx(x):
 
 
 def _worker(rank: int, world: int, port: int, names: list[str], out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         for name in names:
             tensors, res = _run(name, world)
@@ -152,9 +153,10 @@ def test_two_processes_equal_one(name, two_ranks):
 
 
 def _uneven_worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         model = make("llama")
         cfg = PruneConfig.from_flat(

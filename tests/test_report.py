@@ -13,9 +13,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory, data_dir):
-    import os
-
-    os.environ["TRIMPRUNE_DATA"] = str(data_dir)
     d = tmp_path_factory.mktemp("runs")
     base = [
         "prune",
@@ -36,8 +33,10 @@ def runs(tiny_dir, tmp_path_factory, data_dir):
         "64",
         "--no-save-model",
     ]
-    assert main(base + ["--output", str(d / "trim"), "--trim"]) == 0
-    assert main(base + ["--output", str(d / "alone"), "--sparsity", "0.7"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function-scoped monkeypatch can't
+        mp.setenv("TRIMPRUNE_DATA", str(data_dir))
+        assert main(base + ["--output", str(d / "trim"), "--trim"]) == 0
+        assert main(base + ["--output", str(d / "alone"), "--sparsity", "0.7"]) == 0
     return d
 
 
