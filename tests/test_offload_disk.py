@@ -157,7 +157,9 @@ def test_bad_offload_values_are_refused():
 
 def test_gguf_and_bin_models_are_refused(tmp_path):
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
+    gguf.write_bytes(
+        b"GGUF" + (3).to_bytes(4, "little") + bytes(56)
+    )  # version 3, no tensors, no key-value pairs
     with pytest.raises(
         TrimpruneError, match=r"--offload disk reads a model stored as safetensors.*--offload cpu"
     ):

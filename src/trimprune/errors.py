@@ -27,3 +27,13 @@ class OutputError(TrimpruneError):
 
 class NonFiniteError(TrimpruneError):
     """NaN or Inf in weights, activations, statistics or an evaluation result (`core.finite`)."""
+
+
+class CorruptFileError(TrimpruneError):
+    """A file whose bytes fail an integrity check: a truncated or damaged GGUF or safetensors file
+    (`io.integrity`), or a resume-state file that differs from the sha256 its state.json records
+    (`io.resume_manifest`). `path`: the file."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = str(path) if path is not None else None

@@ -115,6 +115,10 @@ def check_export_inputs(args) -> list[str]:
             f"RUN_DIR {args.run_dir!r} holds no model (no config.json / {COMPACT_FILE}): give the "
             "--output folder of a prune that saved its model"
         )
+    from trimprune.io.compact import LOAD_FIX
+    from trimprune.io.integrity import check_model_folder
+
+    check_model_folder(run, LOAD_FIX)  # its safetensors are whole, before OUT_DIR is made
     check_output_dir(args.out_dir, args.overwrite, flag="OUT_DIR")
     return [
         w

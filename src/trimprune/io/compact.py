@@ -26,10 +26,12 @@ import torch
 from safetensors import safe_open
 
 from trimprune.errors import TrimpruneError
+from trimprune.io.integrity import check_model_folder
 from trimprune.io.tensorfile import save_tensors
 
 COMPACT_FORMAT = "trimprune-compact-v1"
 COMPACT_FILE = "model.compact.safetensors"
+LOAD_FIX = "rerun the prune that wrote the folder, or restore it from a copy"
 
 
 def compact_tensors(
@@ -101,6 +103,7 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
+    check_model_folder(p, LOAD_FIX)  # its safetensors are whole (io.integrity)
     if not (p / COMPACT_FILE).is_file():
         if not (p / "config.json").is_file():
             raise TrimpruneError(

@@ -308,6 +308,9 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     """Read masks.safetensors back into bool tensors (True = pruned)."""
     from safetensors import safe_open
 
+    from trimprune.io.integrity import check_safetensors_file
+
+    check_safetensors_file(path, "rerun the prune that wrote it, or restore it from a copy")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != MASKS_FORMAT:

@@ -16,6 +16,7 @@ import torch
 
 from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
+from trimprune.io.integrity import check_gguf_file, check_model_folder
 
 # alias -> (python package that ships the file, file name inside the package, pip command); a package that
 # ships the file in chunks has an `assemble()` that joins them once into a cache folder and returns the path
@@ -154,6 +155,8 @@ def gguf_file_type(path: str | Path) -> int | None:
     `gguf` package's reader maps every tensor and takes seconds). None when absent or unreadable."""
     import struct
 
+    check_gguf_file(path)  # a damaged file: one line (io.integrity), never trusted
+
     def skip(f, vtype: int) -> None:
         if vtype in _GGUF_SCALARS:
             f.seek(_GGUF_SCALARS[vtype], 1)
@@ -249,6 +252,7 @@ def check_model_source(model: str, gguf_file: str | None = None) -> None:
                 f"--model {model!r}: its config.json has no model_type: it is not a Hugging "
                 "Face model folder (restore config.json from the model's source)"
             )
+        check_model_folder(p)  # its safetensors are whole (io.integrity)
         return
     if not HUB_ID.fullmatch(model):
         raise ModelSourceError(
@@ -256,6 +260,9 @@ def check_model_source(model: str, gguf_file: str | None = None) -> None:
             f"(org/name) or an alias ({', '.join(ALIASES)})"
         )
     if _hub_cached(model):
+        check_model_folder(
+            Path(_hub_cached(model)).parent
+        )  # the cached snapshot's safetensors are whole
         return
     why = hub_unreachable()
     if why:
@@ -294,6 +301,7 @@ def resolve_model_path(model: str, gguf_file: str | None) -> tuple[str, str | No
     """Map an alias / GGUF path / directory / hub id to (from_pretrained target, gguf file name)."""
     if model in ALIASES:
         path = _alias_file(model)
+        check_gguf_file(path, f"reinstall with `{ALIASES[model][2]}`")  # io.integrity
         return str(path.parent), path.name
     if gguf_file is not None:
         gpath = Path(gguf_file)
@@ -333,6 +341,7 @@ def check_gguf(path: Path) -> None:
             f"--gguf-file {str(path)!r} is not a GGUF file (no GGUF magic bytes): "
             "give a .gguf model file"
         )
+    check_gguf_file(path)  # magic, counts, every entry and tensor inside the file (io.integrity)
 
 
 def load_model(

@@ -18,6 +18,10 @@ state.json is written last, so a file it does not name (a block that was being w
 process died, temporary files) is ignored, and removed when the run resumes. Only safetensors and
 JSON are read back: nothing is unpickled.
 
+state.json records the size and sha256 of every file it names, and the sha256 of its own bytes
+(`io.resume_manifest`); `--resume` verifies them all before anything is restored and refuses a
+damaged or truncated file (one line naming the file and its block: remove the folder to start afresh).
+
 `--resume` (`RunConfig.resume`) refuses a checkpoint whose fingerprint differs: the config's fields
 that decide the computation (not `run`, `search`, the AlphaPruning cache folder or the calibration
 file's path), the model (its config.json, the names, shapes and dtypes of its parameters, the bytes of
@@ -52,8 +56,15 @@ from trimprune.config import PruneConfig
 from trimprune.core.records import BlockGuardRecord, LinearRecord
 from trimprune.engine.walk import Streams
 from trimprune.errors import TrimpruneError
+from trimprune.io.resume_manifest import (
+    check_state,
+    seal,
+    sealed_writer,
+    unreadable_state,
+    verify_files,
+)
 
-FORMAT = "trimprune-checkpoint-v1"
+FORMAT = "trimprune-checkpoint-v2"  # v2: state.json carries the sha256 manifest
 STATE = "state.json"
 ALLOCATION = "allocation.json"
 # test hook: `TRIMPRUNE_TEST_KILL_AFTER_BLOCK=k` sends SIGKILL to the process right after block k's
@@ -214,11 +225,14 @@ def read_state(path: str | Path) -> dict | None:
         return None
     try:
         state = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise TrimpruneError(
             f"--checkpoint-dir {str(path)!r}: {STATE} is unreadable ({e}): remove the folder or "
             "choose another"
         )
+    except ValueError as e:  # not JSON, or not UTF-8: a damaged file
+        raise unreadable_state(f, e) from None
+    check_state(f, state, FORMAT)  # its own sha256 (io.resume_manifest)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else None
         raise TrimpruneError(
@@ -328,6 +342,9 @@ class ResumeState:
                     f"--resume: the checkpoint in {str(path)!r} is incomplete ({missing[0]} is "
                     "missing): remove the folder and start afresh without --resume"
                 )
+            verify_files(
+                p, state, cls._files(state)
+            )  # sizes and sha256 before anything is restored
         return cls(p, identity, state, rank)
 
     @staticmethod
@@ -460,8 +477,11 @@ class ResumeState:
     def _commit(self) -> None:
         """state.json, last: the commit point."""
         self.state["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        seal(self.path, self.state, self._files(self.state))  # the sha256 of every file it names
         _fsync_dir(self.path)  # the renames of the files it names are durable first
-        _write_json(self.path, STATE, self.state)
+        _write_atomic(
+            self.path, STATE, sealed_writer(self.state)
+        )  # with its own sha256 (io.resume_manifest)
         _fsync_dir(self.path)
 
     def save_allocation(self, allocation: Allocation, batch_size: int, device) -> None:
@@ -539,3 +559,4 @@ def precheck(config: PruneConfig, model) -> None:
     why = _mismatch(path, state, identity)
     if why:
         raise TrimpruneError(why)
+    verify_files(p, state, ResumeState._files(state))  # before the dense evaluation

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trimprune.errors import TrimpruneError
+from trimprune.io.integrity import check_safetensors_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -55,8 +56,11 @@ def checkpoint_files(folder: Path) -> dict[str, str] | None:
                 f"{folder / INDEX} lists {missing[0]}, which is not in the folder: download the "
                 "model again"
             )
+        for f in sorted(set(weight_map.values())):
+            check_safetensors_file(folder / f)  # whole, before anything reads it (io.integrity)
         return dict(weight_map)
     if (folder / SINGLE).is_file():
+        check_safetensors_file(folder / SINGLE)
         return dict.fromkeys(_header_names(folder / SINGLE), SINGLE)
     return None
 
