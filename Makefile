@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA    ?= $(wildcard ../shared/data)
 
-.PHONY: setup demo test test-fixtures test-dist test-slow bench-cpu docs clean
+.PHONY: setup demo test test-fixtures test-dist test-slow bench-cpu docs lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,13 @@ setup: $(BIN)/python
 # shared/data) or else from the excerpts shipped in scripts/demo_data.
 demo: setup
 	$(BIN)/python scripts/demo.py
+
+# ruff (format and lint, 100 columns) and mypy on the algorithm and runtime floors
+lint: setup
+	$(BIN)/python -m pip install -q -e ".[lint]"
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/mypy
 
 test: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q
@@ -45,7 +52,7 @@ bench-cpu: setup
 
 # the documentation site (docs/, mkdocs.yml) into site/; any warning fails the build. The CLI reference is
 # generated from the parser while building (docs/hooks/cli_reference.py). Results: docs/results.md.
-docs: $(BIN)/python
+docs: setup
 	@$(BIN)/python -c "import material" 2>/dev/null || $(BIN)/python -m pip install -q mkdocs-material
 	$(BIN)/python -m mkdocs build --strict -d site
 
