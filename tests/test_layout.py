@@ -151,3 +151,28 @@ def test_only_exec_knows_streams_events_pinned_memory_graphs_and_triton():
         text = f.read_text()
         bad += [(str(f.relative_to(SRC)), word) for word in MACHINERY if word in text]
     assert not bad, bad
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _is_triton_kernel(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Decorated with `triton.jit` (bare or called, e.g. `@triton.jit(...)`)."""
+    for dec in fn.decorator_list:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        if ast.unparse(target) == "triton.jit":
+            return True
+    return False
+
+
+def test_no_function_over_80_lines_outside_triton_kernels():
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES and not _is_triton_kernel(node):
+                rel = path.relative_to(SRC.parents[1])
+                too_long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+    assert not too_long, "functions over 80 lines:\n" + "\n".join(too_long)

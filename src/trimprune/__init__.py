@@ -1,6 +1,7 @@
 """trimprune: one-shot extreme-sparsity pruning of LLMs with TRIM row-wise sparsity.
 
-The names below load on first use, so `import trimprune` (and the command line) starts without torch.
+The names below load on first use, so `import trimprune` (and the command line) starts without
+torch.
 """
 
 from __future__ import annotations

@@ -29,34 +29,34 @@ def prune(
     `calibration`: a (nsamples, seqlen) LongTensor of token ids, or None to build it from
     `config.calib` (`tokenizer` is then needed). `device`: where blocks are computed (default: the
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
-    `progress`: a `core.progress.Progress` (bars, log lines, --log-json) or True / False.
-    `profile`: the phases' mode (`exec.profiling`), for benchmarks.
-    `config.run.offload == "disk"`: the model comes from `load_model(..., offload="disk")` and
-    `model.trimprune_storage.write_to(FOLDER)` names the folder where each block is written as it
-    finishes (`io.diskmodel`); `io.export.write_outputs` completes that folder.
-    `config.run.checkpoint_dir`: commit every finished block there (`io.resume`); with
-    `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint is
-    left in place (the command line removes it once the output is written).
+    `progress`: a `core.progress.Progress` (bars, log lines, --log-json) or True / False. `profile`:
+    the phases' mode (`exec.profiling`), for benchmarks. `config.run.offload == "disk"`: the model
+    comes from `load_model(..., offload="disk")` and `model.trimprune_storage.write_to(FOLDER)`
+    names the folder where each block is written as it finishes (`io.diskmodel`);
+    `io.export.write_outputs` completes that folder. `config.run.checkpoint_dir`: commit every
+    finished block there (`io.resume`); with `config.run.resume`, first restore the blocks it holds
+    and continue after them. The checkpoint is left in place (the command line removes it once the
+    output is written).
 
     `--allocation search` and `--trim-guard model` prune several times from one capture and keep the
-    best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` / `.trim_guard`);
-    they run in one process and without a checkpoint.
+    best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` /
+    `.trim_guard`); they run in one process and without a checkpoint.
 
-    In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with the same
-    arguments: each runs the blocks on its share of the calibration sequences, the per-linear work is
-    split across ranks, and every rank ends with the same pruned weights and the same `PruneResult`
-    (`core.ranks`). Only rank 0 shows progress.
+    In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with
+    the same arguments: each runs the blocks on its share of the calibration sequences, the
+    per-linear work is split across ranks, and every rank ends with the same pruned weights and the
+    same `PruneResult` (`core.ranks`). Only rank 0 shows progress.
 
     NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
     naming the block and the tensor (`core.finite`); blocks before it are already pruned in place.
     Before the first block is pruned, the dense model runs on the first calibration batch
     (`check_dense_batch`): activations that overflow the dtype (float16) stop the run there.
 
-    `config.allocation` "file:PATH" is read against the model first (`algo.allocation.resolve_sparsity`):
-    its parameter-weighted mean must be `config.sparsity` within 1e-4; with `config.sparsity` None the
-    mean is the target (the result's config holds it, its notes say so). A `Checked` config
-    (`session.check_against_model`, as the command line makes before its dense evaluation) skips the
-    checks that already ran."""
+    `config.allocation` "file:PATH" is read against the model first
+    (`algo.allocation.resolve_sparsity`): its parameter-weighted mean must be `config.sparsity`
+    within 1e-4; with `config.sparsity` None the mean is the target (the result's config holds it,
+    its notes say so). A `Checked` config (`session.check_against_model`, as the command line makes
+    before its dense evaluation) skips the checks that already ran."""
     checked = _checked(config, model, sampling=calibration is None)
     config = checked.config
     kwargs = dict(device=device, progress=progress, profile=profile)

@@ -88,9 +88,9 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         type=_task_names,
         default=None,
         metavar="T1,T2",
-        help="zero-shot accuracy with lm-evaluation-harness (pip install 'trimprune[eval]'), 0-shot, e.g. "
-        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (their mean acc is "
-        "reported)",
+        help="zero-shot accuracy with lm-evaluation-harness (pip install 'trimprune[eval]'), "
+        "0-shot, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (their "
+        "mean acc is reported)",
     )
     g.add_argument(
         "--tasks-limit",
@@ -110,8 +110,8 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         "--tasks-data",
         default=None,
         metavar="DIR",
-        help="local task files laid out like shared/data (offline); default: $TRIMPRUNE_DATA where it "
-        "has them, else the Hugging Face Hub",
+        help="local task files laid out like shared/data (offline); default: $TRIMPRUNE_DATA "
+        "where it has them, else the Hugging Face Hub",
     )
 
 
@@ -184,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command")
 
+    _add_prune_parser(sub)
+    _add_eval_parser(sub)
+    _add_report_parser(sub)
+    _add_export_parser(sub)
+    return ap
+
+
+def _add_prune_parser(sub) -> None:
     p = sub.add_parser(
         "prune", help="prune a model and write a Hugging Face model directory + report"
     )
@@ -193,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace --output if it is a folder trimprune wrote (one with its report.json), and remove "
-        "partial outputs of interrupted runs beside it",
+        help="replace --output if it is a folder trimprune wrote (one with its report.json), and "
+        "remove partial outputs of interrupted runs beside it",
     )
     p.add_argument(
         "--no-save-model",
@@ -205,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-format",
         choices=["dense", "compact"],
         default="dense",
-        help="dense: a plain Hugging Face directory; compact: each pruned weight as a bitmask plus its "
-        "kept values (trimprune.load_pruned or `trimprune export --dense` read it back)",
+        help="dense: a plain Hugging Face directory; compact: each pruned weight as a bitmask "
+        "plus its kept values (trimprune.load_pruned or `trimprune export --dense` read it back)",
     )
     p.add_argument(
         "--quiet",
@@ -228,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-dense-eval", action="store_true", help="skip evaluating the dense model first"
     )
 
+
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser(
         "eval",
         help="evaluate a model's perplexity",
@@ -254,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress output (else bars on a terminal, nothing per batch in a log)",
     )
 
+
+def _add_report_parser(sub) -> None:
     r = sub.add_parser(
         "report", help="one HTML page (plots embedded) and Markdown for one or more prune outputs"
     )
@@ -265,10 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         default=None,
         metavar="OUT.html",
-        help="the HTML file (default RUN_DIR/report.html for one run, else trimprune-report.html); the "
-        "Markdown is written beside it",
+        help="the HTML file (default RUN_DIR/report.html for one run, else "
+        "trimprune-report.html); the Markdown is written beside it",
     )
 
+
+def _add_export_parser(sub) -> None:
     x = sub.add_parser(
         "export", help="write a plain Hugging Face model directory from a prune's output"
     )
@@ -288,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow model code from the model repository (off unless asked)",
     )
-    return ap
 
 
 def _eval_data(pairs: list[str]) -> dict[str, str]:
@@ -304,8 +317,9 @@ def _eval_data(pairs: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args) -> PruneConfig:
-    """The recipe's values (if any) with the flags given on the command line on top; validated once. A
-    sparsity given by neither is the default (0.5, N/M with --mask-structure, an allocation file's mean)."""
+    """The recipe's values (if any) with the flags given on the command line on top; validated once.
+    A sparsity given by neither is the default (0.5, N/M with --mask-structure, an allocation file's
+    mean)."""
     flat = PruneConfig.recipe_flat(args.recipe) if getattr(args, "recipe", None) else {}
     given = {
         k: getattr(args, k) for k in PruneConfig.flat_fields() if getattr(args, k, None) is not None
@@ -337,8 +351,8 @@ def _check_eval_args(args, seqlen: int):
 
 
 def _device(args):
-    """The device of this process: --device, or under torchrun the GPU of its LOCAL_RANK (the process
-    group is joined here)."""
+    """The device of this process: --device, or under torchrun the GPU of its LOCAL_RANK (the
+    process group is joined here)."""
     from trimprune.exec.distributed import init_from_env, launched
     from trimprune.io.models import resolve_device
 
@@ -366,9 +380,10 @@ def _same_windows(sets: dict) -> dict:
 def _evaluate(
     model, tok, sets: dict, args, dev, offload: bool, progress, label: str = "the model"
 ) -> dict:
-    """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot": ...}.
-    A perplexity that is not a finite number stops with an error naming the set and `label` (the model).
-    Under torchrun the ranks share the perplexity windows; rank 0 alone runs the zero-shot tasks."""
+    """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot":
+    ...}. A perplexity that is not a finite number stops with an error naming the set and `label`
+    (the model). Under torchrun the ranks share the perplexity windows; rank 0 alone runs the
+    zero-shot tasks."""
     from trimprune.io.evaluate import evaluate_sets
     from trimprune.io.zeroshot import evaluate_tasks, mean_accuracy
 
@@ -423,7 +438,8 @@ def _metrics(dense: dict, pruned: dict) -> dict:
 
 
 def _check_disk_args(args, offload, calib: str | None = None) -> None:
-    """What `--offload disk` cannot do (it never holds the whole model in memory), before anything is loaded."""
+    """What `--offload disk` cannot do (it never holds the whole model in memory), before anything
+    is loaded."""
     if offload != "disk":
         return
     from trimprune.exec.distributed import launched
@@ -459,11 +475,8 @@ def _prune_command(args, scope) -> int:
     from trimprune.core.model import ModelAdapter
     from trimprune.core.ranks import Ranks
     from trimprune.io.diskmodel import disk_storage
-    from trimprune.io.evaluate import prepare_eval_sets
-    from trimprune.io.export import StagedDir, write_outputs
+    from trimprune.io.export import StagedDir
     from trimprune.io.models import load_model
-    from trimprune.io.report import build_report, markdown, summary_text
-    from trimprune.io.resume import remove_checkpoint
     from trimprune.preflight import check_prune_inputs
     from trimprune.session import check_against_model, check_before_load
 
@@ -502,6 +515,24 @@ def _prune_command(args, scope) -> int:
     # before any evaluation: the context, an allocation file, an existing resume state
     checked = check_against_model(cfg, model, seqlens=(eval_seqlen,), loaded_ranks=True)
     cfg = checked.config
+    sets = _prune_eval_sets(args, tok, eval_seqlen, model, cfg.calib.seed, progress)
+    dense = (
+        {}
+        if args.no_dense_eval
+        else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the dense model")
+    )
+    result = prune(model, tok, checked, device=dev, progress=progress)
+    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the pruned model")
+    report = _prune_report(args, model, adapter, dev, result, dense, pruned, t_load, t_all)
+    if not main_rank:  # rank 0 writes the outputs and prints
+        return 0
+    _write_prune_outputs(args, cfg, model, tok, result, report, staged)
+    return 0
+
+
+def _prune_eval_sets(args, tok, eval_seqlen, model, seed, progress) -> dict:
+    from trimprune.io.evaluate import prepare_eval_sets
+
     sets = (
         prepare_eval_sets(
             args.eval,
@@ -511,20 +542,18 @@ def _prune_command(args, scope) -> int:
             args.eval_limit,
             model,
             self_samples=args.self_eval_samples,
-            seed=cfg.calib.seed,
+            seed=seed,
             progress=progress,
         )
         if args.eval
         else {}
     )
-    sets = _same_windows(sets)
-    dense = (
-        {}
-        if args.no_dense_eval
-        else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the dense model")
-    )
-    result = prune(model, tok, checked, device=dev, progress=progress)
-    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the pruned model")
+    return _same_windows(sets)
+
+
+def _prune_report(args, model, adapter, dev, result, dense, pruned, t_load, t_all) -> dict:
+    from trimprune.io.report import build_report
+
     metrics = _metrics(dense, pruned)
     timings = dict(result.timings, load_seconds=t_load)
     timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + sum(
@@ -555,8 +584,14 @@ def _prune_command(args, scope) -> int:
         report["notes"].append(
             f"--tasks-limit {args.tasks_limit}: zero-shot accuracies use only the first examples"
         )
-    if not main_rank:  # rank 0 writes the outputs and prints
-        return 0
+    return report
+
+
+def _write_prune_outputs(args, cfg, model, tok, result, report, staged) -> None:
+    from trimprune.io.export import write_outputs
+    from trimprune.io.report import markdown, summary_text
+    from trimprune.io.resume import remove_checkpoint
+
     write_outputs(
         args.output,
         model,
@@ -575,7 +610,6 @@ def _prune_command(args, scope) -> int:
         )  # the output is complete: the checkpoint is not needed
     print(summary_text(report))
     print(f"written: {args.output}")
-    return 0
 
 
 def cmd_eval(args) -> int:
@@ -629,7 +663,8 @@ def cmd_eval(args) -> int:
     for name, r in res.get("eval", {}).items():
         lim = f" (first {r['windows']} windows)" if r["limited"] else ""
         print(
-            f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows {r['windows']}{lim}"
+            f"{name:<12} perplexity {r['perplexity']:.4f}  nll {r['nll']:.5f}  windows "
+            f"{r['windows']}{lim}"
         )
     metrics = _metrics({}, res)
     if "zero_shot" in metrics:
@@ -680,12 +715,13 @@ def cmd_report(args) -> int:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every `finally` runs (temporary folders are removed)."""
+    """SIGTERM, raised in the main thread so that every `finally` runs (temporary folders are
+    removed)."""
 
 
 def _terminate_by_exception():
-    """Turn SIGTERM into `_Terminated` in a single process (under torchrun the launcher owns the signals).
-    Returns the previous handler, or None when none was installed."""
+    """Turn SIGTERM into `_Terminated` in a single process (under torchrun the launcher owns the
+    signals). Returns the previous handler, or None when none was installed."""
     import os
     import signal
     import threading
@@ -720,7 +756,8 @@ def main(argv=None) -> int:
         return 2
     quiet = getattr(args, "quiet", False)
     if quiet or not sys.stderr.isatty():
-        # no bars in a log, the libraries' own included (set before they import tqdm: the commands import them)
+        # no bars in a log, the libraries' own included (set before they import tqdm: the commands
+        # import them)
         import os
 
         os.environ.update(
@@ -738,8 +775,8 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except _Terminated:
         print(
-            "trimprune: terminated (SIGTERM); nothing was written to --output and its temporary folder was "
-            "removed",
+            "trimprune: terminated (SIGTERM); nothing was written to --output and its temporary "
+            "folder was removed",
             file=sys.stderr,
         )
         return 143

@@ -63,8 +63,8 @@ SEARCH_OBJECTIVES = ("kl", "nll")
 
 def option(default, key: str, help: str, *, choices=None, metavar: str | None = None, const=None):
     """A config field with its flat name (`key`: recipe key; CLI flag `--key` with dashes, or
-    `--no-key` for a boolean that defaults to true) and its help text. `const`: a field that is false or
-    one of `choices` (the flag alone means `const`)."""
+    `--no-key` for a boolean that defaults to true) and its help text. `const`: a field that is
+    false or one of `choices` (the flag alone means `const`)."""
     meta = {"key": key, "help": help, "choices": choices, "metavar": metavar, "const": const}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
@@ -93,8 +93,9 @@ def parse_nm(structure: str | None) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class TrimInputs:
-    """What TRIM measures its metrics on: every calibration token through the Gram matrix ("all"), the
-    last token of every sequence ("last-token", the reference), or a seeded sample of N tokens."""
+    """What TRIM measures its metrics on: every calibration token through the Gram matrix ("all"),
+    the last token of every sequence ("last-token", the reference), or a seeded sample of N
+    tokens."""
 
     mode: str  # all | last-token | sample
     sample: int | None = None
@@ -140,13 +141,17 @@ def _type_ok(value, tp) -> bool:
 
 
 def _number_hint(value, tp) -> str:
-    """A hint for YAML's readings of values meant as numbers: `5e-1` (text in YAML 1.1), `2:4` (124)."""
+    """A hint for YAML's readings of values meant as numbers: `5e-1` (text in YAML 1.1), `2:4`
+    (124)."""
     if isinstance(value, str):
         try:
             float(value)
         except ValueError:
             return ""
-        return f" (YAML reads {value} as text: write a plain number such as {float(value)!r}, without quotes)"
+        return (
+            f" (YAML reads {value} as text: write a plain number such as {float(value)!r}, "
+            "without quotes)"
+        )
     return ""
 
 
@@ -159,8 +164,8 @@ def _finite(value) -> bool:
 
 
 def _check_types(obj) -> None:
-    """Every field has the declared type: a recipe's "false" is not a boolean, YAML's 2:4 (read as the
-    integer 124) is not an N:M string, a number is finite."""
+    """Every field has the declared type: a recipe's "false" is not a boolean, YAML's 2:4 (read as
+    the integer 124) is not an N:M string, a number is finite."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if "key" not in f.metadata:
@@ -236,8 +241,8 @@ class ScorerConfig:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024), ATP (Huang et al.
-    2025), a search over these rules and free profiles (`SearchConfig`), or a file."""
+    """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024), ATP
+    (Huang et al. 2025), a search over these rules and free profiles (`SearchConfig`), or a file."""
 
     method: str = option(
         "uniform",
@@ -367,9 +372,8 @@ class TrimConfig:
     block_safeguard: bool = option(
         True,
         "trim_block_safeguard",
-        "keep TRIM in a block only where the block's "
-        "output on 1/8 of the calibration sequences is at least as close to the dense "
-        "model's as with the scorer alone",
+        "keep TRIM in a block only where the block's output on 1/8 of the calibration sequences "
+        "is at least as close to the dense model's as with the scorer alone",
     )
     max_row_sparsity: float = option(
         0.95, "trim_max_row_sparsity", "upper bound of every row's sparsity"
@@ -407,9 +411,10 @@ class TrimConfig:
             and (self.metric not in GRAM_LAYER_METRICS or self.dim_metric not in GRAM_DIM_METRICS)
         ):
             raise ConfigError(
-                f"--trim-metric {self.metric} / --trim-dim-metric {self.dim_metric} need explicit outputs, which "
-                "--trim-inputs all does not keep: use --trim-inputs sample:N or last-token, or a Gram metric "
-                f"({', '.join(GRAM_LAYER_METRICS)} / {', '.join(GRAM_DIM_METRICS)})"
+                f"--trim-metric {self.metric} / --trim-dim-metric {self.dim_metric} need "
+                "explicit outputs, which --trim-inputs all does not keep: use --trim-inputs "
+                f"sample:N or last-token, or a Gram metric ({', '.join(GRAM_LAYER_METRICS)} / "
+                f"{', '.join(GRAM_DIM_METRICS)})"
             )
         _in_range(
             self.iterations,
@@ -444,8 +449,8 @@ class TrimConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How the work is laid out and kept; results do not depend on it beyond floating-point summation order
-    (a resumed run gives the uninterrupted run's masks and weights exactly)."""
+    """How the work is laid out and kept; results do not depend on it beyond floating-point
+    summation order (a resumed run gives the uninterrupted run's masks and weights exactly)."""
 
     batch_size: int = option(
         0, "batch_size", "calibration sequences per forward (0 = from free memory)"
@@ -488,8 +493,8 @@ class RunConfig:
         _check_types(self)
         if self.offload == "disk" and self.checkpoint_dir:
             raise ConfigError(
-                "--checkpoint-dir is not supported with --offload disk (the pruned blocks go straight "
-                "to --output): use --offload cpu, or leave --checkpoint-dir out"
+                "--checkpoint-dir is not supported with --offload disk (the pruned blocks go "
+                "straight to --output): use --offload cpu, or leave --checkpoint-dir out"
             )
         _in_range(
             self.batch_size,
@@ -498,7 +503,8 @@ class RunConfig:
         )
         if self.resume and not self.checkpoint_dir:
             raise ConfigError(
-                "--resume needs --checkpoint-dir DIR: the folder of the interrupted run's checkpoint"
+                "--resume needs --checkpoint-dir DIR: the folder of the interrupted run's "
+                "checkpoint"
             )
         if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
             raise ConfigError(
@@ -508,8 +514,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """`--allocation search`: Optuna's TPE over allocation rules and free depth profiles, scored on held-out
-    calibration sequences; the held-out objective also decides `--trim-guard model`."""
+    """`--allocation search`: Optuna's TPE over allocation rules and free depth profiles, scored on
+    held-out calibration sequences; the held-out objective also decides `--trim-guard model`."""
 
     space: str = option(
         "rules,free",
@@ -556,7 +562,8 @@ class SearchConfig:
         _in_range(
             self.space,
             not bad and bool(parts),
-            f"--search-space {self.space!r} is unknown: use a comma list of {', '.join(SEARCH_SPACES)}",
+            f"--search-space {self.space!r} is unknown: use a comma list of "
+            f"{', '.join(SEARCH_SPACES)}",
         )
         _in_range(
             self.space,
@@ -626,6 +633,21 @@ class PruneConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self):
+        self._expand_parts()
+        nm = parse_nm(self.mask_structure) if isinstance(self.mask_structure, str) else None
+        if self.sparsity is None and not self.allocation.method.startswith("file:"):
+            object.__setattr__(self, "sparsity", nm[0] / nm[1] if nm else 0.5)
+        _check_types(self)
+        s = self.sparsity
+        if s is not None and (
+            math.isnan(s) or not (0.0 <= s < 1.0)
+        ):  # None: an allocation file's own mean
+            raise ConfigError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
+        self._check_combinations()
+        if nm is not None:
+            self._check_mask_structure(nm, s)
+
+    def _expand_parts(self) -> None:
         for name, (cls, short) in PARTS.items():  # shorthands: scorer="wanda", trim=True, {...}
             v = getattr(self, name)
             if isinstance(v, dict):
@@ -641,15 +663,8 @@ class PruneConfig:
                 if short is None:
                     raise ConfigError(f"{name} {_shown(v)} must be a {cls.__name__}")
                 object.__setattr__(self, name, cls(**{short: v}))
-        nm = parse_nm(self.mask_structure) if isinstance(self.mask_structure, str) else None
-        if self.sparsity is None and not self.allocation.method.startswith("file:"):
-            object.__setattr__(self, "sparsity", nm[0] / nm[1] if nm else 0.5)
-        _check_types(self)
-        s = self.sparsity
-        if s is not None and (
-            math.isnan(s) or not (0.0 <= s < 1.0)
-        ):  # None: an allocation file's own mean
-            raise ConfigError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
+
+    def _check_combinations(self) -> None:
         if (
             self.trim.guard == "model"
             and not self.trim.enabled
@@ -664,9 +679,9 @@ class PruneConfig:
             )
         if self.run.checkpoint_dir and self.allocation.method == "search":
             raise ConfigError(
-                "--checkpoint-dir cannot be combined with --allocation search (its trials prune the "
-                "whole model again and again): a search resumes from its --search-storage, e.g. "
-                "sqlite:///study.db; to checkpoint the final prune, prune with the search's "
+                "--checkpoint-dir cannot be combined with --allocation search (its trials prune "
+                "the whole model again and again): a search resumes from its --search-storage, "
+                "e.g. sqlite:///study.db; to checkpoint the final prune, prune with the search's "
                 "allocation.json through --allocation file:PATH --checkpoint-dir DIR"
             )
         if self.run.offload == "disk" and (
@@ -687,11 +702,12 @@ class PruneConfig:
                 "--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
                 "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out"
             )
-        if nm is None:
-            return
+
+    def _check_mask_structure(self, nm: tuple[int, int], s: float | None) -> None:
         if s is not None and abs(s - nm[0] / nm[1]) > 1e-9:
             raise ConfigError(
-                f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the weights but "
+                f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the "
+                "weights but "
                 f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)"
             )
         if self.trim.enabled:
@@ -729,8 +745,8 @@ class PruneConfig:
 
     @property
     def holdout(self) -> int | None:
-        """The held-out calibration sequences (the last ones) of a search or of `--trim-guard model`; None
-        when every sequence goes to the statistics."""
+        """The held-out calibration sequences (the last ones) of a search or of `--trim-guard
+        model`; None when every sequence goes to the statistics."""
         if self.allocation.method != "search" and self.trim.guard != "model":
             return None
         return self.search.holdout_for(self.calib.nsamples)
@@ -750,7 +766,8 @@ class PruneConfig:
 
     @classmethod
     def from_flat(cls, data: dict[str, Any]) -> PruneConfig:
-        """A config from flat names (recipe keys / CLI destinations: `trim_inputs`, `nsamples`, ...)."""
+        """A config from flat names (recipe keys / CLI destinations: `trim_inputs`, `nsamples`,
+        ...)."""
         fields = cls.flat_fields()
         top, parts = {}, {p: {} for p in PARTS}
         for k, v in data.items():
@@ -784,8 +801,8 @@ class PruneConfig:
 
     @classmethod
     def flat_of(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """The flat names and values of a nested (`trim: {inputs: all}`) or flat (`trim_inputs: all`)
-        mapping, or a mix; unknown keys are an error."""
+        """The flat names and values of a nested (`trim: {inputs: all}`) or flat (`trim_inputs:
+        all`) mapping, or a mix; unknown keys are an error."""
         if not isinstance(data, dict):
             raise ConfigError(
                 f"a recipe must be a mapping of PruneConfig fields, got {type(data).__name__}"
@@ -825,8 +842,8 @@ class PruneConfig:
 
     @classmethod
     def recipe_flat(cls, path_or_text: str | Path) -> dict[str, Any]:
-        """The flat names and values a YAML recipe (a file, or the text itself) gives, before defaults: what
-        it sets and nothing else (the command line puts its flags on top)."""
+        """The flat names and values a YAML recipe (a file, or the text itself) gives, before
+        defaults: what it sets and nothing else (the command line puts its flags on top)."""
         p = Path(path_or_text)
         if isinstance(path_or_text, Path) or (
             len(str(path_or_text)) < 4096 and "\n" not in str(path_or_text)
@@ -844,11 +861,11 @@ class PruneConfig:
             except UnicodeDecodeError:
                 raise InputFileError(
                     f"--recipe {str(path_or_text)!r} is not UTF-8 text: give a YAML file"
-                )
+                ) from None
             except OSError as e:
                 raise InputFileError(
                     f"--recipe {str(path_or_text)!r} cannot be read ({e.strerror or e})"
-                )
+                ) from e
         else:
             text = str(path_or_text)
         try:
@@ -860,7 +877,9 @@ class PruneConfig:
             RecursionError,
         ) as e:  # a date like 2024-13-01: ValueError
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputFileError(f"recipe {str(path_or_text)[:80]!r} is not valid YAML: {first}")
+            raise InputFileError(
+                f"recipe {str(path_or_text)[:80]!r} is not valid YAML: {first}"
+            ) from e
         return cls.flat_of({} if data is None else data)
 
     @classmethod

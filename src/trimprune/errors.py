@@ -13,16 +13,18 @@ class ConfigError(TrimpruneError):
 
 
 class InputFileError(TrimpruneError):
-    """A calibration, evaluation, allocation or recipe file that is missing, unreadable or malformed."""
+    """A calibration, evaluation, allocation or recipe file that is missing, unreadable or
+    malformed."""
 
 
 class ModelSourceError(TrimpruneError):
-    """A --model / --gguf-file that is not a loadable model: a missing path, a folder without config.json, a
-    hub id that cannot be reached."""
+    """A --model / --gguf-file that is not a loadable model: a missing path, a folder without
+    config.json, a hub id that cannot be reached."""
 
 
 class OutputError(TrimpruneError):
-    """An output location that cannot be written, or that --overwrite may not replace (`io.export`)."""
+    """An output location that cannot be written, or that --overwrite may not replace
+    (`io.export`)."""
 
 
 class NonFiniteError(TrimpruneError):

@@ -17,8 +17,8 @@ them in order:
 5. an allocation file parses and holds numbers in [0, 1) (`algo.allocation.read_allocation_file`);
    `--allocation search` has Optuna, and a `--search-storage` sqlite file can be written.
 
-Once the model is loaded, before any evaluation or calibration: the sequence lengths fit its context,
-a checkpoint to resume matches, and an allocation file matches its linears and `--sparsity`
+Once the model is loaded, before any evaluation or calibration: the sequence lengths fit its
+context, a checkpoint to resume matches, and an allocation file matches its linears and `--sparsity`
 (`algo.allocation.resolve_sparsity`). The dense model's outputs on the first calibration batch are
 checked before the first block is pruned (`session.check_dense_batch`).
 """
@@ -31,8 +31,8 @@ from trimprune.errors import OutputError
 
 
 def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
-    """Steps 2-5 for `trimprune prune` (the config is made and the evaluation flags checked already).
-    Returns the warnings to print (partial outputs of killed runs)."""
+    """Steps 2-5 for `trimprune prune` (the config is made and the evaluation flags checked
+    already). Returns the warnings to print (partial outputs of killed runs)."""
     from trimprune.algo.allocation.base import read_allocation_file
     from trimprune.calib.data import check_calibration_source
     from trimprune.io.evaluate import check_eval_sources
@@ -69,8 +69,8 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
 
 
 def check_search(search) -> None:
-    """`--allocation search`: Optuna is installed; an sqlite `--search-storage` names a file that can be
-    written (a new one in a folder that takes files)."""
+    """`--allocation search`: Optuna is installed; an sqlite `--search-storage` names a file that
+    can be written (a new one in a folder that takes files)."""
     import importlib.util
 
     from trimprune.errors import ConfigError
@@ -100,7 +100,8 @@ def check_eval_inputs(args, eval_data: dict[str, str]) -> None:
 
 
 def check_export_inputs(args) -> list[str]:
-    """`trimprune export`: RUN_DIR is a prune's output, OUT_DIR can be written. Returns the warnings."""
+    """`trimprune export`: RUN_DIR is a prune's output, OUT_DIR can be written. Returns the
+    warnings."""
     from trimprune.errors import InputFileError
     from trimprune.io.compact import COMPACT_FILE
     from trimprune.io.export import check_output_dir, handle_partial_outputs

@@ -1,5 +1,5 @@
-"""`--allocation search` and `--trim-guard model`: several prunes from one capture, judged on held-out
-calibration sequences.
+"""`--allocation search` and `--trim-guard model`: several prunes from one capture, judged on
+held-out calibration sequences.
 
 Both split the last `--search-holdout` sequences off the calibration set: the statistics (and OWL's
 outlier ratios) see only the others, and the held-out ones score a pruned model, by
@@ -7,26 +7,26 @@ KL(dense || pruned) per predicted token (`--search-objective kl`; the dense log-
 computed once, before any pruning, and kept in the model's dtype: holdout x (seqlen - 1) x vocab
 values, on the compute device, in host memory with `--offload`) or by the NLL of the next token.
 
-The search (Optuna's TPE, `--search-trials`, `--search-timeout`, `--search-seed`, `--search-storage`,
-`--search-study`) runs its trials here, in one process (`torchrun` is refused: several processes search
-together as Optuna intends, as independent single-process searches sharing one `--search-storage`, and
-the winner's allocation.json then prunes under torchrun with `--allocation file:PATH`): the block inputs are
-captured once (`api.Session`), the dense weights of the prunable linears are copied to host memory once
-(as much memory as those weights), and every trial restores them, builds its allocation
-(`algo.allocation.search`), walks the blocks through `prune_block` and measures the held-out objective. A
-trial that raises or gives a non-finite objective is told to Optuna as pruned and the search goes on.
-OWL's outlier ratios come from one dense walk for every M of the grid (before the first trial), and
-AlphaPruning's metrics from the weights (cached per model). A new study's first trials are uniform and
-OWL / AlphaPruning / ATP with the config's parameters (`algo.allocation.search.warm_starts`). The best
-trial's allocation is then applied (a last prune; with `--trim-guard model` and TRIM, guarded as below)
-and measured again.
+The search (Optuna's TPE, `--search-trials`, `--search-timeout`, `--search-seed`,
+`--search-storage`, `--search-study`) runs its trials here, in one process (`torchrun` is refused:
+several processes search together as Optuna intends, as independent single-process searches sharing
+one `--search-storage`, and the winner's allocation.json then prunes under torchrun with
+`--allocation file:PATH`): the block inputs are captured once (`api.Session`), the dense weights of
+the prunable linears are copied to host memory once (as much memory as those weights), and every
+trial restores them, builds its allocation (`algo.allocation.search`), walks the blocks through
+`prune_block` and measures the held-out objective. A trial that raises or gives a non-finite
+objective is told to Optuna as pruned and the search goes on. OWL's outlier ratios come from one
+dense walk for every M of the grid (before the first trial), and AlphaPruning's metrics from the
+weights (cached per model). A new study's first trials are uniform and OWL / AlphaPruning / ATP with
+the config's parameters (`algo.allocation.search.warm_starts`). The best trial's allocation is then
+applied (a last prune; with `--trim-guard model` and TRIM, guarded as below) and measured again.
 
 `--trim-guard model`: the same allocation is pruned without and with TRIM from the same captured
-activations, and the model with the lower held-out objective is kept (TRIM on ties), so TRIM is never
-worse than its scorer alone on that objective; both objectives go to report.json.
+activations, and the model with the lower held-out objective is kept (TRIM on ties), so TRIM is
+never worse than its scorer alone on that objective; both objectives go to report.json.
 
-Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna storage
-instead, and its allocation.json can be pruned again with a checkpoint.
+Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna
+storage instead, and its allocation.json can be pruned again with a checkpoint.
 """
 
 from __future__ import annotations
@@ -61,15 +61,16 @@ def _optuna():
     except ImportError:
         raise TrimpruneError(
             "--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
-        )
+        ) from None
     return optuna
 
 
-# ------------------------------------------------------------------------------------------ objective
+# ------------------------------------------------------------------------------------------
+# objective
 class Holdout:
-    """The held-out objective of `model`: `measure()` -> {"nll": ..., "kl": ...} per predicted token of the
-    sequences `ids` (KL only when the dense log-probabilities were kept, i.e. for the objective kl). Made
-    while the model is dense (the dense pass happens here)."""
+    """The held-out objective of `model`: `measure()` -> {"nll": ..., "kl": ...} per predicted token
+    of the sequences `ids` (KL only when the dense log-probabilities were kept, i.e. for the
+    objective kl). Made while the model is dense (the dense pass happens here)."""
 
     def __init__(
         self,
@@ -140,8 +141,8 @@ class Holdout:
 
 # ------------------------------------------------------------------------------------------ rules
 class _Sources:
-    """OWL's outlier ratios (every M of the grid from one dense walk) and AlphaPruning's metrics, computed
-    once while the model is dense (`algo.allocation.search.RuleSources`)."""
+    """OWL's outlier ratios (every M of the grid from one dense walk) and AlphaPruning's metrics,
+    computed once while the model is dense (`algo.allocation.search.RuleSources`)."""
 
     def __init__(self, session: Session, config: PruneConfig):
         self.session, self.config = session, config
@@ -162,7 +163,8 @@ class _Sources:
         return self.metrics
 
     def profiles(self, config: PruneConfig, numels, block_of) -> dict[str, list[float]]:
-        """Per-block sparsities of the closed-form allocations with the config's parameters (for the plot)."""
+        """Per-block sparsities of the closed-form allocations with the config's parameters (for the
+        plot)."""
         from trimprune.algo.allocation.alphapruning import alpha_from_metrics
 
         a, s = config.allocation, config.sparsity
@@ -199,8 +201,9 @@ def guarded(
     allocation: Allocation,
     holdout: Holdout,
 ) -> tuple[PruneResult, dict, dict | None]:
-    """Prune with `allocation` from the dense weights; with TRIM and `--trim-guard model`, without TRIM too,
-    keeping the lower held-out objective. Returns (result, its held-out metrics, the guard's record)."""
+    """Prune with `allocation` from the dense weights; with TRIM and `--trim-guard model`, without
+    TRIM too, keeping the lower held-out objective. Returns (result, its held-out metrics, the
+    guard's record)."""
     if not (config.trim.enabled and config.trim.guard == "model"):
         res = _prune(session, config, allocation)
         return res, holdout.measure(), None
@@ -264,8 +267,8 @@ def _trial_record(t) -> dict:
 
 
 def _open(model, tokenizer, config: PruneConfig, calibration, **kwargs) -> tuple[Session, int]:
-    """A session whose last calibration sequences are held out (the block safeguard's subset captured
-    when any prune may need it), and the number of calibration sequences."""
+    """A session whose last calibration sequences are held out (the block safeguard's subset
+    captured when any prune may need it), and the number of calibration sequences."""
     n = (
         config.calib.nsamples
         if calibration is None
@@ -301,7 +304,8 @@ def _held_out(
         res = prunes(session, holdout)
         res.timings.update(timings)
         res.notes.append(
-            f"the last {holdout.holdout_sequences} of the {n} calibration sequences were held out for "
+            f"the last {holdout.holdout_sequences} of the {n} calibration sequences were held out "
+            "for "
             f"the {holdout.kind} objective; the statistics use the first {session.ids.shape[0]}"
         )
         return res
@@ -349,9 +353,9 @@ def search_prune(
     profile: str = "time",
     on_trial: Callable | None = None,
 ) -> PruneResult:
-    """`prune` for `--allocation search` (see the module's docstring). `on_trial(number, params, value,
-    metrics, model)`: called after every completed trial, the trial's pruned model in place (benchmarks
-    evaluate it)."""
+    """`prune` for `--allocation search` (see the module's docstring). `on_trial(number, params,
+    value, metrics, model)`: called after every completed trial, the trial's pruned model in place
+    (benchmarks evaluate it)."""
     optuna = _optuna()
 
     def prunes(session: Session, holdout: Holdout) -> PruneResult:
@@ -380,21 +384,7 @@ def _search(
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=sc.seed, multivariate=True, group=True)
-        study = optuna.create_study(
-            storage=sc.storage,
-            sampler=sampler,
-            study_name=name,
-            direction="minimize",
-            load_if_exists=True,
-        )
-        if not study.get_trials(
-            deepcopy=False
-        ):  # a new study starts from uniform and the rules as configured
-            for params in warm_starts(spaces, config.allocation, config.trim.enabled):
-                study.enqueue_trial(params, skip_if_exists=True)
+        study = _open_study(optuna, sc, name, spaces, config)
         trials = _trials(
             optuna, study, session, config, holdout, sources, numels, block_of, on_trial
         )
@@ -451,6 +441,25 @@ def _search(
         f"{best.value:.6g}; final model {holdout.value(final):.6g}"
     )
     return res
+
+
+def _open_study(optuna, sc, name: str, spaces, config: PruneConfig):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=sc.seed, multivariate=True, group=True)
+    study = optuna.create_study(
+        storage=sc.storage,
+        sampler=sampler,
+        study_name=name,
+        direction="minimize",
+        load_if_exists=True,
+    )
+    if not study.get_trials(
+        deepcopy=False
+    ):  # a new study starts from uniform and the rules as configured
+        for params in warm_starts(spaces, config.allocation, config.trim.enabled):
+            study.enqueue_trial(params, skip_if_exists=True)
+    return study
 
 
 def _trials(

@@ -46,7 +46,8 @@ from trimprune.io.resume import ResumeState, precheck
 
 @dataclass
 class PruneResult:
-    """What `prune` did: per-linear records, the allocation, masks, timings and the block safeguard."""
+    """What `prune` did: per-linear records, the allocation, masks, timings and the block
+    safeguard."""
 
     config: PruneConfig
     layers: dict[str, LinearRecord]  # full linear name -> record, in model order
@@ -111,9 +112,9 @@ def activations_fit(
     device: torch.device,
     dtype: torch.dtype,
 ) -> bool:
-    """With offload: whether the hidden-state streams (each block's inputs and outputs of this rank's
-    calibration sequences, and the block safeguard's four subset streams) fit in half of the free GPU
-    memory, after room for two blocks (the current one and the one copied ahead)."""
+    """With offload: whether the hidden-state streams (each block's inputs and outputs of this
+    rank's calibration sequences, and the block safeguard's four subset streams) fit in half of the
+    free GPU memory, after room for two blocks (the current one and the one copied ahead)."""
     if device.type != "cuda":
         return True
     per_token = adapter.hidden_size() * torch.finfo(dtype).bits // 8
@@ -138,9 +139,10 @@ def _as_ids(calibration) -> torch.Tensor:
 
 
 class _Records:
-    """The blocks' deferred records, resolved in block order as their host copies complete (and reported
-    to `blocks`: the JSON line of each block). In a data-parallel run every block's records are gathered
-    from the ranks that decided its linears as soon as it is done (every rank then holds all records)."""
+    """The blocks' deferred records, resolved in block order as their host copies complete (and
+    reported to `blocks`: the JSON line of each block). In a data-parallel run every block's records
+    are gathered from the ranks that decided its linears as soon as it is done (every rank then
+    holds all records)."""
 
     def __init__(self, blocks: BlockProgress, ranks: Ranks, order: Callable[[int], list[str]]):
         self.blocks, self.ranks, self.order = blocks, ranks, order
@@ -171,7 +173,8 @@ class _Records:
 
 
 def _placed(streams: Streams, sizes: list[int], captured, ex) -> Streams:
-    """Streams read from a checkpoint, split like this run's batches and stored like its captured inputs."""
+    """Streams read from a checkpoint, split like this run's batches and stored like its captured
+    inputs."""
     main = streams.main
     if [m.shape[0] for m in main] != sizes:
         main = list(torch.cat(main).split(sizes[0], 0))
@@ -203,8 +206,8 @@ def _walk(
     timings: dict | None = None,
 ) -> _Records:
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
-    copies complete. With a checkpoint, blocks it holds are restored (weights, masks, records) and the
-    walk starts after them; every finished block is committed to it."""
+    copies complete. With a checkpoint, blocks it holds are restored (weights, masks, records) and
+    the walk starts after them; every finished block is committed to it."""
     blocks = progress.blocks(
         adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}"
     )
@@ -272,11 +275,11 @@ def _walk(
 
 
 def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload, ex) -> None:
-    """Before any weight changes: the dense model's blocks on the first calibration batch, every block's
-    outputs checked (`core.finite.check_walk_step`). Activations that overflow (float16's range is
-    65504) stop the run here, before the first block is pruned, with the error naming the block and
-    the dtype to use; one batch through the blocks is all it costs (with --offload disk, one more read of
-    the blocks)."""
+    """Before any weight changes: the dense model's blocks on the first calibration batch, every
+    block's outputs checked (`core.finite.check_walk_step`). Activations that overflow (float16's
+    range is 65504) stop the run here, before the first block is pruned, with the error naming the
+    block and the dtype to use; one batch through the blocks is all it costs (with --offload disk,
+    one more read of the blocks)."""
     first = dataclasses.replace(captured, hidden=captured.hidden[:1], subset=None)
     try:
         with ex.phase("dense check"):
@@ -297,22 +300,24 @@ def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload, ex) ->
 
 # ------------------------------------------------------------------------------------------ checks
 def refuse_several_processes(config: PruneConfig, ranks: Ranks) -> None:
-    """A search and `--trim-guard model` run in one process: under torchrun, a one-line error on every
-    rank (before any collective, so no rank waits for another). Several processes search together as
-    Optuna intends: independent single-process searches sharing one `--search-storage`."""
+    """A search and `--trim-guard model` run in one process: under torchrun, a one-line error on
+    every rank (before any collective, so no rank waits for another). Several processes search
+    together as Optuna intends: independent single-process searches sharing one
+    `--search-storage`."""
     if not ranks.parallel:
         return
     if config.allocation.method == "search":
         raise TrimpruneError(
-            f"--allocation search runs in one process, not under torchrun ({ranks.world} processes): "
+            f"--allocation search runs in one process, not under torchrun ({ranks.world} "
+            "processes): "
             "to search with several processes, start several single-process searches that share "
             "one --search-storage (e.g. sqlite:///study.db; the same config gives the same study), "
             "then prune with the best allocation.json under torchrun through --allocation file:PATH"
         )
     if config.trim.guard == "model":
         raise TrimpruneError(
-            f"--trim-guard model runs in one process, not under torchrun ({ranks.world} processes): "
-            "run it in one process, or use --trim-guard block under torchrun"
+            f"--trim-guard model runs in one process, not under torchrun ({ranks.world} "
+            "processes): run it in one process, or use --trim-guard block under torchrun"
         )
 
 
@@ -370,8 +375,8 @@ def _checked(config: PruneConfig | Checked, model: nn.Module, sampling: bool) ->
 # ------------------------------------------------------------------------------------------ inputs
 @dataclass
 class RunInputs:
-    """The resolved inputs of one prune: where it computes, what it calibrates on, how it batches, the
-    resume state and the executor. Made once by `resolve_inputs`; a `Session` prunes with it."""
+    """The resolved inputs of one prune: where it computes, what it calibrates on, how it batches,
+    the resume state and the executor. Made once by `resolve_inputs`; a `Session` prunes with it."""
 
     adapter: ModelAdapter
     device: torch.device
@@ -396,13 +401,14 @@ def _compute_device(model: nn.Module, config: PruneConfig, device) -> torch.devi
 
 
 def _split_holdout(ids: torch.Tensor, holdout: int, ranks: Ranks):
-    """(sequences to prune with, the last `holdout` held out or None), each rank given one or more."""
+    """(sequences to prune with, the last `holdout` held out or None), each rank given one or
+    more."""
     held = None
     if holdout:
         if holdout >= ids.shape[0]:
             raise TrimpruneError(
-                f"--search-holdout {holdout} leaves none of the {ids.shape[0]} calibration sequences "
-                "to prune with: use more --nsamples or a smaller --search-holdout"
+                f"--search-holdout {holdout} leaves none of the {ids.shape[0]} calibration "
+                "sequences to prune with: use more --nsamples or a smaller --search-holdout"
             )
         ids, held = ids[: ids.shape[0] - holdout], ids[ids.shape[0] - holdout :]
     if ids.shape[0] < ranks.world:
@@ -414,7 +420,8 @@ def _split_holdout(ids: torch.Tensor, holdout: int, ranks: Ranks):
 
 
 def _open_resume(config: PruneConfig, adapter, ids, dev, ranks: Ranks, progress: Progress):
-    """The resume state of `config.run.checkpoint_dir` checked against this run, and what it says."""
+    """The resume state of `config.run.checkpoint_dir` checked against this run, and what it
+    says."""
     if not config.run.checkpoint_dir:
         return None, []
     if ranks.parallel:
@@ -523,9 +530,9 @@ class Session:
         holdout: int = 0,
         guard_subset: bool | None = None,
     ) -> Session:
-        """`resolve_inputs`, then the capture of the block inputs and the dense check. `holdout`: the
-        last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether to
-        capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
+        """`resolve_inputs`, then the capture of the block inputs and the dense check. `holdout`:
+        the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether
+        to capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
         inputs = resolve_inputs(
             model,
             tokenizer,
@@ -595,7 +602,8 @@ class Session:
         self.dense = {k: m.weight.data.to("cpu", copy=True) for k, m in self.linears().items()}
 
     def restore(self) -> None:
-        """The weights of `snapshot` back into the model (in place: offloaded blocks keep their pinned memory)."""
+        """The weights of `snapshot` back into the model (in place: offloaded blocks keep their
+        pinned memory)."""
         if self.dense is None:
             raise RuntimeError("Session.restore() needs a snapshot() first")
         for k, m in self.linears().items():
@@ -603,9 +611,9 @@ class Session:
 
     # ------------------------------------------------------------------ prunes
     def allocate(self, config: PruneConfig) -> Allocation:
-        """The allocation `config.allocation` names (OWL walks the captured activations through the model,
-        which must be dense then); a resumed run's is the one its checkpoint saved. In a data-parallel run,
-        rank 0's."""
+        """The allocation `config.allocation` names (OWL walks the captured activations through the
+        model, which must be dense then); a resumed run's is the one its checkpoint saved. In a
+        data-parallel run, rank 0's."""
         t0 = time.perf_counter()
         with self.ex.phase("allocation"):
             allocation = self.resume.allocation() if self.resume is not None else None
@@ -621,9 +629,9 @@ class Session:
         return allocation
 
     def run(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
-        """Prune the model in place with `allocation` (the walk of `prune_block` over the captured inputs).
-        With a checkpoint: the allocation is saved first (unless the checkpoint holds it), blocks it holds
-        are restored instead of pruned, and every finished block is committed."""
+        """Prune the model in place with `allocation` (the walk of `prune_block` over the captured
+        inputs). With a checkpoint: the allocation is saved first (unless the checkpoint holds it),
+        blocks it holds are restored instead of pruned, and every finished block is committed."""
         ex, resume = self.ex, self.resume
         if (resume is not None or self.storage is not None) and (
             self.runs or config != self.config
@@ -712,8 +720,8 @@ def _resume_notes(resume: ResumeState, config: PruneConfig, dev, progress: Progr
         k = resume.last_block
         rest = f"blocks {k + 1}..{n - 1} pruned now" if k + 1 < n else "none left to prune"
         notes.append(
-            f"resumed from the checkpoint in {where}: blocks 0..{k} of {n} restored (pruned by an earlier "
-            f"process), {rest}; timings cover this process only"
+            f"resumed from the checkpoint in {where}: blocks 0..{k} of {n} restored (pruned by "
+            f"an earlier process), {rest}; timings cover this process only"
         )
         if (
             config.run.batch_size
@@ -721,7 +729,8 @@ def _resume_notes(resume: ResumeState, config: PruneConfig, dev, progress: Progr
             and config.run.batch_size != resume.batch_size
         ):
             notes.append(
-                f"--batch-size {config.run.batch_size} differs from the interrupted run's {resume.batch_size}: "
+                f"--batch-size {config.run.batch_size} differs from the interrupted run's "
+                f"{resume.batch_size}: "
                 "results equal an uninterrupted run up to floating-point summation order"
             )
         dnote = resume.note_device(dev)

@@ -2,9 +2,9 @@
 and sequences sampled from the model itself (`self`).
 
 Local data: `--calib-data PATH` / `--eval-data NAME=PATH`, or a folder laid out like the project's
-shared data (``c4/c4-train*.json*``, ``wikitext2-raw/test.jsonl``, ``ptb/ptb.test.txt`` ...) named by
-the environment variable TRIMPRUNE_DATA. Hub names are loaded through `datasets` when it is installed
-and the Hub is reachable; otherwise the error names the flag that takes a local file.
+shared data (``c4/c4-train*.json*``, ``wikitext2-raw/test.jsonl``, ``ptb/ptb.test.txt`` ...) named
+by the environment variable TRIMPRUNE_DATA. Hub names are loaded through `datasets` when it is
+installed and the Hub is reachable; otherwise the error names the flag that takes a local file.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def _existing_file(path: str | Path, flag: str) -> Path:
     p = Path(path)
     if p.is_dir():
         raise InputFileError(
-            f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet file "
-            f"inside it"
+            f"{flag} {str(path)!r} is a directory: give the path of a .txt, .jsonl or .parquet "
+            "file inside it"
         )
     if not p.is_file():
         raise InputFileError(
@@ -114,14 +114,14 @@ def _existing_file(path: str | Path, flag: str) -> Path:
     except OSError as e:
         raise InputFileError(
             f"{flag} {str(path)!r} cannot be read ({e.strerror or e}): check its permissions"
-        )
+        ) from e
     return p
 
 
 def _not_text(path, flag: str, e: UnicodeDecodeError) -> InputFileError:
     return InputFileError(
-        f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}): "
-        f"is it a binary file? {TEXT_HINT}"
+        f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start} is "
+        f"{e.object[e.start : e.start + 1]!r}): is it a binary file? {TEXT_HINT}"
     )
 
 
@@ -152,7 +152,7 @@ def _jsonl_rows(p: Path, field: str, flag: str, limit: int | None = None) -> lis
                     raise InputFileError(
                         f"{flag} {str(p)!r} line {ln} is not JSON: use one JSON object per line "
                         "or --calib-format txt"
-                    )
+                    ) from None
                 if not isinstance(obj, dict) or field not in obj:
                     raise InputFileError(
                         f"{flag} {str(p)!r} line {ln} has no {field!r} field: each line needs "
@@ -160,19 +160,19 @@ def _jsonl_rows(p: Path, field: str, flag: str, limit: int | None = None) -> lis
                     )
                 if not isinstance(obj[field], str):
                     raise InputFileError(
-                        f"{flag} {str(p)!r} line {ln}: its {field!r} is {type(obj[field]).__name__}, "
-                        "not a string of text"
+                        f"{flag} {str(p)!r} line {ln}: its {field!r} is "
+                        f"{type(obj[field]).__name__}, not a string of text"
                     )
                 rows.append(obj[field])
                 if limit is not None and len(rows) >= limit:
                     break
     except UnicodeDecodeError as e:
-        raise _not_text(p, flag, e)
+        raise _not_text(p, flag, e) from e
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise InputFileError(
-            f"{flag} {str(p)!r} cannot be read as {'gzip-compressed ' if opener is gzip.open else ''}"
-            f"JSON lines ({e}): {TEXT_HINT}"
-        )
+            f"{flag} {str(p)!r} cannot be read as "
+            f"{'gzip-compressed ' if opener is gzip.open else ''}JSON lines ({e}): {TEXT_HINT}"
+        ) from e
     return rows
 
 
@@ -183,13 +183,15 @@ def _parquet_file(p: Path, field: str, flag: str):
     except ImportError:
         raise InputFileError(
             f"{flag} {str(p)!r} is parquet, which needs pyarrow: `pip install pyarrow`"
-        )
+        ) from None
     try:
         pf = pq.ParquetFile(p)
         schema = pf.schema_arrow
     except (ArrowException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise InputFileError(f"{flag} {str(p)!r} is not a parquet file ({first}): {TEXT_HINT}")
+        raise InputFileError(
+            f"{flag} {str(p)!r} is not a parquet file ({first}): {TEXT_HINT}"
+        ) from e
     if field not in schema.names:
         raise InputFileError(
             f"{flag} {str(p)!r} has no column {field!r}: columns are {schema.names}"
@@ -214,7 +216,9 @@ def _parquet_rows(p: Path, field: str, flag: str, limit: int | None = None) -> l
             values = pf.read(columns=[field]).column(field).to_pylist()
     except (ArrowException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise InputFileError(f"{flag} {str(p)!r} cannot be read as parquet ({first}): {TEXT_HINT}")
+        raise InputFileError(
+            f"{flag} {str(p)!r} cannot be read as parquet ({first}): {TEXT_HINT}"
+        ) from e
     return ["" if x is None else str(x) for x in values]
 
 
@@ -226,17 +230,18 @@ def _text(p: Path, flag: str, limit: int | None = None) -> str:
     except OSError as e:
         raise InputFileError(
             f"{flag} {str(p)!r} cannot be read ({e.strerror or e}): check its permissions"
-        )
+        ) from e
     if b"\x00" in data:
         raise _binary(p, flag, data.index(b"\x00"))
     try:
         return codecs.getincrementaldecoder("utf-8")().decode(data, final=limit is None)
     except UnicodeDecodeError as e:
-        raise _not_text(p, flag, e)
+        raise _not_text(p, flag, e) from e
 
 
 def _has_text(p: Path, flag: str) -> bool:
-    """Whether a text file holds anything but whitespace (read in 1 MB pieces up to its first text)."""
+    """Whether a text file holds anything but whitespace (read in 1 MB pieces up to its first
+    text)."""
     dec = codecs.getincrementaldecoder("utf-8")()
     with open(p, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -244,15 +249,15 @@ def _has_text(p: Path, flag: str) -> bool:
                 if dec.decode(chunk).strip():
                     return True
             except UnicodeDecodeError as e:
-                raise _not_text(p, flag, e)
+                raise _not_text(p, flag, e) from e
     return False
 
 
 def probe_rows(
     path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data"
 ) -> None:
-    """Before the model loads: `path` is a readable file of its format whose first rows parse and hold
-    text (a text file: its first 64 KB are UTF-8 without NUL bytes, and it is not blank)."""
+    """Before the model loads: `path` is a readable file of its format whose first rows parse and
+    hold text (a text file: its first 64 KB are UTF-8 without NUL bytes, and it is not blank)."""
     p = _existing_file(path, flag)
     fmt = detect_format(p, fmt, flag)
     if fmt == "parquet":
@@ -271,8 +276,8 @@ def read_rows(
     path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data"
 ) -> list[str]:
     """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
-    txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines -> "").
-    A file that is empty, binary or not of its format is an `InputFileError` naming it."""
+    txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines ->
+    ""). A file that is empty, binary or not of its format is an `InputFileError` naming it."""
     p = _existing_file(path, flag)
     fmt = detect_format(p, fmt, flag)
     if fmt == "jsonl":
@@ -298,7 +303,7 @@ def hub_rows(name: str, split: str, flag: str) -> list[str]:
         raise TrimpruneError(
             f"{name} ({split}) is not available locally and the `datasets` package is not "
             f"installed: give a local file with {flag} or set {DATA_ENV}"
-        )
+        ) from None
     try:
         ds = datasets.load_dataset(repo, split=hsplit, **kw)
     except Exception as e:  # offline, missing, ...
@@ -306,7 +311,7 @@ def hub_rows(name: str, split: str, flag: str) -> list[str]:
         raise TrimpruneError(
             f"could not load {name} ({split}) from the Hub ({first}): give a local file "
             f"with {flag} or set {DATA_ENV}"
-        )
+        ) from e
     return [str(x) for x in ds[field]]
 
 
@@ -328,9 +333,9 @@ def dataset_rows(name: str, split: str, path: str | None, fmt: str | None, flag:
 
 
 def check_source(name: str, split: str, path: str | None, fmt: str | None, flag: str) -> str:
-    """Before the model loads: where the rows of data set `name` (`split`) will come from, checked: a
-    local file (given, or found under TRIMPRUNE_DATA) is probed (`probe_rows`); the Hub needs `datasets`
-    and a reachable Hub. Returns the file's path, or "hub"."""
+    """Before the model loads: where the rows of data set `name` (`split`) will come from, checked:
+    a local file (given, or found under TRIMPRUNE_DATA) is probed (`probe_rows`); the Hub needs
+    `datasets` and a reachable Hub. Returns the file's path, or "hub"."""
     if path is None:
         local = find_local(name, split)
         path = str(local) if local is not None else None
@@ -354,8 +359,8 @@ def check_source(name: str, split: str, path: str | None, fmt: str | None, flag:
 
 
 def check_calibration_source(config: CalibConfig) -> str | None:
-    """Before the model loads: the calibration file (or the hub set) of `config` can be read; None for
-    `self`."""
+    """Before the model loads: the calibration file (or the hub set) of `config` can be read; None
+    for `self`."""
     if config.source == "self":
         return None
     return check_source(config.source, "train", config.data, config.format, "--calib-data")

@@ -1,4 +1,5 @@
-"""Compact checkpoints: every pruned weight as a bitmask plus its kept values (safetensors, no pickle).
+"""Compact checkpoints: every pruned weight as a bitmask plus its kept values (safetensors, no
+pickle).
 
 A compact directory holds what `save_pretrained` writes besides the weights (config.json,
 generation_config.json) and the tokenizer files, unchanged, and instead of model.safetensors:
@@ -11,9 +12,9 @@ generation_config.json) and the tokenizer files, unchanged, and instead of model
         metadata         format, the pruned parameters' shapes, tied parameters
 
 The stored entries are the non-zero ones, so W is rebuilt exactly, whatever zeros its kept weights
-hold. At sparsity s in float16 a pruned weight takes 1/16 + (1 - s) of its dense bytes (0.36 at 70 %).
-`load_pruned(DIR)` returns an ordinary transformers model; `trimprune export --dense` writes a plain
-Hugging Face directory from it.
+hold. At sparsity s in float16 a pruned weight takes 1/16 + (1 - s) of its dense bytes (0.36 at 70
+%). `load_pruned(DIR)` returns an ordinary transformers model; `trimprune export --dense` writes a
+plain Hugging Face directory from it.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ LOAD_FIX = "rerun the prune that wrote the folder, or restore it from a copy"
 def compact_tensors(
     state: dict[str, torch.Tensor], sparse: set[str]
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and metadata of `model.compact.safetensors` for a state dict whose parameters named in
-    `sparse` are stored as bitmask + values. Tensors that share storage (tied embeddings) are stored once."""
+    """The tensors and metadata of `model.compact.safetensors` for a state dict whose parameters
+    named in `sparse` are stored as bitmask + values. Tensors that share storage (tied embeddings)
+    are stored once."""
     out, shapes, tied, seen = {}, {}, {}, {}
     for name, t in state.items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
@@ -98,8 +100,8 @@ def save_compact(out: Path, model, tokenizer, sparse: set[str]) -> None:
 
 
 def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
-    """An ordinary transformers model from a trimprune output folder: a compact checkpoint is rebuilt
-    dense; a folder with model.safetensors loads as usual."""
+    """An ordinary transformers model from a trimprune output folder: a compact checkpoint is
+    rebuilt dense; a folder with model.safetensors loads as usual."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
@@ -126,8 +128,8 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(tied):
         raise TrimpruneError(
-            f"{str(path)!r} does not match its config: missing {sorted(set(missing) - set(tied))[:3]},"
-            f" unexpected {unexpected[:3]}"
+            f"{str(path)!r} does not match its config: missing "
+            f"{sorted(set(missing) - set(tied))[:3]}, unexpected {unexpected[:3]}"
         )
     if tied:
         model.tie_weights()

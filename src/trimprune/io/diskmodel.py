@@ -7,11 +7,11 @@ decoder blocks (embeddings, final norm, head) from the checkpoint. The blocks' p
 stages it (`exec.offload.StoredBlocks`: read ahead on a worker thread, installed into the block's
 modules while it is visited, dropped afterwards).
 
-While `prune` walks the blocks to prune them (`DiskBlocks.pruning`), each finished block is written to
-the output folder as its own shard (`io.shards.ShardWriter`) and later reads of that block (the
-evaluation of the pruned model) come from that shard; `finish` completes the folder. Reading by
-name needs the checkpoint's tensor names to be the model's state-dict names (as `save_pretrained`
-writes them; a checkpoint that transformers converts on load is refused with the fix).
+While `prune` walks the blocks to prune them (`DiskBlocks.pruning`), each finished block is written
+to the output folder as its own shard (`io.shards.ShardWriter`) and later reads of that block (the
+evaluation of the pruned model) come from that shard; `finish` completes the folder. Reading by name
+needs the checkpoint's tensor names to be the model's state-dict names (as `save_pretrained` writes
+them; a checkpoint that transformers converts on load is refused with the fix).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class StoredTensor:
 
 
 def local_checkpoint(target: str) -> Path:
-    """The local folder of `target` (a model folder, or a hub id fetched into the cache: its safetensors
-    and JSON files)."""
+    """The local folder of `target` (a model folder, or a hub id fetched into the cache: its
+    safetensors and JSON files)."""
     p = Path(target)
     if p.is_dir():
         return p
@@ -54,7 +54,7 @@ def local_checkpoint(target: str) -> Path:
         raise TrimpruneError(
             f"--model {target!r} could not be fetched for --offload disk ({first[:160]}): give a "
             "local model folder"
-        )
+        ) from e
 
 
 def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsCheckpoint:
@@ -80,8 +80,8 @@ def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsChe
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Put `value` in place of the parameter or buffer `name` (a new Parameter: a meta parameter's data
-    cannot be replaced by a host tensor)."""
+    """Put `value` in place of the parameter or buffer `name` (a new Parameter: a meta parameter's
+    data cannot be replaced by a host tensor)."""
     path, _, attr = name.rpartition(".")
     mod = model.get_submodule(path) if path else model
     if attr in mod._parameters:
@@ -92,9 +92,10 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class DiskBlocks:
-    """Where the parameters of a disk-offloaded model's decoder blocks are: in the checkpoint, or, once
-    the pruning walk has finished a block, in its shard of the output folder. Read and written on the
-    executor's I/O thread (`exec.offload.StoredBlocks`); `writes` is asked on the main thread."""
+    """Where the parameters of a disk-offloaded model's decoder blocks are: in the checkpoint, or,
+    once the pruning walk has finished a block, in its shard of the output folder. Read and written
+    on the executor's I/O thread (`exec.offload.StoredBlocks`); `writes` is asked on the main
+    thread."""
 
     def __init__(
         self,
@@ -122,7 +123,8 @@ class DiskBlocks:
                 if stored is None:
                     raise TrimpruneError(
                         f"the checkpoint in {str(source.folder)!r} has no tensor {full} (its names "
-                        f"differ from the model's, e.g. a layout transformers converts on load): {FIX}"
+                        "differ from the model's, e.g. a layout transformers converts on load): "
+                        f"{FIX}"
                     )
                 entries[local] = StoredTensor(stored, p.dtype, tuple(p.shape))
             self.params.append(entries)
@@ -156,8 +158,8 @@ class DiskBlocks:
     def read(
         self, index: int, empty: Callable[..., torch.Tensor] = torch.empty
     ) -> dict[str, torch.Tensor]:
-        """Block `index`'s parameters (names inside the block) as new host tensors of the model's dtypes, made by
-        `empty(shape, dtype=...)`."""
+        """Block `index`'s parameters (names inside the block) as new host tensors of the model's
+        dtypes, made by `empty(shape, dtype=...)`."""
         entries = self.params[index]
         return self.location[index].read(
             {k: t.stored for k, t in entries.items()},
@@ -170,15 +172,16 @@ class DiskBlocks:
         return self._pruning and self.writer is not None
 
     def write(self, index: int, state: dict[str, torch.Tensor]) -> None:
-        """Block `index`'s final state (names inside the block: parameters and persistent buffers) as its own
-        shard of the output, under the checkpoint's names; the block is read from there from now on."""
+        """Block `index`'s final state (names inside the block: parameters and persistent buffers)
+        as its own shard of the output, under the checkpoint's names; the block is read from there
+        from now on."""
         self.writer.write_block(index, {self.names[index][k]: v for k, v in state.items()})
         self.location[index] = self._output
 
     # ------------------------------------------------------------------ the output
     def write_to(self, folder: str | Path) -> None:
-        """Write the pruned blocks into `folder` (an empty, usually temporary, folder that the caller renames
-        into place at the end, e.g. `io.export.StagedDir`)."""
+        """Write the pruned blocks into `folder` (an empty, usually temporary, folder that the
+        caller renames into place at the end, e.g. `io.export.StagedDir`)."""
         self.writer = ShardWriter(folder, self.num_blocks)
         self._output = SafetensorsCheckpoint(
             Path(folder), self.writer.weight_map
@@ -193,8 +196,8 @@ class DiskBlocks:
             )
         if self.writer.written:
             raise TrimpruneError(
-                f"this model loaded with offload='disk' was pruned into {str(self.writer.folder)!r} "
-                "already: load it again to prune it again"
+                "this model loaded with offload='disk' was pruned into "
+                f"{str(self.writer.folder)!r} already: load it again to prune it again"
             )
 
     @contextlib.contextmanager
@@ -208,9 +211,9 @@ class DiskBlocks:
             self._pruning = False
 
     def rest_state(self) -> dict[str, torch.Tensor]:
-        """The model's tensors outside the blocks, as `save_pretrained` stores them: under the checkpoint's
-        names, a tensor shared by several names (tied embeddings) once, under its first name; non-persistent
-        buffers and the model's `_keys_to_ignore_on_save` left out."""
+        """The model's tensors outside the blocks, as `save_pretrained` stores them: under the
+        checkpoint's names, a tensor shared by several names (tied embeddings) once, under its first
+        name; non-persistent buffers and the model's `_keys_to_ignore_on_save` left out."""
         prefix = f"{self.blocks_name}."
         ignore = set(getattr(self.model, "_keys_to_ignore_on_save", None) or ())
         out, seen = {}, set()
@@ -225,15 +228,18 @@ class DiskBlocks:
         return out
 
     def finish(self, tokenizer=None) -> None:
-        """Complete the output folder: the rest of the model, the index, the configs and the tokenizer."""
+        """Complete the output folder: the rest of the model, the index, the configs and the
+        tokenizer."""
         self.writer.finish(self.rest_state(), self.model, tokenizer)
 
     def moved_to(self, folder: str | Path) -> None:
-        """The output folder was renamed to `folder` (committed): the pruned blocks are read from there."""
+        """The output folder was renamed to `folder` (committed): the pruned blocks are read from
+        there."""
         self.writer.folder = self._output.folder = Path(folder)
 
     def discard(self) -> None:
-        """Remove the written shards (the output keeps no model): the pruned blocks cannot be read again."""
+        """Remove the written shards (the output keeps no model): the pruned blocks cannot be read
+        again."""
         self.writer.discard()
         self.location = [_Discarded(self.writer.folder)] * self.num_blocks
 
@@ -257,9 +263,10 @@ def disk_storage(model: nn.Module) -> DiskBlocks | None:
 
 
 def _stored_names(model: nn.Module, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
-    """The model's state-dict name -> its name in the checkpoint, for the tensors transformers would load
-    as they are or renamed (its `WeightRenaming`s, a missing or extra base-model prefix: transformers 5's
-    own mapping where it has one); tensors it would convert (merge, split) are left out."""
+    """The model's state-dict name -> its name in the checkpoint, for the tensors transformers would
+    load as they are or renamed (its `WeightRenaming`s, a missing or extra base-model prefix:
+    transformers 5's own mapping where it has one); tensors it would convert (merge, split) are left
+    out."""
     state = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") or ""
     out = {}
@@ -290,7 +297,8 @@ def _stored_names(model: nn.Module, ckpt: SafetensorsCheckpoint) -> dict[str, st
 def load_disk_model(
     target: str, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str | None = None
 ):
-    """The model of `target` with its decoder blocks left in the checkpoint (see the module's docstring)."""
+    """The model of `target` with its decoder blocks left in the checkpoint (see the module's
+    docstring)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -331,8 +339,8 @@ def load_disk_model(
     ]
     if meta:
         raise TrimpruneError(
-            f"the checkpoint in {str(ckpt.folder)!r} has no tensor {meta[0]}: check the model folder, "
-            f"or {FIX}"
+            f"the checkpoint in {str(ckpt.folder)!r} has no tensor {meta[0]}: check the model "
+            f"folder, or {FIX}"
         )
     with contextlib.suppress(OSError, ValueError):
         model.generation_config = GenerationConfig.from_pretrained(target)
@@ -341,30 +349,31 @@ def load_disk_model(
 
 
 def check_disk_prune(model: nn.Module, config, ranks, sampling: bool) -> DiskBlocks | None:
-    """`prune`'s checks of `--offload disk` (one line each, before any work); the model's `DiskBlocks` or None."""
+    """`prune`'s checks of `--offload disk` (one line each, before any work); the model's
+    `DiskBlocks` or None."""
     storage = disk_storage(model)
     disk = config.run.offload == "disk"
     if storage is None:
         if disk:
             raise TrimpruneError(
-                "offload 'disk' prunes a model loaded with load_model(..., offload='disk') (its blocks "
-                "stay in the checkpoint): load it so, or use offload 'cpu'"
+                "offload 'disk' prunes a model loaded with load_model(..., offload='disk') (its "
+                "blocks stay in the checkpoint): load it so, or use offload 'cpu'"
             )
         return None
     if not disk:
         raise TrimpruneError(
-            "the model was loaded with offload='disk' (its blocks are not in memory): prune it with "
-            "offload 'disk'"
+            "the model was loaded with offload='disk' (its blocks are not in memory): prune it "
+            "with offload 'disk'"
         )
     if ranks.parallel:
         raise TrimpruneError(
-            "--offload disk is not supported with several processes (torchrun) yet: run one process, "
-            f"or {FIX}"
+            "--offload disk is not supported with several processes (torchrun) yet: run one "
+            f"process, or {FIX}"
         )
     if sampling and config.calib.source == "self":
         raise TrimpruneError(
-            "--calib self samples from the whole model, which --offload disk does not hold in memory: "
-            f"use another --calib, or {FIX}"
+            "--calib self samples from the whole model, which --offload disk does not hold in "
+            f"memory: use another --calib, or {FIX}"
         )
     storage.check_output()
     return storage

@@ -66,8 +66,9 @@ def nll_of_windows(
     progress=False,
     desc: str = "eval",
 ) -> tuple[float, int]:
-    """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1). In a data-parallel
-    run each rank evaluates its share of the windows and the sums are added over the ranks."""
+    """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1). In a
+    data-parallel run each rank evaluates its share of the windows and the sums are added over the
+    ranks."""
     ranks = Ranks.current()
     dev = torch.device(device) if device is not None else model_device(model)
     n_predicted = windows.shape[0] * (windows.shape[1] - 1)
@@ -112,9 +113,10 @@ def logits_batches(
     desc: str = "eval",
     ex=None,
 ):
-    """(ids on `dev`, logits) of every batch of token ids, in order. Offloaded: the blocks are walked one at
-    a time on `dev` over all batches (hidden states in host memory), then the model's own tail runs per
-    batch. `ex`: the executor of the walk (a prune's, to reuse its offload staging)."""
+    """(ids on `dev`, logits) of every batch of token ids, in order. Offloaded: the blocks are
+    walked one at a time on `dev` over all batches (hidden states in host memory), then the model's
+    own tail runs per batch. `ex`: the executor of the walk (a prune's, to reuse its offload
+    staging)."""
     if not batches:
         return
     storage = disk_storage(model)  # --offload disk: blocks read from the checkpoint or the output
@@ -173,8 +175,9 @@ EVAL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 
 
 def check_eval_sources(names: list[str], eval_data: dict[str, str] | None = None) -> None:
-    """Before the model loads: every evaluation set's file (given with --eval-data NAME=PATH, or found under
-    TRIMPRUNE_DATA) exists, can be read and its first rows parse; a set from the Hub needs a reachable Hub."""
+    """Before the model loads: every evaluation set's file (given with --eval-data NAME=PATH, or
+    found under TRIMPRUNE_DATA) exists, can be read and its first rows parse; a set from the Hub
+    needs a reachable Hub."""
     eval_data = eval_data or {}
     for name in names:
         if name == "self":
@@ -202,7 +205,8 @@ def prepare_eval_sets(
     seed: int = 0,
     progress=False,
 ) -> dict[str, dict]:
-    """Token windows for every evaluation set (done before pruning: `self` samples the dense model)."""
+    """Token windows for every evaluation set (done before pruning: `self` samples the dense
+    model)."""
     eval_data = eval_data or {}
     sets = {}
     for name in names:
@@ -249,8 +253,8 @@ def evaluate_sets(
     label: str = "the model",
 ) -> dict[str, dict]:
     """Mean NLL and perplexity per set. A perplexity that is not a finite number is never returned:
-    `NonFiniteError` names the set, `label` (which model) and, when they are to blame, the non-finite
-    weights."""
+    `NonFiniteError` names the set, `label` (which model) and, when they are to blame, the
+    non-finite weights."""
     out = {}
     for name, s in sets.items():
         t0 = time.perf_counter()

@@ -28,20 +28,22 @@ TMP_TAG, OLD_TAG = "tmp", "old"  # .NAME.tmp-PID-XXXX (being written), .NAME.old
 
 
 def probe_writable(folder: str | Path, what: str) -> None:
-    """Create and remove a file in `folder`: the one reliable test that it can be written (`os.access`
-    says yes to root for /proc, read-only mounts and full disks)."""
+    """Create and remove a file in `folder`: the one reliable test that it can be written
+    (`os.access` says yes to root for /proc, read-only mounts and full disks)."""
     try:
         fd, name = tempfile.mkstemp(prefix=".trimprune-probe-", dir=folder)
     except OSError as e:
         raise OutputError(
-            f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a writable folder"
-        )
+            f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a writable "
+            "folder"
+        ) from e
     try:
         os.write(fd, b"trimprune")
     except OSError as e:
         raise OutputError(
-            f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a folder with space"
-        )
+            f"{what}: cannot write into {str(folder)!r} ({e.strerror or e}): choose a folder with "
+            "space"
+        ) from e
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -49,8 +51,8 @@ def probe_writable(folder: str | Path, what: str) -> None:
 
 
 def trimprune_output(path: str | Path) -> str | None:
-    """ "prune" or "export" when `path` is a folder trimprune wrote (its report.json, or the marker of
-    `trimprune export`), else None."""
+    """ "prune" or "export" when `path` is a folder trimprune wrote (its report.json, or the marker
+    of `trimprune export`), else None."""
     p = Path(path)
     for name, kind in (("report.json", "prune"), (EXPORT_MARKER, "export")):
         f = p / name
@@ -73,15 +75,15 @@ def trimprune_output(path: str | Path) -> str | None:
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--output") -> Path:
-    """Before any work: `path` is new, an empty folder, or (with `overwrite`) a folder trimprune wrote;
-    its parent exists and a file can be made there."""
+    """Before any work: `path` is new, an empty folder, or (with `overwrite`) a folder trimprune
+    wrote; its parent exists and a file can be made there."""
     p = Path(path)
     if p.exists() or p.is_symlink():
         if not p.is_dir():
             if overwrite:
                 raise OutputError(
-                    f"{flag} {str(path)!r} is a file, not a folder trimprune wrote: --overwrite replaces "
-                    "only such folders; remove the file yourself or choose another path"
+                    f"{flag} {str(path)!r} is a file, not a folder trimprune wrote: --overwrite "
+                    "replaces only such folders; remove the file yourself or choose another path"
                 )
             raise OutputError(
                 f"{flag} {str(path)!r} already exists (a file): choose a new directory"
@@ -89,13 +91,14 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
         if any(p.iterdir()):
             if not overwrite:
                 raise OutputError(
-                    f"{flag} {str(path)!r} already exists: choose a new directory or add --overwrite"
+                    f"{flag} {str(path)!r} already exists: choose a new directory or add "
+                    "--overwrite"
                 )
             if trimprune_output(p) is None:
                 raise OutputError(
-                    f"{flag} {str(path)!r} is not empty and holds no trimprune report (report.json): "
-                    "--overwrite replaces only a folder that trimprune wrote; empty it yourself or "
-                    "choose another path"
+                    f"{flag} {str(path)!r} is not empty and holds no trimprune report "
+                    "(report.json): --overwrite replaces only a folder that trimprune wrote; "
+                    "empty it yourself or choose another path"
                 )
     parent = p.resolve().parent
     if not parent.is_dir():
@@ -107,8 +110,9 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
-    """Before any work: a file `path` (written or appended to at the end) can be written: not a folder, its
-    folder exists and a file can be made there, an existing file can be opened for appending."""
+    """Before any work: a file `path` (written or appended to at the end) can be written: not a
+    folder, its folder exists and a file can be made there, an existing file can be opened for
+    appending."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(
@@ -127,13 +131,13 @@ def check_output_file(path: str | Path, flag: str) -> Path:
         except OSError as e:
             raise OutputError(
                 f"{flag} {str(path)!r} cannot be written ({e.strerror or e}): choose another file"
-            )
+            ) from e
     return p
 
 
 def check_folder_writable(path: str | Path, flag: str) -> None:
-    """Before any work: a folder that is made when needed (`--checkpoint-dir`, `--alpha-cache-dir`) is a
-    folder, or can be made: its nearest existing ancestor is a writable folder."""
+    """Before any work: a folder that is made when needed (`--checkpoint-dir`, `--alpha-cache-dir`)
+    is a folder, or can be made: its nearest existing ancestor is a writable folder."""
     p = Path(path).resolve()
     if p.exists() and not p.is_dir():
         raise OutputError(f"{flag} {str(path)!r} is a file: give a folder")
@@ -142,7 +146,8 @@ def check_folder_writable(path: str | Path, flag: str) -> None:
         q = q.parent
     if not q.is_dir():
         raise OutputError(
-            f"{flag} {str(path)!r}: {str(q)!r} is a file, so the folder cannot be made: give another path"
+            f"{flag} {str(path)!r}: {str(q)!r} is a file, so the folder cannot be made: give "
+            "another path"
         )
     probe_writable(q, f"{flag} {str(path)!r}")
 
@@ -158,9 +163,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def partial_outputs(path: str | Path) -> list[Path]:
-    """The temporary folders beside `path` left by runs that were killed while writing it (their process
-    is gone): `.NAME.tmp-PID-*` (the output being written) and `.NAME.old-PID-*` (the previous output
-    being replaced)."""
+    """The temporary folders beside `path` left by runs that were killed while writing it (their
+    process is gone): `.NAME.tmp-PID-*` (the output being written) and `.NAME.old-PID-*` (the
+    previous output being replaced)."""
     p = Path(path).resolve()
     if not p.parent.is_dir():
         return []
@@ -194,8 +199,8 @@ def _human(n: int) -> str:
 
 
 def handle_partial_outputs(path: str | Path, remove: bool, flag: str = "--output") -> str | None:
-    """What to say about the partial outputs of killed runs beside `path` (None: there are none); with
-    `remove` (--overwrite) they are deleted first."""
+    """What to say about the partial outputs of killed runs beside `path` (None: there are none);
+    with `remove` (--overwrite) they are deleted first."""
     stale = partial_outputs(path)
     if not stale:
         return None
@@ -206,19 +211,23 @@ def handle_partial_outputs(path: str | Path, remove: bool, flag: str = "--output
     if remove:
         for x in stale:
             shutil.rmtree(x, ignore_errors=True)
-        return f"removed the partial output of an interrupted run beside {flag} {str(path)!r}: {names} ({size})"
+        return (
+            f"removed the partial output of an interrupted run beside {flag} {str(path)!r}: "
+            f"{names} ({size})"
+        )
     return (
-        f"a run writing {flag} {str(path)!r} was interrupted and left {names} ({size}) beside it: delete it, or "
-        "add --overwrite to have it removed"
+        f"a run writing {flag} {str(path)!r} was interrupted and left {names} ({size}) beside "
+        "it: delete it, or add --overwrite to have it removed"
     )
 
 
 class StagedDir:
-    """An output folder written over time: a temporary folder next to `path` (`tmp`) that `commit` renames
-    to `path` (replacing an existing one only with `overwrite`, and only a folder trimprune wrote) and
-    `discard` deletes (leaving the context discards it unless committed). No half-written `path` ever.
-    The temporary folder's name holds this process's id, so a run killed meanwhile is recognised later
-    (`partial_outputs`); any Python-level exit (an exception, KeyboardInterrupt, SystemExit) discards it."""
+    """An output folder written over time: a temporary folder next to `path` (`tmp`) that `commit`
+    renames to `path` (replacing an existing one only with `overwrite`, and only a folder trimprune
+    wrote) and `discard` deletes (leaving the context discards it unless committed). No half-written
+    `path` ever. The temporary folder's name holds this process's id, so a run killed meanwhile is
+    recognised later (`partial_outputs`); any Python-level exit (an exception, KeyboardInterrupt,
+    SystemExit) discards it."""
 
     def __init__(self, path: str | Path, overwrite: bool = False, flag: str = "--output"):
         self.path = check_output_dir(path, overwrite, flag)
@@ -229,9 +238,9 @@ class StagedDir:
             )
         except OSError as e:
             raise OutputError(
-                f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): choose "
-                "a writable folder"
-            )
+                f"{flag} {str(path)!r}: cannot write into {str(parent)!r} ({e.strerror or e}): "
+                "choose a writable folder"
+            ) from e
         self.committed = False
 
     def commit(self) -> None:
@@ -270,9 +279,10 @@ def atomic_dir(
     staged: StagedDir | None = None,
     flag: str = "--output",
 ):
-    """Yield a temporary directory next to `path` (`staged.tmp` when given: a folder written earlier);
-    on success rename it to `path` (replacing an existing one only with `overwrite`, and only a folder
-    trimprune wrote), on any failure or Python-level exit delete it. No half-written `path` ever."""
+    """Yield a temporary directory next to `path` (`staged.tmp` when given: a folder written
+    earlier); on success rename it to `path` (replacing an existing one only with `overwrite`, and
+    only a folder trimprune wrote), on any failure or Python-level exit delete it. No half-written
+    `path` ever."""
     staged = staged if staged is not None else StagedDir(path, overwrite, flag)
     try:
         yield staged.tmp
@@ -328,8 +338,8 @@ SAVE_FORMATS = ("dense", "compact")
 def save_model_dir(
     out: Path, model, tokenizer, save_format: str = "dense", sparse: set[str] = frozenset()
 ) -> None:
-    """A Hugging Face model directory ("dense"), or a compact one whose parameters named in `sparse` are
-    stored as bitmask + values (`compact.py`)."""
+    """A Hugging Face model directory ("dense"), or a compact one whose parameters named in `sparse`
+    are stored as bitmask + values (`compact.py`)."""
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):
@@ -368,9 +378,10 @@ def write_outputs(
     save_format: str = "dense",
     staged: StagedDir | None = None,
 ) -> Path:
-    """The output folder: model (dense or compact), masks, allocation, plots, report.json and report.md
-    (`report_md(report)` renders the Markdown once the plots are known). `staged`: the temporary folder
-    written since the prune started (`--offload disk`: the blocks' shards), completed and committed here."""
+    """The output folder: model (dense or compact), masks, allocation, plots, report.json and
+    report.md (`report_md(report)` renders the Markdown once the plots are known). `staged`: the
+    temporary folder written since the prune started (`--offload disk`: the blocks' shards),
+    completed and committed here."""
     from trimprune.io import plots
 
     with atomic_dir(path, overwrite, staged) as tmp:
@@ -403,7 +414,8 @@ def write_outputs(
 
 
 def write_export_marker(folder: Path, source: str | Path) -> None:
-    """The file that marks a `trimprune export` folder (so that a later --overwrite may replace it)."""
+    """The file that marks a `trimprune export` folder (so that a later --overwrite may replace
+    it)."""
     (folder / EXPORT_MARKER).write_text(
         json.dumps({"format": EXPORT_FORMAT, "source": str(source)}, indent=1) + "\n"
     )
@@ -424,7 +436,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise OutputError(
             f"--output {str(path)!r}: cannot write into {str(p.resolve().parent)!r} "
             f"({e.strerror or e}): choose a writable folder"
-        )
+        ) from e
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -13,11 +13,12 @@ module's own reader (not the `gguf` package's, which trusts the counts it reads)
     the file's bytes can hold), every key-value pair (key, value type, value; arrays of any type)
     and every tensor-info entry (name, dimensions, ggml type, offset) inside the file;
     general.alignment (a power of two; 32 when absent); every tensor's data (offset from the data
-    section, which starts at the header's end rounded up to the alignment; size from its type's block
-    size and bytes per block, and its shape) aligned, inside the file, and not overlapping another's.
+    section, which starts at the header's end rounded up to the alignment; size from its type's
+    block size and bytes per block, and its shape) aligned, inside the file, and not overlapping
+    another's.
 
-`check_safetensors_file(path)`: the 8-byte little-endian header length inside the file (at most
-100 MB, safetensors' own limit), a JSON object as the header, every tensor with a known dtype, a shape
+`check_safetensors_file(path)`: the 8-byte little-endian header length inside the file (at most 100
+MB, safetensors' own limit), a JSON object as the header, every tensor with a known dtype, a shape
 of non-negative integers and data_offsets [begin, end] whose length is numel x the dtype's size; the
 tensors, ordered by offset, tile the data section from 0 without gaps or overlaps, and the data
 section is exactly as long as the last tensor's end (safetensors' own rules).
@@ -40,7 +41,8 @@ from trimprune.errors import CorruptFileError
 GGUF_FIX = "download the file again (or restore it from its source)"
 MODEL_FIX = "download the model again (or restore the folder from its source)"
 
-# ----------------------------------------------------------------------------------------------- GGUF
+# -----------------------------------------------------------------------------------------------
+# GGUF
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
 GGUF_DEFAULT_ALIGNMENT = 32
@@ -97,7 +99,8 @@ GGML_BLOCKS = {
     40: (64, 36),
     41: (128, 18),
 }
-# the smallest a key-value pair (empty key, u8 value) and a tensor-info entry (empty name, no dims) take
+# the smallest a key-value pair (empty key, u8 value) and a tensor-info entry (empty name, no dims)
+# take
 _MIN_KV, _MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 4 + 8
 
 
@@ -119,7 +122,8 @@ class GGUFInfo:
 
 
 class _Reader:
-    """Little-endian reads from a buffer, each one refused when it would pass the end of the file."""
+    """Little-endian reads from a buffer, each one refused when it would pass the end of the
+    file."""
 
     def __init__(self, buf, size: int):
         self.buf, self.size, self.pos = buf, size, 0
@@ -127,7 +131,8 @@ class _Reader:
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise _Bad(
-                f"{what} at byte {self.pos} needs {n} bytes, the file ends at byte {self.size} (truncated?)"
+                f"{what} at byte {self.pos} needs {n} bytes, the file ends at byte {self.size} "
+                "(truncated?)"
             )
 
     def skip(self, n: int, what: str) -> None:
@@ -154,20 +159,23 @@ class _Reader:
         return s
 
     def skip_strings(self, count: int, what: str) -> None:
-        """`count` strings (u64 length + bytes) in a row: the vocabulary arrays, read without copies."""
+        """`count` strings (u64 length + bytes) in a row: the vocabulary arrays, read without
+        copies."""
         unpack, buf, size, pos = struct.unpack_from, self.buf, self.size, self.pos
         for i in range(count):
             if pos + 8 > size:
                 self.pos = pos
                 raise _Bad(
-                    f"{what} item {i} at byte {pos} runs past the end of the file at byte {size} (truncated?)"
+                    f"{what} item {i} at byte {pos} runs past the end of the file at byte {size} "
+                    "(truncated?)"
                 )
             n = unpack("<Q", buf, pos)[0]
             pos += 8 + n
             if pos > size:
                 self.pos = pos - n
                 raise _Bad(
-                    f"{what} item {i} ({n} bytes) runs past the end of the file at byte {size} (truncated?)"
+                    f"{what} item {i} ({n} bytes) runs past the end of the file at byte {size} "
+                    "(truncated?)"
                 )
         self.pos = pos
 
@@ -193,20 +201,22 @@ def _skip_value(r: _Reader, vtype: int, what: str, depth: int = 0):
         if itype in _SCALAR_BYTES:
             if count * _SCALAR_BYTES[itype] > left:
                 raise _Bad(
-                    f"{what} claims {count} items of {_SCALAR_BYTES[itype]} bytes, more than the {left} bytes "
-                    "left in the file (truncated?)"
+                    f"{what} claims {count} items of {_SCALAR_BYTES[itype]} bytes, more than the "
+                    f"{left} bytes left in the file (truncated?)"
                 )
             r.skip(count * _SCALAR_BYTES[itype], what)
         elif itype == _STRING:
             if count * 8 > left:
                 raise _Bad(
-                    f"{what} claims {count} strings, more than the {left} bytes left in the file can hold"
+                    f"{what} claims {count} strings, more than the {left} bytes left in the file "
+                    "can hold"
                 )
             r.skip_strings(count, what)
         elif itype == _ARRAY:
             if count * 12 > left:
                 raise _Bad(
-                    f"{what} claims {count} arrays, more than the {left} bytes left in the file can hold"
+                    f"{what} claims {count} arrays, more than the {left} bytes left in the file "
+                    "can hold"
                 )
             for i in range(count):
                 _skip_value(r, _ARRAY, f"{what} item {i}", depth + 1)
@@ -239,31 +249,15 @@ def _read_gguf(buf, size: int) -> GGUFInfo:
     room = size - r.pos
     if n_kv * _MIN_KV > room:
         raise _Bad(
-            f"its key-value count {n_kv} is more than the file's {size} bytes can hold (truncated, or a "
-            "damaged count)"
+            f"its key-value count {n_kv} is more than the file's {size} bytes can hold "
+            "(truncated, or a damaged count)"
         )
     if n_tensors * _MIN_TENSOR > room:
         raise _Bad(
-            f"its tensor count {n_tensors} is more than the file's {size} bytes can hold (truncated, or a "
-            "damaged count)"
+            f"its tensor count {n_tensors} is more than the file's {size} bytes can hold "
+            "(truncated, or a damaged count)"
         )
-    alignment, scalars, keys = GGUF_DEFAULT_ALIGNMENT, {}, set()
-    for i in range(n_kv):
-        key = _name(r.string(f"key-value pair {i}'s key"), f"key-value pair {i}'s key")
-        what = f"the value of {key!r} (key-value pair {i} of {n_kv})"
-        if key in keys:
-            raise _Bad(f"key {key!r} appears twice (key-value pair {i})")
-        keys.add(key)
-        vtype = r.u32(f"the type of {what}")
-        value = _skip_value(r, vtype, what)
-        if value is not None:
-            scalars[key] = value
-        if key == "general.alignment":
-            if vtype != 4 or not value or value & (value - 1):
-                raise _Bad(
-                    f"general.alignment is {value!r} (type {vtype}), not a power of two stored as uint32"
-                )
-            alignment = value
+    alignment, scalars = _read_key_values(r, n_kv)
     tensors, names = [], set()
     for i in range(n_tensors):
         name = _name(r.string(f"tensor-info entry {i}'s name"), f"tensor-info entry {i}'s name")
@@ -285,7 +279,8 @@ def _read_gguf(buf, size: int) -> GGUFInfo:
             numel *= d
         if dims and dims[0] % block:
             raise _Bad(
-                f"{what}: its first dimension {dims[0]} is not a multiple of its type's block of {block}"
+                f"{what}: its first dimension {dims[0]} is not a multiple of its type's block of "
+                f"{block}"
             )
         nbytes = numel // block * block_bytes
         tensors.append((offset, nbytes, what))
@@ -298,20 +293,43 @@ def _read_gguf(buf, size: int) -> GGUFInfo:
             )
         if data_start + offset + nbytes > size:
             raise _Bad(
-                f"{what}: its data (bytes {data_start + offset}..{data_start + offset + nbytes}) runs past the "
-                f"end of the file at byte {size} (truncated?)"
+                f"{what}: its data (bytes {data_start + offset}..{data_start + offset + nbytes}) "
+                f"runs past the end of the file at byte {size} (truncated?)"
             )
         if offset < end_of_prev:
             raise _Bad(
-                f"{what}: its data (from offset {offset}) overlaps {prev}'s (up to offset {end_of_prev})"
+                f"{what}: its data (from offset {offset}) overlaps {prev}'s (up to offset "
+                f"{end_of_prev})"
             )
         end_of_prev, prev = offset + nbytes, what
     return GGUFInfo(version, n_tensors, n_kv, alignment, data_start, size, scalars)
 
 
+def _read_key_values(r: _Reader, n_kv: int) -> tuple[int, dict]:
+    alignment, scalars, keys = GGUF_DEFAULT_ALIGNMENT, {}, set()
+    for i in range(n_kv):
+        key = _name(r.string(f"key-value pair {i}'s key"), f"key-value pair {i}'s key")
+        what = f"the value of {key!r} (key-value pair {i} of {n_kv})"
+        if key in keys:
+            raise _Bad(f"key {key!r} appears twice (key-value pair {i})")
+        keys.add(key)
+        vtype = r.u32(f"the type of {what}")
+        value = _skip_value(r, vtype, what)
+        if value is not None:
+            scalars[key] = value
+        if key == "general.alignment":
+            if vtype != 4 or not value or value & (value - 1):
+                raise _Bad(
+                    f"general.alignment is {value!r} (type {vtype}), not a power of two stored as "
+                    "uint32"
+                )
+            alignment = value
+    return alignment, scalars
+
+
 def check_gguf_file(path: str | Path, fix: str = GGUF_FIX) -> GGUFInfo:
-    """The GGUF file at `path` is whole (module docstring); its layout, or `CorruptFileError` naming the
-    file, what is wrong and `fix`."""
+    """The GGUF file at `path` is whole (module docstring); its layout, or `CorruptFileError` naming
+    the file, what is wrong and `fix`."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -332,7 +350,8 @@ def check_gguf_file(path: str | Path, fix: str = GGUF_FIX) -> GGUFInfo:
         ) from None
 
 
-# ----------------------------------------------------------------------------------------------- safetensors
+# -----------------------------------------------------------------------------------------------
+# safetensors
 SAFETENSORS_MAX_HEADER = 100_000_000
 # dtype -> bits per element (safetensors 0.8's list)
 SAFETENSORS_BITS = {
@@ -407,7 +426,8 @@ def _read_safetensors(f, size: int) -> dict:
             and 0 <= offsets[0] <= offsets[1]
         ):
             raise _Bad(
-                f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+                f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin "
+                "<= end"
             )
         numel = 1
         for d in shape:
@@ -415,8 +435,8 @@ def _read_safetensors(f, size: int) -> dict:
         bits = numel * SAFETENSORS_BITS[dtype]
         if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
             raise _Bad(
-                f"tensor {name!r} ({dtype} {shape}) takes {bits / 8:g} bytes, its data_offsets {offsets} "
-                f"hold {offsets[1] - offsets[0]}"
+                f"tensor {name!r} ({dtype} {shape}) takes {bits / 8:g} bytes, its data_offsets "
+                f"{offsets} hold {offsets[1] - offsets[0]}"
             )
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
@@ -462,8 +482,9 @@ SINGLE, INDEX, COMPACT = (
 
 
 def model_files(folder: str | Path) -> list[Path]:
-    """The safetensors files of a model folder that its loaders read and that exist: model.compact.safetensors,
-    model.safetensors, the shards model.safetensors.index.json lists (a damaged index: `CorruptFileError`)."""
+    """The safetensors files of a model folder that its loaders read and that exist:
+    model.compact.safetensors, model.safetensors, the shards model.safetensors.index.json lists (a
+    damaged index: `CorruptFileError`)."""
     folder = Path(folder)
     files = [folder / n for n in (COMPACT, SINGLE) if (folder / n).is_file()]
     if (folder / INDEX).is_file():
@@ -483,6 +504,7 @@ def model_files(folder: str | Path) -> list[Path]:
 
 
 def check_model_folder(folder: str | Path, fix: str = MODEL_FIX) -> None:
-    """Every safetensors file the folder's loaders read is whole (`model_files`, `check_safetensors_file`)."""
+    """Every safetensors file the folder's loaders read is whole (`model_files`,
+    `check_safetensors_file`)."""
     for f in model_files(folder):
         check_safetensors_file(f, fix)

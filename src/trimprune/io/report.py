@@ -96,8 +96,8 @@ def _acc(score: dict | None, key: str = "acc") -> str:
 
 
 def zero_shot_table(metrics: dict) -> list[str]:
-    """Lines of the zero-shot table: acc and acc_norm (%, ± the harness's stderr) per task, dense and
-    pruned, and the mean acc over the seven classic tasks."""
+    """Lines of the zero-shot table: acc and acc_norm (%, ± the harness's stderr) per task, dense
+    and pruned, and the mean acc over the seven classic tasks."""
     pruned, dense = metrics.get("zero_shot", {}), metrics.get("dense_zero_shot", {})
     tasks = list(dict.fromkeys([*dense, *pruned]))
     if not tasks:
@@ -162,8 +162,8 @@ def summary_text(report: dict) -> str:
         f"allocation {report['allocation']['method']})"
     )
     lines.append(
-        f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data {t.get('calibration_data_seconds', 0):.1f} s,"
-        f" total {t.get('total_seconds', 0):.1f} s"
+        f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data "
+        f"{t.get('calibration_data_seconds', 0):.1f} s, total {t.get('total_seconds', 0):.1f} s"
     )
     if report.get("search"):
         sr = report["search"]
@@ -172,26 +172,30 @@ def summary_text(report: dict) -> str:
             states[t["state"]] = states.get(t["state"], 0) + 1
         best = sr["best"]
         lines.append(
-            f"search: {len(sr['trials'])} trials ({', '.join(f'{v} {k}' for k, v in states.items())}), best "
-            f"#{best['number']} {best['params']['family']}{' +trim' if best['params'].get('trim') else ''}: "
-            f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} sequences, final "
-            f"model {sr['final_objective']:.6g}"
+            f"search: {len(sr['trials'])} trials "
+            f"({', '.join(f'{v} {k}' for k, v in states.items())}), best #{best['number']} "
+            f"{best['params']['family']}{' +trim' if best['params'].get('trim') else ''}: "
+            f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} "
+            f"sequences, final model {sr['final_objective']:.6g}"
         )
     if report.get("trim_guard"):
         g = report["trim_guard"]
         lines.append(
-            f"TRIM guard (model): held-out {g['objective']} with TRIM {g['trim'][g['objective']]:.6g}, scorer "
+            f"TRIM guard (model): held-out {g['objective']} with TRIM "
+            f"{g['trim'][g['objective']]:.6g}, scorer "
             f"alone {g['scorer_alone'][g['objective']]:.6g}: kept {g['kept'].replace('_', ' ')}"
         )
     if "trim_summary" in report:
         ts = report["trim_summary"]
         lines.append(
-            f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean layer metric "
+            f"TRIM: {ts['kept_trim']}/{ts['linears']} linears kept the row-wise allocation; mean "
+            "layer metric "
             f"{ts['mean_baseline_metric']:.5f} (uniform) -> {ts['mean_final_metric']:.5f}"
         )
         if ts["block_safeguard"]:
             lines.append(
-                f"TRIM block safeguard: {ts['blocks_kept_trim']}/{len(ts['block_safeguard'])} blocks kept TRIM"
+                f"TRIM block safeguard: {ts['blocks_kept_trim']}/{len(ts['block_safeguard'])} "
+                "blocks kept TRIM"
             )
     return "\n".join(lines)
 
@@ -203,7 +207,9 @@ def markdown(report: dict) -> str:
         "# trimprune report",
         "",
         f"- model: `{report['model'].get('source')}`",
-        f"- scorer: **{cfg['scorer']['name']}**{' + TRIM (' + trim['inputs'] + ')' if trim['enabled'] else ''}, "
+        "- scorer: "
+        f"**{cfg['scorer']['name']}**"
+        f"{' + TRIM (' + trim['inputs'] + ')' if trim['enabled'] else ''}, "
         f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
         f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
         f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}",
@@ -229,11 +235,25 @@ def markdown(report: dict) -> str:
         a = alloc[i] if i < len(alloc) else float("nan")
         bar = "#" * int(round(s * 40))
         out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}` |")
-    out += [
+    out += _markdown_linears(report)
+    if report.get("search"):
+        out += _markdown_search(report["search"])
+    if report.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
+    out += ["", "## Timings", ""] + [
+        f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+        for k, v in report["timings"].items()
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _markdown_linears(report: dict) -> list[str]:
+    out = [
         "",
         "## Linears",
         "",
-        "| linear | shape | target | achieved | row min | row max | TRIM lr | metric uniform -> final |",
+        "| linear | shape | target | achieved | row min | row max | TRIM lr | metric uniform -> "
+        "final |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in report["layers"].items():
@@ -245,37 +265,36 @@ def markdown(report: dict) -> str:
         )
         lr = f"{t['lr']}" if t else ""
         out.append(
-            f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | {r['sparsity']:.4f} | "
+            f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['target_sparsity']:.4f} | "
+            f"{r['sparsity']:.4f} | "
             f"{r['row_sparsity_min']:.3f} | {r['row_sparsity_max']:.3f} | {lr} | {tm} |"
         )
-    if report.get("search"):
-        sr = report["search"]
-        out += [
-            "",
-            "## Allocation search",
-            "",
-            f"Study `{sr['study']}`, objective held-out {sr['objective']} on {sr['holdout_sequences']} sequences "
-            f"(pruning statistics on {sr['prune_sequences']}); best trial #{sr['best']['number']}, final model "
-            f"{sr['final_objective']:.6g}.",
-            "",
-            "| trial | state | family | params | objective | seconds |",
-            "|---:|---|---|---|---:|---:|",
-        ]
-        for t in sr["trials"]:
-            ps = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in t["params"].items()
-                if k != "family"
-            )
-            val = f"{t['value']:.6g}" if t["value"] is not None else "-"
-            sec = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
-            out.append(
-                f"| {t['number']} | {t['state']} | {t['params'].get('family', '-')} | {ps} | {val} | {sec} |"
-            )
-    if report.get("plots"):
-        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
-    out += ["", "## Timings", ""] + [
-        f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
-        for k, v in report["timings"].items()
+    return out
+
+
+def _markdown_search(sr: dict) -> list[str]:
+    out = [
+        "",
+        "## Allocation search",
+        "",
+        f"Study `{sr['study']}`, objective held-out {sr['objective']} on "
+        f"{sr['holdout_sequences']} sequences (pruning statistics on "
+        f"{sr['prune_sequences']}); best trial #{sr['best']['number']}, final model "
+        f"{sr['final_objective']:.6g}.",
+        "",
+        "| trial | state | family | params | objective | seconds |",
+        "|---:|---|---|---|---:|---:|",
     ]
-    return "\n".join(out) + "\n"
+    for t in sr["trials"]:
+        ps = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in t["params"].items()
+            if k != "family"
+        )
+        val = f"{t['value']:.6g}" if t["value"] is not None else "-"
+        sec = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
+        out.append(
+            f"| {t['number']} | {t['state']} | {t['params'].get('family', '-')} | {ps} | {val} "
+            f"| {sec} |"
+        )
+    return out

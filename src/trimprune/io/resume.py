@@ -2,14 +2,17 @@
 
 `--checkpoint-dir DIR` (`RunConfig.checkpoint_dir`) makes `prune` keep, in DIR:
 
-    state.json                            the commit point, written last: format, fingerprint, the last
+    state.json                            the commit point, written last: format, fingerprint, the
+    last
                                           complete block and the files below that belong to it
     allocation.json                       the per-linear targets (once, before block 0: OWL and
                                           AlphaPruning are not recomputed on resume)
-    block0003.safetensors                 block 3's pruned linear weights (as the modules store them, exact
+    block0003.safetensors                 block 3's pruned linear weights (as the modules store
+    them, exact
                                           dtype) and masks (bit-packed as `PruneResult.masks`)
-    block0003.json                        block 3's records (`LinearRecord` / `BlockGuardRecord.to_dict`)
-    streams.block0003.rank0.safetensors   the hidden states entering block 4: the main stream per batch
+    block0003.json                        block 3's records (`LinearRecord` /
+    `BlockGuardRecord.to_dict`) streams.block0003.rank0.safetensors   the hidden states entering
+    block 4: the main stream per batch
                                           and the block safeguard's subset through the dense and the
                                           pruned model (`engine.walk.Streams`), of rank 0
 
@@ -20,16 +23,17 @@ JSON are read back: nothing is unpickled.
 
 state.json records the size and sha256 of every file it names, and the sha256 of its own bytes
 (`io.resume_manifest`); `--resume` verifies them all before anything is restored and refuses a
-damaged or truncated file (one line naming the file and its block: remove the folder to start afresh).
+damaged or truncated file (one line naming the file and its block: remove the folder to start
+afresh).
 
 `--resume` (`RunConfig.resume`) refuses a checkpoint whose fingerprint differs: the config's fields
 that decide the computation (not `run`, `search`, the AlphaPruning cache folder or the calibration
-file's path), the model (its config.json, the names, shapes and dtypes of its parameters, the bytes of
-block 0's parameters before pruning) and the calibration token ids.
+file's path), the model (its config.json, the names, shapes and dtypes of its parameters, the bytes
+of block 0's parameters before pruning) and the calibration token ids.
 
-The streams are the bulk: nsamples x seqlen x hidden values in the model's dtype for the main stream,
-and 2 x subset x seqlen x hidden more with TRIM's block safeguard (subset = nsamples / 8, at least 4).
-Only the latest block's streams are kept.
+The streams are the bulk: nsamples x seqlen x hidden values in the model's dtype for the main
+stream, and 2 x subset x seqlen x hidden more with TRIM's block safeguard (subset = nsamples / 8, at
+least 4). Only the latest block's streams are kept.
 """
 
 from __future__ import annotations
@@ -68,11 +72,13 @@ FORMAT = "trimprune-checkpoint-v2"  # v2: state.json carries the sha256 manifest
 STATE = "state.json"
 ALLOCATION = "allocation.json"
 # test hook: `TRIMPRUNE_TEST_KILL_AFTER_BLOCK=k` sends SIGKILL to the process right after block k's
-# checkpoint is committed (tests/test_resume.py interrupts real runs with it); read in `_after_commit` only
+# checkpoint is committed (tests/test_resume.py interrupts real runs with it); read in
+# `_after_commit` only
 KILL_ENV = "TRIMPRUNE_TEST_KILL_AFTER_BLOCK"
 # the files a checkpoint writes (anything else in DIR is never touched)
 _OWN = re.compile(
-    r"(state\.json|allocation\.json|block\d+\.(safetensors|json)|streams\.block\d+\.rank\d+\.safetensors)"
+    r"(state\.json|allocation\.json|block\d+\.(safetensors|json)|"
+    r"streams\.block\d+\.rank\d+\.safetensors)"
 )
 _TMP = re.compile(
     r"\.(state\.json|allocation\.json|block\d+\.(safetensors|json)|"
@@ -80,11 +86,12 @@ _TMP = re.compile(
 )
 
 
-# ------------------------------------------------------------------------------------------ identity
+# ------------------------------------------------------------------------------------------
+# identity
 def config_identity(config: PruneConfig) -> dict:
     """The config's fields that decide what is computed (nested form): all but the run settings, the
-    search's settings (a search takes no checkpoint: `PruneConfig` refuses it), the AlphaPruning cache
-    folder and the calibration file's path and format (its token ids are hashed)."""
+    search's settings (a search takes no checkpoint: `PruneConfig` refuses it), the AlphaPruning
+    cache folder and the calibration file's path and format (its token ids are hashed)."""
     d = config.to_dict()
     d.pop("run")
     d.pop("search")
@@ -100,8 +107,8 @@ def _tensor_bytes(t: torch.Tensor):
 
 
 def model_identity(adapter) -> dict:
-    """The model's config.json (without private and version keys), the names / shapes / dtypes of its
-    parameters, and the bytes of block 0's parameters (call it before any block is pruned)."""
+    """The model's config.json (without private and version keys), the names / shapes / dtypes of
+    its parameters, and the bytes of block 0's parameters (call it before any block is pruned)."""
     model = adapter.model
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     cfg = {
@@ -213,7 +220,8 @@ def block_files(block: int) -> tuple[str, str]:
 
 
 def streams_file(block: int, rank: int = 0) -> str:
-    """The streams entering block `block` + 1, of data-parallel rank `rank` (each rank keeps its share)."""
+    """The streams entering block `block` + 1, of data-parallel rank `rank` (each rank keeps its
+    share)."""
     return f"streams.block{block:04d}.rank{rank}.safetensors"
 
 
@@ -229,7 +237,7 @@ def read_state(path: str | Path) -> dict | None:
         raise TrimpruneError(
             f"--checkpoint-dir {str(path)!r}: {STATE} is unreadable ({e}): remove the folder or "
             "choose another"
-        )
+        ) from e
     except ValueError as e:  # not JSON, or not UTF-8: a damaged file
         raise unreadable_state(f, e) from None
     check_state(f, state, FORMAT)  # its own sha256 (io.resume_manifest)
@@ -243,7 +251,8 @@ def read_state(path: str | Path) -> dict | None:
 
 
 def remove_checkpoint(path: str | Path) -> None:
-    """Delete the checkpoint's own files in `path` (nothing else), and the folder when it is then empty."""
+    """Delete the checkpoint's own files in `path` (nothing else), and the folder when it is then
+    empty."""
     p = Path(path)
     if not p.is_dir():
         return
@@ -258,17 +267,22 @@ def remove_checkpoint(path: str | Path) -> None:
 
 
 def _after_commit(block: int) -> None:
-    """Test hook (see KILL_ENV): die as abruptly as a killed job right after block `block` is committed."""
+    """Test hook (see KILL_ENV): die as abruptly as a killed job right after block `block` is
+    committed."""
     if os.environ.get(KILL_ENV) == str(block):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ------------------------------------------------------------------------------------------ the checkpoint
+# ------------------------------------------------------------------------------------------ the
+# checkpoint
 def _mismatch(path, state: dict, identity: dict) -> str | None:
     """Why the checkpoint in `path` (state) was made by another run than `identity`, or None."""
     old = state.get("identity", {})
     where = f"--resume: the checkpoint in {str(path)!r}"
-    fix = "rerun with the interrupted run's settings, or start afresh without --resume in another --checkpoint-dir"
+    fix = (
+        "rerun with the interrupted run's settings, or start afresh without --resume in another "
+        "--checkpoint-dir"
+    )
     if old.get("config") != identity["config"]:
         a, b = _flat_items(old.get("config", {})), _flat_items(identity["config"])
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -282,11 +296,15 @@ def _mismatch(path, state: dict, identity: dict) -> str | None:
             "block0_sha256": "block-0 weights",
             "num_blocks": "number of blocks",
         }
-        return f"{where} was made from another model ({', '.join(what.get(k, k) for k in keys)} differ): {fix}"
+        return (
+            f"{where} was made from another model ({', '.join(what.get(k, k) for k in keys)} "
+            f"differ): {fix}"
+        )
     if old.get("calibration") != identity["calibration"]:
         return (
             f"{where} was made with other calibration data (the token ids differ; shape "
-            f"{old.get('calibration', {}).get('shape')} there, {identity['calibration']['shape']} now): {fix}"
+            f"{old.get('calibration', {}).get('shape')} there, {identity['calibration']['shape']} "
+            f"now): {fix}"
         )
     return None
 
@@ -294,15 +312,15 @@ def _mismatch(path, state: dict, identity: dict) -> str | None:
 def _existing(path, state: dict) -> TrimpruneError:
     return TrimpruneError(
         f"--checkpoint-dir {str(path)!r} holds the checkpoint of a run "
-        f"({state.get('last_block', -1) + 1} of {state.get('num_blocks')} blocks done): add --resume "
-        "to continue it, or remove the folder / choose another to start afresh"
+        f"({state.get('last_block', -1) + 1} of {state.get('num_blocks')} blocks done): add "
+        "--resume to continue it, or remove the folder / choose another to start afresh"
     )
 
 
 class ResumeState:
     """The checkpoint of one prune in a folder. `open` validates (and writes nothing); the walk then
-    commits block after block (`commit_block`); a resumed run reads the allocation, the blocks and the
-    streams back first."""
+    commits block after block (`commit_block`); a resumed run reads the allocation, the blocks and
+    the streams back first."""
 
     def __init__(self, path: Path, identity: dict, state: dict | None, rank: int = 0):
         self.path, self.identity, self.state, self.rank = path, identity, state, rank
@@ -319,8 +337,8 @@ class ResumeState:
         resume: bool,
         rank: int = 0,
     ) -> ResumeState:
-        """Check `path` against this run (model still dense): refuses a foreign or mismatched checkpoint
-        (resume), or an existing one without `resume`. Writes nothing."""
+        """Check `path` against this run (model still dense): refuses a foreign or mismatched
+        checkpoint (resume), or an existing one without `resume`. Writes nothing."""
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise TrimpruneError(f"--checkpoint-dir {str(path)!r} is a file: give a folder")
@@ -369,8 +387,9 @@ class ResumeState:
             torch.device(device).type,
         ):
             return (
-                f"resumed on {torch.device(device).type}, the checkpoint was made on {self.state['device_type']}: "
-                "results equal an uninterrupted run up to floating-point differences between the devices"
+                f"resumed on {torch.device(device).type}, the checkpoint was made on "
+                f"{self.state['device_type']}: results equal an uninterrupted run up to "
+                "floating-point differences between the devices"
             )
         return None
 
@@ -389,7 +408,8 @@ class ResumeState:
         )
 
     def restore_blocks(self, adapter) -> list[BlockRecords]:
-        """Set the saved weights of blocks 0..last_block (exactly as saved) and return their records and masks."""
+        """Set the saved weights of blocks 0..last_block (exactly as saved) and return their records
+        and masks."""
         out = []
         for entry in self.state["blocks"][: self.last_block + 1]:
             i = int(entry["block"])
@@ -415,8 +435,8 @@ class ResumeState:
         return out
 
     def load_streams(self) -> tuple[Streams, list[int]]:
-        """This rank's streams entering block last_block + 1 (host tensors), and the batch sizes of the
-        main stream."""
+        """This rank's streams entering block last_block + 1 (host tensors), and the batch sizes of
+        the main stream."""
         path = self.path / self.state["streams"][str(self.rank)]
         meta = _metadata(path)
         if int(meta.get("block", -2)) != self.last_block:
@@ -441,8 +461,8 @@ class ResumeState:
 
     # ------------------------------------------------------------------ what the run writes
     def begin(self, batch_size: int, device) -> None:
-        """Before the first write: create the folder, remove the checkpoint files an earlier process left
-        that the committed state does not name (a block it was writing, temporary files)."""
+        """Before the first write: create the folder, remove the checkpoint files an earlier process
+        left that the committed state does not name (a block it was writing, temporary files)."""
         if self.started:
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -492,8 +512,9 @@ class ResumeState:
         self._commit()
 
     def commit_block(self, block: int, adapter, records: BlockRecords, streams: Streams) -> None:
-        """Block `block` is done: its linear weights, masks and records, and the streams entering the next
-        block, then state.json (the previous block's streams are deleted once it is committed)."""
+        """Block `block` is done: its linear weights, masks and records, and the streams entering
+        the next block, then state.json (the previous block's streams are deleted once it is
+        committed)."""
         if not self.started or block != self.last_block + 1:
             raise RuntimeError(f"checkpoint: block {block} committed after block {self.last_block}")
         tensors_name, records_name = block_files(block)

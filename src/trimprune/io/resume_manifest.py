@@ -6,12 +6,12 @@ allocation), and under `state_sha256` the sha256 of its own bytes (with that val
 zeros). `seal` fills `files` before each commit (a file is hashed once, right after it was written,
 while it is still in the page cache); `sealed_writer` writes state.json with its own hash.
 
-On `--resume`, before anything is restored: `check_state` verifies state.json's bytes (`read_state`),
-and `verify_files` every file it names, the size first (a truncated file), then the sha256. Any
-difference is a `CorruptFileError` naming the file and its block, with the fix: remove the folder
-and start afresh. The hashes `verify_files` computed are remembered in the process for files whose
-size, modification time and inode have not changed (the command line verifies before its dense
-evaluation and `prune` again when it opens the resume state).
+On `--resume`, before anything is restored: `check_state` verifies state.json's bytes
+(`read_state`), and `verify_files` every file it names, the size first (a truncated file), then the
+sha256. Any difference is a `CorruptFileError` naming the file and its block, with the fix: remove
+the folder and start afresh. The hashes `verify_files` computed are remembered in the process for
+files whose size, modification time and inode have not changed (the command line verifies before its
+dense evaluation and `prune` again when it opens the resume state).
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from trimprune.errors import CorruptFileError
 
 FILES = "files"  # state.json: file name -> {"bytes": n, "sha256": hex}
 SELF = "state_sha256"  # state.json: the sha256 of its own bytes, this value written as zeros
 _ZERO = "0" * 64
-FIX = "remove the folder to start afresh (without --resume, or with --resume in an empty --checkpoint-dir)"
+FIX = (
+    "remove the folder to start afresh (without --resume, or with --resume in an empty "
+    "--checkpoint-dir)"
+)
 _CHUNK = 1 << 22
 
 _verified: dict[
@@ -47,14 +50,15 @@ def digest(path: str | Path) -> dict:
 
 
 def seal(folder: Path, state: dict, names: list[str]) -> None:
-    """state[FILES]: the size and sha256 of every file in `names` (the files the state names); a file
-    already recorded keeps its entry (the resume state writes each file name once)."""
+    """state[FILES]: the size and sha256 of every file in `names` (the files the state names); a
+    file already recorded keeps its entry (the resume state writes each file name once)."""
     old = state.get(FILES) or {}
     state[FILES] = {n: old[n] if n in old else digest(folder / n) for n in names}
 
 
 def sealed_text(state: dict, default=None) -> str:
-    """state.json's text: `state` (indented JSON) with `SELF` last, the sha256 of the text with it zeroed."""
+    """state.json's text: `state` (indented JSON) with `SELF` last, the sha256 of the text with it
+    zeroed."""
     body = {k: v for k, v in state.items() if k != SELF}
     body[SELF] = _ZERO
     text = json.dumps(body, indent=1, default=default)
@@ -87,8 +91,8 @@ def _block_note(state: dict) -> str:
 
 
 def check_state(path: Path, state, fmt: str) -> None:
-    """state.json (at `path`, parsed: `state`) has the sha256 it records. A state of another format (no
-    `SELF`) is left to the format check that follows."""
+    """state.json (at `path`, parsed: `state`) has the sha256 it records. A state of another format
+    (no `SELF`) is left to the format check that follows."""
     if not isinstance(state, dict):
         return
     stored = state.get(SELF)
@@ -138,7 +142,10 @@ def describe(name: str, state: dict) -> str:
             return f"block {entry.get('block')}'s records"
     m = re.fullmatch(r"streams\.block(\d+)\.rank(\d+)\.safetensors", name)
     if m:
-        return f"the hidden states entering block {int(m.group(1)) + 1}, written after block {int(m.group(1))}"
+        return (
+            f"the hidden states entering block {int(m.group(1)) + 1}, written after block "
+            f"{int(m.group(1))}"
+        )
     if name == state.get("allocation"):
         return "the allocation, written before block 0"
     return "a file of the resume state"

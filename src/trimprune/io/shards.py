@@ -1,16 +1,19 @@
-"""Safetensors checkpoints read tensor by tensor, and a Hugging Face model folder written shard by shard.
+"""Safetensors checkpoints read tensor by tensor, and a Hugging Face model folder written shard by
+shard.
 
-`SafetensorsCheckpoint`: the tensors of a model folder stored as safetensors (one `model.safetensors`, or
-the shards that `model.safetensors.index.json` lists). A tensor is read through safetensors' memory map
-(`safe_open`) and copied out of it, converted to the dtype asked for (into memory the caller allocates:
-the executor's pinned memory for a GPU), only when it is needed; each read opens the files it needs and closes them again, so the pages it
-touched are unmapped (the process does not keep the whole checkpoint mapped).
+`SafetensorsCheckpoint`: the tensors of a model folder stored as safetensors (one
+`model.safetensors`, or the shards that `model.safetensors.index.json` lists). A tensor is read
+through safetensors' memory map (`safe_open`) and copied out of it, converted to the dtype asked for
+(into memory the caller allocates: the executor's pinned memory for a GPU), only when it is needed;
+each read opens the files it needs and closes them again, so the pages it touched are unmapped (the
+process does not keep the whole checkpoint mapped).
 
-`ShardWriter`: the output folder of `--offload disk`, written while a prune runs: each decoder block as
-its own shard as soon as the block is final (`model-00002-of-000NN.safetensors` holds block 0), then
-at the end the rest of the model (embeddings, final norm, head: shard 1), `model.safetensors.index.json`,
-config.json, generation_config.json and the tokenizer. `transformers.AutoModelForCausalLM.from_pretrained`
-loads the folder like one written by `save_pretrained`.
+`ShardWriter`: the output folder of `--offload disk`, written while a prune runs: each decoder block
+as its own shard as soon as the block is final (`model-00002-of-000NN.safetensors` holds block 0),
+then at the end the rest of the model (embeddings, final norm, head: shard 1),
+`model.safetensors.index.json`, config.json, generation_config.json and the tokenizer.
+`transformers.AutoModelForCausalLM.from_pretrained` loads the folder like one written by
+`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ def _header_names(path: Path) -> list[str]:
 
 
 def checkpoint_files(folder: Path) -> dict[str, str] | None:
-    """tensor name -> file name (inside `folder`) of a safetensors checkpoint, or None when the folder holds
-    none (a `.bin` or GGUF model)."""
+    """tensor name -> file name (inside `folder`) of a safetensors checkpoint, or None when the
+    folder holds none (a `.bin` or GGUF model)."""
     if (folder / INDEX).is_file():
         try:
             weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
@@ -49,7 +52,7 @@ def checkpoint_files(folder: Path) -> dict[str, str] | None:
             raise TrimpruneError(
                 f"{folder / INDEX} is not a safetensors index ({type(e).__name__}: {e}): check the "
                 "model folder"
-            )
+            ) from e
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise TrimpruneError(
@@ -100,8 +103,8 @@ class SafetensorsCheckpoint:
         dtypes: dict[str, torch.dtype],
         empty: Callable[..., torch.Tensor] = torch.empty,
     ) -> dict[str, torch.Tensor]:
-        """{key: tensor} for `names` (key -> stored tensor name): each copied out of the memory map into a new
-        host tensor of `dtypes[key]` made by `empty(shape, dtype=...)`."""
+        """{key: tensor} for `names` (key -> stored tensor name): each copied out of the memory map
+        into a new host tensor of `dtypes[key]` made by `empty(shape, dtype=...)`."""
         by_file: dict[str, list[str]] = {}
         for key, name in names.items():
             by_file.setdefault(self.weight_map[name], []).append(key)
@@ -124,8 +127,8 @@ def shard_name(k: int, total: int) -> str:
 
 
 class ShardWriter:
-    """Writes a Hugging Face model folder one shard at a time: block i's shard (`write_block`) as soon as
-    it is final, the rest of the model, the index and the configs at the end (`finish`)."""
+    """Writes a Hugging Face model folder one shard at a time: block i's shard (`write_block`) as
+    soon as it is final, the rest of the model, the index and the configs at the end (`finish`)."""
 
     def __init__(self, folder: str | Path, num_blocks: int):
         self.folder = Path(folder)
@@ -140,7 +143,8 @@ class ShardWriter:
         return shard_name(index + 1, self.total)
 
     def _write(self, fname: str, tensors: dict[str, torch.Tensor]) -> Path:
-        """One shard, through a temporary name renamed into place (a reader never sees half a file)."""
+        """One shard, through a temporary name renamed into place (a reader never sees half a
+        file)."""
         path = self.folder / fname
         tmp = self.folder / f".{fname}.tmp"
         save_file(
@@ -160,14 +164,14 @@ class ShardWriter:
         return path
 
     def finish(self, rest: dict[str, torch.Tensor], model, tokenizer=None) -> None:
-        """The rest of the model (`rest`: the tensors outside the blocks, tied duplicates removed) as shard 1,
-        the index, config.json (with the dtype and architecture, as `save_pretrained` writes them),
-        generation_config.json and the tokenizer."""
+        """The rest of the model (`rest`: the tensors outside the blocks, tied duplicates removed)
+        as shard 1, the index, config.json (with the dtype and architecture, as `save_pretrained`
+        writes them), generation_config.json and the tokenizer."""
         missing = sorted(set(range(self.num_blocks)) - self.written)
         if missing:
             raise TrimpruneError(
-                f"the output folder lacks the shards of blocks {missing[:5]}: the prune did not finish "
-                "every block"
+                f"the output folder lacks the shards of blocks {missing[:5]}: the prune did not "
+                "finish every block"
             )
         self._write(shard_name(0, self.total), rest)
         index = {
@@ -189,7 +193,8 @@ class ShardWriter:
             tokenizer.save_pretrained(str(self.folder))
 
     def discard(self) -> None:
-        """Remove the shards written so far (`--no-save-model`: they were needed only while the prune ran)."""
+        """Remove the shards written so far (`--no-save-model`: they were needed only while the
+        prune ran)."""
         for fname in set(self.weight_map.values()):
             (self.folder / fname).unlink(missing_ok=True)
         self.weight_map.clear()

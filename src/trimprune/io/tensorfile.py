@@ -1,9 +1,10 @@
 """safetensors files with the same bytes for the same contents.
 
 `safetensors` writes its `__metadata__` mapping in an order that changes from process to process (a
-hash map): two identical runs gave masks files with equal tensors and different bytes. `save_tensors`
-writes the file, then rewrites its JSON header with the metadata keys sorted (the same length, so in
-place; the tensors' entries and data keep their order, which safetensors already fixes)."""
+hash map): two identical runs gave masks files with equal tensors and different bytes.
+`save_tensors` writes the file, then rewrites its JSON header with the metadata keys sorted (the
+same length, so in place; the tensors' entries and data keep their order, which safetensors already
+fixes)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ import yaml
 from trimprune.calib.data import data_root
 from trimprune.errors import TrimpruneError
 
-# the mean zero-shot accuracy of the pruning papers (Wanda, SparseGPT, OWL, AlphaPruning, TRIM): acc of
+# the mean zero-shot accuracy of the pruning papers (Wanda, SparseGPT, OWL, AlphaPruning, TRIM): acc
+# of
 CLASSIC_TASKS = (
     "boolq",
     "rte",
@@ -53,7 +54,8 @@ LOCAL_TASKS = {
 
 @dataclass(frozen=True)
 class TaskScore:
-    """One task's harness results: accuracy (and length-normalised accuracy) with their standard errors."""
+    """One task's harness results: accuracy (and length-normalised accuracy) with their standard
+    errors."""
 
     task: str
     acc: float
@@ -78,12 +80,13 @@ def _require_harness():
     except ImportError:
         raise TrimpruneError(
             "--tasks needs lm-evaluation-harness: pip install 'trimprune[eval]' (lm-eval==0.4.13)"
-        )
+        ) from None
 
 
 @functools.cache
 def _builtin_tasks():
-    """The harness's own task index (a `TaskManager`; scanning its YAML files takes seconds: done once)."""
+    """The harness's own task index (a `TaskManager`; scanning its YAML files takes seconds: done
+    once)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager()
@@ -91,8 +94,9 @@ def _builtin_tasks():
 
 @functools.cache
 def _task_manager(folder: str | None, tasks: tuple[str, ...]):
-    """The `TaskManager` for `tasks`: the built-in one, or one whose include path points the tasks that have
-    local files in `folder` at them (the configs stay in a folder removed when the process exits)."""
+    """The `TaskManager` for `tasks`: the built-in one, or one whose include path points the tasks
+    that have local files in `folder` at them (the configs stay in a folder removed when the process
+    exits)."""
     from lm_eval.tasks import TaskManager
 
     if folder is None:
@@ -107,7 +111,8 @@ def _task_manager(folder: str | None, tasks: tuple[str, ...]):
 
 
 def check_tasks(tasks: list[str], tasks_data: str | Path | None) -> None:
-    """Before the model loads: the harness is installed, --tasks-data is a folder, every task exists."""
+    """Before the model loads: the harness is installed, --tasks-data is a folder, every task
+    exists."""
     _require_harness()
     if tasks_data and not Path(tasks_data).is_dir():
         raise TrimpruneError(
@@ -124,8 +129,8 @@ def check_tasks(tasks: list[str], tasks_data: str | Path | None) -> None:
 
 
 def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
-    """Write into `out` one task config per task that has a local file in `folder`: the harness's own YAML
-    (included by path) with its data read from that file. Returns the tasks configured."""
+    """Write into `out` one task config per task that has a local file in `folder`: the harness's
+    own YAML (included by path) with its data read from that file. Returns the tasks configured."""
     index = _builtin_tasks().task_index
     done = []
     for task in tasks:
@@ -163,8 +168,8 @@ def evaluate_tasks(
     tasks_data: str | Path | None = None,
     device=None,
 ) -> dict[str, TaskScore]:
-    """0-shot accuracy of `model` on `tasks`; offline from `tasks_data` (or TRIMPRUNE_DATA) where the
-    folder holds a task's file."""
+    """0-shot accuracy of `model` on `tasks`; offline from `tasks_data` (or TRIMPRUNE_DATA) where
+    the folder holds a task's file."""
     _require_harness()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -186,7 +191,7 @@ def evaluate_tasks(
         raise TrimpruneError(
             f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
             " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA"
-        )
+        ) from e
     scores = {}
     for task in tasks:
         r = out["results"][task]
@@ -203,7 +208,8 @@ def evaluate_tasks(
 
 
 def mean_accuracy(scores: dict[str, TaskScore]) -> float | None:
-    """The papers' mean zero-shot accuracy: the mean acc over the seven classic tasks (None unless all ran)."""
+    """The papers' mean zero-shot accuracy: the mean acc over the seven classic tasks (None unless
+    all ran)."""
     if not all(t in scores for t in CLASSIC_TASKS):
         return None
     return sum(scores[t].acc for t in CLASSIC_TASKS) / len(CLASSIC_TASKS)
