@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +21,7 @@ from trimprune.algo.masks import pack_mask, row_ranks
 from trimprune.algo.scorers import Member, Outcome, Scorer, Target
 from trimprune.algo.stats import InputStats, StatsNeeds
 from trimprune.algo.trim.evaluators import ExplicitSpec, GramSpec, ObsEvaluator, ObsSpec
-from trimprune.algo.trim.results import summarize
+from trimprune.algo.trim.results import SearchTensors, summarize
 from trimprune.algo.trim.safeguard import (
     BlockGuard,
     Found,
@@ -43,15 +44,15 @@ from trimprune.core.records import (
 from trimprune.core.runtime import EAGER, Deferred, Executor
 from trimprune.errors import TrimpruneError
 
-# scorer-alone masks of mask scorers are made while the searches run for blocks up to this many weights
-# (their outcomes are held until used)
+# scorer-alone masks of mask scorers are made while the searches run for blocks up to this many
+# weights (their outcomes are held until used)
 EARLY_ALONE_MAX_WEIGHTS = 2**26
 
 
 @dataclass
 class Plan:
-    """What every block of one prune shares: the config, the per-linear targets (the allocation), the
-    scorer, the TRIM search and the statistics they need."""
+    """What every block of one prune shares: the config, the per-linear targets (the allocation),
+    the scorer, the TRIM search and the statistics they need."""
 
     config: PruneConfig
     targets: dict[str, float]  # full linear name -> target sparsity
@@ -85,18 +86,20 @@ class Plan:
         return cls(config, targets, full_name, scorer, search, needs, torch.device(device), ranks)
 
     def owners(self, run, groups: list[list[str]]) -> list[int]:
-        """The rank that decides each group of a block (all 0 in one process), balanced by weights."""
+        """The rank that decides each group of a block (all 0 in one process), balanced by
+        weights."""
         return self.ranks.assign([sum(run.linears[n].weight.numel() for n in g) for g in groups])
 
     def searched(self, target: float) -> bool:
-        """Whether TRIM searches the row sparsities of a linear with this target (strictly inside the bounds)."""
+        """Whether TRIM searches the row sparsities of a linear with this target (strictly inside
+        the bounds)."""
         return self.search is not None and 0.0 < target < self.config.trim.max_row_sparsity
 
 
 @dataclass
 class LinearChoice:
-    """A linear's outcome in its block, once its weight is set: the chosen mask and solver info, and the
-    TRIM choice when it was searched."""
+    """A linear's outcome in its block, once its weight is set: the chosen mask and solver info, and
+    the TRIM choice when it was searched."""
 
     name: str
     full: str
@@ -110,8 +113,8 @@ class LinearChoice:
 
 @dataclass
 class BlockDecision:
-    """What `prune_block` decided: the block's weights are set; `records` resolves to `BlockRecords`;
-    the block safeguard's outputs on its subset streams, for the next block."""
+    """What `prune_block` decided: the block's weights are set; `records` resolves to
+    `BlockRecords`; the block safeguard's outputs on its subset streams, for the next block."""
 
     index: int
     records: Deferred
@@ -128,8 +131,8 @@ class BlockRecords:
 
     @classmethod
     def merge(cls, parts: list[BlockRecords], order: list[str]) -> BlockRecords:
-        """One block's records from the ranks that decided its linears, in model order (`order`: full
-        linear names). The block safeguard's record names the linears kept TRIM on any rank."""
+        """One block's records from the ranks that decided its linears, in model order (`order`:
+        full linear names). The block safeguard's record names the linears kept TRIM on any rank."""
         linears = {k: v for p in parts for k, v in p.linears.items()}
         masks = {k: v for p in parts for k, v in p.masks.items()}
         guards = [p.guard for p in parts if p.guard is not None]
@@ -145,9 +148,10 @@ class BlockRecords:
         )
 
 
-# ------------------------------------------------------------------------------------------ the step
+# ----------------------------------------------------------------------------------------- the step
 def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
-    """Prune one block (`run`: a `engine.walk.BlockRun`): statistics, TRIM searches, masks, safeguards."""
+    """Prune one block (`run`: a `engine.walk.BlockRun`): statistics, TRIM searches, masks,
+    safeguards."""
     if plan.config.calib.input_recalc:
         return _prune_block_recalc(run, plan, ex)
     guard = plan.config.trim.block_guard
@@ -166,8 +170,9 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
         with ex.phase("block safeguard"):
             dense_sub = run.dense_subset()  # the block is still dense
     alone: dict[str, Outcome] = {}
-    # mask scorers select row by row: their scorer-alone masks do not depend on the searches, so they
-    # are made (and, for the block safeguard, the scorer-alone block run) while the searches run
+    # mask scorers select row by row: their scorer-alone masks do not depend on the searches, so
+    # they are made (and, for the block safeguard, the scorer-alone block run) while the searches
+    # run
     if (
         not lazy
         and not plan.scorer.reconstructs
@@ -194,7 +199,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     for g in mine:
         ms = [_member(run, plan, n) for n in g] if lazy else [members[n] for n in g]
         choices += _decide_group(run, plan, ms, hooks.stats_for(g[0]), searches, found, alone, ex)
-    shared = {}
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for g, o in zip(groups, owners):
         shared |= _share(run, plan, g, o, choices)
     return _conclude(run, plan, choices, dense_sub, alone_sub, shared, ex)
@@ -209,7 +214,8 @@ def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
     with ex.phase("statistics"):
         hooks = run.statistics(plan.needs, ex)
     groups = [g for g in hooks.groups if g]
-    choices, shared = [], {}
+    choices: list[LinearChoice] = []
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, (g, owner) in enumerate(zip(groups, plan.owners(run, groups))):
         if k:
             with ex.phase("statistics"):
@@ -230,8 +236,9 @@ def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
 
 # ------------------------------------------------------------------------------------------ parts
 def _member(run, plan: Plan, name: str) -> Member:
-    """A linear to prune: a float32 (float64 for float64 models) copy of its weight on the compute device
-    (a copy: the module's weight is overwritten while this one is still the dense reference), its target."""
+    """A linear to prune: a float32 (float64 for float64 models) copy of its weight on the compute
+    device (a copy: the module's weight is overwritten while this one is still the dense reference),
+    its target."""
     nm = plan.config.nm
     w = weight_2d(run.linears[name])
     W = w.to(plan.device, torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
@@ -255,9 +262,12 @@ def _measure_spec(plan: Plan, stats: InputStats):
 
 def _search_spec(plan: Plan, stats: InputStats, weight: torch.Tensor, importance: torch.Tensor):
     """The evaluator of the search: the measuring one, except that with a reconstructing scorer
-    (SparseGPT) on all tokens the search uses the OBS prediction of the reconstructed weights' quality."""
+    (SparseGPT) on all tokens the search uses the OBS prediction of the reconstructed weights'
+    quality."""
     if plan.config.trim.input_mode.mode == "all" and plan.scorer.reconstructs:
-        return ObsSpec(stats.n_tokens), ObsEvaluator.table_for(weight, importance, stats.gram)
+        return ObsSpec(stats.n_tokens), ObsEvaluator.table_for(
+            weight, importance, cast(torch.Tensor, stats.gram)
+        )
     return _measure_spec(plan, stats)
 
 
@@ -308,12 +318,16 @@ class Searches:
             src,
             ranks,
             [m.target.sparsity for m in chunk],
-            [scorer.pruned_count(*m.weight.shape, m.target.sparsity) for m in chunk],
+            [
+                scorer.pruned_count(m.weight.shape[0], m.weight.shape[1], m.target.sparsity)
+                for m in chunk
+            ],
         )
 
     def finish(self, plan: Plan) -> dict[str, Found]:
         if not self.launched:
             return {}
+        assert plan.search is not None  # searches were launched
         results = plan.search.finish([p for _, p in self.launched])
         return {
             m.name: Found(res, j)
@@ -322,7 +336,8 @@ class Searches:
         }
 
     def with_ranks(self, members: list[Member]) -> list[Member]:
-        """The members with the row ranks of their search, where there was one (reused for the masks)."""
+        """The members with the row ranks of their search, where there was one (reused for the
+        masks)."""
         return [
             Member(m.name, m.weight, replace(m.target, ranks=self.ranks.get(m.name)))
             for m in members
@@ -352,9 +367,9 @@ def _decide_group(
     alone: dict[str, Outcome],
     ex: Executor,
 ) -> list[LinearChoice]:
-    """The outcomes of one group: the scorer alone's (those not made yet) and TRIM's, in one scorer call
-    (SparseGPT solves the rows of a group together), then each searched linear's own safeguard. Sets the
-    chosen weights."""
+    """The outcomes of one group: the scorer alone's (those not made yet) and TRIM's, in one scorer
+    call (SparseGPT solves the rows of a group together), then each searched linear's own safeguard.
+    Sets the chosen weights."""
     names = tuple(m.name for m in members)
     members = searches.with_ranks(members)
     trim_members = [
@@ -369,7 +384,7 @@ def _decide_group(
         n: alone[n] for n in names if n in alone
     }
     trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need) :])}
-    evaluator = []
+    evaluator: list[Any] = []
 
     def measure():  # one evaluator per group, made when first needed
         if not evaluator:
@@ -394,6 +409,7 @@ def _decide_group(
                 measure,
             )
             chosen = trim.chosen
+        assert chosen is not None  # the scorer alone's outcome, or the safeguard's choice
         set_weight_2d(run.linears[m.name], chosen.weight)
         if trim is not None and not plan.config.trim.block_guard:
             trim = trim.settled()  # the weights are needed no more
@@ -401,7 +417,7 @@ def _decide_group(
             LinearChoice(
                 m.name,
                 plan.full_name(run.index, m.name),
-                tuple(m.weight.shape),
+                cast("tuple[int, int]", tuple(m.weight.shape)),
                 m.target.sparsity,
                 names,
                 chosen.mask,
@@ -413,8 +429,9 @@ def _decide_group(
 
 
 def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearChoice]) -> dict:
-    """Every rank gets the weights of a group from the rank that decided it (nothing moves in one process).
-    Returns, for the block safeguard, each searched linear's (chosen, scorer-alone) weights."""
+    """Every rank gets the weights of a group from the rank that decided it (nothing moves in one
+    process). Returns, for the block safeguard, each searched linear's (chosen, scorer-alone)
+    weights."""
     guard = plan.config.trim.block_guard
     mine = {c.name: c for c in choices if c.name in group}
     out = {}
@@ -425,7 +442,9 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
         if not guard or not plan.searched(plan.targets[plan.full_name(run.index, n)]):
             continue
         if c is not None:
-            out[n] = (c.trim.chosen.weight, c.trim.alone.weight)
+            # searched linears keep both outcomes while the block safeguard is on
+            t = cast(TrimChoice, c.trim)
+            out[n] = (cast(Outcome, t.chosen).weight, cast(Outcome, t.alone).weight)
         else:
             w = weight_2d(run.linears[n])
             alone = torch.empty(
@@ -440,7 +459,8 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
 
 
 def _mask_stats(mask: torch.Tensor) -> torch.Tensor:
-    """Pruned weights of the matrix and the min / max / std of the pruned weights per row (float64, (4,))."""
+    """Pruned weights of the matrix and the min / max / std of the pruned weights per row (float64,
+    (4,))."""
     row = mask.sum(1, dtype=torch.float64)
     return torch.stack(
         [row.sum(), row.min(), row.max(), row.std() if row.numel() > 1 else row.sum() * 0]
@@ -450,17 +470,18 @@ def _mask_stats(mask: torch.Tensor) -> torch.Tensor:
 def _conclude(
     run, plan: Plan, choices: list[LinearChoice], dense_sub, alone_sub, shared: dict, ex: Executor
 ) -> BlockDecision:
-    """The block safeguard (over every searched linear of the block, `shared`), the final masks and the
-    records (deferred) of this rank's linears."""
+    """The block safeguard (over every searched linear of the block, `shared`), the final masks and
+    the records (deferred) of this rank's linears."""
     guard, pruned_sub = None, None
     if plan.config.trim.block_guard:
         with ex.phase("block safeguard"):
             pruned_sub, guard = block_safeguard(run, shared, dense_sub, alone_sub, plan.ranks)
-    tensors, searches = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    searches: dict[int, tuple[int, SearchTensors]] = {}
     for c in choices:
         mask = c.mask
         if guard is not None and c.trim is not None:
-            mask = guard.choose(mask, c.trim.alone.mask)
+            mask = guard.choose(mask, cast(Outcome, c.trim.alone).mask)
         tensors[f"{c.full}/mask"] = _mask_stats(mask)
         tensors[f"{c.full}/packed"] = pack_mask(mask, to_cpu=False)
         if c.trim is not None:
@@ -548,6 +569,7 @@ class _Layout:
                     kept_trim.append(lay.name)
                 k, j = lay.search
                 prefix = f"search{k}/"
+                assert self.settings is not None  # a search ran
                 summary = summarize(
                     {n[len(prefix) :]: v for n, v in host.items() if n.startswith(prefix)},
                     j,

@@ -33,9 +33,9 @@ def per_row_count(in_features: int, sparsity: float) -> int:
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Per-row selection (Wanda): exactly k = round(sparsity * in) lowest scores of every row, ties
-    broken by column order (the first k of a stable ascending sort, `row_mask_by_sort`). Found from the
-    k-th smallest score of each row: the scores below it, then the first of those equal to it until k
-    are pruned (no sort of the matrix: less memory and time)."""
+    broken by column order (the first k of a stable ascending sort, `row_mask_by_sort`). Found from
+    the k-th smallest score of each row: the scores below it, then the first of those equal to it
+    until k are pruned (no sort of the matrix: less memory and time)."""
     k = per_row_count(scores.shape[1], sparsity)
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
@@ -47,7 +47,8 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def row_mask_by_sort(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """`row_mask` by a stable sort of every row (the Wanda reference's way; the reference in tests)."""
+    """`row_mask` by a stable sort of every row (the Wanda reference's way; the reference in
+    tests)."""
     k = per_row_count(scores.shape[1], sparsity)
     order = torch.sort(scores, dim=1, stable=True)[1][:, :k]
     mask = torch.zeros_like(scores, dtype=torch.bool)
@@ -56,7 +57,8 @@ def row_mask_by_sort(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """One threshold per matrix (magnitude baseline): exactly round(sparsity * numel) lowest scores."""
+    """One threshold per matrix (magnitude baseline): exactly round(sparsity * numel) lowest
+    scores."""
     k = int(round(sparsity * scores.numel()))
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:

@@ -100,7 +100,7 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        b, l, c = x.shape
+        b, seq, c = x.shape
         flat = x.reshape(-1, c)
         if self.sqnorm is not None:
             self.sqnorm.add_(
@@ -113,15 +113,15 @@ class InputStats:
         if self.needs.last_token:
             self._last.append(x[:, -1, :].to(self.dtype))
         if self._sample_pos is not None:
-            lo, hi = self._offset + self.n_tokens, self._offset + self.n_tokens + b * l
+            lo, hi = self._offset + self.n_tokens, self._offset + self.n_tokens + b * seq
             pos = self._sample_pos[(self._sample_pos >= lo) & (self._sample_pos < hi)] - lo
             if pos.numel():
                 self._sample.append(flat[pos.to(flat.device)].to(self.dtype))
-        self.n_tokens += b * l
+        self.n_tokens += b * seq
 
     def reduce(self, ranks: Ranks) -> None:
-        """Sum the statistics over the ranks of a data-parallel run (before `finalize`); gather the kept
-        tokens in rank order."""
+        """Sum the statistics over the ranks of a data-parallel run (before `finalize`); gather the
+        kept tokens in rank order."""
         if not ranks.parallel:
             return
         for t in (self.sqnorm, self.gram):
@@ -152,6 +152,7 @@ class InputStats:
     # ------------------------------------------------------------------ views
     def wanda_norm(self) -> torch.Tensor:
         """||X_j||_2 per input feature j (Wanda's activation norm)."""
+        assert self.sqnorm is not None
         return self.sqnorm.sqrt()
 
     def explicit_inputs(self, mode: str) -> torch.Tensor:
@@ -160,8 +161,8 @@ class InputStats:
         return torch.cat(rows, 0).t().contiguous()
 
     def derived(self, key, make: Callable[[], Any]):
-        """make(), computed once per key while these statistics stay unchanged (e.g. SparseGPT's inverse
-        Hessian factor, which the linears reading this input share)."""
+        """make(), computed once per key while these statistics stay unchanged (e.g. SparseGPT's
+        inverse Hessian factor, which the linears reading this input share)."""
         if key not in self._derived:
             self._derived[key] = make()
         return self._derived[key]

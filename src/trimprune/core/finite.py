@@ -2,8 +2,8 @@
 
 Each tensor is reduced once, on its own device, to its (min, max) (`extrema`: one pass, no
 temporaries; a NaN anywhere makes both NaN, an Inf shows as +-inf), and all the extrema of one check
-are read back together: one host read (device sync) per check. A failed check raises `NonFiniteError`,
-a `TrimpruneError` whose one line names the tensor and what to do.
+are read back together: one host read (device sync) per check. A failed check raises
+`NonFiniteError`, a `TrimpruneError` whose one line names the tensor and what to do.
 
 Where they run (nothing here changes a computation):
 - `check_walk_step`, from the walk (`engine.walk.walk`), as each block is loaded: the block's
@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from trimprune.errors import NonFiniteError
+
+K = TypeVar("K", bound=Hashable)
 
 WEIGHTS_FIX = "the checkpoint holds NaN/Inf weights: check it, or download or convert it again"
 
@@ -38,7 +41,7 @@ def extrema(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi]).float()
 
 
-def nonfinite(ext: dict[Hashable, torch.Tensor]) -> dict[Hashable, str]:
+def nonfinite(ext: dict[K, torch.Tensor]) -> dict[K, str]:
     """key -> "NaN" or "Inf" for the entries of `ext` (their `extrema`) that are not finite, in the
     given order. One host read per device."""
     by_device: dict[torch.device, list] = {}
@@ -75,12 +78,15 @@ def overflow_fix(dtype: torch.dtype) -> str:
         return "the activations overflow in float16: try --dtype bfloat16 or --dtype float32"
     if dtype == torch.bfloat16:
         return "the activations overflow in bfloat16: try --dtype float32, or check the checkpoint"
-    return f"the activations are not finite even in {str(dtype).replace('torch.', '')}: check the checkpoint"
+    return (
+        f"the activations are not finite even in {str(dtype).replace('torch.', '')}: "
+        "check the checkpoint"
+    )
 
 
 def nonfinite_parameters(model: nn.Module) -> dict[str, str]:
-    """name -> "NaN" / "Inf" for every parameter of `model` that is not finite (one pass, one read per
-    device): run once something came out non-finite, to say which weights are to blame."""
+    """name -> "NaN" / "Inf" for every parameter of `model` that is not finite (one pass, one read
+    per device): run once something came out non-finite, to say which weights are to blame."""
     return nonfinite(
         {n: extrema(p) for n, p in model.named_parameters() if p.device.type != "meta"}
     )  # --offload disk: blocks not loaded (checked as they are)
@@ -103,12 +109,12 @@ def check_walk_step(
     hidden: list[torch.Tensor],
     hidden_extrema: list[torch.Tensor] | None = None,
 ) -> None:
-    """Before block `index` of `adapter` (a `ModelAdapter`) runs: its parameters and the hidden states
-    entering it; `index` = the number of blocks: after the last block, its outputs. `hidden_extrema`:
-    the extrema of `hidden` when already computed (on the device, before the copy to storage). One host
-    read."""
+    """Before block `index` of `adapter` (a `ModelAdapter`) runs: its parameters and the hidden
+    states entering it; `index` = the number of blocks: after the last block, its outputs.
+    `hidden_extrema`: the extrema of `hidden` when already computed (on the device, before the copy
+    to storage). One host read."""
     name = f"{adapter.blocks_name}.{index}"
-    ext = {
+    ext: dict[tuple[str, int | str], torch.Tensor] = {
         ("hidden", k): e
         for k, e in enumerate(
             hidden_extrema if hidden_extrema is not None else [extrema(h) for h in hidden]
@@ -147,8 +153,9 @@ def check_walk_step(
 
 
 def check_statistics(hooks, path: str, index: int, dtype: torch.dtype) -> None:
-    """The input statistics of a block's linears (`hooks`: a `engine.hooks.BlockHooks` after its forward;
-    `path`: the block, e.g. model.layers.3): Wanda squared norms and Gram matrices. One host read."""
+    """The input statistics of a block's linears (`hooks`: a `engine.hooks.BlockHooks` after its
+    forward; `path`: the block, e.g. model.layers.3): Wanda squared norms and Gram matrices. One
+    host read."""
     ext = {}
     for gid, names in enumerate(hooks.groups):
         st = hooks.stats[gid]

@@ -9,7 +9,7 @@ import re
 import socket
 import urllib.parse
 
-# --------------------------------------------------------------------------- where the model comes from
+# ----------------------------------------------------------------------- where the model comes from
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -31,9 +31,9 @@ def _hub_cached(repo: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (`HF_HUB_OFFLINE` set, or one connection to its host
-    failed within 5 s), or None when it may be (a proxy is configured: its client decides). Once it
-    failed, this process treats the Hub as offline, so no later load waits on retries."""
+    """Why the Hugging Face Hub cannot be reached (`HF_HUB_OFFLINE` set, or one connection to its
+    host failed within 5 s), or None when it may be (a proxy is configured: its client decides).
+    Once it failed, this process treats the Hub as offline, so no later load waits on retries."""
     for var in OFFLINE_VARS:
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var} is set"

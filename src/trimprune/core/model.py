@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from trimprune.errors import TrimpruneError
 try:  # GPT-2 style "Conv1D" (weight stored as in x out)
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover
-    Conv1D = ()
+    Conv1D = ()  # type: ignore[assignment,misc]
 
 
 # --------------------------------------------------------------------------- adapter
@@ -28,13 +29,14 @@ def is_prunable(module: nn.Module) -> bool:
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features); a view, so in-place edits write through."""
+    weight = cast(torch.Tensor, module.weight)
     if Conv1D != () and isinstance(module, Conv1D):
-        return module.weight.data.t()
-    return module.weight.data
+        return weight.data.t()
+    return weight.data
 
 
 def set_weight_2d(module: nn.Module, w: torch.Tensor) -> None:
-    weight_2d(module).copy_(w.to(module.weight.dtype))
+    weight_2d(module).copy_(w.to(cast(torch.Tensor, module.weight).dtype))
 
 
 @dataclass
@@ -88,7 +90,8 @@ class ModelAdapter:
         return len(self.blocks)
 
     def check_context(self, length: int, flag: str) -> None:
-        """Refuse sequences longer than the model's context (one line naming the flag and the fix)."""
+        """Refuse sequences longer than the model's context (one line naming the flag and the
+        fix)."""
         n_ctx = self.max_context()
         if n_ctx is not None and length > n_ctx:
             raise TrimpruneError(

@@ -1,8 +1,8 @@
 """Progress reporting: bars on a terminal, one line per block in a log (never per token), nothing
 with `--quiet`; optionally one JSON line per pruned block (`--log-json FILE`).
 
-Everything that reports progress takes `progress`: a `Progress`, or True (automatic: bars when stderr
-is a terminal, else lines) / False (nothing).
+Everything that reports progress takes `progress`: a `Progress`, or True (automatic: bars when
+stderr is a terminal, else lines) / False (nothing).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class Progress:
         return cls("auto" if progress else "off")
 
     def bar(self, iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it"):
-        """A tqdm bar on a terminal; otherwise the iterable (or a silent stand-in with update/close)."""
+        """A tqdm bar on a terminal; otherwise the iterable (or a silent stand-in with
+        update/close)."""
         if self.mode != "bar":
             return _Silent(iterable)
         from tqdm.auto import tqdm
@@ -65,8 +66,8 @@ class Progress:
 
 
 class BlockProgress:
-    """Progress over the decoder blocks: `step(i)` when block i is done; `record(...)` when its records
-    are known (the JSON line)."""
+    """Progress over the decoder blocks: `step(i)` when block i is done; `record(...)` when its
+    records are known (the JSON line)."""
 
     def __init__(self, progress: Progress, total: int, desc: str):
         self.p, self.total, self.desc = progress, total, desc
@@ -79,7 +80,8 @@ class BlockProgress:
         self._log = open(progress.log_json, "a") if progress.log_json else None
 
     def resume_at(self, first: int) -> None:
-        """Blocks 0..first-1 were restored from a checkpoint: count them done, time only the rest."""
+        """Blocks 0..first-1 were restored from a checkpoint: count them done, time only the
+        rest."""
         self.first = first
         if self._bar is not None and first:
             self._bar.update(first)
@@ -94,13 +96,15 @@ class BlockProgress:
             done, elapsed = index + 1, now - self.t0
             eta = elapsed / max(1, done - self.first) * (self.total - done)
             print(
-                f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, ETA {eta:.1f} s",
+                f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, "
+                f"ETA {eta:.1f} s",
                 file=self.p.stream,
                 flush=True,
             )
 
     def record(self, index: int, linears: list, guard=None) -> None:
-        """One JSON line for block `index` (its `LinearRecord`s and `BlockGuardRecord`) with --log-json."""
+        """One JSON line for block `index` (its `LinearRecord`s and `BlockGuardRecord`) with
+        --log-json."""
         if self._log is None:
             return
         from trimprune.core.records import Kept

@@ -1,10 +1,11 @@
-"""The processes of a data-parallel prune (`torch.distributed`, started by `torchrun`), or one process.
+"""The processes of a data-parallel prune (`torch.distributed`, started by `torchrun`), or one
+process.
 
 The calibration sequences are split into contiguous shares, one per rank (`Ranks.share`); every rank
 runs every block on its share. What is a sum over tokens is summed over ranks with all-reduce: the
 input statistics (Wanda norms, Gram matrices, token counts; OWL's outlier ratios follow from them),
-the block safeguard's squared errors, the evaluation NLL. Token subsets (TRIM's last tokens or sampled
-tokens) are gathered in rank order, which is their order in a single process.
+the block safeguard's squared errors, the evaluation NLL. Token subsets (TRIM's last tokens or
+sampled tokens) are gathered in rank order, which is their order in a single process.
 
 The per-linear work of a block (TRIM searches, masks, SparseGPT's reconstruction) is split across
 ranks by `Ranks.assign` and each result is broadcast from the rank that computed it, so that every
@@ -49,8 +50,8 @@ class Ranks:
         return slice(start, start + q + (r < extra))
 
     def assign(self, costs: list[int]) -> list[int]:
-        """The rank that does each of the items: largest cost first, to the least loaded rank (the lowest
-        rank on ties); the same on every rank."""
+        """The rank that does each of the items: largest cost first, to the least loaded rank (the
+        lowest rank on ties); the same on every rank."""
         load = [0] * self.world
         owner = [0] * len(costs)
         for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
@@ -88,7 +89,8 @@ class Ranks:
         return t
 
     def cat(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows (dim 0) of every rank's `t`, concatenated in rank order (shares may differ in size)."""
+        """The rows (dim 0) of every rank's `t`, concatenated in rank order (shares may differ in
+        size)."""
         if not self.parallel:
             return t
         sizes = self.counts(t.shape[0], t.device)
@@ -99,7 +101,8 @@ class Ranks:
         return torch.cat([b[:s] for b, s in zip(buf, sizes)], 0)
 
     def gather(self, obj) -> list:
-        """Every rank's `obj` (host objects exchanged between this run's own processes), in rank order."""
+        """Every rank's `obj` (host objects exchanged between this run's own processes), in rank
+        order."""
         if not self.parallel:
             return [obj]
         out = [None] * self.world

@@ -55,9 +55,9 @@ class Reconstruction:
 
 @dataclass(frozen=True)
 class SearchSummary:
-    """One TRIM search: the layer metric at uniform row sparsity (baseline), the best found, the metric of
-    the final integer allocation, the learning rate and iteration kept (None / 0: uniform), the variance
-    of the per-row cosines before / after, and the final row sparsities."""
+    """One TRIM search: the layer metric at uniform row sparsity (baseline), the best found, the
+    metric of the final integer allocation, the learning rate and iteration kept (None / 0:
+    uniform), the variance of the per-row cosines before / after, and the final row sparsities."""
 
     baseline_metric: float
     best_metric: float

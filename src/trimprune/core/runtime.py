@@ -14,14 +14,17 @@ What an algorithm asks of its executor:
 - `call(pure_fn, *args)`: a pure function, or a fast path registered for it that gives the same
   result; `accelerates(pure_fn, *args)` says whether one would run;
 - `to_device(values, dtype, device)`: a few Python numbers as a tensor on `device`;
-- `pinned(tensor)`: a host tensor that is copied to the compute device often (offloaded activations);
-- `defer(tensors, then)`: `then(host copies of tensors)` as a `Deferred` value: a GPU executor copies
-  in the background and the caller reads it once the copy is done;
-- `resident(blocks, index, device)`: a context holding block `index` on `device` while it is processed
-  (offload), its weights back in host memory afterwards (a GPU executor copies the next block ahead);
+- `pinned(tensor)`: a host tensor that is copied to the compute device often (offloaded
+  activations);
+- `defer(tensors, then)`: `then(host copies of tensors)` as a `Deferred` value: a GPU executor
+  copies in the background and the caller reads it once the copy is done;
+- `resident(blocks, index, device)`: a context holding block `index` on `device` while it is
+  processed (offload), its weights back in host memory afterwards (a GPU executor copies the next
+  block ahead);
 - `batches(stored, device)` / `store(tensor, device)`: the stored hidden-state batches, each on the
-  compute device in turn, and a computed batch copied to where the streams are stored (a GPU executor
-  copies host-stored batches ahead and back on side streams, overlapping the block's forward);
+  compute device in turn, and a computed batch copied to where the streams are stored (a GPU
+  executor copies host-stored batches ahead and back on side streams, overlapping the block's
+  forward);
 - `phase(name)`: a context naming a phase of the work (timings, profiles);
 - `close()`: release what the executor holds (captured graphs), at the end of a prune.
 """

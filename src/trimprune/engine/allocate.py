@@ -18,10 +18,15 @@ from trimprune.engine.walk import BlockRun, Streams, StreamUpdate, walk
 
 @torch.no_grad()
 def owl_ratios(
-    ms: list[float], adapter, captured, offload: bool, ex: Executor = EAGER, progress=False
+    ms: list[float],
+    adapter,
+    captured,
+    offload: bool | str,
+    ex: Executor = EAGER,
+    progress=False,
 ) -> dict[float, list[float]]:
-    """One dense walk over the captured calibration activations: per block, the Wanda scores of all its
-    linears give the outlier ratio D_l for every threshold in `ms` (M -> [D_l per block])."""
+    """One dense walk over the captured calibration activations: per block, the Wanda scores of all
+    its linears give the outlier ratio D_l for every threshold in `ms` (M -> [D_l per block])."""
     needs = StatsNeeds(sqnorm=True)
     ms = list(dict.fromkeys(float(m) for m in ms))
     ratios: list[list[float]] = []
@@ -67,7 +72,7 @@ def owl_allocation(
     captured,
     numels,
     block_of,
-    offload: bool,
+    offload: bool | str,
     ex: Executor = EAGER,
     progress=False,
 ) -> Allocation:
@@ -81,14 +86,16 @@ def owl_allocation(
 def build_allocation(
     config: PruneConfig, adapter, captured, ex: Executor = EAGER, progress=False
 ) -> Allocation:
-    """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks the
-    captured calibration activations through the dense model)."""
+    """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks
+    the captured calibration activations through the dense model)."""
     numels, block_of = linear_sizes(adapter)
     a, s = config.allocation, config.sparsity
     if a.method == "uniform":
+        assert s is not None  # PruneConfig requires --sparsity unless the allocation is a file
         return uniform(s, numels, block_of)
     if a.method.startswith("file:"):
         return from_file(a.method[5:], s, numels, block_of)
+    assert s is not None  # PruneConfig requires --sparsity unless the allocation is a file
     if a.method == "atp":
         from trimprune.algo.allocation.atp import atp_allocation
 

@@ -18,7 +18,9 @@ block safeguard, a subset of the calibration sequences followed through the dens
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,7 +87,7 @@ def _to_device(obj, device, memo: dict):
 
 
 @contextlib.contextmanager
-def blocks_replaced(adapter: ModelAdapter, replacements: list[nn.Module]):
+def blocks_replaced(adapter: ModelAdapter, replacements: Sequence[nn.Module]):
     original = list(adapter.blocks)
     try:
         for i, r in enumerate(replacements):
@@ -123,20 +125,22 @@ def capture(
     ranks: Ranks = SOLO,
     keep_on_device: bool = False,
 ) -> Captured:
-    """Record block-0 inputs for every batch (this rank's share of the calibration sequences) and every
-    block's call arguments. `subset`: token ids of the block safeguard's sequences (this rank's share),
-    whose block-0 inputs are kept as one batch. With `offload` the hidden states are stored in host
-    memory unless `keep_on_device`."""
+    """Record block-0 inputs for every batch (this rank's share of the calibration sequences) and
+    every block's call arguments. `subset`: token ids of the block safeguard's sequences (this
+    rank's share), whose block-0 inputs are kept as one batch. With `offload` the hidden states are
+    stored in host memory unless `keep_on_device`."""
     n = adapter.num_blocks
-    sinks = [dict() for _ in range(n)]
+    sinks: list[dict[str, Any]] = [dict() for _ in range(n)]
     inputs: list[torch.Tensor] = []
     store = torch.device("cpu") if offload and not keep_on_device else exec_device
     recorders = [_Recorder(i, n - 1, sinks[i], inputs if i == 0 else None) for i in range(n)]
     has_subset = subset is not None and subset.shape[0] > 0
     if has_subset:
+        assert subset is not None
         batches = batches + [subset]
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
+    config: Any = model.config
+    use_cache = getattr(config, "use_cache", None)
+    config.use_cache = False
     hidden = []
     try:
         with blocks_replaced(adapter, recorders), non_block_modules_on(model, exec_device, offload):
@@ -150,7 +154,7 @@ def capture(
                 hidden.append(h.to(store, non_blocking=True) if offload else h)
     finally:
         if use_cache is not None:
-            model.config.use_cache = use_cache
+            config.use_cache = use_cache
     memo: dict = {}
     block_args = [{k: _to_device(v, exec_device, memo) for k, v in s.items()} for s in sinks]
     if offload and store.type == "cpu" and exec_device.type == "cuda":

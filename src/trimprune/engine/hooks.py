@@ -11,7 +11,8 @@ from trimprune.core.runtime import EAGER, Executor
 
 
 class StopForward(Exception):
-    """Raised by a hook once every linear of interest has seen its input (the rest of the block is not needed)."""
+    """Raised by a hook once every linear of interest has seen its input (the rest of the block is
+    not needed)."""
 
 
 class BlockHooks:
@@ -45,7 +46,7 @@ class BlockHooks:
         self.stats: list[InputStats] = []
         self._first_batch_inputs: list[tuple[torch.Tensor, int]] = []
         self._done: set[int] = set()
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._seen_names: set[str] = set()
         self.stop_when_seen: set[str] | None = set(self.only) if stop and only is not None else None
 

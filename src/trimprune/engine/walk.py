@@ -51,9 +51,9 @@ def forward_block_all(
     extrema: list[torch.Tensor] | None = None,
     ex: Executor = EAGER,
 ):
-    """Run one block over every stored batch; returns the outputs (stored like the inputs). `extrema`:
-    collects each output's (min, max) (`finite.extrema`), computed on the compute device. The batches
-    go to the compute device and back through `ex.batches` / `ex.store`."""
+    """Run one block over every stored batch; returns the outputs (stored like the inputs).
+    `extrema`: collects each output's (min, max) (`finite.extrema`), computed on the compute device.
+    The batches go to the compute device and back through `ex.batches` / `ex.store`."""
     outs = []
     dev = captured.exec_device
     for x in ex.batches(hidden, dev):
@@ -74,8 +74,9 @@ def forward_block_all(
 
 @dataclass
 class Streams:
-    """The hidden states entering the current block: the calibration batches through the pruned model,
-    and the block safeguard's subset through the dense and through the pruned model (empty without it)."""
+    """The hidden states entering the current block: the calibration batches through the pruned
+    model, and the block safeguard's subset through the dense and through the pruned model (empty
+    without it)."""
 
     main: list[torch.Tensor]
     subset_dense: list[torch.Tensor] = field(default_factory=list)
@@ -84,8 +85,8 @@ class Streams:
 
 @dataclass
 class StreamUpdate:
-    """What a visitor hands back to the walk: the block's outputs on a stream when it computed them with
-    the block's final weights (None: the walk computes them)."""
+    """What a visitor hands back to the walk: the block's outputs on a stream when it computed them
+    with the block's final weights (None: the walk computes them)."""
 
     main: list[torch.Tensor] | None = None
     subset_dense: list[torch.Tensor] | None = None
@@ -130,8 +131,8 @@ class BlockRun:
         stop: bool = False,
     ) -> BlockHooks:
         """The statistics of the linears' inputs (of `only`, stopping the forward once they are seen
-        with `stop`) over the main stream, from one forward with hooks (summed over the ranks); checked to be
-        finite."""
+        with `stop`) over the main stream, from one forward with hooks (summed over the ranks);
+        checked to be finite."""
         c = self.captured
         hooks = BlockHooks(
             self.linears,
@@ -151,7 +152,8 @@ class BlockRun:
         return hooks
 
     def check_statistics(self, hooks: BlockHooks, ex: Executor = EAGER) -> None:
-        """Stop (`NonFiniteError`, naming the linears) if the Wanda norms or Gram matrices are not finite."""
+        """Stop (`NonFiniteError`, naming the linears) if the Wanda norms or Gram matrices are not
+        finite."""
         with ex.phase("finite checks"):
             check_statistics(hooks, self.path, self.index, self.streams.main[0].dtype)
 
@@ -169,25 +171,27 @@ def walk(
     captured: Captured,
     streams: Streams,
     visit: Callable[[BlockRun], StreamUpdate | None],
-    offload: bool = False,
+    offload: bool | str = False,
     progress=True,
     desc: str = "pruning",
     ex: Executor = EAGER,
     start: int = 0,
     after_block: Callable[[int, Streams], None] | None = None,
 ) -> Streams:
-    """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs are
-    recomputed with its final weights (unless the visitor returned them) and fed to block i+1.
+    """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs
+    are recomputed with its final weights (unless the visitor returned them) and fed to block i+1.
     `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes.
     `start`: the first block visited (`streams` are then the states entering it: a resumed run);
-    `after_block(i, streams)`: called once block i is done, with the streams entering block i+1 (checkpoints).
+    `after_block(i, streams)`: called once block i is done, with the streams entering block i+1
+    (checkpoints).
 
-    NaN / Inf never passes: as each block is loaded, its parameters and the hidden states entering it
-    on the main stream are checked (one reduction per tensor, one host read per block), and the last
-    block's outputs at the end; a `NonFiniteError` names the tensor."""
+    NaN / Inf never passes: as each block is loaded, its parameters and the hidden states entering
+    it on the main stream are checked (one reduction per tensor, one host read per block), and the
+    last block's outputs at the end; a `NonFiniteError` names the tensor."""
     own = not isinstance(progress, BlockProgress)
     blocks = Progress.of(progress).blocks(adapter.num_blocks, desc) if own else progress
-    main_extrema = None  # extrema of streams.main, when the recompute computed them
+    # extrema of streams.main, when the recompute computed them
+    main_extrema: list[torch.Tensor] | None = None
     for i in range(start, adapter.num_blocks):
         block = adapter.blocks[i]
         with (

@@ -4,9 +4,9 @@
   speed machinery off).
 - `CudaExecutor`: graph replay of small static computations (`graphs.GraphCache`, captured on the
   second use), side streams for launched computations, registered fast paths (`fastpaths`,
-  `kernels`), small host-to-device copies through pinned memory, and host copies that do not make the
-  host wait (`readback`), offloaded blocks in pinned memory copied ahead on a side stream, host-stored
-  hidden-state batches copied ahead and back on side streams (`offload`).
+  `kernels`), small host-to-device copies through pinned memory, and host copies that do not make
+  the host wait (`readback`), offloaded blocks in pinned memory copied ahead on a side stream,
+  host-stored hidden-state batches copied ahead and back on side streams (`offload`).
   `TRIMPRUNE_CUDA_GRAPHS=0` / `TRIMPRUNE_TRITON=0` / `TRIMPRUNE_PREFETCH=0` turn graphs / kernels /
   the copies ahead off.
 
@@ -51,7 +51,8 @@ class EagerExecutor(Executor):
         return self._stored_resident(blocks, index, device)
 
     def _resident(self, blocks, index, device):
-        """Block `index` on `device` while it is processed, its parameters in host memory before and after."""
+        """Block `index` on `device` while it is processed, its parameters in host memory before and
+        after."""
         return Executor.resident(self, blocks, index, device)
 
     def _pins(self) -> bool:
@@ -59,17 +60,20 @@ class EagerExecutor(Executor):
         return False
 
     def _copies_ahead(self, device) -> bool:
-        """Whether `_resident` copies block i+1 to `device` while block i is processed (it must then be in host
-        memory when block i starts)."""
+        """Whether `_resident` copies block i+1 to `device` while block i is processed (it must then
+        be in host memory when block i starts)."""
         return False
 
     def _copied_back(self, device) -> Callable[[], None] | None:
-        """After `_resident`: a wait for the block's copies back to host memory (None: they are complete)."""
+        """After `_resident`: a wait for the block's copies back to host memory (None: they are
+        complete)."""
         return None
 
     @contextlib.contextmanager
     def _stored_resident(self, blocks, index, device):
-        """`_resident` for blocks whose parameters live in storage: read (ahead), installed, released after."""
+        """`_resident` for blocks whose parameters live in storage: read (ahead), installed,
+        released after."""
+        assert self.stored is not None  # only called with storage
         ahead = self._copies_ahead(device)
         self.stored.fetch(blocks, index)
         if ahead and index + 1 < len(blocks):
@@ -85,10 +89,8 @@ class SideStreamLaunched(Launched):
 
     def __init__(self, value, event, inputs: dict):
         super().__init__(value)
-        self._event, self._inputs = (
-            event,
-            inputs,
-        )  # inputs stay referenced until the side stream is done
+        self._event = event
+        self._inputs: dict | None = inputs  # referenced until the side stream is done
 
     def result(self):
         if self._event is not None:
@@ -162,6 +164,7 @@ class CudaExecutor(EagerExecutor):
     def batches(self, stored, device):
         if not stored or stored[0].device.type != "cpu" or not self._moves(device):
             return super().batches(stored, device)
+        assert self.mover is not None  # made by _moves
         return self.mover.batches(stored)
 
     def store(self, tensor, device):
@@ -171,16 +174,19 @@ class CudaExecutor(EagerExecutor):
             or not self._moves(tensor.device)
         ):
             return super().store(tensor, device)
+        assert self.mover is not None  # made by _moves
         return self.mover.store(tensor)
 
     def run(self, key, fn, inputs, size):
         if not self.captures(_device_of(inputs), size):
             return fn(**inputs)
+        assert self.graphs is not None  # captures() checked it
         return self.graphs.run(key, fn, inputs)
 
     def launch(self, key, fn, inputs, size) -> Launched:
         if not self.captures(_device_of(inputs), size):
             return Launched(fn(**inputs))
+        assert self.graphs is not None  # captures() checked it
         value, event = self.graphs.run_async(key, fn, inputs)
         return SideStreamLaunched(value, event, inputs)
 
@@ -215,8 +221,8 @@ class CudaExecutor(EagerExecutor):
 def make_executor(
     device: torch.device | str, profile: str = "time", storage: BlockStorage | None = None
 ) -> EagerExecutor:
-    """The executor for computing on `device`: `CudaExecutor` on a GPU, else eager. `storage`: where the
-    offloaded blocks' parameters live (`--offload disk`)."""
+    """The executor for computing on `device`: `CudaExecutor` on a GPU, else eager. `storage`: where
+    the offloaded blocks' parameters live (`--offload disk`)."""
     device = torch.device(device)
     phases = Phases(profile)
     if device.type == "cuda":

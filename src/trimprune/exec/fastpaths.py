@@ -78,8 +78,9 @@ def _key(device: torch.device) -> tuple:
 
 
 def probe_out_dtype(device: torch.device) -> bool:
-    """Whether torch.mm(a, b, out_dtype=torch.float32) works for half inputs on `device` (probed once per
-    device, never inside a graph capture: the executor probes its device when it is made)."""
+    """Whether torch.mm(a, b, out_dtype=torch.float32) works for half inputs on `device` (probed
+    once per device, never inside a graph capture: the executor probes its device when it is
+    made)."""
     device = torch.device(device)
     key = _key(device)
     if key not in _OUT_DTYPE_OK:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
 MAX_ELEMENTS = 64 * 2**20  # graph only computations whose main tensors are below this size
 SIDE_STREAMS = 4
-_STREAMS: dict = {}  # device -> the side streams, made once per process (the caching allocator keeps
-# freed memory per stream: new streams for every prune would not reuse it)
+# device -> the side streams, made once per process (the caching allocator keeps freed memory per
+# stream: new streams for every prune would not reuse it)
+_STREAMS: dict = {}
 
 
 def side_streams(device: torch.device) -> list:
@@ -37,14 +39,15 @@ def leaves(obj) -> list[torch.Tensor]:
 
 
 def rebuild(template, tensors):
-    """`template` with its tensors replaced, in `leaves` order, by those of the iterator `tensors`."""
+    """`template` with its tensors replaced, in `leaves` order, by those of the iterator
+    `tensors`."""
     if isinstance(template, torch.Tensor):
         return next(tensors)
     if isinstance(template, (tuple, list)):
         return type(template)(rebuild(o, tensors) for o in template)
     if dataclasses.is_dataclass(template):
         return dataclasses.replace(
-            template,
+            cast(Any, template),
             **{
                 f.name: rebuild(getattr(template, f.name), tensors)
                 for f in dataclasses.fields(template)
@@ -62,9 +65,9 @@ class GraphCache:
         self._turn = 0
 
     def _entry(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
-        """The captured (graph, static inputs, static outputs) of `key`, or None the first time a key is
-        seen: that call runs eagerly and is the warm-up (cuBLAS handles, allocator, kernel compilation);
-        the second captures."""
+        """The captured (graph, static inputs, static outputs) of `key`, or None the first time a
+        key is seen: that call runs eagerly and is the warm-up (cuBLAS handles, allocator, kernel
+        compilation); the second captures."""
         entry = self._cache.get(key)
         if entry is None:
             if key not in self._seen:
@@ -84,8 +87,8 @@ class GraphCache:
         self._seen.clear()
 
     def run(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
-        """fn(**inputs). Returns the graph's static outputs: consume or clone them before the next `run`
-        with the same key."""
+        """fn(**inputs). Returns the graph's static outputs: consume or clone them before the next
+        `run` with the same key."""
         entry = self._entry(key, fn, inputs)
         return fn(**inputs) if entry is None else self._replay(entry, inputs)
 
@@ -98,8 +101,8 @@ class GraphCache:
         return out
 
     def run_async(self, key, fn: Callable, inputs: dict[str, torch.Tensor]):
-        """As `run`, but replayed on one of a few side streams (round robin) after the work queued so
-        far, so independent graphs overlap on the device; the outputs are copied there. Returns
+        """As `run`, but replayed on one of a few side streams (round robin) after the work queued
+        so far, so independent graphs overlap on the device; the outputs are copied there. Returns
         (outputs, event): the consuming stream must wait for the event, and `inputs` must stay
         referenced until then."""
         entry = self._entry(key, fn, inputs)

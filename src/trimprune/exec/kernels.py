@@ -1,9 +1,10 @@
-"""Triton kernels of exact all-token TRIM, registered as fast paths of the pure functions they replace.
+"""Triton kernels of exact all-token TRIM, registered as fast paths of the pure functions they
+replace.
 
 - `pruned_cross` (algo.trim.evaluators): the cross term c of the prefix table of e G e^T,
       c_a = sum_{b: rank(b) < rank(a)} G_ab w_b,
-  one program per (tile of rows, tile of columns a, linear); G tiles are shared by a tile of rows and
-  the rank comparison happens inside the reduction.
+  one program per (tile of rows, tile of columns a, linear); G tiles are shared by a tile of rows
+  and the rank comparison happens inside the reduction.
 - `iterate` (algo.trim.search): every TRIM iteration of every (linear, learning rate) as one kernel,
   reading each candidate's statistics from the prefix tables.
 
@@ -65,7 +66,8 @@ if triton is not None:
             mask=ok_r[:, None] & ok_a[None, :],
             other=-1,
         )  # (BR, BA)
-        # products accumulate elementwise; one reduction at the end (a reduction per tile was 3x slower)
+        # products accumulate elementwise; one reduction at the end (a reduction per tile was 3x
+        # slower)
         acc = tl.zeros((BR, BA, BB), dtype=tl.float32)
         for b0 in range(0, N, BB):
             cols_b = b0 + tl.arange(0, BB)
@@ -119,9 +121,11 @@ def pruned_cross_triton(
     BB: int = 16,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """`pruned_cross` as one Triton kernel. W (P, rows, in), ranks (P, rows, in), G (P, in, in) (a stride-0
-    expansion of one G is fine) -> float32 (P, rows, in). (`chunk_elems` belongs to the pure function.)"""
-    # tiles: best of 14 configurations on an H100 for the SmolLM2 shapes (benchmarks/kernel_bench.py)
+    """`pruned_cross` as one Triton kernel. W (P, rows, in), ranks (P, rows, in), G (P, in, in) (a
+    stride-0 expansion of one G is fine) -> float32 (P, rows, in). (`chunk_elems` belongs to the
+    pure function.)"""
+    # tiles: best of 14 configurations on an H100 for the SmolLM2 shapes
+    # (benchmarks/kernel_bench.py)
     P, R, N = W.shape
     W = W.float()
     if W.stride(-1) != 1:
@@ -156,7 +160,7 @@ def pruned_cross_triton(
     return C
 
 
-# ------------------------------------------------------------------------------ fused TRIM iterations
+# ---------------------------------------------------------------------------- fused TRIM iterations
 # layer metrics and dimension-wise metrics the fused kernel computes (others use the tensor code)
 FUSED_LAYER = {"cosim_flat": 0, "cosim_dim": 1, "mse": 2, "mse_dim": 2}
 FUSED_DIM = {"cosim": 0, "mse": 1}
@@ -186,7 +190,8 @@ if triton is not None:
         DIM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # one program: linear p, learning rate l; rows in chunks of BLOCK; x, dq, best x in scratch rows
+        # one program: linear p, learning rate l; rows in chunks of BLOCK; x, dq, best x in scratch
+        # rows
         pid = tl.program_id(0)
         p = pid // L
         lr2 = tl.load(LR + pid % L) * 2
@@ -201,7 +206,8 @@ if triton is not None:
             yy_acc += tl.load(YY + p * R + offs, mask=offs < R, other=0.0)
         syy = tl.sum(yy_acc)
         for it in range(ITERS):
-            # step size from the dimension-wise quality: d = 2 lr (q - min q) / (max q - min q + 1e-6)
+            # step size from the dimension-wise quality:
+            # d = 2 lr (q - min q) / (max q - min q + 1e-6)
             lo_v = tl.full([BLOCK], float("inf"), tl.float64)
             hi_v = tl.full([BLOCK], float("-inf"), tl.float64)
             for c0 in range(0, R, BLOCK):
@@ -305,10 +311,10 @@ def trim_iterations(
     layer_metric: str,
     dim_metric: str,
 ):
-    """TrimSearch._iterate for every (linear, rate) as one Triton kernel, reading the statistics of each
-    candidate from the prefix tables (2, P, rows, in + 1) of quality.GramEvaluator. yy (P, rows) float64,
-    s3 (P,) float32, base_m (P,) and base_dq (P, rows) float64 at uniform, lrs (L,) float64.
-    -> best x (P, L, rows) float32, its metric (P, L) float64, iteration (P, L) int64."""
+    """TrimSearch._iterate for every (linear, rate) as one Triton kernel, reading the statistics of
+    each candidate from the prefix tables (2, P, rows, in + 1) of quality.GramEvaluator. yy (P,
+    rows) float64, s3 (P,) float32, base_m (P,) and base_dq (P, rows) float64 at uniform, lrs (L,)
+    float64. -> best x (P, L, rows) float32, its metric (P, L) float64, iteration (P, L) int64."""
     _, P, R, N1 = tables.shape
     L = lrs.shape[0]
     x = s3.view(P, 1, 1).expand(P, L, R).contiguous()
@@ -415,8 +421,8 @@ def _iterate_applies(
 
 
 def _iterate_examples(device):
-    """Batches whose searches improve on uniform, for the four layer metrics and both dimension-wise ones
-    (rates x20 in half of them: large steps that hit the bounds)."""
+    """Batches whose searches improve on uniform, for the four layer metrics and both dimension-wise
+    ones (rates x20 in half of them: large steps that hit the bounds)."""
     for seed in range(8):
         g = torch.Generator().manual_seed(seed)
         P, rows, n, T = 3, (50 if device.type == "cpu" else 300 + 97 * seed), 40, 200

@@ -1,23 +1,26 @@
-"""Offloaded blocks and hidden states: copies that overlap the compute, and blocks staged from storage.
+"""Offloaded blocks and hidden states: copies that overlap the compute, and blocks staged from
+storage.
 
-`BlockStager` (`--offload cpu`, and the GPU half of `--offload disk`): parameters in pinned host memory,
-the next block copied ahead. While block i is processed on the compute stream, block i+1's parameters
-are copied to the GPU on a side stream (pinned memory makes the copies asynchronous); the compute stream
-waits for that copy only when block i+1 starts. When a block is done its parameters (pruned in place)
-are copied back into the same pinned host tensors on the compute stream; `flush` waits for those copies
-before the host reads the weights. At most two blocks are on the GPU at a time.
+`BlockStager` (`--offload cpu`, and the GPU half of `--offload disk`): parameters in pinned host
+memory, the next block copied ahead. While block i is processed on the compute stream, block i+1's
+parameters are copied to the GPU on a side stream (pinned memory makes the copies asynchronous); the
+compute stream waits for that copy only when block i+1 starts. When a block is done its parameters
+(pruned in place) are copied back into the same pinned host tensors on the compute stream; `flush`
+waits for those copies before the host reads the weights. At most two blocks are on the GPU at a
+time.
 
 `BatchMover`: hidden-state batches stored in (pinned) host memory. While the block runs on batch j,
 batch j+1 is copied to the GPU on one side stream, and each output is copied back to host memory on
 another as soon as it is computed, so the compute stream never waits for a transfer it did not need.
-The host reads the outputs only after the device is synchronised (the end of a pass over the batches).
+The host reads the outputs only after the device is synchronised (the end of a pass over the
+batches).
 
 `StoredBlocks` (`--offload disk`): the blocks' modules hold meta tensors; a `BlockStorage`
-(`io.diskmodel.DiskBlocks`) holds their parameters. One I/O thread reads blocks ahead into host memory
-(pinned for a GPU) and writes finished blocks back when the storage keeps them (the pruning walk); a
-block's parameters are installed into its modules only for its visit and dropped after it. With the
-GPU copy-ahead, blocks i and i+1 are in host memory while block i runs and block i+2 is being read; at
-most one finished block waits to be written.
+(`io.diskmodel.DiskBlocks`) holds their parameters. One I/O thread reads blocks ahead into host
+memory (pinned for a GPU) and writes finished blocks back when the storage keeps them (the pruning
+walk); a block's parameters are installed into its modules only for its visit and dropped after it.
+With the GPU copy-ahead, blocks i and i+1 are in host memory while block i runs and block i+2 is
+being read; at most one finished block waits to be written.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -37,8 +40,8 @@ def _tensors(block: nn.Module) -> list[torch.Tensor]:
 
 
 def pin(module: nn.Module) -> None:
-    """Move the module's host parameters and buffers into pinned memory (once; `load_model` does it for
-    an offloaded model on a GPU machine, else each block is pinned when it is first copied)."""
+    """Move the module's host parameters and buffers into pinned memory (once; `load_model` does it
+    for an offloaded model on a GPU machine, else each block is pinned when it is first copied)."""
     for t in _tensors(module):
         if t.device.type == "cpu" and not t.is_pinned():
             t.data = t.data.pin_memory()
@@ -109,6 +112,7 @@ class BatchMover:
         compute = torch.cuda.current_stream(self.device)
         nxt = self._ahead(stored[0]) if stored else None
         for j in range(len(stored)):
+            assert nxt is not None  # stored is not empty
             x, done = nxt
             if j + 1 < len(stored):
                 nxt = self._ahead(stored[j + 1])
@@ -117,7 +121,8 @@ class BatchMover:
             yield x
 
     def store(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` copied to pinned host memory on the side stream, after the work that computed it."""
+        """`tensor` copied to pinned host memory on the side stream, after the work that computed
+        it."""
         self.down.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.down):
             out = tensor.to("cpu", non_blocking=True)
@@ -125,14 +130,16 @@ class BatchMover:
         return out
 
 
-# ------------------------------------------------------------------------------------------ from storage
+# ------------------------------------------------------------------------------------- from storage
 class BlockStorage(Protocol):
-    """Where the parameters of offloaded blocks live between their visits (`io.diskmodel.DiskBlocks`)."""
+    """Where the parameters of offloaded blocks live between their visits
+    (`io.diskmodel.DiskBlocks`)."""
 
     def read(
         self, index: int, empty: Callable[..., torch.Tensor] = torch.empty
     ) -> dict[str, torch.Tensor]:
-        """Block `index`'s parameters (names inside the block) as new host tensors made by `empty`."""
+        """Block `index`'s parameters (names inside the block) as new host tensors made by
+        `empty`."""
 
     def writes(self, index: int) -> bool:
         """Whether block `index` is written back when released."""
@@ -147,15 +154,18 @@ def _pinned_empty(*shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _install(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """The block's parameters become `tensors` (new Parameters: a meta parameter's data cannot be replaced)."""
+    """The block's parameters become `tensors` (new Parameters: a meta parameter's data cannot be
+    replaced)."""
     for name, t in tensors.items():
         path, _, attr = name.rpartition(".")
         mod = block.get_submodule(path) if path else block
-        mod._parameters[attr] = nn.Parameter(t, requires_grad=mod._parameters[attr].requires_grad)
+        old = cast(nn.Parameter, mod._parameters[attr])
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
 
 
 def _drop(block: nn.Module) -> None:
-    """The block's parameters become meta tensors again (their memory is freed once nothing else holds it)."""
+    """The block's parameters become meta tensors again (their memory is freed once nothing else
+    holds it)."""
     for mod in block.modules():
         for attr, p in mod._parameters.items():
             if p is not None and p.device.type != "meta":
@@ -178,9 +188,10 @@ _MALLOC_TRIM = _load_trim()
 
 
 def return_free_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc). A block's tensors below glibc's mmap threshold
-    (up to 32 MiB) come from the heap; read on one thread and freed on another block after block, their
-    space is reused only in part, and the resident set would grow by most of a block per block."""
+    """Hand the heap's free pages back to the system (glibc). A block's tensors below glibc's mmap
+    threshold (up to 32 MiB) come from the heap; read on one thread and freed on another block after
+    block, their space is reused only in part, and the resident set would grow by most of a block
+    per block."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -191,9 +202,9 @@ def materialised(block: nn.Module) -> bool:
 
 
 class StoredBlocks:
-    """Blocks whose parameters live in a `BlockStorage`: read ahead on one I/O thread, installed into the
-    block's modules for a visit (`fetch`), handed back after it (`release`: written in the background when
-    the storage keeps the block, and dropped from the modules at once)."""
+    """Blocks whose parameters live in a `BlockStorage`: read ahead on one I/O thread, installed
+    into the block's modules for a visit (`fetch`), handed back after it (`release`: written in the
+    background when the storage keeps the block, and dropped from the modules at once)."""
 
     def __init__(self, storage: BlockStorage, pin: bool = False):
         self.storage, self.pin = storage, pin
@@ -210,7 +221,8 @@ class StoredBlocks:
             )
 
     def fetch(self, blocks, index: int) -> nn.Module:
-        """Block `index` with its parameters in host memory (waits for its read, started now unless ahead)."""
+        """Block `index` with its parameters in host memory (waits for its read, started now unless
+        ahead)."""
         if index not in self.installed:
             self.read_ahead(blocks, index)
             _install(blocks[index], self.reads.pop(index).result())
@@ -218,8 +230,9 @@ class StoredBlocks:
         return blocks[index]
 
     def release(self, blocks, index: int, ready: Callable[[], None] | None = None) -> None:
-        """Block `index` is done: its state is written on the I/O thread when the storage keeps it (first
-        waiting for `ready()`: the copies back to host memory), and its parameters are dropped."""
+        """Block `index` is done: its state is written on the I/O thread when the storage keeps it
+        (first waiting for `ready()`: the copies back to host memory), and its parameters are
+        dropped."""
         block = self.installed.pop(index, blocks[index])
         if self.storage.writes(index):
             state = {k: v.detach() for k, v in block.state_dict().items()}
@@ -246,8 +259,8 @@ class StoredBlocks:
             self.pending_writes.pop(0).result()
 
     def close(self) -> None:
-        """Wait for the writes (raising the first error), forget the reads ahead and drop the blocks still
-        installed (a walk that stopped early)."""
+        """Wait for the writes (raising the first error), forget the reads ahead and drop the blocks
+        still installed (a walk that stopped early)."""
         try:
             for f in self.reads.values():
                 f.cancel()

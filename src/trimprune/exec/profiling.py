@@ -24,7 +24,8 @@ MODES = ("time", "events", "sync", "trace")
 
 @dataclass
 class Mark:
-    """A phase boundary: the phase, "start" or "end", the host clock and (mode "events") a CUDA event."""
+    """A phase boundary: the phase, "start" or "end", the host clock and (mode "events") a CUDA
+    event."""
 
     phase: str
     edge: str

@@ -33,7 +33,10 @@ class Staged(Deferred):
             for k, _, _ in self._numbers
         ]
         byts = [tensors[k].reshape(-1).to(device, non_blocking=True) for k, _ in self._bytes]
-        self._flat = [torch.cat(nums) if nums else None, torch.cat(byts) if byts else None]
+        self._flat: list[torch.Tensor | None] | None = [
+            torch.cat(nums) if nums else None,
+            torch.cat(byts) if byts else None,
+        ]
         self._event = None
         if device.type == "cuda":
             host = []
@@ -59,6 +62,7 @@ class Staged(Deferred):
         return self._value
 
     def _split(self) -> dict[str, torch.Tensor]:
+        assert self._flat is not None  # split before the result is kept
         nums, byts = self._flat
         out = {}
         if nums is not None:
@@ -67,9 +71,9 @@ class Staged(Deferred):
             ):
                 out[k] = part.view(shape).to(dtype)
         if byts is not None:
-            # copies into pageable memory by numpy: torch's CPU copy_ wakes its thread pool (tens of ms
-            # on some GPU hosts), and clone() of pinned memory allocates pinned memory, which waits for
-            # the device
+            # copies into pageable memory by numpy: torch's CPU copy_ wakes its thread pool (tens of
+            # ms on some GPU hosts), and clone() of pinned memory allocates pinned memory, which
+            # waits for the device
             for (k, shape), part in zip(
                 self._bytes, byts.split([s.numel() for _, s in self._bytes])
             ):

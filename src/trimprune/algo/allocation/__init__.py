@@ -21,8 +21,8 @@ from trimprune.core.model import weight_2d
 
 
 def linear_sizes(adapter) -> tuple[dict[str, int], dict[str, int]]:
-    """(full linear name -> weight count, full linear name -> block index) for `adapter`'s blocks, in model
-    order."""
+    """(full linear name -> weight count, full linear name -> block index) for `adapter`'s blocks,
+    in model order."""
     numels, block_of = {}, {}
     for i in range(adapter.num_blocks):
         for n, mod in adapter.linears(i).items():
@@ -33,10 +33,10 @@ def linear_sizes(adapter) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def resolve_sparsity(config: PruneConfig, adapter) -> PruneConfig:
-    """With `--allocation file:PATH`: the file read against the model's linears (every block or linear
-    named, values in [0, 1), the parameter-weighted mean within `MEAN_TOLERANCE` of `config.sparsity`);
-    when no sparsity was given (None), the config with the file's mean as its target. Other configs are
-    returned as they are."""
+    """With `--allocation file:PATH`: the file read against the model's linears (every block or
+    linear named, values in [0, 1), the parameter-weighted mean within `MEAN_TOLERANCE` of
+    `config.sparsity`); when no sparsity was given (None), the config with the file's mean as its
+    target. Other configs are returned as they are."""
     a = config.allocation
     if not a.method.startswith("file:"):
         return config

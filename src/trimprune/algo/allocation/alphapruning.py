@@ -2,7 +2,8 @@
 
 For each weight matrix W the empirical spectral density of W^T W (eigenvalues = squared singular
 values, computed on the compute device) is fitted with a power law p(lambda) ~ lambda^-alpha for
-lambda >= xmin. For a candidate xmin = lambda_i (eigenvalues ascending, n = N - i of them in the tail):
+lambda >= xmin. For a candidate xmin = lambda_i (eigenvalues ascending, n = N - i of them in the
+tail):
 
     Hill / MLE:  alpha_i = 1 + n / (sum_{j>=i} ln lambda_j - n ln lambda_i)
     KS distance: D_i = max_{j>=i} | 1 - (lambda_j / lambda_i)^(1 - alpha_i) - (j - i) / n |
@@ -45,7 +46,7 @@ class BlockVisit:
     """Offloaded blocks: `ex.resident` holds each one on `device` while its weights are read."""
 
     ex: Executor
-    device: object
+    device: torch.device
 
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
@@ -117,8 +118,8 @@ def alpha_metrics(eigs: torch.Tensor, bins: int = 100) -> dict[str, float]:
 
 
 def _blocks(adapter, visit: BlockVisit | None):
-    """The block indices in order; with `visit` (offload) each block is held by the executor while its
-    linears are read."""
+    """The block indices in order; with `visit` (offload) each block is held by the executor while
+    its linears are read."""
     for i in range(adapter.num_blocks):
         with (
             visit.ex.resident(adapter.blocks, i, visit.device)
@@ -129,8 +130,8 @@ def _blocks(adapter, visit: BlockVisit | None):
 
 
 def model_fingerprint(adapter, visit: BlockVisit | None = None) -> str:
-    """Identity of the weights: names, shapes and per-matrix sums (computed on their device). A sum that
-    is not finite stops here (`NonFiniteError`): the SVD of a NaN / Inf matrix would fail."""
+    """Identity of the weights: names, shapes and per-matrix sums (computed on their device). A sum
+    that is not finite stops here (`NonFiniteError`): the SVD of a NaN / Inf matrix would fail."""
     h = hashlib.sha256()
     for i in _blocks(adapter, visit):
         for n, mod in adapter.linears(i).items():
@@ -201,7 +202,8 @@ def alpha_sparsities(
     block_index: list[int] | None = None,
     upper: float = UPPER,
 ) -> list[float]:
-    """Reference mapping to [s(1-eps), s(1+eps)] (scaled to the exact mean), clipped to [0, upper]."""
+    """Reference mapping to [s(1-eps), s(1+eps)] (scaled to the exact mean), clipped to [0,
+    upper]."""
     m = torch.tensor(metrics, dtype=torch.float64)
     if block_index is not None:
         b = torch.tensor(block_index)

@@ -81,9 +81,9 @@ def _sparsity_value(where: str, key, v) -> float:
 
 
 def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
-    """Before the model loads: the sparsities an allocation file gives, checked for type and range: a list
-    (one per block), or a mapping of block index or linear name -> sparsity, optionally under a
-    `per_linear` or `per_block` key (what every run writes). JSON or YAML."""
+    """Before the model loads: the sparsities an allocation file gives, checked for type and range:
+    a list (one per block), or a mapping of block index or linear name -> sparsity, optionally under
+    a `per_linear` or `per_block` key (what every run writes). JSON or YAML."""
     where = f"--allocation file:{path}"
     p = Path(path)
     if p.is_dir():
@@ -95,14 +95,16 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputFileError(f"{where} is not UTF-8 text: give a JSON or YAML file")
+        raise InputFileError(f"{where} is not UTF-8 text: give a JSON or YAML file") from None
     except OSError as e:
-        raise InputFileError(f"{where} cannot be read ({e.strerror or e}): check its permissions")
+        raise InputFileError(
+            f"{where} cannot be read ({e.strerror or e}): check its permissions"
+        ) from e
     try:
         data = yaml.safe_load(text)  # YAML is a superset of JSON
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputFileError(f"{where} is not valid JSON/YAML: {first}")
+        raise InputFileError(f"{where} is not valid JSON/YAML: {first}") from e
     if isinstance(data, dict) and "per_linear" in data:
         data = data["per_linear"]
     elif isinstance(data, dict) and "per_block" in data:
@@ -121,12 +123,12 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
 def from_file(
     path: str, requested: float | None, numels: dict[str, int], block_of: dict[str, int]
 ) -> Allocation:
-    """Read per-block or per-linear sparsities from JSON/YAML (`read_allocation_file`). Accepted shapes:
-    a list (one value per block), a mapping block index -> value, a mapping linear name -> value
-    (full names such as ``model.layers.3.mlp.down_proj`` or block-relative ``3.mlp.down_proj``),
-    or a mapping with a ``per_linear`` or ``per_block`` key (what every run writes).
-    The parameter-weighted mean must equal `requested` within `MEAN_TOLERANCE`; `requested` None: the
-    mean is the target (`Allocation.requested`)."""
+    """Read per-block or per-linear sparsities from JSON/YAML (`read_allocation_file`). Accepted
+    shapes: a list (one value per block), a mapping block index -> value, a mapping linear name ->
+    value (full names such as ``model.layers.3.mlp.down_proj`` or block-relative
+    ``3.mlp.down_proj``), or a mapping with a ``per_linear`` or ``per_block`` key (what every run
+    writes). The parameter-weighted mean must equal `requested` within `MEAN_TOLERANCE`; `requested`
+    None: the mean is the target (`Allocation.requested`)."""
     data = read_allocation_file(path)
     nblocks = max(block_of.values()) + 1
     per: dict[str, float] = {}
@@ -138,11 +140,11 @@ def from_file(
             )
         per = {k: data[block_of[k]] for k in numels}
     elif all(k.isdigit() for k in data):
-        missing = [b for b in range(nblocks) if str(b) not in data]
-        if missing:
+        missing_blocks = [b for b in range(nblocks) if str(b) not in data]
+        if missing_blocks:
             raise InputFileError(
-                f"--allocation file:{path} has no sparsity for block {missing[0]}: give every "
-                f"block 0..{nblocks - 1}"
+                f"--allocation file:{path} has no sparsity for block {missing_blocks[0]}: "
+                f"give every block 0..{nblocks - 1}"
             )
         extra = [k for k in data if int(k) >= nblocks]
         if extra:
@@ -161,13 +163,13 @@ def from_file(
                     prefix[".".join(parts[i:])] = full
                     break
         for k, v in data.items():
-            full = k if k in numels else prefix.get(k)
-            if full is None:
+            target = k if k in numels else prefix.get(k)
+            if target is None:
                 raise InputFileError(
                     f"--allocation file:{path} names {k!r}, which is not a prunable linear "
                     f"of this model (e.g. {next(iter(numels))})"
                 )
-            per[full] = v
+            per[target] = v
         missing = [k for k in numels if k not in per]
         if missing:
             raise InputFileError(
@@ -178,8 +180,8 @@ def from_file(
     if requested is not None and abs(mean - requested) > MEAN_TOLERANCE:
         raise InputFileError(
             f"--allocation file:{path} has a parameter-weighted mean sparsity of {mean:.6g}, not "
-            f"--sparsity {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): give --sparsity "
-            f"{mean:.6g}, or leave --sparsity out to prune to the file's mean"
+            f"--sparsity {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): "
+            f"give --sparsity {mean:.6g}, or leave --sparsity out to prune to the file's mean"
         )
     details = (
         {}
@@ -196,7 +198,8 @@ def clip_to_mean(values, weights, mean: float, lo: float, hi: float, mode: str =
 
     mode "shift": v + t, clipped (keeps differences, e.g. OWL's +-lambda range);
     mode "scale": c * v, clipped (keeps ratios, e.g. AlphaPruning's multiplicative scaler).
-    t or c is found by bisection; the result is the unique monotone adjustment that hits the mean."""
+    t or c is found by bisection; the result is the unique monotone adjustment that hits the
+    mean."""
     import torch
 
     v = torch.as_tensor(values, dtype=torch.float64)

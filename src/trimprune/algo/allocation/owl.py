@@ -2,12 +2,15 @@
 
 Per decoder block l, the layerwise outlier distribution D_l is the percentage of Wanda scores
 |W_ij| * ||X_j|| (over all linears of the block, concatenated) above M times their mean. Blocks with
-more outliers keep more weights: densities are mapped linearly onto [1 - s - lambda, 1 - s + lambda],
+more outliers keep more weights: densities are mapped linearly onto
+[1 - s - lambda, 1 - s + lambda],
 
-    d_l = 2 lambda (D_l - min D) / (max D - min D);   d_l <- d_l - mean(d) + (1 - s);   s_l = 1 - d_l
+    d_l = 2 lambda (D_l - min D) / (max D - min D);
+    d_l <- d_l - mean(d) + (1 - s);   s_l = 1 - d_l
 
 (reference: TRIM/OWL `prune_wanda_outlier`). The scores come from a dense walk over the calibration
-activations already captured for pruning (one forward per block; no second data sampling or capture).
+activations already captured for pruning (one forward per block; no second data sampling or
+capture).
 """
 
 from __future__ import annotations

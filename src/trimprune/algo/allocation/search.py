@@ -1,15 +1,17 @@
-"""The pure parts of `--allocation search`: the search space, a trial's parameters -> per-block profile
--> an allocation with the exact parameter-weighted mean and the bounds of the other allocations.
+"""The pure parts of `--allocation search`: the search space, a trial's parameters -> per-block
+profile -> an allocation with the exact parameter-weighted mean and the bounds of the other
+allocations.
 
-The driver (`trimprune.search`) asks Optuna's TPE for the parameters of each trial (through `suggest`,
-which only calls `trial.suggest_categorical` / `trial.suggest_float`: Optuna is not imported here),
-prunes with `allocation_for(params, ...)` and scores the model on held-out calibration sequences.
+The driver (`trimprune.search`) asks Optuna's TPE for the parameters of each trial (through
+`suggest`, which only calls `trial.suggest_categorical` / `trial.suggest_float`: Optuna is not
+imported here), prunes with `allocation_for(params, ...)` and scores the model on held-out
+calibration sequences.
 
 Search space (`--search-space`, a comma list):
 - `rules`: the closed-form allocations and their parameters: OWL (M from `OWL_M_GRID`, lambda),
   AlphaPruning (metric, eps; the mapping of `--alpha-mapping`), ATP (beta);
-- `free`: a smooth profile over depth, `N_CHEB` Chebyshev coefficients c_k on x_l = 2 l / (L - 1) - 1:
-  s_l = S + sum_k c_k T_k(x_l) (k = 1..N_CHEB; T_0 would only move the mean, which is fixed);
+- `free`: a smooth profile over depth, `N_CHEB` Chebyshev coefficients c_k on x_l = 2 l / (L - 1) -
+  1: s_l = S + sum_k c_k T_k(x_l) (k = 1..N_CHEB; T_0 would only move the mean, which is fixed);
 - `trim`: TRIM on or off, per trial.
 Each trial first picks its family (`family`: owl, alphapruning, atp or free) as a categorical. Every
 profile ends with `clip_to_mean`: blocks in [0, UPPER] and the parameter-weighted mean exactly the
@@ -75,7 +77,8 @@ def _clamp(v: float, lo_hi: tuple[float, float]) -> float:
 
 def warm_starts(spaces, allocation, trim_default: bool) -> list[dict]:
     """The first trials of a new study: uniform (with `free`) and OWL, AlphaPruning and ATP with the
-    parameters of `allocation` (an `AllocationConfig`; with `rules`), clamped into the search's ranges."""
+    parameters of `allocation` (an `AllocationConfig`; with `rules`), clamped into the search's
+    ranges."""
     out = []
     if "free" in spaces:
         out.append({"family": "free"} | {f"c{k}": 0.0 for k in range(1, N_CHEB + 1)})
@@ -119,8 +122,8 @@ def free_block_sparsities(
 
 
 class RuleSources(Protocol):
-    """What the rules need from the model: OWL's outlier ratios per block for a threshold M (from a dense
-    walk, cached), and AlphaPruning's per-linear metrics (from the weights, cached)."""
+    """What the rules need from the model: OWL's outlier ratios per block for a threshold M (from a
+    dense walk, cached), and AlphaPruning's per-linear metrics (from the weights, cached)."""
 
     def owl_ratios(self, m: float) -> list[float]: ...
 
@@ -135,7 +138,8 @@ def allocation_for(
     sources: RuleSources,
     alpha_mapping: str = "block_wise",
 ) -> Allocation:
-    """The allocation of a trial's parameters (`suggest`), method "search", with the parameters in its details."""
+    """The allocation of a trial's parameters (`suggest`), method "search", with the parameters in
+    its details."""
     from trimprune.algo.allocation.alphapruning import alpha_from_metrics
     from trimprune.algo.allocation.owl import owl_from_ratios
 

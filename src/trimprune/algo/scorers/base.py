@@ -54,8 +54,8 @@ class Scorer:
         raise NotImplementedError
 
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> int:
-        """Weights this scorer prunes in a (rows, cols) matrix at a uniform target (per-row selection:
-        round(sparsity * cols) in every row)."""
+        """Weights this scorer prunes in a (rows, cols) matrix at a uniform target (per-row
+        selection: round(sparsity * cols) in every row)."""
         return rows * M.per_row_count(cols, sparsity)
 
     def select(self, scores: torch.Tensor, target: Target) -> torch.Tensor:
@@ -74,7 +74,8 @@ class Scorer:
                 and t.nm is None
                 and (t.row_counts is not None or self.alone_is_uniform_rows)
             ):
-                # made on the ranks' device: a host tensor copied there would wait for all queued work
+                # made on the ranks' device: a host tensor copied there would wait for all queued
+                # work
                 k = (
                     t.row_counts.to(t.ranks.device, t.ranks.dtype)
                     if t.row_counts is not None

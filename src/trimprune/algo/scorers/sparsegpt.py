@@ -8,9 +8,9 @@ remaining columns of its row: W[:, j:] -= (w_ij / U_jj) * U[j, j:] (the OBS upda
 
 Rows of linears that read the same input (q/k/v, gate/up) share H, so they are solved together.
 
-Failures: a non-finite H is an error (`NonFiniteError`; the walk's statistics check names the linears
-before it gets here). Dead inputs (H_jj = 0) get H_jj = 1 and their weights are zeroed, as in the
-reference. A failed Cholesky factorisation is retried with 10x the damping (`percdamp_used`,
+Failures: a non-finite H is an error (`NonFiniteError`; the walk's statistics check names the
+linears before it gets here). Dead inputs (H_jj = 0) get H_jj = 1 and their weights are zeroed, as
+in the reference. A failed Cholesky factorisation is retried with 10x the damping (`percdamp_used`,
 `damp_retries`). Should the reconstruction of a linear still come out non-finite (finite inputs make
 this a numerical failure, not bad data), that linear keeps its mask without the update and its
 `Reconstruction.fallback` says so (`prune` lists it in the result's notes).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -35,7 +36,8 @@ log = logging.getLogger("trimprune")
 
 @dataclass(frozen=True)
 class InverseFactor:
-    """U, the upper Cholesky factor of (H + lambda I)^-1, the dead input columns, and how it was reached."""
+    """U, the upper Cholesky factor of (H + lambda I)^-1, the dead input columns, and how it was
+    reached."""
 
     U: torch.Tensor
     dead: torch.Tensor
@@ -96,11 +98,11 @@ class SparseGPT(Scorer):
     # ------------------------------------------------------------------ H^-1 factor
     def inverse_factor(self, stats: InputStats, device: torch.device) -> InverseFactor:
         """Upper Cholesky factor U of (H + lambda I)^-1 with dead columns handled as in the paper
-        (H_jj = 0 -> H_jj = 1, w_:j = 0). On a failed factorisation the damping grows x10. Computed once
-        per statistics (q/k/v share it)."""
+        (H_jj = 0 -> H_jj = 1, w_:j = 0). On a failed factorisation the damping grows x10. Computed
+        once per statistics (q/k/v share it)."""
         return stats.derived(
             ("sparsegpt inverse factor", device, self.percdamp, self.max_damp_retries),
-            lambda: self._inverse_factor(stats.gram, device),
+            lambda: self._inverse_factor(cast(torch.Tensor, stats.gram), device),
         )
 
     def _inverse_factor(self, gram: torch.Tensor, device: torch.device) -> InverseFactor:
@@ -108,8 +110,9 @@ class SparseGPT(Scorer):
         fallback = None
         if not torch.isfinite(H).all():
             raise NonFiniteError(
-                "SparseGPT: the Gram matrix X^T X of a linear's inputs holds NaN/Inf: the calibration "
-                "activations are not finite (an overflow: try --dtype bfloat16 or --dtype float32)"
+                "SparseGPT: the Gram matrix X^T X of a linear's inputs holds NaN/Inf: "
+                "the calibration activations are not finite "
+                "(an overflow: try --dtype bfloat16 or --dtype float32)"
             )
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
@@ -148,8 +151,10 @@ class SparseGPT(Scorer):
             dead_columns=int(dead.sum()),
         )
 
-    def importance(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
-        """The saliency w^2 / [U]_jj^2 on the unmodified weights (the cheap proxy TRIM searches with)."""
+    def importance(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """The saliency w^2 / [U]_jj^2 on the unmodified weights (the cheap proxy TRIM searches
+        with)."""
+        assert stats is not None  # SparseGPT always collects the Gram matrix
         f = self.inverse_factor(stats, weight.device)
         w = weight.masked_fill(f.dead.unsqueeze(0), 0.0)
         return w.square() / torch.diag(f.U).square().unsqueeze(0)
@@ -168,14 +173,15 @@ class SparseGPT(Scorer):
         # reference semantics: one selection over the whole block of this matrix
         mask = torch.zeros_like(t, dtype=torch.bool)
         s = target.sparsity
-        k = _round(s * t.shape[0] * i2) - _round(s * t.shape[0] * i1)
-        if k > 0:
-            idx = torch.sort(t.flatten(), stable=True)[1][:k]
+        count = _round(s * t.shape[0] * i2) - _round(s * t.shape[0] * i1)
+        if count > 0:
+            idx = torch.sort(t.flatten(), stable=True)[1][:count]
             mask.view(-1)[idx] = True
         return mask
 
     @torch.no_grad()
-    def prune_group(self, members: list[Member], stats: InputStats) -> list[Outcome]:
+    def prune_group(self, members: list[Member], stats: InputStats | None) -> list[Outcome]:
+        assert stats is not None  # SparseGPT always collects the Gram matrix
         dev = members[0].weight.device
         f = self.inverse_factor(stats, dev)
         U, dead = f.U, f.dead
@@ -218,14 +224,16 @@ class SparseGPT(Scorer):
             mask[:, i1:i2] = mask1
             if i2 < cols:
                 W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-        # never return NaN / Inf: a linear whose reconstruction is not finite keeps its mask without the update
+        # never return NaN / Inf: a linear whose reconstruction is not finite keeps its mask without
+        # the update
         finite = torch.stack([torch.isfinite(W[sg]).all() for sg in segs]).tolist()
         out = []
         for sg, m, ok in zip(segs, members, finite):
             fallback = f.fallback
             if not ok:
                 log.warning(
-                    "SparseGPT: the reconstruction of %s is not finite; kept its mask without the update",
+                    "SparseGPT: the reconstruction of %s is not finite; "
+                    "kept its mask without the update",
                     m.name,
                 )
                 W[sg] = m.weight.masked_fill(mask[sg], 0.0)

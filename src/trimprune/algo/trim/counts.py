@@ -13,9 +13,9 @@ import torch
 
 
 def project_capped_mean(x: torch.Tensor, s, cap: float, iters: int = 64) -> torch.Tensor:
-    """Euclidean projection of each x (..., n) onto {y in [0, cap]^n : mean(y) = s}: y = clip(x - tau, 0, cap)
-    with tau found by bisection (mean(clip(x - tau)) is monotone in tau). `s` a float or one per vector;
-    no host synchronisation (64 halvings exhaust float64)."""
+    """Euclidean projection of each x (..., n) onto {y in [0, cap]^n : mean(y) = s}: y = clip(x -
+    tau, 0, cap) with tau found by bisection (mean(clip(x - tau)) is monotone in tau). `s` a float
+    or one per vector; no host synchronisation (64 halvings exhaust float64)."""
     x = x.double()
     s = torch.as_tensor(s, dtype=torch.float64, device=x.device)
     s = s.unsqueeze(-1) if s.dim() else s
@@ -30,12 +30,12 @@ def project_capped_mean(x: torch.Tensor, s, cap: float, iters: int = 64) -> torc
 
 
 def capped_counts(x: torch.Tensor, n: int, totals: torch.Tensor, cap: float):
-    """Integer pruned-counts (P, rows) from row sparsities x (P, rows) of matrices with n inputs: every
-    row in [0, floor(cap n)], row sums exactly `totals` (P,). Project the fractions onto the capped
-    set with the right mean (TRIM's re-centred vectors can leave the bounds), floor, then hand the
-    remainder to the rows with the largest fractional parts (take it from the smallest when the
-    floors overshoot). After the projection the remainder is below the number of rows that can take
-    one more weight, so one round suffices; `ok` (P,) guards the float arithmetic. No host
+    """Integer pruned-counts (P, rows) from row sparsities x (P, rows) of matrices with n inputs:
+    every row in [0, floor(cap n)], row sums exactly `totals` (P,). Project the fractions onto the
+    capped set with the right mean (TRIM's re-centred vectors can leave the bounds), floor, then
+    hand the remainder to the rows with the largest fractional parts (take it from the smallest when
+    the floors overshoot). After the projection the remainder is below the number of rows that can
+    take one more weight, so one round suffices; `ok` (P,) guards the float arithmetic. No host
     synchronisation."""
     P, rows = x.shape
     kmax = int(cap * n + 1e-9)
@@ -82,8 +82,9 @@ def exact_counts(
 
 
 def _repair_counts(x: torch.Tensor, k: torch.Tensor, total: int, n: int, kmax: int) -> torch.Tensor:
-    """Counts k (rows,) brought into [0, kmax] and to the exact total, by the rule of `capped_counts`
-    repeated until nothing is left (host code, for the rare case one round did not suffice)."""
+    """Counts k (rows,) brought into [0, kmax] and to the exact total, by the rule of
+    `capped_counts` repeated until nothing is left (host code, for the rare case one round did not
+    suffice)."""
     k = k.clamp(0, kmax)
     frac = project_capped_mean(x, total / (x.numel() * n), kmax / n) * n - k.double()
     while True:

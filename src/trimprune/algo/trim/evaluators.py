@@ -9,10 +9,11 @@ metrics need, from explicit inputs (last tokens or a subsample); `ObsEvaluator` 
 SparseGPT-reconstructed weights. An `EvaluatorSpec` names an evaluator (it keys cached graphs) and
 builds it for a source tensor.
 
-For candidates given as per-row counts over a fixed importance order, e G e^T has an exact prefix form:
-pruning the k least important weights of a row leaves e_k with
+For candidates given as per-row counts over a fixed importance order, e G e^T has an exact prefix
+form: pruning the k least important weights of a row leaves e_k with
 
-    e_k G e_k^T = sum_{rank(a) < k} w_a (w_a G_aa + 2 c_a),   c_a = sum_{b: rank(b) < rank(a)} G_ab w_b,
+    e_k G e_k^T = sum_{rank(a) < k} w_a (w_a G_aa + 2 c_a),
+    c_a = sum_{b: rank(b) < rank(a)} G_ab w_b,
 
 so one pass over G per row (`pruned_cross`) gives e G e^T for EVERY k.
 """
@@ -20,6 +21,7 @@ so one pass over G per row (`pruned_cross`) gives e G e^T for EVERY k.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +34,8 @@ from trimprune.core.runtime import EAGER, Executor
 def pruned_cross(
     W: torch.Tensor, ranks: torch.Tensor, G: torch.Tensor, chunk_elems: int = 2**24
 ) -> torch.Tensor:
-    """c[p, r, a] = sum_b G[p, a, b] W[p, r, b] [ranks[p, r, b] < ranks[p, r, a]] (module docstring), rows in
-    chunks of at most `chunk_elems` (rows x in x in) intermediate elements.
+    """c[p, r, a] = sum_b G[p, a, b] W[p, r, b] [ranks[p, r, b] < ranks[p, r, a]] (module
+    docstring), rows in chunks of at most `chunk_elems` (rows x in x in) intermediate elements.
     W (P, rows, in), ranks (P, rows, in), G (P, in, in) -> (P, rows, in) in G's dtype."""
     P, R, N = W.shape
     out = torch.empty(P, R, N, dtype=G.dtype, device=W.device)
@@ -66,7 +68,11 @@ def _matmul_precision(precision: str):
 class _Batching:
     """Evaluators work on a leading batch of linears P and a candidate dimension L:
     W (P, rows, in); masks / weights (P, L, rows, in) -> statistics (P, L, rows). Unbatched inputs
-    (W of shape (rows, in), candidates (L, rows, in) or (rows, in)) are accepted and squeezed back."""
+    (W of shape (rows, in), candidates (L, rows, in) or (rows, in)) are accepted and squeezed
+    back."""
+
+    W: torch.Tensor
+    batched: bool
 
     def _begin(self, W: torch.Tensor) -> torch.Tensor:
         self.batched = W.dim() == 3
@@ -97,6 +103,8 @@ class _Batching:
 
 
 class _MaskCounts:
+    stats_from_mask: Callable[[torch.Tensor], RowStats]  # provided by the evaluator
+
     def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor) -> RowStats:
         """Statistics when row r of each candidate prunes its k[r] least important weights
         (k (P, L, rows), ranks (P, rows, in))."""
@@ -109,9 +117,9 @@ class GramEvaluator(_Batching, _MaskCounts):
     For candidates given as per-row counts over a fixed importance order (`stats_from_counts`, the
     TRIM search), both terms that depend on the pruned set come from prefix tables built once per
     matrix: w G e^T (linear in e) and e G e^T (module docstring). Every candidate of every iteration
-    then costs two gathers, not an (rows x in x in) product. `tables`: "on", "off" (form E and E G per
-    candidate), or "auto" (on where the executor accelerates `pruned_cross`, e.g. a GPU kernel for
-    float32 G; elsewhere the per-candidate products are cheaper)."""
+    then costs two gathers, not an (rows x in x in) product. `tables`: "on", "off" (form E and E G
+    per candidate), or "auto" (on where the executor accelerates `pruned_cross`, e.g. a GPU kernel
+    for float32 G; elsewhere the per-candidate products are cheaper)."""
 
     def __init__(
         self,
@@ -129,14 +137,15 @@ class GramEvaluator(_Batching, _MaskCounts):
         self.tables = tables
         self.ex = ex
 
-    # "auto" builds the tables for matrices up to this many rows x in x in: building costs about as much
-    # as ~100 tensor-core evaluations of E G, so large matrices (compute-bound, searched rate after rate)
-    # are cheaper without them, small ones (where E G per candidate is launch- and memory-bound) with them
+    # "auto" builds the tables for matrices up to this many rows x in x in: building costs about as
+    # much as ~100 tensor-core evaluations of E G, so large matrices (compute-bound, searched rate
+    # after rate) are cheaper without them, small ones (where E G per candidate is launch- and
+    # memory-bound) with them
     TABLE_MAX_WORK = 2**31
 
     def counts_from_tables(self, rows: int | None = None) -> bool:
-        """Whether `stats_from_counts` reads prefix tables (cheap per candidate) for matrices of `rows`
-        rows (default: as prepared; unknown counts as small)."""
+        """Whether `stats_from_counts` reads prefix tables (cheap per candidate) for matrices of
+        `rows` rows (default: as prepared; unknown counts as small)."""
         if self.tables == "auto":
             if rows is None:
                 rows = self.W.shape[-2] if getattr(self, "W", None) is not None else 0
@@ -166,9 +175,12 @@ class GramEvaluator(_Batching, _MaskCounts):
             self.A = torch.matmul(self.W, G3.expand(P, N, N))  # W G        (P, rows, in)
         self.AW = self.A * self.W
         self.yy = self.AW.sum(-1, dtype=torch.float64)  # ||w_r X||^2 (P, rows)
-        self._Gb = self._Wb = None
+        self._Gb: torch.Tensor | None = None
+        self._Wb: torch.Tensor | None = None
         # prefix sums of AW in the order of `_ranks`, and their flat row offsets (stats_from_counts)
-        self._ranks = self._table = self._base = None
+        self._ranks: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None
+        self._base: torch.Tensor | None = None
 
     def _eg(self, E: torch.Tensor) -> torch.Tensor:
         """E G for E (P, L, rows, in)."""
@@ -205,16 +217,16 @@ class GramEvaluator(_Batching, _MaskCounts):
         )
 
     def count_tables(self):
-        """The prefix tables (2, P, rows, in + 1) of w G e^T and e G e^T, once `stats_from_counts` has
-        built them with the quadratic table, else None."""
+        """The prefix tables (2, P, rows, in + 1) of w G e^T and e G e^T, once `stats_from_counts`
+        has built them with the quadratic table, else None."""
         t = getattr(self, "_table", None)
         return t if t is not None and t.shape[0] == 2 else None
 
     def stats_from_counts(self, k: torch.Tensor, ranks: torch.Tensor) -> RowStats:
         """Row r prunes its k[r] least important weights (k (P, L, rows), ranks (P, rows, in)).
-        w G e^T — linear in the pruned set — comes from prefix sums of (w G) * w in importance order;
-        e G e^T from the quadratic prefix table (class docstring) or, with tables off, from E (one
-        fused select) and the product E G."""
+        w G e^T — linear in the pruned set — comes from prefix sums of (w G) * w in importance
+        order; e G e^T from the quadratic prefix table (class docstring) or, with tables off, from E
+        (one fused select) and the product E G."""
         if not (self.batched and k.dim() == 3 and ranks.dim() == 3):
             return super().stats_from_counts(k, ranks)
         P, R, N = ranks.shape
@@ -234,9 +246,11 @@ class GramEvaluator(_Batching, _MaskCounts):
             self._base = None
             self._ranks = ranks
         kk = k.clamp(0, N)
-        # table[p, r, kk[p, l, r]] by flat index (a gather on the expanded table would copy it per candidate)
+        # table[p, r, kk[p, l, r]] by flat index (a gather on the expanded table would copy it per
+        # candidate)
         if self._base is None:
             self._base = (torch.arange(P * R, device=k.device) * (N + 1)).view(P, 1, R)
+        assert self._table is not None  # built above
         flat = self._table.view(self._table.shape[0], -1)
         wge = flat[0][self._base + kk]
         if quad:
@@ -314,8 +328,8 @@ class ObsEvaluator:
     With least-squares reconstruction the pruned output y' is the projection of y, so
     <y, y'> = ||y'||^2 and ||y||^2 = ||y'||^2 + err. OBS gives err for pruning the k least salient
     weights of a row as the prefix sum of the saliencies w_j^2 / [U]_jj^2 (Frantar & Alistarh 2023,
-    Eq. 3-4). `table` (P, rows, in + 2) holds those prefix sums for k = 0..in and, last, yy_r = w_r G w_r^T:
-    then c = q = yy - err(k) for any counts k, with no matrix products at all."""
+    Eq. 3-4). `table` (P, rows, in + 2) holds those prefix sums for k = 0..in and, last, yy_r = w_r
+    G w_r^T: then c = q = yy - err(k) for any counts k, with no matrix products at all."""
 
     def __init__(self, table: torch.Tensor, n_tokens: int):
         self.table = table if table.dim() == 3 else table.unsqueeze(0)
@@ -376,7 +390,8 @@ class ExplicitSpec:
 
 @dataclass(frozen=True)
 class ObsSpec:
-    """`ObsEvaluator` over `n_tokens` tokens (its source: `ObsEvaluator.table_for` of each linear)."""
+    """`ObsEvaluator` over `n_tokens` tokens (its source: `ObsEvaluator.table_for` of each
+    linear)."""
 
     n_tokens: int
 

@@ -66,6 +66,7 @@ def layer_metric(name: str, st: RowStats) -> torch.Tensor:
     if st.Y is None:
         raise ValueError(f"metric {name} needs explicit outputs")
     Y, Yp = st.Y, st.Yp
+    assert Yp is not None  # set together with Y
     if name == "cosim_sample":
         na = torch.linalg.vector_norm(Y, dim=-2)
         nb = torch.linalg.vector_norm(Yp, dim=-2)
@@ -92,6 +93,7 @@ def dim_metric(name: str, st: RowStats) -> torch.Tensor:
         return -(st.err / st.T)
     if name == "psnr":
         Y, Yp = st.Y, st.Yp
+        assert Y is not None and Yp is not None  # psnr needs explicit outputs
         peak = Y.square().amax(dim=-1)
         return 10 * torch.log10(peak / ((Y - Yp).square().mean(-1) + 1e-10))
     raise ValueError(f"unknown dimension-wise metric {name}")

@@ -17,12 +17,12 @@ log = logging.getLogger("trimprune")
 
 @dataclass
 class SearchTensors:
-    """The searches of P linears, on the device. Per linear: the final integer counts (rows,), the chosen
-    sparsity vector x (rows,), the layer metric at uniform sparsity, every rate's best metric (-inf where
-    not evaluated) and iteration, the length of the improving prefix of the positive and of the negative
-    rates, the chosen rate (index into `all_lrs`, -1: uniform), the final allocation's layer metric, the
-    variance of the row cosines after and before, its min / mean / max row sparsity, and whether the
-    counts hit the exact total within the bounds."""
+    """The searches of P linears, on the device. Per linear: the final integer counts (rows,), the
+    chosen sparsity vector x (rows,), the layer metric at uniform sparsity, every rate's best metric
+    (-inf where not evaluated) and iteration, the length of the improving prefix of the positive and
+    of the negative rates, the chosen rate (index into `all_lrs`, -1: uniform), the final
+    allocation's layer metric, the variance of the row cosines after and before, its min / mean /
+    max row sparsity, and whether the counts hit the exact total within the bounds."""
 
     counts: torch.Tensor
     x: torch.Tensor

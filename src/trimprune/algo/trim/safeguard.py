@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -42,8 +43,8 @@ class Found:
 @dataclass
 class TrimChoice:
     """A searched linear after its own safeguard (device tensors): the chosen outcome and the scorer
-    alone's (for the block safeguard; None when nothing compares against them), both layer metrics and
-    the choice, the solver info of TRIM's and of the scorer alone's outcome."""
+    alone's (for the block safeguard; None when nothing compares against them), both layer metrics
+    and the choice, the solver info of TRIM's and of the scorer alone's outcome."""
 
     found: Found
     chosen: Outcome | None
@@ -54,7 +55,8 @@ class TrimChoice:
     infos: tuple  # solver info of TRIM's outcome and of the scorer alone's
 
     def settled(self) -> TrimChoice:
-        """Without the outcomes (the weight is set): what the records need when no block safeguard follows."""
+        """Without the outcomes (the weight is set): what the records need when no block safeguard
+        follows."""
         return dataclasses.replace(self, chosen=None, alone=None)
 
 
@@ -66,16 +68,18 @@ def linear_safeguard(
     config: TrimConfig,
     scorer: Scorer,
     exact_rounding: bool,
-    measure: Callable[[], object],
+    measure: Callable[[], Any],
 ) -> TrimChoice:
-    """The per-linear safeguard. For mask scorers that select by row ranks, TRIM's mask is the search's
-    own final allocation, so its metric is the search's; reconstructed weights (SparseGPT) are measured
-    with `measure()` (the group's evaluator). The scorer alone's metric is the search's uniform baseline
-    where the scorer alone prunes uniformly per row (and the search rounds exactly), else measured."""
+    """The per-linear safeguard. For mask scorers that select by row ranks, TRIM's mask is the
+    search's own final allocation, so its metric is the search's; reconstructed weights (SparseGPT)
+    are measured with `measure()` (the group's evaluator). The scorer alone's metric is the search's
+    uniform baseline where the scorer alone prunes uniformly per row (and the search rounds
+    exactly), else measured."""
     same_rows = scorer.selects_by_row_ranks and not scorer.reconstructs
     base_is_uniform = scorer.alone_is_uniform_rows and exact_rounding
     cand = [] if same_rows else [trim.weight]
     if config.safeguard and not base_is_uniform:
+        assert alone is not None  # made whenever the safeguard is on
         cand.append(alone.weight)
     vals = None
     if cand:
@@ -83,11 +87,12 @@ def linear_safeguard(
         ev.prepare(m.weight)
         vals = layer_metric(config.metric, ev.stats_from_weight(torch.stack(cand)))
     t = found.tensors
-    t_metric = t.final_metric[found.index] if same_rows else vals[0]
+    t_metric = t.final_metric[found.index] if same_rows else cast(torch.Tensor, vals)[0]
     chosen, a_metric = trim, t_metric
     keep = torch.ones((), dtype=torch.bool, device=t_metric.device)
     if config.safeguard:
-        a_metric = t.baseline[found.index] if base_is_uniform else vals[-1]
+        assert alone is not None  # made whenever the safeguard is on
+        a_metric = t.baseline[found.index] if base_is_uniform else cast(torch.Tensor, vals)[-1]
         keep = t_metric >= a_metric
         chosen = Outcome(
             weight=torch.where(keep, trim.weight, alone.weight),
@@ -107,8 +112,9 @@ def linear_safeguard(
 
 @dataclass
 class BlockGuard:
-    """The block safeguard's comparison: squared errors with TRIM and with the scorer alone (2,), the
-    choice (a 0-dim bool tensor on the device, or a bool when decided on the host), the linears."""
+    """The block safeguard's comparison: squared errors with TRIM and with the scorer alone (2,),
+    the choice (a 0-dim bool tensor on the device, or a bool when decided on the host), the
+    linears."""
 
     errors: torch.Tensor
     keep: torch.Tensor | bool
@@ -143,11 +149,11 @@ def block_safeguard(
     alone_out: list[torch.Tensor] | None,
     ranks: Ranks = SOLO,
 ) -> tuple[list[torch.Tensor], BlockGuard | None]:
-    """Compare the block with TRIM (the linears' chosen weights, set already) and with the scorer alone
-    in the searched `linears` (name -> (chosen weight, scorer-alone weight)) against the dense model's
-    outputs `dense_out`, set the weights of the better, and return its outputs on the pruned model's
-    subset stream. `alone_out`: the scorer-alone block's outputs, when computed already. The errors are
-    summed over the ranks, so every rank makes the same choice."""
+    """Compare the block with TRIM (the linears' chosen weights, set already) and with the scorer
+    alone in the searched `linears` (name -> (chosen weight, scorer-alone weight)) against the dense
+    model's outputs `dense_out`, set the weights of the better, and return its outputs on the pruned
+    model's subset stream. `alone_out`: the scorer-alone block's outputs, when computed already. The
+    errors are summed over the ranks, so every rank makes the same choice."""
     if not linears:
         return run.pruned_subset(), None
     dev = run.captured.exec_device
@@ -158,10 +164,10 @@ def block_safeguard(
             set_weight_2d(run.linears[name], alone)
         alone_out = run.pruned_subset()
     e_alone = _squared_error(alone_out, dense_out, ranks, dev)
-    keep = e_trim <= e_alone
-    if not all(
-        o.device == keep.device for o in out_trim
-    ):  # outputs stored off the device: decide now
+    keep_t = e_trim <= e_alone
+    keep: torch.Tensor | bool = keep_t
+    # outputs stored off the device: decide now
+    if not all(o.device == keep_t.device for o in out_trim):
         keep = bool(keep)
     guard = BlockGuard(torch.stack([e_trim, e_alone]), keep, sorted(linears))
     for name, (chosen, alone) in linears.items():

@@ -4,7 +4,8 @@ For a linear W with layer target sparsity s and a per-row importance order, TRIM
 per-row sparsity vector x (mean s):
 
     x_0 = s;  for t = 1..T:  q = dimwise_quality(Y, Y'(x_{t-1}))            (Sec. 3, Eq. 2-4)
-                             d = 2 lr (q - min q) / (max q - min q + 1e-6);  x_t = x_{t-1} + d - mean(d)
+                             d = 2 lr (q - min q) / (max q - min q + 1e-6)
+                             x_t = x_{t-1} + d - mean(d)
                              x_t = clip(x_t, 0, 0.95);  x_t = x_t - mean(x_t) + s
     keep the x_t with the best layer metric; learning rates are tried upward (0.01 ... 0.16,
     stopping at the first that does not improve), then negative ones if none beats uniform.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -33,15 +35,18 @@ from trimprune.algo.trim.results import SearchTensors, TrimResult, summarize
 from trimprune.algo.trim.settings import TrimSettings
 from trimprune.core.runtime import EAGER, Executor, Launched
 
+if TYPE_CHECKING:
+    from trimprune.algo.trim.evaluators import ExplicitSpec, GramSpec, ObsSpec
+
 
 @dataclass
 class SearchBatch:
-    """P linears of one shape: weights W (P, rows, in), the evaluator's source (Gram matrices, inputs or
-    OBS tables; `spec.build(src)` makes the evaluator), row ranks of the importance (P, rows, in), the
-    targets and the number of weights each must lose (the scorer's own count, so TRIM and the scorer
-    alone compare at equal sparsity)."""
+    """P linears of one shape: weights W (P, rows, in), the evaluator's source (Gram matrices,
+    inputs or OBS tables; `spec.build(src)` makes the evaluator), row ranks of the importance (P,
+    rows, in), the targets and the number of weights each must lose (the scorer's own count, so TRIM
+    and the scorer alone compare at equal sparsity)."""
 
-    spec: object
+    spec: GramSpec | ExplicitSpec | ObsSpec
     W: torch.Tensor
     src: torch.Tensor
     ranks: torch.Tensor
@@ -59,8 +64,8 @@ def improving_prefix(m: torch.Tensor) -> torch.Tensor:
 
 
 def kept_rate(m: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """Index of the learning rate the reference keeps for metrics m (P, L), or -1 when none beats the
-    baseline (P,): along a strictly increasing prefix the best is its last element."""
+    """Index of the learning rate the reference keeps for metrics m (P, L), or -1 when none beats
+    the baseline (P,): along a strictly increasing prefix the best is its last element."""
     a = improving_prefix(m)
     last = (a - 1).clamp(min=0)
     val = m.gather(1, last.unsqueeze(1)).squeeze(1)
@@ -69,8 +74,8 @@ def kept_rate(m: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
 
 def search_counts(x: torch.Tensor, n: int, settings: TrimSettings) -> torch.Tensor:
     """Per-row pruned counts for sparsity vectors x (..., rows) inside the search: floor as the
-    reference, or (default) round-half-even, which is unbiased, so candidates are compared at the same
-    sparsity up to a few weights (the final allocation is made exact separately)."""
+    reference, or (default) round-half-even, which is unbiased, so candidates are compared at the
+    same sparsity up to a few weights (the final allocation is made exact separately)."""
     if settings.rounding == "floor":
         return (n * x).long()  # reference: (width * sparsities).long()
     kmax = int(settings.max_row_sparsity * n + 1e-9)
@@ -78,7 +83,8 @@ def search_counts(x: torch.Tensor, n: int, settings: TrimSettings) -> torch.Tens
 
 
 def evaluate(ev, ranks: torch.Tensor, x: torch.Tensor, settings: TrimSettings):
-    """x: (P, L, rows) -> (layer metric (P, L), dim quality (P, L, rows), row cosine (P, L, rows))."""
+    """x: (P, L, rows) -> (layer metric (P, L), dim quality (P, L, rows), row cosine (P, L,
+    rows))."""
     st = ev.stats_from_counts(search_counts(x, ranks.shape[-1], settings), ranks)
     lm = layer_metric(settings.layer_metric, st)
     dq = dim_metric(settings.dim_metric, st)
@@ -95,10 +101,10 @@ def iterate(
     lrs: torch.Tensor,
     settings: TrimSettings,
 ):
-    """The TRIM iterations (module docstring) for every learning rate of `lrs` (L,) at once, from the
-    uniform allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality base_dq
-    (P, 1, rows). Per rate: the best x (P, L, rows), its metric (P, L; the baseline when nothing beat
-    it) and iteration (P, L)."""
+    """The TRIM iterations (module docstring) for every learning rate of `lrs` (L,) at once, from
+    the uniform allocation s3 (P, 1, 1) with layer metric base_lm (P, 1) and dimension-wise quality
+    base_dq (P, 1, rows). Per rate: the best x (P, L, rows), its metric (P, L; the baseline when
+    nothing beat it) and iteration (P, L)."""
     P, rows, _ = ranks.shape
     L = lrs.shape[0]
     lr = lrs.to(torch.float64).view(1, L, 1)
@@ -114,8 +120,8 @@ def iterate(
         d = d - d.mean(-1, keepdim=True)
         x = (x.double() + d).to(torch.float32)  # reference: fp32 x += float64 step
         x = x.clamp(0.0, settings.max_row_sparsity)
-        # the reference's float32 mean; with exact counts a float64 one, which does not depend on the
-        # summation order (a fast path may sum in its own order)
+        # the reference's float32 mean; with exact counts a float64 one, which does not depend on
+        # the summation order (a fast path may sum in its own order)
         mean = (
             x.mean(-1, keepdim=True)
             if settings.rounding == "floor"
@@ -158,8 +164,8 @@ class TrimSearch:
         return self.cfg.all_lrs
 
     def _start(self, spec, W, src, ranks, s):
-        """The evaluator for P linears, and the uniform allocation s3 (P, 1, 1) with its layer metric,
-        dimension-wise quality and row cosine. s: (P,) tensor."""
+        """The evaluator for P linears, and the uniform allocation s3 (P, 1, 1) with its layer
+        metric, dimension-wise quality and row cosine. s: (P,) tensor."""
         ev = spec.build(src, self.ex)
         ev.prepare(W)
         P, rows, _ = ranks.shape
@@ -170,11 +176,11 @@ class TrimSearch:
         return self.ex.call(iterate, ev, ranks, s3, base_lm, base_dq, lrs, self.cfg)
 
     def _whole(self, spec, W, src, ranks, s, lrs, totals, done=None):
-        """Uniform baseline, the learning rates `lrs` as one batch, the reference's choice and the exact
-        final allocation for P linears. `done` = (x, metric, iteration) of rates evaluated before (the
-        positive ones, when the negative ones follow); rates not evaluated count as -inf. No host
-        synchronisation. W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,), totals (P,).
-        -> (SearchTensors, (x, metric, iteration) of the rates evaluated)."""
+        """Uniform baseline, the learning rates `lrs` as one batch, the reference's choice and the
+        exact final allocation for P linears. `done` = (x, metric, iteration) of rates evaluated
+        before (the positive ones, when the negative ones follow); rates not evaluated count as
+        -inf. No host synchronisation. W (P, rows, in), ranks (P, rows, in), s (P,), lrs (L,),
+        totals (P,). -> (SearchTensors, (x, metric, iteration) of the rates evaluated)."""
         ev, s3, base_lm, base_dq, base_cos = self._start(spec, W, src, ranks, s)
         bx, bm, bit = self._iterate(ev, ranks, s3, base_lm, base_dq, lrs)
         if done is not None:
@@ -189,10 +195,11 @@ class TrimSearch:
         return self._conclude(ev, ranks, s3, base_lm, base_cos, bx, bm, bit, totals), evaluated
 
     def _sequential(self, spec, W, src, ranks, s, totals) -> SearchTensors:
-        """The reference's order: one learning rate after the other, each linear stopping at its first
-        rate that does not improve on the previous one, negative rates only for linears that no
-        positive rate improved. Same results as `_whole` (the rates it skips are exactly those the
-        batch evaluates and then ignores), fewer FLOPs; for matrices large enough to be compute-bound."""
+        """The reference's order: one learning rate after the other, each linear stopping at its
+        first rate that does not improve on the previous one, negative rates only for linears that
+        no positive rate improved. Same results as `_whole` (the rates it skips are exactly those
+        the batch evaluates and then ignores), fewer FLOPs; for matrices large enough to be
+        compute-bound."""
         P, rows, _ = ranks.shape
         dev = W.device
         lrs = self.all_lrs
@@ -228,8 +235,8 @@ class TrimSearch:
         return self._conclude(ev, ranks, s3, base_lm, base_cos, bx, bm, bit, totals)
 
     def _conclude(self, ev, ranks, s3, base_lm, base_cos, bx, bm, bit, totals) -> SearchTensors:
-        """The kept rate of each linear (a positive one, else a negative one, else uniform), its x, the
-        exact integer allocation and its statistics."""
+        """The kept rate of each linear (a positive one, else a negative one, else uniform), its x,
+        the exact integer allocation and its statistics."""
         P, rows, n = ranks.shape
         L, Lp = bm.shape[1], len(self.cfg.lrs)
         base = base_lm[:, 0]
@@ -258,8 +265,8 @@ class TrimSearch:
         )
 
     def _final_stats(self, ev, ranks, counts) -> dict[str, torch.Tensor]:
-        """The layer metric, the variance of the row cosines and the min / mean / max row sparsity of
-        `counts` (P, rows)."""
+        """The layer metric, the variance of the row cosines and the min / mean / max row sparsity
+        of `counts` (P, rows)."""
         st = ev.stats_from_counts(counts.unsqueeze(1), ranks)
         xf = counts.double() / ranks.shape[-1]
         return {
@@ -273,9 +280,9 @@ class TrimSearch:
     # ---------------------------------------------------------------- driver
     @torch.no_grad()
     def launch(self, batch: SearchBatch) -> PendingSearch:
-        """Start the search of a batch; `finish` collects it. The batch holds the positive rates; the
-        negative ones, needed by few linears, are a second batch that `finish` starts where needed
-        (unless candidates are cheap: then every rate is in the first)."""
+        """Start the search of a batch; `finish` collects it. The batch holds the positive rates;
+        the negative ones, needed by few linears, are a second batch that `finish` starts where
+        needed (unless candidates are cheap: then every rate is in the first)."""
         W = batch.W
         dev = W.device
         # candidates read from prefix tables cost no matrix product: every rate, the negative ones
@@ -301,8 +308,8 @@ class TrimSearch:
         return p
 
     def _batch(self, p: PendingSearch, lrs: tuple, tables: bool, done=None) -> Launched:
-        """Launch the batched search over `lrs`; `tables`: the evaluator reads prefix tables (part of the
-        key: it changes the work)."""
+        """Launch the batched search over `lrs`; `tables`: the evaluator reads prefix tables (part
+        of the key: it changes the work)."""
         b = p.batch
         inputs = {
             "W": b.W,
@@ -343,16 +350,18 @@ class TrimSearch:
 
     @torch.no_grad()
     def finish(self, pending: list[PendingSearch]) -> list[SearchTensors]:
-        """The searches' results, on the device: the current stream waits for them, the host does not,
-        unless some linears must decide on the negative rates there (searches without prefix tables)."""
-        outs = [p.launched.result() for p in pending]
+        """The searches' results, on the device: the current stream waits for them, the host does
+        not, unless some linears must decide on the negative rates there (searches without prefix
+        tables)."""
+        outs = [cast(Launched, p.launched).result() for p in pending]
         if not any(p.neg_open for p in pending):
             return [found for found, _ in outs]
         return self._finish_on_host(pending, outs)
 
     def _finish_on_host(self, pending: list[PendingSearch], outs: list) -> list[SearchTensors]:
-        """Read every search's choice (one transfer), run the negative rates for the linears no positive
-        rate improved, and repair allocations that missed the exact total (rare float edge cases)."""
+        """Read every search's choice (one transfer), run the negative rates for the linears no
+        positive rate improved, and repair allocations that missed the exact total (rare float edge
+        cases)."""
         found = [f for f, _ in outs]
         host = self._read_choices(found)
         neg = tuple(self.all_lrs[len(self.cfg.lrs) :])
@@ -412,8 +421,8 @@ class TrimSearch:
         s: list[float],
         totals: list[int],
     ) -> list[TrimResult]:
-        """Search row sparsities for P linears of one shape (arguments as `SearchBatch`) and read the
-        results to the host."""
+        """Search row sparsities for P linears of one shape (arguments as `SearchBatch`) and read
+        the results to the host."""
         found = self.finish([self.launch(SearchBatch(spec, W, src, ranks, list(s), list(totals)))])[
             0
         ]

@@ -9,7 +9,8 @@ from trimprune.config import TrimConfig
 
 @dataclass(frozen=True)
 class TrimSettings:
-    """The search's parameters (`TrimConfig` holds them for users; this is what the search reads)."""
+    """The search's parameters (`TrimConfig` holds them for users; this is what the search
+    reads)."""
 
     iterations: int = 10
     layer_metric: str = "cosim_flat"
@@ -40,5 +41,6 @@ class TrimSettings:
 
     @property
     def all_lrs(self) -> tuple:
-        """The positive rates, then the negative ones (tried only when no positive rate beats uniform)."""
+        """The positive rates, then the negative ones (tried only when no positive rate beats
+        uniform)."""
         return tuple(self.lrs) + (() if self.forbid_neg_lr else tuple(self.neg_lrs))
