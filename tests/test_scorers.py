@@ -113,7 +113,7 @@ def test_wanda_equals_bruteforce_sequential_reference():
         calibration=ids,
         progress=False,
     )
-    for (n1, a), (n2, b) in zip(
+    for (n1, a), (_n2, b) in zip(
         ModelAdapter.from_model(model).all_linears().items(), ad.all_linears().items()
     ):
         assert torch.equal(weight_2d(a) == 0, weight_2d(b) == 0), n1
