@@ -21,6 +21,7 @@ MACHINERY = (
 # lowest first; the units of one floor never import each other
 FLOORS = [
     {"errors"},
+    {"limits"},
     {"config"},
     {"core"},
     {"algo"},

@@ -177,10 +177,16 @@ def _add_config_args(p) -> None:
             )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the flag, with a pointer to --help (exit code 2)."""
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"trimprune: error: {text} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="trimprune", description="One-shot LLM pruning with TRIM, Wanda, SparseGPT."
-    )
+    ap = _Parser(prog="trimprune", description="One-shot LLM pruning with TRIM, Wanda, SparseGPT.")
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command")
 
@@ -477,7 +483,7 @@ def _prune_command(args, scope) -> int:
     from trimprune.io.diskmodel import disk_storage
     from trimprune.io.export import StagedDir
     from trimprune.io.models import load_model
-    from trimprune.preflight import check_prune_inputs
+    from trimprune.preflight import check_model_keeps_weights, check_prune_inputs
     from trimprune.session import check_against_model, check_before_load
 
     t_all = time.perf_counter()
@@ -515,6 +521,7 @@ def _prune_command(args, scope) -> int:
     # before any evaluation: the context, an allocation file, an existing resume state
     checked = check_against_model(cfg, model, seqlens=(eval_seqlen,), loaded_ranks=True)
     cfg = checked.config
+    check_model_keeps_weights(cfg, model)
     sets = _prune_eval_sets(args, tok, eval_seqlen, model, cfg.calib.seed, progress)
     dense = (
         {}
@@ -801,6 +808,9 @@ def main(argv=None) -> int:
         )
         return 130
     finally:
+        from trimprune.io.export import release_output_locks
+
+        release_output_locks()
         if previous is not None:
             import signal
 

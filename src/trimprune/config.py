@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from trimprune.errors import ConfigError, InputFileError
+from trimprune.limits import load_yaml, read_limited
 
 SCORERS = ("magnitude", "wanda", "sparsegpt")
 CALIB_SOURCES = ("c4", "wikitext2", "ptb", "self")
@@ -857,7 +858,7 @@ class PruneConfig:
                     f"--recipe {str(path_or_text)!r} does not exist: give the path of a YAML file"
                 )
             try:
-                text = p.read_text(encoding="utf-8")
+                text = read_limited(p, f"--recipe {str(path_or_text)!r}")
             except UnicodeDecodeError:
                 raise InputFileError(
                     f"--recipe {str(path_or_text)!r} is not UTF-8 text: give a YAML file"
@@ -869,7 +870,7 @@ class PruneConfig:
         else:
             text = str(path_or_text)
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, f"recipe {str(path_or_text)[:80]!r}")
         except (
             yaml.YAMLError,
             ValueError,

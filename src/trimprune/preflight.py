@@ -37,14 +37,21 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
     from trimprune.calib.data import check_calibration_source
     from trimprune.io.evaluate import check_eval_sources
     from trimprune.io.export import (
+        acquire_output_lock,
         check_folder_writable,
+        check_free_space,
         check_output_dir,
         check_output_file,
+        check_output_location,
         handle_partial_outputs,
+        model_bytes,
     )
     from trimprune.io.models import check_model_source
 
+    check_counts(args, cfg)
+    check_output_location(args.output, args.model)
     check_output_dir(args.output, args.overwrite)
+    acquire_output_lock(args.output)
     warnings = [w for w in [handle_partial_outputs(args.output, remove=args.overwrite)] if w]
     if cfg.run.checkpoint_dir:
         out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
@@ -61,10 +68,17 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
     check_model_source(args.model, args.gguf_file)
     check_calibration_source(cfg.calib)
     check_eval_sources(args.eval or [], eval_data)
-    if cfg.allocation.method.startswith("file:"):
+    check_tasks_data(args)
+    values = (
         read_allocation_file(cfg.allocation.method[5:])
+        if cfg.allocation.method.startswith("file:")
+        else None
+    )
+    check_keeps_weights(cfg, values, _config_in_features(args.model, cfg))
     if cfg.allocation.method == "search":
         check_search(cfg.search)
+    if not args.no_save_model:
+        check_free_space(args.output, model_bytes(args.gguf_file or args.model))
     return warnings
 
 
@@ -93,10 +107,12 @@ def check_eval_inputs(args, eval_data: dict[str, str]) -> None:
     from trimprune.io.export import check_output_file
     from trimprune.io.models import check_model_source
 
+    check_counts(args)
     if args.output:
         check_output_file(args.output, "--output")
     check_model_source(args.model, args.gguf_file)
     check_eval_sources(args.eval or [], eval_data)
+    check_tasks_data(args)
 
 
 def check_export_inputs(args) -> list[str]:
@@ -104,7 +120,14 @@ def check_export_inputs(args) -> list[str]:
     warnings."""
     from trimprune.errors import InputFileError
     from trimprune.io.compact import COMPACT_FILE
-    from trimprune.io.export import check_output_dir, handle_partial_outputs
+    from trimprune.io.export import (
+        acquire_output_lock,
+        check_free_space,
+        check_output_dir,
+        check_output_location,
+        handle_partial_outputs,
+        model_bytes,
+    )
 
     run = Path(args.run_dir)
     if not run.is_dir():
@@ -120,9 +143,129 @@ def check_export_inputs(args) -> list[str]:
     from trimprune.io.integrity import check_model_folder
 
     check_model_folder(run, LOAD_FIX)  # its safetensors are whole, before OUT_DIR is made
+    check_output_location(args.out_dir, args.run_dir, flag="OUT_DIR")
     check_output_dir(args.out_dir, args.overwrite, flag="OUT_DIR")
+    acquire_output_lock(args.out_dir, flag="OUT_DIR")
+    check_free_space(args.out_dir, model_bytes(args.run_dir), flag="OUT_DIR")
     return [
         w
         for w in [handle_partial_outputs(args.out_dir, remove=args.overwrite, flag="OUT_DIR")]
         if w
     ]
+
+
+def check_counts(args, cfg=None) -> None:
+    """The integer flags are in their documented ranges (`trimprune.limits`): `prune` (with its
+    config `cfg`) and `eval`."""
+    from trimprune.limits import MAX_COUNT, MAX_LIMIT, MAX_SEED, MAX_SEQLEN, check_count
+
+    if cfg is not None:
+        check_count("--nsamples", cfg.calib.nsamples, 1, MAX_COUNT)
+        check_count("--seqlen", cfg.calib.seqlen, 2, MAX_SEQLEN)
+        check_count("--seed", cfg.calib.seed, 0, MAX_SEED)
+        check_count("--search-seed", cfg.search.seed, 0, MAX_SEED)
+        check_count("--batch-size", cfg.run.batch_size, 0, MAX_COUNT, " (0 = automatic)")
+        check_count("--eval-seqlen", args.eval_seqlen, 2, MAX_SEQLEN)
+        tasks_flag = "--tasks-batch-size"
+    else:
+        check_count("--seqlen", args.seqlen, 2, MAX_SEQLEN)
+        check_count("--seed", args.seed, 0, MAX_SEED)
+        tasks_flag = "--batch-size/--tasks-batch-size"
+    check_count("--eval-batch-size", args.eval_batch_size, 1, MAX_COUNT)
+    check_count(
+        "--self-eval-samples", args.self_eval_samples, 1, MAX_COUNT, ": --eval self needs a window"
+    )
+    check_count(tasks_flag, args.tasks_batch_size, 1, MAX_COUNT)
+    check_count("--eval-limit", args.eval_limit, 1, MAX_LIMIT)
+    check_count("--tasks-limit", args.tasks_limit, 1, MAX_LIMIT)
+
+
+def check_tasks_data(args) -> None:
+    """--tasks-data, when given with --tasks, is a folder with files (an empty one would send every
+    task to the Hub)."""
+    from trimprune.errors import InputFileError
+
+    folder = getattr(args, "tasks_data", None)
+    if not folder or not getattr(args, "tasks", None):
+        return
+    p = Path(folder)
+    if not p.is_dir():
+        raise InputFileError(
+            f"--tasks-data {folder!r} is not a folder: give a folder laid out like shared/data "
+            "(boolq/validation.jsonl, ...)"
+        )
+    if not any(f.is_file() for f in p.rglob("*")):
+        raise InputFileError(
+            f"--tasks-data {folder!r} is empty: give a folder laid out like shared/data "
+            "(boolq/validation.jsonl, ...), or leave --tasks-data out to use the Hub"
+        )
+
+
+def check_keeps_weights(cfg, values=None, in_features: dict[str, int] | None = None) -> None:
+    """A sparsity that would prune every weight of a row (or, for magnitude, of a matrix) is
+    refused, unless N:M. Before the model loads: the largest value of an allocation file (`values`)
+    against 1; with the model's `in_features` (name -> columns), the rounding of each row."""
+    from trimprune.errors import ConfigError
+
+    if cfg.nm is not None:
+        return
+    if isinstance(values, dict):
+        values = list(values.values())
+    top = max([cfg.sparsity or 0.0] + list(values or []))
+    if not in_features:
+        return
+    name, cols = min(in_features.items(), key=lambda kv: kv[1])
+    if round(top * cols) >= cols:
+        raise ConfigError(
+            f"sparsity {top:g} prunes every weight of each row of {name} ({cols} columns): "
+            f"give a sparsity below {(cols - 0.5) / cols:.6g}, so that a row keeps a weight"
+        )
+
+
+def check_model_keeps_weights(cfg, model) -> None:
+    """`check_keeps_weights` with the model's prunable linears (once it is loaded, before
+    pruning); magnitude prunes per matrix, the other scorers per row."""
+    from trimprune.core.model import ModelAdapter, weight_2d
+
+    shapes = {
+        n: tuple(weight_2d(m).shape)
+        for n, m in ModelAdapter.from_model(model).all_linears().items()
+    }
+    if not shapes:
+        return
+    if cfg.scorer.name == "magnitude":
+        cols = {n: r * c for n, (r, c) in shapes.items()}
+    else:
+        cols = {n: c for n, (r, c) in shapes.items()}
+    values = None
+    if cfg.allocation.method.startswith("file:"):
+        from trimprune.algo.allocation.base import read_allocation_file
+
+        values = read_allocation_file(cfg.allocation.method[5:])
+    check_keeps_weights(cfg, values, cols)
+
+
+def _config_in_features(model: str, cfg) -> dict[str, int] | None:
+    """Before the load, from a local model folder's config.json: the input widths of its linears
+    (hidden_size, intermediate_size; their product for magnitude's per-matrix count), else None."""
+    import json
+
+    f = Path(model) / "config.json"
+    try:
+        c = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(c, dict):
+        return None
+    c = c.get("text_config", c) if isinstance(c.get("text_config"), dict) else c
+    widths = {
+        k: v
+        for k in ("hidden_size", "intermediate_size")
+        if isinstance(v := c.get(k), int) and not isinstance(v, bool) and v > 0
+    }
+    if not widths:
+        return None
+    if cfg.scorer.name == "magnitude":
+        h = widths.get("hidden_size", 1)
+        return {f"a {k} x hidden_size matrix": v * h for k, v in widths.items()}
+    return {f"a linear reading {k}": v for k, v in widths.items()}

@@ -363,12 +363,60 @@ def check_calibration_source(config: CalibConfig) -> str | None:
     for `self`."""
     if config.source == "self":
         return None
-    return check_source(config.source, "train", config.data, config.format, "--calib-data")
+    where = check_source(config.source, "train", config.data, config.format, "--calib-data")
+    if where != "hub":
+        check_long_enough(config, where)
+    return where
+
+
+COUNT_BYTES = 16 << 20  # calibration files up to this size are counted before the model loads
+TOKEN_MARGIN = 4  # special tokens and a leading-space token a tokenizer may add to a text
+
+
+def check_long_enough(config: CalibConfig, path: str) -> None:
+    """Before the model loads, for a file of at most `COUNT_BYTES`: some document (C4) or the
+    joined text (the other sources) can give more than --seqlen tokens. A token is at least one
+    byte of text, so a text of B bytes gives at most B + `TOKEN_MARGIN` tokens."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > (COUNT_BYTES // 8 if p.name.endswith(".gz") else COUNT_BYTES):
+            return
+    except OSError:
+        return
+    rows = read_rows(p, config.format, field=_field(config.source, p), flag="--calib-data")
+    sizes = [len(r.encode("utf-8")) + TOKEN_MARGIN for r in rows]
+    if config.source == "c4":
+        count = sum(n > config.seqlen for n in sizes)
+        if count == 0:
+            raise InputFileError(
+                f"--calib-data {path!r}: none of its {len(rows)} documents can be longer than "
+                f"--seqlen {config.seqlen} tokens (the longest has {max(sizes) - TOKEN_MARGIN} "
+                "bytes, and a token is at least one byte): use a smaller --seqlen, a file with "
+                "longer documents, or --calib wikitext2"
+            )
+    elif sum(sizes) + len(rows) <= config.seqlen + 1:
+        raise InputFileError(
+            f"--calib-data {path!r} holds {sum(sizes) - TOKEN_MARGIN * len(rows)} bytes of text, "
+            f"too few for one window of --seqlen {config.seqlen} tokens: use a smaller --seqlen "
+            "or a larger file"
+        )
 
 
 # ------------------------------------------------------------------------------ calibration
 def _encode(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+C4_FIRST_TRIES = 10_000  # draws of short documents before they are counted
+C4_DRAWS_PER_ROW = 100  # then at most this many draws per document for one sample
+
+
+def _too_few_long(count: int, rows: int, seqlen: int, draws: int) -> TrimpruneError:
+    return TrimpruneError(
+        f"{count} of the {rows} calibration documents are longer than --seqlen {seqlen} tokens "
+        f"(none drawn in {draws} draws): use a smaller --seqlen, a file with longer documents, or "
+        "--calib wikitext2 (windows of the joined text)"
+    )
 
 
 def calib_c4(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -378,6 +426,7 @@ def calib_c4(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int) 
     rng = random.Random(seed)
     cache: dict[int, torch.Tensor] = {}
     long_enough = None
+    most = max(C4_FIRST_TRIES, C4_DRAWS_PER_ROW * len(rows))  # draws for one sample, at most
     out = []
     for _ in range(nsamples):
         tries = 0
@@ -389,14 +438,13 @@ def calib_c4(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int) 
             if enc.numel() > seqlen:
                 break
             tries += 1
-            if tries == 10000:
-                if long_enough is None:
-                    long_enough = any(_encode(tokenizer, r).numel() > seqlen for r in rows)
-                if not long_enough:
-                    raise TrimpruneError(
-                        f"no calibration document is longer than --seqlen {seqlen} tokens: "
-                        "use a smaller --seqlen or --calib wikitext2 (windows of the joined text)"
-                    )
+            if tries == C4_FIRST_TRIES and long_enough is None:
+                long_enough = sum(
+                    (cache[k] if k in cache else _encode(tokenizer, r)).numel() > seqlen
+                    for k, r in enumerate(rows)
+                )
+            if tries == C4_FIRST_TRIES and not long_enough or tries >= most:
+                raise _too_few_long(long_enough or 0, len(rows), seqlen, tries)
         j = rng.randint(0, enc.numel() - seqlen - 1)
         out.append(enc[j : j + seqlen])
     return torch.stack(out)

@@ -24,6 +24,10 @@ MASKS_FORMAT = "trimprune-masks-v1"
 
 EXPORT_MARKER = "trimprune-export.json"  # written by `trimprune export` into its folder
 EXPORT_FORMAT = "trimprune-export-v1"
+FILES_LIST = "trimprune-files.json"  # the files trimprune wrote into an output folder
+FILES_FORMAT = "trimprune-files-v1"
+# written into a prune's folder later by `trimprune report` (its default page)
+LATER_FILES = frozenset({"report.html", "report.md", "report-page.md", FILES_LIST})
 TMP_TAG, OLD_TAG = "tmp", "old"  # .NAME.tmp-PID-XXXX (being written), .NAME.old-PID-XXXX (replaced)
 
 
@@ -100,6 +104,7 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
                     "(report.json): --overwrite replaces only a folder that trimprune wrote; "
                     "empty it yourself or choose another path"
                 )
+            check_only_written(p, flag)
     parent = p.resolve().parent
     if not parent.is_dir():
         raise OutputError(
@@ -126,13 +131,24 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     probe_writable(parent, f"{flag} {str(path)!r}")
     if p.exists():
         try:
-            with open(p, "a"):
-                pass
+            with open(p, "a") as f:
+                if _is_device(p) and not f.isatty():  # /dev/full: a write tells, not the open
+                    f.write("\n")
+                    f.flush()
         except OSError as e:
             raise OutputError(
                 f"{flag} {str(path)!r} cannot be written ({e.strerror or e}): choose another file"
             ) from e
     return p
+
+
+def _is_device(p: Path) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISCHR(p.stat().st_mode)
+    except OSError:
+        return False
 
 
 def check_folder_writable(path: str | Path, flag: str) -> None:
@@ -340,6 +356,7 @@ def save_model_dir(
 ) -> None:
     """A Hugging Face model directory ("dense"), or a compact one whose parameters named in `sparse`
     are stored as bitmask + values (`compact.py`)."""
+    check_finite_model(model)
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):
@@ -358,6 +375,20 @@ def save_model_dir(
     model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def check_finite_model(model) -> None:
+    """Nothing non-finite is written: every parameter (norm weights included) is checked before a
+    model folder is saved (prune, compact or dense, and `trimprune export`)."""
+    from trimprune.core.finite import describe, nonfinite_parameters
+    from trimprune.errors import NonFiniteError
+
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteError(
+            f"the model to be written holds non-finite weights ({describe(bad)}): nothing was "
+            "written; check the input model or the prune's output it came from"
+        )
 
 
 def pruned_parameters(model, linear_names) -> set[str]:
@@ -406,6 +437,7 @@ def write_outputs(
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
         if report_md is not None:
             (tmp / "report.md").write_text(report_md(report) if callable(report_md) else report_md)
+        write_files_list(tmp)
     if save_model and disk_storage(model) is not None:
         disk_storage(model).moved_to(
             path
@@ -419,6 +451,7 @@ def write_export_marker(folder: Path, source: str | Path) -> None:
     (folder / EXPORT_MARKER).write_text(
         json.dumps({"format": EXPORT_FORMAT, "source": str(source)}, indent=1) + "\n"
     )
+    write_files_list(folder)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -462,3 +495,169 @@ def _json_default(o):
     if isinstance(o, tuple):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------------------ what was written
+def _files_under(folder: Path) -> list[str]:
+    return sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir())
+
+
+def write_files_list(folder: Path) -> None:
+    """`FILES_LIST`: the files trimprune wrote into `folder` (relative paths), so that a later
+    --overwrite replaces only those."""
+    files = [f for f in _files_under(folder) if f != FILES_LIST]
+    (folder / FILES_LIST).write_text(
+        json.dumps({"format": FILES_FORMAT, "files": files}, indent=1) + "\n"
+    )
+
+
+def written_files(folder: Path) -> set[str] | None:
+    """The files trimprune lists as written into `folder`, or None (an older output: no list)."""
+    try:
+        d = json.loads((folder / FILES_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("format") != FILES_FORMAT:
+        return None
+    return {str(f) for f in d.get("files", [])}
+
+
+def check_only_written(folder: Path, flag: str) -> None:
+    """--overwrite replaces a folder only when it holds nothing but what trimprune wrote there."""
+    listed = written_files(folder)
+    if listed is None:
+        return
+    extra = [f for f in _files_under(folder) if f not in listed and f not in LATER_FILES]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise OutputError(
+            f"{flag} {str(folder)!r} holds files trimprune did not write ({', '.join(extra[:3])}"
+            f"{more}): --overwrite would delete them; move them out or choose another path"
+        )
+
+
+# ------------------------------------------------------------------------------ locks
+_LOCKS: dict[Path, int] = {}  # lock file -> the pid written into it
+
+
+def lock_path(path: str | Path) -> Path:
+    p = Path(path).resolve()
+    return p.with_name(p.name + ".lock")
+
+
+def acquire_output_lock(path: str | Path, flag: str = "--output") -> Path:
+    """An exclusive lock beside the output (`<output>.lock`, created with O_EXCL, holding this
+    process's id): a second run writing the same output is refused. A lock left by a process that
+    is gone (or by this one) is taken over. `release_output_locks` (and the exit) removes it."""
+    import atexit
+
+    lock = lock_path(path)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                raise OutputError(
+                    f"{flag} {str(path)!r} is being written by another run (process {pid}, lock "
+                    f"file {str(lock)!r}): wait for it to finish or choose another path"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # a stale lock: its process is gone
+            continue
+        except OSError as e:
+            raise OutputError(
+                f"{flag} {str(path)!r}: cannot create the lock file {str(lock)!r} "
+                f"({e.strerror or e}): choose a writable folder"
+            ) from e
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        if not _LOCKS:
+            atexit.register(release_output_locks)
+        _LOCKS[lock] = os.getpid()
+        return lock
+    raise OutputError(f"{flag} {str(path)!r}: the lock file {str(lock)!r} keeps changing: retry")
+
+
+def release_output_locks() -> None:
+    """Remove the lock files this process holds."""
+    for lock, pid in list(_LOCKS.items()):
+        if pid == os.getpid():
+            try:
+                if lock.read_text().strip() == str(pid):
+                    os.unlink(lock)
+            except OSError:
+                pass
+        _LOCKS.pop(lock, None)
+
+
+# ------------------------------------------------------------------------------ output location
+NAME_BYTES = 255  # a file name component (most file systems)
+NAME_ROOM = 32  # the temporary names beside the output add ".", ".tmp-PID-XXXXXXXX" and ".lock"
+
+
+def check_output_location(path: str | Path, model: str | None, flag: str = "--output") -> None:
+    """Before the model loads: `path` is not the working folder (or above it), not the model's
+    folder nor a folder holding it, and its names fit the file system (255 bytes each, less room
+    for the temporary names made beside it)."""
+    p = Path(path)
+    for part in p.parts:
+        n = len(os.fsencode(part))
+        if n > NAME_BYTES:
+            raise OutputError(
+                f"{flag}: the name {part[:40]!r}... is {n} bytes, above the file system's "
+                f"{NAME_BYTES}: give a shorter name"
+            )
+    n = len(os.fsencode(p.name))
+    if n > NAME_BYTES - NAME_ROOM:
+        raise OutputError(
+            f"{flag}: the name {p.name[:40]!r}... is {n} bytes; trimprune writes beside it "
+            f"under names {NAME_ROOM} bytes longer, so give at most {NAME_BYTES - NAME_ROOM} bytes"
+        )
+    out, cwd = p.resolve(), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise OutputError(
+            f"{flag} {str(path)!r} is the working folder{'' if out == cwd else ' or above it'}: "
+            f"give a new folder for the output, e.g. {flag} ./pruned"
+        )
+    if model and Path(model).exists():
+        m = Path(model).resolve()
+        folder = m if m.is_dir() else m.parent
+        if out == folder or out in folder.parents:
+            raise OutputError(
+                f"{flag} {str(path)!r} is the model's folder or holds it ({str(model)!r}): "
+                "give a new folder for the output"
+            )
+
+
+def model_bytes(model: str | None) -> int | None:
+    """The model's weight bytes from its files when it is a local folder or file (safetensors,
+    .bin, .gguf sizes), else None."""
+    if not model or not Path(model).exists():
+        return None
+    m = Path(model)
+    if m.is_file():
+        return m.stat().st_size
+    files = [f for f in m.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")]
+    return sum(f.stat().st_size for f in files if f.is_file()) or None
+
+
+def check_free_space(path: str | Path, need: int | None, flag: str = "--output") -> None:
+    """The file system of `path` has at least `need` bytes free (None: unknown, not checked)."""
+    if not need:
+        return
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < need:
+        raise OutputError(
+            f"{flag} {str(path)!r}: the output needs about {_human(need)} but only {_human(free)} "
+            f"is free in {str(parent)!r}: free space or choose another disk"
+        )

@@ -22,10 +22,11 @@ def load_run(folder: str | Path) -> dict:
             f"{str(folder)!r} has no report.json: give the --output folder of `trimprune prune`"
         )
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        return _check_keys(Path(folder), json.loads(p.read_text()))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise TrimpruneError(
-            f"{p} is not valid JSON ({e.msg}): give the --output folder of a finished prune"
+            f"{p} is not valid JSON ({getattr(e, 'msg', type(e).__name__)}): give the --output "
+            "folder of a finished prune"
         ) from e
 
 
@@ -189,6 +190,40 @@ def _relpath(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
 
 
+REQUIRED = ("config", "model", "metrics", "allocation", "sparsity")
+
+
+def _incomplete(folders, reports, names, html_path, e: Exception) -> TrimpruneError:
+    """The error for a report.json that lacks what the page shows: the file and the key."""
+    for f, r, n in zip(folders, reports, names):
+        try:
+            render_html([(n, r, {})])
+            render_markdown([(n, r, f)], html_path)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            e = err
+            what = f"the key {err.args[0]!r}" if isinstance(err, KeyError) else f"a value ({err})"
+            return TrimpruneError(
+                f"{Path(f) / 'report.json'} lacks {what}: give the --output folder of a finished "
+                "prune, or run the prune again"
+            )
+    return TrimpruneError(f"the reports cannot be rendered ({type(e).__name__}: {e})")
+
+
+def _check_keys(folder: Path, report) -> dict:
+    if not isinstance(report, dict):
+        raise TrimpruneError(
+            f"{folder / 'report.json'} holds a {type(report).__name__}, not a report: give the "
+            "--output folder of a finished prune"
+        )
+    missing = [k for k in REQUIRED if k not in report]
+    if missing:
+        raise TrimpruneError(
+            f"{folder / 'report.json'} lacks the key {missing[0]!r}: give the --output folder of a "
+            "finished prune, or run the prune again"
+        )
+    return report
+
+
 def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Path]:
     """Write OUT (.html; default RUN_DIR/report.html for one run, else trimprune-report.html) and
     the Markdown beside it (OUT with .md; report-page.md where that would be a run's own
@@ -207,8 +242,11 @@ def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Pat
             f"-o {str(out)!r}: folder {str(html_path.resolve().parent)!r} does not exist"
         )
     names = [f.resolve().name for f in folders]
-    page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
-    md = render_markdown([(n, r, f) for n, r, f in zip(names, reports, folders)], html_path)
+    try:
+        page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
+        md = render_markdown([(n, r, f) for n, r, f in zip(names, reports, folders)], html_path)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        raise _incomplete(folders, reports, names, html_path, e) from e
     md_path = html_path.with_suffix(".md")
     if any(
         md_path.resolve() == (f / "report.md").resolve() for f in folders

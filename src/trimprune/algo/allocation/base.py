@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from trimprune.errors import InputFileError
+from trimprune.limits import check_depth, load_yaml, read_limited
 
 
 def weighted_mean(values: dict[str, float], numels: dict[str, int]) -> float:
@@ -80,6 +81,38 @@ def _sparsity_value(where: str, key, v) -> float:
     return float(v)
 
 
+def _parse_allocation(text: str, where: str):
+    """JSON first (its `5e-1` is the number 0.5, which YAML 1.1 reads as text), else YAML; both
+    within the limits of `trimprune.limits` (size, depth before parsing, no YAML aliases)."""
+    check_depth(text, where)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return load_yaml(text, where)  # YAML is a superset of JSON
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputFileError(f"{where} is not valid JSON/YAML: {first}") from e
+
+
+def _check_keys(where: str, data: dict) -> None:
+    """Mapping keys are block indices in ASCII digits or linear names: a key such as "²" or "٣"
+    (a digit outside ASCII) is neither."""
+    for k in data:
+        if isinstance(k, bool) or not isinstance(k, (str, int)):
+            raise InputFileError(
+                f"{where} has the key {k!r}: keys must be block indices (0, 1, ...) or linear names"
+            )
+        t = str(k)
+        if any(c.isdigit() and not c.isascii() for c in t) or not t.isascii():
+            shown = repr(t) if len(t) <= 40 else repr(t[:37]) + "..."
+            raise InputFileError(
+                f"{where} has the key {shown}, which is neither a block index in ASCII digits "
+                "(0, 1, ...) nor a linear name: rewrite it"
+            )
+
+
 def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
     """Before the model loads: the sparsities an allocation file gives, checked for type and range:
     a list (one per block), or a mapping of block index or linear name -> sparsity, optionally under
@@ -92,19 +125,7 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
         )
     if not p.is_file():
         raise InputFileError(f"{where} does not exist: give a JSON or YAML file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputFileError(f"{where} is not UTF-8 text: give a JSON or YAML file") from None
-    except OSError as e:
-        raise InputFileError(
-            f"{where} cannot be read ({e.strerror or e}): check its permissions"
-        ) from e
-    try:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
-    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputFileError(f"{where} is not valid JSON/YAML: {first}") from e
+    data = _parse_allocation(read_limited(p, where), where)
     if isinstance(data, dict) and "per_linear" in data:
         data = data["per_linear"]
     elif isinstance(data, dict) and "per_block" in data:
@@ -112,6 +133,7 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
     if isinstance(data, list) and data:
         return [_sparsity_value(where, f"block {i}", v) for i, v in enumerate(data)]
     if isinstance(data, dict) and data:
+        _check_keys(where, data)
         return {str(k): _sparsity_value(where, repr(str(k)), v) for k, v in data.items()}
     kind = "nothing" if data is None or data in ([], {}) else f"a {type(data).__name__}"
     raise InputFileError(
@@ -139,7 +161,7 @@ def from_file(
                 f"{nblocks} blocks: give one value per block"
             )
         per = {k: data[block_of[k]] for k in numels}
-    elif all(k.isdigit() for k in data):
+    elif all(k.isascii() and k.isdigit() for k in data):
         missing_blocks = [b for b in range(nblocks) if str(b) not in data]
         if missing_blocks:
             raise InputFileError(
