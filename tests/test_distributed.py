@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from aliases import need_alias
 from tiny_models import calib, make
 from trimprune import PruneConfig, prune
 from trimprune.core.model import ModelAdapter, weight_2d
@@ -350,6 +351,7 @@ def test_smollm2_two_processes_perplexity(tmp_path, with_data_env):
     5 %. SparseGPT's result from 16 x 256 calibration tokens moves by a few percent with any change in the
     rounding of its Gram matrix: in one process, 2 threads instead of 1 gave 92.18 instead of 89.68, and
     batches of 4 instead of 8 gave 92.08; two processes gave 92.03 (the addmm order, see the top)."""
+    need_alias("smollm2-135m")
     script = os.path.join(os.path.dirname(__file__), "dist_smollm2.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     two = subprocess.run(

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from aliases import need_alias
 from equivalence_cases import (
     FIXTURE,
     compare,
@@ -83,4 +84,5 @@ def test_tiny_models_decide_as_recorded(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOLLM2))
 def test_smollm2_decides_as_recorded(name, tmp_path, with_data_env):
+    need_alias("smollm2-135m")
     _check(name, SMOLLM2[name], tmp_path)

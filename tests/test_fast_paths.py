@@ -35,6 +35,39 @@ print("BAD" if bad else "OK", bad)
 """
 
 
+TIE_SCRIPT = r"""
+import torch
+from trimprune.algo.masks import row_ranks
+from trimprune.algo.trim.evaluators import GramSpec
+from trimprune.algo.trim.search import TrimSearch, TrimSettings, iterate
+from trimprune.exec.kernels import fused_iterate
+
+bad = []
+for seed, lm in enumerate(["mse", "cosim_flat", "cosim_dim", "mse_dim"]):
+    g = torch.Generator().manual_seed(seed)
+    P, rows, n, T = 8, 50, 40, 200
+    X = torch.randn(P, T, n, generator=g)
+    # rows of very different scales: a sum over the rows depends on its order in the last bits
+    W = torch.randn(P, rows, n, generator=g) * 10 ** (8 * torch.rand(P, rows, 1, generator=g) - 4)
+    ranks = torch.stack([row_ranks(W[p].abs() * X[p].norm(dim=0)) for p in range(P)])
+    settings = TrimSettings(layer_metric=lm, dim_metric="mse" if seed % 2 else "cosim")
+    s = torch.full((P,), 0.5, dtype=torch.float64)
+    ev, s3, base_lm, base_dq, _ = TrimSearch(settings)._start(
+        GramSpec(T, tables="on"), W, X.transpose(1, 2) @ X, ranks, s
+    )
+    # steps far below one weight per row: every iteration keeps the uniform counts, so every
+    # iteration's metric equals the uniform allocation's, and the uniform allocation stays
+    args = (ev, ranks, s3, base_lm, base_dq, torch.tensor([1e-4, 2e-4], dtype=torch.float64), settings)
+    bx, bm, bit = iterate(*args)
+    assert torch.equal(bx, s3.expand_as(bx)) and torch.equal(bm, base_lm.expand_as(bm)), lm
+    assert not bit.any(), lm
+    fx, fm, fit = fused_iterate(*args)
+    if not (torch.equal(fx, bx) and torch.equal(fm, bm) and torch.equal(fit, bit)):
+        bad.append((lm, float((fm - bm).abs().max()), int((fx != bx).any(-1).sum())))
+print("BAD" if bad else "OK", bad)
+"""
+
+
 def test_registry_holds_every_fast_path_with_examples():
     """Each fast path is registered against its pure function and can be checked (examples on any device);
     the Triton ones are checked below, the CUDA ones by benchmarks/gpu_check.py."""
@@ -45,16 +78,30 @@ def test_registry_holds_every_fast_path_with_examples():
             assert next(iter(fp.examples(torch.device("cpu"))), None) is not None, fp.name
 
 
+def _interpret(script: str):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+    )
+
+
 def test_triton_fast_paths_equal_their_pure_functions_in_the_interpreter():
     """The cross term equals the pure tensor code (rel. 1e-5); the fused iterations give the same best
     vectors and iterations and (to 1e-12) metrics, for the four layer metrics and both dimension-wise ones."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
-    )
+    out = _interpret(SCRIPT)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_fused_iterations_break_ties_as_the_pure_function():
+    """Every iteration ties with the uniform allocation (steps too small to move a count): the kernel
+    keeps the uniform allocation, its metric and iteration 0 as the pure function does (strict `>`,
+    the earliest of equal metrics), although it sums the rows in another order than the tensor code
+    that measured the uniform metric."""
+    pytest.importorskip("triton")
+    out = _interpret(TIE_SCRIPT)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 

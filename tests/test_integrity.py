@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from aliases import need_alias
 from tiny_models import calib, make, make_llama
 from trimprune import PruneConfig, prune
 from trimprune.cli import main
@@ -85,6 +86,7 @@ def _gguf(
 
 @pytest.fixture(scope="module")
 def smollm2_gguf() -> Path:
+    need_alias("smollm2-135m")
     return models._alias_file("smollm2-135m")
 
 

@@ -1,8 +1,10 @@
 """`--offload disk`: blocks read from the checkpoint's safetensors when staged, pruned blocks written to the
 output as they finish. The output equals the in-memory prune's, tensor for tensor; no more than the
-block being processed holds memory; what disk offload cannot do is refused in one line."""
+block being processed (and, on a GPU, the next one, copied ahead) holds memory; what disk offload
+cannot do is refused in one line."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -31,7 +33,12 @@ def stored_tensors(folder):
 
 
 def prune_in_memory(src, flat, ids, out):
+    """The model in memory, pruned on the device the disk-offloaded prune computes on: the CPU, or
+    with a GPU that GPU (an offloaded model's blocks visit it, `session._compute_device`; the weights
+    then stay in host memory, `--offload cpu`), so that both do the same arithmetic."""
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    if torch.cuda.is_available():
+        flat = flat | {"offload": "cpu"}
     res = prune(
         model, None, PruneConfig.from_flat(flat), calibration=ids, device="cpu", progress=False
     )
@@ -130,8 +137,14 @@ def test_only_the_visited_block_holds_memory(tmp_path, monkeypatch):
             f"model-{k:05d}-of-00005.safetensors" for k in range(2, 6)
         ]  # one shard per block, so far
     assert [i for i, _ in seen] == [0, 1, 2, 3]
+    # With a GPU, an offloaded model is pruned there (session._compute_device) and the next block is
+    # in host memory too while block i runs, for its copy ahead (exec/executor.py
+    # `_stored_resident`; block i + 2 is being read, not yet installed). On the CPU: block i only.
+    ahead = torch.cuda.is_available() and os.environ.get("TRIMPRUNE_PREFETCH", "1") != "0"
     for i, live in seen:
-        assert live == [j == i for j in range(4)], (i, live)  # the block being pruned only
+        held = [j for j in range(4) if live[j]]
+        allowed = {i, i + 1} if ahead else {i}
+        assert i in held and set(held) <= allowed, (i, held, sorted(allowed))
     assert not any(materialised(b) for b in adapter.blocks)  # all dropped after the walk
 
 

@@ -7,13 +7,11 @@ the first 8 windows of 512 tokens. Tolerance: 0.1 % (CPU arithmetic of other mac
 libraries moves the fourth digit at most; a loading fault moves the first two: Gemma-3 gives 69.63
 under transformers 5.20.0 and 5.22.2, whose GGUF tokenizer adds no <bos>, and 418.18 under 5.17.0)."""
 
-import importlib.util
-
 import pytest
 
+from aliases import need_alias
 from trimprune import load_model
 from trimprune.io.evaluate import evaluate_sets, prepare_eval_sets
-from trimprune.io.models import ALIASES
 
 RECORDED = {  # alias -> (seqlen, windows, dense perplexity)
     "smollm2-135m": (512, 8, 30.6406),
@@ -24,9 +22,7 @@ RECORDED = {  # alias -> (seqlen, windows, dense perplexity)
 @pytest.mark.slow
 @pytest.mark.parametrize("alias", sorted(RECORDED))
 def test_dense_perplexity_of_each_real_model(alias, with_data_env):
-    pkg, _, pip_cmd = ALIASES[alias]
-    if importlib.util.find_spec(pkg) is None:
-        pytest.skip(f"{alias} is not installed: {pip_cmd}")
+    need_alias(alias)
     seqlen, windows, want = RECORDED[alias]
     model, tok = load_model(alias, device="cpu", dtype="float32")
     sets = prepare_eval_sets(["wikitext2"], tok, seqlen, None, windows)

@@ -214,14 +214,17 @@ def test_same_seed_same_trials_and_allocation(tmp_path):
 
 
 def test_offloaded_search_equals_the_resident_one(tmp_path):
-    """Offload (on CPU: the walked blocks and the held-out objective's block walk) decides the same trials."""
-    m1, a = _search(tmp_path, trials=5, search_objective="nll")
+    """Offload (on CPU: the walked blocks and the held-out objective's block walk) decides the same trials.
+    With a GPU the offloaded model's blocks visit it (`session._compute_device`): the resident model is
+    then on the GPU too, so that both do the same arithmetic."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m1, a = _search(tmp_path, trials=5, model=make("llama").to(dev), search_objective="nll")
     m2, b = _search(tmp_path, trials=5, search_objective="nll", offload=True)
     assert [t[:3] for t in _trials(a)] == [t[:3] for t in _trials(b)]
     assert [t[3] for t in _trials(a)] == pytest.approx([t[3] for t in _trials(b)], rel=1e-6)
     assert a.search["objective"] == "nll" and "kl" not in a.search["final"]
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p1.cpu(), p2.cpu(), rtol=1e-6, atol=1e-7)
 
 
 def test_every_trial_allocation_has_exact_mean_and_bounds_and_the_best_is_applied(tmp_path):

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 import trimprune.core.hub as hub
 import trimprune.io.models as models
+from aliases import need_alias
 from trimprune.cli import main
 from trimprune.errors import TrimpruneError
 
@@ -596,6 +597,13 @@ def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cp
     assert models.resolve_dtype(None, cpu, torch.bfloat16) == torch.bfloat16
     assert models.resolve_dtype(None, gpu, torch.float16) == torch.float16
     assert models.resolve_dtype(None, gpu, torch.float32) is not torch.float32
+    # on the command line's default device (cuda if available, else cpu), this machine's answer
+    here = models.resolve_device(None)
+    if here.type == "cpu":
+        assert models.resolve_dtype(None, here) == torch.float32
+    else:
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        assert models.resolve_dtype(None, here) == half
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert models.resolve_dtype(None, gpu) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -604,8 +612,6 @@ def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cp
     assert models.config_dtype({"torch_dtype": "bfloat16"}) == torch.bfloat16
     assert models.config_dtype({"text_config": {"dtype": "float16"}}) == torch.float16
     assert models.config_dtype({"dtype": "int8"}) is None
-    src = models.resolve_model_path("smollm2-135m", None)
-    assert models.native_dtype(*src) is None  # Q4_1: quantised, no float dtype of its own
     import gguf
     import numpy as np
 
@@ -630,6 +636,12 @@ def test_default_dtype_is_the_checkpoints_own_else_bfloat16_on_gpu_float32_on_cp
             models.gguf_dtype(path) == want
             and models.native_dtype(str(tmp_path), path.name) == want
         )
+
+
+def test_the_smollm2_alias_has_no_float_dtype_of_its_own():
+    need_alias("smollm2-135m")
+    src = models.resolve_model_path("smollm2-135m", None)
+    assert models.native_dtype(*src) is None  # Q4_1: quantised, no float dtype of its own
 
 
 @pytest.fixture(scope="module")
@@ -667,14 +679,21 @@ def test_float16_overflow_is_an_error_naming_bfloat16_and_the_default_dtype_prun
     assert _prune(d, tmp_path / "a", "--dtype", "float16", *_fast(small), *ev) == 2
     assert "the activations overflow in float16: try --dtype bfloat16" in _one_line(capsys)
     assert not (tmp_path / "a").exists()
-    # the default dtype: the checkpoint's own (float32 here, bfloat16 for the second), a sound prune
-    for dt, out in ((torch.float32, tmp_path / "b"), (torch.bfloat16, tmp_path / "c")):
-        assert _prune(overflow_dirs[dt], out, *_fast(small), *ev, "--no-save-model") == 0
+    # the default dtype: the checkpoint's own for the bfloat16 one; for the float32 one (no half
+    # dtype of its own) float32 on the CPU, bfloat16 on a GPU (the command line's device: cuda when
+    # available), a sound prune either way
+    here = models.resolve_device(None).type
+    if here == "cuda" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16: the default dtype, float16, overflows on this model")
+    default = torch.float32 if here == "cpu" else torch.bfloat16
+    for src, dt, origin, out in (
+        (torch.float32, default, f"default on {here}", tmp_path / "b"),
+        (torch.bfloat16, torch.bfloat16, "checkpoint", tmp_path / "c"),
+    ):
+        assert _prune(overflow_dirs[src], out, *_fast(small), *ev, "--no-save-model") == 0
         rep = json.loads((out / "report.json").read_text())
-        assert rep["model"]["dtype"] == str(dt)
-        assert rep["model"]["dtype_from"] == (
-            "checkpoint" if dt == torch.bfloat16 else "default on cpu"
-        )
+        assert rep["model"]["dtype"] == str(dt), (src, rep["model"])
+        assert rep["model"]["dtype_from"] == origin, (src, rep["model"])
         ppl = rep["metrics"]["perplexity"]["mine"]
         assert math.isfinite(ppl) and math.isfinite(rep["metrics"]["dense_perplexity"]["mine"])
         assert rep["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)

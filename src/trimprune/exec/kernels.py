@@ -168,6 +168,47 @@ FUSED_DIM = {"cosim": 0, "mse": 1}
 if triton is not None:
 
     @triton.jit
+    def _row_stats(
+        TW, TE, YY, tab, p, offs, ok, x, R: tl.constexpr, N: tl.constexpr, KMAX: tl.constexpr
+    ):
+        """The statistics (c, q, err, cos) of rows `offs` of linear p pruned at row sparsities x
+        (float32): counts round half to even, read from the prefix tables."""
+        y = x.to(tl.float64) * N
+        f = tl.floor(y)
+        r = y - f
+        odd = f - 2.0 * tl.floor(f * 0.5)
+        k = tl.where(r > 0.5, f + 1.0, tl.where(r < 0.5, f, f + odd))
+        k = tl.minimum(tl.maximum(k, 0.0), KMAX).to(tl.int64)
+        at = tab + offs.to(tl.int64) * (N + 1) + k
+        wge = tl.load(TW + at, mask=ok, other=0.0)
+        err = tl.load(TE + at, mask=ok, other=0.0)
+        yy = tl.load(YY + p * R + offs, mask=ok, other=0.0)
+        c = yy - wge
+        q = tl.maximum(yy - 2 * wge + err, 0.0)
+        err = tl.maximum(err, 0.0)
+        cos = tl.minimum(tl.maximum(c / ((tl.sqrt(yy) + 1e-8) * (tl.sqrt(q) + 1e-8)), -1.0), 1.0)
+        return c, q, err, cos
+
+    @triton.jit
+    def _layer_value(
+        c_acc, q_acc, e_acc, cos_acc, syy, R: tl.constexpr, NT: tl.constexpr, LAYER: tl.constexpr
+    ):
+        """The layer metric from the per-lane sums of the row statistics."""
+        if LAYER == 0:
+            m = tl.minimum(
+                tl.maximum(
+                    tl.sum(c_acc) / ((tl.sqrt(syy) + 1e-8) * (tl.sqrt(tl.sum(q_acc)) + 1e-8)),
+                    -1.0,
+                ),
+                1.0,
+            )
+        elif LAYER == 1:
+            m = tl.sum(cos_acc) / R
+        else:
+            m = -(tl.sum(e_acc) / (R * NT))
+        return m
+
+    @triton.jit
     def _trim_iterations_kernel(
         TW,
         TE,
@@ -198,13 +239,32 @@ if triton is not None:
         s = tl.load(S + p)
         tab = p.to(tl.int64) * R * (N + 1)
         row = pid.to(tl.int64) * R
-        best = tl.load(BM + pid)
         best_it = tl.load(BIT + pid)
         yy_acc = tl.zeros([BLOCK], tl.float64)
         for c0 in range(0, R, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
             yy_acc += tl.load(YY + p * R + offs, mask=offs < R, other=0.0)
         syy = tl.sum(yy_acc)
+        # the pure function's rule: an iteration is kept when its metric is strictly above the best
+        # so far, starting from the uniform allocation. The uniform allocation's metric is measured
+        # here with the same arithmetic (summation order) as the iterations', so a candidate with
+        # the uniform counts ties exactly and the uniform one stays, as in the pure function (the
+        # given metric, summed in another order, may differ in the last bit). BM keeps the given
+        # metric while no iteration beats it.
+        c_acc = tl.zeros([BLOCK], tl.float64)
+        q_acc = tl.zeros([BLOCK], tl.float64)
+        e_acc = tl.zeros([BLOCK], tl.float64)
+        cos_acc = tl.zeros([BLOCK], tl.float64)
+        for c0 in range(0, R, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            ok = offs < R
+            x = tl.load(X + row + offs, mask=ok, other=0.0)
+            c, q, err, cos = _row_stats(TW, TE, YY, tab, p, offs, ok, x, R, N, KMAX)
+            c_acc += tl.where(ok, c, 0.0)
+            q_acc += tl.where(ok, q, 0.0)
+            e_acc += tl.where(ok, err, 0.0)
+            cos_acc += tl.where(ok, cos, 0.0)
+        best = _layer_value(c_acc, q_acc, e_acc, cos_acc, syy, R, NT, LAYER)
         for it in range(ITERS):
             # step size from the dimension-wise quality:
             # d = 2 lr (q - min q) / (max q - min q + 1e-6)
@@ -246,22 +306,7 @@ if triton is not None:
                 x = tl.load(X + row + offs, mask=ok, other=0.0)
                 x = (x - x_mean) + s
                 tl.store(X + row + offs, x, mask=ok)
-                y = x.to(tl.float64) * N
-                f = tl.floor(y)
-                r = y - f
-                odd = f - 2.0 * tl.floor(f * 0.5)
-                k = tl.where(r > 0.5, f + 1.0, tl.where(r < 0.5, f, f + odd))
-                k = tl.minimum(tl.maximum(k, 0.0), KMAX).to(tl.int64)
-                at = tab + offs.to(tl.int64) * (N + 1) + k
-                wge = tl.load(TW + at, mask=ok, other=0.0)
-                err = tl.load(TE + at, mask=ok, other=0.0)
-                yy = tl.load(YY + p * R + offs, mask=ok, other=0.0)
-                c = yy - wge
-                q = tl.maximum(yy - 2 * wge + err, 0.0)
-                err = tl.maximum(err, 0.0)
-                cos = tl.minimum(
-                    tl.maximum(c / ((tl.sqrt(yy) + 1e-8) * (tl.sqrt(q) + 1e-8)), -1.0), 1.0
-                )
+                c, q, err, cos = _row_stats(TW, TE, YY, tab, p, offs, ok, x, R, N, KMAX)
                 if DIM == 0:
                     tl.store(DQ + row + offs, cos, mask=ok)
                 else:
@@ -270,19 +315,8 @@ if triton is not None:
                 q_acc += tl.where(ok, q, 0.0)
                 e_acc += tl.where(ok, err, 0.0)
                 cos_acc += tl.where(ok, cos, 0.0)
-            if LAYER == 0:
-                m = tl.minimum(
-                    tl.maximum(
-                        tl.sum(c_acc) / ((tl.sqrt(syy) + 1e-8) * (tl.sqrt(tl.sum(q_acc)) + 1e-8)),
-                        -1.0,
-                    ),
-                    1.0,
-                )
-            elif LAYER == 1:
-                m = tl.sum(cos_acc) / R
-            else:
-                m = -(tl.sum(e_acc) / (R * NT))
-            better = m > best
+            m = _layer_value(c_acc, q_acc, e_acc, cos_acc, syy, R, NT, LAYER)
+            better = m > best  # strict, as the pure function: the earliest of equal metrics stays
             if better:
                 for c0 in range(0, R, BLOCK):
                     offs = c0 + tl.arange(0, BLOCK)
@@ -291,9 +325,9 @@ if triton is not None:
                         tl.load(X + row + offs, mask=offs < R, other=0.0),
                         mask=offs < R,
                     )
+                tl.store(BM + pid, m)
             best = tl.where(better, m, best)
             best_it = tl.where(better, it, best_it)
-        tl.store(BM + pid, best)
         tl.store(BIT + pid, best_it)
 
 
