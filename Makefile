@@ -41,6 +41,11 @@ test-gpu:
 	    $(PY) -m pytest -q -n 8 -p no:cacheprovider
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(PY) benchmarks/gpu_check.py
 
+# the Triton kernels in the interpreter, SIGKILL and resume, torchrun, zero-shot through the harness,
+# SmolLM2 round trips (~6 min)
+test-heavy: setup
+	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m heavy
+
 # what prune decides on SmolLM2 (18 configurations, C4 8 x 128) against the recorded digests (~12 min)
 test-fixtures: setup
 	TRIMPRUNE_DATA=$${TRIMPRUNE_DATA:-$(DATA)} $(BIN)/python -m pytest -q -m slow tests/test_equivalence.py

@@ -123,6 +123,7 @@ def two_ranks(tmp_path_factory):
     return out
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_equal_one(name, two_ranks):
     got = load_file(str(two_ranks / f"{name}.safetensors"))
@@ -182,6 +183,7 @@ def _uneven_worker(rank: int, world: int, port: int, out: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.heavy
 def test_three_processes_with_uneven_shares_hold_the_same_weights(tmp_path):
     """7 sequences over 3 ranks (3, 2, 2): every rank ends with the same weights and records, close to one
     process (the sums are in a different order)."""
@@ -234,6 +236,7 @@ def test_too_few_sequences_for_the_processes_is_an_error():
         api.Ranks.current = orig
 
 
+@pytest.mark.heavy
 def test_torchrun_command_line(tiny_dir, tmp_path, with_data_env):
     """`torchrun --nproc-per-node 2 -m trimprune prune ...` (gloo on CPU): rank 0 writes the output, whose
     masks equal a one-process run's; the perplexity is shared over the ranks."""
@@ -318,6 +321,7 @@ prune(make("llama"), None, PruneConfig.from_flat(dict(nsamples=4, seqlen=16)), c
 """
 
 
+@pytest.mark.heavy
 def test_a_failing_rank_stops_every_rank(tmp_path):
     """Rank 1 fails (a bad token id in its share of the calibration) while rank 0 waits for it in a
     collective: torchrun stops both with the error instead of hanging."""

@@ -87,6 +87,7 @@ def _interpret(script: str):
     )
 
 
+@pytest.mark.heavy
 def test_triton_fast_paths_equal_their_pure_functions_in_the_interpreter():
     """The cross term equals the pure tensor code (rel. 1e-5); the fused iterations give the same best
     vectors and iterations and (to 1e-12) metrics, for the four layer metrics and both dimension-wise ones."""

@@ -94,6 +94,7 @@ def _same_outputs(a: Path, b: Path) -> dict:
     return ra
 
 
+@pytest.mark.heavy
 def test_sigkill_after_a_block_then_resume_is_bit_identical(tmp_path):
     """Real processes: killed with SIGKILL right after block 1's checkpoint is committed, resumed by a
     second process, compared with a third that ran uninterrupted (and without checkpoints)."""

@@ -31,6 +31,7 @@ def test_alias_loads_llama_architecture_and_dense_perplexity(smollm2, with_data_
     assert _ppl(model, tok) == pytest.approx(DENSE_PPL_512x8, rel=1e-3)
 
 
+@pytest.mark.heavy
 def test_wanda_beats_magnitude_and_round_trips(fresh_smollm2, with_data_env, tmp_path):
     model, tok = fresh_smollm2
     cfg = PruneConfig.from_flat(

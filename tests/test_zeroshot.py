@@ -17,6 +17,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.mark.heavy
 def test_eval_tasks_offline_reads_the_harness_results(
     tiny_dir, data_dir, tmp_path, capsys, offline
 ):
@@ -63,6 +64,7 @@ def test_eval_tasks_offline_reads_the_harness_results(
     assert "mean of 7 (acc)" in printed and "hellaswag" in printed
 
 
+@pytest.mark.heavy
 def test_prune_with_tasks_reports_dense_and_pruned(
     tiny_dir, data_dir, tmp_path, offline, with_data_env
 ):
