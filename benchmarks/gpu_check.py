@@ -294,7 +294,7 @@ def disk_offload_checks(dev, ids, resident_masks, resident_weights):
     evaluation of the pruned model (streamed from the written shards) == the resident pruned model's."""
     from transformers import AutoModelForCausalLM
 
-    from trimprune.io.diskmodel import disk_storage, load_disk_model
+    from trimprune.io.diskmodel import load_disk_model
     from trimprune.io.export import StagedDir, write_outputs
 
     ref = make("llama")
@@ -304,10 +304,10 @@ def disk_offload_checks(dev, ids, resident_masks, resident_weights):
         make("llama").save_pretrained(Path(d) / "src")
         for run in ["offload disk", "offload disk, no prefetch"]:
             os.environ["TRIMPRUNE_PREFETCH"] = "0" if run.endswith("no prefetch") else "1"
-            m = load_disk_model(str(Path(d) / "src"), torch.float32)
+            m, storage = load_disk_model(str(Path(d) / "src"), torch.float32)
             out = Path(d) / run.replace(",", "").replace(" ", "-")
             with StagedDir(out) as staged:
-                disk_storage(m).write_to(staged.tmp)
+                storage.write_to(staged.tmp)
                 r = prune(
                     m,
                     None,
@@ -320,10 +320,11 @@ def disk_offload_checks(dev, ids, resident_masks, resident_weights):
                         offload="disk",
                     ),
                     calibration=ids,
+                    storage=storage,
                     device=dev,
                     progress=False,
                 )
-                write_outputs(out, m, None, r, {}, staged=staged)
+                write_outputs(out, m, None, r, {}, staged=staged, storage=storage)
             written = AutoModelForCausalLM.from_pretrained(out).state_dict()
             same = sum(torch.equal(resident_masks[n], r.masks[n]) for n in resident_masks)
             same_w = sum(torch.equal(resident_weights[k], written[k]) for k in resident_weights)
@@ -332,7 +333,7 @@ def disk_offload_checks(dev, ids, resident_masks, resident_weights):
                 f"{run} SparseGPT+TRIM prune == resident: {same}/{len(resident_masks)} masks, "
                 f"{same_w}/{len(resident_weights)} tensors written",
             )
-            x, _ = nll_of_windows(m, ids[:6], 3, device=dev, offload=True)
+            x, _ = nll_of_windows(m, ids[:6], 3, device=dev, offload=True, storage=storage)
             check(
                 abs(x - x_ref) / abs(x_ref) < 1e-5,
                 f"{run}: eval of the written pruned model == resident ({x:.5f} vs {x_ref:.5f})",

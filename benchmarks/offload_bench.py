@@ -43,7 +43,7 @@ from common import (
 )
 from trimprune import PruneConfig, prune  # noqa: E402
 from trimprune.exec.offload import pin  # noqa: E402
-from trimprune.io.diskmodel import disk_storage, load_disk_model  # noqa: E402
+from trimprune.io.diskmodel import load_disk_model  # noqa: E402
 from trimprune.io.export import StagedDir, write_outputs  # noqa: E402
 
 
@@ -52,10 +52,10 @@ def weight_bytes(model) -> int:
 
 
 def run(
-    model, calib, flat: dict, dev: torch.device, output: Path | None = None
+    model, calib, flat: dict, dev: torch.device, output: Path | None = None, storage=None
 ) -> tuple[dict, object]:
-    """One prune; with `output` (a model loaded with offload disk) its blocks are written there as they finish
-    and the folder is completed at the end (`write_seconds`)."""
+    """One prune; with `output` (a model loaded with offload disk, `storage` its blocks) its blocks are
+    written there as they finish and the folder is completed at the end (`write_seconds`)."""
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -70,17 +70,18 @@ def run(
         )
     else:
         with StagedDir(output, overwrite=True) as staged:
-            disk_storage(model).write_to(staged.tmp)
+            storage.write_to(staged.tmp)
             res = prune(
                 model,
                 None,
                 PruneConfig.from_flat(flat),
                 calibration=calib,
+                storage=storage,
                 device=dev,
                 progress=False,
             )
             t_write = time.perf_counter()
-            write_outputs(output, model, None, res, {}, staged=staged)
+            write_outputs(output, model, None, res, {}, staged=staged, storage=storage)
             write = time.perf_counter() - t_write
     if cuda:
         torch.cuda.synchronize(dev)
@@ -199,9 +200,8 @@ def main(argv=None):
                 torch.cuda.set_per_process_memory_fraction(cap / total, dev)
             flat = base | {"offload": kind, "batch_size": args.batch_size}
             if kind == "disk":
-                rec, res = run(
-                    load_disk_model(str(saved), dtype), calib, flat, dev, output=tmp / "pruned"
-                )
+                disk_model, storage = load_disk_model(str(saved), dtype)
+                rec, res = run(disk_model, calib, flat, dev, output=tmp / "pruned", storage=storage)
             else:
                 model.load_state_dict(state)
                 rec, res = run(model, calib, flat, dev)

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tiny_models import calib, make, make_llama
-from trimprune import PruneConfig, TrimpruneError, load_masks, prune
+from trimprune import LoadedModel, ModelSource, PruneConfig, TrimpruneError, load_masks, prune
 from trimprune.cli import main
 from trimprune.core.model import ModelAdapter
 from trimprune.exec.offload import materialised
-from trimprune.io.diskmodel import disk_storage, load_disk_model
+from trimprune.io.diskmodel import DiskBlocks, load_disk_model
 from trimprune.io.evaluate import nll_of_windows
 from trimprune.io.export import StagedDir, write_outputs
 from trimprune.io.models import load_model
@@ -47,19 +47,20 @@ def prune_in_memory(src, flat, ids, out):
 
 
 def prune_from_disk(src, flat, ids, out, visit=None):
-    model = load_disk_model(str(src), torch.float32)
+    model, storage = load_disk_model(str(src), torch.float32)  # as load_model(offload="disk")
     with StagedDir(out) as staged:
-        disk_storage(model).write_to(staged.tmp)
+        storage.write_to(staged.tmp)
         res = prune(
             model,
             None,
             PruneConfig.from_flat(flat | {"offload": "disk"}),
             calibration=ids,
+            storage=storage,
             device="cpu",
             progress=False,
         )
-        write_outputs(out, model, None, res, {}, staged=staged)
-    return model, res
+        write_outputs(out, model, None, res, {}, staged=staged, storage=storage)
+    return model, storage, res
 
 
 @pytest.mark.parametrize(
@@ -74,15 +75,16 @@ def test_disk_offload_output_equals_the_in_memory_prune(family, flat, tmp_path):
     make(family).save_pretrained(tmp_path / "src")
     ids = calib(4, 16)
     mem_model, mem = prune_in_memory(tmp_path / "src", flat, ids, tmp_path / "mem")
-    disk_model, disk = prune_from_disk(tmp_path / "src", flat, ids, tmp_path / "disk")
+    disk_model, storage, disk = prune_from_disk(tmp_path / "src", flat, ids, tmp_path / "disk")
     # evaluating the pruned model streams its blocks from the written (now committed) shards
-    assert nll_of_windows(disk_model, ids, 2) == nll_of_windows(mem_model, ids, 2)
+    assert nll_of_windows(disk_model, ids, 2, storage=storage) == nll_of_windows(mem_model, ids, 2)
     with pytest.raises(TrimpruneError, match="already: load it again"):
         prune(
             disk_model,
             None,
             PruneConfig.from_flat(flat | {"offload": "disk"}),
             calibration=ids,
+            storage=storage,
             progress=False,
         )
     assert set(mem.masks) == set(disk.masks)
@@ -119,17 +121,18 @@ def test_only_the_visited_block_holds_memory(tmp_path, monkeypatch):
         return original(run, plan, ex)
 
     monkeypatch.setattr(api, "prune_block", watch)
-    model = load_disk_model(str(tmp_path / "src"), torch.float32)
+    model, storage = load_disk_model(str(tmp_path / "src"), torch.float32)
     adapter = ModelAdapter.from_model(model)
     assert not any(materialised(b) for b in adapter.blocks)  # nothing read at load
     assert all(p.device.type == "cpu" for n, p in model.named_parameters() if ".layers." not in n)
     with StagedDir(tmp_path / "out") as staged:
-        disk_storage(model).write_to(staged.tmp)
+        storage.write_to(staged.tmp)
         prune(
             model,
             None,
             PruneConfig.from_flat(FLAT | {"offload": "disk"}),
             calibration=calib(4, 16),
+            storage=storage,
             device="cpu",
             progress=False,
         )
@@ -188,21 +191,43 @@ def test_gguf_and_bin_models_are_refused(tmp_path):
 
 def test_a_disk_model_is_pruned_into_an_output_with_offload_disk(tmp_path):
     make("llama").save_pretrained(tmp_path / "src")
-    model = load_disk_model(str(tmp_path / "src"), torch.float32)
+    model, storage = load_disk_model(str(tmp_path / "src"), torch.float32)
     with pytest.raises(TrimpruneError, match="write_to"):
         prune(
             model,
             None,
             PruneConfig.from_flat(FLAT | {"offload": "disk"}),
             calibration=calib(4, 16),
+            storage=storage,
             progress=False,
         )
-    with pytest.raises(TrimpruneError, match="prune it with offload 'disk'"):
+    for given in (storage, None):  # with its storage or without: offload cpu is refused
+        with pytest.raises(TrimpruneError, match="prune it with offload 'disk'") as e:
+            prune(
+                model,
+                None,
+                PruneConfig.from_flat(FLAT | {"offload": "cpu"}),
+                calibration=calib(4, 16),
+                storage=given,
+                progress=False,
+            )
+        assert "\n" not in str(e.value)
+    with pytest.raises(TrimpruneError, match="load_model\\(..., offload='disk'\\)"):
         prune(
             model,
             None,
-            PruneConfig.from_flat(FLAT | {"offload": "cpu"}),
+            PruneConfig.from_flat(FLAT | {"offload": "disk"}),
             calibration=calib(4, 16),
+            progress=False,
+        )  # a disk model without its storage
+    other = make("llama")
+    with pytest.raises(TrimpruneError, match="DiskBlocks of another model"):
+        prune(
+            other,
+            None,
+            PruneConfig.from_flat(FLAT | {"offload": "disk"}),
+            calibration=calib(4, 16),
+            storage=storage,
             progress=False,
         )
     with pytest.raises(TrimpruneError, match="load_model\\(..., offload='disk'\\)"):
@@ -213,6 +238,30 @@ def test_a_disk_model_is_pruned_into_an_output_with_offload_disk(tmp_path):
             calibration=calib(4, 16),
             progress=False,
         )
+
+
+def test_load_model_returns_a_loaded_model(tiny_dir):
+    src = str(tiny_dir)  # a float32 checkpoint: its dtype is the CPU's default
+    loaded = load_model(src, device="cpu")
+    assert isinstance(loaded, LoadedModel) and isinstance(loaded.model, torch.nn.Module)
+    assert loaded.source == ModelSource(src, None, src, "default on cpu")
+    assert loaded.storage is None and loaded.tokenizer is not None
+    model, tok = loaded  # unpacks as (model, tokenizer), as before
+    assert model is loaded.model and tok is loaded.tokenizer
+    assert load_model(src, dtype="float32", device="cpu").source.dtype_from == "given"
+    assert not [a for a in vars(model) if a.startswith("trimprune")]
+    with pytest.raises(AttributeError):
+        loaded.storage = None  # frozen
+    disk = load_model(src, device="cpu", offload="disk")
+    assert isinstance(disk.storage, DiskBlocks) and disk.storage.model is disk.model
+    assert disk.source.resolved == src and disk.source.gguf_file is None
+    assert not [a for a in vars(disk.model) if a.startswith("trimprune")]
+    with pytest.raises(TrimpruneError, match="storage=loaded.storage"):
+        nll_of_windows(disk.model, calib(2, 16), 2)  # its blocks are in the checkpoint
+    ids = calib(2, 16)
+    assert nll_of_windows(disk.model, ids, 2, storage=disk.storage) == nll_of_windows(
+        loaded.model, ids, 2
+    )
 
 
 def test_cli_prune_and_eval_with_disk_offload(

@@ -23,6 +23,8 @@ _EXPORTS = {
     "PruneResult": ".api",
     "prune": ".api",
     "load_model": ".io.models",
+    "LoadedModel": ".io.models",
+    "ModelSource": ".io.models",
     "ModelAdapter": ".io.models",
     "perplexity": ".io.evaluate",
     "load_masks": ".io.export",

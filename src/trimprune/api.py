@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from trimprune.config import PruneConfig
+from trimprune.io.diskmodel import DiskBlocks
 from trimprune.search import guard_prune, search_prune
 from trimprune.session import Checked, PruneResult, Session, _checked
 
@@ -20,6 +21,7 @@ def prune(
     config: PruneConfig | Checked,
     calibration=None,
     *,
+    storage: DiskBlocks | None = None,
     device=None,
     progress=True,
     profile: str = "time",
@@ -31,12 +33,13 @@ def prune(
     model's device; with `config.run.offload` the model may live on CPU and blocks visit `device`).
     `progress`: a `core.progress.Progress` (bars, log lines, --log-json) or True / False. `profile`:
     the phases' mode (`exec.profiling`), for benchmarks. `config.run.offload == "disk"`: the model
-    comes from `load_model(..., offload="disk")` and `model.trimprune_storage.write_to(FOLDER)`
-    names the folder where each block is written as it finishes (`io.diskmodel`);
-    `io.export.write_outputs` completes that folder. `config.run.checkpoint_dir`: commit every
-    finished block there (`io.resume`); with `config.run.resume`, first restore the blocks it holds
-    and continue after them. The checkpoint is left in place (the command line removes it once the
-    output is written).
+    comes from `loaded = load_model(..., offload="disk")` and `storage` is `loaded.storage` (its
+    blocks' `io.diskmodel.DiskBlocks`; refused with another offload, and offload "disk" is refused
+    without it); `loaded.storage.write_to(FOLDER)` names the folder where each block is written as
+    it finishes and `io.export.write_outputs(..., storage=loaded.storage)` completes that folder.
+    `config.run.checkpoint_dir`: commit every finished block there (`io.resume`); with
+    `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint
+    is left in place (the command line removes it once the output is written).
 
     `--allocation search` and `--trim-guard model` prune several times from one capture and keep the
     best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` /
@@ -59,7 +62,7 @@ def prune(
     before its dense evaluation) skips the checks that already ran."""
     checked = _checked(config, model, sampling=calibration is None)
     config = checked.config
-    kwargs = dict(device=device, progress=progress, profile=profile)
+    kwargs = dict(device=device, progress=progress, profile=profile, storage=storage)
     if config.mode == "search":
         result = search_prune(model, tokenizer, config, calibration, **kwargs)
     elif config.mode == "model-guard":

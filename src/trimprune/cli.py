@@ -384,19 +384,27 @@ def _same_windows(sets: dict) -> dict:
 
 
 def _evaluate(
-    model, tok, sets: dict, args, dev, offload: bool, progress, label: str = "the model"
+    model,
+    tok,
+    sets: dict,
+    args,
+    dev,
+    offload: bool,
+    progress,
+    label: str = "the model",
+    storage=None,
 ) -> dict:
     """Perplexity on the prepared sets and zero-shot accuracy on --tasks: {"eval": ..., "zero_shot":
     ...}. A perplexity that is not a finite number stops with an error naming the set and `label`
     (the model). Under torchrun the ranks share the perplexity windows; rank 0 alone runs the
-    zero-shot tasks."""
+    zero-shot tasks. `storage`: the `LoadedModel.storage` of --offload disk."""
     from trimprune.io.evaluate import evaluate_sets
     from trimprune.io.zeroshot import evaluate_tasks, mean_accuracy
 
     out = {}
     if sets:
         out["eval"] = evaluate_sets(
-            model, sets, args.eval_batch_size, dev, offload, progress, label
+            model, sets, args.eval_batch_size, dev, offload, progress, label, storage
         )
         for k, v in sets.items():
             out["eval"][k]["source"] = v["source"]
@@ -480,7 +488,6 @@ def _prune_command(args, scope) -> int:
     from trimprune.api import prune
     from trimprune.core.model import ModelAdapter
     from trimprune.core.ranks import Ranks
-    from trimprune.io.diskmodel import disk_storage
     from trimprune.io.export import StagedDir
     from trimprune.io.models import load_model
     from trimprune.preflight import check_model_keeps_weights, check_prune_inputs
@@ -504,7 +511,7 @@ def _prune_command(args, scope) -> int:
         log_json=args.log_json if main_rank else None,
     )
     t0 = time.perf_counter()
-    model, tok = load_model(
+    loaded = load_model(
         args.model,
         args.gguf_file,
         args.dtype,
@@ -512,28 +519,30 @@ def _prune_command(args, scope) -> int:
         offload=cfg.run.offload,
         trust_remote_code=args.trust_remote_code,
     )
+    model, tok, storage = loaded.model, loaded.tokenizer, loaded.storage
     t_load = time.perf_counter() - t0
     staged = None
-    if disk_storage(model) is not None:  # each pruned block is written as it finishes
+    if storage is not None:  # each pruned block is written as it finishes
         staged = scope.enter_context(StagedDir(args.output, args.overwrite))
-        disk_storage(model).write_to(staged.tmp)
+        storage.write_to(staged.tmp)
     adapter = ModelAdapter.from_model(model)
     # before any evaluation: the context, an allocation file, an existing resume state
     checked = check_against_model(cfg, model, seqlens=(eval_seqlen,), loaded_ranks=True)
     cfg = checked.config
     check_model_keeps_weights(cfg, model)
     sets = _prune_eval_sets(args, tok, eval_seqlen, model, cfg.calib.seed, progress)
+    offload = cfg.run.offload
     dense = (
         {}
         if args.no_dense_eval
-        else _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the dense model")
+        else _evaluate(model, tok, sets, args, dev, offload, progress, "the dense model", storage)
     )
-    result = prune(model, tok, checked, device=dev, progress=progress)
-    pruned = _evaluate(model, tok, sets, args, dev, cfg.run.offload, progress, "the pruned model")
-    report = _prune_report(args, model, adapter, dev, result, dense, pruned, t_load, t_all)
+    result = prune(model, tok, checked, storage=storage, device=dev, progress=progress)
+    pruned = _evaluate(model, tok, sets, args, dev, offload, progress, "the pruned model", storage)
+    report = _prune_report(args, loaded, adapter, dev, result, dense, pruned, t_load, t_all)
     if not main_rank:  # rank 0 writes the outputs and prints
         return 0
-    _write_prune_outputs(args, cfg, model, tok, result, report, staged)
+    _write_prune_outputs(args, cfg, loaded, result, report, staged)
     return 0
 
 
@@ -558,9 +567,10 @@ def _prune_eval_sets(args, tok, eval_seqlen, model, seed, progress) -> dict:
     return _same_windows(sets)
 
 
-def _prune_report(args, model, adapter, dev, result, dense, pruned, t_load, t_all) -> dict:
+def _prune_report(args, loaded, adapter, dev, result, dense, pruned, t_load, t_all) -> dict:
     from trimprune.io.report import build_report
 
+    model = loaded.model
     metrics = _metrics(dense, pruned)
     timings = dict(result.timings, load_seconds=t_load)
     timings["eval_seconds"] = sum(v["seconds"] for v in metrics["eval"].values()) + sum(
@@ -576,7 +586,7 @@ def _prune_report(args, model, adapter, dev, result, dense, pruned, t_load, t_al
         "model_type": getattr(model.config, "model_type", None),
         "num_blocks": adapter.num_blocks,
         "dtype": str(next(model.parameters()).dtype),
-        "dtype_from": getattr(model, "trimprune_source", {}).get("dtype_from"),
+        "dtype_from": loaded.source.dtype_from,
         "device": str(dev),
     }
     timings["total_seconds"] = time.perf_counter() - t_all
@@ -594,15 +604,15 @@ def _prune_report(args, model, adapter, dev, result, dense, pruned, t_load, t_al
     return report
 
 
-def _write_prune_outputs(args, cfg, model, tok, result, report, staged) -> None:
+def _write_prune_outputs(args, cfg, loaded, result, report, staged) -> None:
     from trimprune.io.export import write_outputs
     from trimprune.io.report import markdown, summary_text
     from trimprune.io.resume import remove_checkpoint
 
     write_outputs(
         args.output,
-        model,
-        tok,
+        loaded.model,
+        loaded.tokenizer,
         result,
         report,
         markdown,
@@ -610,6 +620,8 @@ def _write_prune_outputs(args, cfg, model, tok, result, report, staged) -> None:
         save_model=not args.no_save_model,
         save_format=args.save_format,
         staged=staged,
+        storage=loaded.storage,
+        source=loaded.source,
     )
     if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
         remove_checkpoint(
@@ -639,7 +651,7 @@ def cmd_eval(args) -> int:
     dev = _device(args)
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto")
-    model, tok = load_model(
+    loaded = load_model(
         args.model,
         args.gguf_file,
         args.dtype,
@@ -647,6 +659,7 @@ def cmd_eval(args) -> int:
         offload=args.offload,
         trust_remote_code=args.trust_remote_code,
     )
+    model, tok = loaded
     if args.eval:
         ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")
     sets = (
@@ -664,7 +677,9 @@ def cmd_eval(args) -> int:
         if args.eval
         else {}
     )
-    res = _evaluate(model, tok, _same_windows(sets), args, dev, args.offload, progress)
+    res = _evaluate(
+        model, tok, _same_windows(sets), args, dev, args.offload, progress, storage=loaded.storage
+    )
     if not main_rank:
         return 0
     for name, r in res.get("eval", {}).items():

@@ -51,6 +51,7 @@ from trimprune.config import PruneConfig
 from trimprune.core.progress import Progress
 from trimprune.engine.allocate import owl_ratios
 from trimprune.errors import TrimpruneError
+from trimprune.io.diskmodel import DiskBlocks
 from trimprune.io.evaluate import logits_batches
 from trimprune.session import PruneResult, Session
 
@@ -81,6 +82,7 @@ class Holdout:
         offload: bool = False,
         batch_size: int | None = None,
         ex=None,
+        storage: DiskBlocks | None = None,
     ):
         self.model, self.kind, self.dev, self.offload, self.ex = (
             model,
@@ -89,6 +91,7 @@ class Holdout:
             offload,
             ex,
         )
+        self.storage = storage
         self.holdout_sequences = int(ids.shape[0])
         self.batches = list(ids.split(batch_size or (1 if offload else 4), 0))
         self.tokens = ids.shape[0] * (ids.shape[1] - 1)
@@ -108,6 +111,7 @@ class Holdout:
             run.offload,
             run.batch_size or None,
             session.ex,
+            session.storage,
         )
 
     @torch.no_grad()
@@ -116,7 +120,9 @@ class Holdout:
         nll = torch.zeros((), dtype=torch.float64, device=self.dev)
         kl = torch.zeros((), dtype=torch.float64, device=self.dev)
         for b, (ids, logits) in enumerate(
-            logits_batches(self.model, self.batches, self.dev, self.offload, ex=self.ex)
+            logits_batches(
+                self.model, self.batches, self.dev, self.offload, ex=self.ex, storage=self.storage
+            )
         ):
             lp = torch.log_softmax(logits[:, :-1].float(), -1)
             del logits
@@ -322,6 +328,7 @@ def guard_prune(
     device=None,
     progress=True,
     profile: str = "time",
+    storage: DiskBlocks | None = None,
 ) -> PruneResult:
     """`prune` for `--trim-guard model` with a rule's allocation (see the module's docstring)."""
 
@@ -339,6 +346,7 @@ def guard_prune(
         device=device,
         progress=progress,
         profile=profile,
+        storage=storage,
     )
 
 
@@ -352,6 +360,7 @@ def search_prune(
     progress=True,
     profile: str = "time",
     on_trial: Callable | None = None,
+    storage: DiskBlocks | None = None,
 ) -> PruneResult:
     """`prune` for `--allocation search` (see the module's docstring). `on_trial(number, params,
     value, metrics, model)`: called after every completed trial, the trial's pruned model in place
@@ -370,6 +379,7 @@ def search_prune(
         device=device,
         progress=progress,
         profile=profile,
+        storage=storage,
     )
 
 

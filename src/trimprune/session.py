@@ -445,16 +445,18 @@ def resolve_inputs(
     progress=True,
     profile: str = "time",
     holdout: int = 0,
+    storage: DiskBlocks | None = None,
 ) -> RunInputs:
     """Everything a prune of `model` needs before its first forward: the compute device, the
     calibration sequences (built from `config.calib` when `calibration` is None) less the last
     `holdout`, the batch size, the resume state (a resumed run takes the interrupted run's automatic
-    batch size) and the executor."""
+    batch size) and the executor. `storage`: the `DiskBlocks` of a model loaded with
+    offload="disk" (`LoadedModel.storage`), checked against `config.run.offload`."""
     t_start = time.perf_counter()
     ranks = Ranks.current()
     shown = Progress.of(progress if ranks.main else False)
     adapter = ModelAdapter.from_model(model)
-    storage = check_disk_prune(model, config, ranks, sampling=calibration is None)
+    storage = check_disk_prune(model, config, ranks, calibration is None, storage)
     dev = _compute_device(model, config, device)
     if calibration is None:
         calibration = get_calibration(config.calib, tokenizer, model, progress=shown)
@@ -529,6 +531,7 @@ class Session:
         profile: str = "time",
         holdout: int = 0,
         guard_subset: bool | None = None,
+        storage: DiskBlocks | None = None,
     ) -> Session:
         """`resolve_inputs`, then the capture of the block inputs and the dense check. `holdout`:
         the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether
@@ -542,6 +545,7 @@ class Session:
             progress=progress,
             profile=profile,
             holdout=holdout,
+            storage=storage,
         )
         self = cls(model, config, inputs)
         try:

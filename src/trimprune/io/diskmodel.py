@@ -3,9 +3,10 @@
 `load_disk_model` builds the model with every parameter on the meta device (no memory; buffers such
 as rotary tables are computed for real, they are small), then reads the parameters outside the
 decoder blocks (embeddings, final norm, head) from the checkpoint. The blocks' parameters stay meta:
-`DiskBlocks` (attached to the model as `model.trimprune_storage`) reads a block when the executor
-stages it (`exec.offload.StoredBlocks`: read ahead on a worker thread, installed into the block's
-modules while it is visited, dropped afterwards).
+`DiskBlocks` (returned beside the model: `load_model(...).storage`, passed on to `prune(...,
+storage=...)`, the evaluation and `io.export.write_outputs`) reads a block when the executor stages
+it (`exec.offload.StoredBlocks`: read ahead on a worker thread, installed into the block's modules
+while it is visited, dropped afterwards).
 
 While `prune` walks the blocks to prune them (`DiskBlocks.pruning`), each finished block is written
 to the output folder as its own shard (`io.shards.ShardWriter`) and later reads of that block (the
@@ -192,7 +193,7 @@ class DiskBlocks:
         if self.writer is None:
             raise TrimpruneError(
                 "a model loaded with offload='disk' is pruned into an output folder: call "
-                "model.trimprune_storage.write_to(FOLDER) first (the command line does)"
+                "loaded.storage.write_to(FOLDER) first (the command line does)"
             )
         if self.writer.written:
             raise TrimpruneError(
@@ -257,11 +258,6 @@ class _Discarded:
         )
 
 
-def disk_storage(model: nn.Module) -> DiskBlocks | None:
-    """The `DiskBlocks` of a model loaded with `offload="disk"`, else None."""
-    return getattr(model, "trimprune_storage", None)
-
-
 def _stored_names(model: nn.Module, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
     """The model's state-dict name -> its name in the checkpoint, for the tensors transformers would
     load as they are or renamed (its `WeightRenaming`s, a missing or extra base-model prefix:
@@ -296,9 +292,9 @@ def _stored_names(model: nn.Module, ckpt: SafetensorsCheckpoint) -> dict[str, st
 
 def load_disk_model(
     target: str, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str | None = None
-):
-    """The model of `target` with its decoder blocks left in the checkpoint (see the module's
-    docstring)."""
+) -> tuple[nn.Module, DiskBlocks]:
+    """(the model of `target` with its decoder blocks left in the checkpoint, the `DiskBlocks` that
+    reads them; see the module's docstring)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -344,26 +340,45 @@ def load_disk_model(
         )
     with contextlib.suppress(OSError, ValueError):
         model.generation_config = GenerationConfig.from_pretrained(target)
-    model.trimprune_storage = DiskBlocks(model, adapter.blocks_name, adapter.blocks, ckpt, find)
-    return model.eval()
+    storage = DiskBlocks(model, adapter.blocks_name, adapter.blocks, ckpt, find)
+    return model.eval(), storage
 
 
-def check_disk_prune(model: nn.Module, config, ranks, sampling: bool) -> DiskBlocks | None:
-    """`prune`'s checks of `--offload disk` (one line each, before any work); the model's
-    `DiskBlocks` or None."""
-    storage = disk_storage(model)
+def blocks_on_meta(model: nn.Module) -> bool:
+    """Whether the model has parameters on the meta device (a model loaded with offload='disk': its
+    decoder blocks stay in the checkpoint)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def check_disk_prune(
+    model: nn.Module, config, ranks, sampling: bool, storage: DiskBlocks | None = None
+) -> DiskBlocks | None:
+    """`prune`'s checks of `--offload disk` and its `storage` (the `DiskBlocks` of
+    `load_model(..., offload="disk")`), one line each, before any work; `storage` or None."""
     disk = config.run.offload == "disk"
     if storage is None:
         if disk:
             raise TrimpruneError(
                 "offload 'disk' prunes a model loaded with load_model(..., offload='disk') (its "
-                "blocks stay in the checkpoint): load it so, or use offload 'cpu'"
+                "blocks stay in the checkpoint) and given its storage (prune(..., "
+                "storage=loaded.storage)): load it so, or use offload 'cpu'"
+            )
+        if blocks_on_meta(model):
+            raise TrimpruneError(
+                "the model's blocks are on the meta device (a model loaded with offload='disk' "
+                "keeps them in the checkpoint): prune it with offload 'disk' and "
+                "storage=loaded.storage"
             )
         return None
     if not disk:
         raise TrimpruneError(
             "the model was loaded with offload='disk' (its blocks are not in memory): prune it "
             "with offload 'disk'"
+        )
+    if storage.model is not model:
+        raise TrimpruneError(
+            "storage is the DiskBlocks of another model: give the storage that load_model(..., "
+            "offload='disk') returned with this model"
         )
     if ranks.parallel:
         raise TrimpruneError(

@@ -27,7 +27,7 @@ from trimprune.core.runtime import EAGER
 from trimprune.engine.capture import blocks_replaced, capture, non_block_modules_on
 from trimprune.engine.walk import Streams, walk
 from trimprune.errors import NonFiniteError, TrimpruneError
-from trimprune.io.diskmodel import disk_storage
+from trimprune.io.diskmodel import DiskBlocks, blocks_on_meta
 
 SELF_EVAL_SEED_OFFSET = 1_000_003  # held-out self samples never share the calibration seed
 MAX_NLL = math.log(torch.finfo(torch.float64).max)  # a mean NLL above this has no float perplexity
@@ -65,10 +65,12 @@ def nll_of_windows(
     offload: bool = False,
     progress=False,
     desc: str = "eval",
+    storage: DiskBlocks | None = None,
 ) -> tuple[float, int]:
     """Sum of NLL over windows (n, L) and the number of predicted tokens n * (L - 1). In a
     data-parallel run each rank evaluates its share of the windows and the sums are added over the
-    ranks."""
+    ranks. `storage`: the `DiskBlocks` of a model loaded with offload="disk"
+    (`LoadedModel.storage`; its blocks are read from there)."""
     ranks = Ranks.current()
     dev = torch.device(device) if device is not None else model_device(model)
     n_predicted = windows.shape[0] * (windows.shape[1] - 1)
@@ -80,6 +82,7 @@ def nll_of_windows(
         offload,
         progress if ranks.main else False,
         desc,
+        storage,
     )
     if ranks.parallel:
         total = float(ranks.sum_(torch.tensor(total, dtype=torch.float64, device=dev)))
@@ -94,10 +97,11 @@ def _nll_share(
     offload: bool,
     progress,
     desc: str,
+    storage: DiskBlocks | None = None,
 ) -> float:
     total = 0.0
     for ids, logits in logits_batches(
-        model, list(windows.split(batch_size, 0)), dev, offload, progress, desc
+        model, list(windows.split(batch_size, 0)), dev, offload, progress, desc, storage=storage
     ):
         total += _nll_from_logits(logits, ids)
     return total
@@ -112,14 +116,20 @@ def logits_batches(
     progress=False,
     desc: str = "eval",
     ex=None,
+    storage: DiskBlocks | None = None,
 ):
     """(ids on `dev`, logits) of every batch of token ids, in order. Offloaded: the blocks are
     walked one at a time on `dev` over all batches (hidden states in host memory), then the model's
     own tail runs per batch. `ex`: the executor of the walk (a prune's, to reuse its offload
-    staging)."""
+    staging). `storage`: --offload disk, the blocks read from the checkpoint or the output
+    (`LoadedModel.storage`)."""
     if not batches:
         return
-    storage = disk_storage(model)  # --offload disk: blocks read from the checkpoint or the output
+    if storage is None and blocks_on_meta(model):
+        raise TrimpruneError(
+            "the model's blocks are on the meta device (a model loaded with offload='disk' keeps "
+            "them in the checkpoint): evaluate it with storage=loaded.storage"
+        )
     if not offload and storage is None:
         for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
@@ -251,15 +261,24 @@ def evaluate_sets(
     offload: bool = False,
     progress=False,
     label: str = "the model",
+    storage: DiskBlocks | None = None,
 ) -> dict[str, dict]:
     """Mean NLL and perplexity per set. A perplexity that is not a finite number is never returned:
     `NonFiniteError` names the set, `label` (which model) and, when they are to blame, the
-    non-finite weights."""
+    non-finite weights. `storage`: the `DiskBlocks` of a model loaded with offload="disk"
+    (`LoadedModel.storage`)."""
     out = {}
     for name, s in sets.items():
         t0 = time.perf_counter()
         nll, ntok = nll_of_windows(
-            model, s["windows"], batch_size, device, offload, progress, desc=f"eval {name}"
+            model,
+            s["windows"],
+            batch_size,
+            device,
+            offload,
+            progress,
+            desc=f"eval {name}",
+            storage=storage,
         )
         mean = nll / ntok
         if not math.isfinite(mean):
@@ -291,7 +310,10 @@ def perplexity(
     limit: int | None = None,
     batch_size: int = 4,
     device=None,
+    storage: DiskBlocks | None = None,
 ) -> float:
-    """Convenience: perplexity of `model` on one dataset under the paper protocol."""
+    """Convenience: perplexity of `model` on one dataset under the paper protocol. `storage`: the
+    `LoadedModel.storage` of a model loaded with offload="disk" (its blocks are streamed from
+    there)."""
     sets = prepare_eval_sets([dataset], tokenizer, seqlen, {dataset: path} if path else None, limit)
-    return evaluate_sets(model, sets, batch_size, device)[dataset]["perplexity"]
+    return evaluate_sets(model, sets, batch_size, device, storage=storage)[dataset]["perplexity"]

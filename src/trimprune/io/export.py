@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -16,8 +17,11 @@ from safetensors.torch import load_file
 from trimprune.algo.masks import unpack_mask
 from trimprune.errors import OutputError, TrimpruneError
 from trimprune.io.compact import save_compact
-from trimprune.io.diskmodel import disk_storage
+from trimprune.io.diskmodel import DiskBlocks
 from trimprune.io.tensorfile import save_tensors
+
+if TYPE_CHECKING:
+    from trimprune.io.models import ModelSource
 
 MASKS_FORMAT = "trimprune-masks-v1"
 
@@ -352,23 +356,27 @@ SAVE_FORMATS = ("dense", "compact")
 
 
 def save_model_dir(
-    out: Path, model, tokenizer, save_format: str = "dense", sparse: set[str] = frozenset()
+    out: Path,
+    model,
+    tokenizer,
+    save_format: str = "dense",
+    sparse: set[str] = frozenset(),
+    storage: DiskBlocks | None = None,
+    source: ModelSource | None = None,
 ) -> None:
     """A Hugging Face model directory ("dense"), or a compact one whose parameters named in `sparse`
-    are stored as bitmask + values (`compact.py`)."""
+    are stored as bitmask + values (`compact.py`). `storage`, `source`: the `LoadedModel`'s (an
+    offload="disk" model's blocks; where the model came from)."""
     check_finite_model(model)
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None:
         with contextlib.suppress(AttributeError):
             del cfg.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None and getattr(
-        model, "trimprune_source", {}
-    ).get("gguf_file"):
+    if getattr(model, "hf_quantizer", None) is not None and getattr(source, "gguf_file", None):
         model.hf_quantizer = None  # GGUF weights were de-quantised on load: the model is dense
     if save_format == "compact":
         save_compact(out, model, tokenizer, set(sparse))
         return
-    storage = disk_storage(model)
     if storage is not None:  # --offload disk: the blocks' shards are in `out` already
         storage.finish(tokenizer)
         return
@@ -408,20 +416,29 @@ def write_outputs(
     save_model: bool = True,
     save_format: str = "dense",
     staged: StagedDir | None = None,
+    storage: DiskBlocks | None = None,
+    source: ModelSource | None = None,
 ) -> Path:
     """The output folder: model (dense or compact), masks, allocation, plots, report.json and
     report.md (`report_md(report)` renders the Markdown once the plots are known). `staged`: the
-    temporary folder written since the prune started (`--offload disk`: the blocks' shards),
-    completed and committed here."""
+    temporary folder written since the prune started (`--offload disk`: the blocks' shards, which
+    `storage`, the `LoadedModel.storage`, wrote), completed and committed here. `source`: the
+    `LoadedModel.source` (a GGUF model's quantizer is dropped: its weights were de-quantised)."""
     from trimprune.io import plots
 
     with atomic_dir(path, overwrite, staged) as tmp:
         if save_model:
             save_model_dir(
-                tmp, model, tokenizer, save_format, pruned_parameters(model, result.layers)
+                tmp,
+                model,
+                tokenizer,
+                save_format,
+                pruned_parameters(model, result.layers),
+                storage,
+                source,
             )
-        elif disk_storage(model) is not None:
-            disk_storage(model).discard()
+        elif storage is not None:
+            storage.discard()
         shapes = {k: list(r.shape) for k, r in result.layers.items()}
         save_masks(tmp / "masks.safetensors", result.masks, shapes)
         result.allocation.save(tmp / "allocation.json")
@@ -438,10 +455,8 @@ def write_outputs(
         if report_md is not None:
             (tmp / "report.md").write_text(report_md(report) if callable(report_md) else report_md)
         write_files_list(tmp)
-    if save_model and disk_storage(model) is not None:
-        disk_storage(model).moved_to(
-            path
-        )  # the pruned blocks are read from the committed folder now
+    if save_model and storage is not None:
+        storage.moved_to(path)  # the pruned blocks are read from the committed folder now
     return Path(path)
 
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
 from trimprune.io.integrity import check_gguf_file, check_model_folder
+
+if TYPE_CHECKING:
+    from trimprune.io.diskmodel import DiskBlocks
 
 # alias -> (python package that ships the file, file name inside the package, pip command); a
 # package that
@@ -352,6 +359,43 @@ def check_gguf(path: Path) -> None:
     check_gguf_file(path)  # magic, counts, every entry and tensor inside the file (io.integrity)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from: `model` as given (a folder, a hub id, an alias or a GGUF
+    file), the GGUF file read (or None), the folder or hub id it was `resolved` to, and where its
+    dtype came from (`dtype_from`: "given", "checkpoint" or "default on DEVICE")."""
+
+    model: str
+    gguf_file: str | None
+    resolved: str
+    dtype_from: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What `load_model` returns: the model, its tokenizer, its `source` and, for
+    ``offload="disk"``, the `storage` that reads its decoder blocks from the checkpoint
+    (`io.diskmodel.DiskBlocks`; None otherwise), to be passed on: `prune(..., storage=...)`, the
+    evaluation (`perplexity`, `io.evaluate`) and `io.export.write_outputs`.
+
+    It unpacks as ``(model, tokenizer)``: ``model, tokenizer = load_model(...)`` keeps working (the
+    source and the storage are then dropped; keep the `LoadedModel` for an offload="disk" model)."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+    storage: DiskBlocks | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
+
+
+def _dtype_from(dtype, native, dev: torch.device) -> str:
+    if dtype not in (None, "", "auto"):
+        return "given"
+    return "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"
+
+
 def load_model(
     model: str,
     gguf_file: str | None = None,
@@ -359,13 +403,14 @@ def load_model(
     device=None,
     offload: bool | str = False,
     trust_remote_code: bool = False,
-):
-    """Load (model, tokenizer). With ``offload`` (True or "cpu") the weights stay in CPU memory;
-    each block is moved to ``device`` only while it is processed. With ``offload="disk"`` the
-    decoder blocks' weights stay in the model's safetensors (`io.diskmodel`): each block is read
-    when it is processed. ``dtype`` None: the checkpoint's own when it is float16 or bfloat16, else
-    bfloat16 on a GPU (float16 where bfloat16 is not supported), float32 on the CPU
-    (`resolve_dtype`)."""
+) -> LoadedModel:
+    """Load the model and its tokenizer: a `LoadedModel` (model, tokenizer, source, storage), which
+    unpacks as ``model, tokenizer = load_model(...)``. With ``offload`` (True or "cpu") the weights
+    stay in CPU memory; each block is moved to ``device`` only while it is processed. With
+    ``offload="disk"`` the decoder blocks' weights stay in the model's safetensors
+    (`io.diskmodel`): each block is read when it is processed, through `LoadedModel.storage`.
+    ``dtype`` None: the checkpoint's own when it is float16 or bfloat16, else bfloat16 on a GPU
+    (float16 where bfloat16 is not supported), float32 on the CPU (`resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_transformers()
@@ -385,10 +430,11 @@ def load_model(
                 "loading a GGUF file needs the `gguf` package: run `pip install gguf`"
             )
         kwargs["gguf_file"] = gguf
+    storage = None
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
         if offload == "disk":
-            m = load_disk_model(target, dt, trust_remote_code)
+            m, storage = load_disk_model(target, dt, trust_remote_code)
         else:
             try:
                 m = AutoModelForCausalLM.from_pretrained(target, dtype=dt, **kwargs)
@@ -418,14 +464,5 @@ def load_model(
         from trimprune.exec.offload import pin
 
         pin(m)  # weights in pinned host memory: their copies to the GPU are asynchronous
-    m.trimprune_source = {
-        "model": model,
-        "gguf_file": gguf,
-        "resolved": target,
-        "dtype_from": "given"
-        if dtype not in (None, "", "auto")
-        else "checkpoint"
-        if native in NATIVE_DTYPES
-        else f"default on {dev.type}",
-    }
-    return m, tok
+    source = ModelSource(model, gguf, target, _dtype_from(dtype, native, dev))
+    return LoadedModel(m, tok, source, storage)
