@@ -185,6 +185,22 @@ def test_eval_counts_are_range_checked(tiny_dir, capsys, no_load, with_data_env,
 
 
 # ----------------------------------------------------------------------------- 4. outputs
+def test_only_rank_0_of_torchrun_holds_the_output_lock(tmp_path, monkeypatch):
+    """Every rank of a torchrun prune checks its inputs; rank 0 alone writes, so it alone locks."""
+    from trimprune.errors import OutputError
+    from trimprune.io.export import acquire_output_lock, release_output_locks
+
+    out = tmp_path / "o"
+    (tmp_path / "o.lock").write_text(f"{os.getppid()}\n")  # rank 0 (a live process) holds it
+    monkeypatch.setenv("RANK", "1")
+    assert acquire_output_lock(out) == (tmp_path / "o.lock").resolve()
+    assert (tmp_path / "o.lock").read_text() == f"{os.getppid()}\n"  # untouched
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(OutputError, match="being written by another run"):
+        acquire_output_lock(out)
+    release_output_locks()
+
+
 def test_second_run_on_the_same_output_is_refused(tmp_path, tiny_dir, small, capsys, no_load):
     out = tmp_path / "o"
     lock = tmp_path / "o.lock"

@@ -567,6 +567,8 @@ def acquire_output_lock(path: str | Path, flag: str = "--output") -> Path:
     import atexit
 
     lock = lock_path(path)
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return lock  # under torchrun rank 0 writes the outputs and holds their lock
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
