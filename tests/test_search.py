@@ -439,9 +439,10 @@ def test_search_is_refused_under_torchrun_and_without_optuna(monkeypatch, tmp_pa
     monkeypatch.setattr(Ranks, "current", classmethod(lambda cls: Ranks(0, 2)))
     with pytest.raises(TrimpruneError, match="not under torchrun") as e:
         _search(tmp_path)
-    assert "--allocation search" in str(e.value) and "share one --search-storage" in str(e.value)
+    assert "allocation.method search" in str(e.value)
+    assert "share one search.storage" in str(e.value)
     with pytest.raises(
-        TrimpruneError, match="--trim-guard model runs in one process, not under torchrun"
+        TrimpruneError, match="trim.guard model runs in one process, not under torchrun"
     ):
         prune(
             make("llama"),

@@ -569,7 +569,7 @@ def test_allocation_file_through_the_api(tmp_path):
         progress=False,
     )
     assert res.config.sparsity == pytest.approx(0.6) and "parameter-weighted mean" in res.notes[0]
-    with pytest.raises(TrimpruneError, match="not --sparsity 0.5"):
+    with pytest.raises(TrimpruneError, match="not sparsity 0.5"):
         prune(
             make("llama"),
             None,
