@@ -428,7 +428,9 @@ def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
 def test_bad_search_settings_are_one_line_errors(flat, needle):
     with pytest.raises(TrimpruneError) as e:
         _cfg(**flat)
-    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # the command line names the flags; the Python API the fields (search.space, ...)
+    assert needle in e.value.cli_message() and "\n" not in str(e.value), e.value.cli_message()
+    assert "--" not in str(e.value) and e.value.fields, str(e.value)
 
 
 def test_search_is_refused_under_torchrun_and_without_optuna(monkeypatch, tmp_path):
