@@ -36,14 +36,14 @@ def test_flat_and_nested_recipes_give_the_same_config():
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("trim: 'false'", "trim 'false' must be true or false"),
-        ("offload: 'no'", "--offload 'no' is unknown: choose one of cpu, disk or false"),
+        ("trim: 'false'", "trim.enabled 'false' must be true or false"),
+        ("offload: 'no'", "run.offload 'no' is unknown: choose one of cpu, disk or false"),
         ("seed: abc", "seed 'abc' must be an integer"),
         ("blocksize: true", "blocksize True must be an integer"),
         ("mask_structure: 2:4", "quote it"),  # YAML 1.1 reads 2:4 as the integer 124
         ("percdamp: x", "percdamp 'x' must be a number"),
-        ("trim_lrs: abc", "trim_lrs 'abc' must be a list of numbers"),
-        ("allocation: 5", "allocation 5 must be a string"),
+        ("trim_lrs: abc", "trim.lrs 'abc' must be a list of numbers"),
+        ("allocation: 5", "allocation.method 5 must be a string"),
         ("trim: {inputs: all, speed: 3}", "trim.speed is unknown"),
         ("sparsty: 0.5", "recipe key 'sparsty' is unknown"),
     ],
@@ -56,7 +56,7 @@ def test_recipe_values_of_the_wrong_type_are_one_line_errors(text, needle):
 
 def test_parts_validate_themselves_when_made_or_replaced():
     cfg = PruneConfig(trim=True)
-    with pytest.raises(TrimpruneError, match="--trim-iterations 0"):
+    with pytest.raises(TrimpruneError, match="trim.iterations 0"):
         dataclasses.replace(cfg.trim, iterations=0)
     with pytest.raises(TrimpruneError, match="need explicit outputs"):
         dataclasses.replace(cfg, trim=dataclasses.replace(cfg.trim, metric="mae"))
@@ -104,3 +104,46 @@ def test_every_config_field_has_a_generated_flag():
         "--trim-max-row-sparsity" in help_text
         and "upper bound of every row's sparsity" in help_text
     )
+
+
+def test_errors_name_the_python_field_and_the_cli_prints_the_flag(capsys):
+    from trimprune.cli import main
+    from trimprune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        TrimConfig(iterations=0)
+    assert "trim.iterations 0" in str(e.value) and "--trim-iterations" not in str(e.value)
+    assert e.value.fields == ("trim_iterations",)
+    assert e.value.cli_message() == "--trim-iterations 0 must be an integer >= 1"
+    with pytest.raises(ConfigError) as e:
+        PruneConfig(sparsity=1.5)
+    assert str(e.value).startswith("sparsity 1.5 is outside")
+    assert main(["prune", "--model", "m", "--output", "o", "--trim-iterations", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert err == ["trimprune: error: --trim-iterations 0 must be an integer >= 1"], err
+
+
+def test_a_message_with_two_fields_renders_both():
+    from trimprune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        PruneConfig(allocation="search", calib={"nsamples": 8}, search={"holdout": 8})
+    assert e.value.fields == ("search_holdout", "nsamples")
+    assert str(e.value) == (
+        "search.holdout 8 leaves no calibration sequence to prune with out of calib.nsamples 8: "
+        "use more calib.nsamples or a smaller search.holdout"
+    )
+    assert e.value.cli_message() == (
+        "--search-holdout 8 leaves no calibration sequence to prune with out of --nsamples 8: "
+        "use more --nsamples or a smaller --search-holdout"
+    )
+
+
+def test_plain_messages_and_other_braces_stay_as_they_are():
+    e = TrimpruneError("  --output 'x' is\n a file: {not_a_field} {seqlen}  ")
+    assert e.fields == ("seqlen",)
+    assert str(e) == "--output 'x' is a file: {not_a_field} calib.seqlen"
+    assert e.cli_message() == "--output 'x' is a file: {not_a_field} --seqlen"
+    plain = TrimpruneError("--model 'x' does not exist")
+    assert str(plain) == plain.cli_message() == "--model 'x' does not exist"
+    assert plain.fields == ()

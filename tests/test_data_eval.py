@@ -87,7 +87,7 @@ def test_local_calibration_files_all_formats(tmp_path, gpt2_tokenizer):
         outs.append(get_calibration(cfg, gpt2_tokenizer))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert outs[0].shape == (3, 64)
-    with pytest.raises(TrimpruneError, match="--calib-format"):
+    with pytest.raises(TrimpruneError, match="calib.format"):
         get_calibration(
             PruneConfig.from_flat(
                 dict(calib_data=str(tmp_path / "d.data"), nsamples=1, seqlen=8)
@@ -100,7 +100,7 @@ def test_hub_names_offline_name_the_local_flag(monkeypatch, gpt2_tokenizer):
     monkeypatch.delenv("TRIMPRUNE_DATA", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(TrimpruneError, match="--calib-data"):
+    with pytest.raises(TrimpruneError, match="calib.data"):
         get_calibration(
             PruneConfig.from_flat(dict(calib="c4", nsamples=1, seqlen=8)).calib, gpt2_tokenizer
         )

@@ -224,7 +224,7 @@ def test_too_few_sequences_for_the_processes_is_an_error():
     orig = api.Ranks.current
     api.Ranks.current = classmethod(lambda cls: Ranks(0, 4))
     try:
-        with pytest.raises(TrimpruneError, match="--nsamples 4"):
+        with pytest.raises(TrimpruneError, match="calib.nsamples 4"):
             prune(
                 make("llama"),
                 None,

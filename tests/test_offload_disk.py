@@ -166,7 +166,7 @@ def test_bad_offload_values_are_refused():
     assert PruneConfig.from_yaml("offload: false\n").run.offload is False
     assert PruneConfig.from_yaml("offload: disk\n").run.offload == "disk"
     with pytest.raises(
-        TrimpruneError, match="--checkpoint-dir is not supported with --offload disk"
+        TrimpruneError, match="run.checkpoint_dir is not supported with run.offload disk"
     ):
         PruneConfig.from_flat({"offload": "disk", "checkpoint_dir": "ck"})
 
@@ -177,7 +177,8 @@ def test_gguf_and_bin_models_are_refused(tmp_path):
         b"GGUF" + (3).to_bytes(4, "little") + bytes(56)
     )  # version 3, no tensors, no key-value pairs
     with pytest.raises(
-        TrimpruneError, match=r"--offload disk reads a model stored as safetensors.*--offload cpu"
+        TrimpruneError,
+        match=r"run.offload disk reads a model stored as safetensors.*run.offload cpu",
     ):
         load_model(str(gguf), offload="disk", device="cpu")
     model = make("llama")
@@ -185,7 +186,7 @@ def test_gguf_and_bin_models_are_refused(tmp_path):
         tmp_path / "bin"
     )  # transformers 5 saves safetensors only: a .bin by hand
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    with pytest.raises(TrimpruneError, match=r"holds pytorch_model.bin\): use --offload cpu"):
+    with pytest.raises(TrimpruneError, match=r"holds pytorch_model.bin\): use run.offload cpu"):
         load_model(str(tmp_path / "bin"), offload="disk", device="cpu")
 
 

@@ -431,7 +431,9 @@ def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
 def test_bad_search_settings_are_one_line_errors(flat, needle):
     with pytest.raises(TrimpruneError) as e:
         _cfg(**flat)
-    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # the command line names the flags; the Python API the fields (search.space, ...)
+    assert needle in e.value.cli_message() and "\n" not in str(e.value), e.value.cli_message()
+    assert "--" not in str(e.value) and e.value.fields, str(e.value)
 
 
 def test_search_is_refused_under_torchrun_and_without_optuna(monkeypatch, tmp_path):
@@ -442,9 +444,10 @@ def test_search_is_refused_under_torchrun_and_without_optuna(monkeypatch, tmp_pa
     monkeypatch.setattr(Ranks, "current", classmethod(lambda cls: Ranks(0, 2)))
     with pytest.raises(TrimpruneError, match="not under torchrun") as e:
         _search(tmp_path)
-    assert "--allocation search" in str(e.value) and "share one --search-storage" in str(e.value)
+    assert "allocation.method search" in str(e.value)
+    assert "share one search.storage" in str(e.value)
     with pytest.raises(
-        TrimpruneError, match="--trim-guard model runs in one process, not under torchrun"
+        TrimpruneError, match="trim.guard model runs in one process, not under torchrun"
     ):
         prune(
             make("llama"),

@@ -417,29 +417,29 @@ def test_transformers_older_than_the_floor_is_refused(monkeypatch):
 
 # ----------------------------------------------------------------------------- recipes and allocation files
 RECIPES = [
-    ("allocation: 5", "allocation 5 must be a string"),
-    ('percdamp: "x"', "percdamp 'x' must be a number"),
+    ("allocation: 5", "--allocation 5 must be a string"),
+    ('percdamp: "x"', "--percdamp 'x' must be a number"),
     (
         'owl_m: "5"',
-        "owl_m '5' must be a number (YAML reads 5 as text: write a plain number such as 5.0",
+        "--owl-m '5' must be a number (YAML reads 5 as text: write a plain number such as 5.0",
     ),
-    ("trim_lrs: abc", "trim_lrs 'abc' must be a list of numbers"),
-    ('trim: "false"', "trim 'false' must be true or false"),
+    ("trim_lrs: abc", "--trim-lrs 'abc' must be a list of numbers"),
+    ('trim: "false"', "--trim 'false' must be true or false"),
     ('offload: "no"', "--offload 'no' is unknown: choose one of cpu, disk or false"),
     ('offload: "false"', "--offload 'false' is unknown: choose one of cpu, disk or false"),
-    ('seed: "abc"', "seed 'abc' must be an integer"),
-    ("blocksize: true", "blocksize True must be an integer"),
-    ("mask_structure: 2:4", "mask_structure 124 must be a string (in YAML, quote it: '2:4')"),
-    ("sparsity: 5e-1", "sparsity '5e-1' must be a number (YAML reads 5e-1 as text"),
-    ("percdamp: .inf", "percdamp inf must be a finite number"),
+    ('seed: "abc"', "--seed 'abc' must be an integer"),
+    ("blocksize: true", "--blocksize True must be an integer"),
+    ("mask_structure: 2:4", "--mask-structure 124 must be a string (in YAML, quote it: '2:4')"),
+    ("sparsity: 5e-1", "--sparsity '5e-1' must be a number (YAML reads 5e-1 as text"),
+    ("percdamp: .inf", "--percdamp inf must be a finite number"),
     ("scorer: {name: wanda, speed: 2}", "recipe key scorer.speed is unknown"),
-    ('search_trials: "10"', "search_trials '10' must be an integer (YAML reads 10 as text"),
-    ("search_timeout: .nan", "search_timeout nan must be a finite number"),
+    ('search_trials: "10"', "--search-trials '10' must be an integer (YAML reads 10 as text"),
+    ("search_timeout: .nan", "--search-timeout nan must be a finite number"),
     (
         "search: {objective: kl, space: [rules, free]}",
-        "search_space ['rules', 'free'] must be a string",
+        "--search-space ['rules', 'free'] must be a string",
     ),
-    ("atp_beta: true", "atp_beta True must be a number"),
+    ("atp_beta: true", "--atp-beta True must be a number"),
     ("created: 2024-13-45", "is not valid YAML"),
     ("[1, 2", "is not valid YAML"),
 ]
@@ -570,7 +570,7 @@ def test_allocation_file_through_the_api(tmp_path):
         progress=False,
     )
     assert res.config.sparsity == pytest.approx(0.6) and "parameter-weighted mean" in res.notes[0]
-    with pytest.raises(TrimpruneError, match="not --sparsity 0.5"):
+    with pytest.raises(TrimpruneError, match="not sparsity 0.5"):
         prune(
             make("llama"),
             None,

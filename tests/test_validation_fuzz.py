@@ -488,7 +488,7 @@ def test_nested_configs_that_must_pass(kwargs, check):
 
 
 def test_nested_recipe_values_are_checked_like_flat_ones():
-    with pytest.raises(ConfigError, match=r"^nsamples '8' must be an integer"):
+    with pytest.raises(ConfigError, match=r"^calib\.nsamples '8' must be an integer"):
         PruneConfig.from_yaml("calib: {nsamples: '8'}\n")
 
 
@@ -497,10 +497,14 @@ def _value_shown(value) -> str:
 
 
 def _names_field(msg: str, key: str) -> bool:
+    """The message names the field: by its Python name (`trim.iterations`), its flat name or its
+    flag (messages without field tokens)."""
     dashed = key.replace("_", "-")
+    part, f = PruneConfig.flat_fields()[key]
+    python = f.name if part is None else f"{part}.{f.name}"
     return any(
-        re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", msg)
-        for name in (key, f"--{dashed}", f"--no-{dashed}")
+        re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", msg)
+        for name in (python, key, f"--{dashed}", f"--no-{dashed}")
     )
 
 
@@ -814,47 +818,50 @@ def test_a_holdout_that_leaves_no_sequence_is_rejected(nsamples_holdout, whole_m
 CONFLICTS = [
     (
         {"mask_structure": "2:4", "allocation": "file:/x"},
-        r"--allocation file:/x .*--mask-structure 2:4",
+        r"allocation\.method file:/x .*mask_structure 2:4",
     ),
     (
         {"sparsity": None, "allocation": "file:/x", "mask_structure": "4:8"},
-        r"--allocation file:/x .*--mask-structure 4:8",
+        r"allocation\.method file:/x .*mask_structure 4:8",
     ),
-    ({"mask_structure": "2:4", "sparsity": 0.6}, r"--mask-structure 2:4 .*--sparsity is 0.6"),
-    ({"mask_structure": "2:4", "trim": True}, r"--trim .*--mask-structure 2:4"),
-    ({"mask_structure": "4:8", "blocksize": 12}, r"--blocksize 12 .*M=8"),
-    ({"trim_guard": "model"}, r"--trim-guard model .*add --trim"),
+    ({"mask_structure": "2:4", "sparsity": 0.6}, r"mask_structure 2:4 .*sparsity is 0.6"),
+    ({"mask_structure": "2:4", "trim": True}, r"trim\.enabled .*mask_structure 2:4"),
+    ({"mask_structure": "4:8", "blocksize": 12}, r"scorer\.blocksize 12 .*M=8"),
+    ({"trim_guard": "model"}, r"trim\.guard model .*add trim\.enabled"),
     (
         {"trim_guard": "model", "allocation": "search", "search_space": "rules,free"},
-        r"--trim-guard model .*--trim",
+        r"trim\.guard model .*trim\.enabled",
     ),
-    ({"allocation": "search", "nsamples": 1}, r"--search-holdout 1 .*--nsamples 1"),
+    ({"allocation": "search", "nsamples": 1}, r"search\.holdout 1 .*calib\.nsamples 1"),
     (
         {"trim": True, "trim_guard": "model", "nsamples": 8, "search_holdout": 8},
-        r"--search-holdout 8 .*--nsamples 8",
+        r"search\.holdout 8 .*calib\.nsamples 8",
     ),
-    ({"allocation": "search", "checkpoint_dir": "ck"}, r"--checkpoint-dir .*--allocation search"),
+    (
+        {"allocation": "search", "checkpoint_dir": "ck"},
+        r"run\.checkpoint_dir .*allocation\.method search",
+    ),
     (
         {"trim": True, "trim_guard": "model", "checkpoint_dir": "ck"},
-        r"--checkpoint-dir .*--trim-guard model",
+        r"run\.checkpoint_dir .*trim\.guard model",
     ),
-    ({"allocation": "search", "offload": "disk"}, r"--offload disk .*--allocation search"),
+    ({"allocation": "search", "offload": "disk"}, r"run\.offload disk .*allocation\.method search"),
     (
         {"trim": True, "trim_guard": "model", "offload": "disk"},
-        r"--offload disk .*--trim-guard model",
+        r"run\.offload disk .*trim\.guard model",
     ),
-    ({"offload": "disk", "checkpoint_dir": "ck"}, r"--checkpoint-dir .*--offload disk"),
-    ({"resume": True}, r"--resume .*--checkpoint-dir"),
-    ({"resume": True, "checkpoint_dir": ""}, r"--resume .*--checkpoint-dir"),
-    ({"calib": "self", "calib_data": "c.txt"}, r"--calib self .*--calib-data"),
-    ({"trim": True, "trim_metric": "mae"}, r"--trim-metric mae .*--trim-inputs all"),
-    ({"trim": True, "trim_dim_metric": "psnr"}, r"--trim-dim-metric psnr .*--trim-inputs all"),
-    ({"search_space": "trim"}, r"--search-space trim needs rules or free"),
+    ({"offload": "disk", "checkpoint_dir": "ck"}, r"run\.checkpoint_dir .*run\.offload disk"),
+    ({"resume": True}, r"run\.resume .*run\.checkpoint_dir"),
+    ({"resume": True, "checkpoint_dir": ""}, r"run\.resume .*run\.checkpoint_dir"),
+    ({"calib": "self", "calib_data": "c.txt"}, r"calib\.source self .*calib\.data"),
+    ({"trim": True, "trim_metric": "mae"}, r"trim\.metric mae .*trim\.inputs all"),
+    ({"trim": True, "trim_dim_metric": "psnr"}, r"trim\.dim_metric psnr .*trim\.inputs all"),
+    ({"search_space": "trim"}, r"search\.space trim needs rules or free"),
     (
         {"scorer": {"name": "wanda"}},
-        r"^scorer \{'name': 'wanda'\} must be a string",
+        r"^scorer\.name \{'name': 'wanda'\} must be a string",
     ),  # flat names take no parts
-    ({"calib": {"nsamples": "8"}}, r"^calib \{'nsamples': '8'\} must be a string"),
+    ({"calib": {"nsamples": "8"}}, r"^calib\.source \{'nsamples': '8'\} must be a string"),
     ({"sparsity_target": 0.5}, r"^recipe key 'sparsity_target' is unknown"),
 ]
 
@@ -880,16 +887,16 @@ def test_conflicting_flat_configs_are_rejected(flat, pattern):
         (
             {"calib": {"nsamples": "8"}},
             ConfigError,
-            r"^nsamples '8' must be an integer \(YAML reads 8 as text",
+            r"^calib\.nsamples '8' must be an integer \(YAML reads 8 as text",
         ),
         ({"trim": {"bogus": 1}}, ConfigError, r"^trim\.bogus is unknown"),
         ({"run": "fast"}, ConfigError, r"^run 'fast' must be a RunConfig"),
         ({"search": 3}, ConfigError, r"^search 3 must be a SearchConfig"),
-        ({"scorer": "bogus"}, ConfigError, r"^--scorer 'bogus' is unknown"),
+        ({"scorer": "bogus"}, ConfigError, r"^scorer\.name 'bogus' is unknown"),
         (
             {"mask_structure": "2:4", "scorer": {"blocksize": 6}},
             ConfigError,
-            r"^--blocksize 6 must be a multiple of M=4",
+            r"^scorer\.blocksize 6 must be a multiple of M=4",
         ),
     ],
 )

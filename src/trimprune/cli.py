@@ -806,7 +806,7 @@ def main(argv=None) -> int:
         import os
 
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"trimprune: error{rank}: {e}", file=sys.stderr)
+        print(f"trimprune: error{rank}: {e.cli_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         import os

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from trimprune.errors import ConfigError, InputFileError
+from trimprune.errors import ConfigError, InputFileError, register_fields
 from trimprune.limits import load_yaml, read_limited
 
 SCORERS = ("magnitude", "wanda", "sparsegpt")
@@ -84,11 +84,11 @@ def parse_nm(structure: str | None) -> tuple[int, int] | None:
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(structure))
     if not m:
         raise ConfigError(
-            f"--mask-structure {structure!r} is malformed: use N:M such as 2:4 or 4:8"
+            f"{{mask_structure}} {structure!r} is malformed: use N:M such as 2:4 or 4:8"
         )
     n, mm = int(m.group(1)), int(m.group(2))
     if not (0 < n < mm):
-        raise ConfigError(f"--mask-structure {structure!r} needs 0 < N < M, e.g. 2:4 or 4:8")
+        raise ConfigError(f"{{mask_structure}} {structure!r} needs 0 < N < M, e.g. 2:4 or 4:8")
     return n, mm
 
 
@@ -109,7 +109,7 @@ class TrimInputs:
         if m and int(m.group(1)) > 0:
             return cls("sample", int(m.group(1)))
         raise ConfigError(
-            f"--trim-inputs {spec!r} is not valid: use all, last-token or sample:N (N > 0)"
+            f"{{trim_inputs}} {spec!r} is not valid: use all, last-token or sample:N (N > 0)"
         )
 
 
@@ -188,9 +188,9 @@ def _check_types(obj) -> None:
                 if f.metadata.get("const")
                 else _describe(args[0])
             )
-            raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be {what}{hint}")
+            raise ConfigError(f"{{{f.metadata['key']}}} {_shown(v)} must be {what}{hint}")
         if not _finite(v):
-            raise ConfigError(f"{f.metadata['key']} {_shown(v)} must be a finite number")
+            raise ConfigError(f"{{{f.metadata['key']}}} {_shown(v)} must be a finite number")
         if isinstance(v, list):
             object.__setattr__(obj, f.name, tuple(v))
         if (
@@ -201,7 +201,7 @@ def _check_types(obj) -> None:
         ):
             off = " or false" if f.metadata.get("const") else ""
             raise ConfigError(
-                f"{flag_of(f)} {_shown(v)} is unknown: choose one of "
+                f"{{{f.metadata['key']}}} {_shown(v)} is unknown: choose one of "
                 f"{', '.join(f.metadata['choices'])}{off}"
             )
 
@@ -233,10 +233,12 @@ class ScorerConfig:
         _in_range(
             self.blocksize,
             self.blocksize >= 1,
-            f"--blocksize {self.blocksize!r} must be an integer >= 1",
+            f"{{blocksize}} {self.blocksize!r} must be an integer >= 1",
         )
         _in_range(
-            self.percdamp, self.percdamp > 0, f"--percdamp {self.percdamp!r} must be > 0, e.g. 0.01"
+            self.percdamp,
+            self.percdamp > 0,
+            f"{{percdamp}} {self.percdamp!r} must be > 0, e.g. 0.01",
         )
 
 
@@ -276,23 +278,23 @@ class AllocationConfig:
         _in_range(
             a,
             a in ALLOCATIONS or (a.startswith("file:") and len(a) > 5),
-            f"--allocation {a!r} is unknown: use {', '.join(ALLOCATIONS)} or file:PATH",
+            f"{{allocation}} {a!r} is unknown: use {', '.join(ALLOCATIONS)} or file:PATH",
         )
-        _in_range(self.owl_m, self.owl_m > 0, f"--owl-m {self.owl_m!r} must be > 0 (default 5)")
+        _in_range(self.owl_m, self.owl_m > 0, f"{{owl_m}} {self.owl_m!r} must be > 0 (default 5)")
         _in_range(
             self.owl_lambda,
             0 <= self.owl_lambda < 1,
-            f"--owl-lambda {self.owl_lambda!r} must be in [0, 1) (default 0.08)",
+            f"{{owl_lambda}} {self.owl_lambda!r} must be in [0, 1) (default 0.08)",
         )
         _in_range(
             self.alpha_eps,
             0 <= self.alpha_eps < 1,
-            f"--alpha-eps {self.alpha_eps!r} must be in [0, 1) (default 0.3)",
+            f"{{alpha_eps}} {self.alpha_eps!r} must be in [0, 1) (default 0.3)",
         )
         _in_range(
             self.atp_beta,
             0 <= self.atp_beta <= 1,
-            f"--atp-beta {self.atp_beta!r} must be in [0, 1] (default 0.2)",
+            f"{{atp_beta}} {self.atp_beta!r} must be in [0, 1] (default 0.2)",
         )
 
 
@@ -323,15 +325,15 @@ class CalibConfig:
         _check_types(self)
         if self.source == "self" and self.data:
             raise ConfigError(
-                "--calib self samples from the model and takes no --calib-data: drop --calib-data"
+                "{calib} self samples from the model and takes no {calib_data}: drop {calib_data}"
             )
         _in_range(
             self.nsamples,
             self.nsamples >= 1,
-            f"--nsamples {self.nsamples!r} must be an integer >= 1",
+            f"{{nsamples}} {self.nsamples!r} must be an integer >= 1",
         )
         _in_range(
-            self.seqlen, self.seqlen >= 2, f"--seqlen {self.seqlen!r} must be an integer >= 2"
+            self.seqlen, self.seqlen >= 2, f"{{seqlen}} {self.seqlen!r} must be an integer >= 2"
         )
 
 
@@ -412,30 +414,30 @@ class TrimConfig:
             and (self.metric not in GRAM_LAYER_METRICS or self.dim_metric not in GRAM_DIM_METRICS)
         ):
             raise ConfigError(
-                f"--trim-metric {self.metric} / --trim-dim-metric {self.dim_metric} need "
-                "explicit outputs, which --trim-inputs all does not keep: use --trim-inputs "
+                f"{{trim_metric}} {self.metric} / {{trim_dim_metric}} {self.dim_metric} need "
+                "explicit outputs, which {trim_inputs} all does not keep: use {trim_inputs} "
                 f"sample:N or last-token, or a Gram metric ({', '.join(GRAM_LAYER_METRICS)} / "
                 f"{', '.join(GRAM_DIM_METRICS)})"
             )
         _in_range(
             self.iterations,
             self.iterations >= 1,
-            f"--trim-iterations {self.iterations!r} must be an integer >= 1",
+            f"{{trim_iterations}} {self.iterations!r} must be an integer >= 1",
         )
         _in_range(
             self.lrs,
             bool(self.lrs) and all(lr > 0 for lr in self.lrs),
-            f"trim_lrs {list(self.lrs)!r} must be a non-empty list of positive learning rates",
+            f"{{trim_lrs}} {list(self.lrs)!r} must be a non-empty list of positive learning rates",
         )
         _in_range(
             self.neg_lrs,
             all(lr < 0 for lr in self.neg_lrs),
-            f"trim_neg_lrs {list(self.neg_lrs)!r} must hold negative learning rates only",
+            f"{{trim_neg_lrs}} {list(self.neg_lrs)!r} must hold negative learning rates only",
         )
         _in_range(
             self.max_row_sparsity,
             0 < self.max_row_sparsity <= 1,
-            f"trim_max_row_sparsity {self.max_row_sparsity!r} must be in (0, 1]",
+            f"{{trim_max_row_sparsity}} {self.max_row_sparsity!r} must be in (0, 1]",
         )
 
     @property
@@ -494,22 +496,22 @@ class RunConfig:
         _check_types(self)
         if self.offload == "disk" and self.checkpoint_dir:
             raise ConfigError(
-                "--checkpoint-dir is not supported with --offload disk (the pruned blocks go "
-                "straight to --output): use --offload cpu, or leave --checkpoint-dir out"
+                "{checkpoint_dir} is not supported with {offload} disk (the pruned blocks go "
+                "straight to --output): use {offload} cpu, or leave {checkpoint_dir} out"
             )
         _in_range(
             self.batch_size,
             self.batch_size >= 0,
-            f"--batch-size {self.batch_size!r} must be >= 1 (or 0 for automatic)",
+            f"{{batch_size}} {self.batch_size!r} must be >= 1 (or 0 for automatic)",
         )
         if self.resume and not self.checkpoint_dir:
             raise ConfigError(
-                "--resume needs --checkpoint-dir DIR: the folder of the interrupted run's "
+                "{resume} needs {checkpoint_dir} DIR: the folder of the interrupted run's "
                 "checkpoint"
             )
         if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
             raise ConfigError(
-                "--checkpoint-dir '' is empty: give a folder, e.g. --checkpoint-dir out/ckpt"
+                "{checkpoint_dir} '' is empty: give a folder, e.g. {checkpoint_dir} out/ckpt"
             )
 
 
@@ -563,38 +565,38 @@ class SearchConfig:
         _in_range(
             self.space,
             not bad and bool(parts),
-            f"--search-space {self.space!r} is unknown: use a comma list of "
+            f"{{search_space}} {self.space!r} is unknown: use a comma list of "
             f"{', '.join(SEARCH_SPACES)}",
         )
         _in_range(
             self.space,
             set(parts) != {"trim"},
-            "--search-space trim needs rules or free too: e.g. rules,free,trim",
+            "{search_space} trim needs rules or free too: e.g. rules,free,trim",
         )
         _in_range(
             self.holdout,
             self.holdout >= 0,
-            f"--search-holdout {self.holdout!r} must be >= 1 (or 0 for nsamples // 8)",
+            f"{{search_holdout}} {self.holdout!r} must be >= 1 (or 0 for nsamples // 8)",
         )
         _in_range(
             self.trials,
             self.trials >= 1,
-            f"--search-trials {self.trials!r} must be an integer >= 1",
+            f"{{search_trials}} {self.trials!r} must be an integer >= 1",
         )
         _in_range(
             self.timeout,
             self.timeout >= 0,
-            f"--search-timeout {self.timeout!r} must be >= 0 (0 = no limit)",
+            f"{{search_timeout}} {self.timeout!r} must be >= 0 (0 = no limit)",
         )
         _in_range(
             self.storage,
             self.storage is None or "://" in self.storage,
-            f"--search-storage {self.storage!r} is not a database URL: use e.g. sqlite:///study.db",
+            f"{{search_storage}} {self.storage!r} is not a database URL: use e.g. sqlite:///study.db",
         )
         _in_range(
             self.study,
             self.study is None or bool(self.study.strip()),
-            "--search-study must not be empty: give a name or leave it out",
+            "{search_study} must not be empty: give a name or leave it out",
         )
 
     @property
@@ -643,7 +645,7 @@ class PruneConfig:
         if s is not None and (
             math.isnan(s) or not (0.0 <= s < 1.0)
         ):  # None: an allocation file's own mean
-            raise ConfigError(f"--sparsity {s!r} is outside [0, 1): give a fraction such as 0.5")
+            raise ConfigError(f"{{sparsity}} {s!r} is outside [0, 1): give a fraction such as 0.5")
         self._check_combinations()
         if nm is not None:
             self._check_mask_structure(nm, s)
@@ -671,60 +673,61 @@ class PruneConfig:
             and not self.trim.enabled
             and "trim" not in self.search_spaces
         ):
-            raise ConfigError("--trim-guard model compares TRIM with the scorer alone: add --trim")
+            raise ConfigError("{trim_guard} model compares TRIM with the scorer alone: add {trim}")
         if self.holdout is not None and self.holdout >= self.calib.nsamples:
             raise ConfigError(
-                f"--search-holdout {self.holdout} leaves no calibration sequence to prune with out "
-                f"of --nsamples {self.calib.nsamples}: use more --nsamples or a smaller "
-                "--search-holdout"
+                f"{{search_holdout}} {self.holdout} leaves no calibration sequence to prune with "
+                f"out of {{nsamples}} {self.calib.nsamples}: use more {{nsamples}} or a smaller "
+                "{search_holdout}"
             )
         if self.run.checkpoint_dir and self.allocation.method == "search":
             raise ConfigError(
-                "--checkpoint-dir cannot be combined with --allocation search (its trials prune "
-                "the whole model again and again): a search resumes from its --search-storage, "
+                "{checkpoint_dir} cannot be combined with {allocation} search (its trials prune "
+                "the whole model again and again): a search resumes from its {search_storage}, "
                 "e.g. sqlite:///study.db; to checkpoint the final prune, prune with the search's "
-                "allocation.json through --allocation file:PATH --checkpoint-dir DIR"
+                "allocation.json through {allocation} file:PATH {checkpoint_dir} DIR"
             )
         if self.run.offload == "disk" and (
             self.allocation.method == "search" or self.trim.guard == "model"
         ):
             what = (
-                "--allocation search"
+                "{allocation} search"
                 if self.allocation.method == "search"
-                else "--trim-guard model"
+                else "{trim_guard} model"
             )
             raise ConfigError(
-                f"--offload disk cannot be combined with {what} (it prunes the whole model several "
-                "times from the dense weights; disk offload writes each block out once): use "
-                "--offload cpu"
+                f"{{offload}} disk cannot be combined with {what} (it prunes the whole model "
+                "several times from the dense weights; disk offload writes each block out once): "
+                "use {offload} cpu"
             )
         if self.run.checkpoint_dir and self.trim.guard == "model":
             raise ConfigError(
-                "--checkpoint-dir cannot be combined with --trim-guard model (it prunes the whole "
-                "model twice and keeps one): use --trim-guard block, or leave --checkpoint-dir out"
+                "{checkpoint_dir} cannot be combined with {trim_guard} model (it prunes the whole "
+                "model twice and keeps one): use {trim_guard} block, or leave {checkpoint_dir} out"
             )
 
     def _check_mask_structure(self, nm: tuple[int, int], s: float | None) -> None:
         if s is not None and abs(s - nm[0] / nm[1]) > 1e-9:
             raise ConfigError(
-                f"--mask-structure {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the "
+                f"{{mask_structure}} {self.mask_structure} prunes exactly {nm[0] / nm[1]:g} of the "
                 "weights but "
-                f"--sparsity is {s:g}: use --sparsity {nm[0] / nm[1]:g} (or leave it out)"
+                f"{{sparsity}} is {s:g}: use {{sparsity}} {nm[0] / nm[1]:g} (or leave it out)"
             )
         if self.trim.enabled:
             raise ConfigError(
-                "--trim cannot be combined with --mask-structure "
+                "{trim} cannot be combined with {mask_structure} "
                 f"{self.mask_structure}: N:M fixes every row's sparsity; drop one of them"
             )
         if self.allocation.method != "uniform":
             raise ConfigError(
-                f"--allocation {self.allocation.method} cannot be combined with --mask-structure "
-                f"{self.mask_structure}: N:M fixes every layer's sparsity; use --allocation uniform"
+                f"{{allocation}} {self.allocation.method} cannot be combined with "
+                f"{{mask_structure}} {self.mask_structure}: N:M fixes every layer's sparsity; use "
+                "{allocation} uniform"
             )
         if self.scorer.blocksize % nm[1] != 0:
             raise ConfigError(
-                f"--blocksize {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
-                f"--mask-structure {self.mask_structure}"
+                f"{{blocksize}} {self.scorer.blocksize} must be a multiple of M={nm[1]} for "
+                f"{{mask_structure}} {self.mask_structure}"
             )
 
     @property
@@ -887,3 +890,11 @@ class PruneConfig:
     def from_yaml(cls, path_or_text: str | Path) -> PruneConfig:
         """A config from a YAML recipe: a file, or the text itself."""
         return cls.from_flat(cls.recipe_flat(path_or_text))
+
+
+register_fields(
+    {
+        key: (f.name if part is None else f"{part}.{f.name}", flag_of(f))
+        for key, (part, f) in PruneConfig.flat_fields().items()
+    }
+)

@@ -57,12 +57,12 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
         out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
         if ck == out or out in ck.parents:
             raise OutputError(
-                f"--checkpoint-dir {cfg.run.checkpoint_dir!r} is inside --output {args.output!r}, "
-                "which is written at the end: give a folder outside it"
+                f"{{checkpoint_dir}} {cfg.run.checkpoint_dir!r} is inside --output "
+                f"{args.output!r}, which is written at the end: give a folder outside it"
             )
-        check_folder_writable(cfg.run.checkpoint_dir, "--checkpoint-dir")
+        check_folder_writable(cfg.run.checkpoint_dir, "{checkpoint_dir}")
     if cfg.allocation.method == "alphapruning" and cfg.allocation.alpha_cache_dir:
-        check_folder_writable(cfg.allocation.alpha_cache_dir, "--alpha-cache-dir")
+        check_folder_writable(cfg.allocation.alpha_cache_dir, "{alpha_cache_dir}")
     if args.log_json:
         check_output_file(args.log_json, "--log-json")
     check_model_source(args.model, args.gguf_file)
@@ -92,13 +92,13 @@ def check_search(search) -> None:
 
     if importlib.util.find_spec("optuna") is None:
         raise ConfigError(
-            "--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
+            "{allocation} search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
         )
     url = search.storage or ""
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :].split("?", 1)[0]
         if path and path != ":memory:":
-            check_output_file(path, "--search-storage")
+            check_output_file(path, "{search_storage}")
 
 
 def check_eval_inputs(args, eval_data: dict[str, str]) -> None:

@@ -61,7 +61,7 @@ def _optuna():
         import optuna
     except ImportError:
         raise TrimpruneError(
-            "--allocation search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
+            "{allocation} search needs Optuna: pip install 'trimprune[search]' (optuna==5.0.0)"
         ) from None
     return optuna
 
@@ -404,7 +404,7 @@ def _search(
             first = next((t.user_attrs["error"] for t in finished if "error" in t.user_attrs), "-")
             raise TrimpruneError(
                 f"no trial of the search completed ({len(finished)} failed or were pruned; first "
-                f"error: {first}): check the configuration with --allocation uniform"
+                f"error: {first}): check the configuration with {{allocation}} uniform"
             )
         best = study.best_trial
     finally:

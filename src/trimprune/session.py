@@ -181,8 +181,8 @@ def _placed(streams: Streams, sizes: list[int], captured, ex) -> Streams:
     want = [tuple(h.shape) for h in captured.hidden]
     if [tuple(m.shape) for m in main] != want:
         raise TrimpruneError(
-            f"--resume: the checkpoint's hidden states {[tuple(m.shape) for m in main][:1]} do not "
-            f"fit this run's {want[:1]}: remove the checkpoint folder and start afresh"
+            f"{{resume}}: the checkpoint's hidden states {[tuple(m.shape) for m in main][:1]} do "
+            f"not fit this run's {want[:1]}: remove the checkpoint folder and start afresh"
         )
 
     def put(hs):
@@ -294,7 +294,7 @@ def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload, ex) ->
             )
     except NonFiniteError as e:
         raise NonFiniteError(
-            f"before pruning, the dense model on the first calibration batch: {e}"
+            f"before pruning, the dense model on the first calibration batch: {e.template}"
         ) from None
 
 
@@ -308,16 +308,16 @@ def refuse_several_processes(config: PruneConfig, ranks: Ranks) -> None:
         return
     if config.allocation.method == "search":
         raise TrimpruneError(
-            f"--allocation search runs in one process, not under torchrun ({ranks.world} "
+            f"{{allocation}} search runs in one process, not under torchrun ({ranks.world} "
             "processes): "
             "to search with several processes, start several single-process searches that share "
-            "one --search-storage (e.g. sqlite:///study.db; the same config gives the same study), "
-            "then prune with the best allocation.json under torchrun through --allocation file:PATH"
+            "one {search_storage} (e.g. sqlite:///study.db; the same config gives the same study), "
+            "then prune with the best allocation.json under torchrun through {allocation} file:PATH"
         )
     if config.trim.guard == "model":
         raise TrimpruneError(
-            f"--trim-guard model runs in one process, not under torchrun ({ranks.world} "
-            "processes): run it in one process, or use --trim-guard block under torchrun"
+            f"{{trim_guard}} model runs in one process, not under torchrun ({ranks.world} "
+            "processes): run it in one process, or use {trim_guard} block under torchrun"
         )
 
 
@@ -355,7 +355,7 @@ def check_against_model(
         check_before_load(config, Ranks.current())
     adapter = ModelAdapter.from_model(model)
     if sampling:
-        adapter.check_context(config.calib.seqlen, "--seqlen")
+        adapter.check_context(config.calib.seqlen, "{seqlen}")
     for n in seqlens:
         adapter.check_context(n, "--eval-seqlen")
     file_target = config.sparsity is None
@@ -407,14 +407,14 @@ def _split_holdout(ids: torch.Tensor, holdout: int, ranks: Ranks):
     if holdout:
         if holdout >= ids.shape[0]:
             raise TrimpruneError(
-                f"--search-holdout {holdout} leaves none of the {ids.shape[0]} calibration "
-                "sequences to prune with: use more --nsamples or a smaller --search-holdout"
+                f"{{search_holdout}} {holdout} leaves none of the {ids.shape[0]} calibration "
+                "sequences to prune with: use more {nsamples} or a smaller {search_holdout}"
             )
         ids, held = ids[: ids.shape[0] - holdout], ids[ids.shape[0] - holdout :]
     if ids.shape[0] < ranks.world:
         raise TrimpruneError(
             f"{ids.shape[0]} calibration sequences cannot be shared by {ranks.world} processes: "
-            f"use --nsamples {ranks.world} or more, or fewer processes"
+            f"use {{nsamples}} {ranks.world} or more, or fewer processes"
         )
     return ids, held
 
@@ -426,8 +426,8 @@ def _open_resume(config: PruneConfig, adapter, ids, dev, ranks: Ranks, progress:
         return None, []
     if ranks.parallel:
         raise TrimpruneError(
-            "--checkpoint-dir is not supported with several processes (torchrun) yet: run one "
-            "process, or leave --checkpoint-dir out"
+            "{checkpoint_dir} is not supported with several processes (torchrun) yet: run one "
+            "process, or leave {checkpoint_dir} out"
         )
     state = ResumeState.open(
         config.run.checkpoint_dir, config, adapter, ids, resume=config.run.resume
@@ -461,7 +461,7 @@ def resolve_inputs(
     if calibration is None:
         calibration = get_calibration(config.calib, tokenizer, model, progress=shown)
     else:
-        adapter.check_context(_as_ids(calibration).shape[1], "--seqlen")
+        adapter.check_context(_as_ids(calibration).shape[1], "{seqlen}")
     timings = {"calibration_data_seconds": time.perf_counter() - t_start}
     ids, held = _split_holdout(_as_ids(calibration), holdout, ranks)
     batch_size = auto_batch_size(adapter, config, dev, next(model.parameters()).dtype)
@@ -600,8 +600,8 @@ class Session:
         """A host copy of the prunable linears' (dense) weights, for `restore`."""
         if self.storage is not None:
             raise TrimpruneError(
-                "--offload disk prunes once (each pruned block goes to the output as it is done): "
-                "--allocation search and --trim-guard model need --offload cpu"
+                "{offload} disk prunes once (each pruned block goes to the output as it is done): "
+                "{allocation} search and {trim_guard} model need {offload} cpu"
             )
         self.dense = {k: m.weight.data.to("cpu", copy=True) for k, m in self.linears().items()}
 

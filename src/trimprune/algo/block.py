@@ -245,7 +245,7 @@ def _member(run, plan: Plan, name: str) -> Member:
     full = plan.full_name(run.index, name)
     if nm is not None and W.shape[1] % nm[1]:
         raise TrimpruneError(
-            f"{full} has {W.shape[1]} inputs, not a multiple of M={nm[1]}: --mask-structure "
+            f"{full} has {W.shape[1]} inputs, not a multiple of M={nm[1]}: {{mask_structure}} "
             f"{plan.config.mask_structure} cannot be applied"
         )
     return Member(name, W, Target(sparsity=plan.targets[full], nm=nm))

@@ -72,7 +72,7 @@ def find_local(name: str, split: str, root: Path | None = None) -> Path | None:
     return None
 
 
-def detect_format(path: Path, fmt: str | None = None, flag: str = "--calib-data") -> str:
+def detect_format(path: Path, fmt: str | None = None, flag: str = "{calib_data}") -> str:
     if fmt:
         return fmt
     name = path.name.lower()
@@ -88,7 +88,7 @@ def detect_format(path: Path, fmt: str | None = None, flag: str = "--calib-data"
         if name.endswith(suffix):
             return f
     raise TrimpruneError(
-        f"{flag} {str(path)!r} has an unknown extension: add --calib-format txt|jsonl|parquet"
+        f"{flag} {str(path)!r} has an unknown extension: add {{calib_format}} txt|jsonl|parquet"
     )
 
 
@@ -151,7 +151,7 @@ def _jsonl_rows(p: Path, field: str, flag: str, limit: int | None = None) -> lis
                 except (json.JSONDecodeError, RecursionError):
                     raise InputFileError(
                         f"{flag} {str(p)!r} line {ln} is not JSON: use one JSON object per line "
-                        "or --calib-format txt"
+                        "or {calib_format} txt"
                     ) from None
                 if not isinstance(obj, dict) or field not in obj:
                     raise InputFileError(
@@ -254,7 +254,7 @@ def _has_text(p: Path, flag: str) -> bool:
 
 
 def probe_rows(
-    path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data"
+    path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "{calib_data}"
 ) -> None:
     """Before the model loads: `path` is a readable file of its format whose first rows parse and
     hold text (a text file: its first 64 KB are UTF-8 without NUL bytes, and it is not blank)."""
@@ -273,7 +273,7 @@ def probe_rows(
 
 
 def read_rows(
-    path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "--calib-data"
+    path: str | Path, fmt: str | None = None, field: str = "text", flag: str = "{calib_data}"
 ) -> list[str]:
     """Rows of a local file: jsonl/json(.gz) -> the `field` of each object, parquet -> that column,
     txt -> one row per line (a WikiText ``.raw`` file gives the Hugging Face rows: blank lines ->
@@ -363,7 +363,7 @@ def check_calibration_source(config: CalibConfig) -> str | None:
     for `self`."""
     if config.source == "self":
         return None
-    where = check_source(config.source, "train", config.data, config.format, "--calib-data")
+    where = check_source(config.source, "train", config.data, config.format, "{calib_data}")
     if where != "hub":
         check_long_enough(config, where)
     return where
@@ -383,22 +383,22 @@ def check_long_enough(config: CalibConfig, path: str) -> None:
             return
     except OSError:
         return
-    rows = read_rows(p, config.format, field=_field(config.source, p), flag="--calib-data")
+    rows = read_rows(p, config.format, field=_field(config.source, p), flag="{calib_data}")
     sizes = [len(r.encode("utf-8")) + TOKEN_MARGIN for r in rows]
     if config.source == "c4":
         count = sum(n > config.seqlen for n in sizes)
         if count == 0:
             raise InputFileError(
-                f"--calib-data {path!r}: none of its {len(rows)} documents can be longer than "
-                f"--seqlen {config.seqlen} tokens (the longest has {max(sizes) - TOKEN_MARGIN} "
-                "bytes, and a token is at least one byte): use a smaller --seqlen, a file with "
-                "longer documents, or --calib wikitext2"
+                f"{{calib_data}} {path!r}: none of its {len(rows)} documents can be longer than "
+                f"{{seqlen}} {config.seqlen} tokens (the longest has {max(sizes) - TOKEN_MARGIN} "
+                "bytes, and a token is at least one byte): use a smaller {seqlen}, a file with "
+                "longer documents, or {calib} wikitext2"
             )
     elif sum(sizes) + len(rows) <= config.seqlen + 1:
         raise InputFileError(
-            f"--calib-data {path!r} holds {sum(sizes) - TOKEN_MARGIN * len(rows)} bytes of text, "
-            f"too few for one window of --seqlen {config.seqlen} tokens: use a smaller --seqlen "
-            "or a larger file"
+            f"{{calib_data}} {path!r} holds {sum(sizes) - TOKEN_MARGIN * len(rows)} bytes of "
+            f"text, too few for one window of {{seqlen}} {config.seqlen} tokens: use a smaller "
+            "{seqlen} or a larger file"
         )
 
 
@@ -413,9 +413,9 @@ C4_DRAWS_PER_ROW = 100  # then at most this many draws per document for one samp
 
 def _too_few_long(count: int, rows: int, seqlen: int, draws: int) -> TrimpruneError:
     return TrimpruneError(
-        f"{count} of the {rows} calibration documents are longer than --seqlen {seqlen} tokens "
-        f"(none drawn in {draws} draws): use a smaller --seqlen, a file with longer documents, or "
-        "--calib wikitext2 (windows of the joined text)"
+        f"{count} of the {rows} calibration documents are longer than {{seqlen}} {seqlen} "
+        f"tokens (none drawn in {draws} draws): use a smaller {{seqlen}}, a file with longer "
+        "documents, or {calib} wikitext2 (windows of the joined text)"
     )
 
 
@@ -455,8 +455,8 @@ def calib_stream(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) ->
     enc = _encode(tokenizer, text)
     if enc.numel() <= seqlen + 1:
         raise TrimpruneError(
-            f"the calibration text has {enc.numel()} tokens, not more than --seqlen {seqlen}: "
-            "use a smaller --seqlen or a larger file"
+            f"the calibration text has {enc.numel()} tokens, not more than {{seqlen}} {seqlen}: "
+            "use a smaller {seqlen} or a larger file"
         )
     rng = random.Random(seed)
     out = []
@@ -514,7 +514,7 @@ def sample_from_model(
         if nonfinite({"logits": extrema(out.logits)}):  # one host read per batch
             raise blame(
                 model,
-                "sampling from the model (--calib self / --eval self): its logits are not finite",
+                "sampling from the model ({calib} self / --eval self): its logits are not finite",
             )
         past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         toks = [ids]
@@ -536,7 +536,7 @@ def get_calibration(config: CalibConfig, tokenizer, model=None, progress=False) 
     name = config.source
     if name == "self":
         if model is None:
-            raise TrimpruneError("--calib self needs the model to sample from")
+            raise TrimpruneError("{calib} self needs the model to sample from")
         return sample_from_model(
             model,
             tokenizer,
@@ -546,7 +546,7 @@ def get_calibration(config: CalibConfig, tokenizer, model=None, progress=False) 
             batch_size=max(1, min(config.nsamples, 32)),
             progress=progress,
         )
-    rows = dataset_rows(name, "train", config.data, config.format, "--calib-data")
+    rows = dataset_rows(name, "train", config.data, config.format, "{calib_data}")
     if name == "c4":
         return calib_c4(tokenizer, rows, config.nsamples, config.seqlen, config.seed)
     return calib_stream(tokenizer, " ".join(rows), config.nsamples, config.seqlen, config.seed)

@@ -91,7 +91,7 @@ class ModelAdapter:
 
     def check_context(self, length: int, flag: str) -> None:
         """Refuse sequences longer than the model's context (one line naming the flag and the
-        fix)."""
+        fix). `flag`: a flag, or a config field's token such as `{seqlen}` (`errors`)."""
         n_ctx = self.max_context()
         if n_ctx is not None and length > n_ctx:
             raise TrimpruneError(

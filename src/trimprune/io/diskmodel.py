@@ -28,7 +28,7 @@ from torch import nn
 from trimprune.errors import TrimpruneError
 from trimprune.io.shards import SafetensorsCheckpoint, ShardWriter
 
-FIX = "use --offload cpu"
+FIX = "use {offload} cpu"
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def local_checkpoint(target: str) -> Path:
     except Exception as e:  # noqa: BLE001 - any hub failure: one line naming the model
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TrimpruneError(
-            f"--model {target!r} could not be fetched for --offload disk ({first[:160]}): give a "
+            f"--model {target!r} could not be fetched for {{offload}} disk ({first[:160]}): give a "
             "local model folder"
         ) from e
 
@@ -62,7 +62,7 @@ def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsChe
     """The safetensors checkpoint of `target`; a GGUF or `.bin` model is refused with the fix."""
     if gguf_file is not None:
         raise TrimpruneError(
-            f"--offload disk reads a model stored as safetensors; {gguf_file} is a GGUF file: "
+            f"{{offload}} disk reads a model stored as safetensors; {gguf_file} is a GGUF file: "
             f"{FIX} (or convert the model to safetensors)"
         )
     folder = local_checkpoint(target)
@@ -74,7 +74,7 @@ def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsChe
         )
         held = f" (it holds {found[0]})" if found else ""
         raise TrimpruneError(
-            f"--offload disk reads a model stored as safetensors, and {str(folder)!r} has no "
+            f"{{offload}} disk reads a model stored as safetensors, and {str(folder)!r} has no "
             f"model.safetensors or {'model.safetensors.index.json'}{held}: {FIX}"
         )
     return ckpt
@@ -382,13 +382,13 @@ def check_disk_prune(
         )
     if ranks.parallel:
         raise TrimpruneError(
-            "--offload disk is not supported with several processes (torchrun) yet: run one "
+            "{offload} disk is not supported with several processes (torchrun) yet: run one "
             f"process, or {FIX}"
         )
     if sampling and config.calib.source == "self":
         raise TrimpruneError(
-            "--calib self samples from the whole model, which --offload disk does not hold in "
-            f"memory: use another --calib, or {FIX}"
+            "{calib} self samples from the whole model, which {offload} disk does not hold in "
+            f"memory: use another {{calib}}, or {FIX}"
         )
     storage.check_output()
     return storage

@@ -235,7 +235,7 @@ def read_state(path: str | Path) -> dict | None:
         state = json.loads(f.read_text())
     except OSError as e:
         raise TrimpruneError(
-            f"--checkpoint-dir {str(path)!r}: {STATE} is unreadable ({e}): remove the folder or "
+            f"{{checkpoint_dir}} {str(path)!r}: {STATE} is unreadable ({e}): remove the folder or "
             "choose another"
         ) from e
     except ValueError as e:  # not JSON, or not UTF-8: a damaged file
@@ -244,7 +244,7 @@ def read_state(path: str | Path) -> dict | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else None
         raise TrimpruneError(
-            f"--checkpoint-dir {str(path)!r} is not a checkpoint this trimprune reads (format "
+            f"{{checkpoint_dir}} {str(path)!r} is not a checkpoint this trimprune reads (format "
             f"{fmt!r}, expected {FORMAT}): remove it or choose another folder"
         )
     return state
@@ -278,10 +278,10 @@ def _after_commit(block: int) -> None:
 def _mismatch(path, state: dict, identity: dict) -> str | None:
     """Why the checkpoint in `path` (state) was made by another run than `identity`, or None."""
     old = state.get("identity", {})
-    where = f"--resume: the checkpoint in {str(path)!r}"
+    where = f"{{resume}}: the checkpoint in {str(path)!r}"
     fix = (
-        "rerun with the interrupted run's settings, or start afresh without --resume in another "
-        "--checkpoint-dir"
+        "rerun with the interrupted run's settings, or start afresh without {resume} in another "
+        "{checkpoint_dir}"
     )
     if old.get("config") != identity["config"]:
         a, b = _flat_items(old.get("config", {})), _flat_items(identity["config"])
@@ -311,9 +311,9 @@ def _mismatch(path, state: dict, identity: dict) -> str | None:
 
 def _existing(path, state: dict) -> TrimpruneError:
     return TrimpruneError(
-        f"--checkpoint-dir {str(path)!r} holds the checkpoint of a run "
+        f"{{checkpoint_dir}} {str(path)!r} holds the checkpoint of a run "
         f"({state.get('last_block', -1) + 1} of {state.get('num_blocks')} blocks done): add "
-        "--resume to continue it, or remove the folder / choose another to start afresh"
+        "{resume} to continue it, or remove the folder / choose another to start afresh"
     )
 
 
@@ -341,7 +341,7 @@ class ResumeState:
         checkpoint (resume), or an existing one without `resume`. Writes nothing."""
         p = Path(path)
         if p.exists() and not p.is_dir():
-            raise TrimpruneError(f"--checkpoint-dir {str(path)!r} is a file: give a folder")
+            raise TrimpruneError(f"{{checkpoint_dir}} {str(path)!r} is a file: give a folder")
         state = read_state(p)
         if state is not None and not resume:
             raise _existing(path, state)
@@ -357,8 +357,8 @@ class ResumeState:
             missing = [f for f in cls._files(state) if not (p / f).is_file()]
             if missing:
                 raise TrimpruneError(
-                    f"--resume: the checkpoint in {str(path)!r} is incomplete ({missing[0]} is "
-                    "missing): remove the folder and start afresh without --resume"
+                    f"{{resume}}: the checkpoint in {str(path)!r} is incomplete ({missing[0]} is "
+                    "missing): remove the folder and start afresh without {resume}"
                 )
             verify_files(
                 p, state, cls._files(state)
@@ -421,7 +421,7 @@ class ResumeState:
                 w = tensors.get(f"{full}.weight")
                 if w is None or w.shape != mod.weight.shape or w.dtype != mod.weight.dtype:
                     raise TrimpruneError(
-                        f"--resume: {entry['tensors']} in {str(self.path)!r} does not hold "
+                        f"{{resume}}: {entry['tensors']} in {str(self.path)!r} does not hold "
                         f"{full}'s weight as this model has it: remove the folder and start afresh"
                     )
                 with torch.no_grad():
@@ -441,7 +441,7 @@ class ResumeState:
         meta = _metadata(path)
         if int(meta.get("block", -2)) != self.last_block:
             raise TrimpruneError(
-                f"--resume: {path.name} in {str(self.path)!r} is not the stream file of block "
+                f"{{resume}}: {path.name} in {str(self.path)!r} is not the stream file of block "
                 f"{self.last_block}: remove the folder and start afresh"
             )
         t = load_file(str(path))
@@ -564,7 +564,7 @@ def precheck(config: PruneConfig, model) -> None:
         return
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise TrimpruneError(f"--checkpoint-dir {str(path)!r} is a file: give a folder")
+        raise TrimpruneError(f"{{checkpoint_dir}} {str(path)!r} is a file: give a folder")
     state = read_state(p)
     if state is None:
         return

@@ -29,8 +29,8 @@ FILES = "files"  # state.json: file name -> {"bytes": n, "sha256": hex}
 SELF = "state_sha256"  # state.json: the sha256 of its own bytes, this value written as zeros
 _ZERO = "0" * 64
 FIX = (
-    "remove the folder to start afresh (without --resume, or with --resume in an empty "
-    "--checkpoint-dir)"
+    "remove the folder to start afresh (without {resume}, or with {resume} in an empty "
+    "{checkpoint_dir})"
 )
 _CHUNK = 1 << 22
 
@@ -100,7 +100,7 @@ def check_state(path: Path, state, fmt: str) -> None:
     if stored is None:
         if state.get("format") == fmt:
             raise CorruptFileError(
-                f"--checkpoint-dir {folder!r}: {path.name} ({_block_note(state)}) is damaged: it "
+                f"{{checkpoint_dir}} {folder!r}: {path.name} ({_block_note(state)}) is damaged: it "
                 f"has no {SELF}, which this trimprune writes: {FIX}",
                 path,
             )
@@ -117,7 +117,7 @@ def check_state(path: Path, state, fmt: str) -> None:
     )
     if own != stored:
         raise CorruptFileError(
-            f"--checkpoint-dir {folder!r}: {path.name} ({_block_note(state)}) is damaged: its "
+            f"{{checkpoint_dir}} {folder!r}: {path.name} ({_block_note(state)}) is damaged: its "
             f"bytes do not match the sha256 it records: {FIX}",
             path,
         )
@@ -127,7 +127,7 @@ def unreadable_state(path: Path, e: ValueError) -> CorruptFileError:
     """The error for a state.json that is not JSON (or not UTF-8): cut or damaged."""
     why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
     return CorruptFileError(
-        f"--checkpoint-dir {str(path.parent)!r}: {path.name} (the commit of the last finished "
+        f"{{checkpoint_dir}} {str(path.parent)!r}: {path.name} (the commit of the last finished "
         f"block) is damaged: it is not JSON ({why}): {FIX}",
         path,
     )
@@ -156,13 +156,13 @@ def verify_files(folder: Path, state: dict, names: list[str]) -> None:
     recorded = state.get(FILES)
     if not isinstance(recorded, dict):
         raise CorruptFileError(
-            f"--resume: state.json in {str(folder)!r} ({_block_note(state)}) records no sha256 of "
-            f"its files: {FIX}",
+            f"{{resume}}: state.json in {str(folder)!r} ({_block_note(state)}) records no sha256 "
+            f"of its files: {FIX}",
             folder / "state.json",
         )
     for name in names:
         p = folder / name
-        where = f"--resume: {name} in {str(folder)!r} ({describe(name, state)})"
+        where = f"{{resume}}: {name} in {str(folder)!r} ({describe(name, state)})"
         want = recorded.get(name)
         if (
             not isinstance(want, dict)

@@ -117,7 +117,7 @@ def read_allocation_file(path: str | Path) -> list[float] | dict[str, float]:
     """Before the model loads: the sparsities an allocation file gives, checked for type and range:
     a list (one per block), or a mapping of block index or linear name -> sparsity, optionally under
     a `per_linear` or `per_block` key (what every run writes). JSON or YAML."""
-    where = f"--allocation file:{path}"
+    where = f"{{allocation}} file:{path}"
     p = Path(path)
     if p.is_dir():
         raise InputFileError(
@@ -157,7 +157,7 @@ def from_file(
     if isinstance(data, list):
         if len(data) != nblocks:
             raise InputFileError(
-                f"--allocation file:{path} lists {len(data)} block sparsities but the model has "
+                f"{{allocation}} file:{path} lists {len(data)} block sparsities but the model has "
                 f"{nblocks} blocks: give one value per block"
             )
         per = {k: data[block_of[k]] for k in numels}
@@ -165,13 +165,13 @@ def from_file(
         missing_blocks = [b for b in range(nblocks) if str(b) not in data]
         if missing_blocks:
             raise InputFileError(
-                f"--allocation file:{path} has no sparsity for block {missing_blocks[0]}: "
+                f"{{allocation}} file:{path} has no sparsity for block {missing_blocks[0]}: "
                 f"give every block 0..{nblocks - 1}"
             )
         extra = [k for k in data if int(k) >= nblocks]
         if extra:
             raise InputFileError(
-                f"--allocation file:{path} gives block {extra[0]}, but the model has {nblocks} "
+                f"{{allocation}} file:{path} gives block {extra[0]}, but the model has {nblocks} "
                 f"blocks (0..{nblocks - 1})"
             )
         per = {k: data[str(block_of[k])] for k in numels}
@@ -188,22 +188,22 @@ def from_file(
             target = k if k in numels else prefix.get(k)
             if target is None:
                 raise InputFileError(
-                    f"--allocation file:{path} names {k!r}, which is not a prunable linear "
+                    f"{{allocation}} file:{path} names {k!r}, which is not a prunable linear "
                     f"of this model (e.g. {next(iter(numels))})"
                 )
             per[target] = v
         missing = [k for k in numels if k not in per]
         if missing:
             raise InputFileError(
-                f"--allocation file:{path} has no sparsity for {missing[0]}: give every "
+                f"{{allocation}} file:{path} has no sparsity for {missing[0]}: give every "
                 "prunable linear, or use per-block values"
             )
     mean = weighted_mean(per, numels)
     if requested is not None and abs(mean - requested) > MEAN_TOLERANCE:
         raise InputFileError(
-            f"--allocation file:{path} has a parameter-weighted mean sparsity of {mean:.6g}, not "
-            f"--sparsity {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): "
-            f"give --sparsity {mean:.6g}, or leave --sparsity out to prune to the file's mean"
+            f"{{allocation}} file:{path} has a parameter-weighted mean sparsity of {mean:.6g}, not "
+            f"{{sparsity}} {requested:g} (they differ by more than {MEAN_TOLERANCE:g}): "
+            f"give {{sparsity}} {mean:.6g}, or leave {{sparsity}} out to prune to the file's mean"
         )
     details = (
         {}
