@@ -31,7 +31,7 @@ from trimprune.algo.trim.metrics import layer_metric  # noqa: E402
 from trimprune.algo.trim.search import TrimSearch, TrimSettings  # noqa: E402
 from trimprune.core.runtime import Executor  # noqa: E402
 from trimprune.exec import CudaExecutor, fastpaths, make_executor, readback  # noqa: E402
-from trimprune.io import resume as ckpt_mod  # noqa: E402
+from trimprune.io import resume as resume_mod  # noqa: E402
 from trimprune.io.evaluate import nll_of_windows  # noqa: E402
 
 
@@ -350,7 +350,7 @@ x2, _ = nll_of_windows(m, ids[:6], 3, device=dev, offload=True)
 check(abs(x1 - x2) / abs(x1) < 1e-5, f"offloaded eval == plain eval ({x1:.5f} vs {x2:.5f})")
 
 
-# interrupted after block 1 (of 4) and resumed from the checkpoint == uninterrupted: weights, masks, records
+# interrupted after block 1 (of 4) and resumed from the resume state == uninterrupted: weights, masks, records
 class _Stop(Exception):
     pass
 
@@ -380,7 +380,7 @@ for dtype, off, kw in [
         m = fresh()
         runs.append((m, prune(m, None, cfg(**flat), calibration=ids, device=dev, progress=False)))
     with tempfile.TemporaryDirectory() as d:
-        ckpt_mod._after_commit = _stop_after(1)
+        resume_mod._after_commit = _stop_after(1)
         try:
             prune(
                 fresh(),
@@ -392,7 +392,7 @@ for dtype, off, kw in [
             )
         except _Stop:
             pass
-        ckpt_mod._after_commit = lambda block: None
+        resume_mod._after_commit = lambda block: None
         m = fresh()
         res = prune(
             m,

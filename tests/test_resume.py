@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from tiny_models import calib, make, make_llama
 from trimprune import PruneConfig, TrimpruneError, prune
 from trimprune.cli import main
-from trimprune.core.records import BlockGuardRecord, LinearRecord
-from trimprune.io import resume as ckpt_mod
+from trimprune.core.records import BlockSafeguardRecord, LinearRecord
+from trimprune.io import resume as resume_mod
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -65,9 +65,9 @@ SCRIPT = textwrap.dedent('''
 
 def _run(script, *args, kill_after=None):
     env = dict(os.environ, PYTHONPATH=str(SRC))
-    env.pop(ckpt_mod.KILL_ENV, None)
+    env.pop(resume_mod.KILL_ENV, None)
     if kill_after is not None:
-        env[ckpt_mod.KILL_ENV] = str(kill_after)
+        env[resume_mod.KILL_ENV] = str(kill_after)
     return subprocess.run(
         [sys.executable, str(script), *map(str, args)],
         env=env,
@@ -166,7 +166,7 @@ def _interrupt_after(monkeypatch, k, exc=Interrupted):
         if block == k:
             raise exc()
 
-    monkeypatch.setattr(ckpt_mod, "_after_commit", hook)
+    monkeypatch.setattr(resume_mod, "_after_commit", hook)
 
 
 def _flat(**kw):
@@ -192,7 +192,7 @@ def test_half_written_block_is_ignored_and_resume_uses_the_last_committed(tmp_pa
     """The process dies while committing block 2: its files are written, state.json is not (and a
     temporary state.json lies around). Resume restores blocks 0..1 and ends like an uninterrupted run."""
     ck = tmp_path / "ck"
-    real = ckpt_mod.ResumeState._commit
+    real = resume_mod.ResumeState._commit
 
     def dying_commit(self):
         if self.state["last_block"] == 2:  # block 2's files are in place, its state is not
@@ -200,10 +200,10 @@ def test_half_written_block_is_ignored_and_resume_uses_the_last_committed(tmp_pa
             raise Interrupted
         real(self)
 
-    monkeypatch.setattr(ckpt_mod.ResumeState, "_commit", dying_commit)
+    monkeypatch.setattr(resume_mod.ResumeState, "_commit", dying_commit)
     with pytest.raises(Interrupted):
         _prune(_flat(checkpoint_dir=str(ck)))
-    monkeypatch.setattr(ckpt_mod.ResumeState, "_commit", real)
+    monkeypatch.setattr(resume_mod.ResumeState, "_commit", real)
     assert json.loads((ck / "state.json").read_text())["last_block"] == 1
     assert (ck / "block0002.safetensors").is_file() and (
         ck / "streams.block0002.rank0.safetensors"
@@ -255,7 +255,7 @@ def test_mismatched_config_model_or_calibration_is_refused_and_nothing_is_writte
         assert _snapshot(ck) == before  # the checkpoint is untouched
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in dense.items())  # the model too
     # run-only settings are not part of the fingerprint: another batch size resumes (and says so)
-    monkeypatch.setattr(ckpt_mod, "_after_commit", lambda block: None)
+    monkeypatch.setattr(resume_mod, "_after_commit", lambda block: None)
     _, res = _prune(_flat(checkpoint_dir=str(ck), resume=True, batch_size=5))
     assert res.resumed_from_block == 0 and any("--batch-size 5" in n for n in res.notes)
 
@@ -300,7 +300,7 @@ def test_cli_resume_report_and_checkpoint_lifecycle(tiny_dir, tmp_path, monkeypa
     )
     assert "inside --output" in capsys.readouterr().err
     # resumed: the report says from which block; the checkpoint is removed once the output is written
-    monkeypatch.setattr(ckpt_mod, "_after_commit", lambda block: None)
+    monkeypatch.setattr(resume_mod, "_after_commit", lambda block: None)
     assert main(base + ["--resume", "--output", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["resumed_from_block"] == 0 and any(
@@ -313,7 +313,7 @@ def test_cli_resume_report_and_checkpoint_lifecycle(tiny_dir, tmp_path, monkeypa
     # --resume without a checkpoint starts afresh (and says so); --keep-checkpoint keeps it
     assert main(base + ["--resume", "--keep-checkpoint", "--output", str(tmp_path / "out2")]) == 0
     rep = json.loads((tmp_path / "out2" / "report.json").read_text())
-    assert rep["resumed_from_block"] is None and any("no checkpoint" in n for n in rep["notes"])
+    assert rep["resumed_from_block"] is None and any("no resume state" in n for n in rep["notes"])
     assert json.loads((ck / "state.json").read_text())["last_block"] == 1
     assert main(["prune", "--model", "x", "--output", "o", "--resume"]) == 2
     assert "--resume needs --checkpoint-dir" in capsys.readouterr().err
@@ -335,4 +335,4 @@ def test_records_round_trip_through_their_dict_form():
     for r in res.layers.values():
         assert LinearRecord.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     for g in res.block_safeguard:
-        assert BlockGuardRecord.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+        assert BlockSafeguardRecord.from_dict(json.loads(json.dumps(g.to_dict()))) == g

@@ -340,7 +340,7 @@ def test_held_out_sequences_never_reach_the_statistics(tmp_path, monkeypatch):
     assert _cfg().holdout is None  # no search: every sequence is used
 
 
-# ------------------------------------------------------------------------------------------ the TRIM guard
+# ------------------------------------------------------------------------------ the model safeguard
 def _kl(dense, model, held):
     with torch.no_grad():
         d = torch.log_softmax(dense(input_ids=held).logits[:, :-1].double(), -1)

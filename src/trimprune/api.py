@@ -9,7 +9,7 @@ from torch import nn
 
 from trimprune.config import PruneConfig
 from trimprune.io.diskmodel import DiskBlocks
-from trimprune.search import guard_prune, search_prune
+from trimprune.search import model_safeguard_prune, search_prune
 from trimprune.session import Checked, PruneResult, Session, _checked
 
 __all__ = ["Checked", "PruneResult", "prune"]
@@ -38,12 +38,12 @@ def prune(
     without it); `loaded.storage.write_to(FOLDER)` names the folder where each block is written as
     it finishes and `io.export.write_outputs(..., storage=loaded.storage)` completes that folder.
     `config.run.checkpoint_dir`: commit every finished block there (`io.resume`); with
-    `config.run.resume`, first restore the blocks it holds and continue after them. The checkpoint
-    is left in place (the command line removes it once the output is written).
+    `config.run.resume`, first restore the blocks it holds and continue after them. The resume
+    state is left in place (the command line removes it once the output is written).
 
     `--allocation search` and `--trim-guard model` prune several times from one capture and keep the
     best on held-out calibration sequences (`trimprune.search`; `PruneResult.search` /
-    `.trim_guard`); they run in one process and without a checkpoint.
+    `.trim_guard`); they run in one process and without a resume state.
 
     In a process group (`torchrun`, `torch.distributed` initialised) every rank calls `prune` with
     the same arguments: each runs the blocks on its share of the calibration sequences, the
@@ -65,8 +65,8 @@ def prune(
     kwargs = dict(device=device, progress=progress, profile=profile, storage=storage)
     if config.mode == "search":
         result = search_prune(model, tokenizer, config, calibration, **kwargs)
-    elif config.mode == "model-guard":
-        result = guard_prune(model, tokenizer, config, calibration, **kwargs)
+    elif config.mode == "model-safeguard":
+        result = model_safeguard_prune(model, tokenizer, config, calibration, **kwargs)
     else:
         session = Session.open(model, tokenizer, config, calibration, **kwargs)
         try:

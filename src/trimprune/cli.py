@@ -607,7 +607,7 @@ def _prune_report(args, loaded, adapter, dev, result, dense, pruned, t_load, t_a
 def _write_prune_outputs(args, cfg, loaded, result, report, staged) -> None:
     from trimprune.io.export import write_outputs
     from trimprune.io.report import markdown, summary_text
-    from trimprune.io.resume import remove_checkpoint
+    from trimprune.io.resume import remove_resume_state
 
     write_outputs(
         args.output,
@@ -624,9 +624,9 @@ def _write_prune_outputs(args, cfg, loaded, result, report, staged) -> None:
         source=loaded.source,
     )
     if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
-        remove_checkpoint(
+        remove_resume_state(
             cfg.run.checkpoint_dir
-        )  # the output is complete: the checkpoint is not needed
+        )  # the output is complete: the resume state is not needed
     print(summary_text(report))
     print(f"written: {args.output}")
 
@@ -811,10 +811,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         import os
 
-        ck = getattr(args, "checkpoint_dir", None)
+        state_dir = getattr(args, "checkpoint_dir", None)
         kept = (
-            f"; the checkpoint in {ck} keeps the finished blocks: rerun with --resume to continue"
-            if ck and os.path.isfile(os.path.join(ck, "state.json"))
+            f"; the resume state in {state_dir} keeps the finished blocks: rerun with --resume to "
+            "continue"
+            if state_dir and os.path.isfile(os.path.join(state_dir, "state.json"))
             else ""
         )
         print(

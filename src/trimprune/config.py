@@ -445,7 +445,7 @@ class TrimConfig:
         return self._input_mode
 
     @property
-    def block_guard(self) -> bool:
+    def runs_block_safeguard(self) -> bool:
         """Whether the block-level safeguard runs (it compares against the per-linear choices)."""
         return self.enabled and self.block_safeguard and self.safeguard
 
@@ -479,8 +479,8 @@ class RunConfig:
     resume: bool = option(
         False,
         "resume",
-        "continue the run whose checkpoint is in --checkpoint-dir after its last "
-        "complete block (starts at block 0 when there is none); refuses a checkpoint of another "
+        "continue the run whose resume state is in --checkpoint-dir after its last "
+        "complete block (starts at block 0 when there is none); refuses a resume state of another "
         "config, model or calibration",
     )
     keep_checkpoint: bool = option(
@@ -507,7 +507,7 @@ class RunConfig:
         if self.resume and not self.checkpoint_dir:
             raise ConfigError(
                 "{resume} needs {checkpoint_dir} DIR: the folder of the interrupted run's "
-                "checkpoint"
+                "resume state"
             )
         if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
             raise ConfigError(
@@ -684,8 +684,8 @@ class PruneConfig:
             raise ConfigError(
                 "{checkpoint_dir} cannot be combined with {allocation} search (its trials prune "
                 "the whole model again and again): a search resumes from its {search_storage}, "
-                "e.g. sqlite:///study.db; to checkpoint the final prune, prune with the search's "
-                "allocation.json through {allocation} file:PATH {checkpoint_dir} DIR"
+                "e.g. sqlite:///study.db; to keep a resume state of the final prune, prune with "
+                "the search's allocation.json through {allocation} file:PATH {checkpoint_dir} DIR"
             )
         if self.run.offload == "disk" and (
             self.allocation.method == "search" or self.trim.guard == "model"
@@ -741,11 +741,11 @@ class PruneConfig:
 
     @property
     def mode(self) -> str:
-        """How `prune` runs this config: "search" (`--allocation search`), "model-guard"
+        """How `prune` runs this config: "search" (`--allocation search`), "model-safeguard"
         (`--trim-guard model`: with and without TRIM, the better kept) or "plain" (one prune)."""
         if self.allocation.method == "search":
             return "search"
-        return "model-guard" if self.trim.guard == "model" else "plain"
+        return "model-safeguard" if self.trim.guard == "model" else "plain"
 
     @property
     def holdout(self) -> int | None:

@@ -18,9 +18,9 @@ them in order:
    `--allocation search` has Optuna, and a `--search-storage` sqlite file can be written.
 
 Once the model is loaded, before any evaluation or calibration: the sequence lengths fit its
-context, a checkpoint to resume matches, and an allocation file matches its linears and `--sparsity`
-(`algo.allocation.resolve_sparsity`). The dense model's outputs on the first calibration batch are
-checked before the first block is pruned (`session.check_dense_batch`).
+context, a resume state to resume matches, and an allocation file matches its linears and
+`--sparsity` (`algo.allocation.resolve_sparsity`). The dense model's outputs on the first
+calibration batch are checked before the first block is pruned (`session.check_dense_batch`).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
     acquire_output_lock(args.output)
     warnings = [w for w in [handle_partial_outputs(args.output, remove=args.overwrite)] if w]
     if cfg.run.checkpoint_dir:
-        out, ck = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
-        if ck == out or out in ck.parents:
+        out, state_dir = Path(args.output).resolve(), Path(cfg.run.checkpoint_dir).resolve()
+        if state_dir == out or out in state_dir.parents:
             raise OutputError(
                 f"{{checkpoint_dir}} {cfg.run.checkpoint_dir!r} is inside --output "
                 f"{args.output!r}, which is written at the end: give a folder outside it"

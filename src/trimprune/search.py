@@ -19,14 +19,15 @@ objective is told to Optuna as pruned and the search goes on. OWL's outlier rati
 dense walk for every M of the grid (before the first trial), and AlphaPruning's metrics from the
 weights (cached per model). A new study's first trials are uniform and OWL / AlphaPruning / ATP with
 the config's parameters (`algo.allocation.search.warm_starts`). The best trial's allocation is then
-applied (a last prune; with `--trim-guard model` and TRIM, guarded as below) and measured again.
+applied (a last prune; with `--trim-guard model` and TRIM, model-safeguarded as below) and
+measured again.
 
 `--trim-guard model`: the same allocation is pruned without and with TRIM from the same captured
 activations, and the model with the lower held-out objective is kept (TRIM on ties), so TRIM is
 never worse than its scorer alone on that objective; both objectives go to report.json.
 
 Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna
-storage instead, and its allocation.json can be pruned again with a checkpoint.
+storage instead, and its allocation.json can be pruned again with a resume state.
 """
 
 from __future__ import annotations
@@ -201,15 +202,15 @@ def _prune(session: Session, config: PruneConfig, allocation: Allocation) -> Pru
     return session.run(config, allocation)
 
 
-def guarded(
+def model_safeguarded(
     session: Session,
     config: PruneConfig,
     allocation: Allocation,
     holdout: Holdout,
 ) -> tuple[PruneResult, dict, dict | None]:
     """Prune with `allocation` from the dense weights; with TRIM and `--trim-guard model`, without
-    TRIM too, keeping the lower held-out objective. Returns (result, its held-out metrics, the
-    guard's record)."""
+    TRIM too, keeping the lower held-out objective (the model safeguard). Returns (result, its
+    held-out metrics, the model safeguard's record)."""
     if not (config.trim.enabled and config.trim.guard == "model"):
         res = _prune(session, config, allocation)
         return res, holdout.measure(), None
@@ -280,7 +281,7 @@ def _open(model, tokenizer, config: PruneConfig, calibration, **kwargs) -> tuple
         if calibration is None
         else (calibration.shape[0] if isinstance(calibration, torch.Tensor) else len(calibration))
     )
-    guard_subset = (
+    safeguard_subset = (
         config.trim.block_safeguard
         and config.trim.safeguard
         and (config.trim.enabled or "trim" in config.search_spaces)
@@ -291,7 +292,7 @@ def _open(model, tokenizer, config: PruneConfig, calibration, **kwargs) -> tuple
         config,
         calibration,
         holdout=config.search.holdout_for(n),
-        guard_subset=guard_subset,
+        safeguard_subset=safeguard_subset,
         **kwargs,
     )
     return session, n
@@ -319,7 +320,7 @@ def _held_out(
         session.close()
 
 
-def guard_prune(
+def model_safeguard_prune(
     model,
     tokenizer,
     config: PruneConfig,
@@ -330,10 +331,11 @@ def guard_prune(
     profile: str = "time",
     storage: DiskBlocks | None = None,
 ) -> PruneResult:
-    """`prune` for `--trim-guard model` with a rule's allocation (see the module's docstring)."""
+    """`prune` for `--trim-guard model` (the model safeguard) with a rule's allocation (see the
+    module's docstring)."""
 
     def prunes(session: Session, holdout: Holdout) -> PruneResult:
-        res, _, record = guarded(session, config, session.allocate(config), holdout)
+        res, _, record = model_safeguarded(session, config, session.allocate(config), holdout)
         res.trim_guard = record
         return res
 
@@ -419,7 +421,7 @@ def _search(
         trial=best.number, objective=config.search.objective, value=best.value, study=name
     )
     seconds = time.perf_counter() - t0
-    res, final, record = guarded(session, final_cfg, allocation, holdout)
+    res, final, record = model_safeguarded(session, final_cfg, allocation, holdout)
     res.trim_guard = record
     res.search = {
         "objective": holdout.kind,

@@ -32,7 +32,7 @@ from trimprune.config import PruneConfig
 from trimprune.core.model import ModelAdapter, model_device
 from trimprune.core.progress import BlockProgress, Progress
 from trimprune.core.ranks import Ranks
-from trimprune.core.records import BlockGuardRecord, LinearRecord
+from trimprune.core.records import BlockSafeguardRecord, LinearRecord
 from trimprune.core.runtime import Deferred, Executor
 from trimprune.engine.allocate import build_allocation
 from trimprune.engine.capture import Captured, capture
@@ -41,7 +41,7 @@ from trimprune.errors import NonFiniteError, TrimpruneError
 from trimprune.exec import Phases, make_executor
 from trimprune.exec.memory import usable_bytes
 from trimprune.io.diskmodel import DiskBlocks, check_disk_prune
-from trimprune.io.resume import ResumeState, precheck
+from trimprune.io.resume import ResumeState, precheck_resume_state
 
 
 @dataclass
@@ -58,12 +58,12 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     calibration_shape: tuple = ()
     notes: list[str] = field(default_factory=list)
-    block_safeguard: list[BlockGuardRecord] = field(default_factory=list)
+    block_safeguard: list[BlockSafeguardRecord] = field(default_factory=list)
     phases: Phases | None = field(
         repr=False, default=None
     )  # the profiling phases (benchmarks read them)
     resumed_from_block: int | None = (
-        None  # the last block restored from a checkpoint (None: not resumed)
+        None  # the last block restored from the resume state (None: not resumed)
     )
     search: dict | None = None  # --allocation search: trials, best, held-out objectives, profiles
     trim_guard: dict | None = None  # --trim-guard model: both held-out objectives and the choice
@@ -149,18 +149,19 @@ class _Records:
         self.pending: list[Deferred] = []
         self.layers: dict[str, LinearRecord] = {}
         self.masks: dict[str, torch.Tensor] = {}
-        self.guard: list[BlockGuardRecord] = []
+        self.block_safeguard: list[BlockSafeguardRecord] = []
         self.by_block: dict[int, BlockRecords] = {}
 
     def add(self, records: Deferred) -> None:
         self.pending.append(records)
 
     def restore(self, rec: BlockRecords) -> None:
-        """A block's records read back from a checkpoint (reported by the run that made them)."""
+        """A block's records read back from the resume state (reported by the run that made
+        them)."""
         self.layers.update(rec.linears)
         self.masks.update(rec.masks)
-        if rec.guard is not None:
-            self.guard.append(rec.guard)
+        if rec.safeguard is not None:
+            self.block_safeguard.append(rec.safeguard)
         self.by_block[rec.block] = rec
 
     def collect(self, wait: bool) -> None:
@@ -169,20 +170,21 @@ class _Records:
             if self.ranks.parallel:
                 rec = BlockRecords.merge(self.ranks.gather(rec), self.order(rec.block))
             self.restore(rec)
-            self.blocks.record(rec.block, list(rec.linears.values()), rec.guard)
+            self.blocks.record(rec.block, list(rec.linears.values()), rec.safeguard)
 
 
 def _placed(streams: Streams, sizes: list[int], captured, ex) -> Streams:
-    """Streams read from a checkpoint, split like this run's batches and stored like its captured
-    inputs."""
+    """Streams read from the resume state, split like this run's batches and stored like its
+    captured inputs."""
     main = streams.main
     if [m.shape[0] for m in main] != sizes:
         main = list(torch.cat(main).split(sizes[0], 0))
     want = [tuple(h.shape) for h in captured.hidden]
     if [tuple(m.shape) for m in main] != want:
         raise TrimpruneError(
-            f"{{resume}}: the checkpoint's hidden states {[tuple(m.shape) for m in main][:1]} do "
-            f"not fit this run's {want[:1]}: remove the checkpoint folder and start afresh"
+            f"{{resume}}: the resume state's hidden states {[tuple(m.shape) for m in main][:1]} "
+            f"do not fit this run's {want[:1]}: remove the {{checkpoint_dir}} folder and start "
+            "afresh"
         )
 
     def put(hs):
@@ -206,7 +208,7 @@ def _walk(
     timings: dict | None = None,
 ) -> _Records:
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
-    copies complete. With a checkpoint, blocks it holds are restored (weights, masks, records) and
+    copies complete. With a resume state, blocks it holds are restored (weights, masks, records) and
     the walk starts after them; every finished block is committed to it."""
     blocks = progress.blocks(
         adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}"
@@ -234,7 +236,7 @@ def _walk(
                 captured.exec_device.type == "cuda"
             ):  # offloaded weights copied back to host memory, streams
                 torch.cuda.synchronize(captured.exec_device)
-            with ex.phase("checkpoint"):
+            with ex.phase("resume state"):
                 resume.commit_block(i, adapter, records.by_block[i], streams)
             timings["checkpoint_seconds"] += time.perf_counter() - t
 
@@ -349,7 +351,7 @@ def check_against_model(
     (`config.calib.seqlen` when the calibration is built from the config, `sampling`; `seqlens`,
     e.g. the evaluation's), an allocation file against its linears
     (`algo.allocation.resolve_sparsity`; without a sparsity the file's mean is the target), and an
-    existing resume state against this config and model (`io.resume.precheck`). With
+    existing resume state against this config and model (`io.resume.precheck_resume_state`). With
     `loaded_ranks` False the process-count check of `check_before_load` runs here too."""
     if not loaded_ranks:
         check_before_load(config, Ranks.current())
@@ -360,7 +362,7 @@ def check_against_model(
         adapter.check_context(n, "--eval-seqlen")
     file_target = config.sparsity is None
     config = resolve_sparsity(config, adapter)
-    precheck(config, model)
+    precheck_resume_state(config, model)
     return Checked(config, id(model), file_target and config.sparsity is not None)
 
 
@@ -530,12 +532,13 @@ class Session:
         progress=True,
         profile: str = "time",
         holdout: int = 0,
-        guard_subset: bool | None = None,
+        safeguard_subset: bool | None = None,
         storage: DiskBlocks | None = None,
     ) -> Session:
         """`resolve_inputs`, then the capture of the block inputs and the dense check. `holdout`:
-        the last sequences, kept out of the statistics (`Session.holdout`). `guard_subset`: whether
-        to capture the block safeguard's subset (default: when `config.trim.block_guard`)."""
+        the last sequences, kept out of the statistics (`Session.holdout`). `safeguard_subset`:
+        whether to capture the block safeguard's subset (default: when
+        `config.trim.runs_block_safeguard`)."""
         inputs = resolve_inputs(
             model,
             tokenizer,
@@ -549,7 +552,9 @@ class Session:
         )
         self = cls(model, config, inputs)
         try:
-            self.capture(config.trim.block_guard if guard_subset is None else guard_subset)
+            self.capture(
+                config.trim.runs_block_safeguard if safeguard_subset is None else safeguard_subset
+            )
             t0 = time.perf_counter()
             check_dense_batch(self.adapter, self.captured, config.run.offload, self.ex)
             self.timings["dense_check_seconds"] = time.perf_counter() - t0
@@ -558,14 +563,16 @@ class Session:
             raise
         return self
 
-    def capture(self, guard: bool) -> None:
+    def capture(self, block_safeguard: bool) -> None:
         """This rank's share of the calibration batches (and the block safeguard's subset with
-        `guard`) through the model up to every block: `self.captured`."""
+        `block_safeguard`) through the model up to every block: `self.captured`."""
         config, ids, ranks, model, dev = self.config, self.ids, self.ranks, self.model, self.dev
         batches = list(ids[ranks.share(ids.shape[0])].split(self.batch_size, 0))
         self.t_prune = time.perf_counter()
         subset = None
-        if guard:  # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
+        if (
+            block_safeguard
+        ):  # the block safeguard's subset: 1/8 of the calibration sequences (at least 4)
             n_sub = min(ids.shape[0], max(4, ids.shape[0] // 8))
             subset = ids[:n_sub][ranks.share(n_sub)]
         n_subset = 0 if subset is None else subset.shape[0]
@@ -616,7 +623,7 @@ class Session:
     # ------------------------------------------------------------------ prunes
     def allocate(self, config: PruneConfig) -> Allocation:
         """The allocation `config.allocation` names (OWL walks the captured activations through the
-        model, which must be dense then); a resumed run's is the one its checkpoint saved. In a
+        model, which must be dense then); a resumed run's is the one its resume state saved. In a
         data-parallel run, rank 0's."""
         t0 = time.perf_counter()
         with self.ex.phase("allocation"):
@@ -634,15 +641,16 @@ class Session:
 
     def run(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
         """Prune the model in place with `allocation` (the walk of `prune_block` over the captured
-        inputs). With a checkpoint: the allocation is saved first (unless the checkpoint holds it),
-        blocks it holds are restored instead of pruned, and every finished block is committed."""
+        inputs). With a resume state: the allocation is saved first (unless the resume state holds
+        it), blocks it holds are restored instead of pruned, and every finished block is
+        committed."""
         ex, resume = self.ex, self.resume
         if (resume is not None or self.storage is not None) and (
             self.runs or config != self.config
         ):
             raise RuntimeError(
-                "a Session with a checkpoint or --offload disk prunes once, with the config it was "
-                "opened with"
+                "a Session with a resume state or --offload disk prunes once, with the config it "
+                "was opened with"
             )
         if resume is not None:
             t0 = time.perf_counter()
@@ -698,7 +706,7 @@ class Session:
             allocation=allocation,
             masks=records.masks,
             timings=timings,
-            block_safeguard=records.guard,
+            block_safeguard=records.block_safeguard,
             phases=ex.phases,
             calibration_shape=tuple(self.ids.shape),
             notes=notes,
@@ -711,20 +719,20 @@ class Session:
 
 
 def _resume_notes(resume: ResumeState, config: PruneConfig, dev, progress: Progress) -> list[str]:
-    """What a run with a checkpoint says (the log line and the report's notes)."""
+    """What a run with a resume state says (the log line and the report's notes)."""
     where, n = config.run.checkpoint_dir, resume.identity["model"]["num_blocks"]
     notes = []
     if config.run.resume and resume.state is None:
-        notes.append(f"--resume: no checkpoint in {where}; started from block 0")
+        notes.append(f"--resume: no resume state in {where}; started from block 0")
     elif resume.state is not None and resume.last_block < 0:
         notes.append(
-            f"--resume: the checkpoint in {where} held the allocation only; started from block 0"
+            f"--resume: the resume state in {where} held the allocation only; started from block 0"
         )
     elif resume.state is not None:
         k = resume.last_block
         rest = f"blocks {k + 1}..{n - 1} pruned now" if k + 1 < n else "none left to prune"
         notes.append(
-            f"resumed from the checkpoint in {where}: blocks 0..{k} of {n} restored (pruned by "
+            f"resumed from the resume state in {where}: blocks 0..{k} of {n} restored (pruned by "
             f"an earlier process), {rest}; timings cover this process only"
         )
         if (

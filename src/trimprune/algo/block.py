@@ -23,7 +23,7 @@ from trimprune.algo.stats import InputStats, StatsNeeds
 from trimprune.algo.trim.evaluators import ExplicitSpec, GramSpec, ObsEvaluator, ObsSpec
 from trimprune.algo.trim.results import SearchTensors, summarize
 from trimprune.algo.trim.safeguard import (
-    BlockGuard,
+    BlockSafeguard,
     Found,
     TrimChoice,
     block_safeguard,
@@ -35,7 +35,7 @@ from trimprune.core.model import set_weight_2d, weight_2d
 from trimprune.core.ranks import SOLO, Ranks
 from trimprune.core.records import (
     BlockChoice,
-    BlockGuardRecord,
+    BlockSafeguardRecord,
     Kept,
     LinearRecord,
     Reconstruction,
@@ -126,7 +126,7 @@ class BlockDecision:
 class BlockRecords:
     block: int
     linears: dict[str, LinearRecord]  # full linear name -> record
-    guard: BlockGuardRecord | None
+    safeguard: BlockSafeguardRecord | None  # the block safeguard's record
     masks: dict[str, torch.Tensor]  # full linear name -> bit-packed mask (host)
 
     @classmethod
@@ -135,15 +135,15 @@ class BlockRecords:
         full linear names). The block safeguard's record names the linears kept TRIM on any rank."""
         linears = {k: v for p in parts for k, v in p.linears.items()}
         masks = {k: v for p in parts for k, v in p.masks.items()}
-        guards = [p.guard for p in parts if p.guard is not None]
-        guard = None
-        if guards:
-            names = tuple(sorted({n for g in guards for n in g.linears}))
-            guard = replace(guards[0], linears=names)
+        safeguards = [p.safeguard for p in parts if p.safeguard is not None]
+        safeguard = None
+        if safeguards:
+            names = tuple(sorted({n for g in safeguards for n in g.linears}))
+            safeguard = replace(safeguards[0], linears=names)
         return cls(
             parts[0].block,
             {k: linears[k] for k in order if k in linears},
-            guard,
+            safeguard,
             {k: masks[k] for k in order if k in masks},
         )
 
@@ -154,7 +154,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     safeguards."""
     if plan.config.calib.input_recalc:
         return _prune_block_recalc(run, plan, ex)
-    guard = plan.config.trim.block_guard
+    block_safeguarded = plan.config.trim.runs_block_safeguard
     with ex.phase("statistics"):
         hooks = run.statistics(plan.needs, ex)
     groups = [g for g in hooks.groups if g]
@@ -166,7 +166,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     with ex.phase("trim search"):
         searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in members})
     dense_sub = alone_sub = None
-    if guard:
+    if block_safeguarded:
         with ex.phase("block safeguard"):
             dense_sub = run.dense_subset()  # the block is still dense
     alone: dict[str, Outcome] = {}
@@ -184,7 +184,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
                     _scorer_alone(plan, searches, [members[n] for n in g], hooks.stats_for(g[0]))
                 )
         if (
-            guard
+            block_safeguarded
             and searches.names
             and all(n in alone for n in members)
             and not plan.ranks.parallel
@@ -208,7 +208,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
 def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
     """Input recalculation: each group's statistics are gathered with the earlier groups pruned."""
     dense_sub = None
-    if plan.config.trim.block_guard:
+    if plan.config.trim.runs_block_safeguard:
         with ex.phase("block safeguard"):
             dense_sub = run.dense_subset()
     with ex.phase("statistics"):
@@ -411,7 +411,7 @@ def _decide_group(
             chosen = trim.chosen
         assert chosen is not None  # the scorer alone's outcome, or the safeguard's choice
         set_weight_2d(run.linears[m.name], chosen.weight)
-        if trim is not None and not plan.config.trim.block_guard:
+        if trim is not None and not plan.config.trim.runs_block_safeguard:
             trim = trim.settled()  # the weights are needed no more
         choices.append(
             LinearChoice(
@@ -432,14 +432,14 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
     """Every rank gets the weights of a group from the rank that decided it (nothing moves in one
     process). Returns, for the block safeguard, each searched linear's (chosen, scorer-alone)
     weights."""
-    guard = plan.config.trim.block_guard
+    block_safeguarded = plan.config.trim.runs_block_safeguard
     mine = {c.name: c for c in choices if c.name in group}
     out = {}
     for n in group:
         c = mine.get(n)
         if plan.ranks.parallel:
             plan.ranks.broadcast_(run.linears[n].weight.data, owner)
-        if not guard or not plan.searched(plan.targets[plan.full_name(run.index, n)]):
+        if not block_safeguarded or not plan.searched(plan.targets[plan.full_name(run.index, n)]):
             continue
         if c is not None:
             # searched linears keep both outcomes while the block safeguard is on
@@ -472,37 +472,57 @@ def _conclude(
 ) -> BlockDecision:
     """The block safeguard (over every searched linear of the block, `shared`), the final masks and
     the records (deferred) of this rank's linears."""
-    guard, pruned_sub = None, None
-    if plan.config.trim.block_guard:
+    safeguard, pruned_sub = None, None
+    if plan.config.trim.runs_block_safeguard:
         with ex.phase("block safeguard"):
-            pruned_sub, guard = block_safeguard(run, shared, dense_sub, alone_sub, plan.ranks)
-    tensors: dict[str, torch.Tensor] = {}
+            pruned_sub, safeguard = block_safeguard(run, shared, dense_sub, alone_sub, plan.ranks)
+    linears: dict[str, LinearTensors] = {}
     searches: dict[int, tuple[int, SearchTensors]] = {}
     for c in choices:
         mask = c.mask
-        if guard is not None and c.trim is not None:
-            mask = guard.choose(mask, cast(Outcome, c.trim.alone).mask)
-        tensors[f"{c.full}/mask"] = _mask_stats(mask)
-        tensors[f"{c.full}/packed"] = pack_mask(mask, to_cpu=False)
+        if safeguard is not None and c.trim is not None:
+            mask = safeguard.choose(mask, cast(Outcome, c.trim.alone).mask)
+        lin = LinearTensors(_mask_stats(mask), pack_mask(mask, to_cpu=False))
         if c.trim is not None:
             t = c.trim
-            tensors |= {
-                f"{c.full}/trim_metric": t.trim_metric,
-                f"{c.full}/alone_metric": t.alone_metric,
-                f"{c.full}/keep": t.keep,
-            }
+            lin.trim_metric, lin.alone_metric, lin.keep = t.trim_metric, t.alone_metric, t.keep
             searches.setdefault(id(t.found.tensors), (len(searches), t.found.tensors))
-    for k, res in searches.values():
-        tensors |= {f"search{k}/{name}": v for name, v in res.summary_tensors().items()}
-    if guard is not None:
-        tensors["guard/errors"] = guard.errors
-        if not isinstance(guard.keep, bool):
-            tensors["guard/keep"] = guard.keep
-    layout = _Layout.of(run.index, plan, choices, guard, {i: k for i, (k, _) in searches.items()})
+        linears[c.full] = lin
+    tensors = BlockTensors(linears, [res.summary_tensors() for _, res in searches.values()])
+    if safeguard is not None:
+        tensors.safeguard_errors = safeguard.errors
+        if not isinstance(safeguard.keep, bool):
+            tensors.safeguard_keep = safeguard.keep
+    layout = _Layout.of(
+        run.index, plan, choices, safeguard, {i: k for i, (k, _) in searches.items()}
+    )
     return BlockDecision(run.index, ex.defer(tensors, layout.records), dense_sub, pruned_sub)
 
 
 # ------------------------------------------------------------------------------------------ records
+@dataclass
+class LinearTensors:
+    """One linear's results to read to the host: its final mask's statistics (`_mask_stats`), the
+    bit-packed mask and, when searched, both layer metrics and its own safeguard's choice."""
+
+    mask_stats: torch.Tensor  # float64 (4,)
+    packed: torch.Tensor  # uint8, `pack_mask`
+    trim_metric: torch.Tensor | None = None  # 0-dim float64
+    alone_metric: torch.Tensor | None = None  # 0-dim float64
+    keep: torch.Tensor | None = None  # 0-dim bool: the linear keeps TRIM
+
+
+@dataclass
+class BlockTensors:
+    """A block's deferred results (device tensors, or their host copies once read back): one
+    executor `defer` copies them all to the host (`Executor.defer`)."""
+
+    linears: dict[str, LinearTensors]  # full linear name -> its results
+    searches: list[dict[str, torch.Tensor]]  # each search's `SearchTensors.summary_tensors()`
+    safeguard_errors: torch.Tensor | None = None  # the block safeguard's squared errors (2,)
+    safeguard_keep: torch.Tensor | None = None  # its choice (0-dim bool) when made on the device
+
+
 @dataclass
 class _LinearLayout:
     full: str
@@ -522,8 +542,8 @@ class _Layout:
 
     block: int
     linears: list[_LinearLayout]
-    guard_names: list[str] | None  # the block safeguard's linears, when it ran
-    guard_keep: bool | None  # its choice, when made on the host
+    safeguard_names: list[str] | None  # the block safeguard's linears, when it ran
+    safeguard_keep: bool | None  # its choice, when made on the host
     settings: TrimSettings | None
     config: PruneConfig
 
@@ -533,7 +553,7 @@ class _Layout:
         block: int,
         plan: Plan,
         choices: list[LinearChoice],
-        guard: BlockGuard | None,
+        safeguard: BlockSafeguard | None,
         keys: dict[int, int],
     ) -> _Layout:
         lins = []
@@ -546,41 +566,40 @@ class _Layout:
         return cls(
             block,
             lins,
-            guard.names if guard is not None else None,
-            guard.keep if guard is not None and isinstance(guard.keep, bool) else None,
+            safeguard.names if safeguard is not None else None,
+            safeguard.keep if safeguard is not None and isinstance(safeguard.keep, bool) else None,
             plan.search.cfg if plan.search else None,
             plan.config,
         )
 
-    def records(self, host: dict[str, torch.Tensor]) -> BlockRecords:
+    def records(self, host: BlockTensors) -> BlockRecords:
         block_keeps = True
-        if self.guard_names is not None:
+        if self.safeguard_names is not None:
             block_keeps = (
-                self.guard_keep if self.guard_keep is not None else bool(host["guard/keep"])
+                self.safeguard_keep
+                if self.safeguard_keep is not None
+                else bool(host.safeguard_keep)
             )
         linears, masks, kept_trim = {}, {}, []
         for lay in self.linears:
-            zeros, rmin, rmax, rstd = host[f"{lay.full}/mask"].tolist()
+            got = host.linears[lay.full]
+            zeros, rmin, rmax, rstd = got.mask_stats.tolist()
             cols = lay.shape[1]
             trim, info = None, lay.info
             if lay.search is not None:
-                keep = bool(host[f"{lay.full}/keep"])
+                keep = bool(got.keep)
                 if keep:
                     kept_trim.append(lay.name)
                 k, j = lay.search
-                prefix = f"search{k}/"
                 assert self.settings is not None  # a search ran
-                summary = summarize(
-                    {n[len(prefix) :]: v for n, v in host.items() if n.startswith(prefix)},
-                    j,
-                    self.settings,
-                )
                 trim = TrimRecord(
-                    summary,
+                    summarize(host.searches[k], j, self.settings),
                     self.config.trim.metric,
-                    float(host[f"{lay.full}/trim_metric"]),
+                    float(cast(torch.Tensor, got.trim_metric)),
                     Kept.of(keep, block_keeps),
-                    float(host[f"{lay.full}/alone_metric"]) if self.config.trim.safeguard else None,
+                    float(cast(torch.Tensor, got.alone_metric))
+                    if self.config.trim.safeguard
+                    else None,
                 )
                 info = lay.infos[0] if keep else lay.infos[1]
             linears[lay.full] = LinearRecord(
@@ -596,15 +615,15 @@ class _Layout:
                 trim,
                 info,
             )
-            masks[lay.full] = host[f"{lay.full}/packed"]
-        guard = None
-        if self.guard_names is not None and kept_trim:
-            e_trim, e_alone = host["guard/errors"].tolist()
-            guard = BlockGuardRecord(
+            masks[lay.full] = got.packed
+        safeguard = None
+        if self.safeguard_names is not None and kept_trim:
+            e_trim, e_alone = cast(torch.Tensor, host.safeguard_errors).tolist()
+            safeguard = BlockSafeguardRecord(
                 self.block,
                 e_trim,
                 e_alone,
                 BlockChoice.TRIM if block_keeps else BlockChoice.SCORER_ALONE,
-                tuple(n for n in self.guard_names if n in kept_trim),
+                tuple(n for n in self.safeguard_names if n in kept_trim),
             )
-        return BlockRecords(self.block, linears, guard, masks)
+        return BlockRecords(self.block, linears, safeguard, masks)

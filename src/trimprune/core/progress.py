@@ -80,7 +80,7 @@ class BlockProgress:
         self._log = open(progress.log_json, "a") if progress.log_json else None
 
     def resume_at(self, first: int) -> None:
-        """Blocks 0..first-1 were restored from a checkpoint: count them done, time only the
+        """Blocks 0..first-1 were restored from the resume state: count them done, time only the
         rest."""
         self.first = first
         if self._bar is not None and first:
@@ -102,8 +102,8 @@ class BlockProgress:
                 flush=True,
             )
 
-    def record(self, index: int, linears: list, guard=None) -> None:
-        """One JSON line for block `index` (its `LinearRecord`s and `BlockGuardRecord`) with
+    def record(self, index: int, linears: list, block_safeguard=None) -> None:
+        """One JSON line for block `index` (its `LinearRecord`s and `BlockSafeguardRecord`) with
         --log-json."""
         if self._log is None:
             return
@@ -118,7 +118,9 @@ class BlockProgress:
             "sparsity": zeros / numel if numel else 0.0,
             "trim_linears": len(trim),
             "trim_kept": sum(t.kept == Kept.TRIM for t in trim),
-            "block_safeguard": guard.kept.value if guard is not None else None,
+            "block_safeguard": (
+                block_safeguard.kept.value if block_safeguard is not None else None
+            ),
         }
         self._log.write(json.dumps(line) + "\n")
         self._log.flush()

@@ -1,8 +1,8 @@
 """Typed records of what the pruning decided: per linear, per TRIM search, per block safeguard.
 
-`to_dict()` gives the JSON form written to report.json; `from_dict()` reads it back (checkpoints of
-interrupted runs keep each finished block's records this way, so the round trip is exact: floats
-are written with `repr`).
+`to_dict()` gives the JSON form written to report.json; `from_dict()` reads it back (the resume
+state of an interrupted run keeps each finished block's records this way, so the round trip is
+exact: floats are written with `repr`).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class LinearRecord:
 
 
 @dataclass(frozen=True)
-class BlockGuardRecord:
+class BlockSafeguardRecord:
     """The block safeguard of one block: squared distance to the dense model's block output on the
     safeguard's sequences with TRIM and with the scorer alone, the choice, and the linears concerned
     (those whose own safeguard kept TRIM)."""
@@ -202,7 +202,7 @@ class BlockGuardRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> BlockGuardRecord:
+    def from_dict(cls, d: dict) -> BlockSafeguardRecord:
         return cls(
             d["block"],
             d["err_trim"],

@@ -16,8 +16,10 @@ What an algorithm asks of its executor:
 - `to_device(values, dtype, device)`: a few Python numbers as a tensor on `device`;
 - `pinned(tensor)`: a host tensor that is copied to the compute device often (offloaded
   activations);
-- `defer(tensors, then)`: `then(host copies of tensors)` as a `Deferred` value: a GPU executor
-  copies in the background and the caller reads it once the copy is done;
+- `defer(tensors, then)`: `then(host copies of tensors)` as a `Deferred` value, where `tensors` is
+  a tensor tree (a dataclass, dict, list or tuple of tensors, nested; other values are kept as they
+  are, see `map_tensors`): a GPU executor copies in the background and the caller reads it once the
+  copy is done;
 - `resident(blocks, index, device)`: a context holding block `index` on `device` while it is
   processed (offload), its weights back in host memory afterwards (a GPU executor copies the next
   block ahead);
@@ -32,12 +34,42 @@ What an algorithm asks of its executor:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_tensors(tree: R, fn: Callable[[Any], Any], leaf: type = torch.Tensor) -> R:
+    """`tree` with every value of type `leaf` (a tensor) replaced by `fn(value)`, in a fixed order
+    (dataclass fields, dict items and sequence items as they come, depth first). A tree is made of
+    dataclass instances, dicts, lists and tuples; any other value (None, numbers) is kept."""
+    if isinstance(tree, leaf):
+        return fn(tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        fields = [f.name for f in dataclasses.fields(tree) if f.init]
+        return cast(
+            R,
+            dataclasses.replace(
+                tree, **{n: map_tensors(getattr(tree, n), fn, leaf) for n in fields}
+            ),
+        )
+    if isinstance(tree, dict):
+        return cast(R, {k: map_tensors(v, fn, leaf) for k, v in tree.items()})
+    if isinstance(tree, (list, tuple)):
+        return cast(R, type(tree)(map_tensors(v, fn, leaf) for v in tree))
+    return tree
+
+
+def tensor_leaves(tree) -> list[torch.Tensor]:
+    """The tensors of a tensor tree, in `map_tensors`'s order."""
+    out: list[torch.Tensor] = []
+    map_tensors(tree, out.append)
+    return out
 
 
 class Launched(Generic[T]):
@@ -91,10 +123,8 @@ class Executor:
     def pinned(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def defer(
-        self, tensors: dict[str, torch.Tensor], then: Callable[[dict[str, torch.Tensor]], T]
-    ) -> Deferred[T]:
-        return Deferred(then({k: v.detach().cpu() for k, v in tensors.items()}))
+    def defer(self, tensors: R, then: Callable[[R], T]) -> Deferred[T]:
+        return Deferred(then(map_tensors(tensors, lambda v: v.detach().cpu())))
 
     @contextlib.contextmanager
     def resident(self, blocks, index: int, device: torch.device):

@@ -183,7 +183,7 @@ def walk(
     `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes.
     `start`: the first block visited (`streams` are then the states entering it: a resumed run);
     `after_block(i, streams)`: called once block i is done, with the streams entering block i+1
-    (checkpoints).
+    (resume states).
 
     NaN / Inf never passes: as each block is loaded, its parameters and the hidden states entering
     it on the main stream are checked (one reduction per tensor, one host read per block), and the

@@ -181,7 +181,7 @@ def summary_text(report: dict) -> str:
     if report.get("trim_guard"):
         g = report["trim_guard"]
         lines.append(
-            f"TRIM guard (model): held-out {g['objective']} with TRIM "
+            f"TRIM model safeguard: held-out {g['objective']} with TRIM "
             f"{g['trim'][g['objective']]:.6g}, scorer "
             f"alone {g['scorer_alone'][g['objective']]:.6g}: kept {g['kept'].replace('_', ' ')}"
         )
@@ -214,7 +214,7 @@ def markdown(report: dict) -> str:
         f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
         f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}",
         *(
-            [f"- resumed from a checkpoint: blocks 0..{report['resumed_from_block']} restored"]
+            [f"- resumed from a resume state: blocks 0..{report['resumed_from_block']} restored"]
             if report.get("resumed_from_block") is not None
             else []
         ),

@@ -1,4 +1,4 @@
-"""Checkpoints of a prune, so that an interrupted run continues after its last finished block.
+"""The resume state of a prune, so that an interrupted run continues after its last finished block.
 
 `--checkpoint-dir DIR` (`RunConfig.checkpoint_dir`) makes `prune` keep, in DIR:
 
@@ -11,7 +11,7 @@
     them, exact
                                           dtype) and masks (bit-packed as `PruneResult.masks`)
     block0003.json                        block 3's records (`LinearRecord` /
-    `BlockGuardRecord.to_dict`) streams.block0003.rank0.safetensors   the hidden states entering
+    `BlockSafeguardRecord.to_dict`) streams.block0003.rank0.safetensors   the hidden states entering
     block 4: the main stream per batch
                                           and the block safeguard's subset through the dense and the
                                           pruned model (`engine.walk.Streams`), of rank 0
@@ -26,10 +26,10 @@ state.json records the size and sha256 of every file it names, and the sha256 of
 damaged or truncated file (one line naming the file and its block: remove the folder to start
 afresh).
 
-`--resume` (`RunConfig.resume`) refuses a checkpoint whose fingerprint differs: the config's fields
-that decide the computation (not `run`, `search`, the AlphaPruning cache folder or the calibration
-file's path), the model (its config.json, the names, shapes and dtypes of its parameters, the bytes
-of block 0's parameters before pruning) and the calibration token ids.
+`--resume` (`RunConfig.resume`) refuses a resume state whose fingerprint differs: the config's
+fields that decide the computation (not `run`, `search`, the AlphaPruning cache folder or the
+calibration file's path), the model (its config.json, the names, shapes and dtypes of its
+parameters, the bytes of block 0's parameters before pruning) and the calibration token ids.
 
 The streams are the bulk: nsamples x seqlen x hidden values in the model's dtype for the main
 stream, and 2 x subset x seqlen x hidden more with TRIM's block safeguard (subset = nsamples / 8, at
@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from trimprune.algo.allocation import Allocation
 from trimprune.algo.block import BlockRecords
 from trimprune.config import PruneConfig
-from trimprune.core.records import BlockGuardRecord, LinearRecord
+from trimprune.core.records import BlockSafeguardRecord, LinearRecord
 from trimprune.engine.walk import Streams
 from trimprune.errors import TrimpruneError
 from trimprune.io.resume_manifest import (
@@ -72,10 +72,10 @@ FORMAT = "trimprune-checkpoint-v2"  # v2: state.json carries the sha256 manifest
 STATE = "state.json"
 ALLOCATION = "allocation.json"
 # test hook: `TRIMPRUNE_TEST_KILL_AFTER_BLOCK=k` sends SIGKILL to the process right after block k's
-# checkpoint is committed (tests/test_resume.py interrupts real runs with it); read in
+# resume state is committed (tests/test_resume.py interrupts real runs with it); read in
 # `_after_commit` only
 KILL_ENV = "TRIMPRUNE_TEST_KILL_AFTER_BLOCK"
-# the files a checkpoint writes (anything else in DIR is never touched)
+# the files a resume state writes (anything else in DIR is never touched)
 _OWN = re.compile(
     r"(state\.json|allocation\.json|block\d+\.(safetensors|json)|"
     r"streams\.block\d+\.rank\d+\.safetensors)"
@@ -90,7 +90,7 @@ _TMP = re.compile(
 # identity
 def config_identity(config: PruneConfig) -> dict:
     """The config's fields that decide what is computed (nested form): all but the run settings, the
-    search's settings (a search takes no checkpoint: `PruneConfig` refuses it), the AlphaPruning
+    search's settings (a search takes no resume state: `PruneConfig` refuses it), the AlphaPruning
     cache folder and the calibration file's path and format (its token ids are hashed)."""
     d = config.to_dict()
     d.pop("run")
@@ -226,7 +226,7 @@ def streams_file(block: int, rank: int = 0) -> str:
 
 
 def read_state(path: str | Path) -> dict | None:
-    """The committed state of the checkpoint in `path`, or None when there is none."""
+    """The committed state of the resume state in `path`, or None when there is none."""
     p = Path(path)
     f = p / STATE
     if not f.is_file():
@@ -244,20 +244,20 @@ def read_state(path: str | Path) -> dict | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else None
         raise TrimpruneError(
-            f"{{checkpoint_dir}} {str(path)!r} is not a checkpoint this trimprune reads (format "
+            f"{{checkpoint_dir}} {str(path)!r} is not a resume state this trimprune reads (format "
             f"{fmt!r}, expected {FORMAT}): remove it or choose another folder"
         )
     return state
 
 
-def remove_checkpoint(path: str | Path) -> None:
-    """Delete the checkpoint's own files in `path` (nothing else), and the folder when it is then
+def remove_resume_state(path: str | Path) -> None:
+    """Delete the resume state's own files in `path` (nothing else), and the folder when it is then
     empty."""
     p = Path(path)
     if not p.is_dir():
         return
     with contextlib.suppress(FileNotFoundError):
-        (p / STATE).unlink()  # first: what remains is no longer a checkpoint
+        (p / STATE).unlink()  # first: what remains is no longer a resume state
     for f in p.iterdir():
         if f.is_file() and (_OWN.fullmatch(f.name) or _TMP.fullmatch(f.name)):
             with contextlib.suppress(FileNotFoundError):
@@ -274,11 +274,11 @@ def _after_commit(block: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the
-# checkpoint
+# resume state
 def _mismatch(path, state: dict, identity: dict) -> str | None:
-    """Why the checkpoint in `path` (state) was made by another run than `identity`, or None."""
+    """Why the resume state in `path` (state) was made by another run than `identity`, or None."""
     old = state.get("identity", {})
-    where = f"{{resume}}: the checkpoint in {str(path)!r}"
+    where = f"{{resume}}: the resume state in {str(path)!r}"
     fix = (
         "rerun with the interrupted run's settings, or start afresh without {resume} in another "
         "{checkpoint_dir}"
@@ -311,16 +311,16 @@ def _mismatch(path, state: dict, identity: dict) -> str | None:
 
 def _existing(path, state: dict) -> TrimpruneError:
     return TrimpruneError(
-        f"{{checkpoint_dir}} {str(path)!r} holds the checkpoint of a run "
+        f"{{checkpoint_dir}} {str(path)!r} holds the resume state of a run "
         f"({state.get('last_block', -1) + 1} of {state.get('num_blocks')} blocks done): add "
         "{resume} to continue it, or remove the folder / choose another to start afresh"
     )
 
 
 class ResumeState:
-    """The checkpoint of one prune in a folder. `open` validates (and writes nothing); the walk then
-    commits block after block (`commit_block`); a resumed run reads the allocation, the blocks and
-    the streams back first."""
+    """The resume state of one prune in a folder. `open` validates (and writes nothing); the walk
+    then commits block after block (`commit_block`); a resumed run reads the allocation, the blocks
+    and the streams back first."""
 
     def __init__(self, path: Path, identity: dict, state: dict | None, rank: int = 0):
         self.path, self.identity, self.state, self.rank = path, identity, state, rank
@@ -338,7 +338,7 @@ class ResumeState:
         rank: int = 0,
     ) -> ResumeState:
         """Check `path` against this run (model still dense): refuses a foreign or mismatched
-        checkpoint (resume), or an existing one without `resume`. Writes nothing."""
+        resume state (resume), or an existing one without `resume`. Writes nothing."""
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise TrimpruneError(f"{{checkpoint_dir}} {str(path)!r} is a file: give a folder")
@@ -357,7 +357,7 @@ class ResumeState:
             missing = [f for f in cls._files(state) if not (p / f).is_file()]
             if missing:
                 raise TrimpruneError(
-                    f"{{resume}}: the checkpoint in {str(path)!r} is incomplete ({missing[0]} is "
+                    f"{{resume}}: the resume state in {str(path)!r} is incomplete ({missing[0]} is "
                     "missing): remove the folder and start afresh without {resume}"
                 )
             verify_files(
@@ -374,7 +374,7 @@ class ResumeState:
     # ------------------------------------------------------------------ what a resumed run reads
     @property
     def last_block(self) -> int:
-        """The last complete block of the checkpoint (-1: none, or no checkpoint)."""
+        """The last complete block of the resume state (-1: none, or no resume state)."""
         return int(self.state["last_block"]) if self.state is not None else -1
 
     @property
@@ -387,7 +387,7 @@ class ResumeState:
             torch.device(device).type,
         ):
             return (
-                f"resumed on {torch.device(device).type}, the checkpoint was made on "
+                f"resumed on {torch.device(device).type}, the resume state was made on "
                 f"{self.state['device_type']}: results equal an uninterrupted run up to "
                 "floating-point differences between the devices"
             )
@@ -428,10 +428,13 @@ class ResumeState:
                     mod.weight.data.copy_(w)
                 masks[full] = tensors[f"{full}.mask"]
                 linears[full] = LinearRecord.from_dict(rec["linears"][full])
-            guard = (
-                BlockGuardRecord.from_dict(rec["guard"]) if rec.get("guard") is not None else None
+            # the block safeguard's record is kept under "guard" (the resume state's format)
+            safeguard = (
+                BlockSafeguardRecord.from_dict(rec["guard"])
+                if rec.get("guard") is not None
+                else None
             )
-            out.append(BlockRecords(i, linears, guard, masks))
+            out.append(BlockRecords(i, linears, safeguard, masks))
         return out
 
     def load_streams(self) -> tuple[Streams, list[int]]:
@@ -461,8 +464,9 @@ class ResumeState:
 
     # ------------------------------------------------------------------ what the run writes
     def begin(self, batch_size: int, device) -> None:
-        """Before the first write: create the folder, remove the checkpoint files an earlier process
-        left that the committed state does not name (a block it was writing, temporary files)."""
+        """Before the first write: create the folder, remove the resume state's files an earlier
+        process left that the committed state does not name (a block it was writing, temporary
+        files)."""
         if self.started:
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -516,7 +520,9 @@ class ResumeState:
         the next block, then state.json (the previous block's streams are deleted once it is
         committed)."""
         if not self.started or block != self.last_block + 1:
-            raise RuntimeError(f"checkpoint: block {block} committed after block {self.last_block}")
+            raise RuntimeError(
+                f"resume state: block {block} committed after block {self.last_block}"
+            )
         tensors_name, records_name = block_files(block)
         tensors = {}
         for name, mod in adapter.linears(block).items():
@@ -531,7 +537,7 @@ class ResumeState:
             {
                 "block": block,
                 "linears": {k: r.to_dict() for k, r in records.linears.items()},
-                "guard": records.guard.to_dict() if records.guard is not None else None,
+                "guard": records.safeguard.to_dict() if records.safeguard is not None else None,
             },
         )
         st = {f"main.{j:05d}": h for j, h in enumerate(streams.main)}
@@ -552,12 +558,12 @@ class ResumeState:
         _after_commit(block)
 
     def remove(self) -> None:
-        remove_checkpoint(self.path)
+        remove_resume_state(self.path)
 
 
-def precheck(config: PruneConfig, model) -> None:
+def precheck_resume_state(config: PruneConfig, model) -> None:
     """The command line's early check (before the dense evaluation, writing nothing): an existing
-    checkpoint is refused without --resume, and with it when its config or model differ (the
+    resume state is refused without --resume, and with it when its config or model differ (the
     calibration is checked by `prune`, which builds it)."""
     path = config.run.checkpoint_dir
     if not path:

@@ -111,7 +111,7 @@ def linear_safeguard(
 
 
 @dataclass
-class BlockGuard:
+class BlockSafeguard:
     """The block safeguard's comparison: squared errors with TRIM and with the scorer alone (2,),
     the choice (a 0-dim bool tensor on the device, or a bool when decided on the host), the
     linears."""
@@ -148,7 +148,7 @@ def block_safeguard(
     dense_out: list[torch.Tensor],
     alone_out: list[torch.Tensor] | None,
     ranks: Ranks = SOLO,
-) -> tuple[list[torch.Tensor], BlockGuard | None]:
+) -> tuple[list[torch.Tensor], BlockSafeguard | None]:
     """Compare the block with TRIM (the linears' chosen weights, set already) and with the scorer
     alone in the searched `linears` (name -> (chosen weight, scorer-alone weight)) against the dense
     model's outputs `dense_out`, set the weights of the better, and return its outputs on the pruned
@@ -169,7 +169,7 @@ def block_safeguard(
     # outputs stored off the device: decide now
     if not all(o.device == keep_t.device for o in out_trim):
         keep = bool(keep)
-    guard = BlockGuard(torch.stack([e_trim, e_alone]), keep, sorted(linears))
+    safeguard = BlockSafeguard(torch.stack([e_trim, e_alone]), keep, sorted(linears))
     for name, (chosen, alone) in linears.items():
-        set_weight_2d(run.linears[name], guard.choose(chosen.to(alone.dtype), alone))
-    return [guard.choose(a, b) for a, b in zip(out_trim, alone_out)], guard
+        set_weight_2d(run.linears[name], safeguard.choose(chosen.to(alone.dtype), alone))
+    return [safeguard.choose(a, b) for a, b in zip(out_trim, alone_out)], safeguard
