@@ -151,15 +151,24 @@ def test_only_the_visited_block_holds_memory(tmp_path, monkeypatch):
     assert not any(materialised(b) for b in adapter.blocks)  # all dropped after the walk
 
 
+def _cli_message(make) -> str:
+    with pytest.raises(TrimpruneError) as e:
+        make()
+    return e.value.cli_message()
+
+
 def test_bad_offload_values_are_refused():
     for value, needle in [
-        ("no", "--offload 'no' is unknown: choose one of cpu, disk or false"),
+        ("no", "run.offload 'no' is unknown: choose one of cpu, disk or false"),
         (3, "offload 3 must be cpu, disk or false"),
         ("gpu", "choose one of cpu, disk"),
     ]:
         with pytest.raises(TrimpruneError) as e:
             PruneConfig.from_flat({"offload": value})
         assert needle in str(e.value) and "\n" not in str(e.value)
+    assert "--offload 'no' is unknown" in _cli_message(
+        lambda: PruneConfig.from_flat({"offload": "no"})
+    )
     assert (
         PruneConfig.from_flat({"offload": True}).run.offload == "cpu"
     )  # the boolean of earlier recipes

@@ -244,7 +244,7 @@ def test_mismatched_config_model_or_calibration_is_refused_and_nothing_is_writte
             calib(16, 24, seed=7),
             "other calibration data",
         ),
-        (_flat(checkpoint_dir=str(ck)), None, None, "add --resume"),
+        (_flat(checkpoint_dir=str(ck)), None, None, "add run.resume"),
     ]
     for flat, model, ids, needle in bad:
         model = model if model is not None else make_llama(4)
