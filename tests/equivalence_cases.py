@@ -276,8 +276,11 @@ def compare_recorded(got: dict, want: dict) -> list[str]:
     (exactly, floats within the tolerance); else the differences from the main recording."""
     main = {k: v for k, v in want.items() if k != "alternatives"}
     bad = compare(got, main)
-    if bad and any(not compare(got, alt["digest"]) for alt in want.get("alternatives", [])):
-        return []
+    for alt in want.get("alternatives", []):
+        d = alt["digest"]
+        # an alternative recorded before the records were digested holds masks, trim_lrs, trim_kept
+        if bad and not compare({k: got[k] for k in d} if "records_exact" not in d else got, d):
+            return []
     return bad
 
 
