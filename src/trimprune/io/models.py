@@ -148,58 +148,12 @@ def config_dtype(config: dict) -> torch.dtype | None:
     return None
 
 
-_GGUF_SCALARS = {
-    0: 1,
-    1: 1,
-    2: 2,
-    3: 2,
-    4: 4,
-    5: 4,
-    6: 4,
-    7: 1,
-    10: 8,
-    11: 8,
-    12: 8,
-}  # value type -> bytes
-
-
 def gguf_file_type(path: str | Path) -> int | None:
-    """`general.file_type` of a GGUF file, read from its header alone (the key-value pairs up to it;
-    the `gguf` package's reader maps every tensor and takes seconds). None when absent or
-    unreadable."""
-    import struct
-
-    check_gguf_file(path)  # a damaged file: one line (io.integrity), never trusted
-
-    def skip(f, vtype: int) -> None:
-        if vtype in _GGUF_SCALARS:
-            f.seek(_GGUF_SCALARS[vtype], 1)
-        elif vtype == 8:  # string: u64 length + bytes
-            f.seek(struct.unpack("<Q", f.read(8))[0], 1)
-        elif vtype == 9:  # array: item type, count, items
-            itype, n = struct.unpack("<IQ", f.read(12))
-            if itype in _GGUF_SCALARS:
-                f.seek(n * _GGUF_SCALARS[itype], 1)
-            else:
-                for _ in range(n):
-                    skip(f, itype)
-        else:
-            raise ValueError(f"GGUF value type {vtype}")
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
-                return None
-            _, n_kv = struct.unpack("<QQ", f.read(16))
-            for _ in range(n_kv):
-                key = f.read(struct.unpack("<Q", f.read(8))[0])
-                vtype = struct.unpack("<I", f.read(4))[0]
-                if key == b"general.file_type" and vtype in (4, 5):
-                    return struct.unpack("<I" if vtype == 4 else "<i", f.read(4))[0]
-                skip(f, vtype)
-    except (OSError, ValueError, struct.error):
-        return None
-    return None
+    """`general.file_type` of a GGUF file, from the header that `io.integrity.check_gguf_file`
+    reads while it checks the file (a damaged file: one line, never trusted; the `gguf` package's
+    reader maps every tensor and takes seconds). None when the file does not say."""
+    value = check_gguf_file(path).scalars.get("general.file_type")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def gguf_dtype(path: str | Path) -> torch.dtype | None:
