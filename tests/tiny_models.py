@@ -111,3 +111,78 @@ def make_llama(num_layers: int = 4, seed: int = 0, dtype=torch.float32):
 def calib(n=8, L=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, (n, L), generator=g)
+
+
+# ------------------------------------------------------------------ mixture-of-experts families
+def _moe(**kw):
+    return _common(num_key_value_heads=2, head_dim=8, **kw)
+
+
+MOE_FAMILIES = {
+    "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(
+        T.Qwen3MoeConfig(**_moe(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))
+    ),
+    "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(
+        T.Qwen2MoeConfig(
+            **_moe(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+            )
+        )
+    ),
+    "mixtral": lambda: T.MixtralForCausalLM(
+        T.MixtralConfig(**_moe(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16))
+    ),
+    "olmoe": lambda: T.OlmoeForCausalLM(
+        T.OlmoeConfig(
+            **_moe(num_experts=4, num_experts_per_tok=2, intermediate_size=16, eos_token_id=1)
+        )
+    ),
+    # dense first block, shared experts, multi-head latent attention
+    "deepseek_v3": lambda: T.DeepseekV3ForCausalLM(
+        T.DeepseekV3Config(
+            **_common(
+                num_key_value_heads=4,
+                head_dim=8,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                first_k_dense_replace=1,
+                n_shared_experts=1,
+                n_group=2,
+                topk_group=1,
+                kv_lora_rank=16,
+                q_lora_rank=24,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=8,
+                rope_scaling=None,
+            )
+        )
+    ),
+    # transposed, interleaved gate/up with biases
+    "gpt_oss": lambda: T.GptOssForCausalLM(
+        T.GptOssConfig(**_moe(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16))
+    ),
+    # experts without the ExpertsInterface seam; router scores scale the experts' inputs
+    "llama4": lambda: T.Llama4ForCausalLM(
+        T.Llama4TextConfig(
+            **_moe(
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                intermediate_size=16,
+                intermediate_size_mlp=48,
+            )
+        )
+    ),
+    "granitemoe": lambda: T.GraniteMoeForCausalLM(
+        T.GraniteMoeConfig(**_moe(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16))
+    ),
+}
+
+
+def make_moe(family: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return _perturbed(MOE_FAMILIES[family]().to(dtype).eval())

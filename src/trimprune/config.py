@@ -320,9 +320,27 @@ class CalibConfig:
         "trim_input_recalc",
         "recompute the inputs of later linears of a block after earlier ones are pruned",
     )
+    moe: str = option(
+        "routed",
+        "moe_calibration",
+        "mixture-of-experts: each expert's statistics from the tokens routed to it, or from every "
+        "token (statistics only; outputs follow the router)",
+        choices=("routed", "all"),
+    )
+    moe_min_tokens: int = option(
+        64,
+        "moe_min_tokens",
+        "experts routed fewer calibration tokens take every token's statistics (listed in the "
+        "report)",
+    )
 
     def __post_init__(self):
         _check_types(self)
+        _in_range(
+            self.moe_min_tokens,
+            self.moe_min_tokens >= 0,
+            f"{{moe_min_tokens}} {self.moe_min_tokens!r} must be an integer >= 0",
+        )
         if self.source == "self" and self.data:
             raise ConfigError(
                 "{calib} self samples from the model and takes no {calib_data}: drop {calib_data}"

@@ -51,6 +51,7 @@ from trimprune.algo.allocation.search import OWL_M_GRID, allocation_for, suggest
 from trimprune.config import PruneConfig
 from trimprune.core.progress import Progress
 from trimprune.engine.allocate import owl_ratios
+from trimprune.engine.walk import moe_calibration
 from trimprune.errors import TrimpruneError
 from trimprune.io.diskmodel import DiskBlocks
 from trimprune.io.evaluate import logits_batches
@@ -157,7 +158,13 @@ class _Sources:
         ms = list(dict.fromkeys([*OWL_M_GRID, float(a.owl_m)]))
         s = session
         self.ratios = owl_ratios(
-            ms, s.adapter, s.captured, config.run.offload, s.ex, progress=s.progress
+            ms,
+            s.adapter,
+            s.captured,
+            config.run.offload,
+            s.ex,
+            progress=s.progress,
+            moe=moe_calibration(config),
         )
         self.metrics, self.cached = layer_metrics(s.adapter, s.captured.exec_device, a, s.progress)
 

@@ -30,13 +30,14 @@ from trimprune.algo.scorers import make_scorer
 from trimprune.calib.data import get_calibration
 from trimprune.config import PruneConfig
 from trimprune.core.model import ModelAdapter, model_device
+from trimprune.core.moe import routed_experts
 from trimprune.core.progress import BlockProgress, Progress
 from trimprune.core.ranks import Ranks
 from trimprune.core.records import BlockSafeguardRecord, LinearRecord
 from trimprune.core.runtime import Deferred, Executor
 from trimprune.engine.allocate import build_allocation
 from trimprune.engine.capture import Captured, capture
-from trimprune.engine.walk import Streams, StreamUpdate, walk
+from trimprune.engine.walk import Streams, StreamUpdate, moe_calibration, walk
 from trimprune.errors import NonFiniteError, TrimpruneError
 from trimprune.exec import Phases, make_executor
 from trimprune.exec.memory import usable_bytes
@@ -67,6 +68,9 @@ class PruneResult:
     )
     search: dict | None = None  # --allocation search: trials, best, held-out objectives, profiles
     trim_guard: dict | None = None  # --trim-guard model: both held-out objectives and the choice
+    # experts routed fewer than --moe-min-tokens tokens (their statistics came from every token):
+    # full linear name -> routed calibration tokens
+    moe_fallback: dict[str, int] = field(default_factory=dict)
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -151,9 +155,11 @@ class _Records:
         self.masks: dict[str, torch.Tensor] = {}
         self.block_safeguard: list[BlockSafeguardRecord] = []
         self.by_block: dict[int, BlockRecords] = {}
+        self.moe_fallback: dict[str, int] = {}  # experts given every token's statistics
 
-    def add(self, records: Deferred) -> None:
+    def add(self, records: Deferred, moe_fallback: dict[str, int]) -> None:
         self.pending.append(records)
+        self.moe_fallback |= moe_fallback
 
     def restore(self, rec: BlockRecords) -> None:
         """A block's records read back from the resume state (reported by the run that made
@@ -171,6 +177,10 @@ class _Records:
                 rec = BlockRecords.merge(self.ranks.gather(rec), self.order(rec.block))
             self.restore(rec)
             self.blocks.record(rec.block, list(rec.linears.values()), rec.safeguard)
+
+
+def _full_names(adapter: ModelAdapter, block: int, by_name: dict) -> dict:
+    return {adapter.full_name(block, n): v for n, v in by_name.items()}
 
 
 def _placed(streams: Streams, sizes: list[int], captured, ex) -> Streams:
@@ -245,7 +255,7 @@ def _walk(
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
             decision = prune_block(run, plan, ex)
-        records.add(decision.records)
+        records.add(decision.records, _full_names(adapter, run.index, run.moe_fallback))
         with ex.phase("records"):
             records.collect(wait=plan.ranks.parallel)  # the ranks gather every block in step
         return StreamUpdate(
@@ -266,6 +276,7 @@ def _walk(
                 ex=ex,
                 start=start,
                 after_block=after,
+                moe=moe_calibration(config),
             )
             with ex.phase("records"):
                 records.collect(wait=True)
@@ -519,6 +530,9 @@ class Session:
         self.dense: dict[str, torch.Tensor] | None = None
         self.last_allocation_seconds = 0.0
         self.runs = 0
+        # fused experts compute through their per-expert linears while the session is open
+        self._experts = contextlib.ExitStack()
+        self._experts.enter_context(routed_experts(model))
 
     @classmethod
     def open(
@@ -559,7 +573,7 @@ class Session:
             check_dense_batch(self.adapter, self.captured, config.run.offload, self.ex)
             self.timings["dense_check_seconds"] = time.perf_counter() - t0
         except BaseException:
-            self.ex.close()
+            self.close()
             raise
         return self
 
@@ -711,11 +725,13 @@ class Session:
             calibration_shape=tuple(self.ids.shape),
             notes=notes,
             resumed_from_block=self.resumed_from_block,
+            moe_fallback=dict(records.moe_fallback),
         )
 
     def close(self) -> None:
         self.ex.close()
         self.dense = None
+        self._experts.close()
 
 
 def _resume_notes(resume: ResumeState, config: PruneConfig, dev, progress: Progress) -> list[str]:

@@ -76,7 +76,8 @@ class InputStats:
         self.device = device
         self.needs = needs
         self.ex = ex
-        self.n_tokens = 0
+        self.n_tokens = 0  # rows added (a routed expert: the tokens sent to it)
+        self._seen = 0  # tokens of the batches added so far (positions of the token sample)
         self._offset = token_offset  # tokens of the ranks before this one (data-parallel runs)
         self._derived: dict = {}
         self.sqnorm = torch.zeros(in_features, dtype=dtype, device=device) if needs.sqnorm else None
@@ -98,10 +99,31 @@ class InputStats:
             self._sample_pos = torch.sort(torch.randperm(total_tokens, generator=g)[:k])[0]
 
     def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs (batch x seq x in_features, or tokens x in_features; leading
+        dimensions beyond the batch are folded into it, e.g. DeepSeek's (batch, 1, seq, rank))."""
         if x.dim() == 2:
             x = x.unsqueeze(0)
+        elif x.dim() > 3:
+            x = x.reshape(-1, x.shape[-2], x.shape[-1])
         b, seq, c = x.shape
         flat = x.reshape(-1, c)
+        last = x[:, -1, :] if self.needs.last_token else None
+        self._add(flat, None, b * seq, last)
+
+    def add_routed(
+        self, x: torch.Tensor, positions: torch.Tensor, batch_tokens: int, seq: int
+    ) -> None:
+        """Add the rows `x` a routed expert saw in one batch of `batch_tokens` tokens
+        (`positions`: their places in the flattened batch; sequences of `seq` tokens). Its last
+        tokens are the routed last tokens of sequences; its token sample the routed sampled
+        tokens."""
+        flat = x.reshape(-1, x.shape[-1])
+        last = flat[positions % seq == seq - 1] if self.needs.last_token else None
+        self._add(flat, positions, batch_tokens, last)
+
+    def _add(
+        self, flat: torch.Tensor, positions: torch.Tensor | None, batch_tokens: int, last
+    ) -> None:
         if self.sqnorm is not None:
             self.sqnorm.add_(
                 torch.linalg.vector_norm(flat, ord=2, dim=0, dtype=self.dtype).square()
@@ -110,14 +132,18 @@ class InputStats:
             _gram_update(self.gram, flat, self._tiles, self.ex)
             self._final = False
             self._derived.clear()
-        if self.needs.last_token:
-            self._last.append(x[:, -1, :].to(self.dtype))
+        if last is not None:
+            self._last.append(last.to(self.dtype))
         if self._sample_pos is not None:
-            lo, hi = self._offset + self.n_tokens, self._offset + self.n_tokens + b * seq
+            lo, hi = self._offset + self._seen, self._offset + self._seen + batch_tokens
             pos = self._sample_pos[(self._sample_pos >= lo) & (self._sample_pos < hi)] - lo
-            if pos.numel():
+            if pos.numel() and positions is None:
                 self._sample.append(flat[pos.to(flat.device)].to(self.dtype))
-        self.n_tokens += b * seq
+            elif positions is not None and pos.numel():  # the routed rows among the sampled ones
+                rows = torch.isin(positions, pos.to(positions.device))
+                self._sample.append(flat[rows].to(self.dtype))
+        self.n_tokens += flat.shape[0]
+        self._seen += batch_tokens
 
     def reduce(self, ranks: Ranks) -> None:
         """Sum the statistics over the ranks of a data-parallel run (before `finalize`); gather the

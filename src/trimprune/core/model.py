@@ -2,7 +2,9 @@
 
 One adapter serves every causal LM: it finds the stack of decoder blocks (the largest
 ``nn.ModuleList`` of identical blocks) and, inside each block, the prunable linear layers
-(``nn.Linear`` and GPT-2's ``Conv1D``). Embeddings and ``lm_head`` are never pruned.
+(``nn.Linear``, GPT-2's ``Conv1D``, and each expert's projections of fused mixture-of-experts
+parameters as `core.moe.ExpertLinear` s). Embeddings, ``lm_head`` and the routers of MoE blocks are
+never pruned.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from trimprune.core.moe import ExpertLinear, expert_set, is_fused_experts, is_router
 from trimprune.errors import TrimpruneError
 
 try:  # GPT-2 style "Conv1D" (weight stored as in x out)
@@ -24,7 +27,11 @@ except Exception:  # pragma: no cover
 
 # --------------------------------------------------------------------------- adapter
 def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+    return (
+        isinstance(module, (nn.Linear, ExpertLinear))
+        or (Conv1D != () and isinstance(module, Conv1D))
+        or is_fused_experts(module)
+    )
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
@@ -68,10 +75,16 @@ class ModelAdapter:
         return cls(model=model, blocks_name=best[1], blocks=best[2])
 
     def linears(self, block_index: int) -> OrderedDict[str, nn.Module]:
-        """Prunable linears of one block, in module order, keyed by their name inside the block."""
-        out = OrderedDict()
+        """Prunable linears of one block, in module order, keyed by their name inside the block.
+        Fused experts give one linear per expert and projection (``mlp.experts.3.down_proj``);
+        routers (`moe.is_router`) are left out."""
+        out: OrderedDict[str, nn.Module] = OrderedDict()
         for name, mod in self.blocks[block_index].named_modules():
-            if name and is_prunable(mod):
+            if not name:
+                continue
+            if is_fused_experts(mod):
+                out.update(expert_set(mod).named(name))
+            elif is_prunable(mod) and not is_router(name, mod):
                 out[name] = mod
         return out
 

@@ -11,9 +11,9 @@ from trimprune.algo.scorers import Wanda
 from trimprune.algo.stats import StatsNeeds
 from trimprune.config import AllocationConfig, PruneConfig
 from trimprune.core.model import weight_2d
+from trimprune.core.moe import MoeCalibration, calibrate_all
 from trimprune.core.runtime import EAGER, Executor
-from trimprune.engine.hooks import BlockHooks
-from trimprune.engine.walk import BlockRun, Streams, StreamUpdate, walk
+from trimprune.engine.walk import BlockRun, Streams, StreamUpdate, moe_calibration, walk
 
 
 @torch.no_grad()
@@ -24,6 +24,7 @@ def owl_ratios(
     offload: bool | str,
     ex: Executor = EAGER,
     progress=False,
+    moe: MoeCalibration | None = None,
 ) -> dict[float, list[float]]:
     """One dense walk over the captured calibration activations: per block, the Wanda scores of all
     its linears give the outlier ratio D_l for every threshold in `ms` (M -> [D_l per block])."""
@@ -32,18 +33,11 @@ def owl_ratios(
     ratios: list[list[float]] = []
 
     def visit(run: BlockRun) -> StreamUpdate:
-        hooks = BlockHooks(
-            run.linears,
-            needs,
-            captured.exec_device,
-            captured.n_tokens,
-            ex=ex,
-            ranks=captured.ranks,
-            token_offset=captured.token_offset,
-        )
-        with hooks:
+        hooks = run.hooks(needs, ex)
+        with hooks, calibrate_all(run.moe.mode == "all"):
             out = run.forward(run.streams.main, on_batch_end=hooks.next_batch)
         hooks.reduce()
+        run.complete_experts(hooks, needs, ex)
         run.check_statistics(hooks, ex)
         scores = [
             Wanda().importance(weight_2d(mod).float(), hooks.stats_for(n))
@@ -61,6 +55,7 @@ def owl_ratios(
         progress=progress,
         desc="OWL scores",
         ex=ex,
+        moe=moe,
     )
     return {m: [r[j] for r in ratios] for j, m in enumerate(ms)}
 
@@ -75,9 +70,10 @@ def owl_allocation(
     offload: bool | str,
     ex: Executor = EAGER,
     progress=False,
+    moe: MoeCalibration | None = None,
 ) -> Allocation:
     """The outlier ratios of one dense walk (`owl_ratios`), then the mapping above."""
-    ratios = owl_ratios([config.owl_m], adapter, captured, offload, ex, progress)[
+    ratios = owl_ratios([config.owl_m], adapter, captured, offload, ex, progress, moe)[
         float(config.owl_m)
     ]
     return owl_from_ratios(ratios, config.owl_m, config.owl_lambda, sparsity, numels, block_of)
@@ -106,7 +102,16 @@ def build_allocation(
         )
     if a.method == "owl":
         return owl_allocation(
-            a, s, adapter, captured, numels, block_of, config.run.offload, ex, progress
+            a,
+            s,
+            adapter,
+            captured,
+            numels,
+            block_of,
+            config.run.offload,
+            ex,
+            progress,
+            moe_calibration(config),
         )
     from trimprune.algo.allocation.alphapruning import BlockVisit, alpha_allocation
 

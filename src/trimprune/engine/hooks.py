@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from trimprune.algo.stats import InputStats, StatsNeeds
+from trimprune.core.moe import ExpertLinear
 from trimprune.core.ranks import SOLO, Ranks
 from trimprune.core.runtime import EAGER, Executor
 
@@ -33,8 +34,10 @@ class BlockHooks:
         ex: Executor = EAGER,
         ranks: Ranks = SOLO,
         token_offset: int = 0,
+        seq: int = 1,
     ):
         self.linears = linears
+        self.seq = seq  # tokens per calibration sequence (routed experts' last tokens)
         self.ranks, self.token_offset = ranks, token_offset
         self.needs = needs
         self.device = device
@@ -90,7 +93,13 @@ class BlockHooks:
                 self.group_of[name] = gid
                 self.groups[gid].append(name)
             if gid not in self._done:
-                self.stats[gid].add(x.detach())
+                routed = module.routed if isinstance(module, ExpertLinear) else None
+                if routed is None:
+                    self.stats[gid].add(x.detach())
+                else:  # an expert: the tokens the router sent to it
+                    self.stats[gid].add_routed(
+                        x.detach(), routed.positions, routed.batch_tokens, self.seq
+                    )
                 self._done.add(gid)
             self._seen_names.add(name)
             if self.stop_when_seen is not None and self.stop_when_seen <= self._seen_names:

@@ -16,18 +16,25 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from trimprune.algo.stats import StatsNeeds
+from trimprune.config import PruneConfig
 from trimprune.core.finite import check_statistics, check_walk_step
 from trimprune.core.finite import extrema as _extrema
 from trimprune.core.model import ModelAdapter
+from trimprune.core.moe import ExpertLinear, MoeCalibration, calibrate_all
 from trimprune.core.progress import BlockProgress, Progress
 from trimprune.core.runtime import EAGER, Executor
 from trimprune.engine.capture import Captured
 from trimprune.engine.hooks import BlockHooks, StopForward
+
+
+def moe_calibration(config: PruneConfig) -> MoeCalibration:
+    return MoeCalibration(config.calib.moe, config.calib.moe_min_tokens)
 
 
 def block_forward(
@@ -104,6 +111,10 @@ class BlockRun:
     streams: Streams
     path: str = ""  # the block's module name, e.g. model.layers.3
     ex: Executor = EAGER  # moves the stored batches to the compute device and back
+    moe: MoeCalibration = field(default_factory=MoeCalibration)
+    # experts whose statistics came from every token (fewer routed tokens than moe.min_tokens):
+    # linear name in the block -> its routed tokens
+    moe_fallback: dict[str, int] = field(default_factory=dict)
 
     def forward(
         self,
@@ -133,8 +144,21 @@ class BlockRun:
         """The statistics of the linears' inputs (of `only`, stopping the forward once they are seen
         with `stop`) over the main stream, from one forward with hooks (summed over the ranks);
         checked to be finite."""
+        hooks = self.hooks(needs, ex, only, stop)
+        with hooks, calibrate_all(self.moe.mode == "all"):
+            self.forward(self.streams.main, on_batch_end=hooks.next_batch, keep_outputs=False)
+        hooks.reduce()
+        self.complete_experts(hooks, needs, ex)
+        self.check_statistics(hooks, ex)
+        return hooks
+
+    def hooks(
+        self, needs: StatsNeeds, ex: Executor, only: set[str] | None = None, stop: bool = False
+    ) -> BlockHooks:
+        """Hooks gathering the statistics of this block's linears (of `only`) on the main
+        stream."""
         c = self.captured
-        hooks = BlockHooks(
+        return BlockHooks(
             self.linears,
             needs,
             c.exec_device,
@@ -144,12 +168,32 @@ class BlockRun:
             ex=ex,
             ranks=c.ranks,
             token_offset=c.token_offset,
+            seq=self.streams.main[0].shape[1] if self.streams.main[0].dim() == 3 else 1,
         )
-        with hooks:
-            self.forward(self.streams.main, on_batch_end=hooks.next_batch, keep_outputs=False)
-        hooks.reduce()
-        self.check_statistics(hooks, ex)
-        return hooks
+
+    def complete_experts(self, hooks: BlockHooks, needs: StatsNeeds, ex: Executor) -> None:
+        """Experts that saw fewer than `moe.min_tokens` routed tokens: their statistics are
+        gathered again from every token (one more forward, over those experts only) and they
+        are listed in `moe_fallback`."""
+        if self.moe.mode != "routed":
+            return
+        starved = {
+            n: hooks.stats[g].n_tokens
+            for n, g in hooks.group_of.items()
+            if isinstance(self.linears[n], ExpertLinear)
+            and hooks.stats[g].n_tokens < self.moe.min_tokens
+        }
+        if not starved:
+            return
+        experts = [cast(ExpertLinear, self.linears[n]) for n in starved]
+        forced = {(x.owner, x.expert) for x in experts}
+        again = self.hooks(needs, ex, only=set(starved), stop=True)
+        with again, calibrate_all(forced=forced):
+            self.forward(self.streams.main, on_batch_end=again.next_batch, keep_outputs=False)
+        again.reduce()
+        for n in starved:
+            hooks.stats[hooks.group_of[n]] = again.stats[again.group_of[n]]
+        self.moe_fallback.update(starved)
 
     def check_statistics(self, hooks: BlockHooks, ex: Executor = EAGER) -> None:
         """Stop (`NonFiniteError`, naming the linears) if the Wanda norms or Gram matrices are not
@@ -177,13 +221,14 @@ def walk(
     ex: Executor = EAGER,
     start: int = 0,
     after_block: Callable[[int, Streams], None] | None = None,
+    moe: MoeCalibration | None = None,
 ) -> Streams:
     """Layer-sequential walk. `visit(run)` collects statistics and prunes; then the block's outputs
     are recomputed with its final weights (unless the visitor returned them) and fed to block i+1.
     `progress`: a `BlockProgress` (the caller closes it), or what `Progress.of` takes.
     `start`: the first block visited (`streams` are then the states entering it: a resumed run);
     `after_block(i, streams)`: called once block i is done, with the streams entering block i+1
-    (resume states).
+    (resume states). `moe`: where experts' statistics come from.
 
     NaN / Inf never passes: as each block is loaded, its parameters and the hidden states entering
     it on the main stream are checked (one reduction per tensor, one host read per block), and the
@@ -202,7 +247,14 @@ def walk(
             with ex.phase("finite checks"):
                 check_walk_step(adapter, i, streams.main, main_extrema)
             run = BlockRun(
-                i, block, adapter.linears(i), captured, streams, f"{adapter.blocks_name}.{i}", ex
+                i,
+                block,
+                adapter.linears(i),
+                captured,
+                streams,
+                f"{adapter.blocks_name}.{i}",
+                ex,
+                moe or MoeCalibration(),
             )
             upd = visit(run) or StreamUpdate()
             main, main_extrema = upd.main, None
