@@ -12,8 +12,9 @@ Statistics follow the router. Under `routed_experts` the experts run a forward o
 seam transformers made for this: ``ExpertsInterface``, selected by
 ``config._experts_implementation``; Llama-4's experts, which have no such seam, get a documented
 per-family forward): every expert's `ExpertLinear` s are *called* with the tokens the router
-sends to that expert, so forward hooks see exactly those tokens, and the down projection sees act(gate)·up of them. `calibrate_all` sends every
-token through chosen experts for statistics only (the block's output still follows the router).
+sends to that expert, so forward hooks see exactly those tokens, and the down projection sees
+act(gate)·up of them. `calibrate_all` sends every token through chosen experts for statistics
+only (the block's output still follows the router).
 
 The block's output is computed as transformers' eager experts forward does it (one expert at a
 time, outputs weighted by the routing weights and summed in the hidden states' dtype).
