@@ -303,6 +303,8 @@ FREE = {
     "seqlen": st.integers(2, BIG),
     "seed": st.integers(-BIG, BIG),
     "trim_input_recalc": st.booleans(),
+    "moe_calibration": st.sampled_from(["routed", "all"]),
+    "moe_min_tokens": st.integers(0, BIG),
     "trim_iterations": st.integers(1, BIG),
     "trim_lrs": st.lists(POSITIVE, min_size=1, max_size=4),
     "trim_neg_lrs": st.lists(_floats(hi=0, hi_open=True) | st.integers(-BIG, -1), max_size=4),
@@ -600,6 +602,8 @@ INVALID = {
     "seqlen": _shown(NOT_INT | st.integers(-BIG, 1)),
     "seed": _shown(NOT_INT),
     "trim_input_recalc": _shown(NOT_BOOL),
+    "moe_calibration": _not_in(["routed", "all"]),
+    "moe_min_tokens": _shown(NOT_INT | st.integers(-BIG, -1)),
     "trim": _shown(NOT_BOOL),
     "trim_inputs": _shown(
         NOT_STR

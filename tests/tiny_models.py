@@ -184,5 +184,9 @@ MOE_FAMILIES = {
 
 
 def make_moe(family: str, seed: int = 0, dtype=torch.float32):
+    """A tiny MoE model; float64 ones use the eager experts forward (grouped_mm has no float64)."""
     torch.manual_seed(seed)
-    return _perturbed(MOE_FAMILIES[family]().to(dtype).eval())
+    model = _perturbed(MOE_FAMILIES[family]().to(dtype).eval())
+    if dtype == torch.float64:
+        model.config._experts_implementation = "eager"
+    return model

@@ -95,6 +95,11 @@ class Plan:
         the bounds)."""
         return self.search is not None and 0.0 < target < self.config.trim.max_row_sparsity
 
+    def searches(self, target: float, stats: InputStats) -> bool:
+        """`searched`, and TRIM has tokens to measure on: a routed expert that saw no last token
+        (or no sampled token) keeps the scorer's outcome."""
+        return self.searched(target) and stats.kept_tokens(self.config.trim.input_mode.mode) > 0
+
 
 @dataclass
 class LinearChoice:
@@ -201,7 +206,7 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
         choices += _decide_group(run, plan, ms, hooks.stats_for(g[0]), searches, found, alone, ex)
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for g, o in zip(groups, owners):
-        shared |= _share(run, plan, g, o, choices)
+        shared |= _share(run, plan, g, o, choices, hooks.stats_for)
     return _conclude(run, plan, choices, dense_sub, alone_sub, shared, ex)
 
 
@@ -228,9 +233,8 @@ def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
             choices += _decide_group(
                 run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {}, ex
             )
-        shared |= _share(
-            run, plan, g, owner, choices
-        )  # the next group's statistics see these weights
+        # the next group's statistics see these weights
+        shared |= _share(run, plan, g, owner, choices, hooks.stats_for)
     return _conclude(run, plan, choices, dense_sub, None, shared, ex)
 
 
@@ -286,10 +290,13 @@ class Searches:
     ) -> Searches:
         if plan.search is None:
             return cls([], {}, set())
-        todo = [m for m in members.values() if plan.searched(m.target.sparsity)]
+        mode = plan.config.trim.input_mode.mode
+        tokens = {n: stats[n].kept_tokens(mode) for n in members}
+        todo = [m for m in members.values() if plan.searches(m.target.sparsity, stats[m.name])]
         classes: dict = {}
-        for m in todo:
-            classes.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
+        for m in todo:  # batched by shape and by the tokens measured (experts see fewer)
+            key = (tuple(m.weight.shape), m.weight.dtype, tokens[m.name])
+            classes.setdefault(key, []).append(m)
         out = cls([], {}, {m.name for m in todo})
         per_matrix = len(plan.search.all_lrs)
         for ms in classes.values():
@@ -428,7 +435,14 @@ def _decide_group(
     return choices
 
 
-def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearChoice]) -> dict:
+def _share(
+    run,
+    plan: Plan,
+    group: list[str],
+    owner: int,
+    choices: list[LinearChoice],
+    stats_for: Callable[[str], InputStats],
+) -> dict:
     """Every rank gets the weights of a group from the rank that decided it (nothing moves in one
     process). Returns, for the block safeguard, each searched linear's (chosen, scorer-alone)
     weights."""
@@ -439,7 +453,8 @@ def _share(run, plan: Plan, group: list[str], owner: int, choices: list[LinearCh
         c = mine.get(n)
         if plan.ranks.parallel:
             plan.ranks.broadcast_(run.linears[n].weight.data, owner)
-        if not block_safeguarded or not plan.searched(plan.targets[plan.full_name(run.index, n)]):
+        target = plan.targets[plan.full_name(run.index, n)]
+        if not block_safeguarded or not plan.searches(target, stats_for(n)):
             continue
         if c is not None:
             # searched linears keep both outcomes while the block safeguard is on

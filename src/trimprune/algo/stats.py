@@ -186,6 +186,13 @@ class InputStats:
         rows = self._last if mode == "last-token" else self._sample
         return torch.cat(rows, 0).t().contiguous()
 
+    def kept_tokens(self, mode: str) -> int:
+        """Tokens TRIM measures on in `mode` ("all", "last-token" or "sample"): fewer for a routed
+        expert than for a dense linear."""
+        if mode == "all":
+            return self.n_tokens
+        return sum(int(r.shape[0]) for r in (self._last if mode == "last-token" else self._sample))
+
     def derived(self, key, make: Callable[[], Any]):
         """make(), computed once per key while these statistics stay unchanged (e.g. SparseGPT's
         inverse Hessian factor, which the linears reading this input share)."""
