@@ -256,3 +256,70 @@ def test_moe_min_tokens_is_validated():
         _cfg(moe_min_tokens=-1)
     with pytest.raises(ConfigError):
         _cfg(moe_calibration="some")
+
+
+class _LinearExpert(torch.nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _LinearMoe(torch.nn.Module):
+    """A MoE block whose experts are `nn.Linear` modules (older checkpoints, remote code): the
+    block itself sends each expert its routed tokens."""
+
+    def __init__(self, hidden: int, inter: int, experts: int, top_k: int):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(_LinearExpert(hidden, inter) for _ in range(experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.gate(flat).softmax(-1).topk(self.top_k, -1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tokens, k = torch.where(idx == e)
+            out.index_add_(0, tokens, expert(flat[tokens]) * w[tokens, k, None])
+        return out.reshape(x.shape)
+
+
+def test_experts_as_linear_modules_are_pruned_from_their_routed_tokens():
+    from tiny_models import make_llama
+
+    model = make_llama(2, dtype=torch.float64)
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp = _LinearMoe(model.config.hidden_size, 16, 4, 2).to(torch.float64)
+    ids = calib(N, L)
+    moe = model.model.layers[0].mlp
+    seen: dict = {}
+    hooks = [
+        lin.register_forward_hook(
+            lambda mod, args, out: seen.setdefault(mod, []).append(args[0].detach().clone())
+        )
+        for lin in moe.modules()
+        if isinstance(lin, torch.nn.Linear) and lin is not moe.gate
+    ]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    dense = {m: m.weight.detach().clone() for m in seen}
+    names = set(ModelAdapter.from_model(model).all_linears())
+    assert not any(n.endswith("mlp.gate") for n in names)  # the router is never pruned
+    router = moe.gate.weight.detach().clone()
+    res = prune(model, None, _cfg(sparsity=0.5, batch_size=N), ids, progress=False)
+    assert torch.equal(moe.gate.weight, router)
+    for name, module in moe.named_modules():
+        if module not in seen:
+            continue
+        x = torch.cat(seen[module])  # the expert's routed tokens only
+        assert x.shape[0] < N * L
+        ref = row_mask(dense[module].abs() * x.norm(dim=0), 0.5)
+        assert torch.equal(res.mask(f"model.layers.0.mlp.{name}"), ref), name

@@ -261,9 +261,18 @@ def routed_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_we
     so statistics stay aligned with the batches."""
     s = expert_set(self)
     out = torch.zeros_like(hidden_states)
-    n = hidden_states.shape[0]
+    n, top_k = top_k_index.shape
+    # the (token, slot) pairs grouped by expert, in token order (as torch.where(top_k_index == e)
+    # lists them), with one device-to-host copy for the group sizes
+    flat = top_k_index.flatten()
+    flat = torch.where((flat >= 0) & (flat < s.num_experts), flat, s.num_experts)  # none: last
+    order = torch.sort(flat, stable=True).indices
+    sizes = torch.bincount(flat, minlength=s.num_experts)[: s.num_experts].tolist()
+    start = 0
     for e in range(s.num_experts):
-        tokens, k = torch.where(top_k_index == e)
+        pairs = order[start : start + sizes[e]]
+        start += sizes[e]
+        tokens, k = pairs // top_k, pairs % top_k
         x, pos, pick = _inputs(s, e, hidden_states, tokens)
         y = _expert(s, e, x, pos, n)
         if pick is not None:
