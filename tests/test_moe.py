@@ -323,3 +323,22 @@ def test_experts_as_linear_modules_are_pruned_from_their_routed_tokens():
         assert x.shape[0] < N * L
         ref = row_mask(dense[module].abs() * x.norm(dim=0), 0.5)
         assert torch.equal(res.mask(f"model.layers.0.mlp.{name}"), ref), name
+
+
+@pytest.mark.parametrize("trim_inputs", ["all", "last-token"])
+def test_experts_searched_together_equal_experts_searched_alone(monkeypatch, trim_inputs):
+    """Experts see different token counts; batching their TRIM searches changes nothing."""
+    import trimprune.algo.block as block
+
+    def run():
+        model = make_moe("qwen3_moe")
+        cfg = _cfg(sparsity=0.6, trim=True, trim_inputs=trim_inputs)
+        return prune(model, None, cfg, calib(N, L), progress=False)
+
+    together = run()
+    monkeypatch.setattr(block, "_search_class", lambda plan, m, tokens: (m.name,))
+    alone = run()
+    searched = [n for n, r in together.layers.items() if r.trim is not None]
+    assert any(".experts." in n for n in searched)
+    for n in together.layers:
+        assert torch.equal(together.mask(n), alone.mask(n)), n

@@ -275,6 +275,16 @@ def _search_spec(plan: Plan, stats: InputStats, weight: torch.Tensor, importance
     return _measure_spec(plan, stats)
 
 
+def _search_class(plan: Plan, member: Member, tokens: int) -> tuple:
+    """Linears searched in one batch share this key: their shape, and the number of tokens
+    measured (experts see fewer) where it matters: explicit inputs, or a metric normalised by it
+    (on the Gram matrix, the cosines do not read it)."""
+    t = plan.config.trim
+    counts = t.input_mode.mode != "all" or t.metric in ("mse", "mse_dim", "snr")
+    counts = counts or t.dim_metric == "mse"
+    return (tuple(member.weight.shape), member.weight.dtype, tokens if counts else 0)
+
+
 @dataclass
 class Searches:
     """The TRIM searches of a block (of a group, with input recalculation): batches of same-shape
@@ -294,9 +304,8 @@ class Searches:
         tokens = {n: stats[n].kept_tokens(mode) for n in members}
         todo = [m for m in members.values() if plan.searches(m.target.sparsity, stats[m.name])]
         classes: dict = {}
-        for m in todo:  # batched by shape and by the tokens measured (experts see fewer)
-            key = (tuple(m.weight.shape), m.weight.dtype, tokens[m.name])
-            classes.setdefault(key, []).append(m)
+        for m in todo:
+            classes.setdefault(_search_class(plan, m, tokens[m.name]), []).append(m)
         out = cls([], {}, {m.name for m in todo})
         per_matrix = len(plan.search.all_lrs)
         for ms in classes.values():
