@@ -114,23 +114,45 @@ def test_routers_and_shared_expert_gates_are_never_pruned():
 def test_routed_forward_equals_the_models_own(family):
     model = make_moe(family, dtype=torch.float64)
     ids = calib(4, L)
+    seen = []
     with torch.no_grad():
         ref = model(ids).logits
-        with routed_experts(model):
-            out = model(ids).logits
+        with routed_experts(model) as sets:
+            unobserved = model(ids).logits  # nothing collects statistics: the model's own forward
+            hooks = [
+                p.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+                for s in sets
+                for p in s.linears[0].values()
+            ]
+            out = model(ids).logits  # observed: expert by expert, through the ExpertLinears
+            for h in hooks:
+                h.remove()
         again = model(ids).logits  # the model's implementation is back
+    assert seen and sum(seen) < 3 * len(sets) * ids.numel()  # routed rows only
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(unobserved, ref)
     assert torch.equal(again, ref)
 
 
 def test_llama4_routed_forward_equals_the_fused_one():
     model = make_moe("llama4", dtype=torch.float64)
     ids = calib(4, L)
+    seen = []
     with torch.no_grad():
         ref = model(ids).logits
-        with routed_experts(model):
+        with routed_experts(model) as sets:
+            unobserved = model(ids).logits
+            hooks = [
+                p.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+                for s in sets
+                for p in s.linears[0].values()
+            ]
             out = model(ids).logits
+            for h in hooks:
+                h.remove()
+    assert seen
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(unobserved, ref)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
@@ -342,3 +364,20 @@ def test_experts_searched_together_equal_experts_searched_alone(monkeypatch, tri
     assert any(".experts." in n for n in searched)
     for n in together.layers:
         assert torch.equal(together.mask(n), alone.mask(n)), n
+
+
+def test_searches_collected_in_waves_equal_searches_in_flight_together(monkeypatch):
+    import trimprune.algo.block as block
+
+    def run():
+        model = make_moe("deepseek_v3")
+        cfg = _cfg(sparsity=0.6, trim=True, trim_block_safeguard=True)
+        return prune(model, None, cfg, calib(N, L), progress=False)
+
+    together = run()
+    monkeypatch.setattr(block, "WAVE_ELEMENTS", 1)  # one batch per wave
+    waves = run()
+    assert sum(r.trim is not None for r in together.layers.values()) > 4
+    for n, r in together.layers.items():
+        assert torch.equal(together.mask(n), waves.mask(n)), n
+        assert r.trim == waves.layers[n].trim, n

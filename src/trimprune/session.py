@@ -30,7 +30,7 @@ from trimprune.algo.scorers import make_scorer
 from trimprune.calib.data import get_calibration
 from trimprune.config import PruneConfig
 from trimprune.core.model import ModelAdapter, model_device
-from trimprune.core.moe import routed_experts
+from trimprune.core.moe import expert_sets, routed_experts
 from trimprune.core.progress import BlockProgress, Progress
 from trimprune.core.ranks import Ranks
 from trimprune.core.records import BlockSafeguardRecord, LinearRecord
@@ -102,6 +102,10 @@ def auto_batch_size(
     cfg = getattr(cfg, "text_config", None) or cfg
     hidden = adapter.hidden_size()
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
+    top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "moe_topk", None)
+    if top_k and expert_sets(adapter.model):  # each token computes in top_k experts at once
+        moe_inter = getattr(cfg, "moe_intermediate_size", None) or inter
+        inter = max(inter, 2 * int(top_k) * moe_inter)
     per_sample = config.calib.seqlen * (10 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8
     return int(
         max(1, min(config.calib.nsamples, 64, (0.25 * usable_bytes(device)) // max(per_sample, 1)))

@@ -12,7 +12,7 @@ still be under way).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -47,6 +47,9 @@ from trimprune.errors import TrimpruneError
 # scorer-alone masks of mask scorers are made while the searches run for blocks up to this many
 # weights (their outcomes are held until used)
 EARLY_ALONE_MAX_WEIGHTS = 2**26
+# TRIM candidates (rates x weights) of the searches in flight at once: more are launched only once
+# these are collected (a Llama-8B block: 2.2e9; a Qwen3-30B-A3B block's 384 experts: 6e9)
+WAVE_ELEMENTS = 2**32
 
 
 @dataclass
@@ -293,6 +296,7 @@ class Searches:
     launched: list[tuple[list[Member], PendingSearch]]
     ranks: dict[str, torch.Tensor]  # row ranks of a mask scorer's importance, reused for the masks
     names: set[str]  # the searched linears
+    found: dict[str, Found] = field(default_factory=dict)  # the results of finished waves
 
     @classmethod
     def launch(
@@ -308,10 +312,16 @@ class Searches:
             classes.setdefault(_search_class(plan, m, tokens[m.name]), []).append(m)
         out = cls([], {}, {m.name for m in todo})
         per_matrix = len(plan.search.all_lrs)
+        in_flight = 0
         for ms in classes.values():
             step = max(1, int(2**28 // (per_matrix * ms[0].weight.numel())))
             for chunk in (ms[a : a + step] for a in range(0, len(ms), step)):
+                size = per_matrix * sum(m.weight.numel() for m in chunk)
+                if in_flight and in_flight + size > WAVE_ELEMENTS:  # e.g. the many experts of a
+                    out.found |= out._collect(plan)  # MoE block: a wave is collected first
+                    in_flight = 0
                 out.launched.append((chunk, plan.search.launch(out._batch(plan, chunk, stats))))
+                in_flight += size
         return out
 
     def _batch(self, plan: Plan, chunk: list[Member], stats: dict[str, InputStats]) -> SearchBatch:
@@ -341,15 +351,22 @@ class Searches:
         )
 
     def finish(self, plan: Plan) -> dict[str, Found]:
+        found, self.found = self.found | self._collect(plan), {}
+        return found
+
+    def _collect(self, plan: Plan) -> dict[str, Found]:
+        """The results of the searches in flight; their batches are released."""
         if not self.launched:
             return {}
         assert plan.search is not None  # searches were launched
         results = plan.search.finish([p for _, p in self.launched])
-        return {
+        found = {
             m.name: Found(res, j)
             for (chunk, _), res in zip(self.launched, results)
             for j, m in enumerate(chunk)
         }
+        self.launched = []
+        return found
 
     def with_ranks(self, members: list[Member]) -> list[Member]:
         """The members with the row ranks of their search, where there was one (reused for the

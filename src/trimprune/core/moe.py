@@ -255,11 +255,38 @@ def _inputs(s: ExpertSet, e: int, hidden: torch.Tensor, tokens: torch.Tensor):
     return hidden[tokens], tokens, None
 
 
-def routed_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights, *_, **__):
+def _observed(s: ExpertSet) -> bool:
+    """Whether something reads what the experts of `s` see (a forward hook on one of their
+    `ExpertLinear` s: statistics are being collected)."""
+    return any(p._forward_hooks or p._forward_pre_hooks for ps in s.linears for p in ps.values())
+
+
+# the experts implementation each config had before `routed_experts` (id(config) -> name)
+_OWN: dict[int, Any] = {}
+
+
+def _own_forward(module: nn.Module):
+    """The experts forward the model's config selected (transformers' own), or None."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    eager = getattr(type(module).forward, "__wrapped__", None)
+    cfg = getattr(module, "config", None)
+    if eager is None or cfg is None or id(cfg) not in _OWN:
+        return None
+    impl = _OWN[id(cfg)]
+    return eager if impl in (None, "eager") else ALL_EXPERTS_FUNCTIONS.get_interface(impl, eager)
+
+
+def routed_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights, *a, **kw):
     """An ``ExpertsInterface`` forward: each expert in turn on the tokens routed to it, through
     its `ExpertLinear` s. Every expert is called in every batch (with no rows when it gets none),
-    so statistics stay aligned with the batches."""
+    so statistics stay aligned with the batches. When nothing collects statistics (the forwards
+    that only carry the hidden states on), the model's own experts forward computes instead."""
     s = expert_set(self)
+    if not _observed(s):
+        own = _own_forward(self)
+        if own is not None:
+            return own(self, hidden_states, top_k_index, top_k_weights, *a, **kw)
     out = torch.zeros_like(hidden_states)
     n, top_k = top_k_index.shape
     # the (token, slot) pairs grouped by expert, in token order (as torch.where(top_k_index == e)
@@ -288,9 +315,11 @@ def _llama4_moe_forward(self: Any, hidden_states: torch.Tensor):
     not routed), the shared expert sees every token. Each expert computes on its routed tokens
     only (with `calibrate_all`: every token, unscaled where it is not routed); the sum follows the
     router as the fused forward does (no biases)."""
+    s = expert_set(self.experts)
+    if not _observed(s):  # nothing collects statistics: the family's own forward
+        return type(self).forward(self, hidden_states)
     hidden = hidden_states.reshape(-1, self.hidden_dim)
     scores, logits = self.router(hidden)
-    s = expert_set(self.experts)
     out = self.shared_expert(hidden)
     n = hidden.shape[0]
     for e in range(s.num_experts):
@@ -337,6 +366,7 @@ def routed_experts(model: nn.Module) -> Iterator[list[ExpertSet]]:
                         "this transformers has no experts interface: upgrade transformers"
                     )
                 configs.setdefault(id(cfg), (cfg, getattr(cfg, "_experts_implementation", None)))
+                _OWN.setdefault(id(cfg), configs[id(cfg)][1])
                 cfg._experts_implementation = IMPLEMENTATION
         for blk in model.modules():
             fwd = BLOCK_FORWARDS.get(type(blk).__name__)
@@ -347,6 +377,7 @@ def routed_experts(model: nn.Module) -> Iterator[list[ExpertSet]]:
     finally:
         for cfg, old in configs.values():
             cfg._experts_implementation = old
+            _OWN.pop(id(cfg), None)
         for m in swapped:
             del m.forward
 
