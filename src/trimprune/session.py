@@ -252,9 +252,8 @@ def _walk(
             ):  # offloaded weights copied back to host memory, streams
                 torch.cuda.synchronize(captured.exec_device)
             with ex.phase("resume state"):
-                resume.commit_block(
-                    i, adapter, records.by_block[i], streams, records.fallback_of.get(i, {})
-                )
+                fallback = records.fallback_of.get(i, {})
+                resume.commit_block(i, adapter, records.by_block[i], streams, fallback)
             timings["checkpoint_seconds"] += time.perf_counter() - t
 
         timings["checkpoint_seconds"] += time.perf_counter() - t0
