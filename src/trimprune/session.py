@@ -160,14 +160,19 @@ class _Records:
         self.block_safeguard: list[BlockSafeguardRecord] = []
         self.by_block: dict[int, BlockRecords] = {}
         self.moe_fallback: dict[str, int] = {}  # experts given every token's statistics
+        self.fallback_of: dict[int, dict[str, int]] = {}  # the same, per block
 
-    def add(self, records: Deferred, moe_fallback: dict[str, int]) -> None:
+    def add(self, records: Deferred, block: int, moe_fallback: dict[str, int]) -> None:
         self.pending.append(records)
         self.moe_fallback |= moe_fallback
+        self.fallback_of[block] = moe_fallback
 
-    def restore(self, rec: BlockRecords) -> None:
+    def restore(self, rec: BlockRecords, moe_fallback: dict[str, int] | None = None) -> None:
         """A block's records read back from the resume state (reported by the run that made
-        them)."""
+        them), with the experts whose statistics fell back to every token (`moe_fallback`)."""
+        if moe_fallback is not None:
+            self.moe_fallback |= moe_fallback
+            self.fallback_of[rec.block] = moe_fallback
         self.layers.update(rec.linears)
         self.masks.update(rec.masks)
         if rec.safeguard is not None:
@@ -236,7 +241,7 @@ def _walk(
         t0 = time.perf_counter()
         if resume.last_block >= 0:
             for rec in resume.restore_blocks(adapter):
-                records.restore(rec)
+                records.restore(rec, resume.moe_fallback.get(rec.block, {}))
             saved, _ = resume.load_streams()
             streams = _placed(saved, [h.shape[0] for h in captured.hidden], captured, ex)
             start = resume.last_block + 1
@@ -251,7 +256,8 @@ def _walk(
             ):  # offloaded weights copied back to host memory, streams
                 torch.cuda.synchronize(captured.exec_device)
             with ex.phase("resume state"):
-                resume.commit_block(i, adapter, records.by_block[i], streams)
+                fallback = records.fallback_of.get(i, {})
+                resume.commit_block(i, adapter, records.by_block[i], streams, fallback)
             timings["checkpoint_seconds"] += time.perf_counter() - t
 
         timings["checkpoint_seconds"] += time.perf_counter() - t0
@@ -259,7 +265,7 @@ def _walk(
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
             decision = prune_block(run, plan, ex)
-        records.add(decision.records, _full_names(adapter, run.index, run.moe_fallback))
+        records.add(decision.records, run.index, _full_names(adapter, run.index, run.moe_fallback))
         with ex.phase("records"):
             records.collect(wait=plan.ranks.parallel)  # the ranks gather every block in step
         return StreamUpdate(

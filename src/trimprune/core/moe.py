@@ -394,3 +394,71 @@ class MoeCalibration:
 
     mode: str = "routed"
     min_tokens: int = 64
+
+
+# ------------------------------------------------------------------------ outputs: fused layout
+@dataclass(frozen=True)
+class FusedSlot:
+    """Where an expert's projection lies in its fused parameter: rows `rows` of
+    ``parameter[expert]`` (of its transpose when `transposed`), as (out, in). `parameter` is the
+    state-dict name of the fused 3-D parameter, `shape` its shape."""
+
+    parameter: str
+    expert: int
+    rows: slice
+    transposed: bool
+    shape: tuple[int, ...]
+
+    def view(self, fused: torch.Tensor) -> torch.Tensor:
+        """The (out, in) view of this projection in `fused` (a tensor of the fused shape)."""
+        w = fused[self.expert]
+        return (w.t() if self.transposed else w)[self.rows]
+
+    def to_json(self) -> list:
+        r = self.rows
+        return [self.parameter, self.expert, [r.start, r.stop, r.step], self.transposed,
+                list(self.shape)]  # fmt: skip
+
+    @classmethod
+    def from_json(cls, v: list) -> FusedSlot:
+        return cls(str(v[0]), int(v[1]), slice(*v[2]), bool(v[3]), tuple(int(x) for x in v[4]))
+
+
+def fused_parameter(model: nn.Module, name: str) -> FusedSlot | None:
+    """The fused parameter an expert projection named like ``model.layers.1.mlp.experts.3.up_proj``
+    (`core.model.ModelAdapter.linears`) lives in, or None when `name` is not an expert's
+    projection of `model`."""
+    prefix, _, rest = name.rpartition(".")
+    owner_name, _, index = prefix.rpartition(".")
+    if rest not in PROJECTIONS or not index.isdigit():
+        return None
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if not is_fused_experts(owner):
+        return None
+    s = expert_set(owner)
+    e = int(index)
+    lin = s.linears[e].get(rest) if e < s.num_experts else None
+    if lin is None:
+        return None
+    shape = tuple(getattr(owner, lin.param).shape)
+    return FusedSlot(f"{owner_name}.{lin.param}", e, lin.rows, lin.transposed, shape)
+
+
+def fused_masks(
+    masks: dict[str, torch.Tensor], slots: dict[str, FusedSlot]
+) -> dict[str, torch.Tensor]:
+    """`masks` (linear name -> (out, in) bool mask, True = pruned) with the experts' folded into
+    one bool mask per fused parameter (its shape and layout; False where no mask covers an entry);
+    the other masks are returned under their own names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in masks.items():
+        slot = slots.get(name)
+        if slot is None:
+            out[name] = m
+            continue
+        fused = out.setdefault(slot.parameter, torch.zeros(slot.shape, dtype=torch.bool))
+        slot.view(fused).copy_(m)
+    return out

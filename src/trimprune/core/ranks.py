@@ -83,9 +83,16 @@ class Ranks:
         return [int(x.item()) for x in out]
 
     def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        """In place: `t` of rank `src` on every rank."""
+        """In place: `t` of rank `src` on every rank. A non-contiguous `t` (a transposed or strided
+        expert's view into its fused parameter, `core.moe.ExpertLinear`) goes through a contiguous
+        copy: the collectives write whole buffers."""
         if self.parallel:
-            dist.broadcast(t, src)
+            if t.is_contiguous():
+                dist.broadcast(t, src)
+            else:
+                buf = t.contiguous()
+                dist.broadcast(buf, src)
+                t.copy_(buf)
         return t
 
     def cat(self, t: torch.Tensor) -> torch.Tensor:

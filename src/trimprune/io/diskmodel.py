@@ -12,15 +12,21 @@ While `prune` walks the blocks to prune them (`DiskBlocks.pruning`), each finish
 to the output folder as its own shard (`io.shards.ShardWriter`) and later reads of that block (the
 evaluation of the pruned model) come from that shard; `finish` completes the folder. Reading by name
 needs the checkpoint's tensor names to be the model's state-dict names (as `save_pretrained` writes
-them; a checkpoint that transformers converts on load is refused with the fix).
+them). Parameters that transformers builds on load from several stored tensors (its
+``WeightConverter`` s: a mixture-of-experts' experts stored one by one, fused into 3-D parameters)
+are built the same way when a block is read (`_Converted`), and written back as `save_pretrained`
+writes them (transformers' ``revert_weight_conversion``); other conversions are refused with the
+fix.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +86,50 @@ def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsChe
     return ckpt
 
 
+@dataclass
+class _Converted:
+    """A block parameter transformers builds on load from several stored tensors: its
+    ``WeightConverter`` and the stored (name, source pattern) pairs, in the order transformers
+    reads them."""
+
+    converter: Any
+    sources: list[tuple[str, str]]
+
+    def build(self, target: str, tensors: dict[str, torch.Tensor], model: nn.Module):
+        """The parameter `target` (full name) from `tensors` (stored name -> tensor)."""
+        conv = copy.deepcopy(self.converter)  # a fresh one: converters collect their inputs
+        for name, pattern in self.sources:
+            conv.add_tensor(target, name, pattern, tensors[name])
+        return conv.convert(target, model=model, config=model.config)[target]
+
+
+def _conversions(model: nn.Module, names: Iterable[str]) -> dict[str, _Converted]:
+    """The model's state-dict names that transformers builds with a ``WeightConverter`` from the
+    stored tensors `names` (their sources, in natural key order as transformers loads them)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError:  # transformers 4 converts nothing
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out: dict[str, _Converted] = {}
+    for key in sorted(names, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        if pattern is not None and name in state:
+            out.setdefault(name, _Converted(by_pattern[pattern], [])).sources.append((key, pattern))
+    return out
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put `value` in place of the parameter or buffer `name` (a new Parameter: a meta parameter's
     data cannot be replaced by a host tensor)."""
@@ -111,17 +161,26 @@ class DiskBlocks:
             dict[str, StoredTensor]
         ] = []  # per block: its parameters (names inside it)
         self.names: list[dict[str, str]] = []  # per block: state-dict name inside it -> stored name
+        # per block: parameters built from several stored tensors (names inside the block)
+        self.converted: list[dict[str, _Converted]] = []
+        conversions: dict[str, _Converted] | None = None
         self.rest_names = {
             n: stored_name(n) or n
             for n in model.state_dict()
             if not n.startswith(f"{blocks_name}.")
         }
         for i, block in enumerate(blocks):
-            entries = {}
+            entries, converted = {}, {}
             for local, p in block.named_parameters(remove_duplicate=False):
                 full = f"{blocks_name}.{i}.{local}"
                 stored = stored_name(full)
                 if stored is None:
+                    if conversions is None:
+                        conversions = _conversions(model, source.weight_map)
+                    if full in conversions:
+                        converted[local] = conversions[full]
+                        entries[local] = StoredTensor("", p.dtype, tuple(p.shape))
+                        continue
                     raise TrimpruneError(
                         f"the checkpoint in {str(source.folder)!r} has no tensor {full} (its names "
                         "differ from the model's, e.g. a layout transformers converts on load): "
@@ -129,10 +188,12 @@ class DiskBlocks:
                     )
                 entries[local] = StoredTensor(stored, p.dtype, tuple(p.shape))
             self.params.append(entries)
+            self.converted.append(converted)
             self.names.append(
                 {
                     local: stored_name(f"{blocks_name}.{i}.{local}") or f"{blocks_name}.{i}.{local}"
                     for local in block.state_dict()
+                    if local not in converted
                 }
             )
         self._check_shapes()
@@ -144,7 +205,9 @@ class DiskBlocks:
 
     def _check_shapes(self) -> None:
         """Every block parameter has the shape the model expects (the files' headers only)."""
-        wanted = {t.stored: t.shape for entries in self.params for t in entries.values()}
+        wanted = {
+            t.stored: t.shape for entries in self.params for t in entries.values() if t.stored
+        }
         for name, shape in self.source.shapes(list(wanted)).items():
             if shape != wanted[name]:
                 raise TrimpruneError(
@@ -161,12 +224,26 @@ class DiskBlocks:
     ) -> dict[str, torch.Tensor]:
         """Block `index`'s parameters (names inside the block) as new host tensors of the model's
         dtypes, made by `empty(shape, dtype=...)`."""
-        entries = self.params[index]
-        return self.location[index].read(
-            {k: t.stored for k, t in entries.items()},
-            {k: t.dtype for k, t in entries.items()},
-            empty,
+        entries, converted = self.params[index], self.converted[index]
+        where = self.location[index]
+        direct = {k: t for k, t in entries.items() if k not in converted}
+        out = where.read(
+            {k: t.stored for k, t in direct.items()}, {k: t.dtype for k, t in direct.items()}, empty
         )
+        for local, conv in converted.items():
+            want = entries[local]
+            names = [n for n, _ in conv.sources]
+            parts = where.read({n: n for n in names}, dict.fromkeys(names, want.dtype))
+            full = f"{self.blocks_name}.{index}.{local}"
+            built = conv.build(full, parts, self.model)
+            if tuple(built.shape) != want.shape:
+                raise TrimpruneError(
+                    f"the checkpoint's tensors of {full} make shape {list(built.shape)}, the "
+                    f"model's config says {list(want.shape)}: check the model folder, or {FIX}"
+                )
+            out[local] = empty(want.shape, dtype=want.dtype)
+            out[local].copy_(built)
+        return out
 
     def writes(self, index: int) -> bool:
         """Whether block `index`, once released, is written to the output (the pruning walk)."""
@@ -176,7 +253,18 @@ class DiskBlocks:
         """Block `index`'s final state (names inside the block: parameters and persistent buffers)
         as its own shard of the output, under the checkpoint's names; the block is read from there
         from now on."""
-        self.writer.write_block(index, {self.names[index][k]: v for k, v in state.items()})
+        converted = self.converted[index]
+        tensors = {self.names[index][k]: v for k, v in state.items() if k not in converted}
+        if converted:  # stored as save_pretrained stores them, and read back from there
+            from transformers.core_model_loading import revert_weight_conversion
+
+            prefix = f"{self.blocks_name}.{index}."
+            fused = {prefix + k: state[k] for k in converted}
+            stored = revert_weight_conversion(self.model, fused)
+            tensors |= stored
+            built = _conversions(self.model, stored)
+            self.converted[index] = {k: built[prefix + k] for k in converted}
+        self.writer.write_block(index, tensors)
         self.location[index] = self._output
 
     # ------------------------------------------------------------------ the output

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from trimprune.algo.masks import unpack_mask
+from trimprune.core.moe import FusedSlot, fused_masks, fused_parameter
 from trimprune.errors import OutputError, TrimpruneError
 from trimprune.io.compact import save_compact
 from trimprune.io.diskmodel import DiskBlocks
@@ -322,8 +323,13 @@ def _normal_permissions(folder: Path) -> None:
 
 
 def save_masks(
-    path: str | Path, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]
+    path: str | Path,
+    masks: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]],
+    fused: dict[str, FusedSlot] | None = None,
 ) -> None:
+    """`fused`: the experts' projections (`core.moe.fused_parameter`), recorded in the metadata so
+    that `load_masks(path, fused=True)` maps their masks onto the fused parameters."""
     meta = {
         "format": MASKS_FORMAT,
         "bit_order": "big (numpy.packbits)",
@@ -331,11 +337,17 @@ def save_masks(
         "layout": "row-major (out_features, in_features)",
         "shapes": json.dumps(shapes),
     }
+    if fused:
+        meta["fused"] = json.dumps({k: v.to_json() for k, v in fused.items()})
     save_tensors({k: v.contiguous() for k, v in masks.items()}, path, meta)
 
 
-def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read masks.safetensors back into bool tensors (True = pruned)."""
+def load_masks(path: str | Path, fused: bool = False) -> dict[str, torch.Tensor]:
+    """Read masks.safetensors back into bool tensors (True = pruned), one per pruned linear
+    ((out_features, in_features), keyed by the linear's name; a MoE's experts as
+    ``...mlp.experts.3.up_proj``). With `fused`, the experts' masks are folded into one mask per
+    fused parameter, keyed by its state-dict name (``...mlp.experts.gate_up_proj``) and laid out as
+    transformers stores it (`core.moe.fused_masks`); the other masks are as without."""
     from safetensors import safe_open
 
     from trimprune.io.integrity import check_safetensors_file
@@ -349,7 +361,11 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         )
     shapes = json.loads(meta["shapes"])
     packed = load_file(str(path))
-    return {k: unpack_mask(v, shapes[k]) for k, v in packed.items()}
+    masks = {k: unpack_mask(v, shapes[k]) for k, v in packed.items()}
+    if not fused:
+        return masks
+    slots = {k: FusedSlot.from_json(v) for k, v in json.loads(meta.get("fused", "{}")).items()}
+    return fused_masks(masks, slots)
 
 
 SAVE_FORMATS = ("dense", "compact")
@@ -400,9 +416,17 @@ def check_finite_model(model) -> None:
 
 
 def pruned_parameters(model, linear_names) -> set[str]:
-    """The state-dict names of the weights of the pruned linears."""
+    """The state-dict names of the weights of the pruned linears (for a MoE's experts: their
+    fused parameters)."""
     modules = dict(model.named_modules())
-    return {f"{n}.weight" for n in linear_names if n in modules}
+    out = {f"{n}.weight" for n in linear_names if n in modules}
+    return out | {s.parameter for s in expert_slots(model, linear_names).values()}
+
+
+def expert_slots(model, linear_names) -> dict[str, FusedSlot]:
+    """The fused parameter of each of `linear_names` that is an expert's projection."""
+    slots = ((n, fused_parameter(model, n)) for n in linear_names if ".experts." in n)
+    return {n: s for n, s in slots if s is not None}
 
 
 def write_outputs(
@@ -440,7 +464,9 @@ def write_outputs(
         elif storage is not None:
             storage.discard()
         shapes = {k: list(r.shape) for k, r in result.layers.items()}
-        save_masks(tmp / "masks.safetensors", result.masks, shapes)
+        save_masks(
+            tmp / "masks.safetensors", result.masks, shapes, expert_slots(model, result.layers)
+        )
         result.allocation.save(tmp / "allocation.json")
         if report and plots.available():
             rows = (

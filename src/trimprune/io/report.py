@@ -60,6 +60,8 @@ def build_report(
         "notes": list(result.notes),
         "resumed_from_block": getattr(result, "resumed_from_block", None),
     }
+    if getattr(result, "moe_fallback", None):  # experts given every token's statistics
+        rep["moe_fallback"] = dict(result.moe_fallback)
     if getattr(result, "search", None):
         rep["search"] = result.search
     if getattr(result, "trim_guard", None):
@@ -236,6 +238,17 @@ def markdown(report: dict) -> str:
         bar = "#" * int(round(s * 40))
         out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}` |")
     out += _markdown_linears(report)
+    if report.get("moe_fallback"):
+        out += [
+            "",
+            "## Experts with every token's statistics",
+            "",
+            "Routed fewer calibration tokens than `--moe-min-tokens`: their statistics came from "
+            "every token.",
+            "",
+            "| linear | routed tokens |",
+            "|---|---:|",
+        ] + [f"| {k} | {v} |" for k, v in report["moe_fallback"].items()]
     if report.get("search"):
         out += _markdown_search(report["search"])
     if report.get("plots"):

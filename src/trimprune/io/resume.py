@@ -326,6 +326,7 @@ class ResumeState:
         self.path, self.identity, self.state, self.rank = path, identity, state, rank
         self.fingerprint = _sha(identity)
         self.started = False
+        self.moe_fallback: dict[int, dict[str, int]] = {}  # per restored block (`restore_blocks`)
 
     @classmethod
     def open(
@@ -409,12 +410,14 @@ class ResumeState:
 
     def restore_blocks(self, adapter) -> list[BlockRecords]:
         """Set the saved weights of blocks 0..last_block (exactly as saved) and return their records
-        and masks."""
+        and masks; `moe_fallback` holds, per block, the experts whose statistics fell back to every
+        token."""
         out = []
         for entry in self.state["blocks"][: self.last_block + 1]:
             i = int(entry["block"])
             tensors = load_file(str(self.path / entry["tensors"]))
             rec = json.loads((self.path / entry["records"]).read_text())
+            self.moe_fallback[i] = {k: int(v) for k, v in rec.get("moe_fallback", {}).items()}
             linears, masks = {}, {}
             for name, mod in adapter.linears(i).items():
                 full = adapter.full_name(i, name)
@@ -515,10 +518,17 @@ class ResumeState:
         self.state["allocation"] = ALLOCATION
         self._commit()
 
-    def commit_block(self, block: int, adapter, records: BlockRecords, streams: Streams) -> None:
-        """Block `block` is done: its linear weights, masks and records, and the streams entering
-        the next block, then state.json (the previous block's streams are deleted once it is
-        committed)."""
+    def commit_block(
+        self,
+        block: int,
+        adapter,
+        records: BlockRecords,
+        streams: Streams,
+        moe_fallback: dict[str, int] | None = None,
+    ) -> None:
+        """Block `block` is done: its linear weights, masks and records (with the experts whose
+        statistics fell back to every token, `moe_fallback`), and the streams entering the next
+        block, then state.json (the previous block's streams are deleted once it is committed)."""
         if not self.started or block != self.last_block + 1:
             raise RuntimeError(
                 f"resume state: block {block} committed after block {self.last_block}"
@@ -531,15 +541,14 @@ class ResumeState:
             tensors[f"{full}.mask"] = records.masks[full]
         meta = {"format": FORMAT, "block": str(block), "fingerprint": self.fingerprint}
         _save_tensors(self.path, tensors_name, tensors, meta)
-        _write_json(
-            self.path,
-            records_name,
-            {
-                "block": block,
-                "linears": {k: r.to_dict() for k, r in records.linears.items()},
-                "guard": records.safeguard.to_dict() if records.safeguard is not None else None,
-            },
-        )
+        rec = {
+            "block": block,
+            "linears": {k: r.to_dict() for k, r in records.linears.items()},
+            "guard": records.safeguard.to_dict() if records.safeguard is not None else None,
+        }
+        if moe_fallback:
+            rec["moe_fallback"] = dict(moe_fallback)
+        _write_json(self.path, records_name, rec)
         st = {f"main.{j:05d}": h for j, h in enumerate(streams.main)}
         st |= {f"subset_dense.{j:05d}": h for j, h in enumerate(streams.subset_dense)}
         st |= {f"subset_pruned.{j:05d}": h for j, h in enumerate(streams.subset_pruned)}
