@@ -262,3 +262,29 @@ def test_cli_final_line_of_a_dense_model_states_full_coverage(cli_base, tmp_path
     assert "pruned 100.0 % of block weights (attention 100 %, dense MLP 100 %)" in out
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["coverage"]["unprunable"] == [] and rep["coverage"]["fraction"] == 1.0
+
+
+def test_a_resumed_run_reports_the_coverage_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    from trimprune.io import resume as resume_mod
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_block_0(block):
+        if block == 0:
+            raise Interrupted
+
+    def run(**kw):
+        model = _with_extra(make("llama"), (4, 8, 8), block=1)
+        cfg = _cfg(allow_unpruned=True, nsamples=4, **kw)
+        return prune(model, None, cfg, calib(4, L), progress=False)
+
+    ck = str(tmp_path / "ck")
+    monkeypatch.setattr(resume_mod, "_after_commit", stop_after_block_0)
+    with pytest.raises(Interrupted):
+        run(checkpoint_dir=ck)
+    monkeypatch.setattr(resume_mod, "_after_commit", lambda block: None)
+    resumed, plain = run(checkpoint_dir=ck, resume=True), run()
+    assert resumed.resumed_from_block == 0
+    assert resumed.coverage == plain.coverage and resumed.coverage is not None
+    assert [u.name for u in resumed.coverage.unprunable] == ["model.layers.1.extra"]
