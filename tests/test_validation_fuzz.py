@@ -316,6 +316,7 @@ FREE = {
     "trim_lr_search": st.sampled_from(LR_SEARCHES),
     "batch_size": st.integers(0, BIG),
     "keep_checkpoint": st.booleans(),
+    "allow_unpruned": st.booleans(),
     "search_objective": st.sampled_from(SEARCH_OBJECTIVES),
     "search_trials": st.integers(1, BIG),
     "search_timeout": NON_NEGATIVE,
@@ -639,6 +640,7 @@ INVALID = {
     "checkpoint_dir": _shown(NOT_OPT_STR) | _hidden(_one_of_values("", " ", "\t ")),
     "resume": _shown(NOT_BOOL),
     "keep_checkpoint": _shown(NOT_BOOL),
+    "allow_unpruned": _shown(NOT_BOOL),
     "search_space": _shown(
         NOT_STR
         | _one_of_values("", ",", " , ", "rules,bogus", "RULES", "rules;free")

@@ -507,6 +507,13 @@ class RunConfig:
         "keep --checkpoint-dir after the output is written "
         "(by default the command line removes it then)",
     )
+    allow_unpruned: bool = option(
+        False,
+        "allow_unpruned",
+        "prune a model whose blocks hold 2-D or 3-D weights trimprune cannot prune (above 1 "
+        "percent of a block's parameters, or fused experts of an unknown layout): they stay "
+        "dense and the report lists them (refused otherwise)",
+    )
 
     def __post_init__(self):
         if self.offload is True:  # the boolean of earlier recipes and of the Python API

@@ -253,7 +253,7 @@ def _study_name(config: PruneConfig, session: Session) -> str:
     d = config.to_dict()
     for k in ("trials", "timeout", "seed", "storage", "study"):
         d["search"].pop(k, None)
-    for k in ("batch_size", "checkpoint_dir", "resume", "keep_checkpoint"):
+    for k in ("batch_size", "checkpoint_dir", "resume", "keep_checkpoint", "allow_unpruned"):
         d["run"].pop(k, None)
     h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
     h.update(model_fingerprint(session.adapter).encode())

@@ -29,6 +29,7 @@ from trimprune.algo.masks import unpack_mask
 from trimprune.algo.scorers import make_scorer
 from trimprune.calib.data import get_calibration
 from trimprune.config import PruneConfig
+from trimprune.core.coverage import Coverage, check_coverage
 from trimprune.core.model import ModelAdapter, model_device
 from trimprune.core.moe import expert_sets, routed_experts
 from trimprune.core.progress import BlockProgress, Progress
@@ -71,6 +72,8 @@ class PruneResult:
     # experts routed fewer than --moe-min-tokens tokens (their statistics came from every token):
     # full linear name -> routed calibration tokens
     moe_fallback: dict[str, int] = field(default_factory=dict)
+    # which of the blocks' weights were pruned, per kind, and what was left dense or excluded
+    coverage: Coverage | None = None
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -370,7 +373,8 @@ def check_against_model(
 ) -> Checked:
     """The checks that need the loaded model, each once: the sequence lengths against its context
     (`config.calib.seqlen` when the calibration is built from the config, `sampling`; `seqlens`,
-    e.g. the evaluation's), an allocation file against its linears
+    e.g. the evaluation's), the blocks' weights trimprune cannot prune (`core.coverage`: refused
+    above 1 % of a block unless `config.run.allow_unpruned`), an allocation file against its linears
     (`algo.allocation.resolve_sparsity`; without a sparsity the file's mean is the target), and an
     existing resume state against this config and model (`io.resume.precheck_resume_state`). With
     `loaded_ranks` False the process-count check of `check_before_load` runs here too."""
@@ -381,6 +385,7 @@ def check_against_model(
         adapter.check_context(config.calib.seqlen, "{seqlen}")
     for n in seqlens:
         adapter.check_context(n, "--eval-seqlen")
+    check_coverage(Coverage.of(adapter), config.run.allow_unpruned)
     file_target = config.sparsity is None
     config = resolve_sparsity(config, adapter)
     precheck_resume_state(config, model)
@@ -736,6 +741,7 @@ class Session:
             notes=notes,
             resumed_from_block=self.resumed_from_block,
             moe_fallback=dict(records.moe_fallback),
+            coverage=Coverage.of(self.adapter),
         )
 
     def close(self) -> None:

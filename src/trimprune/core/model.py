@@ -16,7 +16,13 @@ from typing import cast
 import torch
 from torch import nn
 
-from trimprune.core.moe import ExpertLinear, expert_set, is_fused_experts, is_router
+from trimprune.core.moe import (
+    ExpertLinear,
+    expert_set,
+    is_fused_experts,
+    is_router,
+    prunable_experts,
+)
 from trimprune.errors import TrimpruneError
 
 try:  # GPT-2 style "Conv1D" (weight stored as in x out)
@@ -77,13 +83,16 @@ class ModelAdapter:
     def linears(self, block_index: int) -> OrderedDict[str, nn.Module]:
         """Prunable linears of one block, in module order, keyed by their name inside the block.
         Fused experts give one linear per expert and projection (``mlp.experts.3.down_proj``);
-        routers (`moe.is_router`) are left out."""
+        routers (`moe.is_router`) and fused experts of an unknown layout (`moe.layout_known`) are
+        left out."""
         out: OrderedDict[str, nn.Module] = OrderedDict()
         for name, mod in self.blocks[block_index].named_modules():
             if not name:
                 continue
-            if is_fused_experts(mod):
+            if prunable_experts(mod):
                 out.update(expert_set(mod).named(name))
+            elif is_fused_experts(mod):
+                continue  # an unknown layout: left dense (`core.coverage` refuses or lists it)
             elif is_prunable(mod) and not is_router(name, mod):
                 out[name] = mod
         return out

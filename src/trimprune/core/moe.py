@@ -137,6 +137,19 @@ def is_fused_experts(module: nn.Module) -> bool:
     return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
 
 
+def layout_known(module: nn.Module) -> bool:
+    """Whether trimprune can tell the layout of a fused experts module: transformers' experts
+    interface (``is_transposed``) or a family of `NO_SEAM`. Experts of an unknown layout are not
+    pruned (`core.model.ModelAdapter.linears` leaves them out); `core.coverage` lists them and the
+    run is refused unless --allow-unpruned."""
+    return hasattr(module, "is_transposed") or type(module).__name__ in NO_SEAM
+
+
+def prunable_experts(module: nn.Module) -> bool:
+    """A fused experts module whose experts trimprune prunes (one of a known layout)."""
+    return is_fused_experts(module) and layout_known(module)
+
+
 def expert_set(module: nn.Module) -> ExpertSet:
     """The `ExpertSet` of a fused experts module (made once per module)."""
     found = _SETS.get(module)
@@ -353,7 +366,7 @@ def routed_experts(model: nn.Module) -> Iterator[list[ExpertSet]]:
     """While open, the model's fused experts compute through their `ExpertLinear` s (statistics
     follow the router); the experts implementation each config had is restored on exit. Yields
     the model's `ExpertSet` s (none for a dense model)."""
-    sets = [expert_set(m) for m in model.modules() if is_fused_experts(m)]
+    sets = expert_sets(model)
     configs: dict[int, tuple[Any, Any]] = {}
     swapped: list[nn.Module] = []
     try:
@@ -383,7 +396,8 @@ def routed_experts(model: nn.Module) -> Iterator[list[ExpertSet]]:
 
 
 def expert_sets(model: nn.Module) -> list[ExpertSet]:
-    return [expert_set(m) for m in model.modules() if is_fused_experts(m)]
+    """The `ExpertSet` s of the model's fused experts of a known layout (`prunable_experts`)."""
+    return [expert_set(m) for m in model.modules() if prunable_experts(m)]
 
 
 @dataclass(frozen=True)

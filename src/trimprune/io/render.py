@@ -9,10 +9,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from trimprune.core.coverage import summary_of
 from trimprune.errors import TrimpruneError
 from trimprune.io import plots
 from trimprune.io.export import load_masks, write_text_atomic
-from trimprune.io.report import zero_shot_table
+from trimprune.io.report import coverage_rows, zero_shot_table
 
 
 def load_run(folder: str | Path) -> dict:
@@ -119,6 +120,8 @@ def _run_facts(r: dict) -> list[tuple[str, str]]:
                 f"{t['blocks_kept_trim']}/{len(t['block_safeguard'])} blocks (block safeguard)",
             )
         )
+    if r.get("coverage"):
+        facts.append(("coverage", summary_of(r["coverage"])))
     m = r["metrics"]
     for s, p in m.get("perplexity", {}).items():
         d = m.get("dense_perplexity", {}).get(s)
@@ -150,6 +153,7 @@ def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
         zs = zero_shot_table(r["metrics"])
         if zs:
             parts.append("<pre>" + html.escape("\n".join(zs)) + "</pre>")
+        parts += _html_coverage(r)
         for img, data in images.items():
             parts.append(
                 f"<img alt='{html.escape(img)}' src='data:image/png;base64,"
@@ -169,6 +173,61 @@ def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
     return "\n".join(parts) + "</body></html>\n"
 
 
+COVERAGE_HEAD = ["weights", "parameters", "pruned", "fraction"]
+
+
+def _left_dense(cov: dict) -> list[list[str]]:
+    return [
+        [
+            u["name"],
+            "x".join(map(str, u["shape"])),
+            u["kind"],
+            f"{100 * u['share_of_block']:.2f} % of block {u['block']}",
+        ]
+        for u in cov["unprunable"]
+    ]
+
+
+def _excluded(cov: dict) -> list[list[str]]:
+    return [
+        [e["what"], str(e["tensors"]), str(e["params"]), ", ".join(e["names"])]
+        for e in cov["excluded_by_design"]
+    ]
+
+
+def _html_coverage(r: dict) -> list[str]:
+    """The coverage section of a run: the blocks' weights pruned per kind, those left dense, and
+    what is excluded by design (reports without coverage show none)."""
+    cov = r.get("coverage")
+    if not cov:
+        return []
+    out = ["<h3>Coverage</h3>", _html_table(COVERAGE_HEAD, coverage_rows(cov))]
+    if cov["unprunable"]:
+        out.append(
+            "<p>Left dense (--allow-unpruned):</p>"
+            + _html_table(["weight", "shape", "kind", "share"], _left_dense(cov))
+        )
+    out.append(
+        "<details><summary>excluded by design</summary>"
+        + _html_table(["what", "tensors", "parameters", "names"], _excluded(cov))
+        + "</details>"
+    )
+    return out
+
+
+def _md_coverage(r: dict) -> list[str]:
+    cov = r.get("coverage")
+    if not cov:
+        return []
+    out = ["", "### Coverage", ""] + _md_table(COVERAGE_HEAD, coverage_rows(cov))
+    if cov["unprunable"]:
+        out += ["", "Left dense (--allow-unpruned):", ""]
+        out += _md_table(["weight", "shape", "kind", "share"], _left_dense(cov))
+    out += ["", "Excluded by design:", ""]
+    out += _md_table(["what", "tensors", "parameters", "names"], _excluded(cov))
+    return out
+
+
 def render_markdown(runs: list[tuple[str, dict, Path]], out: Path) -> str:
     head, rows = comparison([(n, r) for n, r, _ in runs])
     lines = ["# trimprune report", "", "## Comparison", ""] + _md_table(head, rows)
@@ -177,6 +236,7 @@ def render_markdown(runs: list[tuple[str, dict, Path]], out: Path) -> str:
         zs = zero_shot_table(r["metrics"])
         if zs:
             lines += ["", "```", *zs, "```"]
+        lines += _md_coverage(r)
         for p in r.get("plots", []):
             if (folder / p).is_file():
                 rel = Path(_relpath(folder / p, out.parent))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from trimprune.core.coverage import LABELS, summary_of
+
 
 def versions(device=None) -> dict:
     import transformers
@@ -59,9 +61,10 @@ def build_report(
         "metrics": metrics,
         "notes": list(result.notes),
         "resumed_from_block": getattr(result, "resumed_from_block", None),
+        "moe_fallback": dict(getattr(result, "moe_fallback", {}) or {}),
     }
-    if getattr(result, "moe_fallback", None):  # experts given every token's statistics
-        rep["moe_fallback"] = dict(result.moe_fallback)
+    if getattr(result, "coverage", None) is not None:
+        rep["coverage"] = result.coverage.to_dict()
     if getattr(result, "search", None):
         rep["search"] = result.search
     if getattr(result, "trim_guard", None):
@@ -159,9 +162,10 @@ def summary_text(report: dict) -> str:
             f"self NLL: dense {s['dense_nll']:.4f}  pruned {s['pruned_nll']:.4f}  "
             f"=> KL(dense||pruned) ~ {s['kl_estimate']:.4f} nats/token"
         )
+    cov = report.get("coverage")
     lines.append(
-        f"sparsity: {sp['achieved']:.4f} of prunable weights (requested {sp['requested']:g}, "
-        f"allocation {report['allocation']['method']})"
+        f"sparsity: {sp['achieved']:.4f} of pruned weights (requested {sp['requested']:g}, "
+        f"allocation {report['allocation']['method']})" + (f"; {summary_of(cov)}" if cov else "")
     )
     lines.append(
         f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data "
@@ -237,6 +241,7 @@ def markdown(report: dict) -> str:
         a = alloc[i] if i < len(alloc) else float("nan")
         bar = "#" * int(round(s * 40))
         out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}` |")
+    out += markdown_coverage(report)
     out += _markdown_linears(report)
     if report.get("moe_fallback"):
         out += [
@@ -258,6 +263,56 @@ def markdown(report: dict) -> str:
         for k, v in report["timings"].items()
     ]
     return "\n".join(out) + "\n"
+
+
+def coverage_rows(cov: dict) -> list[list[str]]:
+    """Rows of the coverage table: per kind present, the blocks' weights, how many were pruned and
+    the fraction; then the total."""
+    rows = [
+        [LABELS.get(k, k), str(v["total"]), str(v["pruned"]), f"{100 * v['fraction']:.1f} %"]
+        for k, v in cov["kinds"].items()
+        if v["total"]
+    ]
+    rows.append(
+        [
+            "all block weights",
+            str(cov["total"]),
+            str(cov["pruned"]),
+            f"{100 * cov['fraction']:.1f} %",
+        ]
+    )
+    return rows
+
+
+def markdown_coverage(report: dict) -> list[str]:
+    """report.md's coverage section: the table of `coverage_rows`, the weights left dense and
+    what is excluded by design; the experts whose statistics came from every token."""
+    cov = report.get("coverage")
+    if not cov:
+        return []
+    out = [
+        "",
+        "## Coverage",
+        "",
+        "| weights | parameters | pruned | fraction |",
+        "|---|---:|---:|---:|",
+    ]
+    out += ["| " + " | ".join(r) + " |" for r in coverage_rows(cov)]
+    if cov["unprunable"]:
+        out += ["", "Left dense (--allow-unpruned):", ""]
+        out += [
+            f"- `{u['name']}` {'x'.join(map(str, u['shape']))} ({u['kind']}), "
+            f"{100 * u['share_of_block']:.2f} % of block {u['block']}"
+            + ("; fused experts of an unknown layout" if u.get("unknown_layout") else "")
+            for u in cov["unprunable"]
+        ]
+    out += ["", "Excluded by design:", ""]
+    out += [
+        f"- {e['what']}: {e['tensors']} tensors, {e['params']} parameters "
+        f"({', '.join(f'`{n}`' for n in e['names'])})"
+        for e in cov["excluded_by_design"]
+    ]
+    return out
 
 
 def _markdown_linears(report: dict) -> list[str]:
