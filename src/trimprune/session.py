@@ -29,7 +29,7 @@ from trimprune.algo.masks import unpack_mask
 from trimprune.algo.scorers import make_scorer
 from trimprune.calib.data import get_calibration
 from trimprune.config import PruneConfig
-from trimprune.core.model import ModelAdapter, model_device
+from trimprune.core.model import ExcludedModule, ModelAdapter, model_device
 from trimprune.core.moe import routed_experts
 from trimprune.core.progress import BlockProgress, Progress
 from trimprune.core.ranks import Ranks
@@ -71,6 +71,8 @@ class PruneResult:
     # experts routed fewer than --moe-min-tokens tokens (their statistics came from every token):
     # full linear name -> routed calibration tokens
     moe_fallback: dict[str, int] = field(default_factory=dict)
+    # a multimodal model's towers beside its language model, not pruned (vision tower, projector)
+    excluded: tuple[ExcludedModule, ...] = ()
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -726,6 +728,7 @@ class Session:
             notes=notes,
             resumed_from_block=self.resumed_from_block,
             moe_fallback=dict(records.moe_fallback),
+            excluded=self.adapter.excluded,
         )
 
     def close(self) -> None:

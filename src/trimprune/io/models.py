@@ -189,6 +189,30 @@ def native_dtype(
     return _dtype_of(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
 
 
+def auto_model_class(config) -> Any:
+    """The transformers auto class that loads a model of `config` (a `PretrainedConfig`):
+    ``AutoModelForImageTextToText`` for a multimodal checkpoint, one whose architecture is a
+    ``...ForConditionalGeneration`` of an image-text-to-text model type (Gemma-3, Llama-4,
+    Qwen2.5/3-VL, Mistral-3; ``AutoModelForCausalLM`` would build a text-only model that does not
+    match its weights, or no model at all), else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    image_text = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    if image_text is None:
+        return AutoModelForCausalLM
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForConditionalGeneration") for a in archs):
+        return AutoModelForImageTextToText
+    if not archs and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def check_model_source(model: str, gguf_file: str | None = None) -> None:
     """Before the model loads: `model` (with `gguf_file`) names something loadable: an alias whose
     package is installed, a GGUF file, a folder with a config.json that has a model_type, or a hub
@@ -365,7 +389,7 @@ def load_model(
     (`io.diskmodel`): each block is read when it is processed, through `LoadedModel.storage`.
     ``dtype`` None: the checkpoint's own when it is float16 or bfloat16, else bfloat16 on a GPU
     (float16 where bfloat16 is not supported), float32 on the CPU (`resolve_dtype`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_transformers()
     dev = resolve_device(device)
@@ -390,10 +414,17 @@ def load_model(
         if offload == "disk":
             m, storage = load_disk_model(target, dt, trust_remote_code)
         else:
+            auto = (
+                AutoModelForCausalLM
+                if gguf is not None  # GGUF files hold text models
+                else auto_model_class(
+                    AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+                )
+            )
             try:
-                m = AutoModelForCausalLM.from_pretrained(target, dtype=dt, **kwargs)
+                m = auto.from_pretrained(target, dtype=dt, **kwargs)
             except TypeError:  # transformers < 4.56 uses torch_dtype
-                m = AutoModelForCausalLM.from_pretrained(target, torch_dtype=dt, **kwargs)
+                m = auto.from_pretrained(target, torch_dtype=dt, **kwargs)
     except TrimpruneError:
         raise
     except (OSError, ValueError) as e:
