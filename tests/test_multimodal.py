@@ -244,3 +244,27 @@ def test_cli_prunes_a_multimodal_folder(tiny_multimodal_dir, tmp_path, capsys, w
     for name, t in dense.state_dict().items():
         if name.startswith("model.visual."):
             assert torch.equal(sd[name], t), name
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama4", "qwen2_5_vl", "qwen3_vl", "mistral3"])
+def test_disk_offload_output_equals_the_in_memory_prune(family, tmp_path):
+    """`--offload disk` builds the multimodal model (`auto_model_class`), streams the language
+    model's blocks and writes the whole model, towers included, as the in-memory prune does."""
+    from test_offload_disk import prune_from_disk, stored_tensors
+
+    make_multimodal(family).save_pretrained(tmp_path / "src")
+    flat = dict(scorer="wanda", sparsity=0.5, nsamples=N, seqlen=L, moe_min_tokens=0)
+    ids = calib(N, L)
+    mem = load_pruned(tmp_path / "src")
+    res = prune(mem, None, PruneConfig.from_flat(flat), calibration=ids, progress=False)
+    write_outputs(tmp_path / "mem", mem, None, res, {})
+    _, _, disk = prune_from_disk(tmp_path / "src", flat, ids, tmp_path / "disk")
+    assert disk.excluded == res.excluded and res.excluded
+    a, b = stored_tensors(tmp_path / "mem"), stored_tensors(tmp_path / "disk")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    back = load_pruned(tmp_path / "disk")
+    assert type(back) is type(mem)
+    for name, t in mem.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
