@@ -104,7 +104,7 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
     rebuilt dense; a folder with model.safetensors loads as usual."""
     from transformers import AutoConfig
 
-    from trimprune.io.models import auto_model_class
+    from trimprune.io.autoclass import auto_model_class
 
     p = Path(path)
     check_model_folder(p, LOAD_FIX)  # its safetensors are whole (io.integrity)

@@ -299,7 +299,7 @@ def load_disk_model(
     from transformers import AutoConfig, GenerationConfig
 
     from trimprune.core.model import ModelAdapter
-    from trimprune.io.models import auto_model_class
+    from trimprune.io.autoclass import auto_model_class
 
     ckpt = open_checkpoint(target, gguf_file)
     config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)

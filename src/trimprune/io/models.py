@@ -20,6 +20,7 @@ from torch import nn
 
 from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
+from trimprune.io.autoclass import auto_model_class
 from trimprune.io.integrity import check_gguf_file, check_model_folder
 
 if TYPE_CHECKING:
@@ -187,30 +188,6 @@ def native_dtype(
     except Exception:  # the load that follows reports what is wrong
         return None
     return _dtype_of(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
-
-
-def auto_model_class(config) -> Any:
-    """The transformers auto class that loads a model of `config` (a `PretrainedConfig`):
-    ``AutoModelForImageTextToText`` for a multimodal checkpoint, one whose architecture is a
-    ``...ForConditionalGeneration`` of an image-text-to-text model type (Gemma-3, Llama-4,
-    Qwen2.5/3-VL, Mistral-3; ``AutoModelForCausalLM`` would build a text-only model that does not
-    match its weights, or no model at all), else ``AutoModelForCausalLM``."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
-
-    model_type = getattr(config, "model_type", None)
-    image_text = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    if image_text is None:
-        return AutoModelForCausalLM
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForConditionalGeneration") for a in archs):
-        return AutoModelForImageTextToText
-    if not archs and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
 
 
 def check_model_source(model: str, gguf_file: str | None = None) -> None:
