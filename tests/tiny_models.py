@@ -190,3 +190,149 @@ def make_moe(family: str, seed: int = 0, dtype=torch.float32):
     if dtype == torch.float64:
         model.config._experts_implementation = "eager"
     return model
+
+
+# ------------------------------------------------------------ multimodal (image-text-to-text)
+# The language model has V + 8 embeddings: the image / video / begin / end tokens sit above V, so
+# text token ids drawn from range(V) (`calib`) never contain one, as a tokenizer's text never does.
+MM_V = V + 8
+
+
+def _mm_text(**kw):
+    return _common(
+        vocab_size=MM_V,
+        num_key_value_heads=2,
+        head_dim=8,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+def _qwen_vl_text(**kw):
+    # 3-D multimodal rotary (temporal, height, width sections of head_dim / 2 = 4)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    return _mm_text(rope_parameters=rope, **kw)
+
+
+_QWEN_VISION = dict(
+    depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, out_hidden_size=32
+)
+_MM_TOKENS = dict(image_token_id=V, video_token_id=V + 1, vision_start_token_id=V + 2)
+
+MULTIMODAL = {
+    # SigLIP tower, sliding / full attention layers, bidirectional attention over image tokens
+    "gemma3": lambda: T.Gemma3ForConditionalGeneration(
+        T.Gemma3Config(
+            text_config=_mm_text(
+                sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
+            mm_tokens_per_image=4,
+            boi_token_index=V + 1,
+            eoi_token_index=V + 2,
+            image_token_index=V,
+        )
+    ),
+    # a mixture-of-experts language model (every layer MoE) and chunked attention
+    "llama4": lambda: T.Llama4ForConditionalGeneration(
+        T.Llama4Config(
+            text_config=_mm_text(
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                intermediate_size=16,
+                intermediate_size_mlp=48,
+                attention_chunk_size=16,
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+                vision_output_dim=16,
+                projector_input_dim=16,
+                projector_output_dim=16,
+            ),
+            boi_token_index=V + 1,
+            eoi_token_index=V + 2,
+            image_token_index=V,
+        )
+    ),
+    "qwen2_5_vl": lambda: T.Qwen2_5_VLForConditionalGeneration(
+        T.Qwen2_5_VLConfig(
+            text_config=_qwen_vl_text(),
+            # a vision tower whose blocks outweigh the language model's: the adapter must still
+            # pick the language model's blocks
+            vision_config=dict(
+                _QWEN_VISION,
+                hidden_size=32,
+                intermediate_size=96,
+                window_size=8,
+                fullatt_block_indexes=[1],
+            ),
+            **_MM_TOKENS,
+        )
+    ),
+    "qwen3_vl": lambda: T.Qwen3VLForConditionalGeneration(
+        T.Qwen3VLConfig(
+            text_config=_qwen_vl_text(),
+            vision_config=dict(
+                _QWEN_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]
+            ),
+            **_MM_TOKENS,
+        )
+    ),
+    "qwen3_vl_moe": lambda: T.Qwen3VLMoeForConditionalGeneration(
+        T.Qwen3VLMoeConfig(
+            text_config=_qwen_vl_text(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                decoder_sparse_step=1,
+            ),
+            vision_config=dict(
+                _QWEN_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]
+            ),
+            **_MM_TOKENS,
+        )
+    ),
+    # Pixtral tower, a patch-merging projector
+    "mistral3": lambda: T.Mistral3ForConditionalGeneration(
+        T.Mistral3Config(
+            text_config=dict(_mm_text(), model_type="mistral"),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+                head_dim=8,
+            ),
+            image_token_index=V,
+            spatial_merge_size=2,
+        )
+    ),
+}
+
+
+def make_multimodal(name: str, seed: int = 0, dtype=torch.float32):
+    """A tiny image-text-to-text model (`MULTIMODAL`), seeded and perturbed like `make`."""
+    torch.manual_seed(seed)
+    model = MULTIMODAL[name]()
+    if dtype != torch.float32:  # `.to(float32)` would drop Llama-4's complex rotary tables
+        model = model.to(dtype)
+    model = _perturbed(model.eval())
+    if dtype == torch.float64:
+        model.config._experts_implementation = "eager"
+    return model

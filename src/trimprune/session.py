@@ -30,7 +30,7 @@ from trimprune.algo.scorers import make_scorer
 from trimprune.calib.data import get_calibration
 from trimprune.config import PruneConfig
 from trimprune.core.coverage import Coverage, check_coverage
-from trimprune.core.model import ModelAdapter, model_device
+from trimprune.core.model import ExcludedModule, ModelAdapter, model_device
 from trimprune.core.moe import expert_sets, routed_experts
 from trimprune.core.progress import BlockProgress, Progress
 from trimprune.core.ranks import Ranks
@@ -74,6 +74,8 @@ class PruneResult:
     moe_fallback: dict[str, int] = field(default_factory=dict)
     # which of the blocks' weights were pruned, per kind, and what was left dense or excluded
     coverage: Coverage | None = None
+    # a multimodal model's towers beside its language model, not pruned (vision tower, projector)
+    excluded: tuple[ExcludedModule, ...] = ()
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -742,6 +744,7 @@ class Session:
             resumed_from_block=self.resumed_from_block,
             moe_fallback=dict(records.moe_fallback),
             coverage=Coverage.of(self.adapter),
+            excluded=self.adapter.excluded,
         )
 
     def close(self) -> None:

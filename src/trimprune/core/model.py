@@ -5,10 +5,16 @@ One adapter serves every causal LM: it finds the stack of decoder blocks (the la
 (``nn.Linear``, GPT-2's ``Conv1D``, and each expert's projections of fused mixture-of-experts
 parameters as `core.moe.ExpertLinear` s). Embeddings, ``lm_head`` and the routers of MoE blocks are
 never pruned.
+
+A multimodal checkpoint (``...ForConditionalGeneration``: Gemma-3, Llama-4, Qwen2.5/3-VL,
+Mistral-3) has its own config for the language model (``config.text_config``): only that model's
+decoder blocks are searched, and the other towers beside it (vision tower, multimodal projector)
+are left as they are and listed as `ExcludedModule` s.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import cast
@@ -52,18 +58,98 @@ def set_weight_2d(module: nn.Module, w: torch.Tensor) -> None:
     weight_2d(module).copy_(w.to(cast(torch.Tensor, module.weight).dtype))
 
 
+@dataclass(frozen=True)
+class ExcludedModule:
+    """A tower of a multimodal model that is not pruned: its module name, what it is ("vision
+    tower", "multimodal projector", "audio tower", or the module's own name) and its parameter
+    count (parameters shared with the language model not counted)."""
+
+    name: str
+    kind: str
+    params: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "params": self.params}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExcludedModule:
+        return cls(d["name"], d["kind"], int(d["params"]))
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.params} params): {self.name}"
+
+
+def _kind(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if "projector" in leaf or "connector" in leaf:
+        return "multimodal projector"
+    for word, kind in (("vision", "vision tower"), ("visual", "vision tower")):
+        if word in leaf:
+            return kind
+    if "audio" in leaf:
+        return "audio tower"
+    return leaf
+
+
+def language_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the language model of a multimodal model: one whose config has a separate
+    text config (``config.get_text_config()`` is not the config itself); found as
+    ``model.get_decoder()``, else as a ``language_model`` submodule. None for a causal LM."""
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    if cfg is None or get_text is None or get_text() is cfg:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    candidates = []
+    with contextlib.suppress(AttributeError, NotImplementedError, TypeError):
+        candidates.append(model.get_decoder())  # type: ignore[operator]
+    candidates += [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "language_model"]
+    for m in candidates:
+        name = names.get(id(m))
+        if isinstance(m, nn.Module) and name:
+            return name, m
+    return None
+
+
+def excluded_towers(model: nn.Module, lm_name: str) -> tuple[ExcludedModule, ...]:
+    """The modules beside the language model on the way from the top to it (vision tower,
+    multimodal projector...), the output head left out, with their parameter counts."""
+    lm_params = {id(p) for p in model.get_submodule(lm_name).parameters()}
+    head = None
+    with contextlib.suppress(AttributeError, NotImplementedError, TypeError):
+        head = model.get_output_embeddings()  # type: ignore[operator]
+    if isinstance(head, nn.Module):
+        lm_params |= {id(p) for p in head.parameters()}
+    out = []
+    parent, prefix = model, ""
+    for part in lm_name.split("."):
+        for child_name, child in parent.named_children():
+            if child_name == part or child is head:
+                continue
+            n = sum(p.numel() for p in child.parameters() if id(p) not in lm_params)
+            if n:
+                full = prefix + child_name
+                out.append(ExcludedModule(full, _kind(full), n))
+        parent, prefix = parent.get_submodule(part), f"{prefix}{part}."
+    return tuple(out)
+
+
 @dataclass
 class ModelAdapter:
-    """Finds decoder blocks and prunable linears of any causal LM."""
+    """Finds decoder blocks and prunable linears of any causal LM (of a multimodal model: of its
+    language model; `excluded` lists the towers beside it)."""
 
     model: nn.Module
     blocks_name: str
     blocks: nn.ModuleList
+    excluded: tuple[ExcludedModule, ...] = ()
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ModelAdapter:
+        lm = language_model(model)
+        root, prefix = (lm[1], f"{lm[0]}.") if lm is not None else (model, "")
         best = None
-        for name, mod in model.named_modules():
+        for name, mod in root.named_modules(prefix=prefix.rstrip(".")):
             if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
                 continue
             if len({type(b) for b in mod}) != 1:
@@ -78,7 +164,8 @@ class ModelAdapter:
                 f"{type(model).__name__} has no stack of decoder blocks with linear layers: "
                 "trimprune prunes decoder-only causal LMs"
             )
-        return cls(model=model, blocks_name=best[1], blocks=best[2])
+        excluded = excluded_towers(model, lm[0]) if lm is not None else ()
+        return cls(model=model, blocks_name=best[1], blocks=best[2], excluded=excluded)
 
     def linears(self, block_index: int) -> OrderedDict[str, nn.Module]:
         """Prunable linears of one block, in module order, keyed by their name inside the block.

@@ -102,7 +102,9 @@ def save_compact(out: Path, model, tokenizer, sparse: set[str]) -> None:
 def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
     """An ordinary transformers model from a trimprune output folder: a compact checkpoint is
     rebuilt dense; a folder with model.safetensors loads as usual."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from trimprune.io.autoclass import auto_model_class
 
     p = Path(path)
     check_model_folder(p, LOAD_FIX)  # its safetensors are whole (io.integrity)
@@ -112,19 +114,18 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
                 f"{str(path)!r} holds no model (no config.json / {COMPACT_FILE}): give the "
                 "--output folder of a prune that saved its model"
             )
-        model = AutoModelForCausalLM.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+        auto = auto_model_class(config)
+        model = auto.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         return model.to(device).eval() if device is not None else model.eval()
     state, tied = dense_state(p / COMPACT_FILE)
     config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    auto = auto_model_class(config)
     try:
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = AutoModelForCausalLM.from_config(
-            config, torch_dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        model = auto.from_config(config, torch_dtype=dtype, trust_remote_code=trust_remote_code)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(tied):
         raise TrimpruneError(

@@ -384,21 +384,19 @@ def load_disk_model(
     """(the model of `target` with its decoder blocks left in the checkpoint, the `DiskBlocks` that
     reads them; see the module's docstring)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from trimprune.core.model import ModelAdapter
+    from trimprune.io.autoclass import auto_model_class
 
     ckpt = open_checkpoint(target, gguf_file)
     config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    auto = auto_model_class(config)
     with init_empty_weights():  # parameters on the meta device, buffers computed for real
         try:
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, trust_remote_code=trust_remote_code
-            )
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except TypeError:  # transformers < 4.56 uses torch_dtype
-            model = AutoModelForCausalLM.from_config(
-                config, torch_dtype=dtype, trust_remote_code=trust_remote_code
-            )
+            model = auto.from_config(config, torch_dtype=dtype, trust_remote_code=trust_remote_code)
     adapter = ModelAdapter.from_model(model)
     find = _stored_names(model, ckpt).get
     block_prefix = f"{adapter.blocks_name}."

@@ -20,6 +20,7 @@ from torch import nn
 
 from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
+from trimprune.io.autoclass import auto_model_class
 from trimprune.io.integrity import check_gguf_file, check_model_folder
 
 if TYPE_CHECKING:
@@ -365,7 +366,7 @@ def load_model(
     (`io.diskmodel`): each block is read when it is processed, through `LoadedModel.storage`.
     ``dtype`` None: the checkpoint's own when it is float16 or bfloat16, else bfloat16 on a GPU
     (float16 where bfloat16 is not supported), float32 on the CPU (`resolve_dtype`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_transformers()
     dev = resolve_device(device)
@@ -390,10 +391,17 @@ def load_model(
         if offload == "disk":
             m, storage = load_disk_model(target, dt, trust_remote_code)
         else:
+            auto = (
+                AutoModelForCausalLM
+                if gguf is not None  # GGUF files hold text models
+                else auto_model_class(
+                    AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+                )
+            )
             try:
-                m = AutoModelForCausalLM.from_pretrained(target, dtype=dt, **kwargs)
+                m = auto.from_pretrained(target, dtype=dt, **kwargs)
             except TypeError:  # transformers < 4.56 uses torch_dtype
-                m = AutoModelForCausalLM.from_pretrained(target, torch_dtype=dt, **kwargs)
+                m = auto.from_pretrained(target, torch_dtype=dt, **kwargs)
     except TrimpruneError:
         raise
     except (OSError, ValueError) as e:

@@ -126,6 +126,10 @@ def _run_facts(r: dict) -> list[tuple[str, str]]:
     for s, p in m.get("perplexity", {}).items():
         d = m.get("dense_perplexity", {}).get(s)
         facts.append((f"perplexity {s}", (f"{d:.3f} -> " if d is not None else "") + f"{p:.3f}"))
+    facts += [
+        ("excluded", f"{e['kind']} ({e['params']} params): {e['name']}")
+        for e in r.get("excluded", [])
+    ]
     return facts + [(f"note {i + 1}", n) for i, n in enumerate(r.get("notes", []))]
 
 

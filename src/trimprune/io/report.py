@@ -65,6 +65,9 @@ def build_report(
     }
     if getattr(result, "coverage", None) is not None:
         rep["coverage"] = result.coverage.to_dict()
+    excluded = getattr(result, "excluded", ())
+    if excluded:
+        rep["excluded"] = [e.to_dict() for e in excluded]
     if getattr(result, "search", None):
         rep["search"] = result.search
     if getattr(result, "trim_guard", None):
@@ -142,6 +145,15 @@ def zero_shot_table(metrics: dict) -> list[str]:
     ]
 
 
+def excluded_lines(report: dict) -> list[str]:
+    """One line per tower of a multimodal model left unpruned: "excluded: vision tower (N params):
+    model.vision_tower"."""
+    return [
+        f"excluded: {e['kind']} ({e['params']} params): {e['name']}"
+        for e in report.get("excluded", [])
+    ]
+
+
 def summary_text(report: dict) -> str:
     m = report["metrics"]
     sp = report["sparsity"]
@@ -167,6 +179,7 @@ def summary_text(report: dict) -> str:
         f"sparsity: {sp['achieved']:.4f} of pruned weights (requested {sp['requested']:g}, "
         f"allocation {report['allocation']['method']})" + (f"; {summary_of(cov)}" if cov else "")
     )
+    lines += excluded_lines(report)
     lines.append(
         f"time: prune {t.get('prune_seconds', 0):.1f} s, calibration data "
         f"{t.get('calibration_data_seconds', 0):.1f} s, total {t.get('total_seconds', 0):.1f} s"
@@ -219,6 +232,7 @@ def markdown(report: dict) -> str:
         f"allocation **{report['allocation']['method']}**, target sparsity {cfg['sparsity']}"
         f"{', ' + cfg['mask_structure'] if cfg['mask_structure'] else ''}",
         f"- calibration: {report['calibration']['source']} {report['calibration']['shape']}",
+        *(f"- {line}" for line in excluded_lines(report)),
         *(
             [f"- resumed from a resume state: blocks 0..{report['resumed_from_block']} restored"]
             if report.get("resumed_from_block") is not None
