@@ -98,7 +98,7 @@ class BlockHooks:
                     self.stats[gid].add(x.detach())
                 else:  # an expert: the tokens the router sent to it
                     self.stats[gid].add_routed(
-                        x.detach(), routed.positions, routed.batch_tokens, self.seq
+                        x.detach(), routed.positions, routed.batch_tokens, self.seq, routed.routed
                     )
                 self._done.add(gid)
             self._seen_names.add(name)
