@@ -77,7 +77,6 @@ class InputStats:
         self.needs = needs
         self.ex = ex
         self.n_tokens = 0  # rows added (a routed expert: the tokens sent to it)
-        self.n_routed = 0  # a routed expert: tokens the router sent to it (also with every token)
         self._seen = 0  # tokens of the batches added so far (positions of the token sample)
         self._offset = token_offset  # tokens of the ranks before this one (data-parallel runs)
         self._derived: dict = {}
@@ -112,19 +111,13 @@ class InputStats:
         self._add(flat, None, b * seq, last)
 
     def add_routed(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        batch_tokens: int,
-        seq: int,
-        routed: int | None = None,
+        self, x: torch.Tensor, positions: torch.Tensor, batch_tokens: int, seq: int
     ) -> None:
         """Add the rows `x` a routed expert saw in one batch of `batch_tokens` tokens
-        (`positions`: their places in the flattened batch; sequences of `seq` tokens; `routed`: how
-        many of them the router sent to it, None: all). Its last tokens are the routed last tokens
-        of sequences; its token sample the routed sampled tokens."""
+        (`positions`: their places in the flattened batch; sequences of `seq` tokens). Its last
+        tokens are the routed last tokens of sequences; its token sample the routed sampled
+        tokens."""
         flat = x.reshape(-1, x.shape[-1])
-        self.n_routed += flat.shape[0] if routed is None else int(routed)
         last = flat[positions % seq == seq - 1] if self.needs.last_token else None
         self._add(flat, positions, batch_tokens, last)
 
@@ -160,10 +153,7 @@ class InputStats:
         for t in (self.sqnorm, self.gram):
             if t is not None:
                 ranks.sum_(t)
-        counts = ranks.sum_(
-            torch.tensor([self.n_tokens, self.n_routed], dtype=torch.int64, device=self.device)
-        ).tolist()
-        self.n_tokens, self.n_routed = int(counts[0]), int(counts[1])
+        self.n_tokens = ranks.sum_int(self.n_tokens, self.device)
         kept = ([self._last] if self.needs.last_token else []) + (
             [self._sample] if self._sample_pos is not None else []
         )

@@ -46,7 +46,7 @@ def dense_scores(
         with hooks, calibrate_all(run.moe.mode == "all"):
             out = run.forward(run.streams.main, on_batch_end=hooks.next_batch)
         hooks.reduce()
-        routed = {n: hooks.stats[g].n_routed for n, g in hooks.group_of.items()}
+        routed = dict(hooks.routed)  # before the fallback's forward, which adds none
         run.complete_experts(hooks, needs, ex)
         run.check_statistics(hooks, ex)
         scores = {
