@@ -294,3 +294,49 @@ def test_expert_linears_are_what_the_allocation_groups():
     }
     res = prune(model, None, _cfg(allocation="expert"), calib(N, L), progress=False)
     assert set(res.allocation.details["per_expert"]) == experts
+
+
+# ------------------------------------------------------------------------------ two processes
+def _dist_worker(rank: int, world: int, port: int, out: str):
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        cfg = _cfg(allocation="expert", expert_lambda=0.2, expert_beta=0.3, batch_size=N // 2)
+        res = prune(make_moe("qwen3_moe"), None, cfg, calib(N, L), progress=False)
+        if rank == 0:
+            with open(os.path.join(out, "expert.json"), "w") as f:
+                json.dump(
+                    {"per_linear": res.allocation.per_linear, "details": res.allocation.details},
+                    f,
+                )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.heavy
+def test_two_processes_count_the_routing_as_one(tmp_path):
+    """The routed counts (and outlier ratios) are summed over the ranks: two processes, each with
+    half of the sequences, give one process's expert allocation."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    got = json.loads((tmp_path / "expert.json").read_text())
+    ids = calib(N, L)
+    cfg = _cfg(allocation="expert", expert_lambda=0.2, expert_beta=0.3, batch_size=N // 2)
+    want = prune(make_moe("qwen3_moe"), None, cfg, ids, progress=False).allocation
+    assert got["details"]["routed_tokens"] == want.details["routed_tokens"]
+    assert got["details"]["routed_tokens"] == _counts(make_moe("qwen3_moe"), ids)
+    assert got["per_linear"] == pytest.approx(want.per_linear, abs=1e-9)
