@@ -229,7 +229,8 @@ DECIDED = settings(
 )
 
 SCORERS = ["magnitude", "wanda", "sparsegpt"]
-ALLOCATIONS = ["uniform", "owl", "alphapruning", "atp", "search"]  # and file:PATH
+ALLOCATIONS = ["uniform", "owl", "alphapruning", "atp", "expert", "search"]  # and file:PATH
+EXPERT_LAYERWISE = ["uniform", "owl", "alphapruning", "atp"]
 ALPHA_METRICS = ["alpha_peak", "alpha_mid"]
 ALPHA_MAPPINGS = ["block_wise", "per_matrix"]
 CALIB_SOURCES = ["c4", "wikitext2", "ptb", "self"]
@@ -258,7 +259,7 @@ GRAM_DIM_METRICS = ["cosim", "mse"]
 TRIM_PRECISIONS = ["fp32", "tf32", "bf16"]
 LR_SEARCHES = ["auto", "parallel", "sequential"]
 TRIM_GUARDS = ["block", "model"]
-SEARCH_SPACES = ["rules", "free", "trim"]
+SEARCH_SPACES = ["rules", "free", "trim", "experts"]
 SEARCH_OBJECTIVES = ["kl", "nll"]
 
 
@@ -299,6 +300,9 @@ FREE = {
     "alpha_mapping": st.sampled_from(ALPHA_MAPPINGS),
     "alpha_cache_dir": st.none() | NAME,
     "atp_beta": UNIT,
+    "expert_layerwise": st.sampled_from(EXPERT_LAYERWISE),
+    "expert_lambda": FRACTION,
+    "expert_beta": UNIT,
     "calib_format": st.none() | st.sampled_from(CALIB_FORMATS),
     "seqlen": st.integers(2, BIG),
     "seed": st.integers(-BIG, BIG),
@@ -399,7 +403,7 @@ def valid_configs(draw):
     parts = draw(
         st.none()
         | st.lists(st.sampled_from(SEARCH_SPACES), min_size=1, max_size=4).filter(
-            lambda p: set(p) != {"trim"}
+            lambda p: bool(set(p) & {"rules", "free"})
         )
     )
     if parts is not None:
@@ -596,6 +600,13 @@ INVALID = {
     "atp_beta": _shown(
         NOT_FLOAT | _floats(hi=0, hi_open=True) | _floats(lo=1, lo_open=True) | st.integers(2, BIG)
     ),
+    "expert_layerwise": _not_in(EXPERT_LAYERWISE),
+    "expert_lambda": _shown(
+        NOT_FLOAT | _floats(hi=0, hi_open=True) | _floats(lo=1) | st.integers(1, BIG)
+    ),
+    "expert_beta": _shown(
+        NOT_FLOAT | _floats(hi=0, hi_open=True) | _floats(lo=1, lo_open=True) | st.integers(2, BIG)
+    ),
     "calib": _not_in(CALIB_SOURCES),
     "calib_data": _shown(NOT_OPT_STR),
     "calib_format": _shown(NOT_OPT_STR | NAME.filter(lambda s: s not in CALIB_FORMATS)),
@@ -651,7 +662,7 @@ INVALID = {
             )
         )
     )
-    | _hidden(_one_of_values("trim", " trim ", "trim,trim")),
+    | _hidden(_one_of_values("trim", " trim ", "trim,trim", "experts", "trim,experts")),
     "search_objective": _not_in(SEARCH_OBJECTIVES),
     "search_holdout": _shown(NOT_INT | st.integers(-BIG, -1)),
     "search_trials": _shown(NOT_INT | st.integers(-BIG, 0)),

@@ -56,9 +56,10 @@ OFFLOADS = (
     "cpu",
     "disk",
 )  # where offloaded weights live (RunConfig.offload; false: on the compute device)
-ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "search")
+ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "expert", "search")
+EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
-SEARCH_SPACES = ("rules", "free", "trim")
+SEARCH_SPACES = ("rules", "free", "trim", "experts")
 SEARCH_OBJECTIVES = ("kl", "nll")
 
 
@@ -245,12 +246,13 @@ class ScorerConfig:
 @dataclass(frozen=True)
 class AllocationConfig:
     """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024), ATP
-    (Huang et al. 2025), a search over these rules and free profiles (`SearchConfig`), or a file."""
+    (Huang et al. 2025), expert-aware (per-expert sparsities within MoE blocks on top of one of
+    these), a search over these rules and free profiles (`SearchConfig`), or a file."""
 
     method: str = option(
         "uniform",
         "allocation",
-        "layer-wise allocation: uniform, owl, alphapruning, atp, search or file:PATH",
+        "layer-wise allocation: uniform, owl, alphapruning, atp, expert, search or file:PATH",
         metavar="METHOD",
     )
     owl_m: float = option(5.0, "owl_m", "OWL outlier threshold M")
@@ -270,6 +272,24 @@ class AllocationConfig:
         "atp_beta",
         "ATP: sparsity of the last block minus that of the first (a linear "
         "rise with depth; per-block step beta / (blocks - 1))",
+    )
+    expert_layerwise: str = option(
+        "uniform",
+        "expert_layerwise",
+        "--allocation expert: the layer-wise rule giving each block its sparsity",
+        choices=EXPERT_LAYERWISE,
+    )
+    expert_lambda: float = option(
+        0.08,
+        "expert_lambda",
+        "--allocation expert: experts of a MoE block span its sparsity +- lambda (rarely "
+        "routed experts pruned harder)",
+    )
+    expert_beta: float = option(
+        0.0,
+        "expert_beta",
+        "--allocation expert: weight of the experts' outlier ratios in their score (0: routing "
+        "frequency alone, 1: outlier ratios alone)",
     )
 
     def __post_init__(self):
@@ -295,6 +315,16 @@ class AllocationConfig:
             self.atp_beta,
             0 <= self.atp_beta <= 1,
             f"{{atp_beta}} {self.atp_beta!r} must be in [0, 1] (default 0.2)",
+        )
+        _in_range(
+            self.expert_lambda,
+            0 <= self.expert_lambda < 1,
+            f"{{expert_lambda}} {self.expert_lambda!r} must be in [0, 1) (default 0.08)",
+        )
+        _in_range(
+            self.expert_beta,
+            0 <= self.expert_beta <= 1,
+            f"{{expert_beta}} {self.expert_beta!r} must be in [0, 1] (default 0)",
         )
 
 
@@ -549,7 +579,8 @@ class SearchConfig:
         "rules,free",
         "search_space",
         "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
-        "(Chebyshev profile over depth), trim (TRIM on/off per trial)",
+        "(Chebyshev profile over depth), trim (TRIM on/off per trial), experts (per-expert "
+        "sparsities in MoE blocks: expert lambda and beta per trial)",
         metavar="LIST",
     )
     objective: str = option(
@@ -595,8 +626,9 @@ class SearchConfig:
         )
         _in_range(
             self.space,
-            set(parts) != {"trim"},
-            "{search_space} trim needs rules or free too: e.g. rules,free,trim",
+            bool(set(parts) & {"rules", "free"}),
+            f"{{search_space}} {self.space} needs rules or free too: e.g. rules,free,"
+            f"{','.join(p for p in dict.fromkeys(parts) if p not in ('rules', 'free'))}",
         )
         _in_range(
             self.holdout,

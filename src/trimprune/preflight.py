@@ -61,7 +61,10 @@ def check_prune_inputs(args, cfg, eval_data: dict[str, str]) -> list[str]:
                 f"{args.output!r}, which is written at the end: give a folder outside it"
             )
         check_folder_writable(cfg.run.checkpoint_dir, "{checkpoint_dir}")
-    if cfg.allocation.method == "alphapruning" and cfg.allocation.alpha_cache_dir:
+    alpha = cfg.allocation.method == "alphapruning" or (
+        cfg.allocation.method == "expert" and cfg.allocation.expert_layerwise == "alphapruning"
+    )
+    if alpha and cfg.allocation.alpha_cache_dir:
         check_folder_writable(cfg.allocation.alpha_cache_dir, "{alpha_cache_dir}")
     if args.log_json:
         check_output_file(args.log_json, "--log-json")

@@ -16,8 +16,9 @@ the prunable linears are copied to host memory once (as much memory as those wei
 trial restores them, builds its allocation (`algo.allocation.search`), walks the blocks through
 `prune_block` and measures the held-out objective. A trial that raises or gives a non-finite
 objective is told to Optuna as pruned and the search goes on. OWL's outlier ratios come from one
-dense walk for every M of the grid (before the first trial), and AlphaPruning's metrics from the
-weights (cached per model). A new study's first trials are uniform and OWL / AlphaPruning / ATP with
+dense walk for every M of the grid (before the first trial; with the `experts` space the same walk
+counts every expert's routed tokens), and AlphaPruning's metrics from the weights (cached per
+model). A new study's first trials are uniform and OWL / AlphaPruning / ATP with
 the config's parameters (`algo.allocation.search.warm_starts`). The best trial's allocation is then
 applied (a last prune; with `--trim-guard model` and TRIM, model-safeguarded as below) and
 measured again.
@@ -46,11 +47,12 @@ from trimprune.algo.allocation import Allocation, linear_sizes
 from trimprune.algo.allocation.alphapruning import layer_metrics, model_fingerprint
 from trimprune.algo.allocation.atp import atp_block_sparsities, block_numels_of
 from trimprune.algo.allocation.base import uniform
+from trimprune.algo.allocation.expert import Expert
 from trimprune.algo.allocation.owl import owl_from_ratios
 from trimprune.algo.allocation.search import OWL_M_GRID, allocation_for, suggest, warm_starts
 from trimprune.config import PruneConfig
 from trimprune.core.progress import Progress
-from trimprune.engine.allocate import owl_ratios
+from trimprune.engine.allocate import dense_scores
 from trimprune.engine.walk import moe_calibration
 from trimprune.errors import TrimpruneError
 from trimprune.io.diskmodel import DiskBlocks
@@ -157,7 +159,7 @@ class _Sources:
         a = config.allocation
         ms = list(dict.fromkeys([*OWL_M_GRID, float(a.owl_m)]))
         s = session
-        self.ratios = owl_ratios(
+        self.ratios, self.blocks = dense_scores(
             ms,
             s.adapter,
             s.captured,
@@ -165,6 +167,8 @@ class _Sources:
             s.ex,
             progress=s.progress,
             moe=moe_calibration(config),
+            experts_m=float(a.owl_m),
+            experts="experts" in config.search_spaces,
         )
         self.metrics, self.cached = layer_metrics(s.adapter, s.captured.exec_device, a, s.progress)
 
@@ -175,6 +179,14 @@ class _Sources:
 
     def alpha_metrics(self) -> dict[str, dict]:
         return self.metrics
+
+    def experts(self) -> list[list[Expert]]:
+        return self.blocks
+
+    @property
+    def moe(self) -> bool:
+        """Whether any block has experts (the `experts` space has parameters to search)."""
+        return any(self.blocks)
 
     def profiles(self, config: PruneConfig, numels, block_of) -> dict[str, list[float]]:
         """Per-block sparsities of the closed-form allocations with the config's parameters (for the
@@ -255,6 +267,12 @@ def _study_name(config: PruneConfig, session: Session) -> str:
         d["search"].pop(k, None)
     for k in ("batch_size", "checkpoint_dir", "resume", "keep_checkpoint", "allow_unpruned"):
         d["run"].pop(k, None)
+    if d["allocation"].get("method") != "expert":  # unused: names stay those of earlier releases
+        for k in ("expert_layerwise", "expert_lambda", "expert_beta"):
+            d["allocation"].pop(k, None)
+    if d["calib"].get("moe") == "routed" and d["calib"].get("moe_min_tokens") == 64:
+        d["calib"].pop("moe")
+        d["calib"].pop("moe_min_tokens")
     h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
     h.update(model_fingerprint(session.adapter).encode())
     for t in (session.ids, session.holdout):
@@ -403,7 +421,7 @@ def _search(
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = _open_study(optuna, sc, name, spaces, config)
+        study = _open_study(optuna, sc, name, spaces, config, sources.moe)
         trials = _trials(
             optuna, study, session, config, holdout, sources, numels, block_of, on_trial
         )
@@ -462,7 +480,7 @@ def _search(
     return res
 
 
-def _open_study(optuna, sc, name: str, spaces, config: PruneConfig):
+def _open_study(optuna, sc, name: str, spaces, config: PruneConfig, moe: bool = False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=sc.seed, multivariate=True, group=True)
@@ -476,7 +494,7 @@ def _open_study(optuna, sc, name: str, spaces, config: PruneConfig):
     if not study.get_trials(
         deepcopy=False
     ):  # a new study starts from uniform and the rules as configured
-        for params in warm_starts(spaces, config.allocation, config.trim.enabled):
+        for params in warm_starts(spaces, config.allocation, config.trim.enabled, moe):
             study.enqueue_trial(params, skip_if_exists=True)
     return study
 
@@ -504,7 +522,7 @@ def _trials(
             n += 1
             t0 = time.perf_counter()
             try:
-                params = suggest(trial, spaces, config.trim.enabled)
+                params = suggest(trial, spaces, config.trim.enabled, sources.moe)
                 cfg = _with_trim(config, bool(params["trim"]))
                 allocation = allocation_for(
                     params,

@@ -43,10 +43,13 @@ ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate", "expert_gate"}
 @dataclass(frozen=True)
 class Routed:
     """The tokens an `ExpertLinear` was called with in one forward: their positions in the
-    flattened batch (`positions`) out of `batch_tokens` tokens."""
+    flattened batch (`positions`) out of `batch_tokens` tokens, and how many of them the router
+    sent to the expert (`routed`: fewer than the rows under `calibrate_all`; None: as many as the
+    rows)."""
 
     positions: torch.Tensor
     batch_tokens: int
+    routed: int | None = None
 
 
 class ExpertLinear(nn.Module):
@@ -240,12 +243,17 @@ def _combine(s: ExpertSet, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor
 
 
 def _expert(
-    s: ExpertSet, e: int, x: torch.Tensor, positions: torch.Tensor, batch_tokens: int
+    s: ExpertSet,
+    e: int,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    batch_tokens: int,
+    routed_tokens: int | None = None,
 ) -> torch.Tensor:
     """Expert e on the rows `x` (at `positions` of the flattened batch), through its
-    `ExpertLinear` s (forward hooks see these rows)."""
+    `ExpertLinear` s (forward hooks see these rows; `routed_tokens` of them were routed to it)."""
     projs = s.linears[e]
-    routed = Routed(positions, batch_tokens)
+    routed = Routed(positions, batch_tokens, routed_tokens)
     for p in projs.values():
         p.routed = routed
     m: Any = s.module
@@ -314,7 +322,7 @@ def routed_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_we
         start += sizes[e]
         tokens, k = pairs // top_k, pairs % top_k
         x, pos, pick = _inputs(s, e, hidden_states, tokens)
-        y = _expert(s, e, x, pos, n)
+        y = _expert(s, e, x, pos, n, int(tokens.numel()))
         if pick is not None:
             y = y[pick]
         y = y * top_k_weights[tokens, k, None].to(y.dtype)
@@ -341,9 +349,10 @@ def _llama4_moe_forward(self: Any, hidden_states: torch.Tensor):
         if _scope.all_experts or (id(s.module), e) in _scope.forced:
             x = hidden.clone()
             x[tokens] = x[tokens] * scale
-            y = _expert(s, e, x, torch.arange(n, device=hidden.device), n)[tokens]
+            y = _expert(s, e, x, torch.arange(n, device=hidden.device), n, int(tokens.numel()))
+            y = y[tokens]
         else:
-            y = _expert(s, e, hidden[tokens] * scale, tokens, n)
+            y = _expert(s, e, hidden[tokens] * scale, tokens, n, int(tokens.numel()))
         out.index_add_(0, tokens, y.to(out.dtype))
     return out, logits
 

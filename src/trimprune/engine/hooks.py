@@ -52,6 +52,8 @@ class BlockHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._seen_names: set[str] = set()
         self.stop_when_seen: set[str] | None = set(self.only) if stop and only is not None else None
+        # experts: the tokens the router sent to each (not the rows with `calibrate_all`)
+        self.routed: dict[str, int] = {}
 
     def __enter__(self):
         for name, mod in self.linears.items():
@@ -92,8 +94,11 @@ class BlockHooks:
                     self._first_batch_inputs.append((x, gid))
                 self.group_of[name] = gid
                 self.groups[gid].append(name)
+            routed = module.routed if isinstance(module, ExpertLinear) else None
+            if routed is not None:  # per linear: experts may share one input (every token)
+                n = x.shape[0] if routed.routed is None else routed.routed
+                self.routed[name] = self.routed.get(name, 0) + int(n)
             if gid not in self._done:
-                routed = module.routed if isinstance(module, ExpertLinear) else None
                 if routed is None:
                     self.stats[gid].add(x.detach())
                 else:  # an expert: the tokens the router sent to it
@@ -111,7 +116,19 @@ class BlockHooks:
         """After the forward: the statistics summed over the ranks (data-parallel runs)."""
         for st in self.stats:
             st.reduce(self.ranks)
+        experts = [n for n in self.routed_names() if n in self.routed]
+        if self.ranks.parallel and experts:
+            counts = torch.tensor(
+                [self.routed[n] for n in experts], dtype=torch.int64, device=self.device
+            )
+            self.routed.update(zip(experts, self.ranks.sum_(counts).tolist()))
         return self
+
+    def routed_names(self) -> list[str]:
+        """The experts' linears among the hooked ones, in model order."""
+        return [
+            n for n, m in self.linears.items() if n in self.only and isinstance(m, ExpertLinear)
+        ]
 
     def next_batch(self) -> None:
         self._done.clear()

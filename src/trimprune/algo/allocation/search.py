@@ -12,7 +12,10 @@ Search space (`--search-space`, a comma list):
   AlphaPruning (metric, eps; the mapping of `--alpha-mapping`), ATP (beta);
 - `free`: a smooth profile over depth, `N_CHEB` Chebyshev coefficients c_k on x_l = 2 l / (L - 1) -
   1: s_l = S + sum_k c_k T_k(x_l) (k = 1..N_CHEB; T_0 would only move the mean, which is fixed);
-- `trim`: TRIM on or off, per trial.
+- `trim`: TRIM on or off, per trial;
+- `experts` (models with MoE blocks): the expert-aware redistribution within MoE blocks
+  (`algo.allocation.expert`) on top of the trial's profile, lambda in `EXPERT_LAMBDA` and beta in
+  `EXPERT_BETA` (warm starts: lambda 0, the profile alone).
 Each trial first picks its family (`family`: owl, alphapruning, atp or free) as a categorical. Every
 profile ends with `clip_to_mean`: blocks in [0, UPPER] and the parameter-weighted mean exactly the
 target, as OWL, AlphaPruning and ATP do on their own. A new study starts with `warm_starts`: uniform
@@ -28,6 +31,7 @@ import torch
 
 from trimprune.algo.allocation.atp import atp_block_sparsities, block_numels_of
 from trimprune.algo.allocation.base import Allocation, clip_to_mean
+from trimprune.algo.allocation.expert import Expert, apply_experts
 from trimprune.config import ALPHA_METRICS
 
 UPPER = 0.99
@@ -38,6 +42,8 @@ ALPHA_EPS = (0.0, 0.5)
 ATP_BETA = (0.0, 0.6)
 N_CHEB = 4
 CHEB_RANGE = (-0.1, 0.1)
+EXPERT_LAMBDA = (0.0, 0.25)
+EXPERT_BETA = (0.0, 1.0)
 
 
 def families(spaces) -> list[str]:
@@ -50,8 +56,9 @@ def families(spaces) -> list[str]:
     return out
 
 
-def suggest(trial, spaces, trim_default: bool) -> dict:
-    """A trial's parameters (Optuna's define-by-run: the parameters of the chosen family only)."""
+def suggest(trial, spaces, trim_default: bool, moe: bool = False) -> dict:
+    """A trial's parameters (Optuna's define-by-run: the parameters of the chosen family only;
+    expert lambda and beta with `experts` on a model with MoE blocks, `moe`)."""
     fam = trial.suggest_categorical("family", families(spaces))
     if fam == "owl":
         trial.suggest_categorical("owl_m", list(OWL_M_GRID))
@@ -66,6 +73,9 @@ def suggest(trial, spaces, trim_default: bool) -> dict:
             trial.suggest_float(f"c{k}", *CHEB_RANGE)
     if "trim" in spaces:
         trial.suggest_categorical("trim", [False, True])
+    if "experts" in spaces and moe:
+        trial.suggest_float("expert_lambda", *EXPERT_LAMBDA)
+        trial.suggest_float("expert_beta", *EXPERT_BETA)
     params = dict(trial.params)
     params.setdefault("trim", trim_default)
     return params
@@ -75,10 +85,10 @@ def _clamp(v: float, lo_hi: tuple[float, float]) -> float:
     return min(max(float(v), lo_hi[0]), lo_hi[1])
 
 
-def warm_starts(spaces, allocation, trim_default: bool) -> list[dict]:
+def warm_starts(spaces, allocation, trim_default: bool, moe: bool = False) -> list[dict]:
     """The first trials of a new study: uniform (with `free`) and OWL, AlphaPruning and ATP with the
     parameters of `allocation` (an `AllocationConfig`; with `rules`), clamped into the search's
-    ranges."""
+    ranges; with `experts` on a MoE model, each with expert lambda 0 (the profile alone)."""
     out = []
     if "free" in spaces:
         out.append({"family": "free"} | {f"c{k}": 0.0 for k in range(1, N_CHEB + 1)})
@@ -95,6 +105,8 @@ def warm_starts(spaces, allocation, trim_default: bool) -> list[dict]:
         ]
     if "trim" in spaces:
         out = [p | {"trim": bool(trim_default)} for p in out]
+    if "experts" in spaces and moe:
+        out = [p | {"expert_lambda": 0.0, "expert_beta": 0.0} for p in out]
     return out
 
 
@@ -123,11 +135,15 @@ def free_block_sparsities(
 
 class RuleSources(Protocol):
     """What the rules need from the model: OWL's outlier ratios per block for a threshold M (from a
-    dense walk, cached), and AlphaPruning's per-linear metrics (from the weights, cached)."""
+    dense walk, cached), AlphaPruning's per-linear metrics (from the weights, cached), and the
+    experts of every block with their routed tokens (from the same dense walk; only asked for a
+    trial with expert parameters)."""
 
     def owl_ratios(self, m: float) -> list[float]: ...
 
     def alpha_metrics(self) -> dict[str, dict]: ...
+
+    def experts(self) -> list[list[Expert]]: ...
 
 
 def allocation_for(
@@ -174,6 +190,11 @@ def allocation_for(
         per = {k: pb[block_of[k]] for k in numels}
     else:
         raise ValueError(f"unknown search family {fam!r}")
+    if "expert_lambda" in params:
+        base = Allocation(fam, sparsity, per, numels, block_of)
+        per = apply_experts(
+            base, sources.experts(), params["expert_lambda"], params["expert_beta"]
+        ).per_linear
     return Allocation(
         "search", sparsity, per, numels, block_of, details={"family": fam, "params": dict(params)}
     )
