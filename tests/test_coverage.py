@@ -288,3 +288,48 @@ def test_a_resumed_run_reports_the_coverage_of_an_uninterrupted_one(tmp_path, mo
     assert resumed.resumed_from_block == 0
     assert resumed.coverage == plain.coverage and resumed.coverage is not None
     assert [u.name for u in resumed.coverage.unprunable] == ["model.layers.1.extra"]
+
+
+class _CustomMixer(nn.Module):
+    """A layer trimprune does not know: a 3-D weight that is not a linear's (never called here:
+    only its share of the block matters)."""
+
+    def __init__(self, numel: int, hidden: int):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(numel // hidden, 1, hidden) * 0.02)
+
+    def forward(self, x):
+        return x
+
+
+def test_a_custom_layer_holding_30_percent_of_each_block_refused_then_70_percent_pruned(
+    cli_base, tmp_path, monkeypatch, capsys
+):
+    """The issue's case: exit 2 naming the layer; with --allow-unpruned the report says 70 %."""
+    import trimprune.io.models as models
+    from trimprune.cli import main
+
+    load = models.load_model
+
+    def loaded_with_mixer(*a, **kw):
+        out = load(*a, **kw)
+        adapter = ModelAdapter.from_model(out.model)
+        for i, blk in enumerate(adapter.blocks):
+            prunable = sum(m.weight.numel() for m in adapter.linears(i).values())
+            blk.mixer = _CustomMixer(3 * prunable // 7, H)  # 30 % of the block's weights
+        return out
+
+    monkeypatch.setattr(models, "load_model", loaded_with_mixer)
+    out = tmp_path / "out"
+    assert main(cli_base + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.layers.0.mixer.mix (137x1x32, 29.8 % of block 0)" in err[0]
+    assert main(cli_base + ["--output", str(out), "--allow-unpruned"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["coverage"]["fraction"] == pytest.approx(0.70, abs=2e-3)
+    assert {u["name"] for u in rep["coverage"]["unprunable"]} == {
+        "model.layers.0.mixer.mix",
+        "model.layers.1.mixer.mix",
+    }
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("sparsity:"))
+    assert "pruned 70.0 % of block weights" in line
