@@ -227,6 +227,7 @@ def test_cli_prunes_a_multimodal_folder(tiny_multimodal_dir, tmp_path, capsys, w
             "prune", "--model", str(tiny_multimodal_dir), "--scorer", "wanda",
             "--sparsity", "0.5", "--calib", "c4", "--nsamples", "4", "--seqlen", "32",
             "--eval", "wikitext2", "--eval-limit", "2", "--output", str(out), "--quiet",
+            "--dtype", "float32",  # the checkpoint's own: a GPU's default is bfloat16
         ]
     )  # fmt: skip
     captured = capsys.readouterr()
