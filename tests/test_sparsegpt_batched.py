@@ -3,12 +3,14 @@ experts of a MoE block, in one stacked solve) equals solving the groups one by o
 (`prune_group`), item by item: weights, masks and solver info."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tiny_models import calib, make_moe
 from trimprune import PruneConfig, prune
+from trimprune.algo import block
 from trimprune.algo.scorers import Member, Scorer, SparseGPT, Target
 from trimprune.algo.scorers import sparsegpt as sgmod
 from trimprune.algo.stats import InputStats, StatsNeeds
@@ -145,15 +147,16 @@ def _prune_moe(family: str, trim: bool, batched: bool, monkeypatch):
         flat |= dict(trim=True, trim_inputs="all")
     res = prune(model, None, PruneConfig.from_flat(flat), calibration=calib(4, 16), progress=False)
     monkeypatch.undo()
-    assert not batched or max(sizes) > 2  # the experts were solved in batches
-    return model, res
+    assert not batched or max(sizes) >= 2  # the experts were solved in batches
+    return model, res, sizes
 
 
 @pytest.mark.parametrize("trim", [False, True], ids=["sparsegpt", "sparsegpt+trim"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_moe_prune_equals_group_by_group(family, trim, monkeypatch):
-    m1, r1 = _prune_moe(family, trim, True, monkeypatch)
-    m2, r2 = _prune_moe(family, trim, False, monkeypatch)
+    m1, r1, sizes = _prune_moe(family, trim, True, monkeypatch)
+    m2, r2, _ = _prune_moe(family, trim, False, monkeypatch)
+    assert max(sizes) >= 4  # every expert of a block in one batch
     l1 = ModelAdapter.from_model(m1).all_linears()
     l2 = ModelAdapter.from_model(m2).all_linears()
     assert any(".experts.1." in n for n in l1)
@@ -170,3 +173,30 @@ def test_moe_prune_equals_group_by_group(family, trim, monkeypatch):
                 b.dead_columns,
             )
             assert _same_float(a.obs_loss, b.obs_loss, 1e-12), n
+
+
+def test_parts_are_consecutive_balanced_and_bounded(monkeypatch):
+    monkeypatch.setattr(block, "PART_WEIGHTS", 100)
+    sizes = {"a": 30, "b": 30, "c": 30, "d": 30, "e": 250, "f": 10}
+    run = SimpleNamespace(
+        linears={n: SimpleNamespace(weight=torch.empty(k)) for n, k in sizes.items()}
+    )
+    groups = [["a", "b"], ["c"], ["d"], ["e"], ["f"]]
+    parts = block._parts(run, groups)
+    assert [g for p in parts for g in p] == groups  # consecutive, in order
+    # 380 weights: 4 parts of about 95 (plus at most one group), cut by the weights before each
+    # group; the one the large group skips is empty
+    assert parts == [[["a", "b"], ["c"], ["d"]], [["e"]], [["f"]]]
+    assert block._parts(run, groups[:2]) == [groups[:2]]  # 90 weights: one part
+
+
+def test_moe_prune_in_parts_equals_one_part(monkeypatch):
+    _, r1, _ = _prune_moe("qwen3_moe", False, True, monkeypatch)
+    monkeypatch.setattr(block, "PART_WEIGHTS", 2000)  # a tiny block in several parts
+    got = []
+    parts = block._parts
+    monkeypatch.setattr(block, "_parts", lambda run, gs: got.append(parts(run, gs)) or got[-1])
+    _, r2, _ = _prune_moe("qwen3_moe", False, True, monkeypatch)
+    assert max(len(p) for p in got) >= 3
+    for n in r1.layers:
+        assert torch.equal(r1.mask(n), r2.mask(n)), n

@@ -47,9 +47,9 @@ from trimprune.errors import TrimpruneError
 # scorer-alone masks of mask scorers are made while the searches run for blocks up to this many
 # weights (their outcomes are held until used)
 EARLY_ALONE_MAX_WEIGHTS = 2**26
-# the groups of a block are decided in parts of consecutive groups holding at most this many weights
-# (a larger group alone): one scorer call per part (`Scorer.prune_groups`) bounds the float32 copies
-# and outcomes held at once
+# the groups of a block are decided in parts of consecutive groups of about this many weights at
+# most (`_parts`): one scorer call per part (`Scorer.prune_groups`) bounds the float32 copies and
+# outcomes held at once
 PART_WEIGHTS = 2**29
 # TRIM candidates (rates x weights) of the searches in flight at once: more are launched only once
 # these are collected (a Llama-8B block: 2.2e9; a Qwen3-30B-A3B block's 384 experts: 6e9)
@@ -172,7 +172,8 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     groups = [g for g in hooks.groups if g]
     owners = plan.owners(run, groups)
     mine = [g for g, o in zip(groups, owners) if o == plan.ranks.rank]  # every group in one process
-    # without TRIM each group's float32 working copies exist only while the group is decided
+    # without TRIM the float32 working copies of the groups exist only while their part (`_parts`)
+    # is decided
     lazy = plan.search is None
     members = {} if lazy else {n: _member(run, plan, n) for g in mine for n in g}
     with ex.phase("trim search"):
@@ -387,18 +388,17 @@ def _needs_alone(plan: Plan, searches: Searches, name: str) -> bool:
 
 
 def _parts(run, groups: list[list[str]]) -> list[list[list[str]]]:
-    """The groups in parts of consecutive groups of at most `PART_WEIGHTS` weights (a larger group
-    alone)."""
-    parts: list[list[list[str]]] = []
-    size = 0
-    for g in groups:
-        n = sum(run.linears[x].weight.numel() for x in g)
-        if not parts or size + n > PART_WEIGHTS:
-            parts.append([])
-            size = 0
-        parts[-1].append(g)
-        size += n
-    return parts
+    """The groups in k = ceil(weights / `PART_WEIGHTS`) parts of consecutive groups, of about equal
+    weights (each at most weights / k plus one group)."""
+    sizes = [sum(run.linears[x].weight.numel() for x in g) for g in groups]
+    total = max(1, sum(sizes))
+    k = -(-total // PART_WEIGHTS)
+    parts: list[list[list[str]]] = [[] for _ in range(k)]
+    before = 0
+    for g, n in zip(groups, sizes):
+        parts[before * k // total].append(g)
+        before += n
+    return [p for p in parts if p]
 
 
 def _scorer_alone(

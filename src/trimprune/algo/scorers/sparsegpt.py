@@ -393,9 +393,9 @@ class SparseGPT(Scorer):
     ) -> list[list[Outcome]]:
         """`prune_group` for B groups of the same shapes, stacked: W (B, rows, cols), U (B, cols,
         cols). Algorithm 1 with each step batched over the groups: the mask of a column block per
-        matrix (`_smallest`, or the TRIM row counts), the block's columns (`_ObsBlocks`), the
-        update of the later columns W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]; then the non-finite
-        fallback and the OBS loss per linear."""
+        matrix (`_select_blocks`), the block's columns (`_ObsBlocks`), the update of the later
+        columns W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]; then the non-finite fallback and the OBS
+        loss per linear (`_batch_outcomes`)."""
         members = [ms for ms, _ in groups]
         dev = members[0][0].weight.device
         fs = self._inverse_factors([cast(InputStats, st) for _, st in groups], dev)
@@ -408,23 +408,8 @@ class SparseGPT(Scorer):
             segs.append(slice(r0, r0 + m.weight.shape[0]))
             r0 += m.weight.shape[0]
         nm = members[0][0].target.nm
-        bs = self.blocksize
-        blocks = [(i1, min(i1 + bs, cols)) for i1 in range(0, cols, bs)]
-        # per member segment: the TRIM row counts (B, seg rows), or the matrix counts per block
-        # (blocks, B), which telescope to round(sparsity * numel)
-        sel: list[torch.Tensor] = []
-        for k, sg in enumerate(segs):
-            ts = [ms[k].target for ms in members]
-            if ts[0].row_counts is not None:
-                rc = [cast(torch.Tensor, t.row_counts).to(dev, torch.float64) for t in ts]
-                sel.append(torch.stack(rc))
-            else:
-                r = sg.stop - sg.start
-                counts = [
-                    [_round(t.sparsity * r * i2) - _round(t.sparsity * r * i1) for t in ts]
-                    for i1, i2 in blocks
-                ]
-                sel.append(self.ex.to_device(counts, torch.long, dev))
+        blocks = [(i1, min(i1 + self.blocksize, cols)) for i1 in range(0, cols, self.blocksize)]
+        sel = self._batch_counts(members, segs, blocks, dev)
         mask = torch.zeros_like(W, dtype=torch.bool)
         losses = torch.zeros(B, rows, device=dev, dtype=W.dtype)
         for j, (i1, i2) in enumerate(blocks):
@@ -433,16 +418,7 @@ class SparseGPT(Scorer):
             if nm is None:
                 d = torch.diagonal(U1, dim1=1, dim2=2)
                 tmp = W1.square() / d.square().unsqueeze(1)
-                parts = []
-                for sg, m, sk in zip(segs, members[0], sel):
-                    t = tmp[:, sg]
-                    if m.target.row_counts is not None:
-                        kr = (torch.round(sk * i2 / cols) - torch.round(sk * i1 / cols)).long()
-                        ranks = row_ranks(t.reshape(-1, t.shape[2])).view(t.shape)
-                        parts.append(ranks < kr.unsqueeze(2))
-                    else:
-                        parts.append(_smallest(t, sk[j]))
-                mask1 = torch.cat(parts, 1)
+                mask1 = self._select_blocks(tmp, segs, members[0], sel, j, i1, i2, cols)
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             n, mm = nm if nm is not None else (0, 0)
@@ -457,7 +433,68 @@ class SparseGPT(Scorer):
             mask[:, :, i1:i2] = mask1
             if i2 < cols:
                 W[:, :, i2:].baddbmm_(Err1, U[:, i1:i2, i2:], alpha=-1.0)
-        # per linear: finite or not, and the OBS loss (one synchronisation)
+        return self._batch_outcomes(members, fs, W, mask, losses, segs)
+
+    def _batch_counts(
+        self,
+        members: list[list[Member]],
+        segs: list[slice],
+        blocks: list[tuple[int, int]],
+        dev: torch.device,
+    ) -> list[torch.Tensor]:
+        """Per member position: its TRIM row counts (B, rows) as float64, or the pruned weights of
+        each column block of each matrix (blocks, B), which telescope to round(sparsity * numel)
+        (`_select_block`)."""
+        sel = []
+        for k, sg in enumerate(segs):
+            ts = [ms[k].target for ms in members]
+            if ts[0].row_counts is not None:
+                rc = [cast(torch.Tensor, t.row_counts).to(dev, torch.float64) for t in ts]
+                sel.append(torch.stack(rc))
+            else:
+                r = sg.stop - sg.start
+                counts = [
+                    [_round(t.sparsity * r * i2) - _round(t.sparsity * r * i1) for t in ts]
+                    for i1, i2 in blocks
+                ]
+                sel.append(self.ex.to_device(counts, torch.long, dev))
+        return sel
+
+    @staticmethod
+    def _select_blocks(
+        tmp: torch.Tensor,
+        segs: list[slice],
+        members: list[Member],
+        sel: list[torch.Tensor],
+        j: int,
+        i1: int,
+        i2: int,
+        cols: int,
+    ) -> torch.Tensor:
+        """`_select_block` of each member position over the batch: the mask of columns [i1, i2)
+        (block j) from the saliencies tmp (B, rows, i2 - i1)."""
+        parts = []
+        for sg, m, sk in zip(segs, members, sel):
+            t = tmp[:, sg]
+            if m.target.row_counts is not None:
+                k = (torch.round(sk * i2 / cols) - torch.round(sk * i1 / cols)).long()
+                ranks = row_ranks(t.reshape(-1, t.shape[2])).view(t.shape)
+                parts.append(ranks < k.unsqueeze(2))
+            else:
+                parts.append(_smallest(t, sk[j]))
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def _batch_outcomes(
+        members: list[list[Member]],
+        fs: list[InverseFactor],
+        W: torch.Tensor,
+        mask: torch.Tensor,
+        losses: torch.Tensor,
+        segs: list[slice],
+    ) -> list[list[Outcome]]:
+        """Each linear's outcome; one that is not finite keeps its mask without the update (as in
+        `prune_group`). One synchronisation."""
         finite = torch.stack([torch.isfinite(W[:, sg]).flatten(1).all(1) for sg in segs], 1)
         loss = torch.stack([losses[:, sg].sum(1) for sg in segs], 1)
         finite_l, loss_l = finite.tolist(), loss.tolist()
