@@ -123,6 +123,26 @@ def test_groups_of_other_shapes_chunks_and_singletons(monkeypatch):
     _assert_same(batched[:-1], [sg.prune_group(ms, st) for ms, st in _fresh(groups[:-1])])
 
 
+def test_prepare_computes_the_inverse_factors_of_each_size_in_batches():
+    groups = _groups(4, 4) + _groups(5, 3, cols=32)
+    stats = [st for _, st in groups]
+    sg = SparseGPT(blocksize=16)
+    dev = torch.device("cpu")
+    sg.prepare(stats + stats[:2], dev)  # repeated statistics are factorised once
+    key = sg._factor_key(dev)
+    assert all(st.has_derived(key) for st in stats)
+    for st, (_, fresh) in zip(stats, _fresh(groups)):
+        got, ref = sg.inverse_factor(st, dev), sg._inverse_factor(fresh.gram, dev)
+        torch.testing.assert_close(got.U, ref.U, rtol=1e-12, atol=1e-12)
+        assert torch.equal(got.dead, ref.dead)
+        assert (got.percdamp_used, got.damp_retries, got.fallback, got.dead_columns) == (
+            ref.percdamp_used,
+            ref.damp_retries,
+            ref.fallback,
+            ref.dead_columns,
+        )
+
+
 def test_a_non_finite_gram_in_a_batch_is_an_error():
     groups = _groups(3, 3)
     groups[1][1].gram[0, 0] = math.inf
@@ -139,6 +159,7 @@ def _prune_moe(family: str, trim: bool, batched: bool, monkeypatch):
         )
     else:
         monkeypatch.setattr(SparseGPT, "prune_groups", Scorer.prune_groups)
+        monkeypatch.setattr(SparseGPT, "prepare", Scorer.prepare)
     model = make_moe(family, dtype=D)
     flat = dict(
         scorer="sparsegpt", sparsity=0.6, nsamples=4, seqlen=16, moe_min_tokens=0, blocksize=8

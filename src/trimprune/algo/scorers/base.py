@@ -92,6 +92,11 @@ class Scorer:
             out.append(Outcome(weight=m.weight.masked_fill(mask, 0.0), mask=mask))
         return out
 
+    def prepare(self, stats: list[InputStats], device: torch.device) -> None:
+        """Compute ahead, for many statistics at once, what `importance` derives from each
+        (SparseGPT's inverse factors, before TRIM's searches ask for them one linear at a time).
+        Nothing by default."""
+
     def prune_groups(
         self, groups: list[tuple[list[Member], InputStats | None]]
     ) -> list[list[Outcome]]:

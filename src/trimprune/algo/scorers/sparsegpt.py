@@ -342,6 +342,21 @@ class SparseGPT(Scorer):
                     out[j] = o
         return out
 
+    def prepare(self, stats: list[InputStats], device: torch.device) -> None:
+        """The inverse factors of many statistics (those of TRIM's searched linears), in batches of
+        one size (`_inverse_factors`), before `importance` asks for them one by one."""
+        key = self._factor_key(device)
+        sizes: dict[tuple, dict[int, InputStats]] = {}
+        for st in stats:
+            if not st.has_derived(key):
+                gram = cast(torch.Tensor, st.gram)
+                sizes.setdefault((gram.shape[0], gram.dtype), {})[id(st)] = st
+        for (n, _), same in sizes.items():
+            todo = list(same.values())
+            k = -(-len(todo) // max(1, BATCH_GRAM_ELEMENTS // (n * n)))
+            for c in range(k):
+                self._inverse_factors(todo[c * len(todo) // k : (c + 1) * len(todo) // k], device)
+
     @staticmethod
     def _batch_key(members: list[Member], stats: InputStats) -> tuple:
         """Groups with equal keys are solved in one batch."""
