@@ -47,6 +47,10 @@ from trimprune.errors import TrimpruneError
 # scorer-alone masks of mask scorers are made while the searches run for blocks up to this many
 # weights (their outcomes are held until used)
 EARLY_ALONE_MAX_WEIGHTS = 2**26
+# the groups of a block are decided in parts of consecutive groups of about this many weights at
+# most (`_parts`): one scorer call per part (`Scorer.prune_groups`) bounds the float32 copies and
+# outcomes held at once
+PART_WEIGHTS = 2**29
 # TRIM candidates (rates x weights) of the searches in flight at once: more are launched only once
 # these are collected (a Llama-8B block: 2.2e9; a Qwen3-30B-A3B block's 384 experts: 6e9)
 WAVE_ELEMENTS = 2**32
@@ -168,7 +172,8 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     groups = [g for g in hooks.groups if g]
     owners = plan.owners(run, groups)
     mine = [g for g, o in zip(groups, owners) if o == plan.ranks.rank]  # every group in one process
-    # without TRIM each group's float32 working copies exist only while the group is decided
+    # without TRIM the float32 working copies of the groups exist only while their part (`_parts`)
+    # is decided
     lazy = plan.search is None
     members = {} if lazy else {n: _member(run, plan, n) for g in mine for n in g}
     with ex.phase("trim search"):
@@ -187,10 +192,9 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
         and sum(m.weight.numel() for m in members.values()) <= EARLY_ALONE_MAX_WEIGHTS
     ):
         with ex.phase("masks"):
-            for g in mine:
-                alone.update(
-                    _scorer_alone(plan, searches, [members[n] for n in g], hooks.stats_for(g[0]))
-                )
+            alone = _scorer_alone(
+                plan, searches, [([members[n] for n in g], hooks.stats_for(g[0])) for g in mine]
+            )
         if (
             block_safeguarded
             and searches.names
@@ -204,9 +208,10 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     with ex.phase("trim search"):
         found = searches.finish(plan)
     choices = []
-    for g in mine:
-        ms = [_member(run, plan, n) for n in g] if lazy else [members[n] for n in g]
-        choices += _decide_group(run, plan, ms, hooks.stats_for(g[0]), searches, found, alone, ex)
+    for part in _parts(run, mine):
+        ms = {n: _member(run, plan, n) for g in part for n in g} if lazy else members
+        groups_ms = [([ms[n] for n in g], hooks.stats_for(g[0])) for g in part]
+        choices += _decide_groups(run, plan, groups_ms, searches, found, alone, ex)
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for g, o in zip(groups, owners):
         shared |= _share(run, plan, g, o, choices, hooks.stats_for)
@@ -233,9 +238,8 @@ def _prune_block_recalc(run, plan: Plan, ex: Executor) -> BlockDecision:
             with ex.phase("trim search"):
                 searches = Searches.launch(plan, members, {n: hooks.stats_for(n) for n in g})
                 found = searches.finish(plan)
-            choices += _decide_group(
-                run, plan, list(members.values()), hooks.stats_for(g[0]), searches, found, {}, ex
-            )
+            group = (list(members.values()), hooks.stats_for(g[0]))
+            choices += _decide_groups(run, plan, [group], searches, found, {}, ex)
         # the next group's statistics see these weights
         shared |= _share(run, plan, g, owner, choices, hooks.stats_for)
     return _conclude(run, plan, choices, dense_sub, None, shared, ex)
@@ -307,6 +311,8 @@ class Searches:
         mode = plan.config.trim.input_mode.mode
         tokens = {n: stats[n].kept_tokens(mode) for n in members}
         todo = [m for m in members.values() if plan.searches(m.target.sparsity, stats[m.name])]
+        if todo:  # e.g. SparseGPT's inverse factors, batched over the block's groups
+            plan.scorer.prepare([stats[m.name] for m in todo], todo[0].weight.device)
         classes: dict = {}
         for m in todo:
             classes.setdefault(_search_class(plan, m, tokens[m.name]), []).append(m)
@@ -383,40 +389,104 @@ def _needs_alone(plan: Plan, searches: Searches, name: str) -> bool:
     return name not in searches.names or plan.config.trim.safeguard
 
 
+def _parts(run, groups: list[list[str]]) -> list[list[list[str]]]:
+    """The groups in k = ceil(weights / `PART_WEIGHTS`) parts of consecutive groups, of about equal
+    weights (each at most weights / k plus one group)."""
+    sizes = [sum(run.linears[x].weight.numel() for x in g) for g in groups]
+    total = max(1, sum(sizes))
+    k = -(-total // PART_WEIGHTS)
+    parts: list[list[list[str]]] = [[] for _ in range(k)]
+    before = 0
+    for g, n in zip(groups, sizes):
+        parts[before * k // total].append(g)
+        before += n
+    return [p for p in parts if p]
+
+
 def _scorer_alone(
-    plan: Plan, searches: Searches, members: list[Member], stats: InputStats
+    plan: Plan, searches: Searches, groups: list[tuple[list[Member], InputStats]]
 ) -> dict[str, Outcome]:
-    ms = [m for m in searches.with_ranks(members) if _needs_alone(plan, searches, m.name)]
-    return dict(zip([m.name for m in ms], plan.scorer.prune_group(ms, stats))) if ms else {}
+    """The scorer alone's outcomes of the groups' linears that need one, in one scorer call."""
+    asked = [
+        [m for m in searches.with_ranks(ms) if _needs_alone(plan, searches, m.name)]
+        for ms, _ in groups
+    ]
+    outs = plan.scorer.prune_groups([(ms, st) for ms, (_, st) in zip(asked, groups)])
+    return {m.name: o for ms, os in zip(asked, outs) for m, o in zip(ms, os)}
 
 
-def _decide_group(
+@dataclass
+class _Asked:
+    """What one group asks of the scorer: the scorer alone's outcomes not made yet (`need`) and
+    TRIM's (`trim`: the searched linears with their row counts), solved together (SparseGPT solves
+    the rows of a group as one problem)."""
+
+    names: tuple[str, ...]
+    members: list[Member]  # with the row ranks of their search
+    need: list[Member]
+    trim: list[Member]
+
+    @classmethod
+    def of(
+        cls,
+        plan: Plan,
+        members: list[Member],
+        searches: Searches,
+        found: dict[str, Found],
+        alone: dict[str, Outcome],
+    ) -> _Asked:
+        names = tuple(m.name for m in members)
+        members = searches.with_ranks(members)
+        trim = [
+            Member(m.name, m.weight, replace(m.target, row_counts=found[m.name].counts))
+            for m in members
+            if m.name in found
+        ]
+        need = [m for m in members if _needs_alone(plan, searches, m.name) and m.name not in alone]
+        return cls(names, members, need, trim)
+
+
+def _decide_groups(
     run,
     plan: Plan,
-    members: list[Member],
-    stats: InputStats,
+    groups: list[tuple[list[Member], InputStats]],
     searches: Searches,
     found: dict[str, Found],
     alone: dict[str, Outcome],
     ex: Executor,
 ) -> list[LinearChoice]:
-    """The outcomes of one group: the scorer alone's (those not made yet) and TRIM's, in one scorer
-    call (SparseGPT solves the rows of a group together), then each searched linear's own safeguard.
-    Sets the chosen weights."""
-    names = tuple(m.name for m in members)
-    members = searches.with_ranks(members)
-    trim_members = [
-        Member(m.name, m.weight, replace(m.target, row_counts=found[m.name].counts))
-        for m in members
-        if m.name in found
-    ]
+    """The outcomes of the groups (members, statistics) in one scorer call (`Scorer.prune_groups`:
+    SparseGPT solves same-shape groups, e.g. a MoE block's experts, as one batch of Algorithm 1),
+    then each group's decisions (`_decide_group`). Sets the chosen weights."""
+    asked = [_Asked.of(plan, ms, searches, found, alone) for ms, _ in groups]
     with ex.phase("masks"):
-        need = [m for m in members if _needs_alone(plan, searches, m.name) and m.name not in alone]
-        outs = plan.scorer.prune_group(need + trim_members, stats) if need or trim_members else []
+        outs = plan.scorer.prune_groups(
+            [(a.need + a.trim, st) for a, (_, st) in zip(asked, groups)]
+        )
+    choices = []
+    for a, (_, st), o in zip(asked, groups, outs):
+        choices += _decide_group(run, plan, a, o, st, found, alone, ex)
+    return choices
+
+
+def _decide_group(
+    run,
+    plan: Plan,
+    asked: _Asked,
+    outs: list[Outcome],
+    stats: InputStats,
+    found: dict[str, Found],
+    alone: dict[str, Outcome],
+    ex: Executor,
+) -> list[LinearChoice]:
+    """One group's choices from the scorer's outcomes (`outs`, for `asked.need + asked.trim`): the
+    scorer alone's outcome, or each searched linear's own safeguard between it and TRIM's. Sets the
+    chosen weights."""
+    names, members, need = asked.names, asked.members, asked.need
     base = {m.name: o for m, o in zip(need, outs[: len(need)])} | {
         n: alone[n] for n in names if n in alone
     }
-    trim_out = {m.name: o for m, o in zip(trim_members, outs[len(need) :])}
+    trim_out = {m.name: o for m, o in zip(asked.trim, outs[len(need) :])}
     evaluator: list[Any] = []
 
     def measure():  # one evaluator per group, made when first needed

@@ -199,3 +199,8 @@ class InputStats:
         if key not in self._derived:
             self._derived[key] = make()
         return self._derived[key]
+
+    def has_derived(self, key) -> bool:
+        """Whether `derived(key, ...)` was computed already (a batched computation fills in the
+        others)."""
+        return key in self._derived

@@ -91,3 +91,15 @@ class Scorer:
                 mask = self.select(self.importance(m.weight, stats), t)
             out.append(Outcome(weight=m.weight.masked_fill(mask, 0.0), mask=mask))
         return out
+
+    def prepare(self, stats: list[InputStats], device: torch.device) -> None:
+        """Compute ahead, for many statistics at once, what `importance` derives from each
+        (SparseGPT's inverse factors, before TRIM's searches ask for them one linear at a time).
+        Nothing by default."""
+
+    def prune_groups(
+        self, groups: list[tuple[list[Member], InputStats | None]]
+    ) -> list[list[Outcome]]:
+        """`prune_group` of each (members, statistics) pair, in order; a group without members has
+        no outcomes. Scorers that solve several groups at once (SparseGPT) override it."""
+        return [self.prune_group(ms, st) if ms else [] for ms, st in groups]
