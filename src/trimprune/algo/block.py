@@ -208,7 +208,9 @@ def prune_block(run, plan: Plan, ex: Executor = EAGER) -> BlockDecision:
     with ex.phase("trim search"):
         found = searches.finish(plan)
     choices = []
-    for part in _parts(run, mine):
+    # a scorer that solves groups together (SparseGPT) gets parts of many groups; the others one
+    # group at a time, so that without TRIM one group's working copies exist at once
+    for part in _parts(run, mine) if plan.scorer.reconstructs else [[g] for g in mine]:
         ms = {n: _member(run, plan, n) for g in part for n in g} if lazy else members
         groups_ms = [([ms[n] for n in g], hooks.stats_for(g[0])) for g in part]
         choices += _decide_groups(run, plan, groups_ms, searches, found, alone, ex)
