@@ -329,3 +329,68 @@ def test_cli_prune_of_a_moe_with_zero_shot_and_report(moe_dir, data_dir, tmp_pat
     for name, t in loaded.state_dict().items():
         if name in masks:
             assert torch.equal(t == 0, masks[name]), name
+
+
+# ------------------------------------------------------------------------------ SIGKILL, resume
+KILL_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(2)
+from safetensors.torch import save_file
+from tiny_models import calib, make_moe
+from trimprune import PruneConfig, prune
+
+family, flat, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+model = make_moe(family)
+res = prune(model, None, PruneConfig.from_flat(flat), calibration=calib(4, 16), progress=False)
+out.mkdir(parents=True)
+save_file({{k: v.clone().contiguous() for k, v in model.state_dict().items()}},
+          str(out / "weights.safetensors"))
+save_file(dict(res.masks), str(out / "masks.safetensors"))
+(out / "records.json").write_text(json.dumps({{
+    "layers": {{k: r.to_dict() for k, r in res.layers.items()}},
+    "fallback": res.moe_fallback, "resumed_from_block": res.resumed_from_block}}))
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_sigkill_after_a_block_then_resume_is_bit_identical(family, tmp_path):
+    """Real processes: killed with SIGKILL right after block 0's checkpoint is committed, resumed by
+    a second process, compared with a third that ran without checkpoints (TRIM and the fallback
+    on)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(tests)))
+    flat = FALLBACK | {"trim": True}
+    ck = str(tmp_path / "ck")
+
+    def run(out, extra, kill=None):
+        env = dict(os.environ, PYTHONPATH=str(tests.parent / "src"))
+        env.pop(resume_mod.KILL_ENV, None)
+        if kill is not None:
+            env[resume_mod.KILL_ENV] = str(kill)
+        cmd = [sys.executable, str(script), family, json.dumps(flat | extra), str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    p = run(tmp_path / "killed", {"checkpoint_dir": ck}, kill=0)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    p = run(tmp_path / "resumed", {"checkpoint_dir": ck, "resume": True})
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run(tmp_path / "plain", {})
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = tmp_path / "resumed", tmp_path / "plain"
+    for f in ("weights.safetensors", "masks.safetensors"):
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+    ra, rb = (json.loads((d / "records.json").read_text()) for d in (a, b))
+    assert ra["resumed_from_block"] == 0 and rb["resumed_from_block"] is None
+    assert ra["layers"] == rb["layers"] and ra["fallback"] == rb["fallback"]
+    assert any(".experts." in k for k in ra["layers"])
