@@ -407,7 +407,7 @@ def _evaluate(
             model, sets, args.eval_batch_size, dev, offload, progress, label, storage
         )
         for k, v in sets.items():
-            out["eval"][k]["source"] = v["source"]
+            out["eval"][k] |= {key: v[key] for key in ("source", "files", "protocol") if key in v}
     if args.tasks and _main_rank():
         t0 = time.perf_counter()
         scores = evaluate_tasks(

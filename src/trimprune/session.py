@@ -27,7 +27,7 @@ from trimprune.algo.allocation import Allocation, resolve_sparsity
 from trimprune.algo.block import BlockRecords, Plan, prune_block
 from trimprune.algo.masks import unpack_mask
 from trimprune.algo.scorers import make_scorer
-from trimprune.calib.data import get_calibration
+from trimprune.calib.data import CalibrationData, load_calibration
 from trimprune.config import PruneConfig
 from trimprune.core.coverage import Coverage, check_coverage
 from trimprune.core.model import ExcludedModule, ModelAdapter, model_device
@@ -76,6 +76,8 @@ class PruneResult:
     coverage: Coverage | None = None
     # a multimodal model's towers beside its language model, not pruned (vision tower, projector)
     excluded: tuple[ExcludedModule, ...] = ()
+    # where the calibration sequences came from (None: the caller gave them)
+    calibration_data: CalibrationData | None = None
 
     def mask(self, name: str) -> torch.Tensor:
         """The bool mask (True = pruned) of one linear, unpacked."""
@@ -421,6 +423,7 @@ class RunInputs:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = 0.0
+    calibration_data: CalibrationData | None = None  # None: the caller gave the sequences
 
 
 def _compute_device(model: nn.Module, config: PruneConfig, device) -> torch.device:
@@ -488,8 +491,11 @@ def resolve_inputs(
     adapter = ModelAdapter.from_model(model)
     storage = check_disk_prune(model, config, ranks, calibration is None, storage)
     dev = _compute_device(model, config, device)
+    calibration_data = None
     if calibration is None:
-        calibration = get_calibration(config.calib, tokenizer, model, progress=shown)
+        calibration, calibration_data = load_calibration(
+            config.calib, tokenizer, model, progress=shown
+        )
     else:
         adapter.check_context(_as_ids(calibration).shape[1], "{seqlen}")
     timings = {"calibration_data_seconds": time.perf_counter() - t_start}
@@ -518,6 +524,7 @@ def resolve_inputs(
         notes,
         timings,
         t_start,
+        calibration_data,
     )
 
 
@@ -745,6 +752,7 @@ class Session:
             moe_fallback=dict(records.moe_fallback),
             coverage=Coverage.of(self.adapter),
             excluded=self.adapter.excluded,
+            calibration_data=self.inputs.calibration_data,
         )
 
     def close(self) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
 import random
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ LAYOUT = {
     ("ptb", "train"): ["ptb/ptb.train.txt"],
     ("ptb", "test"): ["ptb/ptb.test.txt"],
 }
-HUB = {
+HUB: dict[tuple[str, str], tuple[str, dict[str, object], str, str]] = {
     ("c4", "train"): (
         "allenai/c4",
         {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
@@ -54,6 +56,67 @@ HUB = {
     ("ptb", "train"): ("ptb_text_only", {"name": "penn_treebank"}, "train", "sentence"),
     ("ptb", "test"): ("ptb_text_only", {"name": "penn_treebank"}, "test", "sentence"),
 }
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file a run read: its absolute path, size in bytes and SHA-256 (hex) at reading time,
+    so that a reader can tell whether a file at hand is the one the run used."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> DataFile:
+        p = Path(path).resolve()
+        st = p.stat()
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            _HASHES[key] = h.hexdigest()
+        return cls(str(p), st.st_size, _HASHES[key])
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, per process
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Where a run's calibration sequences came from and how they were drawn: the source (c4,
+    wikitext2, ptb, self), the files read (none for `self` or the Hub; `hub` then names the data
+    set), and the protocol's numbers (sequences, tokens each, seed)."""
+
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    files: tuple[DataFile, ...] = ()
+    hub: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "files": [f.to_dict() for f in self.files],
+            "hub": self.hub,
+        }
+
+
+def hub_name(name: str, split: str) -> str:
+    """The Hub data set a `name` (`split`) is read from, e.g. "wikitext wikitext-2-raw-v1 test"."""
+    repo, kw, hsplit, _ = HUB[(name, split)]
+    files = kw.get("data_files", {})
+    extra = kw.get("name") or (next(iter(files.values()), "") if isinstance(files, dict) else "")
+    return " ".join(str(x) for x in (repo, extra, hsplit) if x)
 
 
 def data_root() -> Path | None:
@@ -320,6 +383,14 @@ def _field(name: str, path) -> str:
 
 
 def dataset_rows(name: str, split: str, path: str | None, fmt: str | None, flag: str) -> list[str]:
+    return dataset_source(name, split, path, fmt, flag)[0]
+
+
+def dataset_source(
+    name: str, split: str, path: str | None, fmt: str | None, flag: str
+) -> tuple[list[str], str | None]:
+    """(rows, the local file they were read from, or None when they came from the Hub): `path`
+    when given, else the file under TRIMPRUNE_DATA, else the Hub."""
     if path is None:
         local = find_local(name, split)
         if local is not None:
@@ -328,8 +399,8 @@ def dataset_rows(name: str, split: str, path: str | None, fmt: str | None, flag:
         rows = read_rows(path, fmt, field=_field(name, path), flag=flag)
         if name == "ptb" and not str(path).endswith((".jsonl", ".parquet")):
             rows = [r.strip() for r in rows]
-        return rows
-    return hub_rows(name, split, flag)
+        return rows, path
+    return hub_rows(name, split, flag), None
 
 
 def check_source(name: str, split: str, path: str | None, fmt: str | None, flag: str) -> str:
@@ -533,7 +604,16 @@ def sample_from_model(
 
 def get_calibration(config: CalibConfig, tokenizer, model=None, progress=False) -> torch.Tensor:
     """(nsamples, seqlen) token ids for the calibration source named by the config."""
+    return load_calibration(config, tokenizer, model, progress)[0]
+
+
+def load_calibration(
+    config: CalibConfig, tokenizer, model=None, progress=False
+) -> tuple[torch.Tensor, CalibrationData]:
+    """`get_calibration`'s token ids and the record of where they came from (`CalibrationData`:
+    the file actually read, with its size and SHA-256, and the protocol's numbers)."""
     name = config.source
+    record = CalibrationData(name, config.nsamples, config.seqlen, config.seed)
     if name == "self":
         if model is None:
             raise TrimpruneError("{calib} self needs the model to sample from")
@@ -545,11 +625,21 @@ def get_calibration(config: CalibConfig, tokenizer, model=None, progress=False) 
             config.seed,
             batch_size=max(1, min(config.nsamples, 32)),
             progress=progress,
-        )
-    rows = dataset_rows(name, "train", config.data, config.format, "{calib_data}")
+        ), record
+    rows, path = dataset_source(name, "train", config.data, config.format, "{calib_data}")
+    record = CalibrationData(
+        name,
+        config.nsamples,
+        config.seqlen,
+        config.seed,
+        (DataFile.of(path),) if path is not None else (),
+        None if path is not None else hub_name(name, "train"),
+    )
     if name == "c4":
-        return calib_c4(tokenizer, rows, config.nsamples, config.seqlen, config.seed)
-    return calib_stream(tokenizer, " ".join(rows), config.nsamples, config.seqlen, config.seed)
+        ids = calib_c4(tokenizer, rows, config.nsamples, config.seqlen, config.seed)
+    else:
+        ids = calib_stream(tokenizer, " ".join(rows), config.nsamples, config.seqlen, config.seed)
+    return ids, record
 
 
 # ------------------------------------------------------------------------------ evaluation text
@@ -558,17 +648,33 @@ def eval_text(name: str, path: str | None = None, fmt: str | None = None) -> tup
     wikitext2 test rows joined with "\\n\\n"; ptb test sentences joined with " ";
     c4 the first 1100 validation documents joined with " ", capped at 256 windows;
     any other NAME=PATH: the file's rows joined with "\\n\\n"."""
+    text, cap, _ = eval_source(name, path, fmt)
+    return text, cap
+
+
+def eval_source(
+    name: str, path: str | None = None, fmt: str | None = None
+) -> tuple[str, int | None, str | None]:
+    """`eval_text`'s (text, token cap) and the local file read (None: the rows came from the
+    Hub)."""
     flag = f"--eval-data {name}=PATH"
     if name == "wikitext2":
-        return "\n\n".join(dataset_rows("wikitext2", "test", path, fmt, flag)), None
+        rows, used = dataset_source("wikitext2", "test", path, fmt, flag)
+        return EVAL_JOIN[name].join(rows), None, used
     if name == "ptb":
-        return " ".join(dataset_rows("ptb", "test", path, fmt, flag)), None
+        rows, used = dataset_source("ptb", "test", path, fmt, flag)
+        return EVAL_JOIN[name].join(rows), None, used
     if name == "c4":
-        rows = dataset_rows("c4", "validation", path, fmt, flag)
-        return " ".join(rows[:1100]), 256
+        rows, used = dataset_source("c4", "validation", path, fmt, flag)
+        return EVAL_JOIN[name].join(rows[:C4_EVAL_DOCUMENTS]), C4_EVAL_WINDOWS, used
     if path is None:
         raise TrimpruneError(
             f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
             f"--eval-data {name}=PATH"
         )
-    return "\n\n".join(read_rows(path, fmt, flag=f"--eval-data {name}")), None
+    return "\n\n".join(read_rows(path, fmt, flag=f"--eval-data {name}")), None, path
+
+
+EVAL_JOIN = {"wikitext2": "\n\n", "ptb": " ", "c4": " "}  # how an evaluation set's rows are joined
+C4_EVAL_DOCUMENTS = 1100  # the C4 validation documents of the perplexity protocol
+C4_EVAL_WINDOWS = 256  # and its cap on windows

@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trimprune.calib.data import check_source, eval_text, probe_rows, sample_from_model
+from trimprune.calib.data import (
+    EVAL_JOIN,
+    DataFile,
+    check_source,
+    eval_source,
+    hub_name,
+    probe_rows,
+    sample_from_model,
+)
 from trimprune.core.finite import blame
 from trimprune.core.model import ModelAdapter, model_device
 from trimprune.core.progress import Progress
@@ -216,7 +224,9 @@ def prepare_eval_sets(
     progress=False,
 ) -> dict[str, dict]:
     """Token windows for every evaluation set (done before pruning: `self` samples the dense
-    model)."""
+    model), each with its `source`, the `files` read (path, bytes, sha256) and the `protocol`
+    (data set, split, window length, windows used and available, --eval-limit, the cap and how
+    the rows were joined; for `self` the samples' seed)."""
     eval_data = eval_data or {}
     sets = {}
     for name in names:
@@ -238,16 +248,37 @@ def prepare_eval_sets(
                 "windows": w,
                 "limited": False,
                 "source": f"sampled from the dense model, seed {seed + SELF_EVAL_SEED_OFFSET}",
+                "files": [],
+                "protocol": {
+                    "dataset": "self",
+                    "seqlen": seqlen,
+                    "windows": n,
+                    "samples": self_samples,
+                    "limit": limit,
+                    "seed": seed + SELF_EVAL_SEED_OFFSET,
+                },
             }
         else:
-            text, cap = eval_text(name, eval_data.get(name))
+            text, cap, used = eval_source(name, eval_data.get(name))
             full = text_windows(tokenizer, text, seqlen, cap)
             w = full if limit is None else full[:limit]
+            split = EVAL_SPLITS.get(name)
             sets[name] = {
                 "windows": w,
                 "limited": w.shape[0] < full.shape[0],
                 "total_windows": full.shape[0],
-                "source": eval_data.get(name) or "default location",
+                "source": used if used is not None else f"hub {hub_name(name, split or '')}",
+                "files": [DataFile.of(used).to_dict()] if used is not None else [],
+                "protocol": {
+                    "dataset": name,
+                    "split": split,
+                    "seqlen": seqlen,
+                    "windows": int(w.shape[0]),
+                    "total_windows": int(full.shape[0]),
+                    "limit": limit,
+                    "max_windows": cap,
+                    "joined_with": EVAL_JOIN.get(name, "\n\n"),
+                },
             }
         sets[name]["prepare_seconds"] = time.perf_counter() - t0
     return sets

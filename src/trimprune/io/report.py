@@ -44,11 +44,7 @@ def build_report(
         "versions": versions(device),
         "model": model_info,
         "config": cfg.to_dict(),
-        "calibration": {
-            "source": cfg.calib.source,
-            "data": cfg.calib.data,
-            "shape": list(result.calibration_shape),
-        },
+        "calibration": calibration_record(result),
         "sparsity": {
             "requested": cfg.sparsity,
             "allocation_mean": result.allocation.achieved,
@@ -84,6 +80,29 @@ def build_report(
             "blocks_kept_trim": sum(b.kept == BlockChoice.TRIM for b in result.block_safeguard),
         }
     return rep
+
+
+def calibration_record(result) -> dict:
+    """report.json's `calibration`: the source, the file given (`data`), the shape of the sequences
+    pruned with, the files read (path, bytes, sha256; none for `self`, the Hub or sequences the
+    caller gave) and the protocol (source, nsamples, seqlen, seed; `given` when the caller gave
+    the sequences)."""
+    cfg = result.config.calib
+    rec = getattr(result, "calibration_data", None)
+    out = {
+        "source": cfg.source,
+        "data": cfg.data,
+        "shape": list(result.calibration_shape),
+        "files": [f.to_dict() for f in rec.files] if rec is not None else [],
+        "hub": rec.hub if rec is not None else None,
+        "protocol": {
+            "source": cfg.source if rec is not None else "given",
+            "nsamples": rec.nsamples if rec is not None else None,
+            "seqlen": rec.seqlen if rec is not None else None,
+            "seed": rec.seed if rec is not None else None,
+        },
+    }
+    return out
 
 
 def metrics_table(metrics: dict) -> list[tuple[str, str, str]]:
