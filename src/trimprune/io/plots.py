@@ -1,12 +1,13 @@
 """PNG plots of a prune (matplotlib, headless; `pip install 'trimprune[report]'`), written to
 `plots/` next to report.json:
 
-- sparsity_per_block.png: the allocation's target and the achieved sparsity of every block;
+- sparsity_per_block.png: the allocation's target and the achieved sparsity of every block, the
+  blocks sparser than 95 % marked (a warning);
 - row_sparsity.png (TRIM): the distribution of the row sparsities per linear type, over all blocks;
 - trim_metric.png (TRIM): each searched linear's layer metric with the scorer alone (uniform rows)
   and with TRIM's allocation, and which one was kept;
-- metrics.png (with evaluation): dense vs pruned perplexity per dataset and zero-shot accuracy per
-  task;
+- metrics.png (with evaluation): perplexity per dataset as the ratio to dense (linear axis from 0;
+  the pruned perplexity itself when no dense one was recorded) and zero-shot accuracy per task;
 - search_trials.png (`--allocation search`): the held-out objective of every trial and the best so
   far;
 - search_profile.png (`--allocation search`): the winning per-block profile against uniform, OWL,
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from trimprune.algo.masks import unpack_mask
+from trimprune.io.report import FLAG_ABOVE
 
 
 def available() -> bool:
@@ -68,7 +70,19 @@ def sparsity_per_block(report: dict, path: Path) -> str:
         label=f"target ({report['allocation']['method']})",
     )
     ax.plot(blocks, achieved, "s--", ms=3, label="achieved")
-    ax.set(xlabel="block", ylabel="sparsity", title="Sparsity per block", ylim=(0, 1))
+    high = [i for i, s in enumerate(achieved) if s > FLAG_ABOVE]
+    if high:
+        ax.axhline(FLAG_ABOVE, color="r", lw=0.6, ls=":")
+        ax.plot(
+            high,
+            [achieved[i] for i in high],
+            "v",
+            ms=7,
+            color="r",
+            zorder=5,
+            label=f"above {100 * FLAG_ABOVE:g} % (warning)",
+        )
+    ax.set(xlabel="block", ylabel="sparsity", title="Sparsity per block", ylim=(0, 1.02))
     ax.legend(loc="lower right", fontsize=8)
     return _save(plt, fig, path)
 
@@ -136,9 +150,19 @@ def metrics(report: dict, path: Path) -> str | None:
         names = list(ppl if panel == "ppl" else zs)
         x, w = np.arange(len(names)), 0.38
         if panel == "ppl":
-            dense = [m.get("dense_perplexity", {}).get(n, np.nan) for n in names]
+            d = m.get("dense_perplexity") or {}
+            if all(d.get(n) for n in names):  # the ratio to dense, on a linear axis from 0
+                ax.bar(x, [ppl[n] / d[n] for n in names], 2 * w, color="C1", label="pruned")
+                ax.axhline(1.0, color="C0", lw=1.5, label="dense (1)")
+                ax.set(
+                    ylabel="perplexity / dense", title="Perplexity, ratio to dense", ylim=(0, None)
+                )
+                ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+                ax.legend(fontsize=8)
+                continue
+            dense = [d.get(n, np.nan) for n in names]
             pruned = [ppl[n] for n in names]
-            ax.set(yscale="log", ylabel="perplexity", title="Perplexity")
+            ax.set(ylabel="perplexity", title="Perplexity", ylim=(0, None))
         else:
             dense = [
                 100 * m.get("dense_zero_shot", {}).get(n, {}).get("acc", np.nan) for n in names
@@ -185,8 +209,15 @@ def search_trials(report: dict, path: Path) -> str:
 
 
 def search_profile(report: dict, path: Path) -> str:
-    prof = report["search"]["profiles"]
     plt, fig, ax = _figure()
+    draw_search_profile(ax, report)
+    return _save(plt, fig, path)
+
+
+def draw_search_profile(ax, report: dict) -> None:
+    """The search's winning per-block profile against the rules' on `ax`: the winner drawn last
+    and above them (zorder), so that no rule hides it."""
+    prof = report["search"]["profiles"]
     for name, style in [("uniform", ":"), ("owl", "--"), ("alphapruning", "--"), ("atp", "--")]:
         if name in prof:
             ax.plot(range(len(prof[name])), prof[name], style, lw=1, label=name)
@@ -197,6 +228,7 @@ def search_profile(report: dict, path: Path) -> str:
         ms=3,
         lw=2,
         color="k",
+        zorder=10,
         label="search (best)",
     )
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -206,7 +238,6 @@ def search_profile(report: dict, path: Path) -> str:
         title="Per-block sparsity: the search's winner and the rules",
     )
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
 
 
 def write_plots(folder: Path, report: dict, rows: dict[str, np.ndarray] | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from trimprune.core.coverage import summary_of
 from trimprune.errors import TrimpruneError
 from trimprune.io import plots
 from trimprune.io.export import load_masks, write_text_atomic
-from trimprune.io.report import coverage_rows, zero_shot_table
+from trimprune.io.report import FLAG, FLAG_ABOVE, coverage_rows, zero_shot_table
 
 
 def load_run(folder: str | Path) -> dict:
@@ -59,29 +59,147 @@ def _method(r: dict) -> tuple[str, str, str, str]:
     return c["scorer"]["name"], sp, r["allocation"]["method"], trim
 
 
+def _dense(runs: list[tuple[str, dict]]) -> dict[str, tuple[dict, dict]]:
+    """Per model source: the dense perplexity per set and the dense zero-shot scores per task the
+    runs recorded (the first run that recorded a set / task gives it)."""
+    out: dict[str, tuple[dict, dict]] = {}
+    for _, r in runs:
+        ppl, zs = out.setdefault(str(r["model"].get("source")), ({}, {}))
+        m = r["metrics"]
+        for k, v in (m.get("dense_perplexity") or {}).items():
+            ppl.setdefault(k, v)
+        for k, v in (m.get("dense_zero_shot") or {}).items():
+            zs.setdefault(k, v)
+    return out
+
+
+def _ppl_cell(value: float | None, dense: float | None) -> str:
+    """A perplexity and its ratio to the dense model's, e.g. "12.345 (x1.23)"."""
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" (x{value / dense:.2f})" if dense else "")
+
+
+def _acc_cell(score: dict | None) -> str:
+    return f"{100 * score['acc']:.2f}" if score and score.get("acc") is not None else "-"
+
+
+def protocol_text(r: dict) -> str:
+    """The run's evaluation and calibration protocol in one line: per perplexity set the window
+    length, the windows used (of those available) and --eval-limit; the calibration source,
+    sequences x tokens and seed."""
+    parts = []
+    for s, ev in (r["metrics"].get("eval") or {}).items():
+        p = ev.get("protocol") or {}
+        seqlen = p.get("seqlen")
+        n = p.get("windows", ev.get("windows"))
+        txt = f"{s}: " + (f"{n} windows" if n is not None else "? windows")
+        txt += f" x {seqlen} tokens" if seqlen is not None else ""
+        if p.get("total_windows") is not None:
+            txt += f" of {p['total_windows']}"
+        if p.get("limit") is not None:
+            txt += f" (--eval-limit {p['limit']})"
+        parts.append(txt)
+    c = r.get("calibration") or {}
+    cp = c.get("protocol") or {}
+    seed = cp.get("seed", r["config"].get("calib", {}).get("seed"))
+    shape = c.get("shape")
+    parts.append(
+        f"calibration {c.get('source', '?')}"
+        + (f" {shape[0]} x {shape[1]}" if shape and len(shape) == 2 else "")
+        + (f", seed {seed}" if seed is not None else "")
+    )
+    return "; ".join(parts)
+
+
+def _seed(r: dict) -> str:
+    v = ((r.get("calibration") or {}).get("protocol") or {}).get("seed")
+    if v is None:
+        v = r["config"].get("calib", {}).get("seed")
+    return "-" if v is None else str(v)
+
+
+def versions_text(r: dict) -> str:
+    v = r.get("versions") or {}
+    keys = ("trimprune", "torch", "transformers", "python", "cuda", "gpu")
+    return ", ".join(f"{k} {v[k]}" for k in keys if v.get(k)) or "-"
+
+
+def command_text(r: dict) -> str:
+    c = r.get("command")
+    if not c:
+        return "-"
+    return c if isinstance(c, str) else " ".join(map(str, c))
+
+
 def comparison(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
-    """The comparison table: method, sparsity, allocation, TRIM, perplexity per dataset, zero-shot
-    mean, prune time."""
+    """The comparison table: a dense row per model (the dense perplexity and accuracy the runs
+    recorded), then per run the method, sparsity, allocation, TRIM, perplexity per dataset with
+    its ratio to dense, zero-shot accuracy per task and the mean over the seven classic tasks,
+    seed, protocol and prune time."""
     sets = list(dict.fromkeys(k for _, r in runs for k in r["metrics"].get("perplexity", {})))
+    tasks = list(
+        dict.fromkeys(
+            k
+            for _, r in runs
+            for key in ("dense_zero_shot", "zero_shot")
+            for k in (r["metrics"].get(key) or {})
+        )
+    )
     head = (
         ["run", "method", "sparsity (achieved)", "allocation", "TRIM"]
-        + [f"ppl {s}" for s in sets]
-        + ["zero-shot mean (%)", "prune s"]
+        + [f"ppl {s} (x dense)" for s in sets]
+        + [f"{t} acc (%)" for t in tasks]
+        + ["zero-shot mean (%)", "seed", "protocol", "prune s"]
     )
+    dense = _dense(runs)
     rows = []
+    for model, (ppl, zs) in dense.items():
+        if not ppl and not zs:
+            continue
+        rows.append(
+            [f"dense ({model})" if len(dense) > 1 else "dense", "dense", "0", "-", "-"]
+            + [f"{ppl[s]:.3f}" if s in ppl else "-" for s in sets]
+            + [_acc_cell(zs.get(t)) for t in tasks]
+            + [_mean_cell(next((r for _, r in runs if str(r["model"].get("source")) == model), {}))]
+            + ["-", "-", "-"]
+        )
     for name, r in runs:
         m = r["metrics"]
         scorer, sp, alloc, trim = _method(r)
-        zs = m.get("zero_shot_mean")
+        zs_mean = m.get("zero_shot_mean")
+        d = dense.get(str(r["model"].get("source")), ({}, {}))[0]
         rows.append(
             [name, scorer, f"{sp} ({r['sparsity']['achieved']:.4f})", alloc, trim]
-            + [f"{m['perplexity'][s]:.3f}" if s in m.get("perplexity", {}) else "-" for s in sets]
+            + [_ppl_cell(m.get("perplexity", {}).get(s), d.get(s)) for s in sets]
+            + [_acc_cell((m.get("zero_shot") or {}).get(t)) for t in tasks]
             + [
-                f"{100 * zs:.2f}" if zs is not None else "-",
+                f"{100 * zs_mean:.2f}" if zs_mean is not None else "-",
+                _seed(r),
+                protocol_text(r),
                 f"{r['timings'].get('prune_seconds', 0):.1f}",
             ]
         )
     return head, rows
+
+
+def _mean_cell(r: dict) -> str:
+    v = (r.get("metrics") or {}).get("dense_zero_shot_mean") if r else None
+    return f"{100 * v:.2f}" if v is not None else "-"
+
+
+def block_rows(r: dict) -> list[list[str]]:
+    """The per-block table: block, target, achieved, and a warning for a block sparser than 95 %
+    (FLAG)."""
+    alloc = r["allocation"].get("per_block") or []
+    out = []
+    for i, s in enumerate(r["sparsity"]["per_block"]):
+        a = f"{alloc[i]:.4f}" if i < len(alloc) else "-"
+        out.append([str(i), a, f"{s:.4f}", FLAG if s > FLAG_ABOVE else ""])
+    return out
+
+
+BLOCK_HEAD = ["block", "target", "achieved", "flag"]
 
 
 def _html_table(head: list[str] | None, rows: list[list[str]], cls: str = "") -> str:
@@ -109,8 +227,25 @@ def _run_facts(r: dict) -> list[tuple[str, str]]:
         ("method", f"{scorer}, TRIM {trim}, allocation {alloc}"),
         ("sparsity", f"target {sp}, achieved {r['sparsity']['achieved']:.4f}"),
         ("calibration", f"{r['calibration']['source']} {r['calibration']['shape']}"),
+        ("protocol", protocol_text(r)),
+        ("seed", _seed(r)),
+        ("command", command_text(r)),
+        ("versions", versions_text(r)),
         ("prune time", f"{r['timings'].get('prune_seconds', 0):.1f} s"),
     ]
+    files = list((r.get("calibration") or {}).get("files") or [])
+    for s, ev in (r["metrics"].get("eval") or {}).items():
+        files += [dict(f, set=s) for f in ev.get("files") or []]
+    facts += [
+        (
+            f"data ({f.get('set', 'calibration')})",
+            f"{f['path']} ({f['bytes']} bytes, sha256 {f['sha256']})",
+        )
+        for f in files
+    ]
+    high = [i for i, s in enumerate(r["sparsity"]["per_block"]) if s > FLAG_ABOVE]
+    if high:
+        facts.append(("warning", f"{FLAG}: blocks {', '.join(map(str, high))}"))
     if r.get("trim_summary"):
         t = r["trim_summary"]
         facts.append(
@@ -125,7 +260,12 @@ def _run_facts(r: dict) -> list[tuple[str, str]]:
     m = r["metrics"]
     for s, p in m.get("perplexity", {}).items():
         d = m.get("dense_perplexity", {}).get(s)
-        facts.append((f"perplexity {s}", (f"{d:.3f} -> " if d is not None else "") + f"{p:.3f}"))
+        facts.append(
+            (
+                f"perplexity {s}",
+                (f"dense {d:.3f} -> " if d is not None else "") + _ppl_cell(p, d),
+            )
+        )
     facts += [
         ("excluded", f"{e['kind']} ({e['params']} params): {e['name']}")
         for e in r.get("excluded", [])
@@ -163,15 +303,12 @@ def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
                 f"<img alt='{html.escape(img)}' src='data:image/png;base64,"
                 f"{base64.b64encode(data).decode()}'>"
             )
-        blocks = [
-            [str(i), f"{a:.4f}", f"{s:.4f}"]
-            for i, (a, s) in enumerate(
-                zip(r["allocation"]["per_block"], r["sparsity"]["per_block"])
-            )
-        ]
+        rows_b = block_rows(r)
+        flagged = any(b[3] for b in rows_b)
         parts.append(
-            "<details><summary>sparsity per block</summary>"
-            + _html_table(["block", "target", "achieved"], blocks)
+            f"<details{' open' if flagged else ''}><summary>sparsity per block"
+            f"{' (' + html.escape(FLAG) + ')' if flagged else ''}</summary>"
+            + _html_table(BLOCK_HEAD, rows_b)
             + "</details>"
         )
     return "\n".join(parts) + "</body></html>\n"
@@ -240,6 +377,7 @@ def render_markdown(runs: list[tuple[str, dict, Path]], out: Path) -> str:
         zs = zero_shot_table(r["metrics"])
         if zs:
             lines += ["", "```", *zs, "```"]
+        lines += ["", "### Sparsity per block", ""] + _md_table(BLOCK_HEAD, block_rows(r))
         lines += _md_coverage(r)
         for p in r.get("plots", []):
             if (folder / p).is_file():

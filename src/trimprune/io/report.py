@@ -10,6 +10,9 @@ import torch
 
 from trimprune.core.coverage import LABELS, summary_of
 
+FLAG_ABOVE = 0.95  # a block sparser than this is flagged in the per-block tables and plot
+FLAG = "\u26a0 > 95 %"
+
 
 def versions(device=None) -> dict:
     import transformers
@@ -273,7 +276,8 @@ def markdown(report: dict) -> str:
     for i, s in enumerate(report["sparsity"]["per_block"]):
         a = alloc[i] if i < len(alloc) else float("nan")
         bar = "#" * int(round(s * 40))
-        out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}` |")
+        flag = f" {FLAG}" if s > FLAG_ABOVE else ""
+        out.append(f"| {i} | {a:.4f} | {s:.4f} | `{bar}`{flag} |")
     out += markdown_coverage(report)
     out += _markdown_linears(report)
     if report.get("moe_fallback"):
