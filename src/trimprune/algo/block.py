@@ -313,8 +313,6 @@ class Searches:
         mode = plan.config.trim.input_mode.mode
         tokens = {n: stats[n].kept_tokens(mode) for n in members}
         todo = [m for m in members.values() if plan.searches(m.target.sparsity, stats[m.name])]
-        if todo:  # e.g. SparseGPT's inverse factors, batched over the block's groups
-            plan.scorer.prepare([stats[m.name] for m in todo], todo[0].weight.device)
         classes: dict = {}
         for m in todo:
             classes.setdefault(_search_class(plan, m, tokens[m.name]), []).append(m)
