@@ -301,6 +301,10 @@ def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_blo
     assert all(
         r["sparsity"] == 0.5 and r["trim_linears"] == 7 and 0 <= r["trim_kept"] <= 7 for r in recs
     )
+    # every block's own time, taken when the block is done; together no more than the prune
+    timings = json.loads((tmp_path / "o" / "report.json").read_text())["timings"]
+    assert all(r["seconds"] > 0 for r in recs), recs
+    assert sum(r["seconds"] for r in recs) <= timings["prune_seconds"]
     assert (
         main(
             args[:4]
