@@ -70,3 +70,29 @@ def test_export_refuses_a_folder_without_a_model(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["export", "--dense", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     assert "holds no model" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_eval_reads_a_compact_output_with_the_prunes_own_perplexity(
+    tiny_dir, tmp_path, capsys, with_data_env
+):
+    """`trimprune eval` on a --save-format compact output gives the perplexity the prune measured
+    on its in-memory model, and the same as on a dense copy (`export --dense`), bit for bit."""
+    import json
+
+    ev = ["--eval", "wikitext2", "--eval-limit", "3"]
+    argv = ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "c"), "--quiet"]
+    argv += ["--calib", "self", "--nsamples", "2", "--seqlen", "16", "--eval-seqlen", "32", *ev]
+    assert main([*argv, "--save-format", "compact"]) == 0
+    assert (tmp_path / "c" / COMPACT_FILE).is_file()
+    assert not (tmp_path / "c" / "model.safetensors").exists()
+    pruned = json.loads((tmp_path / "c" / "report.json").read_text())
+    ppl = pruned["metrics"]["eval"]["wikitext2"]["perplexity"]
+    assert main(["export", "--dense", str(tmp_path / "c"), str(tmp_path / "d")]) == 0
+    got = {}
+    for name in ("c", "d"):
+        out = tmp_path / f"{name}.json"
+        cmd = ["eval", "--model", str(tmp_path / name), *ev, "--seqlen", "32", "--quiet"]
+        assert main([*cmd, "--output", str(out)]) == 0, capsys.readouterr().err
+        got[name] = json.loads(out.read_text())["metrics"]["eval"]["wikitext2"]
+    assert got["c"]["perplexity"] == got["d"]["perplexity"] == ppl, (got, ppl)
+    assert got["c"]["windows"] == 3

@@ -301,6 +301,10 @@ def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_blo
     assert all(
         r["sparsity"] == 0.5 and r["trim_linears"] == 7 and 0 <= r["trim_kept"] <= 7 for r in recs
     )
+    # every block's own time, taken when the block is done; together no more than the prune
+    timings = json.loads((tmp_path / "o" / "report.json").read_text())["timings"]
+    assert all(r["seconds"] > 0 for r in recs), recs
+    assert sum(r["seconds"] for r in recs) <= timings["prune_seconds"]
     assert (
         main(
             args[:4]
@@ -318,3 +322,50 @@ def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_blo
         == 0
     )
     assert capsys.readouterr().err == ""
+
+
+def test_missing_parent_folders_are_made_for_every_output(
+    tiny_dir, tmp_path, capsys, with_data_env
+):
+    """prune --output / --log-json, eval --output, report -o and export OUT_DIR make their missing
+    parent folders (as save_pretrained does); a file in the way is refused in one line, exit 2,
+    before the model loads, and nothing is made."""
+    run = tmp_path / "a" / "b" / "run"
+    log = tmp_path / "l" / "m" / "blocks.jsonl"
+    fast = ["--calib", "self", "--nsamples", "2", "--seqlen", "16", "--quiet"]
+    argv = ["prune", "--model", str(tiny_dir), "--output", str(run), *fast, "--log-json", str(log)]
+    assert main(argv) == 0
+    assert (run / "report.json").is_file() and len(log.read_text().splitlines()) == 2
+    metrics = tmp_path / "e" / "f" / "metrics.json"
+    ev = ["eval", "--model", str(run), "--eval", "self", "--seqlen", "16", "--output", str(metrics)]
+    assert main([*ev, "--self-eval-samples", "1"]) == 0
+    assert json.loads(metrics.read_text())
+    page = tmp_path / "r" / "s" / "page.html"
+    assert main(["report", str(run), "-o", str(page)]) == 0
+    assert page.is_file() and page.with_suffix(".md").is_file()
+    out = tmp_path / "x" / "y" / "hf"
+    assert main(["export", "--dense", str(run), str(out)]) == 0
+    assert (out / "config.json").is_file()
+    capsys.readouterr()
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    under = blocker / "sub" / "o"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (["prune", "--model", str(tiny_dir), "--output", str(under), *fast], "--output"),
+        (
+            ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "p"), *fast]
+            + ["--log-json", str(under)],
+            "--log-json",
+        ),
+        (ev[:-1] + [str(under)], "--output"),
+        (["report", str(run), "-o", str(under / "p.html")], "-o"),
+        (["export", "--dense", str(run), str(under)], "OUT_DIR"),
+    ]
+    for argv, flag in cases:
+        assert main(argv) == 2, argv
+        err = _err(capsys)
+        assert len(err) == 1 and flag in err[0] and "is a file" in err[0], err
+        assert str(blocker) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -330,6 +330,56 @@ def test_hub_data_sets_offline_fail_before_the_model_loads(
         hub.hub_unreachable.cache_clear()
 
 
+def _no_datasets(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a)
+    )
+
+
+def test_default_calib_without_datasets_names_the_three_fixes(
+    tiny_dir, tmp_path, capsys, no_load, monkeypatch
+):
+    """The default --calib c4 with no TRIMPRUNE_DATA, no --calib-data and no `datasets`: one line
+    that names pip install datasets, TRIMPRUNE_DATA and --calib-data FILE; eval likewise."""
+    monkeypatch.delenv("TRIMPRUNE_DATA", raising=False)
+    _no_datasets(monkeypatch)
+    assert _prune(tiny_dir, tmp_path / "o") == 2
+    err = _one_line(capsys)
+    for fix in ("c4 (train)", "TRIMPRUNE_DATA is not set", "pip install datasets"):
+        assert fix in err, err
+    assert "TRIMPRUNE_DATA to a folder laid out like shared/data" in err, err
+    assert "--calib-data FILE" in err, err
+    assert main(["eval", "--model", str(tiny_dir), "--eval", "wikitext2"]) == 2
+    err = _one_line(capsys)
+    assert "pip install datasets" in err and "--eval-data wikitext2=PATH" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mistyped_trimprune_data_is_named_with_its_value(
+    tiny_dir, tmp_path, capsys, no_load, monkeypatch
+):
+    """TRIMPRUNE_DATA naming no folder is refused with its value even when a hub route exists; a
+    folder without the set's file is named (with the file pattern) when no other route is left."""
+    missing = str(tmp_path / "shared" / "dat")
+    monkeypatch.setenv("TRIMPRUNE_DATA", missing)
+    assert _prune(tiny_dir, tmp_path / "o") == 2
+    err = _one_line(capsys)
+    assert f"TRIMPRUNE_DATA={missing!r} is not a folder" in err, err
+    assert main(["eval", "--model", str(tiny_dir), "--eval", "ptb"]) == 2
+    assert f"TRIMPRUNE_DATA={missing!r}" in _one_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("TRIMPRUNE_DATA", str(empty))
+    _no_datasets(monkeypatch)
+    assert _prune(tiny_dir, tmp_path / "o") == 2
+    err = _one_line(capsys)
+    assert f"TRIMPRUNE_DATA={str(empty)!r} has no c4/c4-train.*.json*" in err, err
+    assert "pip install datasets" in err, err
+
+
 # ----------------------------------------------------------------------------- the model
 def test_model_folder_without_config_json(tiny_dir, tmp_path, capsys, no_load, with_data_env):
     bare = tmp_path / "bare"

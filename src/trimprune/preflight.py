@@ -6,7 +6,8 @@ them in order:
 
 1. the config: every flag and recipe value has its type and range (`config`, when it is made);
 2. the outputs: `--output` is new, an empty folder, or with `--overwrite` a folder trimprune wrote,
-   and a file can be made beside it (`io.export.check_output_dir`: a probe file is created and
+   and a file can be made beside it (a missing parent folder is made, as `save_pretrained` does;
+   a file in the way is refused) (`io.export.check_output_dir`: a probe file is created and
    removed); partial outputs of killed runs beside it are reported (removed with `--overwrite`);
    `--checkpoint-dir`, `--alpha-cache-dir` and `--log-json` can be written;
 3. the model: a GGUF file, a folder with a config.json, or a hub id that the cache holds or the Hub

@@ -125,7 +125,16 @@ def data_root() -> Path | None:
 
 
 def find_local(name: str, split: str, root: Path | None = None) -> Path | None:
-    root = root if root is not None else data_root()
+    """The file of data set `name` (`split`) under `root` (default: the TRIMPRUNE_DATA folder),
+    or None. A TRIMPRUNE_DATA that is not a folder (a typo) is an `InputFileError` naming it."""
+    if root is None:
+        root = data_root()
+        if root is not None and not root.is_dir():
+            raise InputFileError(
+                f"{DATA_ENV}={os.environ[DATA_ENV]!r} is not a folder: set it to a folder laid "
+                "out like shared/data (c4/c4-train.*.json.gz, wikitext2-raw/test.jsonl, ...), "
+                "or unset it"
+            )
     if root is None:
         return None
     for pat in LAYOUT.get((name, split), []):
@@ -358,15 +367,31 @@ def read_rows(
     return rows
 
 
+def not_local(name: str, split: str, flag: str) -> str:
+    """Why data set `name` (`split`) has no local file: TRIMPRUNE_DATA unset, or the folder it
+    names (with its value) lacks the file; the start of an error that goes on with the fix."""
+    root = data_root()
+    if root is None:
+        return f"{name} ({split}) is not available locally ({DATA_ENV} is not set)"
+    pats = " or ".join(LAYOUT.get((name, split), [])) or "its file"
+    return f"{name} ({split}) is not available locally ({DATA_ENV}={str(root)!r} has no {pats})"
+
+
+def no_datasets(name: str, split: str, flag: str) -> str:
+    """The one-line error when a set would come from the Hub but `datasets` is not installed."""
+    return (
+        f"{not_local(name, split, flag)} and the `datasets` package is not installed: "
+        f"pip install datasets, set {DATA_ENV} to a folder laid out like shared/data, or give a "
+        f"local file with {flag if flag.endswith('PATH') else flag + ' FILE'}"
+    )
+
+
 def hub_rows(name: str, split: str, flag: str) -> list[str]:
     repo, kw, hsplit, field = HUB[(name, split)]
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise TrimpruneError(
-            f"{name} ({split}) is not available locally and the `datasets` package is not "
-            f"installed: give a local file with {flag} or set {DATA_ENV}"
-        ) from None
+        raise TrimpruneError(no_datasets(name, split, flag)) from None
     try:
         ds = datasets.load_dataset(repo, split=hsplit, **kw)
     except Exception as e:  # offline, missing, ...
@@ -414,16 +439,13 @@ def check_source(name: str, split: str, path: str | None, fmt: str | None, flag:
         probe_rows(path, fmt, field=_field(name, path), flag=flag)
         return path
     if importlib.util.find_spec("datasets") is None:
-        raise InputFileError(
-            f"{name} ({split}) is not available locally and the `datasets` package is not "
-            f"installed: give a local file with {flag} or set {DATA_ENV}"
-        )
+        raise InputFileError(no_datasets(name, split, flag))
     from trimprune.core.hub import hub_unreachable
 
     why = hub_unreachable()
     if why:
         raise InputFileError(
-            f"{name} ({split}) is not available locally and the Hub cannot be reached ({why}): "
+            f"{not_local(name, split, flag)} and the Hub cannot be reached ({why}): "
             f"give a local file with {flag} or set {DATA_ENV} to a folder laid out like shared/data"
         )
     return "hub"

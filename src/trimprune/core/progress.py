@@ -74,6 +74,7 @@ class BlockProgress:
         self.t0 = self.last = time.perf_counter()
         self.seconds: dict[int, float] = {}
         self.first = 0  # blocks before it were done by an earlier (interrupted) run
+        self._waiting: dict[int, dict] = {}  # JSON lines of blocks whose time is not yet taken
         self._bar = (
             progress.bar(total=total, desc=desc, unit="block") if progress.mode == "bar" else None
         )
@@ -90,6 +91,8 @@ class BlockProgress:
         now = time.perf_counter()
         self.seconds[index] = now - self.last
         self.last = now
+        if index in self._waiting:
+            self._write(index, self._waiting.pop(index))
         if self._bar is not None:
             self._bar.update(1)
         elif self.p.mode == "lines":
@@ -104,7 +107,8 @@ class BlockProgress:
 
     def record(self, index: int, linears: list, block_safeguard=None) -> None:
         """One JSON line for block `index` (its `LinearRecord`s and `BlockSafeguardRecord`) with
-        --log-json."""
+        --log-json. The records of a block may be known before the block is done (`step`): its
+        line then waits for the block's time."""
         if self._log is None:
             return
         from trimprune.core.records import Kept
@@ -114,7 +118,6 @@ class BlockProgress:
         trim = [r.trim for r in linears if r.trim is not None]
         line = {
             "block": index,
-            "seconds": round(self.seconds.get(index, 0.0), 4),
             "sparsity": zeros / numel if numel else 0.0,
             "trim_linears": len(trim),
             "trim_kept": sum(t.kept == Kept.TRIM for t in trim),
@@ -122,6 +125,14 @@ class BlockProgress:
                 block_safeguard.kept.value if block_safeguard is not None else None
             ),
         }
+        if index in self.seconds:
+            self._write(index, line)
+        else:
+            self._waiting[index] = line
+
+    def _write(self, index: int, line: dict) -> None:
+        assert self._log is not None
+        line = {"block": line["block"], "seconds": round(self.seconds[index], 6)} | line
         self._log.write(json.dumps(line) + "\n")
         self._log.flush()
 
@@ -129,4 +140,7 @@ class BlockProgress:
         if self._bar is not None:
             self._bar.close()
         if self._log is not None:
+            for index in sorted(self._waiting):  # a walk cut short: time up to now
+                self.seconds.setdefault(index, time.perf_counter() - self.last)
+                self._write(index, self._waiting.pop(index))
             self._log.close()

@@ -118,14 +118,25 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
         auto = auto_model_class(config)
         model = auto.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         return model.to(device).eval() if device is not None else model.eval()
+    return load_compact(p, trust_remote_code=trust_remote_code, device=device)
+
+
+def load_compact(path: str | Path, dtype=None, device=None, trust_remote_code: bool = False):
+    """The model of a compact folder (its `COMPACT_FILE` rebuilt dense, see the module docstring)
+    in `dtype` (None: the checkpoint's), evaluation mode."""
+    from transformers import AutoConfig
+
+    from trimprune.io.autoclass import auto_model_class
+
+    p = Path(path)
     state, tied = dense_state(p / COMPACT_FILE)
     config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     auto = auto_model_class(config)
     try:
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, dtype=stored, trust_remote_code=trust_remote_code)
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = auto.from_config(config, torch_dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, torch_dtype=stored, trust_remote_code=trust_remote_code)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(tied):
         raise TrimpruneError(
@@ -134,4 +145,6 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
         )
     if tied:
         model.tie_weights()
+    if dtype is not None and dtype != stored:
+        model.to(dtype)
     return model.to(device).eval() if device is not None else model.eval()

@@ -83,9 +83,35 @@ def trimprune_output(path: str | Path) -> str | None:
     return None
 
 
+def make_parent(path: str | Path, flag: str) -> Path:
+    """The folder that holds `path`, made with its missing ancestors when needed (as
+    `save_pretrained` and `mkdir -p` do). Refused when a file is in the way or the nearest existing
+    folder cannot be written, before anything is made."""
+    parent = Path(path).resolve().parent
+    if parent.is_dir():
+        return parent
+    q = parent
+    while not q.exists() and not q.is_symlink():
+        q = q.parent
+    if not q.is_dir():
+        raise OutputError(
+            f"{flag} {str(path)!r}: {str(q)!r} is a file, so the folder {str(parent)!r} cannot "
+            "be made: give another path"
+        )
+    probe_writable(q, f"{flag} {str(path)!r}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(
+            f"{flag} {str(path)!r}: cannot make the folder {str(parent)!r} ({e.strerror or e}): "
+            "choose a writable folder"
+        ) from e
+    return parent
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--output") -> Path:
     """Before any work: `path` is new, an empty folder, or (with `overwrite`) a folder trimprune
-    wrote; its parent exists and a file can be made there."""
+    wrote; its parent exists or is made (`make_parent`) and a file can be made there."""
     p = Path(path)
     if p.exists() or p.is_symlink():
         if not p.is_dir():
@@ -110,30 +136,20 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--o
                     "empty it yourself or choose another path"
                 )
             check_only_written(p, flag)
-    parent = p.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(
-            f"{flag} {str(path)!r}: parent folder {str(parent)!r} does not exist: create it first"
-        )
-    probe_writable(parent, f"{flag} {str(path)!r}")
+    probe_writable(make_parent(path, flag), f"{flag} {str(path)!r}")
     return p
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
     """Before any work: a file `path` (written or appended to at the end) can be written: not a
-    folder, its folder exists and a file can be made there, an existing file can be opened for
-    appending."""
+    folder, its folder exists or is made (`make_parent`) and a file can be made there, an existing
+    file can be opened for appending."""
     p = Path(path)
     if p.is_dir():
         raise OutputError(
             f"{flag} {str(path)!r} is a folder: give a file name, e.g. {str(p / 'out.json')!r}"
         )
-    parent = p.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(
-            f"{flag} {str(path)!r}: folder {str(parent)!r} does not exist: create it first"
-        )
-    probe_writable(parent, f"{flag} {str(path)!r}")
+    probe_writable(make_parent(path, flag), f"{flag} {str(path)!r}")
     if p.exists():
         try:
             with open(p, "a") as f:

@@ -21,6 +21,7 @@ from torch import nn
 from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
 from trimprune.io.autoclass import auto_model_class
+from trimprune.io.compact import COMPACT_FILE, load_compact
 from trimprune.io.integrity import check_gguf_file, check_model_folder
 
 if TYPE_CHECKING:
@@ -351,6 +352,19 @@ def _dtype_from(dtype, native, dev: torch.device) -> str:
     return "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"
 
 
+def _is_compact(model: str, target: str, gguf: str | None, offload: bool | str) -> bool:
+    """`target` is a prune's --save-format compact output (`io.compact`), which loads rebuilt
+    dense; --offload disk, which reads model.safetensors block by block, is refused for it."""
+    compact = gguf is None and (Path(target) / COMPACT_FILE).is_file()
+    if compact and offload == "disk":
+        raise ModelSourceError(
+            f"--model {model!r} is a compact output ({COMPACT_FILE}), which --offload disk cannot "
+            "read block by block: use --offload cpu, or write a plain copy first with "
+            "`trimprune export --dense`"
+        )
+    return compact
+
+
 def load_model(
     model: str,
     gguf_file: str | None = None,
@@ -386,9 +400,12 @@ def load_model(
             )
         kwargs["gguf_file"] = gguf
     storage = None
+    compact = _is_compact(model, target, gguf, offload)
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
-        if offload == "disk":
+        if compact:  # a prune's --save-format compact output, rebuilt dense
+            m = load_compact(target, dt, trust_remote_code=trust_remote_code)
+        elif offload == "disk":
             m, storage = load_disk_model(target, dt, trust_remote_code)
         else:
             auto = (

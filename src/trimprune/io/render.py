@@ -439,10 +439,9 @@ def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Pat
     )
     if html_path.suffix != ".html":
         html_path = html_path.with_suffix(".html")
-    if not html_path.resolve().parent.is_dir():
-        raise TrimpruneError(
-            f"-o {str(out)!r}: folder {str(html_path.resolve().parent)!r} does not exist"
-        )
+    from trimprune.io.export import make_parent
+
+    make_parent(html_path, "-o")
     names = [f.resolve().name for f in folders]
     try:
         page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
