@@ -96,3 +96,27 @@ def test_eval_reads_a_compact_output_with_the_prunes_own_perplexity(
         got[name] = json.loads(out.read_text())["metrics"]["eval"]["wikitext2"]
     assert got["c"]["perplexity"] == got["d"]["perplexity"] == ppl, (got, ppl)
     assert got["c"]["windows"] == 3
+
+
+def test_disk_offload_of_a_compact_output_is_refused_in_one_line(
+    tiny_dir, tmp_path, capsys, with_data_env
+):
+    """--offload disk reads model.safetensors block by block, which a compact output lacks: the
+    CLI stops with exit 2 naming the folder, the compact file and both ways out, before any
+    calibration; `load_model` (the API) refuses it the same way."""
+    from trimprune import load_model
+    from trimprune.errors import TrimpruneError
+
+    argv = ["prune", "--model", str(tiny_dir), "--output", str(tmp_path / "c"), "--quiet"]
+    argv += ["--calib", "self", "--nsamples", "2", "--seqlen", "16", "--save-format", "compact"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    cmd = ["prune", "--model", str(tmp_path / "c"), "--output", str(tmp_path / "again")]
+    cmd += ["--nsamples", "2", "--seqlen", "16", "--offload", "disk"]
+    assert main([*cmd, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "c") in err[0] and "--offload cpu" in err[0], err
+    assert f"compact output, {COMPACT_FILE}" in err[0] and "export --dense" in err[0], err
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(TrimpruneError, match=f"compact output, {COMPACT_FILE}.*export --dense"):
+        load_model(str(tmp_path / "c"), device="cpu", dtype="float32", offload="disk")

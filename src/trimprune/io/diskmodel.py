@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from trimprune.errors import TrimpruneError
+from trimprune.io.compact import COMPACT_FILE
 from trimprune.io.shards import SafetensorsCheckpoint, ShardWriter
 
 FIX = "use {offload} cpu"
@@ -79,9 +80,14 @@ def open_checkpoint(target: str, gguf_file: str | None = None) -> SafetensorsChe
             + sorted(p.name for p in folder.glob("*.gguf"))[:1]
         )
         held = f" (it holds {found[0]})" if found else ""
+        if (folder / COMPACT_FILE).is_file():
+            held = f" (it is a compact output, {COMPACT_FILE})"
+            fix = f"{FIX}, or write a plain copy first with `trimprune export --dense`"
+        else:
+            fix = FIX
         raise TrimpruneError(
             f"{{offload}} disk reads a model stored as safetensors, and {str(folder)!r} has no "
-            f"model.safetensors or {'model.safetensors.index.json'}{held}: {FIX}"
+            f"model.safetensors or {'model.safetensors.index.json'}{held}: {fix}"
         )
     return ckpt
 

@@ -352,17 +352,10 @@ def _dtype_from(dtype, native, dev: torch.device) -> str:
     return "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"
 
 
-def _is_compact(model: str, target: str, gguf: str | None, offload: bool | str) -> bool:
+def _is_compact(target: str, gguf: str | None) -> bool:
     """`target` is a prune's --save-format compact output (`io.compact`), which loads rebuilt
-    dense; --offload disk, which reads model.safetensors block by block, is refused for it."""
-    compact = gguf is None and (Path(target) / COMPACT_FILE).is_file()
-    if compact and offload == "disk":
-        raise ModelSourceError(
-            f"--model {model!r} is a compact output ({COMPACT_FILE}), which --offload disk cannot "
-            "read block by block: use --offload cpu, or write a plain copy first with "
-            "`trimprune export --dense`"
-        )
-    return compact
+    dense (--offload disk refuses it in `io.diskmodel.open_checkpoint`)."""
+    return gguf is None and (Path(target) / COMPACT_FILE).is_file()
 
 
 def load_model(
@@ -400,7 +393,7 @@ def load_model(
             )
         kwargs["gguf_file"] = gguf
     storage = None
-    compact = _is_compact(model, target, gguf, offload)
+    compact = _is_compact(target, gguf)
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
         if compact:  # a prune's --save-format compact output, rebuilt dense
