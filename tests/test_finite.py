@@ -58,10 +58,8 @@ def test_non_finite_weight_names_the_linear_before_any_block_is_pruned(scorer, v
         "model.layers.1.mlp.up_proj.weight holds " + kind in msg
         and "block 1 (model.layers.1)" in msg
     )
-    assert "checkpoint" in msg and msg.startswith(
-        "before pruning, the dense model on the first calibration batch"
-    )
-    ad = ModelAdapter.from_model(model)  # the dense check ran first: no block was touched
+    assert "checkpoint" in msg and msg.startswith("before pruning, non-finite weights in block 1")
+    ad = ModelAdapter.from_model(model)  # the weights check ran first: no block was touched
     assert not any(
         bool((weight_2d(m) == 0).any()) for i in range(2) for m in ad.linears(i).values()
     )
@@ -69,11 +67,11 @@ def test_non_finite_weight_names_the_linear_before_any_block_is_pruned(scorer, v
 
 @pytest.mark.parametrize("scorer", ["magnitude", "sparsegpt"])
 def test_the_walk_checks_each_block_as_it_is_loaded(scorer, monkeypatch):
-    """Without the dense check (as for blocks restored from a checkpoint), the walk's own check stops at
-    block 1: block 0 is pruned, block 1 untouched."""
+    """Without the weights check (as for blocks restored from a checkpoint), the walk's own check
+    stops at block 1: block 0 is pruned, block 1 untouched."""
     import trimprune.session as api
 
-    monkeypatch.setattr(api, "check_dense_batch", lambda *a, **k: None)
+    monkeypatch.setattr(api, "check_dense_weights", lambda *a, **k: None)
     model = _poisoned(math.nan)
     with pytest.raises(NonFiniteError) as e:
         _prune(model, scorer=scorer)
@@ -145,8 +143,9 @@ def test_block_outputs_overflowing_in_float16_name_the_block(block):
     "dtype,fix", [(torch.float16, "--dtype bfloat16"), (torch.float32, "check the checkpoint")]
 )
 def test_activations_overflowing_inside_a_block_stop_at_its_statistics(dtype, fix, monkeypatch):
-    """The dense check on the first batch stops first (naming the block and the fix); without it (the
-    pruned model's own overflow), the statistics check names the linears that read the overflow."""
+    """The block's first, dense pass stops first, on its outputs (naming the block and the fix),
+    before any weight changes; without that check, the statistics check of the same pass names the
+    linears that read the overflow."""
 
     def overflowing():
         model = make("llama", dtype=dtype)
@@ -155,17 +154,17 @@ def test_activations_overflowing_inside_a_block_stop_at_its_statistics(dtype, fi
                 p.mul_(1e4 if dtype == torch.float16 else 1e15)
         return model
 
+    model = overflowing()
     with pytest.raises(NonFiniteError) as e:
-        _prune(overflowing(), scorer="sparsegpt")
+        _prune(model, scorer="sparsegpt")
     msg = str(e.value)
-    assert (
-        msg.startswith("before pruning")
-        and "outputs of block 0 (model.layers.0)" in msg
-        and fix in msg
-    ), msg
-    import trimprune.session as api
+    assert msg.startswith("before pruning, the dense outputs of block 0 (model.layers.0)"), msg
+    assert fix in msg, msg
+    ad = ModelAdapter.from_model(model)
+    assert not any(bool((weight_2d(m) == 0).any()) for m in ad.linears(0).values())
+    import trimprune.engine.walk as walk
 
-    monkeypatch.setattr(api, "check_dense_batch", lambda *a, **k: None)
+    monkeypatch.setattr(walk, "check_dense_outputs", lambda *a, **k: None)
     with pytest.raises(NonFiniteError) as e:
         _prune(overflowing(), scorer="sparsegpt")
     msg = str(e.value)

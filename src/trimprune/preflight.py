@@ -20,8 +20,9 @@ them in order:
 
 Once the model is loaded, before any evaluation or calibration: the sequence lengths fit its
 context, a resume state to resume matches, and an allocation file matches its linears and
-`--sparsity` (`algo.allocation.resolve_sparsity`). The dense model's outputs on the first
-calibration batch are checked before the first block is pruned (`session.check_dense_batch`).
+`--sparsity` (`algo.allocation.resolve_sparsity`). Every block's weights are checked
+before the first block is pruned (`session.check_dense_weights`), and each block's dense outputs
+in its first pass, before its weights change.
 """
 
 from __future__ import annotations

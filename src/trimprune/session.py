@@ -15,7 +15,6 @@ interrupted run after its last block.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from trimprune.algo.scorers import make_scorer
 from trimprune.calib.data import CalibrationData, load_calibration
 from trimprune.config import PruneConfig
 from trimprune.core.coverage import Coverage, check_coverage
+from trimprune.core.finite import check_weights
 from trimprune.core.model import ExcludedModule, ModelAdapter, model_device
 from trimprune.core.moe import expert_sets, routed_experts
 from trimprune.core.progress import BlockProgress, Progress
@@ -39,7 +39,7 @@ from trimprune.core.runtime import Deferred, Executor
 from trimprune.engine.allocate import build_allocation
 from trimprune.engine.capture import Captured, capture
 from trimprune.engine.walk import Streams, StreamUpdate, moe_calibration, walk
-from trimprune.errors import NonFiniteError, TrimpruneError
+from trimprune.errors import TrimpruneError
 from trimprune.exec import Phases, make_executor
 from trimprune.exec.memory import usable_bytes
 from trimprune.io.diskmodel import DiskBlocks, check_disk_prune
@@ -304,28 +304,13 @@ def _walk(
     return records
 
 
-def check_dense_batch(adapter: ModelAdapter, captured: Captured, offload, ex) -> None:
-    """Before any weight changes: the dense model's blocks on the first calibration batch, every
-    block's outputs checked (`core.finite.check_walk_step`). Activations that overflow (float16's
-    range is 65504) stop the run here, before the first block is pruned, with the error naming the
-    block and the dtype to use; one batch through the blocks is all it costs (with --offload disk,
-    one more read of the blocks)."""
-    first = dataclasses.replace(captured, hidden=captured.hidden[:1], subset=None)
-    try:
-        with ex.phase("dense check"):
-            walk(
-                adapter,
-                first,
-                Streams(list(first.hidden)),
-                lambda run: None,
-                offload=offload,
-                progress=False,
-                ex=ex,
-            )
-    except NonFiniteError as e:
-        raise NonFiniteError(
-            f"before pruning, the dense model on the first calibration batch: {e.template}"
-        ) from None
+def check_dense_weights(adapter: ModelAdapter, ex) -> None:
+    """Before any weight changes: every loaded block's parameters are finite
+    (`core.finite.check_weights`; no forward). Activations that overflow the dtype (float16) are
+    caught in each block's first, dense pass, before its weights change
+    (`engine.walk.BlockRun.statistics`)."""
+    with ex.phase("finite checks"):
+        check_weights(adapter.blocks, adapter.blocks_name)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -573,7 +558,7 @@ class Session:
         safeguard_subset: bool | None = None,
         storage: DiskBlocks | None = None,
     ) -> Session:
-        """`resolve_inputs`, then the capture of the block inputs and the dense check. `holdout`:
+        """`resolve_inputs`, then the capture of the block inputs and the weights check. `holdout`:
         the last sequences, kept out of the statistics (`Session.holdout`). `safeguard_subset`:
         whether to capture the block safeguard's subset (default: when
         `config.trim.runs_block_safeguard`)."""
@@ -593,9 +578,7 @@ class Session:
             self.capture(
                 config.trim.runs_block_safeguard if safeguard_subset is None else safeguard_subset
             )
-            t0 = time.perf_counter()
-            check_dense_batch(self.adapter, self.captured, config.run.offload, self.ex)
-            self.timings["dense_check_seconds"] = time.perf_counter() - t0
+            check_dense_weights(self.adapter, self.ex)
         except BaseException:
             self.close()
             raise

@@ -152,6 +152,47 @@ def check_walk_step(
     )
 
 
+def check_weights(blocks, blocks_name: str) -> None:
+    """Before any weight changes: the parameters of every block (`blocks`, the decoder stack named
+    `blocks_name`) that is loaded (--offload disk: blocks are checked as the walk loads them). One
+    reduction per tensor, one host read per device; no forward."""
+    bad = nonfinite(
+        {
+            (i, n): extrema(p)
+            for i, b in enumerate(blocks)
+            for n, p in b.named_parameters()
+            if p.device.type != "meta"
+        }
+    )
+    if not bad:
+        return
+    index = next(iter(bad))[0]
+    weights = {f"{blocks_name}.{index}.{n}": v for (i, n), v in bad.items() if i == index}
+    raise NonFiniteError(
+        f"before pruning, non-finite weights in block {index} ({blocks_name}.{index}): "
+        f"{describe(weights)}: {WEIGHTS_FIX}"
+    )
+
+
+def check_dense_outputs(
+    path: str, index: int, outputs: list[torch.Tensor], dtype: torch.dtype
+) -> None:
+    """A block's outputs (of `dtype`) in its first (dense, statistics) pass (`outputs`: their
+    `extrema`), before
+    any of its weights changes: activations that overflow the dtype (float16's range is 65504) stop
+    the run at the first block where they appear, naming it and the dtype to use. It costs one
+    reduction per batch and one host read: no extra forward."""
+    bad = nonfinite(dict(enumerate(outputs)))
+    if not bad:
+        return
+    kind = " and ".join(sorted(set(bad.values())))
+    which = f"batch{'es' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {len(outputs)}"
+    raise NonFiniteError(
+        f"before pruning, the dense outputs of block {index} ({path}) hold {kind} ({which}): "
+        f"{overflow_fix(dtype)}"
+    )
+
+
 def check_statistics(hooks, path: str, index: int, dtype: torch.dtype) -> None:
     """The input statistics of a block's linears (`hooks`: a `engine.hooks.BlockHooks` after its
     forward; `path`: the block, e.g. model.layers.3): Wanda squared norms and Gram matrices. One

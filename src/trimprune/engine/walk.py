@@ -23,7 +23,7 @@ from torch import nn
 
 from trimprune.algo.stats import StatsNeeds
 from trimprune.config import PruneConfig
-from trimprune.core.finite import check_statistics, check_walk_step
+from trimprune.core.finite import check_dense_outputs, check_statistics, check_walk_step
 from trimprune.core.finite import extrema as _extrema
 from trimprune.core.model import ModelAdapter
 from trimprune.core.moe import ExpertLinear, MoeCalibration, calibrate_all
@@ -143,11 +143,23 @@ class BlockRun:
     ) -> BlockHooks:
         """The statistics of the linears' inputs (of `only`, stopping the forward once they are seen
         with `stop`) over the main stream, from one forward with hooks (summed over the ranks);
-        checked to be finite."""
+        checked to be finite. Without `stop` the block's outputs are checked too
+        (`core.finite.check_dense_outputs`): called before the block's weights change, this is
+        the float16 overflow check, at the cost of one reduction per batch."""
         hooks = self.hooks(needs, ex, only, stop)
+        outputs: list[torch.Tensor] | None = None if stop else []
         with hooks, calibrate_all(self.moe.mode == "all"):
-            self.forward(self.streams.main, on_batch_end=hooks.next_batch, keep_outputs=False)
+            self.forward(
+                self.streams.main,
+                on_batch_end=hooks.next_batch,
+                keep_outputs=False,
+                extrema=outputs,
+            )
         hooks.reduce()
+        if outputs:
+            with ex.phase("finite checks"):
+                dtype = self.streams.main[0].dtype
+                check_dense_outputs(self.path, self.index, outputs, dtype)
         self.complete_experts(hooks, needs, ex)
         self.check_statistics(hooks, ex)
         return hooks
