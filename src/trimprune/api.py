@@ -52,9 +52,9 @@ def prune(
 
     NaN / Inf in the weights, activations or statistics raises `NonFiniteError` (a `TrimpruneError`)
     naming the block and the tensor (`core.finite`); blocks before it are already pruned in place.
-    Before the first block is pruned, every block's weights are checked (`session.check_dense_weights`);
-    activations that overflow the dtype (float16) stop the run in the first, dense pass over the
-    block where they appear, before its weights change.
+    Before the first block is pruned, every block's weights are checked
+    (`session.check_dense_weights`); activations that overflow the dtype (float16) stop the run in
+    the first, dense pass over the block where they appear, before its weights change.
 
     `config.allocation` "file:PATH" is read against the model first
     (`algo.allocation.resolve_sparsity`): its parameter-weighted mean must be `config.sparsity`

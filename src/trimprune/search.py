@@ -3,9 +3,11 @@ held-out calibration sequences.
 
 Both split the last `--search-holdout` sequences off the calibration set: the statistics (and OWL's
 outlier ratios) see only the others, and the held-out ones score a pruned model, by
-KL(dense || pruned) per predicted token (`--search-objective kl`; the dense log-probabilities are
-computed once, before any pruning, and kept in the model's dtype: holdout x (seqlen - 1) x vocab
-values, on the compute device, in host memory with `--offload`) or by the NLL of the next token.
+KL(dense || pruned) per predicted token (`--search-objective kl`; the dense model's hidden states
+entering the output head are computed once, before any pruning, and kept in the model's dtype:
+holdout x seqlen x hidden values, on the compute device, in host memory with `--offload`; the
+dense logits are recomputed from them a slice at a time, `Holdout`) or by the NLL of the next
+token.
 
 The search (Optuna's TPE, `--search-trials`, `--search-timeout`, `--search-seed`,
 `--search-storage`, `--search-study`) runs its trials here, in one process (`torchrun` is refused:
@@ -56,7 +58,7 @@ from trimprune.engine.allocate import dense_scores
 from trimprune.engine.walk import moe_calibration
 from trimprune.errors import TrimpruneError
 from trimprune.io.diskmodel import DiskBlocks
-from trimprune.io.evaluate import logits_batches
+from trimprune.io.evaluate import head_is_exact, head_logits, logits_batches
 from trimprune.session import PruneResult, Session
 
 
@@ -72,10 +74,21 @@ def _optuna():
 
 # ------------------------------------------------------------------------------------------
 # objective
+HEAD_CHUNK_BYTES = 1 << 26  # float32 logits made at once by the held-out objective (64 MiB)
+
+
 class Holdout:
     """The held-out objective of `model`: `measure()` -> {"nll": ..., "kl": ...} per predicted token
-    of the sequences `ids` (KL only when the dense log-probabilities were kept, i.e. for the
-    objective kl). Made while the model is dense (the dense pass happens here)."""
+    of the sequences `ids` (KL only for the objective kl). Made while the model is dense (the dense
+    pass happens here).
+
+    Logits are never held whole: each batch runs up to the output head (`io.evaluate.head_input`)
+    and the head is applied `HEAD_CHUNK_BYTES` of float32 logits at a time. For KL the dense
+    model's hidden states entering the head are kept (holdout x seqlen x hidden values, in the
+    model's dtype) and the dense logits recomputed from them (the head is never pruned), exactly
+    those of the dense forward. A family whose logits `io.evaluate.head_logits` cannot reproduce
+    bit for bit (`head_is_exact`) keeps the dense log-probabilities whole instead (holdout x
+    (seqlen - 1) x vocab values)."""
 
     def __init__(
         self,
@@ -100,7 +113,11 @@ class Holdout:
         self.batches = list(ids.split(batch_size or (1 if offload else 4), 0))
         self.tokens = ids.shape[0] * (ids.shape[1] - 1)
         self.store = torch.device("cpu") if offload else self.dev
-        self.dense_logp: list[torch.Tensor] = []
+        self.chunked = head_is_exact(
+            model, ids[:1, : min(16, ids.shape[1])], self.dev, offload, ex, storage
+        )
+        self.dense_hidden: list[torch.Tensor] = []  # chunked
+        self.dense_logp: list[torch.Tensor] = []  # not chunked
         self.dense = self._measure(keep=kind == "kl")
 
     @classmethod
@@ -120,27 +137,67 @@ class Holdout:
 
     @torch.no_grad()
     def _measure(self, keep: bool = False) -> dict:
-        dtype = next(self.model.parameters()).dtype
         nll = torch.zeros((), dtype=torch.float64, device=self.dev)
         kl = torch.zeros((), dtype=torch.float64, device=self.dev)
-        for b, (ids, logits) in enumerate(
-            logits_batches(
-                self.model, self.batches, self.dev, self.offload, ex=self.ex, storage=self.storage
-            )
-        ):
-            lp = torch.log_softmax(logits[:, :-1].float(), -1)
-            del logits
-            nll -= lp.gather(-1, ids[:, 1:, None]).sum(dtype=torch.float64)
-            if keep:
-                self.dense_logp.append(lp.to(dtype).to(self.store))
-            elif self.dense_logp:
-                d = self.dense_logp[b].to(self.dev).float()
+        batches = logits_batches(
+            self.model,
+            self.batches,
+            self.dev,
+            self.offload,
+            ex=self.ex,
+            storage=self.storage,
+            head=not self.chunked,
+        )
+        for b, (ids, out) in enumerate(batches):
+            if self.chunked:
+                dense = None if keep or not self.dense_hidden else self.dense_hidden[b].to(self.dev)
+                n, k = self._chunked(ids, out, dense)
+                if keep:
+                    self.dense_hidden.append(out.to(self.store))
+            else:
+                n, k = self._whole(b, ids, out, keep)
+            nll -= n
+            kl += k
+            del out
+        res = {"nll": float(nll) / self.tokens}
+        if (self.dense_hidden or self.dense_logp) and not keep:
+            res["kl"] = float(kl) / self.tokens
+        return res
+
+    def _chunked(
+        self, ids: torch.Tensor, hidden: torch.Tensor, dense: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of log p(next token) and of KL(dense || model) over a batch, from the hidden states
+        entering the head (`dense`: the dense model's), a slice of positions at a time."""
+        head = self.model.get_output_embeddings()
+        vocab = head.weight.shape[0]
+        step = max(1, HEAD_CHUNK_BYTES // (4 * vocab * ids.shape[0]))
+        logp = torch.zeros((), dtype=torch.float64, device=self.dev)
+        kl = torch.zeros((), dtype=torch.float64, device=self.dev)
+        for a in range(0, ids.shape[1] - 1, step):
+            e = min(a + step, ids.shape[1] - 1)
+            lp = torch.log_softmax(head_logits(self.model, hidden[:, a:e]).float(), -1)
+            logp += lp.gather(-1, ids[:, a + 1 : e + 1, None]).sum(dtype=torch.float64)
+            if dense is not None:
+                d = torch.log_softmax(head_logits(self.model, dense[:, a:e]).float(), -1)
                 kl += (d.exp() * (d - lp)).sum(dtype=torch.float64)
+                del d
             del lp
-        out = {"nll": float(nll) / self.tokens}
-        if self.dense_logp and not keep:
-            out["kl"] = float(kl) / self.tokens
-        return out
+        return logp, kl
+
+    def _whole(
+        self, b: int, ids: torch.Tensor, logits: torch.Tensor, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_chunked`, from whole logits; `keep`: the dense log-probabilities are kept."""
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        logp = lp.gather(-1, ids[:, 1:, None]).sum(dtype=torch.float64)
+        kl = torch.zeros((), dtype=torch.float64, device=self.dev)
+        if keep:
+            self.dense_logp.append(lp.to(logits.dtype).to(self.store))
+        elif self.dense_logp:
+            d = self.dense_logp[b].to(self.dev).float()
+            kl = (d.exp() * (d - lp)).sum(dtype=torch.float64)
+        return logp, kl
 
     def measure(self) -> dict:
         return self._measure()

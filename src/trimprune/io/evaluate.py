@@ -125,12 +125,16 @@ def logits_batches(
     desc: str = "eval",
     ex=None,
     storage: DiskBlocks | None = None,
+    head: bool = True,
 ):
     """(ids on `dev`, logits) of every batch of token ids, in order. Offloaded: the blocks are
     walked one at a time on `dev` over all batches (hidden states in host memory), then the model's
     own tail runs per batch. `ex`: the executor of the walk (a prune's, to reuse its offload
     staging). `storage`: --offload disk, the blocks read from the checkpoint or the output
-    (`LoadedModel.storage`)."""
+    (`LoadedModel.storage`). `head=False`: (ids, the hidden states entering the output head) in
+    place of the logits, the forward stopped there (`head_input`; `head_logits` turns them into
+    the logits, a slice at a time)."""
+    out = _logits if head else head_input
     if not batches:
         return
     if storage is None and blocks_on_meta(model):
@@ -141,7 +145,7 @@ def logits_batches(
     if not offload and storage is None:
         for ids in Progress.of(progress).bar(batches, desc=desc):
             ids = ids.to(dev)
-            yield ids, model(input_ids=ids, use_cache=False).logits
+            yield ids, out(model, ids)
         return
     adapter = ModelAdapter.from_model(model)
     own = None
@@ -173,7 +177,70 @@ def logits_batches(
         for ids, h in zip(batches, hidden):
             feeder.value = h.to(dev)
             ids = ids.to(dev)
-            yield ids, model(input_ids=ids, use_cache=False).logits
+            yield ids, out(model, ids)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+class _AtHead(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def head_input(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering `model`'s output head (`get_output_embeddings()`) on `ids`,
+    (batch, seq, hidden): the forward stops there, so the logits (batch x seq x vocab) are never
+    made whole."""
+
+    def stop(module, args):
+        raise _AtHead(args[0])
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _AtHead as e:
+        return e.hidden
+    finally:
+        hook.remove()
+    raise TrimpruneError(f"{type(model).__name__}'s forward did not reach its output head")
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits from hidden states entering the output head (`head_input`): the head, then the
+    final logit soft-capping of the families that have one (Gemma-2/3: cap * tanh(logits / cap)).
+    `head_is_exact` says whether this is bit for bit what the model's forward returns."""
+    logits = model.get_output_embeddings()(hidden)
+    cfg = model.config
+    cap = getattr(getattr(cfg, "text_config", None) or cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def head_is_exact(
+    model: nn.Module,
+    ids: torch.Tensor,
+    dev: torch.device,
+    offload: bool = False,
+    ex=None,
+    storage: DiskBlocks | None = None,
+) -> bool:
+    """Whether `head_logits` of the head's input equals, bit for bit, the logits of `model`'s own
+    forward on `ids` (one short sequence; run like `logits_batches`): false for a family that
+    transforms its logits in a way `head_logits` does not know (callers then keep whole logits)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        [(_, logits)] = logits_batches(model, [ids], dev, offload, ex=ex, storage=storage)
+    finally:
+        hook.remove()
+    return len(seen) == 1 and torch.equal(head_logits(model, seen[0]), logits)
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
