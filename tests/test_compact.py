@@ -120,3 +120,24 @@ def test_disk_offload_of_a_compact_output_is_refused_in_one_line(
     assert not (tmp_path / "again").exists()
     with pytest.raises(TrimpruneError, match=f"compact output, {COMPACT_FILE}.*export --dense"):
         load_model(str(tmp_path / "c"), device="cpu", dtype="float32", offload="disk")
+
+
+@pytest.mark.parametrize("fmt", ["sparse-bitmask", "sparse-24-bitmask"])
+def test_a_compressed_tensors_sparse_checkpoint_is_refused_not_loaded_random(
+    fmt, tiny_dir, tmp_path, capsys
+):
+    """transformers 5 loads a compressed-tensors sparse checkpoint with its compressed weights
+    left out and those layers random: eval refuses it in one line, exit 2, before loading."""
+    import json
+    import shutil
+
+    d = tmp_path / "ct"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    sparsity = {"format": fmt, "global_sparsity": 0.5, "targets": ["Linear"]}
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "sparsity_config": sparsity}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", "--model", str(d), "--eval", "wikitext2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"compressed-tensors {fmt} checkpoint" in err[0], err
+    assert "random values" in err[0] and str(d) in err[0]

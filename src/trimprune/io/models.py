@@ -352,6 +352,27 @@ def _dtype_from(dtype, native, dev: torch.device) -> str:
     return "checkpoint" if native in NATIVE_DTYPES else f"default on {dev.type}"
 
 
+SPARSE_COMPRESSED = ("sparse-bitmask", "sparse-24-bitmask", "marlin-24")
+
+
+def refuse_sparse_compressed(model: str, target: str) -> None:
+    """A local folder saved by compressed-tensors in one of its sparse formats (`SPARSE_COMPRESSED`,
+    e.g. by llm-compressor): transformers >= 5 no longer decompresses them and would load those
+    weights as random values, so it is refused in one line."""
+    path = Path(target) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+        fmt = cfg["quantization_config"]["sparsity_config"]["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if fmt in SPARSE_COMPRESSED:
+        raise ModelSourceError(
+            f"--model {model!r} is a compressed-tensors {fmt} checkpoint, which transformers no "
+            "longer decompresses (its weights would load as random values): decompress it to a "
+            "dense folder with the compressed-tensors release that wrote it first"
+        )
+
+
 def _is_compact(target: str, gguf: str | None) -> bool:
     """`target` is a prune's --save-format compact output (`io.compact`), which loads rebuilt
     dense (--offload disk refuses it in `io.diskmodel.open_checkpoint`)."""
@@ -393,6 +414,7 @@ def load_model(
             )
         kwargs["gguf_file"] = gguf
     storage = None
+    refuse_sparse_compressed(model, target)
     compact = _is_compact(target, gguf)
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
