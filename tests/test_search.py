@@ -241,9 +241,14 @@ def test_every_trial_allocation_has_exact_mean_and_bounds_and_the_best_is_applie
     assert res.search["best"]["number"] == best["number"]
     assert res.allocation.per_block() == pytest.approx(best["per_block"], abs=1e-15)
     assert res.allocation.method == "search" and res.allocation.details["trial"] == best["number"]
-    assert res.search["final_objective"] == pytest.approx(
-        best["value"], rel=1e-9
-    )  # the winner, re-pruned
+    assert res.search["selected"] == best["metrics"]  # the winner's held-out metrics
+    # the final model: the winner's allocation replayed on every calibration sequence
+    res.allocation.save(tmp_path / "allocation.json")
+    ref = make("llama")
+    flat = dict(allocation=f"file:{tmp_path / 'allocation.json'}", sparsity=0.6)
+    prune(ref, None, _cfg(**flat, trim=res.config.trim.enabled), calibration=calib(N, L))
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
     assert res.global_sparsity == pytest.approx(0.6, abs=0.01)
     prof = res.search["profiles"]
     assert set(prof) == {"uniform", "owl", "alphapruning", "atp", "search"}
@@ -315,6 +320,7 @@ def test_held_out_sequences_never_reach_the_statistics(tmp_path, monkeypatch):
         c = real_capture(model, adapter, batches, *a, **k)
         seen["n_tokens"] = c.n_tokens
         seen["ids"] = torch.cat(batches)
+        seen.setdefault("first", seen["ids"])
         return c
 
     monkeypatch.setattr(api, "capture", spy)
@@ -328,9 +334,11 @@ def test_held_out_sequences_never_reach_the_statistics(tmp_path, monkeypatch):
     monkeypatch.setattr(search.Holdout, "__init__", init)
     ids = calib(N, L)
     _, res = _search(tmp_path, trials=1, ids=ids, search_holdout=3)
-    assert seen["n_tokens"] == (N - 3) * L and torch.equal(seen["ids"], ids[: N - 3])
+    assert torch.equal(seen["first"], ids[: N - 3])  # the trials' statistics
+    assert seen["n_tokens"] == N * L and torch.equal(seen["ids"], ids)  # the final capture
     assert torch.equal(held["ids"], ids[N - 3 :])
-    assert res.calibration_shape == (N - 3, L)
+    # the final prune: every sequence, the held-out ones joined back
+    assert res.calibration_shape == (N, L) and res.search["final_sequences"] == N
     assert res.search["holdout_sequences"] == 3 and res.search["prune_sequences"] == N - 3
     # the default holdout: nsamples // 8, at least 1
     assert (
@@ -360,24 +368,33 @@ def test_trim_guard_model_keeps_the_lower_held_out_objective(scorer, sparsity, f
     assert g["objective"] == "kl" and g["holdout_sequences"] == 2
     lower = "trim" if g["trim"]["kl"] <= g["scorer_alone"]["kl"] else "scorer_alone"
     assert g["kept"] == lower
-    got = _kl(make(family), model, ids[N - 2 :])
-    assert got == pytest.approx(min(g["trim"]["kl"], g["scorer_alone"]["kl"]), rel=1e-4, abs=1e-9)
-    # never worse than the scorer alone (the same allocation, the same statistics)
-    alone = make(family)
-    prune(
-        alone,
-        None,
-        dataclasses.replace(cfg, trim=dataclasses.replace(cfg.trim, enabled=False, guard="block")),
-        calibration=ids[: N - 2],
-        progress=False,
+    # the choice was made on models pruned without the held-out sequences: never worse than the
+    # scorer alone there (the same allocation, the same statistics)
+    chosen = dataclasses.replace(
+        cfg, trim=dataclasses.replace(cfg.trim, enabled=lower == "trim", guard="block")
     )
-    assert got <= _kl(make(family), alone, ids[N - 2 :]) * (1 + 1e-6) + 1e-12
+    alone = make(family)
+    alone_cfg = dataclasses.replace(
+        cfg, trim=dataclasses.replace(cfg.trim, enabled=False, guard="block")
+    )
+    prune(alone, None, alone_cfg, calibration=ids[: N - 2], progress=False)
+    assert (
+        min(g["trim"]["kl"], g["scorer_alone"]["kl"])
+        <= _kl(make(family), alone, ids[N - 2 :]) * (1 + 1e-4) + 1e-9
+    )
+    # the final model: the choice pruned on every sequence
+    assert res.calibration_shape == (N, L) and g["final_sequences"] == N
+    ref = make(family)
+    prune(ref, None, chosen, calibration=ids, progress=False)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+    assert g["final"]["kl"] == pytest.approx(_kl(make(family), model, ids[N - 2 :]), rel=1e-4)
 
 
 def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
     import trimprune.search as search
 
-    values = iter([{"kl": 1.0, "nll": 5.0}, {"kl": 2.0, "nll": 5.0}, {"kl": 1.0, "nll": 5.0}])
+    values = iter([{"kl": 1.0, "nll": 5.0}, {"kl": 2.0, "nll": 5.0}, {"kl": 1.5, "nll": 5.0}])
     monkeypatch.setattr(search.Holdout, "measure", lambda self: next(values))
     ids = calib(N, L)
     model = make("llama")
@@ -390,8 +407,9 @@ def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):
     )
     assert res.trim_guard["kept"] == "scorer_alone" and res.trim_guard["trim"]["kl"] == 2.0
     assert not res.config.trim.enabled and all(r.trim is None for r in res.layers.values())
-    ref = make("llama")
-    prune(ref, None, _cfg(sparsity=0.7), calibration=ids[: N - 2], progress=False)
+    assert res.trim_guard["final"]["kl"] == 1.5  # measured once more, after the final prune
+    ref = make("llama")  # the scorer alone, on every sequence
+    prune(ref, None, _cfg(sparsity=0.7), calibration=ids, progress=False)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n
 
@@ -542,7 +560,7 @@ def test_cli_search_writes_allocation_trials_and_plots(tiny_dir, tmp_path, capsy
     assert len(sr["trials"]) == 3 and {"number", "params", "value", "seconds", "state"} <= set(
         sr["trials"][0]
     )
-    assert sr["holdout_sequences"] == 1 and r["calibration"]["shape"] == [7, 32]
+    assert sr["holdout_sequences"] == 1 and r["calibration"]["shape"] == [8, 32]
     assert math.isfinite(sr["final_objective"]) and sr["objective"] == "kl"
     assert "plots/search_trials.png" in r["plots"] and "plots/search_profile.png" in r["plots"]
     for p in ("search_trials.png", "search_profile.png"):

@@ -22,12 +22,14 @@ dense walk for every M of the grid (before the first trial; with the `experts` s
 counts every expert's routed tokens), and AlphaPruning's metrics from the weights (cached per
 model). A new study's first trials are uniform and OWL / AlphaPruning / ATP with
 the config's parameters (`algo.allocation.search.warm_starts`). The best trial's allocation is then
-applied (a last prune; with `--trim-guard model` and TRIM, model-safeguarded as below) and
-measured again.
+applied (with `--trim-guard model` and TRIM, model-safeguarded as below) in the final prune.
 
 `--trim-guard model`: the same allocation is pruned without and with TRIM from the same captured
-activations, and the model with the lower held-out objective is kept (TRIM on ties), so TRIM is
+activations, and the one with the lower held-out objective is kept (TRIM on ties), so TRIM is
 never worse than its scorer alone on that objective; both objectives go to report.json.
+
+Selecting on the held-out sequences, the final model is then pruned with the choice on every
+calibration sequence (`Session.prune_all`: the held-out ones joined back, captured again).
 
 Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna
 storage instead, and its allocation.json can be pruned again with a resume state.
@@ -278,22 +280,22 @@ def _prune(session: Session, config: PruneConfig, allocation: Allocation) -> Pru
     return session.run(config, allocation)
 
 
-def model_safeguarded(
+def model_safeguard_choice(
     session: Session,
     config: PruneConfig,
     allocation: Allocation,
     holdout: Holdout,
-) -> tuple[PruneResult, dict, dict | None]:
-    """Prune with `allocation` from the dense weights; with TRIM and `--trim-guard model`, without
-    TRIM too, keeping the lower held-out objective (the model safeguard). Returns (result, its
-    held-out metrics, the model safeguard's record)."""
+) -> tuple[PruneConfig, dict | None, dict | None]:
+    """With TRIM and `--trim-guard model` (the model safeguard): `allocation` pruned from the dense
+    weights without and with TRIM, the lower held-out objective chosen (TRIM on ties). Returns
+    (the config chosen, its held-out metrics, the model safeguard's record); without the model
+    safeguard (config, None, None) and nothing is pruned."""
     if not (config.trim.enabled and config.trim.guard == "model"):
-        res = _prune(session, config, allocation)
-        return res, holdout.measure(), None
+        return config, None, None
     alone_cfg = _with_trim(config, False)
     _prune(session, alone_cfg, allocation)
     m_alone = holdout.measure()
-    res = _prune(session, config, allocation)
+    _prune(session, config, allocation)
     m_trim = holdout.measure()
     v_trim, v_alone = holdout.value(m_trim), holdout.value(m_alone)
     if not math.isfinite(v_alone):
@@ -302,10 +304,6 @@ def model_safeguarded(
         keep_trim = False
     else:
         keep_trim = v_trim <= v_alone
-    m = m_trim
-    if not keep_trim:  # the scorer alone again (deterministic; cheaper than keeping a copy)
-        res = _prune(session, alone_cfg, allocation)
-        m = holdout.measure()
     record = {
         "objective": holdout.kind,
         "holdout_sequences": holdout.holdout_sequences,
@@ -313,7 +311,17 @@ def model_safeguarded(
         "scorer_alone": m_alone,
         "kept": "trim" if keep_trim else "scorer_alone",
     }
-    return res, m, record
+    return (config if keep_trim else alone_cfg), (m_trim if keep_trim else m_alone), record
+
+
+def _final(
+    session: Session, config: PruneConfig, allocation: Allocation, holdout: Holdout
+) -> tuple[PruneResult, dict]:
+    """The selected `config` and `allocation` pruned from the dense weights on every calibration
+    sequence (`Session.prune_all`), and its metrics on the sequences that were held out (now in
+    its calibration: no longer a held-out measure)."""
+    res = session.prune_all(config, allocation)
+    return res, holdout.measure()
 
 
 def _study_name(config: PruneConfig, session: Session) -> str:
@@ -390,12 +398,13 @@ def _held_out(
         holdout = Holdout.of(session, config.search.objective)
         session.snapshot()
         timings = {"holdout_dense_seconds": time.perf_counter() - t0}
+        k = holdout.holdout_sequences
         res = prunes(session, holdout)
         res.timings.update(timings)
         res.notes.append(
-            f"the last {holdout.holdout_sequences} of the {n} calibration sequences were held out "
-            "for "
-            f"the {holdout.kind} objective; the statistics use the first {session.ids.shape[0]}"
+            f"the last {k} of the {n} calibration sequences were held out for the "
+            f"{holdout.kind} objective, on which the choice was made (statistics from the first "
+            f"{n - k}); the final model was then pruned on all {n}"
         )
         return res
     finally:
@@ -417,8 +426,11 @@ def model_safeguard_prune(
     module's docstring)."""
 
     def prunes(session: Session, holdout: Holdout) -> PruneResult:
-        res, _, record = model_safeguarded(session, config, session.allocate(config), holdout)
-        res.trim_guard = record
+        allocation = session.allocate(config)
+        kept, _, record = model_safeguard_choice(session, config, allocation, holdout)
+        res, final = _final(session, kept, allocation, holdout)
+        res.trim_guard = (record or {}) | {"final_sequences": int(session.ids.shape[0])}
+        res.trim_guard["final"] = final
         return res
 
     return _held_out(
@@ -503,12 +515,15 @@ def _search(
         trial=best.number, objective=config.search.objective, value=best.value, study=name
     )
     seconds = time.perf_counter() - t0
-    res, final, record = model_safeguarded(session, final_cfg, allocation, holdout)
+    holdout_n, prune_n = int(session.holdout.shape[0]), int(session.ids.shape[0])
+    kept, selected, record = model_safeguard_choice(session, final_cfg, allocation, holdout)
+    res, final = _final(session, kept, allocation, holdout)
     res.trim_guard = record
     res.search = {
         "objective": holdout.kind,
-        "holdout_sequences": int(session.holdout.shape[0]),
-        "prune_sequences": int(session.ids.shape[0]),
+        "holdout_sequences": holdout_n,
+        "prune_sequences": prune_n,
+        "final_sequences": int(session.ids.shape[0]),
         "space": list(spaces),
         "study": name,
         "storage": sc.storage,
@@ -522,7 +537,10 @@ def _search(
             if t.state != optuna.trial.TrialState.WAITING
         ],  # enqueued warm starts not run yet
         "best": {"number": best.number, "params": params, "value": best.value},
-        "final": final,
+        # the held-out metrics of the configuration kept (the best trial's, or the model
+        # safeguard's choice)
+        "selected": selected if selected is not None else best.user_attrs.get("metrics"),
+        "final": final,  # the final model on the sequences held out, now in its calibration
         "final_objective": holdout.value(final),
         "dense": holdout.dense,
         "profiles": sources.profiles(config, numels, block_of) | {"search": allocation.per_block()},
@@ -532,7 +550,7 @@ def _search(
     res.timings["search_seconds"] = seconds
     verbose.message(
         f"search: best trial {best.number} ({params['family']}) held-out {holdout.kind} "
-        f"{best.value:.6g}; final model {holdout.value(final):.6g}"
+        f"{best.value:.6g}; final model pruned on all {session.ids.shape[0]} sequences"
     )
     return res
 

@@ -217,7 +217,7 @@ def summary_text(report: dict) -> str:
             f"({', '.join(f'{v} {k}' for k, v in states.items())}), best #{best['number']} "
             f"{best['params']['family']}{' +trim' if best['params'].get('trim') else ''}: "
             f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} "
-            f"sequences, final model {sr['final_objective']:.6g}"
+            f"sequences; final model pruned on all {sr.get('final_sequences', '-')}"
         )
     if report.get("trim_guard"):
         g = report["trim_guard"]
@@ -384,8 +384,8 @@ def _markdown_search(sr: dict) -> list[str]:
         "",
         f"Study `{sr['study']}`, objective held-out {sr['objective']} on "
         f"{sr['holdout_sequences']} sequences (pruning statistics on "
-        f"{sr['prune_sequences']}); best trial #{sr['best']['number']}, final model "
-        f"{sr['final_objective']:.6g}.",
+        f"{sr['prune_sequences']}); best trial #{sr['best']['number']}; the final model pruned "
+        f"with it on all {sr.get('final_sequences', '-')} calibration sequences.",
         "",
         "| trial | state | family | params | objective | seconds |",
         "|---:|---|---|---|---:|---:|",
