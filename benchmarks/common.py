@@ -51,6 +51,18 @@ SYNTHETIC = {
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     ),
+    # Gemma-3-270M's sizes (262k vocabulary, head_dim 256) in Llama blocks: memory and time only
+    "gemma3-270m": dict(
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
     "llama-tiny": dict(
         hidden_size=256,
         intermediate_size=512,
