@@ -121,8 +121,9 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         type=int,
         default=0,
         metavar="K",
-        help="examples from each task's own training data shown before every question in --tasks "
-        "(the harness's num_fewshot; the papers' 0-shot by default)",
+        help="solved examples shown before every question in --tasks (the harness's num_fewshot, "
+        "drawn from the task's training split; from local --tasks-data files, from the evaluated "
+        "split without the question itself); default 0, the papers' zero-shot",
     )
     g.add_argument(
         "--verbose",
