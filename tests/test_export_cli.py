@@ -1,6 +1,7 @@
 """Output directory, masks file, atomic writes, recipes and the command line (including bad input)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -269,8 +270,10 @@ def test_alias_without_its_package_names_the_install_command(monkeypatch, capsys
 def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_block(
     tiny_dir, tmp_path, capsys, with_data_env
 ):
-    """stderr is not a terminal here: no bars, no per-token lines, one line per block; --log-json writes
-    one JSON object per block; --quiet prints nothing."""
+    """stderr is not a terminal here: no bars, no per-token lines; a timestamped line with the
+    elapsed time at the start and end of the load, the calibration (sampling, capture), each
+    evaluation and the write, one per block; --log-json writes one JSON object per block; --quiet
+    prints nothing on stderr."""
     log = tmp_path / "blocks.jsonl"
     args = [
         "prune",
@@ -285,16 +288,41 @@ def test_progress_in_a_log_is_one_line_per_block_and_log_json_one_record_per_blo
         "--seqlen",
         "16",
         "--trim",
+        "--eval",
+        "wikitext2",
+        "--eval-limit",
+        "1",
         "--log-json",
         str(log),
     ]
     assert main(args) == 0
     err = capsys.readouterr().err.splitlines()
-    lines = [e for e in err if e.startswith("wanda+trim: block")]
-    assert [e.split(",")[0] for e in lines] == [
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (.*) \[(\d+\.\d) s elapsed\]$")
+    assert err and all(stamp.fullmatch(e) for e in err), err
+    texts = [stamp.fullmatch(e).group(1) for e in err]
+    elapsed = [float(stamp.fullmatch(e).group(2)) for e in err]
+    assert elapsed == sorted(elapsed)
+    out = str(tmp_path / "o")
+    starts = [
+        f"loading the model {tiny_dir} ...",
+        "evaluation data: reading wikitext2 ...",
+        "perplexity of the dense model on wikitext2 (1 windows of 16 tokens) ...",
+        "calibration: sampling 4 sequences of 16 tokens (self) ...",
+        "calibration: capturing the inputs of the first block ...",
+        "perplexity of the pruned model on wikitext2 (1 windows of 16 tokens) ...",
+        f"writing the outputs to {out} ...",
+    ]
+    at = [texts.index(s) for s in starts]
+    assert at == sorted(at), texts
+    for s, i in zip(starts, at):  # each stage's end line follows its start
+        assert re.fullmatch(re.escape(s[:-4]) + r": .+ in \d+\.\d s", texts[i + 1]), texts[i + 1]
+    assert re.fullmatch(r"perplexity of the dense .*: \d+\.\d{4} in .*", texts[at[2] + 1])
+    lines = [e for e in texts if e.startswith("wanda+trim: block")]
+    assert [e.split(" in ")[0] for e in lines] == [
         "wanda+trim: block 1/2 done",
         "wanda+trim: block 2/2 done",
     ]
+    assert texts.index(lines[0]) > at[4] and texts.index(lines[1]) < at[5]
     assert "ETA" in lines[0] and not any("\r" in e or "tok/s" in e or "it/s" in e for e in err), err
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["block"] for r in recs] == [0, 1]

@@ -75,7 +75,10 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         help="evaluate only the first W windows (quick check; the report says so)",
     )
     g.add_argument(
-        "--eval-batch-size", type=int, default=4, help="windows per forward pass in evaluation"
+        "--eval-batch-size",
+        type=int,
+        default=4,
+        help="perplexity windows (of --eval) per forward pass",
     )
     g.add_argument(
         "--self-eval-samples",
@@ -89,8 +92,8 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         default=None,
         metavar="T1,T2",
         help="zero-shot accuracy with lm-evaluation-harness (pip install 'trimprune[eval]'), "
-        "0-shot, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (their "
-        "mean acc is reported)",
+        "0-shot unless --tasks-num-fewshot, e.g. boolq,rte,hellaswag,winogrande,arc_easy,"
+        "arc_challenge,openbookqa (their mean acc is reported)",
     )
     g.add_argument(
         "--tasks-limit",
@@ -104,7 +107,28 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         dest="tasks_batch_size",
         type=int,
         default=8,
-        help="examples per forward pass in the zero-shot tasks",
+        help="lm-evaluation-harness requests (one answer choice of one example each) per forward "
+        "pass in --tasks"
+        + (
+            " (--batch-size is its older name here; in `trimprune prune` --batch-size is the "
+            "calibration batch)"
+            if batch_size_alias
+            else ""
+        ),
+    )
+    g.add_argument(
+        "--tasks-num-fewshot",
+        type=int,
+        default=0,
+        metavar="K",
+        help="solved examples shown before every question in --tasks (the harness's num_fewshot, "
+        "drawn from the task's training split; from local --tasks-data files, from the evaluated "
+        "split without the question itself); default 0, the papers' zero-shot",
+    )
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let lm-evaluation-harness print its own log lines and progress bars",
     )
     g.add_argument(
         "--tasks-data",
@@ -177,6 +201,20 @@ def _add_config_args(p) -> None:
             )
 
 
+class _Help(argparse.HelpFormatter):
+    """Each flag's default shown once: "(default: X)" added only where the help text does not
+    already say it and there is one to say (not None, False or empty)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return text + " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """A usage error is one line naming the flag, with a pointer to --help (exit code 2)."""
 
@@ -199,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_prune_parser(sub) -> None:
     p = sub.add_parser(
-        "prune", help="prune a model and write a Hugging Face model directory + report"
+        "prune",
+        help="prune a model and write a Hugging Face model directory + report",
+        formatter_class=_Help,
     )
     _add_model_args(p)
     p.add_argument("--recipe", help="YAML file with PruneConfig fields; explicit flags override it")
@@ -225,7 +265,9 @@ def _add_prune_parser(sub) -> None:
     p.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress output (else bars on a terminal, one line per block in a log)",
+        help="only errors and the final result lines (else progress: bars that stay on a "
+        "terminal; in a log, timestamped lines for the load, calibration, each block, each "
+        "evaluation and the write)",
     )
     p.add_argument(
         "--log-json",
@@ -247,7 +289,7 @@ def _add_eval_parser(sub) -> None:
     e = sub.add_parser(
         "eval",
         help="evaluate a model's perplexity",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     _add_model_args(e)
     _add_eval_args(e, batch_size_alias=True)
@@ -267,7 +309,8 @@ def _add_eval_parser(sub) -> None:
     e.add_argument(
         "--quiet",
         action="store_true",
-        help="no progress output (else bars on a terminal, nothing per batch in a log)",
+        help="only errors and the results (else progress: bars that stay on a terminal; in a "
+        "log, timestamped lines for the load and each evaluation)",
     )
 
 
@@ -348,6 +391,11 @@ def _check_eval_args(args, seqlen: int):
                 f"--eval {name} is not a known dataset: use wikitext2, c4, ptb or self, or give "
                 f"--eval-data {name}=PATH"
             )
+    if args.tasks_num_fewshot < 0:
+        raise TrimpruneError(
+            f"--tasks-num-fewshot {args.tasks_num_fewshot} must be >= 0 (0: zero-shot, as in "
+            "the pruning papers)"
+        )
     if args.tasks:
         from trimprune.io.zeroshot import check_tasks
 
@@ -418,11 +466,29 @@ def _evaluate(
             batch_size=args.tasks_batch_size,
             tasks_data=args.tasks_data,
             device=dev,
+            num_fewshot=args.tasks_num_fewshot,
+            progress=progress,
+            label=label,
+            verbose=args.verbose,
         )
         out["zero_shot"] = {t: s.to_dict() for t, s in scores.items()}
+        out["zero_shot_protocol"] = _tasks_protocol(args)
         out["zero_shot_mean"] = mean_accuracy(scores)
         out["zero_shot_seconds"] = time.perf_counter() - t0
     return out
+
+
+def _tasks_protocol(args) -> dict:
+    """How --tasks ran: report.json's `metrics.zero_shot_protocol`."""
+    from importlib.metadata import version
+
+    return {
+        "harness": f"lm-eval {version('lm_eval')}",
+        "tasks": list(args.tasks),
+        "num_fewshot": args.tasks_num_fewshot,
+        "limit": args.tasks_limit,
+        "batch_size": args.tasks_batch_size,
+    }
 
 
 def _metrics(dense: dict, pruned: dict) -> dict:
@@ -434,7 +500,11 @@ def _metrics(dense: dict, pruned: dict) -> dict:
         "dense_eval": dense.get("eval", {}),
     }
     if "zero_shot" in pruned:
-        m |= {"zero_shot": pruned["zero_shot"], "zero_shot_mean": pruned["zero_shot_mean"]}
+        m |= {
+            "zero_shot": pruned["zero_shot"],
+            "zero_shot_mean": pruned["zero_shot_mean"],
+            "zero_shot_protocol": pruned.get("zero_shot_protocol"),
+        }
     if "zero_shot" in dense:
         m |= {
             "dense_zero_shot": dense["zero_shot"],
@@ -511,14 +581,15 @@ def _prune_command(args, scope) -> int:
         log_json=args.log_json if main_rank else None,
     )
     t0 = time.perf_counter()
-    loaded = load_model(
-        args.model,
-        args.gguf_file,
-        args.dtype,
-        dev,
-        offload=cfg.run.offload,
-        trust_remote_code=args.trust_remote_code,
-    )
+    with progress.stage(f"loading the model {args.model}"):
+        loaded = load_model(
+            args.model,
+            args.gguf_file,
+            args.dtype,
+            dev,
+            offload=cfg.run.offload,
+            trust_remote_code=args.trust_remote_code,
+        )
     model, tok, storage = loaded.model, loaded.tokenizer, loaded.storage
     t_load = time.perf_counter() - t0
     staged = None
@@ -542,7 +613,7 @@ def _prune_command(args, scope) -> int:
     report = _prune_report(args, loaded, adapter, dev, result, dense, pruned, t_load, t_all)
     if not main_rank:  # rank 0 writes the outputs and prints
         return 0
-    _write_prune_outputs(args, cfg, loaded, result, report, staged)
+    _write_prune_outputs(args, cfg, loaded, result, report, staged, progress)
     return 0
 
 
@@ -604,25 +675,26 @@ def _prune_report(args, loaded, adapter, dev, result, dense, pruned, t_load, t_a
     return report
 
 
-def _write_prune_outputs(args, cfg, loaded, result, report, staged) -> None:
+def _write_prune_outputs(args, cfg, loaded, result, report, staged, progress) -> None:
     from trimprune.io.export import write_outputs
     from trimprune.io.report import markdown, summary_text
     from trimprune.io.resume import remove_resume_state
 
-    write_outputs(
-        args.output,
-        loaded.model,
-        loaded.tokenizer,
-        result,
-        report,
-        markdown,
-        overwrite=args.overwrite,
-        save_model=not args.no_save_model,
-        save_format=args.save_format,
-        staged=staged,
-        storage=loaded.storage,
-        source=loaded.source,
-    )
+    with progress.stage(f"writing the outputs to {args.output}"):
+        write_outputs(
+            args.output,
+            loaded.model,
+            loaded.tokenizer,
+            result,
+            report,
+            markdown,
+            overwrite=args.overwrite,
+            save_model=not args.no_save_model,
+            save_format=args.save_format,
+            staged=staged,
+            storage=loaded.storage,
+            source=loaded.source,
+        )
     if cfg.run.checkpoint_dir and not cfg.run.keep_checkpoint:
         remove_resume_state(
             cfg.run.checkpoint_dir
@@ -651,14 +723,15 @@ def cmd_eval(args) -> int:
     dev = _device(args)
     main_rank = _main_rank()
     progress = Progress("off" if args.quiet or not main_rank else "auto")
-    loaded = load_model(
-        args.model,
-        args.gguf_file,
-        args.dtype,
-        dev,
-        offload=args.offload,
-        trust_remote_code=args.trust_remote_code,
-    )
+    with progress.stage(f"loading the model {args.model}"):
+        loaded = load_model(
+            args.model,
+            args.gguf_file,
+            args.dtype,
+            dev,
+            offload=args.offload,
+            trust_remote_code=args.trust_remote_code,
+        )
     model, tok = loaded
     if args.eval:
         ModelAdapter.from_model(model).check_context(args.seqlen, "--seqlen")

@@ -417,14 +417,16 @@ class TrimConfig:
     safeguard: bool = option(
         True,
         "trim_safeguard",
-        "keep TRIM's allocation of a linear only where its layer "
-        "metric is at least that of the scorer alone",
+        "turn off the linear safeguard (and with it the block safeguard): TRIM's allocation is "
+        "kept in every linear, even where its layer metric is worse than the scorer alone's (on "
+        "by default: kept only where at least as good)",
     )
     block_safeguard: bool = option(
         True,
         "trim_block_safeguard",
-        "keep TRIM in a block only where the block's output on 1/8 of the calibration sequences "
-        "is at least as close to the dense model's as with the scorer alone",
+        "turn off the block safeguard: each block keeps the linear safeguard's choices, even "
+        "where its output on 1/8 of the calibration sequences is further from the dense model's "
+        "than with the scorer alone (on by default: the block then drops TRIM)",
     )
     max_row_sparsity: float = option(
         0.95, "trim_max_row_sparsity", "upper bound of every row's sparsity"
@@ -504,7 +506,10 @@ class RunConfig:
     summation order (a resumed run gives the uninterrupted run's masks and weights exactly)."""
 
     batch_size: int = option(
-        0, "batch_size", "calibration sequences per forward (0 = from free memory)"
+        0,
+        "batch_size",
+        "calibration sequences per forward pass while pruning (0 = from free memory); the "
+        "evaluations have their own: --eval-batch-size, --tasks-batch-size",
     )
     offload: bool | str = option(
         False,

@@ -478,9 +478,12 @@ def resolve_inputs(
     dev = _compute_device(model, config, device)
     calibration_data = None
     if calibration is None:
-        calibration, calibration_data = load_calibration(
-            config.calib, tokenizer, model, progress=shown
-        )
+        c = config.calib
+        what = "sampling" if c.source == "self" else "reading"
+        with shown.stage(
+            f"calibration: {what} {c.nsamples} sequences of {c.seqlen} tokens ({c.source})"
+        ):
+            calibration, calibration_data = load_calibration(c, tokenizer, model, progress=shown)
     else:
         adapter.check_context(_as_ids(calibration).shape[1], "{seqlen}")
     timings = {"calibration_data_seconds": time.perf_counter() - t_start}
@@ -575,9 +578,12 @@ class Session:
         )
         self = cls(model, config, inputs)
         try:
-            self.capture(
-                config.trim.runs_block_safeguard if safeguard_subset is None else safeguard_subset
-            )
+            with self.progress.stage("calibration: capturing the inputs of the first block"):
+                self.capture(
+                    config.trim.runs_block_safeguard
+                    if safeguard_subset is None
+                    else safeguard_subset
+                )
             check_dense_weights(self.adapter, self.ex)
         except BaseException:
             self.close()

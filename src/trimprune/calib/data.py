@@ -497,7 +497,7 @@ def check_long_enough(config: CalibConfig, path: str) -> None:
 
 # ------------------------------------------------------------------------------ calibration
 def _encode(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt").input_ids[0]
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
 
 
 C4_FIRST_TRIES = 10_000  # draws of short documents before they are counted

@@ -1,5 +1,9 @@
-"""Progress reporting: bars on a terminal, one line per block in a log (never per token), nothing
+"""Progress reporting: bars that stay on a terminal, lines in a log (never per token), nothing
 with `--quiet`; optionally one JSON line per pruned block (`--log-json FILE`).
+
+Each stage a person waits for (the model load, the calibration data and its capture, each block,
+each evaluation, the write of the outputs) prints a line with the time elapsed since the run
+began; in a log (stderr not a terminal) every line starts with a timestamp.
 
 Everything that reports progress takes `progress`: a `Progress`, or True (automatic: bars when
 stderr is a terminal, else lines) / False (nothing).
@@ -7,9 +11,11 @@ stderr is a terminal, else lines) / False (nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -40,6 +46,7 @@ class Progress:
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
         self.mode = mode
         self.log_json = Path(log_json) if log_json else None
+        self.t0 = time.perf_counter()  # the run's start: every line's elapsed time counts from it
 
     @classmethod
     def of(cls, progress) -> Progress:
@@ -54,7 +61,7 @@ class Progress:
             return _Silent(iterable)
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=self.stream)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=True, file=self.stream)
 
     def blocks(self, total: int, desc: str) -> BlockProgress:
         return BlockProgress(self, total, desc)
@@ -63,6 +70,41 @@ class Progress:
         """One line of news (e.g. a resumed run), unless progress is off."""
         if self.mode != "off":
             print(text, file=self.stream, flush=True)
+
+    def prefix(self) -> str:
+        """The timestamp that starts a line in a log ("" on a terminal)."""
+        return time.strftime("%Y-%m-%d %H:%M:%S ") if self.mode == "lines" else ""
+
+    def line(self, text: str) -> None:
+        """One progress line with the time elapsed since the run began (in a log, after a
+        timestamp), unless progress is off."""
+        if self.mode == "off":
+            return
+        out = f"{self.prefix()}{text} [{time.perf_counter() - self.t0:.1f} s elapsed]"
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            tqdm.write(out, file=self.stream)  # below the bars that stay, never through one
+            self.stream.flush()
+        else:
+            print(out, file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, what: str) -> Iterator[Stage]:
+        """A line when `what` begins ("what ...") and one when it ends ("what: RESULT in T s"; the
+        result is what the body sets as `stage.result`, else "done"). A stage that raises prints no
+        end line (the error says why)."""
+        st = Stage()
+        self.line(f"{what} ...")
+        t = time.perf_counter()
+        yield st
+        self.line(f"{what}: {st.result or 'done'} in {time.perf_counter() - t:.1f} s")
+
+
+class Stage:
+    """What a `Progress.stage` body reports at its end (`result`)."""
+
+    result: str = ""
 
 
 class BlockProgress:
@@ -99,8 +141,9 @@ class BlockProgress:
             done, elapsed = index + 1, now - self.t0
             eta = elapsed / max(1, done - self.first) * (self.total - done)
             print(
-                f"{self.desc}: block {done}/{self.total} done, {elapsed:.1f} s elapsed, "
-                f"ETA {eta:.1f} s",
+                f"{self.p.prefix()}{self.desc}: block {done}/{self.total} done in "
+                f"{self.seconds[index]:.1f} s, {elapsed:.1f} s pruning, ETA {eta:.1f} s "
+                f"[{now - self.p.t0:.1f} s elapsed]",
                 file=self.p.stream,
                 flush=True,
             )

@@ -244,7 +244,7 @@ def head_is_exact(
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
@@ -296,58 +296,64 @@ def prepare_eval_sets(
     the rows were joined; for `self` the samples' seed)."""
     eval_data = eval_data or {}
     sets = {}
+    shown = Progress.of(progress if Ranks.current().main else False)
     for name in names:
-        t0 = time.perf_counter()
-        if name == "self":
-            if model is None:
-                raise TrimpruneError("--eval self needs the dense model to sample from")
-            n = self_samples if limit is None else min(self_samples, limit)
-            w = sample_from_model(
-                model,
-                tokenizer,
-                n,
-                seqlen,
-                seed + SELF_EVAL_SEED_OFFSET,
-                progress=progress,
-                batch_size=min(n, 32),
-            )
-            sets[name] = {
-                "windows": w,
-                "limited": False,
-                "source": f"sampled from the dense model, seed {seed + SELF_EVAL_SEED_OFFSET}",
-                "files": [],
-                "protocol": {
-                    "dataset": "self",
-                    "seqlen": seqlen,
-                    "windows": n,
-                    "samples": self_samples,
-                    "limit": limit,
-                    "seed": seed + SELF_EVAL_SEED_OFFSET,
-                },
-            }
-        else:
-            text, cap, used = eval_source(name, eval_data.get(name))
-            full = text_windows(tokenizer, text, seqlen, cap)
-            w = full if limit is None else full[:limit]
-            split = EVAL_SPLITS.get(name)
-            sets[name] = {
-                "windows": w,
-                "limited": w.shape[0] < full.shape[0],
-                "total_windows": full.shape[0],
-                "source": used if used is not None else f"hub {hub_name(name, split or '')}",
-                "files": [DataFile.of(used).to_dict()] if used is not None else [],
-                "protocol": {
-                    "dataset": name,
-                    "split": split,
-                    "seqlen": seqlen,
-                    "windows": int(w.shape[0]),
-                    "total_windows": int(full.shape[0]),
-                    "limit": limit,
-                    "max_windows": cap,
-                    "joined_with": EVAL_JOIN.get(name, "\n\n"),
-                },
-            }
-        sets[name]["prepare_seconds"] = time.perf_counter() - t0
+        what = "sampling" if name == "self" else "reading"
+        with shown.stage(f"evaluation data: {what} {name}") as stage:
+            t0 = time.perf_counter()
+            if name == "self":
+                if model is None:
+                    raise TrimpruneError("--eval self needs the dense model to sample from")
+                n = self_samples if limit is None else min(self_samples, limit)
+                w = sample_from_model(
+                    model,
+                    tokenizer,
+                    n,
+                    seqlen,
+                    seed + SELF_EVAL_SEED_OFFSET,
+                    progress=progress,
+                    batch_size=min(n, 32),
+                )
+                sets[name] = {
+                    "windows": w,
+                    "limited": False,
+                    "source": (
+                        f"sampled from the dense model, seed {seed + SELF_EVAL_SEED_OFFSET}"
+                    ),
+                    "files": [],
+                    "protocol": {
+                        "dataset": "self",
+                        "seqlen": seqlen,
+                        "windows": n,
+                        "samples": self_samples,
+                        "limit": limit,
+                        "seed": seed + SELF_EVAL_SEED_OFFSET,
+                    },
+                }
+            else:
+                text, cap, used = eval_source(name, eval_data.get(name))
+                full = text_windows(tokenizer, text, seqlen, cap)
+                w = full if limit is None else full[:limit]
+                split = EVAL_SPLITS.get(name)
+                sets[name] = {
+                    "windows": w,
+                    "limited": w.shape[0] < full.shape[0],
+                    "total_windows": full.shape[0],
+                    "source": used if used is not None else f"hub {hub_name(name, split or '')}",
+                    "files": [DataFile.of(used).to_dict()] if used is not None else [],
+                    "protocol": {
+                        "dataset": name,
+                        "split": split,
+                        "seqlen": seqlen,
+                        "windows": int(w.shape[0]),
+                        "total_windows": int(full.shape[0]),
+                        "limit": limit,
+                        "max_windows": cap,
+                        "joined_with": EVAL_JOIN.get(name, "\n\n"),
+                    },
+                }
+            sets[name]["prepare_seconds"] = time.perf_counter() - t0
+            stage.result = f"{w.shape[0]} windows of {seqlen} tokens"
     return sets
 
 
@@ -366,19 +372,27 @@ def evaluate_sets(
     non-finite weights. `storage`: the `DiskBlocks` of a model loaded with offload="disk"
     (`LoadedModel.storage`)."""
     out = {}
+    shown = Progress.of(progress if Ranks.current().main else False)
     for name, s in sets.items():
         t0 = time.perf_counter()
-        nll, ntok = nll_of_windows(
-            model,
-            s["windows"],
-            batch_size,
-            device,
-            offload,
-            progress,
-            desc=f"eval {name}",
-            storage=storage,
-        )
-        mean = nll / ntok
+        n, length = s["windows"].shape
+        with shown.stage(
+            f"perplexity of {label} on {name} ({n} windows of {length} tokens)"
+        ) as stage:
+            nll, ntok = nll_of_windows(
+                model,
+                s["windows"],
+                batch_size,
+                device,
+                offload,
+                shown,
+                desc=f"eval {name}",
+                storage=storage,
+            )
+            mean = nll / ntok
+            stage.result = (
+                f"{math.exp(mean):.4f}" if math.isfinite(mean) and mean <= MAX_NLL else "no number"
+            )
         if not math.isfinite(mean):
             raise blame(
                 model, f"the {name} perplexity of {label} is not a number (mean NLL {mean})"

@@ -86,8 +86,8 @@ def _acc_cell(score: dict | None) -> str:
 
 def protocol_text(r: dict) -> str:
     """The run's evaluation and calibration protocol in one line: per perplexity set the window
-    length, the windows used (of those available) and --eval-limit; the calibration source,
-    sequences x tokens and seed."""
+    length, the windows used (of those available) and --eval-limit; the zero-shot tasks' shots,
+    harness and --tasks-limit; the calibration source, sequences x tokens and seed."""
     parts = []
     for s, ev in (r["metrics"].get("eval") or {}).items():
         p = ev.get("protocol") or {}
@@ -100,6 +100,13 @@ def protocol_text(r: dict) -> str:
         if p.get("limit") is not None:
             txt += f" (--eval-limit {p['limit']})"
         parts.append(txt)
+    zp = r["metrics"].get("zero_shot_protocol")
+    if zp:
+        limit = zp.get("limit")
+        parts.append(
+            f"tasks: {zp.get('num_fewshot', 0)}-shot, {zp.get('harness', 'lm-eval')}"
+            + (f" (--tasks-limit {limit})" if limit is not None else "")
+        )
     c = r.get("calibration") or {}
     cp = c.get("protocol") or {}
     seed = cp.get("seed", r["config"].get("calib", {}).get("seed"))

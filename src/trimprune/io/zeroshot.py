@@ -1,5 +1,13 @@
 """Zero-shot accuracy through the stock lm-evaluation-harness (`pip install 'trimprune[eval]'`,
-lm-eval 0.4.13), on the model in memory (its `HFLM` wrapper), 0-shot.
+lm-eval 0.4.13), on the model in memory (its `HFLM` wrapper), 0-shot as in the pruning papers
+(`num_fewshot` K > 0 for K examples in each prompt).
+
+The harness runs one task at a time, so that each task gets its own progress line. Unless
+`verbose`, what the harness itself prints stays out of the output: its loggers (`lm_eval`,
+`lm-eval` and their children) are set to ERROR, its progress bars and any other text on stderr
+(the "fatal: not a git repository" of the `git describe` it runs to record a commit) are caught
+while it runs; caught lines that report an error are printed afterwards, and every caught line
+when the harness raises.
 
 Offline, `tasks_data` (or TRIMPRUNE_DATA) names a folder laid out like the project's shared data
 (`boolq/validation.jsonl`, `hellaswag/validation.jsonl.gz`, `arc_easy/test.jsonl`, ...: Hugging Face
@@ -12,8 +20,13 @@ names load as usual. Accuracies and their standard errors are read from the harn
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import io
+import logging
+import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from trimprune.calib.data import data_root
+from trimprune.core.progress import Progress
 from trimprune.errors import TrimpruneError
 
 # the mean zero-shot accuracy of the pruning papers (Wanda, SparseGPT, OWL, AlphaPruning, TRIM): acc
@@ -158,6 +172,56 @@ def local_task_configs(tasks: list[str], folder: Path, out: Path) -> list[str]:
     return done
 
 
+HARNESS_LOGGERS = ("lm_eval", "lm-eval")
+
+
+@contextlib.contextmanager
+def harness_output(verbose: bool = False):
+    """Everything the harness prints to stderr while the body runs, kept out of the output unless
+    `verbose`: its loggers at ERROR, and stderr (Python's and file descriptor 2, which its
+    subprocesses inherit) caught; afterwards the caught lines that report an error are printed, all
+    caught lines (progress bars aside) when the body raised."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in HARNESS_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    caught = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = True
+    with tempfile.TemporaryFile() as fd2:
+        os.dup2(fd2.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(caught):
+                yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+            fd2.seek(0)
+            text = caught.getvalue() + fd2.read().decode(errors="replace")
+            lines = [x for x in text.replace("\r", "\n").splitlines() if x.strip()]
+            shown = [
+                x
+                for x in lines
+                if ("ERROR" in x or "CRITICAL" in x) or (failed and "it/s]" not in x)
+            ]
+            for x in shown:
+                print(x, file=sys.stderr)
+
+
+def check_num_fewshot(k: int) -> None:
+    if k < 0:
+        raise TrimpruneError(
+            f"--tasks-num-fewshot {k} must be >= 0 (0: zero-shot, as in the pruning papers)"
+        )
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -167,43 +231,55 @@ def evaluate_tasks(
     batch_size: int = 8,
     tasks_data: str | Path | None = None,
     device=None,
+    num_fewshot: int = 0,
+    progress=False,
+    label: str = "the model",
+    verbose: bool = False,
 ) -> dict[str, TaskScore]:
-    """0-shot accuracy of `model` on `tasks`; offline from `tasks_data` (or TRIMPRUNE_DATA) where
-    the folder holds a task's file."""
+    """Accuracy of `model` on `tasks` with `num_fewshot` examples in each prompt (0: zero-shot);
+    offline from `tasks_data` (or TRIMPRUNE_DATA) where the folder holds a task's file. One
+    progress line per task; the harness's own output only with `verbose` (`harness_output`)."""
     _require_harness()
+    check_num_fewshot(num_fewshot)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    shown = Progress.of(progress)
     folder = Path(tasks_data) if tasks_data else data_root()
-    manager = _task_manager(str(folder.resolve()) if folder is not None else None, tuple(tasks))
     dev = str(device if device is not None else next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
-    try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=0,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-        )
-    except (ConnectionError, OSError) as e:
-        raise TrimpruneError(
-            f"lm-evaluation-harness could not load its data ({str(e).splitlines()[0][:160]}):"
-            " give local task files with --tasks-data DIR or set TRIMPRUNE_DATA"
-        ) from e
+    with shown.stage(f"tasks of {label}: preparing lm-evaluation-harness"), harness_output(verbose):
+        manager = _task_manager(str(folder.resolve()) if folder is not None else None, tuple(tasks))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
     scores = {}
     for task in tasks:
-        r = out["results"][task]
-        n = out.get("n-samples", {}).get(task, {}).get("effective", 0)
-        scores[task] = TaskScore(
-            task,
-            r["acc,none"],
-            r.get("acc_stderr,none"),
-            r.get("acc_norm,none"),
-            r.get("acc_norm_stderr,none"),
-            int(n),
-        )
+        with shown.stage(f"{num_fewshot}-shot {task} of {label}") as stage:
+            try:
+                with harness_output(verbose):
+                    out = lm_eval.simple_evaluate(
+                        model=lm,
+                        tasks=[task],
+                        num_fewshot=num_fewshot,
+                        limit=limit,
+                        task_manager=manager,
+                        log_samples=False,
+                    )
+            except (ConnectionError, OSError) as e:
+                raise TrimpruneError(
+                    f"lm-evaluation-harness could not load its data "
+                    f"({str(e).splitlines()[0][:160]}): give local task files with --tasks-data "
+                    "DIR or set TRIMPRUNE_DATA"
+                ) from e
+            r = out["results"][task]
+            n = out.get("n-samples", {}).get(task, {}).get("effective", 0)
+            scores[task] = TaskScore(
+                task,
+                r["acc,none"],
+                r.get("acc_stderr,none"),
+                r.get("acc_norm,none"),
+                r.get("acc_norm_stderr,none"),
+                int(n),
+            )
+            stage.result = f"acc {100 * scores[task].acc:.2f} % ({int(n)} examples)"
     return scores
 
 
