@@ -28,7 +28,7 @@ FLOORS = [
     {"engine", "exec", "calib"},
     {"io"},
     {"preflight", "session"},
-    {"search"},
+    {"search", "sweep"},
     {"api"},
     {"cli"},
     {"__main__"},

@@ -1,7 +1,7 @@
 """MkDocs hook: the CLI reference page, rendered from the argparse parser at build time.
 
 `docs/cli.md` holds the marker `<!-- cli-reference -->`; on build it is replaced by one section per
-subcommand of `trimprune.cli.build_parser()` (prune, eval, report, export), each with one table per
+subcommand of `trimprune.cli.build_parser()` (prune, eval, report, export, sweep), each with one table per
 argument group: flags, argument, default, choices, help. Nothing here is hand-written, so the page
 cannot drift from the parser. `trimprune.cli` imports torch lazily: the build needs no torch.
 """

@@ -151,11 +151,14 @@ GROUPS = {
 }
 
 
-def _add_config_args(p) -> None:
+def _add_config_args(p, skip: tuple[str, ...] = ()) -> None:
     """One flag per PruneConfig field (flag, type, choices and help from the field), default None: a
-    flag that is not given leaves the recipe's value (or the default) in place."""
+    flag that is not given leaves the recipe's value (or the default) in place. `skip`: flat names
+    given no flag."""
     groups, defaults = {}, PruneConfig().to_flat()
     for key, (part, f) in PruneConfig.flat_fields().items():
+        if key in skip:
+            continue
         g = groups.get(part) or groups.setdefault(part, p.add_argument_group(GROUPS[part]))
         meta, default = f.metadata, defaults[key]
         shown = default is not None and not isinstance(default, bool)
@@ -232,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_report_parser(sub)
     _add_export_parser(sub)
+    _add_sweep_parser(sub)
     return ap
 
 
@@ -809,6 +813,329 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ sweep
+def _sparsities(s: str) -> list[float]:
+    out: list[float] = []
+    for x in (x.strip() for x in s.split(",")):
+        try:
+            v = float(x)
+        except ValueError:
+            v = float("nan")
+        if not 0.0 <= v < 1.0:  # NaN too
+            raise argparse.ArgumentTypeError(
+                f"{x!r} is not a sparsity: give fractions in [0, 1), e.g. 0.5,0.6,0.7"
+            )
+        if v in out:
+            raise argparse.ArgumentTypeError(f"{x!r} is given twice: give each sparsity once")
+        out.append(v)
+    return out
+
+
+def _method_spec(spec: str) -> tuple[str, bool]:
+    """A method of `--methods`: SCORER or SCORER+trim -> (scorer, TRIM on)."""
+    from trimprune.config import SCORERS
+
+    scorer, *rest = spec.lower().split("+")
+    if scorer not in SCORERS or rest not in ([], ["trim"]):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not a method: give a scorer ({', '.join(SCORERS)}), optionally with "
+            "+trim, e.g. wanda,wanda+trim,sparsegpt"
+        )
+    return scorer, bool(rest)
+
+
+def _methods(s: str) -> list[str]:
+    out: list[str] = []
+    for spec in (x.strip() for x in s.split(",")):
+        scorer, trim = _method_spec(spec)
+        name = scorer + ("+trim" if trim else "")
+        if name in out:
+            raise argparse.ArgumentTypeError(f"{spec!r} is given twice: give each method once")
+        out.append(name)
+    return out
+
+
+def _add_sweep_parser(sub) -> None:
+    s = sub.add_parser(
+        "sweep",
+        help="prune at several sparsities and/or with several methods from one model load, one "
+        "calibration capture and one dense evaluation; one comparison report",
+    )
+    _add_model_args(s)
+    g = s.add_argument_group("sweep")
+    g.add_argument(
+        "--sparsities",
+        type=_sparsities,
+        default=None,
+        metavar="S1,S2",
+        help="comma list of target sparsities, e.g. 0.5,0.6,0.7 (default: --recipe's or 0.5)",
+    )
+    g.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        metavar="M1,M2",
+        help="comma list of SCORER or SCORER+trim (scorers: magnitude, wanda, sparsegpt), e.g. "
+        "wanda,wanda+trim,sparsegpt (default: --recipe's or wanda)",
+    )
+    s.add_argument("--recipe", help="YAML file with PruneConfig fields; explicit flags override it")
+    s.add_argument(
+        "--output",
+        required=True,
+        help="output directory (written atomically): METHOD-SPARSITY/ per run, report.html, "
+        "report.md, sweep.json",
+    )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it is a folder trimprune wrote, and remove partial outputs of "
+        "interrupted runs beside it",
+    )
+    s.add_argument(
+        "--save-models",
+        action="store_true",
+        help="write each pruned model too (default: masks, allocation and report only)",
+    )
+    s.add_argument(
+        "--save-format",
+        choices=["dense", "compact"],
+        default="dense",
+        help="with --save-models: dense (a plain Hugging Face directory) or compact (bitmask plus "
+        "kept values)",
+    )
+    s.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (else bars on a terminal, one line per block and per run in a "
+        "log)",
+    )
+    s.add_argument(
+        "--eval-seqlen", type=int, default=None, help="eval window length (default: --seqlen)"
+    )
+    _add_config_args(s, skip=("sparsity", "scorer", "trim"))
+    _add_eval_args(s)
+    s.add_argument(
+        "--no-dense-eval", action="store_true", help="skip evaluating the dense model first"
+    )
+
+
+def _sweep_configs(args) -> tuple[PruneConfig, dict[str, PruneConfig]]:
+    """The recipe and flags' config, and per run name (METHOD-SPARSITY, method-major) its config:
+    all of them built (and so validated) before anything loads."""
+    import dataclasses
+
+    from trimprune.errors import ConfigError
+
+    base = config_from_args(args)
+    methods = args.methods or [base.scorer.name + ("+trim" if base.trim.enabled else "")]
+    sparsities = args.sparsities or [base.sparsity]
+    runs = {}
+    for method in methods:
+        scorer, trim = _method_spec(method)
+        for sp in sparsities:
+            try:
+                runs[f"{method}-{sp:g}"] = dataclasses.replace(
+                    base,
+                    sparsity=sp,
+                    scorer=dataclasses.replace(base.scorer, name=scorer),
+                    trim=dataclasses.replace(base.trim, enabled=trim),
+                )
+            except ConfigError as e:
+                raise ConfigError(f"--methods {method} --sparsities {sp:g}: {e.template}") from None
+    return base, runs
+
+
+def _sweep_row(name: str, method: str, result, report: dict, seconds: float) -> dict:
+    m = report["metrics"]
+    ppl, dense = m.get("perplexity", {}), m.get("dense_perplexity", {})
+    return {
+        "name": name,
+        "method": method,
+        "sparsity": result.config.sparsity,
+        "achieved": result.global_sparsity,
+        "perplexity": ppl,
+        "ratio_to_dense": {k: v / dense[k] for k, v in ppl.items() if dense.get(k)},
+        "zero_shot_mean": m.get("zero_shot_mean"),
+        "prune_seconds": result.timings.get("prune_seconds"),
+        "seconds": seconds,
+        "report": f"{name}/report.json",
+    }
+
+
+def _sweep_line(i: int, n: int, row: dict) -> str:
+    parts = [f"sweep {i + 1}/{n} {row['name']}: sparsity {row['achieved']:.4f}"]
+    for k, v in row["perplexity"].items():
+        r = row["ratio_to_dense"].get(k)
+        parts.append(f"ppl {k} {v:.3f}" + (f" (x{r:.2f} dense)" if r is not None else ""))
+    if row["zero_shot_mean"] is not None:
+        parts.append(f"zero-shot mean {100 * row['zero_shot_mean']:.2f} %")
+    return ", ".join(parts) + f", {row['seconds']:.1f} s"
+
+
+def _sweep_preflight(args) -> tuple[PruneConfig, dict[str, PruneConfig]]:
+    """Every check before the model loads: the configs of all runs, the evaluation flags, the
+    output folder (locked), the data files."""
+    from trimprune.exec.distributed import launched
+    from trimprune.preflight import _config_in_features, check_keeps_weights, check_prune_inputs
+    from trimprune.sweep import check_sweep_configs
+
+    base, runs = _sweep_configs(args)
+    check_sweep_configs(list(runs.values()))
+    if launched():
+        raise TrimpruneError("trimprune sweep runs in one process, not under torchrun")
+    _check_eval_args(args, args.eval_seqlen or base.calib.seqlen)
+    args.no_save_model, args.log_json = not args.save_models, None  # what preflight reads
+    first = next(iter(runs.values()))
+    warnings_ = check_prune_inputs(args, first, _eval_data(args.eval_data))
+    for cfg in runs.values():
+        check_keeps_weights(cfg, None, _config_in_features(args.model, cfg))
+    for w in warnings_:
+        _warn(w)
+    return base, runs
+
+
+def _write_sweep_summary(args, folder, names, rows, dense, dev, times):
+    """The sweep's plot, comparison report (report.html, report.md) and sweep.json in `folder`;
+    returns the report's two paths."""
+    import json
+
+    from trimprune.io import plots
+    from trimprune.io.export import write_files_list
+    from trimprune.io.render import write_report
+    from trimprune.io.report import versions
+
+    figures = []
+    if plots.available():
+        plotted = plots.sweep_ratio(rows, dense, folder / "sweep.png")
+        figures = [folder / plotted] if plotted else []
+    page, md = write_report([str(folder / n) for n in names], folder / "report.html", figures)
+    summary = {
+        "format": "trimprune-sweep/1",
+        "model": args.model,
+        "command": ["trimprune"] + sys.argv[1:],
+        "versions": versions(dev),
+        "methods": list(dict.fromkeys(r["method"] for r in rows)),
+        "sparsities": list(dict.fromkeys(r["sparsity"] for r in rows)),
+        "dense": {
+            "perplexity": {k: v["perplexity"] for k, v in dense.get("eval", {}).items()},
+            "zero_shot_mean": dense.get("zero_shot_mean"),
+        },
+        "runs": rows,
+        "plots": [f.name for f in figures],
+        "notes": []
+        if figures
+        else ["no plot: matplotlib is not installed (pip install 'trimprune[report]')"],
+        "timings": {
+            "load_seconds": times["load_seconds"],
+            "dense_eval_seconds": times["dense_eval_seconds"],
+            "total_seconds": time.perf_counter() - times["t_all"],
+        },
+    }
+    (folder / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_files_list(folder)
+    return page, md
+
+
+def _sweep_load(args, base, runs, dev, eval_seqlen):
+    """The model, loaded once, and every run's config checked against it (`Checked`)."""
+    from trimprune.io.models import load_model
+    from trimprune.preflight import check_model_keeps_weights
+    from trimprune.session import check_against_model
+
+    loaded = load_model(
+        args.model,
+        args.gguf_file,
+        args.dtype,
+        dev,
+        offload=base.run.offload,
+        trust_remote_code=args.trust_remote_code,
+    )
+    checked = {}
+    for name, cfg in runs.items():
+        checked[name] = check_against_model(
+            cfg, loaded.model, seqlens=(eval_seqlen,), loaded_ranks=True
+        )
+        check_model_keeps_weights(checked[name].config, loaded.model)
+    return loaded, checked
+
+
+def cmd_sweep(args) -> int:
+    """`trimprune sweep`: every (method, sparsity) pruned from the dense weights of one load, with
+    one calibration capture (`trimprune.sweep`) and one dense evaluation."""
+    import contextlib
+    from pathlib import Path
+
+    from trimprune.core.model import ModelAdapter
+    from trimprune.io.export import StagedDir, write_outputs
+    from trimprune.io.report import markdown
+    from trimprune.sweep import sweep
+
+    t_all = time.perf_counter()
+    base, runs = _sweep_preflight(args)
+    eval_seqlen = args.eval_seqlen or base.calib.seqlen
+    dev = _device(args)
+    progress = Progress("off" if args.quiet else "auto")
+    t0 = time.perf_counter()
+    loaded, checked = _sweep_load(args, base, runs, dev, eval_seqlen)
+    model, tok = loaded.model, loaded.tokenizer
+    t_load = time.perf_counter() - t0
+    adapter = ModelAdapter.from_model(model)
+    sets = _prune_eval_sets(args, tok, eval_seqlen, model, base.calib.seed, progress)
+    t0 = time.perf_counter()
+    dense = (
+        {}
+        if args.no_dense_eval
+        else _evaluate(model, tok, sets, args, dev, base.run.offload, progress, "the dense model")
+    )
+    t_dense = time.perf_counter() - t0
+    names = list(checked)
+    rows: list[dict] = []
+    with contextlib.ExitStack() as scope:
+        staged = scope.enter_context(StagedDir(args.output, args.overwrite))
+        t_run = [time.perf_counter()]
+
+        def on_result(i: int, result) -> None:
+            name = names[i]
+            pruned = _evaluate(
+                model, tok, sets, args, dev, base.run.offload, progress, f"the pruned model {name}"
+            )
+            report = _prune_report(args, loaded, adapter, dev, result, dense, pruned, t_load, t_all)
+            write_outputs(
+                staged.tmp / name,
+                model,
+                tok,
+                result,
+                report,
+                markdown,
+                save_model=args.save_models,
+                save_format=args.save_format,
+                source=loaded.source,
+            )
+            row = _sweep_row(
+                name, name.rsplit("-", 1)[0], result, report, time.perf_counter() - t_run[0]
+            )
+            rows.append(row)
+            progress.message(_sweep_line(i, len(names), row))
+            t_run[0] = time.perf_counter()
+
+        sweep(
+            model,
+            tok,
+            [checked[n] for n in names],
+            on_result=on_result,
+            device=dev,
+            progress=progress,
+        )
+        times = {"load_seconds": t_load, "dense_eval_seconds": t_dense, "t_all": t_all}
+        page, md = _write_sweep_summary(args, staged.tmp, names, rows, dense, dev, times)
+        staged.commit()
+    out = Path(args.output)
+    for i, row in enumerate(rows):
+        print(_sweep_line(i, len(rows), row))
+    print(f"written: {out / page.name}, {out / md.name}, {out / 'sweep.json'}")
+    return 0
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `finally` runs (temporary folders are
     removed)."""
@@ -833,7 +1160,13 @@ def _terminate_by_exception():
     return signal.signal(signal.SIGTERM, handler)
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "export": cmd_export, "report": cmd_report}
+COMMANDS = {
+    "prune": cmd_prune,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "report": cmd_report,
+    "sweep": cmd_sweep,
+}
 
 
 def main(argv=None) -> int:
@@ -904,7 +1237,7 @@ def main(argv=None) -> int:
             import signal
 
             signal.signal(signal.SIGTERM, previous)
-        if args.command in ("prune", "eval"):
+        if args.command in ("prune", "eval", "sweep"):
             from trimprune.exec.distributed import shutdown
 
             shutdown()

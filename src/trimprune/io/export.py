@@ -60,10 +60,14 @@ def probe_writable(folder: str | Path, what: str) -> None:
 
 
 def trimprune_output(path: str | Path) -> str | None:
-    """ "prune" or "export" when `path` is a folder trimprune wrote (its report.json, or the marker
-    of `trimprune export`), else None."""
+    """ "prune", "sweep" or "export" when `path` is a folder trimprune wrote (its report.json, the
+    sweep.json of `trimprune sweep`, or the marker of `trimprune export`), else None."""
     p = Path(path)
-    for name, kind in (("report.json", "prune"), (EXPORT_MARKER, "export")):
+    for name, kind in (
+        ("report.json", "prune"),
+        ("sweep.json", "sweep"),
+        (EXPORT_MARKER, "export"),
+    ):
         f = p / name
         if not f.is_file():
             continue
@@ -72,7 +76,7 @@ def trimprune_output(path: str | Path) -> str | None:
         except (OSError, ValueError):
             continue
         if (
-            kind == "prune"
+            kind in ("prune", "sweep")
             and isinstance(d, dict)
             and isinstance(d.get("versions"), dict)
             and "trimprune" in d["versions"]

@@ -11,7 +11,10 @@
 - search_trials.png (`--allocation search`): the held-out objective of every trial and the best so
   far;
 - search_profile.png (`--allocation search`): the winning per-block profile against uniform, OWL,
-  AlphaPruning and ATP (with the config's parameters), from the same captured data.
+  AlphaPruning and ATP (with the config's parameters), from the same captured data;
+- sweep.png (`trimprune sweep`, in the sweep's folder): perplexity as the ratio to dense against
+  the target sparsity, one line per method and one panel per dataset (and the zero-shot mean
+  accuracy against sparsity with --tasks).
 """
 
 from __future__ import annotations
@@ -255,3 +258,59 @@ def write_plots(folder: Path, report: dict, rows: dict[str, np.ndarray] | None =
         ]
     name = metrics(report, folder / "metrics.png")
     return out + ([name] if name else [])
+
+
+def sweep_ratio(rows: list[dict], dense: dict, path: Path) -> str | None:
+    """The sweep's plot (`trimprune sweep`): per evaluation set, the perplexity's ratio to dense
+    (the perplexity itself where no dense one was measured) against the target sparsity, one line
+    per method; with zero-shot tasks, the mean accuracy against sparsity. `rows`: sweep.json's
+    runs; `dense`: the dense evaluation ({"eval": ..., "zero_shot_mean": ...}). None when there is
+    nothing to draw."""
+    sets = list(dict.fromkeys(k for r in rows for k in r["perplexity"]))
+    zs = any(r.get("zero_shot_mean") is not None for r in rows)
+    if not sets and not zs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sets + (["zero-shot"] if zs else [])
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.0 * len(panels), 3.4), dpi=110, squeeze=False
+    )
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, panel in zip(axes[0], panels):
+        for j, method in enumerate(methods):
+            pts = sorted(
+                (r["sparsity"], _sweep_value(r, panel)) for r in rows if r["method"] == method
+            )
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", color=f"C{j}", label=method)
+        ratio = panel != "zero-shot" and all(panel in r["ratio_to_dense"] for r in rows)
+        if panel == "zero-shot":
+            d = dense.get("zero_shot_mean")
+            if d is not None:
+                ax.axhline(100 * d, color="k", lw=1, ls="--", label="dense")
+            ax.set(xlabel="target sparsity", ylabel="mean accuracy (%)", title="Zero-shot mean")
+        elif ratio:
+            ax.axhline(1.0, color="k", lw=1, ls="--", label="dense (1)")
+            ax.set(
+                xlabel="target sparsity",
+                ylabel="perplexity / dense",
+                title=f"{panel}: perplexity, ratio to dense",
+                ylim=(0, None),
+            )
+        else:
+            ax.set(xlabel="target sparsity", ylabel="perplexity", title=f"{panel}: perplexity")
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _sweep_value(row: dict, panel: str) -> float | None:
+    if panel == "zero-shot":
+        v = row.get("zero_shot_mean")
+        return None if v is None else 100 * v
+    return row["ratio_to_dense"].get(panel, row["perplexity"].get(panel))

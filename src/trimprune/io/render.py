@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from trimprune.core.coverage import summary_of
@@ -291,13 +292,25 @@ CSS = (
 )
 
 
-def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
+def _img(name: str, data: bytes) -> str:
+    return (
+        f"<img alt='{html.escape(name)}' src='data:image/png;base64,"
+        f"{base64.b64encode(data).decode()}'>"
+    )
+
+
+def render_html(
+    runs: list[tuple[str, dict, dict[str, bytes]]], figures: dict[str, bytes] | None = None
+) -> str:
+    """The page; `figures` (name -> PNG bytes): plots of the whole comparison, shown under its
+    table (e.g. a sweep's perplexity against sparsity)."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>trimprune report</title>",
         f"<style>{CSS}</style></head><body><h1>trimprune report</h1>",
     ]
     head, rows = comparison([(n, r) for n, r, _ in runs])
     parts.append("<h2>Comparison</h2>" + _html_table(head, rows))
+    parts += [_img(n, d) for n, d in (figures or {}).items()]
     for name, r, images in runs:
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(_html_table(None, [[k, v] for k, v in _run_facts(r)], "facts"))
@@ -305,11 +318,7 @@ def render_html(runs: list[tuple[str, dict, dict[str, bytes]]]) -> str:
         if zs:
             parts.append("<pre>" + html.escape("\n".join(zs)) + "</pre>")
         parts += _html_coverage(r)
-        for img, data in images.items():
-            parts.append(
-                f"<img alt='{html.escape(img)}' src='data:image/png;base64,"
-                f"{base64.b64encode(data).decode()}'>"
-            )
+        parts += [_img(img, data) for img, data in images.items()]
         rows_b = block_rows(r)
         flagged = any(b[3] for b in rows_b)
         parts.append(
@@ -376,9 +385,16 @@ def _md_coverage(r: dict) -> list[str]:
     return out
 
 
-def render_markdown(runs: list[tuple[str, dict, Path]], out: Path) -> str:
+def render_markdown(
+    runs: list[tuple[str, dict, Path]], out: Path, figures: Sequence[Path] = ()
+) -> str:
+    """The Markdown beside `out`; `figures`: PNG files of the whole comparison, linked under its
+    table."""
     head, rows = comparison([(n, r) for n, r, _ in runs])
     lines = ["# trimprune report", "", "## Comparison", ""] + _md_table(head, rows)
+    for f in figures:
+        rel = Path(_relpath(Path(f), out.parent))
+        lines += ["", f"![{rel.stem}]({rel.as_posix()})"]
     for name, r, folder in runs:
         lines += ["", f"## {name}", ""] + [f"- {k}: {v}" for k, v in _run_facts(r)]
         zs = zero_shot_table(r["metrics"])
@@ -433,10 +449,13 @@ def _check_keys(folder: Path, report) -> dict:
     return report
 
 
-def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Path]:
+def write_report(
+    run_dirs: list[str], out: str | Path | None = None, figures: Sequence[Path] = ()
+) -> tuple[Path, Path]:
     """Write OUT (.html; default RUN_DIR/report.html for one run, else trimprune-report.html) and
     the Markdown beside it (OUT with .md; report-page.md where that would be a run's own
-    report.md)."""
+    report.md). `figures`: PNG files of the whole comparison (embedded in the page, linked from the
+    Markdown), e.g. the sweep's plot."""
     folders = [Path(d) for d in run_dirs]
     reports = [load_run(f) for f in folders]
     html_path = (
@@ -451,8 +470,13 @@ def write_report(run_dirs: list[str], out: str | None = None) -> tuple[Path, Pat
     make_parent(html_path, "-o")
     names = [f.resolve().name for f in folders]
     try:
-        page = render_html([(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)])
-        md = render_markdown([(n, r, f) for n, r, f in zip(names, reports, folders)], html_path)
+        page = render_html(
+            [(n, r, run_plots(f, r)) for n, r, f in zip(names, reports, folders)],
+            {Path(f).name: Path(f).read_bytes() for f in figures},
+        )
+        md = render_markdown(
+            [(n, r, f) for n, r, f in zip(names, reports, folders)], html_path, figures
+        )
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
         raise _incomplete(folders, reports, names, html_path, e) from e
     md_path = html_path.with_suffix(".md")
