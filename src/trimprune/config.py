@@ -60,7 +60,7 @@ ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "layerif", "expert", "se
 LAYERIF_HESSIANS = ("datainf", "identity")  # --layerif-hessian (algo.allocation.layerif)
 EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
-SEARCH_SPACES = ("rules", "free", "trim", "experts")
+SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif")
 SEARCH_OBJECTIVES = ("kl", "nll")
 
 
@@ -615,7 +615,8 @@ class SearchConfig:
         "search_space",
         "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
         "(Chebyshev profile over depth), trim (TRIM on/off per trial), experts (per-expert "
-        "sparsities in MoE blocks: expert lambda and beta per trial)",
+        "sparsities in MoE blocks: expert lambda and beta per trial), layerif (LayerIF's scores, "
+        "computed once with the --layerif-* settings, and its range epsilon per trial)",
         metavar="LIST",
     )
     objective: str = option(
@@ -661,7 +662,7 @@ class SearchConfig:
         )
         _in_range(
             self.space,
-            bool(set(parts) & {"rules", "free"}),
+            bool(set(parts) & {"rules", "free", "layerif"}),
             f"{{search_space}} {self.space} needs rules or free too: e.g. rules,free,"
             f"{','.join(p for p in dict.fromkeys(parts) if p not in ('rules', 'free'))}",
         )
@@ -772,7 +773,7 @@ class PruneConfig:
                 f"out of {{nsamples}} {self.calib.nsamples}: use more {{nsamples}} or a smaller "
                 "{search_holdout}"
             )
-        if self.allocation.method == "layerif":
+        if self.allocation.method == "layerif" or "layerif" in self.search_spaces:
             k = self.allocation.layerif_holdout
             if k >= self.calib.nsamples:
                 raise ConfigError(

@@ -126,19 +126,16 @@ def owl_allocation(
     return owl_from_ratios(ratios, config.owl_m, config.owl_lambda, sparsity, numels, block_of)
 
 
-def layerif_allocation(
-    config: PruneConfig, model, adapter, ids: torch.Tensor, device, numels, block_of, progress=False
-) -> Allocation:
-    """`--allocation layerif`: the last `--layerif-holdout` calibration sequences are the
-    validation set, the others the training examples of the influence functions
-    (`engine.influence`); their scores are mapped by AlphaPruning's mapping
-    (`algo.allocation.layerif`)."""
-    from trimprune.algo.allocation.layerif import layerif_allocation as from_scores
+def layerif_scores_of(
+    config: PruneConfig, model, adapter, ids: torch.Tensor, device, progress=False
+) -> tuple[dict[str, float], dict]:
+    """LayerIF's per-linear scores (`engine.influence.layerif_scores`): the last
+    `--layerif-holdout` of the sequences `ids` are the validation set, the others the training
+    examples of the influence functions."""
     from trimprune.engine.influence import layerif_scores
     from trimprune.errors import TrimpruneError
 
-    a, s = config.allocation, config.sparsity
-    assert s is not None
+    a = config.allocation
     n = int(ids.shape[0])
     k = a.layerif_holdout or max(1, n // 8)
     if k >= n:
@@ -146,7 +143,7 @@ def layerif_allocation(
             f"{{layerif_holdout}} {k} leaves none of the {n} calibration sequences as training "
             "examples: use more {nsamples} or a smaller {layerif_holdout}"
         )
-    scores, details = layerif_scores(
+    return layerif_scores(
         model,
         adapter,
         ids[: n - k],
@@ -157,6 +154,18 @@ def layerif_allocation(
         a.layerif_per_linear,
         progress,
     )
+
+
+def layerif_allocation(
+    config: PruneConfig, model, adapter, ids: torch.Tensor, device, numels, block_of, progress=False
+) -> Allocation:
+    """`--allocation layerif`: `layerif_scores_of`, mapped by AlphaPruning's mapping
+    (`algo.allocation.layerif`)."""
+    from trimprune.algo.allocation.layerif import layerif_allocation as from_scores
+
+    a, s = config.allocation, config.sparsity
+    assert s is not None
+    scores, details = layerif_scores_of(config, model, adapter, ids, device, progress)
     return from_scores(scores, a.alpha_eps, a.alpha_mapping, s, numels, block_of, details)
 
 
