@@ -3,6 +3,8 @@ against explicit per-example gradients, the mapping (exact mean, bounds), determ
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -164,3 +166,25 @@ def test_bad_input_refused():
         _cfg(layerif_damping=0.0)
     with pytest.raises(ConfigError, match="offload"):
         _cfg(offload="cpu")
+
+
+def test_cli_records_the_method_and_replays_to_identical_masks(
+    tiny_dir, tmp_path, capsys, with_data_env
+):
+    from trimprune import load_masks
+    from trimprune.cli import main
+
+    common = ["prune", "--model", str(tiny_dir), "--calib", "c4", "--nsamples", "8"]
+    common += ["--seqlen", "32", "--sparsity", "0.7", "--quiet", "--no-save-model"]
+    out, rep = tmp_path / "l", tmp_path / "r"
+    flags = ["--allocation", "layerif", "--layerif-hessian", "identity", "--layerif-per-linear"]
+    assert main([*common, *flags, "--output", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "report.json").read_text())
+    assert r["allocation"]["method"] == "layerif"
+    d = r["allocation"]["details"]
+    assert d["hessian"] == "identity" and d["per_linear"] is True
+    assert d["train_sequences"] == 7 and d["validation_sequences"] == 1
+    alloc = out / "allocation.json"
+    assert main([*common, "--allocation", f"file:{alloc}", "--output", str(rep)]) == 0
+    a, b = load_masks(out / "masks.safetensors"), load_masks(rep / "masks.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
