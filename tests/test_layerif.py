@@ -188,3 +188,20 @@ def test_cli_records_the_method_and_replays_to_identical_masks(
     assert main([*common, "--allocation", f"file:{alloc}", "--output", str(rep)]) == 0
     a, b = load_masks(out / "masks.safetensors"), load_masks(rep / "masks.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bf16_model_is_scored_in_float32_and_restored_bit_for_bit():
+    model = make("llama", dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    ad = ModelAdapter.from_model(model)
+    ids = calib(4, 12)
+    got, _ = layerif_scores(model, ad, ids[:3], ids[3:], torch.device("cpu"), "identity")
+    ref = make("llama", dtype=torch.bfloat16).float()
+    want, _ = layerif_scores(
+        ref, ModelAdapter.from_model(ref), ids[:3], ids[3:], torch.device("cpu"), "identity"
+    )
+    assert got == want  # the same float32 arithmetic as the model cast to float32 beforehand
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags

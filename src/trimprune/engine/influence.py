@@ -54,24 +54,27 @@ def _weights(adapter, per_linear: bool) -> tuple[dict[str, nn.Parameter], dict[s
 
 @contextlib.contextmanager
 def _float32_grads_of(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
-    """Only `params` require grad; floating parameters in float32; the model in eval mode; all
-    restored on exit."""
+    """Only `params` require grad; floating parameters and buffers in float32; the model in eval
+    mode; all restored on exit."""
     all_params = list(model.parameters())
     flags = [p.requires_grad for p in all_params]
-    dtypes = [p.dtype for p in all_params]
+    tensors = all_params + list(model.buffers())
+    dtypes = [t.dtype for t in tensors]
     training = model.training
     keep = {id(p) for p in params.values()}
     try:
         for p in all_params:
             p.requires_grad_(id(p) in keep)
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+        for t in tensors:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
         model.eval()
         yield
     finally:
-        for p, f, dt in zip(all_params, flags, dtypes):
-            if p.dtype != dt:
-                p.data = p.data.to(dt)
+        for t, dt in zip(tensors, dtypes):
+            if t.dtype != dt:
+                t.data = t.data.to(dt)
+        for p, f in zip(all_params, flags):
             p.requires_grad_(f)
             p.grad = None
         model.train(training)
