@@ -166,6 +166,10 @@ def test_bad_input_refused():
         _cfg(layerif_damping=0.0)
     with pytest.raises(ConfigError, match="offload"):
         _cfg(offload="cpu")
+    with pytest.raises(ConfigError, match="offload"):
+        _cfg(allocation="search", search_space="rules,layerif", offload="cpu")
+    with pytest.raises(ConfigError, match="layerif_hessian"):
+        _cfg(layerif_hessian="exact")
 
 
 def test_cli_records_the_method_and_replays_to_identical_masks(
