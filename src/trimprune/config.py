@@ -774,7 +774,7 @@ class PruneConfig:
                 "{search_holdout}"
             )
         if self.allocation.method == "layerif" or "layerif" in self.search_spaces:
-            k = self.allocation.layerif_holdout
+            k = self.allocation.layerif_holdout or max(1, self.calib.nsamples // 8)
             if k >= self.calib.nsamples:
                 raise ConfigError(
                     f"{{layerif_holdout}} {k} leaves no calibration sequence to score with out "
@@ -782,8 +782,13 @@ class PruneConfig:
                     "{layerif_holdout}"
                 )
             if self.run.offload:
+                what = (
+                    "{allocation} layerif"
+                    if self.allocation.method == "layerif"
+                    else f"{{search_space}} {self.search.space}"
+                )
                 raise ConfigError(
-                    "{allocation} layerif backpropagates through the whole model at once and "
+                    f"{what} backpropagates through the whole model at once (LayerIF) and "
                     "cannot be combined with {offload}: use another {allocation}, or write its "
                     "allocation on a larger device and prune with {allocation} file:PATH"
                 )
