@@ -110,9 +110,12 @@ class _FakeSources:
             for k in self.names
         }
 
+    def layerif_scores(self):
+        return {k: float(torch.rand(1, generator=self.g)) for k in self.names}
+
 
 def _params(draw):
-    fam = draw(st.sampled_from(["owl", "alphapruning", "atp", "free"]))
+    fam = draw(st.sampled_from(["owl", "alphapruning", "atp", "layerif", "free"]))
     p = {"family": fam, "trim": False}
     f = st.floats
     if fam == "owl":
@@ -124,6 +127,8 @@ def _params(draw):
         }
     elif fam == "atp":
         p |= {"atp_beta": draw(f(*ATP_BETA))}
+    elif fam == "layerif":
+        p |= {"layerif_eps": draw(f(*ALPHA_EPS))}
     else:
         p |= {f"c{k}": draw(f(*CHEB_RANGE)) for k in range(1, N_CHEB + 1)}
     return p
@@ -260,6 +265,25 @@ def test_every_trial_allocation_has_exact_mean_and_bounds_and_the_best_is_applie
     for t, name in zip(first[1:], ["owl", "alphapruning", "atp"]):
         assert t["per_block"] == pytest.approx(prof[name], abs=1e-12)
     assert res.search["best"]["value"] <= min(t["value"] for t in first)
+
+
+def test_layerif_space_warm_starts_with_its_profile(tmp_path):
+    """The `layerif` space: LayerIF's scores once per study, its epsilon per trial; its warm start
+    is the `--allocation layerif` profile on the sequences the statistics see."""
+    _, res = _search(tmp_path, trials=3, search_space="layerif", layerif_holdout=1)
+    trials = res.search["trials"]
+    assert [t["params"]["family"] for t in trials] == ["layerif"] * 3
+    prof = res.search["profiles"]["layerif"]
+    assert trials[0]["per_block"] == pytest.approx(prof, abs=1e-12)
+    assert len(set(prof)) > 1
+    alone = prune(
+        make("llama"),
+        None,
+        _cfg(allocation="layerif", layerif_holdout=1, nsamples=N - 2),
+        calibration=calib(N, L)[: N - 2],
+        progress=False,
+    )
+    assert alone.allocation.per_block() == pytest.approx(prof, abs=1e-12)
 
 
 def test_an_interrupted_study_resumes_from_its_sqlite_storage(tmp_path):

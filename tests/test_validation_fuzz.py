@@ -229,7 +229,7 @@ DECIDED = settings(
 )
 
 SCORERS = ["magnitude", "wanda", "sparsegpt"]
-ALLOCATIONS = ["uniform", "owl", "alphapruning", "atp", "expert", "search"]  # and file:PATH
+ALLOCATIONS = ["uniform", "owl", "alphapruning", "atp", "layerif", "expert", "search"]  # file:PATH
 EXPERT_LAYERWISE = ["uniform", "owl", "alphapruning", "atp"]
 ALPHA_METRICS = ["alpha_peak", "alpha_mid"]
 ALPHA_MAPPINGS = ["block_wise", "per_matrix"]
@@ -259,7 +259,8 @@ GRAM_DIM_METRICS = ["cosim", "mse"]
 TRIM_PRECISIONS = ["fp32", "tf32", "bf16"]
 LR_SEARCHES = ["auto", "parallel", "sequential"]
 TRIM_GUARDS = ["block", "model"]
-SEARCH_SPACES = ["rules", "free", "trim", "experts"]
+SEARCH_SPACES = ["rules", "free", "trim", "experts", "layerif"]
+LAYERIF_HESSIANS = ["datainf", "identity"]
 SEARCH_OBJECTIVES = ["kl", "nll"]
 
 
@@ -300,6 +301,9 @@ FREE = {
     "alpha_mapping": st.sampled_from(ALPHA_MAPPINGS),
     "alpha_cache_dir": st.none() | NAME,
     "atp_beta": UNIT,
+    "layerif_hessian": st.sampled_from(LAYERIF_HESSIANS),
+    "layerif_damping": POSITIVE,
+    "layerif_per_linear": st.booleans(),
     "expert_layerwise": st.sampled_from(EXPERT_LAYERWISE),
     "expert_lambda": FRACTION,
     "expert_beta": UNIT,
@@ -344,6 +348,7 @@ DEPENDENT = {
     "trim_guard",
     "nsamples",
     "search_holdout",
+    "layerif_holdout",
     "offload",
     "checkpoint_dir",
     "resume",
@@ -416,14 +421,24 @@ def valid_configs(draw):
     whole_model = (
         search or guard == "model"
     )  # prunes the whole model more than once; holds sequences out
-    if whole_model:
+    layerif = allocation == "layerif" or (search and "layerif" in (parts or []))
+    if whole_model or layerif:
         nsamples = flat["nsamples"] = draw(st.integers(2, 10**4))
+    if whole_model:
         put("search_holdout", st.integers(0, nsamples - 1))  # 0: nsamples // 8, at least 1
     else:
-        put("nsamples", st.integers(1, BIG))
+        if not layerif:
+            put("nsamples", st.integers(1, BIG))
         put("search_holdout", st.integers(0, BIG))
+    if layerif:  # its validation sequences held out of the influence functions' examples
+        put("layerif_holdout", st.integers(0, nsamples - 1))
+    else:
+        put("layerif_holdout", st.integers(0, BIG))
     offload = put(
-        "offload", st.sampled_from([False, True, "cpu"] + ([] if whole_model else ["disk"]))
+        "offload",
+        st.sampled_from(
+            [False] if layerif else [False, True, "cpu"] + ([] if whole_model else ["disk"])
+        ),
     )
     if not whole_model and offload != "disk":
         put("checkpoint_dir", st.none() | NON_BLANK)
@@ -597,6 +612,10 @@ INVALID = {
     ),
     "alpha_mapping": _not_in(ALPHA_MAPPINGS),
     "alpha_cache_dir": _shown(NOT_OPT_STR),
+    "layerif_hessian": _not_in(LAYERIF_HESSIANS),
+    "layerif_damping": _shown(NOT_FLOAT | _floats(hi=0) | st.integers(-BIG, 0)),
+    "layerif_per_linear": _shown(NOT_BOOL),
+    "layerif_holdout": _shown(NOT_INT | st.integers(-BIG, -1)),
     "atp_beta": _shown(
         NOT_FLOAT | _floats(hi=0, hi_open=True) | _floats(lo=1, lo_open=True) | st.integers(2, BIG)
     ),
@@ -874,6 +893,19 @@ CONFLICTS = [
     ({"trim": True, "trim_metric": "mae"}, r"trim\.metric mae .*trim\.inputs all"),
     ({"trim": True, "trim_dim_metric": "psnr"}, r"trim\.dim_metric psnr .*trim\.inputs all"),
     ({"search_space": "trim"}, r"search\.space trim needs rules or free"),
+    (
+        {"allocation": "layerif", "nsamples": 1},
+        r"allocation\.layerif_holdout 1 .*calib\.nsamples 1",
+    ),
+    (
+        {"allocation": "layerif", "nsamples": 8, "layerif_holdout": 8},
+        r"allocation\.layerif_holdout 8 .*calib\.nsamples 8",
+    ),
+    ({"allocation": "layerif", "offload": "cpu"}, r"allocation\.method layerif .*run\.offload"),
+    (
+        {"allocation": "search", "search_space": "rules,layerif", "offload": "cpu"},
+        r"search\.space rules,layerif .*run\.offload",
+    ),
     (
         {"scorer": {"name": "wanda"}},
         r"^scorer\.name \{'name': 'wanda'\} must be a string",

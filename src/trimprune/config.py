@@ -56,10 +56,11 @@ OFFLOADS = (
     "cpu",
     "disk",
 )  # where offloaded weights live (RunConfig.offload; false: on the compute device)
-ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "expert", "search")
+ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "layerif", "expert", "search")
+LAYERIF_HESSIANS = ("datainf", "identity")  # --layerif-hessian (algo.allocation.layerif)
 EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
-SEARCH_SPACES = ("rules", "free", "trim", "experts")
+SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif")
 SEARCH_OBJECTIVES = ("kl", "nll")
 
 
@@ -246,13 +247,15 @@ class ScorerConfig:
 @dataclass(frozen=True)
 class AllocationConfig:
     """Layer-wise allocation: uniform, OWL (Yin et al. 2024), AlphaPruning (Lu et al. 2024), ATP
-    (Huang et al. 2025), expert-aware (per-expert sparsities within MoE blocks on top of one of
-    these), a search over these rules and free profiles (`SearchConfig`), or a file."""
+    (Huang et al. 2025), LayerIF (Askari et al. 2025), expert-aware (per-expert sparsities within
+    MoE blocks on top of one of these), a search over these rules and free profiles
+    (`SearchConfig`), or a file."""
 
     method: str = option(
         "uniform",
         "allocation",
-        "layer-wise allocation: uniform, owl, alphapruning, atp, expert, search or file:PATH",
+        "layer-wise allocation: uniform, owl, alphapruning, atp, layerif, expert, search or "
+        "file:PATH",
         metavar="METHOD",
     )
     owl_m: float = option(5.0, "owl_m", "OWL outlier threshold M")
@@ -272,6 +275,28 @@ class AllocationConfig:
         "atp_beta",
         "ATP: sparsity of the last block minus that of the first (a linear "
         "rise with depth; per-block step beta / (blocks - 1))",
+    )
+    layerif_hessian: str = option(
+        "datainf",
+        "layerif_hessian",
+        "LayerIF: the inverse Hessian of its influence functions (DataInf's closed form, or the "
+        "identity: TracIn's gradient dot products)",
+        choices=LAYERIF_HESSIANS,
+    )
+    layerif_damping: float = option(
+        0.1,
+        "layerif_damping",
+        "LayerIF with DataInf: damping lambda_l = this x the mean squared gradient entry of "
+        "layer l",
+    )
+    layerif_per_linear: bool = option(
+        False, "layerif_per_linear", "LayerIF: one influence score per linear (default: per block)"
+    )
+    layerif_holdout: int = option(
+        0,
+        "layerif_holdout",
+        "LayerIF: the last calibration sequences held out as its validation set (0: nsamples // 8, "
+        "at least 1); the prune itself uses every sequence",
     )
     expert_layerwise: str = option(
         "uniform",
@@ -310,6 +335,16 @@ class AllocationConfig:
             self.alpha_eps,
             0 <= self.alpha_eps < 1,
             f"{{alpha_eps}} {self.alpha_eps!r} must be in [0, 1) (default 0.3)",
+        )
+        _in_range(
+            self.layerif_damping,
+            self.layerif_damping > 0,
+            f"{{layerif_damping}} {self.layerif_damping!r} must be > 0 (default 0.1)",
+        )
+        _in_range(
+            self.layerif_holdout,
+            self.layerif_holdout >= 0,
+            f"{{layerif_holdout}} {self.layerif_holdout!r} must be >= 1 (or 0 for nsamples // 8)",
         )
         _in_range(
             self.atp_beta,
@@ -585,7 +620,8 @@ class SearchConfig:
         "search_space",
         "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
         "(Chebyshev profile over depth), trim (TRIM on/off per trial), experts (per-expert "
-        "sparsities in MoE blocks: expert lambda and beta per trial)",
+        "sparsities in MoE blocks: expert lambda and beta per trial), layerif (LayerIF's scores, "
+        "computed once with the --layerif-* settings, and its range epsilon per trial)",
         metavar="LIST",
     )
     objective: str = option(
@@ -631,7 +667,7 @@ class SearchConfig:
         )
         _in_range(
             self.space,
-            bool(set(parts) & {"rules", "free"}),
+            bool(set(parts) & {"rules", "free", "layerif"}),
             f"{{search_space}} {self.space} needs rules or free too: e.g. rules,free,"
             f"{','.join(p for p in dict.fromkeys(parts) if p not in ('rules', 'free'))}",
         )
@@ -742,6 +778,25 @@ class PruneConfig:
                 f"out of {{nsamples}} {self.calib.nsamples}: use more {{nsamples}} or a smaller "
                 "{search_holdout}"
             )
+        if self.allocation.method == "layerif" or "layerif" in self.search_spaces:
+            k = self.allocation.layerif_holdout or max(1, self.calib.nsamples // 8)
+            if k >= self.calib.nsamples:
+                raise ConfigError(
+                    f"{{layerif_holdout}} {k} leaves no calibration sequence to score with out "
+                    f"of {{nsamples}} {self.calib.nsamples}: use more {{nsamples}} or a smaller "
+                    "{layerif_holdout}"
+                )
+            if self.run.offload:
+                what = (
+                    "{allocation} layerif"
+                    if self.allocation.method == "layerif"
+                    else f"{{search_space}} {self.search.space}"
+                )
+                raise ConfigError(
+                    f"{what} backpropagates through the whole model at once (LayerIF) and "
+                    "cannot be combined with {offload}: use another {allocation}, or write its "
+                    "allocation on a larger device and prune with {allocation} file:PATH"
+                )
         if self.run.checkpoint_dir and self.allocation.method == "search":
             raise ConfigError(
                 "{checkpoint_dir} cannot be combined with {allocation} search (its trials prune "

@@ -56,7 +56,7 @@ from trimprune.algo.allocation.owl import owl_from_ratios
 from trimprune.algo.allocation.search import OWL_M_GRID, allocation_for, suggest, warm_starts
 from trimprune.config import PruneConfig
 from trimprune.core.progress import Progress
-from trimprune.engine.allocate import dense_scores
+from trimprune.engine.allocate import dense_scores, layerif_scores_of
 from trimprune.engine.walk import moe_calibration
 from trimprune.errors import TrimpruneError
 from trimprune.io.diskmodel import DiskBlocks
@@ -210,8 +210,10 @@ class Holdout:
 
 # ------------------------------------------------------------------------------------------ rules
 class _Sources:
-    """OWL's outlier ratios (every M of the grid from one dense walk) and AlphaPruning's metrics,
-    computed once while the model is dense (`algo.allocation.search.RuleSources`)."""
+    """OWL's outlier ratios (every M of the grid from one dense walk), AlphaPruning's metrics and,
+    with the `layerif` space, LayerIF's scores (from the sequences the statistics see; their last
+    `--layerif-holdout` are its validation set), computed once while the model is dense
+    (`algo.allocation.search.RuleSources`)."""
 
     def __init__(self, session: Session, config: PruneConfig):
         self.session, self.config = session, config
@@ -230,6 +232,11 @@ class _Sources:
             experts="experts" in config.search_spaces,
         )
         self.metrics, self.cached = layer_metrics(s.adapter, s.captured.exec_device, a, s.progress)
+        self.layerif: dict[str, float] | None = None
+        if "layerif" in config.search_spaces:
+            self.layerif, self.layerif_details = layerif_scores_of(
+                config, s.model, s.adapter, s.ids, s.captured.exec_device, s.progress
+            )
 
     def owl_ratios(self, m: float) -> list[float]:
         if float(m) not in self.ratios:
@@ -242,6 +249,11 @@ class _Sources:
     def experts(self) -> list[list[Expert]]:
         return self.blocks
 
+    def layerif_scores(self) -> dict[str, float]:
+        if self.layerif is None:
+            raise ValueError("LayerIF's scores are computed only with the layerif search space")
+        return self.layerif
+
     @property
     def moe(self) -> bool:
         """Whether any block has experts (the `experts` space has parameters to search)."""
@@ -251,6 +263,7 @@ class _Sources:
         """Per-block sparsities of the closed-form allocations with the config's parameters (for the
         plot)."""
         from trimprune.algo.allocation.alphapruning import alpha_from_metrics
+        from trimprune.algo.allocation.layerif import layerif_allocation as layerif_from_scores
 
         a, s = config.allocation, config.sparsity
         blocks = block_numels_of(numels, block_of)
@@ -262,7 +275,15 @@ class _Sources:
                 self.metrics, a.alpha_metric, a.alpha_eps, a.alpha_mapping, s, numels, block_of
             ).per_block(),
             "atp": atp_block_sparsities(len(blocks), s, a.atp_beta, blocks),
-        }
+        } | (
+            {
+                "layerif": layerif_from_scores(
+                    self.layerif, a.alpha_eps, a.alpha_mapping, s, numels, block_of
+                ).per_block()
+            }
+            if self.layerif is not None
+            else {}
+        )
 
 
 # ------------------------------------------------------------------------------------------ prunes
@@ -334,6 +355,9 @@ def _study_name(config: PruneConfig, session: Session) -> str:
         d["run"].pop(k, None)
     if d["allocation"].get("method") != "expert":  # unused: names stay those of earlier releases
         for k in ("expert_layerwise", "expert_lambda", "expert_beta"):
+            d["allocation"].pop(k, None)
+    if "layerif" not in config.search_spaces:  # unused: names stay those of earlier releases
+        for k in ("layerif_hessian", "layerif_damping", "layerif_per_linear", "layerif_holdout"):
             d["allocation"].pop(k, None)
     if d["calib"].get("moe") == "routed" and d["calib"].get("moe_min_tokens") == 64:
         d["calib"].pop("moe")

@@ -657,7 +657,13 @@ class Session:
             allocation = self.resume.allocation() if self.resume is not None else None
             if allocation is None:
                 allocation = build_allocation(
-                    config, self.adapter, self.captured, self.ex, progress=self.progress
+                    config,
+                    self.adapter,
+                    self.captured,
+                    self.ex,
+                    progress=self.progress,
+                    model=self.model,
+                    ids=self.ids,
                 )
             if (
                 self.ranks.parallel

@@ -126,11 +126,61 @@ def owl_allocation(
     return owl_from_ratios(ratios, config.owl_m, config.owl_lambda, sparsity, numels, block_of)
 
 
+def layerif_scores_of(
+    config: PruneConfig, model, adapter, ids: torch.Tensor, device, progress=False
+) -> tuple[dict[str, float], dict]:
+    """LayerIF's per-linear scores (`engine.influence.layerif_scores`): the last
+    `--layerif-holdout` of the sequences `ids` are the validation set, the others the training
+    examples of the influence functions."""
+    from trimprune.engine.influence import layerif_scores
+    from trimprune.errors import TrimpruneError
+
+    a = config.allocation
+    n = int(ids.shape[0])
+    k = a.layerif_holdout or max(1, n // 8)
+    if k >= n:
+        raise TrimpruneError(
+            f"{{layerif_holdout}} {k} leaves none of the {n} calibration sequences as training "
+            "examples: use more {nsamples} or a smaller {layerif_holdout}"
+        )
+    return layerif_scores(
+        model,
+        adapter,
+        ids[: n - k],
+        ids[n - k :],
+        device,
+        a.layerif_hessian,
+        a.layerif_damping,
+        a.layerif_per_linear,
+        progress,
+    )
+
+
+def layerif_allocation(
+    config: PruneConfig, model, adapter, ids: torch.Tensor, device, numels, block_of, progress=False
+) -> Allocation:
+    """`--allocation layerif`: `layerif_scores_of`, mapped by AlphaPruning's mapping
+    (`algo.allocation.layerif`)."""
+    from trimprune.algo.allocation.layerif import layerif_allocation as from_scores
+
+    a, s = config.allocation, config.sparsity
+    assert s is not None
+    scores, details = layerif_scores_of(config, model, adapter, ids, device, progress)
+    return from_scores(scores, a.alpha_eps, a.alpha_mapping, s, numels, block_of, details)
+
+
 def build_allocation(
-    config: PruneConfig, adapter, captured, ex: Executor = EAGER, progress=False
+    config: PruneConfig,
+    adapter,
+    captured,
+    ex: Executor = EAGER,
+    progress=False,
+    model=None,
+    ids: torch.Tensor | None = None,
 ) -> Allocation:
     """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks
-    the captured calibration activations through the dense model)."""
+    the captured calibration activations through the dense model; LayerIF backpropagates the
+    calibration sequences `ids` through `model`)."""
     numels, block_of = linear_sizes(adapter)
     a, s = config.allocation, config.sparsity
     if a.method == "expert":
@@ -145,6 +195,12 @@ def build_allocation(
         from trimprune.algo.allocation.atp import atp_allocation
 
         return atp_allocation(a.atp_beta, s, numels, block_of)
+    if a.method == "layerif":
+        if model is None or ids is None:
+            raise ValueError("--allocation layerif needs the model and the calibration ids")
+        return layerif_allocation(
+            config, model, adapter, ids, captured.exec_device, numels, block_of, progress
+        )
     if a.method == "search":
         raise ValueError(
             "--allocation search is decided by the search driver (trimprune.search), not here"

@@ -15,8 +15,12 @@ Search space (`--search-space`, a comma list):
 - `trim`: TRIM on or off, per trial;
 - `experts` (models with MoE blocks): the expert-aware redistribution within MoE blocks
   (`algo.allocation.expert`) on top of the trial's profile, lambda in `EXPERT_LAMBDA` and beta in
-  `EXPERT_BETA` (warm starts: lambda 0, the profile alone).
-Each trial first picks its family (`family`: owl, alphapruning, atp or free) as a categorical. Every
+  `EXPERT_BETA` (warm starts: lambda 0, the profile alone);
+- `layerif`: LayerIF (`algo.allocation.layerif`; its scores computed once per study with the
+  `--layerif-*` settings), its range epsilon `layerif_eps` in `ALPHA_EPS` (the mapping of
+  `--alpha-mapping`).
+Each trial first picks its family (`family`: owl, alphapruning, atp, layerif or free) as a
+categorical. Every
 profile ends with `clip_to_mean`: blocks in [0, UPPER] and the parameter-weighted mean exactly the
 target, as OWL, AlphaPruning and ATP do on their own. A new study starts with `warm_starts`: uniform
 (a free profile of zeros) and the rules with the config's parameters, so the search's best is never
@@ -51,6 +55,8 @@ def families(spaces) -> list[str]:
     out = []
     if "rules" in spaces:
         out += list(RULES)
+    if "layerif" in spaces:
+        out.append("layerif")
     if "free" in spaces:
         out.append("free")
     return out
@@ -68,6 +74,8 @@ def suggest(trial, spaces, trim_default: bool, moe: bool = False) -> dict:
         trial.suggest_float("alpha_eps", *ALPHA_EPS)
     elif fam == "atp":
         trial.suggest_float("atp_beta", *ATP_BETA)
+    elif fam == "layerif":
+        trial.suggest_float("layerif_eps", *ALPHA_EPS)
     else:
         for k in range(1, N_CHEB + 1):
             trial.suggest_float(f"c{k}", *CHEB_RANGE)
@@ -87,8 +95,9 @@ def _clamp(v: float, lo_hi: tuple[float, float]) -> float:
 
 def warm_starts(spaces, allocation, trim_default: bool, moe: bool = False) -> list[dict]:
     """The first trials of a new study: uniform (with `free`) and OWL, AlphaPruning and ATP with the
-    parameters of `allocation` (an `AllocationConfig`; with `rules`), clamped into the search's
-    ranges; with `experts` on a MoE model, each with expert lambda 0 (the profile alone)."""
+    parameters of `allocation` (an `AllocationConfig`; with `rules`), LayerIF with its epsilon
+    (`--alpha-eps`; with `layerif`), clamped into the search's ranges; with `experts` on a MoE
+    model, each with expert lambda 0 (the profile alone)."""
     out = []
     if "free" in spaces:
         out.append({"family": "free"} | {f"c{k}": 0.0 for k in range(1, N_CHEB + 1)})
@@ -103,6 +112,8 @@ def warm_starts(spaces, allocation, trim_default: bool, moe: bool = False) -> li
             },
             {"family": "atp", "atp_beta": _clamp(allocation.atp_beta, ATP_BETA)},
         ]
+    if "layerif" in spaces:
+        out.append({"family": "layerif", "layerif_eps": _clamp(allocation.alpha_eps, ALPHA_EPS)})
     if "trim" in spaces:
         out = [p | {"trim": bool(trim_default)} for p in out]
     if "experts" in spaces and moe:
@@ -137,13 +148,16 @@ class RuleSources(Protocol):
     """What the rules need from the model: OWL's outlier ratios per block for a threshold M (from a
     dense walk, cached), AlphaPruning's per-linear metrics (from the weights, cached), and the
     experts of every block with their routed tokens (from the same dense walk; only asked for a
-    trial with expert parameters)."""
+    trial with expert parameters), and LayerIF's per-linear scores (only asked for a `layerif`
+    trial)."""
 
     def owl_ratios(self, m: float) -> list[float]: ...
 
     def alpha_metrics(self) -> dict[str, dict]: ...
 
     def experts(self) -> list[list[Expert]]: ...
+
+    def layerif_scores(self) -> dict[str, float]: ...
 
 
 def allocation_for(
@@ -175,6 +189,17 @@ def allocation_for(
             sources.alpha_metrics(),
             params["alpha_metric"],
             params["alpha_eps"],
+            alpha_mapping,
+            sparsity,
+            numels,
+            block_of,
+        ).per_linear
+    elif fam == "layerif":
+        from trimprune.algo.allocation.layerif import layerif_allocation
+
+        per = layerif_allocation(
+            sources.layerif_scores(),
+            params["layerif_eps"],
             alpha_mapping,
             sparsity,
             numels,

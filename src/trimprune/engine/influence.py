@@ -1,0 +1,183 @@
+"""LayerIF's gradients (`algo.allocation.layerif`): per-example backward passes over the dense
+model, in float32, reduced to per-group dot products at once.
+
+The model's parameters are frozen except the weights of the prunable linears (the groups: one per
+block, or one per linear with `--layerif-per-linear`); each pass runs one sequence at a time, its
+loss the mean next-token NLL of that sequence (the model's own `labels` loss), and keeps no
+per-example gradient: only the running validation gradient v and (DataInf) u = sum_i c_i g_i, one
+model-sized float32 copy each of those weights, are held besides the model.
+
+Passes: the validation sequences (v = the mean of their gradients); the training sequences (v . g_i
+and ||g_i||^2 per group: the identity-Hessian influence, and DataInf's damping and coefficients
+c_i); with `datainf`, the training sequences twice more (u, then u . g_k). A model in another
+floating dtype is cast to float32 for the passes and back afterwards (exact: every value of the
+narrower dtype is a float32); its float32 copy and the gradients must fit the compute device, so
+`--offload` is refused (`PruneConfig`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from trimprune.algo.allocation.layerif import (
+    datainf_coefficients,
+    datainf_damping,
+    datainf_influence,
+    positive_influence,
+    tracin_influence,
+)
+from trimprune.core.progress import Progress
+from trimprune.errors import TrimpruneError
+
+
+def _weights(adapter, per_linear: bool) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """(full linear name -> its weight parameter, full linear name -> its group)."""
+    params, group = {}, {}
+    for i in range(adapter.num_blocks):
+        for n, mod in adapter.linears(i).items():
+            full = adapter.full_name(i, n)
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, nn.Parameter):
+                raise TrimpruneError(
+                    f"{{allocation}} layerif needs each prunable linear's weight as a parameter; "
+                    f"{full} is a view into a fused tensor (MoE experts): use another "
+                    "{allocation}"
+                )
+            params[full] = w
+            group[full] = full if per_linear else str(i)
+    return params, group
+
+
+@contextlib.contextmanager
+def _float32_grads_of(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Only `params` require grad; floating parameters and buffers in float32; the model in eval
+    mode; all restored on exit."""
+    all_params = list(model.parameters())
+    flags = [p.requires_grad for p in all_params]
+    tensors = all_params + list(model.buffers())
+    dtypes = [t.dtype for t in tensors]
+    training = model.training
+    keep = {id(p) for p in params.values()}
+    try:
+        for p in all_params:
+            p.requires_grad_(id(p) in keep)
+        for t in tensors:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        model.eval()
+        yield
+    finally:
+        for t, dt in zip(tensors, dtypes):
+            if t.dtype != dt:
+                t.data = t.data.to(dt)
+        for p, f in zip(all_params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(training)
+
+
+def _per_example(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    ids: torch.Tensor,
+    device: torch.device,
+    each: Callable[[int, dict[str, torch.Tensor]], None],
+    bar,
+) -> None:
+    """For every sequence of `ids`: the gradient of its mean next-token NLL with respect to
+    `params` (float32), handed to `each(index, grads)` and dropped."""
+    names = list(params)
+    tensors = [params[k] for k in names]
+    for j in range(ids.shape[0]):
+        x = ids[j : j + 1].to(device)
+        with torch.enable_grad():
+            loss = model(input_ids=x, labels=x, use_cache=False).loss.float()
+            if not torch.isfinite(loss):
+                raise TrimpruneError(
+                    f"{{allocation}} layerif: the loss of calibration sequence {j} is {float(loss)}"
+                    " (the dense model gives non-finite logits): use another {allocation}"
+                )
+            grads = torch.autograd.grad(loss, tensors)
+        each(j, dict(zip(names, (g.float() for g in grads))))
+        bar.update(1)
+
+
+def layerif_scores(
+    model: nn.Module,
+    adapter,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    device: torch.device,
+    hessian: str = "datainf",
+    damping: float = 0.1,
+    per_linear: bool = False,
+    progress=False,
+) -> tuple[dict[str, float], dict]:
+    """(full linear name -> its group's cumulative positive influence S_l, details: per group S_l,
+    the damping of each group with `datainf`, the number of training / validation sequences)."""
+    params, group = _weights(adapter, per_linear)
+    groups = list(dict.fromkeys(group.values()))
+    gi = {g: k for k, g in enumerate(groups)}
+    of = torch.tensor([gi[group[k]] for k in params])
+    dims = torch.zeros(len(groups), dtype=torch.float64)
+    for k, p in params.items():
+        dims[gi[group[k]]] += p.numel()
+    n, m = int(train_ids.shape[0]), int(val_ids.shape[0])
+    passes = m + n * (3 if hessian == "datainf" else 1)
+    bar = Progress.of(progress).bar(total=passes, desc=f"LayerIF ({hessian})")
+
+    def per_group(values: list[torch.Tensor]) -> torch.Tensor:
+        """Per-linear scalars summed into their groups (float64)."""
+        out = torch.zeros(len(groups), dtype=torch.float64)
+        return out.index_add_(0, of, torch.stack(values).double().cpu())
+
+    with _float32_grads_of(model, params):
+        v = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+
+        def add_val(j, grads):
+            for k, g in grads.items():
+                v[k].add_(g, alpha=1.0 / m)
+
+        _per_example(model, params, val_ids, device, add_val, bar)
+        vd = torch.zeros(n, len(groups), dtype=torch.float64)
+        sq = torch.zeros_like(vd)
+
+        def dots(j, grads):
+            vd[j] = per_group([(g * v[k]).sum(dtype=torch.float64) for k, g in grads.items()])
+            sq[j] = per_group([(g * g).sum(dtype=torch.float64) for g in grads.values()])
+
+        _per_example(model, params, train_ids, device, dots, bar)
+        details: dict = {"hessian": hessian, "train_sequences": n, "validation_sequences": m}
+        if hessian == "identity":
+            infl = tracin_influence(vd)
+        else:
+            lam = [datainf_damping(sq[:, c], int(dims[c]), damping) for c in range(len(groups))]
+            lam_t = torch.tensor(lam, dtype=torch.float64)
+            coef = datainf_coefficients(vd, sq, lam_t)  # (n, groups)
+            u = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+
+            def add_u(j, grads):
+                for k, g in grads.items():
+                    u[k].add_(g, alpha=float(coef[j, gi[group[k]]]))
+
+            _per_example(model, params, train_ids, device, add_u, bar)
+            ud = torch.zeros_like(vd)
+
+            def udots(j, grads):
+                ud[j] = per_group([(g * u[k]).sum(dtype=torch.float64) for k, g in grads.items()])
+
+            _per_example(model, params, train_ids, device, udots, bar)
+            infl = torch.stack(
+                [datainf_influence(vd[:, c], ud[:, c], lam[c]) for c in range(len(groups))], 1
+            )
+            details["damping"] = dict(zip(groups, lam))
+            details["damping_factor"] = damping
+    bar.close()
+    s = {g: positive_influence(infl[:, c]) for c, g in enumerate(groups)}
+    details["scores"] = s
+    details["per_linear"] = per_linear
+    return {k: s[group[k]] for k in params}, details
