@@ -117,7 +117,7 @@ def test_allocation_keys_and_json_numbers(tmp_path, tiny_dir, capsys, no_load):
 
 # ----------------------------------------------------------------------------- 2. data
 class _Tok:
-    def __call__(self, text, return_tensors=None):
+    def __call__(self, text, return_tensors=None, verbose=True):
         class R:
             input_ids = torch.arange(len(text.split())).unsqueeze(0)
 

@@ -86,6 +86,10 @@ def _add_eval_args(p, batch_size_alias: bool = False):
         default=16,
         help="number of held-out sequences sampled from the dense model for --eval self",
     )
+    _add_task_args(g, batch_size_alias)
+
+
+def _add_task_args(g, batch_size_alias: bool) -> None:
     g.add_argument(
         "--tasks",
         type=_task_names,

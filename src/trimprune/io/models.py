@@ -413,9 +413,8 @@ def load_model(
                 "loading a GGUF file needs the `gguf` package: run `pip install gguf`"
             )
         kwargs["gguf_file"] = gguf
-    storage = None
     refuse_sparse_compressed(model, target)
-    compact = _is_compact(target, gguf)
+    storage, compact = None, _is_compact(target, gguf)
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
         if compact:  # a prune's --save-format compact output, rebuilt dense
