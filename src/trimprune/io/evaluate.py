@@ -236,11 +236,13 @@ def head_is_exact(
         return False
     seen: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        [(_, logits)] = logits_batches(model, [ids], dev, offload, ex=ex, storage=storage)
+    exact = False
+    try:  # compared while the generator holds an offloaded model's head on `dev`
+        for _, logits in logits_batches(model, [ids], dev, offload, ex=ex, storage=storage):
+            exact = len(seen) == 1 and torch.equal(head_logits(model, seen[0]), logits)
     finally:
         hook.remove()
-    return len(seen) == 1 and torch.equal(head_logits(model, seen[0]), logits)
+    return exact
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
