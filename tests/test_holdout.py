@@ -65,8 +65,8 @@ def _reference(model, ids, dense_logp=None):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
 def test_sliced_objective_equals_whole_logits_and_is_zero_kl_while_dense(family, monkeypatch):
     """Slices of 5 positions (HEAD_CHUNK_BYTES shrunk): NLL and KL equal the whole-logits float64
-    reference within 1e-5; the dense model against itself has a KL of exactly 0; the head never
-    sees more than 5 positions at once."""
+    reference within 1e-4 (float32 against float64, on any CPU); the dense model against itself
+    has a KL of exactly 0; the head never sees more than 5 positions at once."""
     model = make(family)
     ids = calib(6, 23)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -78,7 +78,7 @@ def test_sliced_objective_equals_whole_logits_and_is_zero_kl_while_dense(family,
     h = search.Holdout(model, ids, "kl", CPU, batch_size=2)
     assert h.chunked and len(h.dense_hidden) == 3 and not h.dense_logp
     dense_ref, dense_lp = _reference(model, ids)
-    assert h.dense["nll"] == pytest.approx(dense_ref["nll"], rel=1e-5)
+    assert h.dense["nll"] == pytest.approx(dense_ref["nll"], rel=1e-4)
     again = h.measure()
     assert again["kl"] == 0.0 and again["nll"] == h.dense["nll"]
     with torch.no_grad():  # a pruned model: half of every MLP weight zeroed
@@ -91,8 +91,8 @@ def test_sliced_objective_equals_whole_logits_and_is_zero_kl_while_dense(family,
     assert max(widths) == 5 and sum(widths) == 2 * 3 * 22, widths
     hook.remove()
     ref, _ = _reference(model, ids, dense_lp)
-    assert got["kl"] > 0 and math.isclose(got["kl"], ref["kl"], rel_tol=1e-5), (got, ref)
-    assert math.isclose(got["nll"], ref["nll"], rel_tol=1e-5), (got, ref)
+    assert got["kl"] > 0 and math.isclose(got["kl"], ref["kl"], rel_tol=1e-4), (got, ref)
+    assert math.isclose(got["nll"], ref["nll"], rel_tol=1e-4), (got, ref)
 
 
 def test_multimodal_language_model_head_is_exact():
