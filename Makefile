@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
-DATA    ?= $(wildcard ../shared/data)
+DATA    ?= $(abspath $(wildcard ../shared/data))
 
 .PHONY: setup demo test test-gpu test-fixtures test-dist test-slow bench-cpu docs lint clean
 

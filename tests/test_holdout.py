@@ -91,7 +91,9 @@ def test_sliced_objective_equals_whole_logits_and_is_zero_kl_while_dense(family,
     assert max(widths) == 5 and sum(widths) == 2 * 3 * 22, widths
     hook.remove()
     ref, _ = _reference(model, ids, dense_lp)
-    assert got["kl"] > 0 and math.isclose(got["kl"], ref["kl"], rel_tol=1e-4), (got, ref)
+    # KL is a mean of small differences of float32 log-probabilities (~2e-4 here): its relative
+    # error is ~1e-4 on a GPU's reduction order, so it gets 1e-3; the NLL keeps 1e-4
+    assert got["kl"] > 0 and math.isclose(got["kl"], ref["kl"], rel_tol=1e-3), (got, ref)
     assert math.isclose(got["nll"], ref["nll"], rel_tol=1e-4), (got, ref)
 
 
