@@ -98,9 +98,20 @@ class PruneResult:
         return [a / b if b else 0.0 for a, b in zip(z, n)]
 
 
+# The automatic batch of a dense model: a batch's forward working memory is kept within BATCH_BYTES
+# unless that leaves fewer than BUSY_TOKENS tokens, below which the GPU's matrix products slow down
+# (8B shape on one H100: batch 8 as fast as 64, at two thirds of the peak memory; docs' results page).
+BATCH_BYTES = 3 << 30
+BUSY_TOKENS = 16384
+
+
 def auto_batch_size(
     adapter: ModelAdapter, config: PruneConfig, device: torch.device, dtype: torch.dtype
 ) -> int:
+    """Calibration sequences per forward: --batch-size, else on the CPU 8, else on a GPU the most
+    that fit in a quarter of the free memory (at most 64), capped for a dense model by
+    BATCH_BYTES of working memory (never below BUSY_TOKENS tokens). A mixture-of-experts block's
+    statistics pass runs every expert once per batch, so its batches are not capped."""
     if config.run.batch_size:
         return config.run.batch_size
     if device.type != "cuda":
@@ -110,13 +121,16 @@ def auto_batch_size(
     hidden = adapter.hidden_size()
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
     top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "moe_topk", None)
-    if top_k and expert_sets(adapter.model):  # each token computes in top_k experts at once
+    moe = bool(top_k and expert_sets(adapter.model))
+    if moe:  # each token computes in top_k experts at once
         moe_inter = getattr(cfg, "moe_intermediate_size", None) or inter
         inter = max(inter, 2 * int(top_k) * moe_inter)
-    per_sample = config.calib.seqlen * (10 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8
-    return int(
-        max(1, min(config.calib.nsamples, 64, (0.25 * usable_bytes(device)) // max(per_sample, 1)))
-    )
+    seqlen = config.calib.seqlen
+    per_sample = max(1, seqlen * (10 * hidden + 4 * inter) * torch.finfo(dtype).bits // 8)
+    fits = int(0.25 * usable_bytes(device)) // per_sample
+    if not moe:
+        fits = min(fits, max(BATCH_BYTES // per_sample, -(-BUSY_TOKENS // seqlen)))
+    return int(max(1, min(config.calib.nsamples, 64, fits)))
 
 
 def activations_fit(
