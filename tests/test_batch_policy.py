@@ -6,10 +6,9 @@ dense model at most BATCH_BYTES (3 GiB) of working memory but never under 16384 
 
 import pytest
 import torch
-from tiny_models import make_llama, make_moe
 
-from trimprune import PruneConfig
-from trimprune import session
+from tiny_models import make_llama, make_moe
+from trimprune import PruneConfig, session
 from trimprune.core.model import ModelAdapter
 
 GPU = torch.device("cuda", 0)

@@ -100,7 +100,7 @@ class PruneResult:
 
 # The automatic batch of a dense model: a batch's forward working memory is kept within BATCH_BYTES
 # unless that leaves fewer than BUSY_TOKENS tokens, below which the GPU's matrix products slow down
-# (8B shape on one H100: batch 8 as fast as 64, at two thirds of the peak memory; docs' results page).
+# (the 8B shape's batch against 64: docs' results page, "Speed at scale").
 BATCH_BYTES = 3 << 30
 BUSY_TOKENS = 16384
 
