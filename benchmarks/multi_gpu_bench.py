@@ -10,7 +10,8 @@ warm-up prune (CUDA, cuBLAS and NCCL initialisation):
 
 - floor: the two calibration forwards per block of a prune (statistics pass without statistics, then
   the recompute), nothing else: what no layer-sequential prune can go below;
-- wanda, wanda+trim (TRIM, all tokens), sparsegpt, sparsegpt+trim.
+- wanda, wanda+trim (TRIM, all tokens), wanda+trim-last (TRIM on each sequence's last token),
+  sparsegpt, sparsegpt+trim.
 
 Rank 0 appends one JSON line per configuration: prune seconds, peak GPU memory and host RSS of every
 rank, every rank's phase totals, and (with --breakdown, on N > 1) a second run where every collective
@@ -67,6 +68,7 @@ CONFIGS = {
     "floor": {"scorer": "wanda"},
     "wanda": {"scorer": "wanda"},
     "wanda+trim": {"scorer": "wanda", "trim": True, "trim_inputs": "all"},
+    "wanda+trim-last": {"scorer": "wanda", "trim": True, "trim_inputs": "last-token"},
     "sparsegpt": {"scorer": "sparsegpt"},
     "sparsegpt+trim": {"scorer": "sparsegpt", "trim": True, "trim_inputs": "all"},
 }

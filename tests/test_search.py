@@ -626,3 +626,64 @@ def test_cli_search_writes_allocation_trials_and_plots(tiny_dir, tmp_path, capsy
     r2 = json.loads((rep / "report.json").read_text())
     assert r2["allocation"]["per_linear"] == alloc["per_linear"]
     assert r2["sparsity"]["per_block"] == r["sparsity"]["per_block"]
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def test_search_seeds_run_one_study_per_seed_and_keep_the_best_of_all(tmp_path):
+    """--search-seeds 3 equals three single-seed searches: each seed's best is that search's best,
+    the winner is the lowest, and the final model is the winning seed's own final model."""
+    space = dict(search_space="rules,free,trim")
+    _, many = _search(tmp_path, trials=5, search_seeds=3, **space)
+    singles = {s: _search(tmp_path, trials=5, search_seed=s, **space) for s in (7, 8, 9)}
+    sr = many.search
+    assert [r["seed"] for r in sr["seeds"]] == [7, 8, 9]
+    for r in sr["seeds"]:
+        one = singles[r["seed"]][1].search
+        assert r["best"]["value"] == one["best"]["value"]
+        assert r["best"]["number"] == one["best"]["number"]
+        assert r["trials_run"] == 5 and len(r["values"]) == 5
+        assert r["values"] == [t["value"] for t in one["trials"]]
+        assert r["study"].endswith(f"-seed{r['seed']}")
+    values = [r["best"]["value"] for r in sr["seeds"]]
+    win = min(range(3), key=lambda i: (values[i], i))
+    assert sr["seed"] == 7 + win and sr["best"]["value"] == min(values)
+    assert sr["spread"] == {
+        "seeds": 3,
+        "min": min(values),
+        "median": sorted(values)[1],
+        "max": max(values),
+    }
+    winner_model, winner = singles[7 + win]
+    assert _trials(many) == _trials(winner)  # the trials kept are the winning seed's
+    assert many.allocation.per_linear == winner.allocation.per_linear
+    assert many.allocation.details["seed"] == 7 + win
+    model = _search(tmp_path, trials=5, search_seeds=3, **space)[0]
+    for (n, p1), p2 in zip(model.named_parameters(), winner_model.parameters()):
+        assert torch.equal(p1, p2), n
+
+
+def test_search_seeds_in_the_report(tmp_path):
+    from trimprune.io.report import build_report, markdown, summary_text
+
+    _, res = _search(tmp_path, trials=3, search_seeds=2)
+    rep = json.loads(json.dumps(build_report(res, {}, {"perplexity": {}}, res.timings)))
+    sr = rep["search"]
+    text, md = summary_text(rep), markdown(rep)
+    line = next(s for s in text.splitlines() if s.startswith("search seeds:"))
+    assert "2 studies (seeds 7..8)" in line and f"seed {sr['seed']} won" in line
+    assert f"median {sr['spread']['median']:.6g}" in line
+    assert "| seed | trials | best trial | family | objective |" in md
+    for r in sr["seeds"]:
+        assert f"| {r['seed']} | 3 | {r['best']['number']} |" in md
+    _, one = _search(tmp_path, trials=3)
+    rep1 = json.loads(json.dumps(build_report(one, {}, {"perplexity": {}}, one.timings)))
+    assert "search seeds:" not in summary_text(rep1) and "| seed |" not in markdown(rep1)
+    assert len(rep1["search"]["seeds"]) == 1 and rep1["search"]["study"].startswith("trimprune-")
+    assert not rep1["search"]["study"].endswith("-seed7")  # one seed: the name of earlier releases
+
+
+@pytest.mark.parametrize("k", [0, 65])
+def test_search_seeds_out_of_range_is_a_one_line_error(k):
+    with pytest.raises(TrimpruneError) as e:
+        _cfg(allocation="search", search_seeds=k)
+    assert f"--search-seeds {k} must be an integer in [1, 64]" in e.value.cli_message()

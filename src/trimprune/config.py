@@ -641,6 +641,13 @@ class SearchConfig:
         0.0, "search_timeout", "no new trial after this many seconds (0 = no limit)"
     )
     seed: int = option(0, "search_seed", "seed of the TPE sampler")
+    seeds: int = option(
+        1,
+        "search_seeds",
+        "independent studies with seeds --search-seed, +1, ..., each of --search-trials trials; "
+        "the best held-out trial of all wins and the report shows the spread across seeds",
+        metavar="K",
+    )
     storage: str | None = option(
         None,
         "search_storage",
@@ -680,6 +687,11 @@ class SearchConfig:
             self.trials,
             self.trials >= 1,
             f"{{search_trials}} {self.trials!r} must be an integer >= 1",
+        )
+        _in_range(
+            self.seeds,
+            1 <= self.seeds <= 64,
+            f"{{search_seeds}} {self.seeds!r} must be an integer in [1, 64]",
         )
         _in_range(
             self.timeout,

@@ -10,12 +10,15 @@ dense logits are recomputed from them a slice at a time, `Holdout`) or by the NL
 token.
 
 The search (Optuna's TPE, `--search-trials`, `--search-timeout`, `--search-seed`,
-`--search-storage`, `--search-study`) runs its trials here, in one process (`torchrun` is refused:
-several processes search together as Optuna intends, as independent single-process searches sharing
-one `--search-storage`, and the winner's allocation.json then prunes under torchrun with
-`--allocation file:PATH`): the block inputs are captured once (`api.Session`), the dense weights of
-the prunable linears are copied to host memory once (as much memory as those weights), and every
-trial restores them, builds its allocation (`algo.allocation.search`), walks the blocks through
+`--search-storage`, `--search-study`; `--search-seeds K`: K studies, seeds seed .. seed + K - 1,
+each warm-started and run for the trials and timeout given, the best held-out trial of all wins and
+report.json keeps every seed's best and their spread) runs its trials here, in one process
+(`torchrun` is refused: several processes search together as Optuna intends, as independent
+single-process searches sharing one `--search-storage`, and the winner's allocation.json then
+prunes under torchrun with `--allocation file:PATH`): the block inputs are captured once
+(`api.Session`), the dense weights of the prunable linears are copied to host memory once (as much
+memory as those weights), and every trial restores them, builds its allocation
+(`algo.allocation.search`), walks the blocks through
 `prune_block` and measures the held-out objective. A trial that raises or gives a non-finite
 objective is told to Optuna as pruned and the search goes on. OWL's outlier ratios come from one
 dense walk for every M of the grid (before the first trial; with the `experts` space the same walk
@@ -349,7 +352,7 @@ def _study_name(config: PruneConfig, session: Session) -> str:
     """A name from what decides the trials' values: the config (less the search's run settings), the
     model's weights and the calibration sequences."""
     d = config.to_dict()
-    for k in ("trials", "timeout", "seed", "storage", "study"):
+    for k in ("trials", "timeout", "seed", "seeds", "storage", "study"):
         d["search"].pop(k, None)
     for k in ("batch_size", "checkpoint_dir", "resume", "keep_checkpoint", "allow_unpruned"):
         d["run"].pop(k, None)
@@ -513,22 +516,20 @@ def _search(
     name = sc.study or _study_name(config, session)
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    runs = []  # one study per seed: (seed, name, study, trials asked, best trial)
     try:
-        study = _open_study(optuna, sc, name, spaces, config, sources.moe)
-        trials = _trials(
-            optuna, study, session, config, holdout, sources, numels, block_of, on_trial
-        )
-        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-        done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
-        if not done:
-            first = next((t.user_attrs["error"] for t in finished if "error" in t.user_attrs), "-")
-            raise TrimpruneError(
-                f"no trial of the search completed ({len(finished)} failed or were pruned; first "
-                f"error: {first}): check the configuration with {{allocation}} uniform"
+        for seed in range(sc.seed, sc.seed + sc.seeds):
+            run_sc = dataclasses.replace(sc, seed=seed)
+            run_name = name if sc.seeds == 1 else f"{name}-seed{seed}"
+            study = _open_study(optuna, run_sc, run_name, spaces, config, sources.moe)
+            label = "" if sc.seeds == 1 else f"seed {seed}: "
+            asked = _trials(
+                optuna, study, session, config, holdout, sources, numels, block_of, on_trial, label
             )
-        best = study.best_trial
+            runs.append((seed, run_name, study, asked, _best_trial(optuna, study)))
     finally:
         optuna.logging.set_verbosity(level)
+    seed, name, study, trials, best = min(runs, key=lambda r: (r[4].value, r[0]))
     params = dict(best.params)
     params.setdefault("trim", config.trim.enabled)
     final_cfg = _with_trim(config, bool(params["trim"]))
@@ -536,7 +537,11 @@ def _search(
         params, config.sparsity, numels, block_of, sources, config.allocation.alpha_mapping
     )
     allocation.details.update(
-        trial=best.number, objective=config.search.objective, value=best.value, study=name
+        trial=best.number,
+        objective=config.search.objective,
+        value=best.value,
+        study=name,
+        seed=seed,
     )
     seconds = time.perf_counter() - t0
     holdout_n, prune_n = int(session.holdout.shape[0]), int(session.ids.shape[0])
@@ -551,7 +556,9 @@ def _search(
         "space": list(spaces),
         "study": name,
         "storage": sc.storage,
-        "seed": sc.seed,
+        "seed": seed,
+        "seeds": [_seed_record(*r) for r in runs],
+        "spread": _spread([r[4].value for r in runs]),
         "trials_requested": sc.trials,
         "timeout": sc.timeout,
         "trials_run": trials,
@@ -573,10 +580,47 @@ def _search(
     }
     res.timings["search_seconds"] = seconds
     verbose.message(
-        f"search: best trial {best.number} ({params['family']}) held-out {holdout.kind} "
+        f"search: best trial {best.number}{'' if sc.seeds == 1 else f' of seed {seed}'} "
+        f"({params['family']}) held-out {holdout.kind} "
         f"{best.value:.6g}; final model pruned on all {session.ids.shape[0]} sequences"
     )
     return res
+
+
+def _best_trial(optuna, study):
+    """The study's best completed trial; an error naming the first failure when none completed."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in finished):
+        first = next((t.user_attrs["error"] for t in finished if "error" in t.user_attrs), "-")
+        raise TrimpruneError(
+            f"no trial of the search completed ({len(finished)} failed or were pruned; first "
+            f"error: {first}): check the configuration with {{allocation}} uniform"
+        )
+    return study.best_trial
+
+
+def _seed_record(seed: int, name: str, study, asked: int, best) -> dict:
+    return {
+        "seed": seed,
+        "study": name,
+        "trials_run": asked,
+        # every trial's held-out objective in trial order (None: pruned or failed)
+        "values": [t.value for t in study.get_trials(deepcopy=False) if t.state.is_finished()],
+        "best": {
+            "number": best.number,
+            "family": best.params.get("family"),
+            "trim": best.params.get("trim"),
+            "value": best.value,
+        },
+    }
+
+
+def _spread(values: list[float]) -> dict:
+    """Minimum, median and maximum of the seeds' best held-out objectives."""
+    v = sorted(values)
+    mid = len(v) // 2
+    median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {"seeds": len(v), "min": v[0], "median": median, "max": v[-1]}
 
 
 def _open_study(optuna, sc, name: str, spaces, config: PruneConfig, moe: bool = False):
@@ -608,8 +652,10 @@ def _trials(
     numels,
     block_of,
     on_trial,
+    label: str = "",
 ) -> int:
-    """Run this process's trials (ask / tell); returns how many were asked."""
+    """Run this process's trials (ask / tell); returns how many were asked. `label` starts each
+    trial's progress line (the seed, with several)."""
     sc, spaces = config.search, config.search_spaces
     shown, quiet = session.progress, Progress("off")
     states = optuna.trial.TrialState
@@ -645,7 +691,7 @@ def _trials(
                 trial.set_user_attr("error", why)
                 trial.set_user_attr("seconds", time.perf_counter() - t0)
                 study.tell(trial, state=states.PRUNED)
-                shown.message(f"search: trial {trial.number} pruned ({why[:160]})")
+                shown.message(f"search: {label}trial {trial.number} pruned ({why[:160]})")
                 continue
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("metrics", metrics)
@@ -653,7 +699,7 @@ def _trials(
             if on_trial is not None:
                 on_trial(trial.number, params, value, metrics, session.model)
             shown.message(
-                f"search: trial {trial.number} ({n}/{sc.trials}) {params['family']}"
+                f"search: {label}trial {trial.number} ({n}/{sc.trials}) {params['family']}"
                 f"{' +trim' if params['trim'] else ''} held-out {holdout.kind} {value:.6g} "
                 f"(best {study.best_value:.6g}), {time.perf_counter() - t0:.1f} s"
             )

@@ -9,7 +9,7 @@
 - metrics.png (with evaluation): perplexity per dataset as the ratio to dense (linear axis from 0;
   the pruned perplexity itself when no dense one was recorded) and zero-shot accuracy per task;
 - search_trials.png (`--allocation search`): the held-out objective of every trial and the best so
-  far;
+  far (with `--search-seeds`: the winning seed's trials, the other seeds' best so far dashed);
 - search_profile.png (`--allocation search`): the winning per-block profile against uniform, OWL,
   AlphaPruning and ATP (with the config's parameters), from the same captured data;
 - sweep.png (`trimprune sweep`, in the sweep's folder): perplexity as the ratio to dense against
@@ -194,6 +194,21 @@ def search_trials(report: dict, path: Path) -> str:
         ax.plot(x[sel], y[sel], "o", ms=4, label=fam)
     if len(y):
         ax.step(x, np.minimum.accumulate(y), where="post", color="0.3", lw=1, label="best so far")
+    for r in sr.get("seeds", []) if len(sr.get("seeds", [])) > 1 else []:
+        if r["seed"] == sr["seed"]:
+            continue  # the winning seed: its trials above
+        vals = [(i, v) for i, v in enumerate(r["values"]) if v is not None]
+        if vals:
+            sx, sy = np.array([i for i, _ in vals]), np.array([v for _, v in vals])
+            ax.step(
+                sx,
+                np.minimum.accumulate(sy),
+                where="post",
+                lw=0.8,
+                ls="--",
+                alpha=0.6,
+                label=f"best so far, seed {r['seed']}",
+            )
     bad = [t["number"] for t in sr["trials"] if t["state"] != "complete"]
     for b in bad:
         ax.axvline(b, color="r", lw=0.6, alpha=0.5)

@@ -219,6 +219,8 @@ def summary_text(report: dict) -> str:
             f"held-out {sr['objective']} {best['value']:.6g} on {sr['holdout_sequences']} "
             f"sequences; final model pruned on all {sr.get('final_sequences', '-')}"
         )
+        if len(sr.get("seeds", [])) > 1:
+            lines.append(f"search seeds: {_spread_text(sr)}")
     if report.get("trim_guard"):
         g = report["trim_guard"]
         lines.append(
@@ -377,6 +379,33 @@ def _markdown_linears(report: dict) -> list[str]:
     return out
 
 
+def _spread_text(sr: dict) -> str:
+    sp = sr["spread"]
+    return (
+        f"{sp['seeds']} studies (seeds {sr['seeds'][0]['seed']}..{sr['seeds'][-1]['seed']}), "
+        f"best held-out {sr['objective']} min {sp['min']:.6g}, median {sp['median']:.6g}, "
+        f"max {sp['max']:.6g}; seed {sr['seed']} won"
+    )
+
+
+def _markdown_seeds(sr: dict) -> list[str]:
+    """The spread across `--search-seeds` studies: each seed's best trial."""
+    out = [
+        "",
+        f"Seeds: {_spread_text(sr)}. The trials below are the winning seed's.",
+        "",
+        "| seed | trials | best trial | family | objective |",
+        "|---:|---:|---:|---|---:|",
+    ]
+    for r in sr["seeds"]:
+        b = r["best"]
+        fam = f"{b['family']}{' +trim' if b.get('trim') else ''}"
+        out.append(
+            f"| {r['seed']} | {r['trials_run']} | {b['number']} | {fam} | {b['value']:.6g} |"
+        )
+    return out
+
+
 def _markdown_search(sr: dict) -> list[str]:
     out = [
         "",
@@ -386,6 +415,7 @@ def _markdown_search(sr: dict) -> list[str]:
         f"{sr['holdout_sequences']} sequences (pruning statistics on "
         f"{sr['prune_sequences']}); best trial #{sr['best']['number']}; the final model pruned "
         f"with it on all {sr.get('final_sequences', '-')} calibration sequences.",
+        *(_markdown_seeds(sr) if len(sr.get("seeds", [])) > 1 else []),
         "",
         "| trial | state | family | params | objective | seconds |",
         "|---:|---|---|---|---:|---:|",
