@@ -229,7 +229,16 @@ DECIDED = settings(
 )
 
 SCORERS = ["magnitude", "wanda", "sparsegpt"]
-ALLOCATIONS = ["uniform", "owl", "alphapruning", "atp", "layerif", "expert", "search"]  # file:PATH
+ALLOCATIONS = [
+    "uniform",
+    "owl",
+    "alphapruning",
+    "atp",
+    "layerif",
+    "lua",
+    "expert",
+    "search",
+]  # file:PATH
 EXPERT_LAYERWISE = ["uniform", "owl", "alphapruning", "atp"]
 ALPHA_METRICS = ["alpha_peak", "alpha_mid"]
 ALPHA_MAPPINGS = ["block_wise", "per_matrix"]
@@ -304,6 +313,10 @@ FREE = {
     "layerif_hessian": st.sampled_from(LAYERIF_HESSIANS),
     "layerif_damping": POSITIVE,
     "layerif_per_linear": st.booleans(),
+    "lua_steps": st.integers(1, BIG),
+    "lua_lr": POSITIVE,
+    "lua_temperature": _floats(0, 1, lo_open=True) | st.just(1),
+    "lua_batch": st.integers(1, BIG),
     "expert_layerwise": st.sampled_from(EXPERT_LAYERWISE),
     "expert_lambda": FRACTION,
     "expert_beta": UNIT,
@@ -329,6 +342,7 @@ FREE = {
     "search_trials": st.integers(1, BIG),
     "search_timeout": NON_NEGATIVE,
     "search_seed": st.integers(-BIG, BIG),
+    "search_seeds": st.integers(1, 64),
     "search_storage": st.none() | st.tuples(NAME, NAME).map("://".join),
     "search_study": st.none() | NON_BLANK,
 }
@@ -437,7 +451,9 @@ def valid_configs(draw):
     offload = put(
         "offload",
         st.sampled_from(
-            [False] if layerif else [False, True, "cpu"] + ([] if whole_model else ["disk"])
+            [False]
+            if layerif or allocation == "lua"
+            else [False, True, "cpu"] + ([] if whole_model else ["disk"])
         ),
     )
     if not whole_model and offload != "disk":
@@ -616,6 +632,12 @@ INVALID = {
     "layerif_damping": _shown(NOT_FLOAT | _floats(hi=0) | st.integers(-BIG, 0)),
     "layerif_per_linear": _shown(NOT_BOOL),
     "layerif_holdout": _shown(NOT_INT | st.integers(-BIG, -1)),
+    "lua_steps": _shown(NOT_INT | st.integers(-BIG, 0)),
+    "lua_lr": _shown(NOT_FLOAT | _floats(hi=0) | st.integers(-BIG, 0)),
+    "lua_temperature": _shown(
+        NOT_FLOAT | _floats(hi=0) | _floats(lo=1, lo_open=True) | st.integers(2, BIG)
+    ),
+    "lua_batch": _shown(NOT_INT | st.integers(-BIG, 0)),
     "atp_beta": _shown(
         NOT_FLOAT | _floats(hi=0, hi_open=True) | _floats(lo=1, lo_open=True) | st.integers(2, BIG)
     ),
@@ -687,6 +709,7 @@ INVALID = {
     "search_trials": _shown(NOT_INT | st.integers(-BIG, 0)),
     "search_timeout": _shown(NOT_FLOAT | _floats(hi=0, hi_open=True) | st.integers(-BIG, -1)),
     "search_seed": _shown(NOT_INT),
+    "search_seeds": _shown(NOT_INT | st.integers(-BIG, 0) | st.integers(65, BIG)),
     "search_storage": _shown(NOT_OPT_STR | NAME.filter(lambda s: "://" not in s)),
     "search_study": _shown(NOT_OPT_STR) | _hidden(_one_of_values("", " ", "\t")),
 }

@@ -56,7 +56,7 @@ OFFLOADS = (
     "cpu",
     "disk",
 )  # where offloaded weights live (RunConfig.offload; false: on the compute device)
-ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "layerif", "expert", "search")
+ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "layerif", "lua", "expert", "search")
 LAYERIF_HESSIANS = ("datainf", "identity")  # --layerif-hessian (algo.allocation.layerif)
 EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
@@ -254,7 +254,7 @@ class AllocationConfig:
     method: str = option(
         "uniform",
         "allocation",
-        "layer-wise allocation: uniform, owl, alphapruning, atp, layerif, expert, search or "
+        "layer-wise allocation: uniform, owl, alphapruning, atp, layerif, lua, expert, search or "
         "file:PATH",
         metavar="METHOD",
     )
@@ -298,6 +298,16 @@ class AllocationConfig:
         "LayerIF: the last calibration sequences held out as its validation set (0: nsamples // 8, "
         "at least 1); the prune itself uses every sequence",
     )
+    lua_steps: int = option(
+        100, "lua_steps", "Lua-LLM: gradient steps of the per-linear sparsity thresholds"
+    )
+    lua_lr: float = option(0.005, "lua_lr", "Lua-LLM: Adam's learning rate for the thresholds")
+    lua_temperature: float = option(
+        0.02,
+        "lua_temperature",
+        "Lua-LLM: tau of the soft mask sigmoid((rank - threshold) / tau), ranks in (0, 1)",
+    )
+    lua_batch: int = option(2, "lua_batch", "Lua-LLM: calibration sequences per step")
     expert_layerwise: str = option(
         "uniform",
         "expert_layerwise",
@@ -345,6 +355,26 @@ class AllocationConfig:
             self.layerif_holdout,
             self.layerif_holdout >= 0,
             f"{{layerif_holdout}} {self.layerif_holdout!r} must be >= 1 (or 0 for nsamples // 8)",
+        )
+        _in_range(
+            self.lua_steps,
+            self.lua_steps >= 1,
+            f"{{lua_steps}} {self.lua_steps!r} must be an integer >= 1 (default 100)",
+        )
+        _in_range(
+            self.lua_lr,
+            self.lua_lr > 0 and math.isfinite(self.lua_lr),
+            f"{{lua_lr}} {self.lua_lr!r} must be > 0 (default 0.005)",
+        )
+        _in_range(
+            self.lua_temperature,
+            0 < self.lua_temperature <= 1,
+            f"{{lua_temperature}} {self.lua_temperature!r} must be in (0, 1] (default 0.02)",
+        )
+        _in_range(
+            self.lua_batch,
+            self.lua_batch >= 1,
+            f"{{lua_batch}} {self.lua_batch!r} must be an integer >= 1 (default 2)",
         )
         _in_range(
             self.atp_beta,
@@ -789,6 +819,12 @@ class PruneConfig:
                 f"{{search_holdout}} {self.holdout} leaves no calibration sequence to prune with "
                 f"out of {{nsamples}} {self.calib.nsamples}: use more {{nsamples}} or a smaller "
                 "{search_holdout}"
+            )
+        if self.allocation.method == "lua" and self.run.offload:
+            raise ConfigError(
+                "{allocation} lua trains through the whole model at once and cannot be combined "
+                "with {offload}: use another {allocation}, or write its allocation on a larger "
+                "device and prune with {allocation} file:PATH"
             )
         if self.allocation.method == "layerif" or "layerif" in self.search_spaces:
             k = self.allocation.layerif_holdout or max(1, self.calib.nsamples // 8)

@@ -179,8 +179,8 @@ def build_allocation(
     ids: torch.Tensor | None = None,
 ) -> Allocation:
     """The allocation `config.allocation` names, for the linears of `adapter`'s blocks (OWL walks
-    the captured calibration activations through the dense model; LayerIF backpropagates the
-    calibration sequences `ids` through `model`)."""
+    the captured calibration activations through the dense model; LayerIF and Lua-LLM
+    backpropagate the calibration sequences `ids` through `model`)."""
     numels, block_of = linear_sizes(adapter)
     a, s = config.allocation, config.sparsity
     if a.method == "expert":
@@ -201,6 +201,12 @@ def build_allocation(
         return layerif_allocation(
             config, model, adapter, ids, captured.exec_device, numels, block_of, progress
         )
+    if a.method == "lua":
+        if model is None or ids is None:
+            raise ValueError("--allocation lua needs the model and the calibration ids")
+        from trimprune.engine.lua import lua_allocation_of
+
+        return lua_allocation_of(config, model, adapter, captured, ids, ex, progress)
     if a.method == "search":
         raise ValueError(
             "--allocation search is decided by the search driver (trimprune.search), not here"

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from trimprune.algo.allocation import linear_sizes
 from trimprune.algo.allocation.layerif import (
     datainf_coefficients,
     datainf_damping,
@@ -34,22 +35,36 @@ from trimprune.core.progress import Progress
 from trimprune.errors import TrimpruneError
 
 
-def _weights(adapter, per_linear: bool) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
-    """(full linear name -> its weight parameter, full linear name -> its group)."""
-    params, group = {}, {}
+def linear_weights(adapter, method: str) -> dict[str, nn.Parameter]:
+    """full linear name -> its weight parameter, in model order; `{allocation} METHOD` refused in
+    one line where a weight is a view into a fused tensor (MoE experts)."""
+    params = {}
     for i in range(adapter.num_blocks):
         for n, mod in adapter.linears(i).items():
             full = adapter.full_name(i, n)
             w = getattr(mod, "weight", None)
             if not isinstance(w, nn.Parameter):
                 raise TrimpruneError(
-                    f"{{allocation}} layerif needs each prunable linear's weight as a parameter; "
+                    f"{{allocation}} {method} needs each prunable linear's weight as a parameter; "
                     f"{full} is a view into a fused tensor (MoE experts): use another "
                     "{allocation}"
                 )
             params[full] = w
-            group[full] = full if per_linear else str(i)
+    return params
+
+
+def _weights(adapter, per_linear: bool) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """(full linear name -> its weight parameter, full linear name -> its group)."""
+    params = linear_weights(adapter, "layerif")
+    _, block_of = linear_sizes(adapter)
+    group = {k: k if per_linear else str(block_of[k]) for k in params}
     return params, group
+
+
+def float32_frozen(model: nn.Module):
+    """No parameter requires grad; floating parameters and buffers in float32; the model in eval
+    mode; all restored on exit (`_float32_grads_of` with no parameter)."""
+    return _float32_grads_of(model, {})
 
 
 @contextlib.contextmanager
