@@ -92,7 +92,7 @@ def _docs_commands(page: Path) -> list[str]:
     return out
 
 
-DOCS = ["getting-started.md", "trim.md", "cli.md", "layerif.md", "search.md"]
+DOCS = ["getting-started.md", "trim.md", "cli.md", "layerif.md", "lua.md", "search.md"]
 
 
 def test_the_docs_pages_with_offline_commands_are_the_ones_run():
