@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from tiny_models import calib, make
 from trimprune import PruneConfig, TrimpruneError, prune
 from trimprune.algo.allocation.atp import atp_allocation, atp_block_sparsities
+from trimprune.algo.allocation.lua import lua_allocation
 from trimprune.algo.allocation.search import (
     ALPHA_EPS,
     ATP_BETA,
     CHEB_RANGE,
+    LUA_STRENGTH,
     N_CHEB,
     OWL_LAMBDA,
     OWL_M_GRID,
@@ -113,9 +115,12 @@ class _FakeSources:
     def layerif_scores(self):
         return {k: float(torch.rand(1, generator=self.g)) for k in self.names}
 
+    def lua_thresholds(self):
+        return {k: float(torch.rand(1, generator=self.g)) for k in self.names}
+
 
 def _params(draw):
-    fam = draw(st.sampled_from(["owl", "alphapruning", "atp", "layerif", "free"]))
+    fam = draw(st.sampled_from(["owl", "alphapruning", "atp", "layerif", "lua", "free"]))
     p = {"family": fam, "trim": False}
     f = st.floats
     if fam == "owl":
@@ -129,6 +134,8 @@ def _params(draw):
         p |= {"atp_beta": draw(f(*ATP_BETA))}
     elif fam == "layerif":
         p |= {"layerif_eps": draw(f(*ALPHA_EPS))}
+    elif fam == "lua":
+        p |= {"lua_strength": draw(f(*LUA_STRENGTH))}
     else:
         p |= {f"c{k}": draw(f(*CHEB_RANGE)) for k in range(1, N_CHEB + 1)}
     return p
@@ -284,6 +291,31 @@ def test_layerif_space_warm_starts_with_its_profile(tmp_path):
         progress=False,
     )
     assert alone.allocation.per_block() == pytest.approx(prof, abs=1e-12)
+
+
+def test_lua_space_trains_once_and_warm_starts_with_the_learned_profile(tmp_path):
+    """The `lua` space: Lua-LLM's thresholds trained once per study, their strength per trial; the
+    warm start (strength 1) is the `--allocation lua` profile on the sequences the statistics see,
+    and strength 0 is uniform."""
+    lua = dict(lua_steps=4, lua_lr=0.02)
+    _, res = _search(tmp_path, trials=3, search_space="lua", **lua)
+    trials = res.search["trials"]
+    assert [t["params"]["family"] for t in trials] == ["lua"] * 3
+    assert trials[0]["params"]["lua_strength"] == 1.0
+    prof = res.search["profiles"]["lua"]
+    assert trials[0]["per_block"] == pytest.approx(prof, abs=1e-12) and len(set(prof)) > 1
+    alone = prune(
+        make("llama"),
+        None,
+        _cfg(allocation="lua", nsamples=N - 2, **lua),
+        calibration=calib(N, L)[: N - 2],
+        progress=False,
+    )
+    assert alone.allocation.per_block() == pytest.approx(prof, abs=1e-12)
+    numels, block_of = _sizes(make("llama"))
+    thresholds = alone.allocation.per_linear
+    flat = lua_allocation(thresholds, 0.6, numels, block_of, strength=0.0)
+    assert list(flat.per_linear.values()) == pytest.approx([0.6] * len(numels), abs=1e-12)
 
 
 def test_an_interrupted_study_resumes_from_its_sqlite_storage(tmp_path):

@@ -268,7 +268,7 @@ GRAM_DIM_METRICS = ["cosim", "mse"]
 TRIM_PRECISIONS = ["fp32", "tf32", "bf16"]
 LR_SEARCHES = ["auto", "parallel", "sequential"]
 TRIM_GUARDS = ["block", "model"]
-SEARCH_SPACES = ["rules", "free", "trim", "experts", "layerif"]
+SEARCH_SPACES = ["rules", "free", "trim", "experts", "layerif", "lua"]
 LAYERIF_HESSIANS = ["datainf", "identity"]
 SEARCH_OBJECTIVES = ["kl", "nll"]
 
@@ -422,7 +422,7 @@ def valid_configs(draw):
     parts = draw(
         st.none()
         | st.lists(st.sampled_from(SEARCH_SPACES), min_size=1, max_size=4).filter(
-            lambda p: bool(set(p) & {"rules", "free"})
+            lambda p: bool(set(p) & {"rules", "free", "layerif", "lua"})
         )
     )
     if parts is not None:
@@ -452,7 +452,7 @@ def valid_configs(draw):
         "offload",
         st.sampled_from(
             [False]
-            if layerif or allocation == "lua"
+            if layerif or allocation == "lua" or (search and "lua" in (parts or []))
             else [False, True, "cpu"] + ([] if whole_model else ["disk"])
         ),
     )

@@ -60,7 +60,7 @@ ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "layerif", "lua", "exper
 LAYERIF_HESSIANS = ("datainf", "identity")  # --layerif-hessian (algo.allocation.layerif)
 EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
-SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif")
+SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif", "lua")
 SEARCH_OBJECTIVES = ("kl", "nll")
 
 
@@ -651,7 +651,9 @@ class SearchConfig:
         "comma list: rules (OWL, AlphaPruning, ATP parameters), free "
         "(Chebyshev profile over depth), trim (TRIM on/off per trial), experts (per-expert "
         "sparsities in MoE blocks: expert lambda and beta per trial), layerif (LayerIF's scores, "
-        "computed once with the --layerif-* settings, and its range epsilon per trial)",
+        "computed once with the --layerif-* settings, and its range epsilon per trial), lua "
+        "(Lua-LLM's thresholds, trained once with the --lua-* settings, and the strength of "
+        "their deviations per trial)",
         metavar="LIST",
     )
     objective: str = option(
@@ -704,7 +706,7 @@ class SearchConfig:
         )
         _in_range(
             self.space,
-            bool(set(parts) & {"rules", "free", "layerif"}),
+            bool(set(parts) & {"rules", "free", "layerif", "lua"}),
             f"{{search_space}} {self.space} needs rules or free too: e.g. rules,free,"
             f"{','.join(p for p in dict.fromkeys(parts) if p not in ('rules', 'free'))}",
         )
@@ -820,11 +822,16 @@ class PruneConfig:
                 f"out of {{nsamples}} {self.calib.nsamples}: use more {{nsamples}} or a smaller "
                 "{search_holdout}"
             )
-        if self.allocation.method == "lua" and self.run.offload:
+        if (self.allocation.method == "lua" or "lua" in self.search_spaces) and self.run.offload:
+            what = (
+                "{allocation} lua"
+                if self.allocation.method == "lua"
+                else f"{{search_space}} {self.search.space}"
+            )
             raise ConfigError(
-                "{allocation} lua trains through the whole model at once and cannot be combined "
-                "with {offload}: use another {allocation}, or write its allocation on a larger "
-                "device and prune with {allocation} file:PATH"
+                f"{what} trains Lua-LLM's thresholds through the whole model at once and cannot "
+                "be combined with {offload}: use another {allocation}, or write its allocation on "
+                "a larger device and prune with {allocation} file:PATH"
             )
         if self.allocation.method == "layerif" or "layerif" in self.search_spaces:
             k = self.allocation.layerif_holdout or max(1, self.calib.nsamples // 8)

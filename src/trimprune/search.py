@@ -215,7 +215,8 @@ class Holdout:
 class _Sources:
     """OWL's outlier ratios (every M of the grid from one dense walk), AlphaPruning's metrics and,
     with the `layerif` space, LayerIF's scores (from the sequences the statistics see; their last
-    `--layerif-holdout` are its validation set), computed once while the model is dense
+    `--layerif-holdout` are its validation set), with the `lua` space Lua-LLM's thresholds (trained
+    on the sequences the statistics see), computed once while the model is dense
     (`algo.allocation.search.RuleSources`)."""
 
     def __init__(self, session: Session, config: PruneConfig):
@@ -240,6 +241,15 @@ class _Sources:
             self.layerif, self.layerif_details = layerif_scores_of(
                 config, s.model, s.adapter, s.ids, s.captured.exec_device, s.progress
             )
+        self.lua: dict[str, float] | None = None
+        if "lua" in config.search_spaces:
+            from trimprune.engine.lua import importance_ranks, train_thresholds
+
+            ranks = importance_ranks(config, s.adapter, s.captured, s.ex, s.progress)
+            self.lua, self.lua_details = train_thresholds(
+                config, s.model, s.adapter, ranks, s.ids, s.captured.exec_device, s.progress
+            )
+            del ranks
 
     def owl_ratios(self, m: float) -> list[float]:
         if float(m) not in self.ratios:
@@ -257,6 +267,11 @@ class _Sources:
             raise ValueError("LayerIF's scores are computed only with the layerif search space")
         return self.layerif
 
+    def lua_thresholds(self) -> dict[str, float]:
+        if self.lua is None:
+            raise ValueError("Lua-LLM's thresholds are trained only with the lua search space")
+        return self.lua
+
     @property
     def moe(self) -> bool:
         """Whether any block has experts (the `experts` space has parameters to search)."""
@@ -267,25 +282,34 @@ class _Sources:
         plot)."""
         from trimprune.algo.allocation.alphapruning import alpha_from_metrics
         from trimprune.algo.allocation.layerif import layerif_allocation as layerif_from_scores
+        from trimprune.algo.allocation.lua import lua_allocation
 
         a, s = config.allocation, config.sparsity
         blocks = block_numels_of(numels, block_of)
         owl = owl_from_ratios(self.owl_ratios(a.owl_m), a.owl_m, a.owl_lambda, s, numels, block_of)
-        return {
-            "uniform": uniform(s, numels, block_of).per_block(),
-            "owl": owl.per_block(),
-            "alphapruning": alpha_from_metrics(
-                self.metrics, a.alpha_metric, a.alpha_eps, a.alpha_mapping, s, numels, block_of
-            ).per_block(),
-            "atp": atp_block_sparsities(len(blocks), s, a.atp_beta, blocks),
-        } | (
+        return (
             {
-                "layerif": layerif_from_scores(
-                    self.layerif, a.alpha_eps, a.alpha_mapping, s, numels, block_of
-                ).per_block()
+                "uniform": uniform(s, numels, block_of).per_block(),
+                "owl": owl.per_block(),
+                "alphapruning": alpha_from_metrics(
+                    self.metrics, a.alpha_metric, a.alpha_eps, a.alpha_mapping, s, numels, block_of
+                ).per_block(),
+                "atp": atp_block_sparsities(len(blocks), s, a.atp_beta, blocks),
             }
-            if self.layerif is not None
-            else {}
+            | (
+                {
+                    "layerif": layerif_from_scores(
+                        self.layerif, a.alpha_eps, a.alpha_mapping, s, numels, block_of
+                    ).per_block()
+                }
+                if self.layerif is not None
+                else {}
+            )
+            | (
+                {"lua": lua_allocation(self.lua, s, numels, block_of).per_block()}
+                if self.lua is not None
+                else {}
+            )
         )
 
 
@@ -361,6 +385,9 @@ def _study_name(config: PruneConfig, session: Session) -> str:
             d["allocation"].pop(k, None)
     if "layerif" not in config.search_spaces:  # unused: names stay those of earlier releases
         for k in ("layerif_hessian", "layerif_damping", "layerif_per_linear", "layerif_holdout"):
+            d["allocation"].pop(k, None)
+    if "lua" not in config.search_spaces:  # likewise
+        for k in ("lua_steps", "lua_lr", "lua_temperature", "lua_batch"):
             d["allocation"].pop(k, None)
     if d["calib"].get("moe") == "routed" and d["calib"].get("moe_min_tokens") == 64:
         d["calib"].pop("moe")

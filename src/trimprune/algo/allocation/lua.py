@@ -71,11 +71,15 @@ def lua_allocation(
     numels: dict[str, int],
     block_of: dict[str, int],
     details: dict | None = None,
+    strength: float = 1.0,
 ) -> Allocation:
     """The learned thresholds as the per-linear targets, made exact once more (`project`) in
-    float64: the parameter-weighted mean is the requested sparsity, every target in [0, UPPER]."""
+    float64: the parameter-weighted mean is the requested sparsity, every target in [0, UPPER].
+    `strength` a scales the learned deviations, s_l = S + a (t_l - S), before the projection (the
+    search's `lua_strength`; 0 is uniform)."""
     names = list(numels)
     t = torch.tensor([thresholds[k] for k in names], dtype=torch.float64)
+    t = sparsity + strength * (t - sparsity)
     w = torch.tensor([numels[k] for k in names], dtype=torch.float64)
     exact = clip_to_mean(t, w, sparsity, 0.0, UPPER)
     per = {k: float(v) for k, v in zip(names, exact)}

@@ -18,8 +18,11 @@ Search space (`--search-space`, a comma list):
   `EXPERT_BETA` (warm starts: lambda 0, the profile alone);
 - `layerif`: LayerIF (`algo.allocation.layerif`; its scores computed once per study with the
   `--layerif-*` settings), its range epsilon `layerif_eps` in `ALPHA_EPS` (the mapping of
-  `--alpha-mapping`).
-Each trial first picks its family (`family`: owl, alphapruning, atp, layerif or free) as a
+  `--alpha-mapping`);
+- `lua`: Lua-LLM (`algo.allocation.lua`; its thresholds trained once per study with the `--lua-*`
+  settings), the strength `lua_strength` in `LUA_STRENGTH` that scales their deviations from the
+  target (1: as learned, 0: uniform).
+Each trial first picks its family (`family`: owl, alphapruning, atp, layerif, lua or free) as a
 categorical. Every
 profile ends with `clip_to_mean`: blocks in [0, UPPER] and the parameter-weighted mean exactly the
 target, as OWL, AlphaPruning and ATP do on their own. A new study starts with `warm_starts`: uniform
@@ -48,6 +51,7 @@ N_CHEB = 4
 CHEB_RANGE = (-0.1, 0.1)
 EXPERT_LAMBDA = (0.0, 0.25)
 EXPERT_BETA = (0.0, 1.0)
+LUA_STRENGTH = (0.0, 2.0)
 
 
 def families(spaces) -> list[str]:
@@ -57,6 +61,8 @@ def families(spaces) -> list[str]:
         out += list(RULES)
     if "layerif" in spaces:
         out.append("layerif")
+    if "lua" in spaces:
+        out.append("lua")
     if "free" in spaces:
         out.append("free")
     return out
@@ -76,6 +82,8 @@ def suggest(trial, spaces, trim_default: bool, moe: bool = False) -> dict:
         trial.suggest_float("atp_beta", *ATP_BETA)
     elif fam == "layerif":
         trial.suggest_float("layerif_eps", *ALPHA_EPS)
+    elif fam == "lua":
+        trial.suggest_float("lua_strength", *LUA_STRENGTH)
     else:
         for k in range(1, N_CHEB + 1):
             trial.suggest_float(f"c{k}", *CHEB_RANGE)
@@ -96,7 +104,8 @@ def _clamp(v: float, lo_hi: tuple[float, float]) -> float:
 def warm_starts(spaces, allocation, trim_default: bool, moe: bool = False) -> list[dict]:
     """The first trials of a new study: uniform (with `free`) and OWL, AlphaPruning and ATP with the
     parameters of `allocation` (an `AllocationConfig`; with `rules`), LayerIF with its epsilon
-    (`--alpha-eps`; with `layerif`), clamped into the search's ranges; with `experts` on a MoE
+    (`--alpha-eps`; with `layerif`), Lua-LLM as learned (strength 1; with `lua`), clamped into the
+    search's ranges; with `experts` on a MoE
     model, each with expert lambda 0 (the profile alone)."""
     out = []
     if "free" in spaces:
@@ -114,6 +123,8 @@ def warm_starts(spaces, allocation, trim_default: bool, moe: bool = False) -> li
         ]
     if "layerif" in spaces:
         out.append({"family": "layerif", "layerif_eps": _clamp(allocation.alpha_eps, ALPHA_EPS)})
+    if "lua" in spaces:
+        out.append({"family": "lua", "lua_strength": 1.0})
     if "trim" in spaces:
         out = [p | {"trim": bool(trim_default)} for p in out]
     if "experts" in spaces and moe:
@@ -148,8 +159,8 @@ class RuleSources(Protocol):
     """What the rules need from the model: OWL's outlier ratios per block for a threshold M (from a
     dense walk, cached), AlphaPruning's per-linear metrics (from the weights, cached), and the
     experts of every block with their routed tokens (from the same dense walk; only asked for a
-    trial with expert parameters), and LayerIF's per-linear scores (only asked for a `layerif`
-    trial)."""
+    trial with expert parameters), LayerIF's per-linear scores (only asked for a `layerif`
+    trial) and Lua-LLM's learned thresholds (only asked for a `lua` trial)."""
 
     def owl_ratios(self, m: float) -> list[float]: ...
 
@@ -158,6 +169,8 @@ class RuleSources(Protocol):
     def experts(self) -> list[list[Expert]]: ...
 
     def layerif_scores(self) -> dict[str, float]: ...
+
+    def lua_thresholds(self) -> dict[str, float]: ...
 
 
 def allocation_for(
@@ -204,6 +217,16 @@ def allocation_for(
             sparsity,
             numels,
             block_of,
+        ).per_linear
+    elif fam == "lua":
+        from trimprune.algo.allocation.lua import lua_allocation
+
+        per = lua_allocation(
+            sources.lua_thresholds(),
+            sparsity,
+            numels,
+            block_of,
+            strength=params["lua_strength"],
         ).per_linear
     elif fam == "atp":
         pb = atp_block_sparsities(len(blocks), sparsity, params["atp_beta"], blocks)
