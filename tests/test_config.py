@@ -147,3 +147,16 @@ def test_plain_messages_and_other_braces_stay_as_they_are():
     plain = TrimpruneError("--model 'x' does not exist")
     assert str(plain) == plain.cli_message() == "--model 'x' does not exist"
     assert plain.fields == ()
+
+
+def test_every_shipped_recipe_loads():
+    """The recipes in recipes/ are valid configs (what `--recipe` reads)."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(paths) >= 3
+    for p in paths:
+        cfg = PruneConfig.from_yaml(str(p))
+        assert cfg.sparsity is not None or cfg.mask_structure, p
+    lua = PruneConfig.from_yaml(str(paths[0].parent / "lua-wanda-70.yaml"))
+    assert lua.allocation.method == "lua" and lua.allocation.lua_steps == 100 and lua.trim.enabled
