@@ -109,6 +109,33 @@ def test_masked_forward_equals_hard_masked_weights():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_checkpointed_masks_equal_the_functional_ones(family):
+    """The masks applied inside each nn.Linear's forward under checkpointing give the logits and
+    the threshold gradients of the plain functional forward (GPT-2's Conv1D weights always take the
+    functional path)."""
+    model = make(family)
+    ad = ModelAdapter.from_model(model)
+    params = linear_weights(ad, "lua")
+    g = torch.Generator().manual_seed(2)
+    ranks = {k: unit_ranks(torch.rand(p.shape, generator=g)).half() for k, p in params.items()}
+    x = calib(2, 10)
+    dense = torch.log_softmax(model(input_ids=x, use_cache=False).logits.detach(), -1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    got = []
+    for checkpointed in (True, False):
+        t = torch.rand(len(params), generator=torch.Generator().manual_seed(3)) * 0.8
+        t.requires_grad_(True)
+        logits = masked_logits(model, params, ranks, t, 0.05, x, checkpointed=checkpointed)
+        kl_per_token(dense, logits).backward()
+        got.append((logits.detach(), t.grad.clone()))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-5, atol=1e-8)
+    assert float(got[0][1].abs().sum()) > 0
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the class forwards back
+
+
 def test_determinism_exact_mean_and_replay(tmp_path):
     ids = calib(6, 12)
     res = prune(make("llama"), None, _cfg(), calibration=ids, progress=False)

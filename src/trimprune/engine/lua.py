@@ -7,19 +7,24 @@ model.
 2. The model is frozen and cast to float32 (back afterwards, exactly). Each of `--lua-steps` steps
    draws `--lua-batch` calibration sequences (seeded by `--seed`), takes the dense log-probabilities
    with the unmasked weights (no gradient), then runs the model with every prunable weight
-   replaced by W * soft_mask(r, t_l, tau) (`torch.func.functional_call`: the parameters are never
-   written) and backpropagates KL(dense || masked) to the thresholds t only. Adam steps t by
-   `--lua-lr`; each step ends with the projection onto the budget.
+   replaced by W * soft_mask(r, t_l, tau) (`masked_logits`: inside each linear's forward under
+   activation checkpointing, so that no masked copy of the weights outlives its linear; the
+   parameters are never written) and backpropagates KL(dense || masked) to the thresholds t
+   only. Adam steps t by `--lua-lr`; each step ends with the projection onto the budget.
 
-Memory besides the float32 model: the ranks (2 bytes per prunable weight), one masked copy of
-the weights with its autograd graph, and the activations of one batch; `--offload` is refused
+Memory besides the float32 model: the ranks (2 bytes per prunable weight), the masked weight of
+one linear at a time, and the activations of one batch; `--offload` is refused
 (`PruneConfig`), as are experts stored as fused 3-D tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trimprune.algo.allocation import linear_sizes
 from trimprune.algo.allocation.base import Allocation
@@ -78,6 +83,30 @@ def importance_ranks(
     return out
 
 
+def _masked_linear(x, weight, bias, ranks, t, tau: float):
+    return F.linear(x, weight * soft_mask(ranks, t, tau).to(weight.dtype), bias)
+
+
+@contextlib.contextmanager
+def _checkpointed(modules: dict[str, nn.Linear], ranks, t: torch.Tensor, tau: float):
+    """While open, each linear of `modules` (full name -> module, in the order of the thresholds
+    `t`) computes F.linear(x, W * soft_mask(r, t_l, tau), b) under non-reentrant activation
+    checkpointing: its masked weight exists only inside its forward and is made again in the
+    backward, so no masked copy of the weights is held across the model."""
+    try:
+        for j, (k, mod) in enumerate(modules.items()):
+            w, b, r = mod.weight, mod.bias, ranks[k]
+
+            def forward(x, w=w, b=b, r=r, j=j):
+                return checkpoint(_masked_linear, x, w, b, r, t[j], tau, use_reentrant=False)
+
+            mod.forward = forward  # an instance attribute: the class's forward comes back below
+        yield
+    finally:
+        for mod in modules.values():
+            mod.__dict__.pop("forward", None)
+
+
 def masked_logits(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -85,18 +114,27 @@ def masked_logits(
     t: torch.Tensor,
     tau: float,
     x: torch.Tensor,
+    checkpointed: bool = True,
 ) -> torch.Tensor:
     """The logits of `model` on token ids `x` with every weight of `params` (full linear name ->
-    parameter, in the order of the thresholds `t`) replaced by W * soft_mask(r, t_l, tau), by
-    `torch.func.functional_call`: the parameters themselves are never written."""
+    parameter, in the order of the thresholds `t`) replaced by W * soft_mask(r, t_l, tau). The
+    weights of `nn.Linear` modules are masked inside their forward (`_checkpointed`; with
+    `checkpointed=False`, as the others); the others are passed to `torch.func.functional_call`,
+    which holds their masked copies until the backward. The parameters are never written."""
+    owner = {id(m.weight): m for m in model.modules() if type(m) is nn.Linear}
+    inside = {k: owner[id(p)] for k, p in params.items() if checkpointed and id(p) in owner}
+    order = {k: j for j, k in enumerate(params)}
     path = {id(p): k for k, p in model.named_parameters(remove_duplicate=False)}
     masked = {
-        path[id(p)]: p * soft_mask(ranks[k], t[j], tau).to(p.dtype)
-        for j, (k, p) in enumerate(params.items())
+        path[id(p)]: p * soft_mask(ranks[k], t[order[k]], tau).to(p.dtype)
+        for k, p in params.items()
+        if k not in inside
     }
-    out = torch.func.functional_call(
-        model, masked, args=(), kwargs={"input_ids": x, "use_cache": False}
-    )
+    t_inside = t[[order[k] for k in inside]] if inside else t
+    with _checkpointed(inside, ranks, t_inside, tau):
+        out = torch.func.functional_call(
+            model, masked, args=(), kwargs={"input_ids": x, "use_cache": False}
+        )
     return out.logits
 
 
