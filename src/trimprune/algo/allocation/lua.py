@@ -24,20 +24,16 @@ from __future__ import annotations
 import torch
 
 from trimprune.algo.allocation.base import Allocation, clip_to_mean
+from trimprune.algo.masks import row_ranks
 
 UPPER = 0.99
 
 
 def unit_ranks(importance: torch.Tensor) -> torch.Tensor:
     """r[i, j] = (rank of weight j in row i by ascending importance + 1/2) / in_features, in (0, 1)
-    (stable sort: ties keep column order, as `algo.masks.row_ranks`). A threshold t then has
+    (`algo.masks.row_ranks`: one stable sort, ties keep column order). A threshold t then has
     exactly round(t * in) ranks below it in every row (t * in not a half-integer)."""
-    n = importance.shape[1]
-    order = torch.sort(importance.float(), dim=1, stable=True)[1]
-    ranks = torch.empty(order.shape, dtype=torch.float32, device=importance.device)
-    steps = (torch.arange(n, device=importance.device, dtype=torch.float32) + 0.5) / n
-    ranks.scatter_(1, order, steps.expand_as(order))
-    return ranks
+    return (row_ranks(importance).float() + 0.5) / importance.shape[1]
 
 
 def soft_mask(ranks: torch.Tensor, threshold: torch.Tensor, tau: float) -> torch.Tensor:
