@@ -100,7 +100,7 @@ def _checkpointed(modules: dict[str, nn.Linear], ranks, t: torch.Tensor, tau: fl
             def forward(x, w=w, b=b, r=r, j=j):
                 return checkpoint(_masked_linear, x, w, b, r, t[j], tau, use_reentrant=False)
 
-            mod.__dict__["forward"] = forward  # an instance attribute: the class's forward returns below
+            mod.__dict__["forward"] = forward  # the class's forward returns below
         yield
     finally:
         for mod in modules.values():
