@@ -325,6 +325,17 @@ def run_case(case: dict, alpha_cache: str | None = None) -> dict:
     return outcome(prune(make(case["family"]), None, cfg, calibration=ids, progress=False))
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('unknown' elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -334,6 +345,12 @@ def main(argv=None):
         "--smollm2", action="store_true", help="also the SmolLM2 cases (needs TRIMPRUNE_DATA)"
     )
     ap.add_argument("--only", default=None, help="substring of the case names to run")
+    ap.add_argument(
+        "--alternative",
+        action="store_true",
+        help="with --write: keep the recorded outcomes and add this CPU's outcome as an "
+        "alternative where it equals none of them (a near-tie decided otherwise by another ISA)",
+    )
     ap.add_argument(
         "--dump", default=None, help="write the undigested outcomes (exact floats) as JSON"
     )
@@ -358,14 +375,20 @@ def main(argv=None):
                     "masks": {k: hashlib.sha256(v).hexdigest() for k, v in out["masks"].items()},
                 }
             want = fixture.get(name)
-            status = "new" if want is None else ("DIFFERENT" if compare(d, want) else "same")
+            status = (
+                "new" if want is None else ("DIFFERENT" if compare_recorded(d, want) else "same")
+            )
             if status == "DIFFERENT":
                 bad.append(name)
             print(
                 f"{name:<55} {status:<9} {time.perf_counter() - t0:6.2f} s  kept {d['trim_kept']}",
                 flush=True,
             )
-            fixture[name] = d
+            if not args.alternative or want is None:
+                fixture[name] = d
+            elif status == "DIFFERENT":
+                cpu = f"{torch.backends.cpu.get_cpu_capability()} ({_cpu_model()})"
+                want.setdefault("alternatives", []).append({"cpu": cpu, "digest": d})
     if args.write:
         write_fixture(fixture)
     if args.dump:
