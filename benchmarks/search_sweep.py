@@ -9,6 +9,10 @@ method), plus one per search trial (`"trial": n`).
 
     # the GPU run (SmolLM2, C4 128 x 2048, 50 trials, wanda and sparsegpt at 60/70/80 %)
     python benchmarks/search_sweep.py --out benchmarks/results/h200_search.jsonl
+    # the multi-fidelity stage against whole trials (CPU, SmolLM2, Wanda 70 %)
+    TRIMPRUNE_DATA=../shared/data python benchmarks/search_sweep.py --nsamples 16 --seqlen 256 \
+        --trials 24 --scorers wanda --sparsities 0.7 --methods search --no-correlation \
+        --eval-limit 40 --search-pruner median --out benchmarks/results/cpu_search_pruner.jsonl
     # a CPU check with tiny settings
     TRIMPRUNE_DATA=../shared/data python benchmarks/search_sweep.py --nsamples 8 --seqlen 128 --trials 3 \
         --scorers wanda --sparsities 0.7 --eval-limit 4 --out /tmp/search_sweep.jsonl
@@ -77,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--search-space", default="rules,free")
     ap.add_argument("--search-seed", type=int, default=0)
+    ap.add_argument("--search-pruner", default="none", choices=["none", "median"])
+    ap.add_argument("--search-rung", type=float, default=0.5)
     ap.add_argument("--scorers", default="wanda,sparsegpt")
     ap.add_argument("--sparsities", default="0.6,0.7,0.8")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -107,6 +113,7 @@ def main(argv=None):
         search_trials=args.trials,
         search_space=args.search_space,
         search_seed=args.search_seed,
+        search_rung=args.search_rung,
         alpha_cache_dir=args.alpha_cache_dir,
         trim=args.trim,
     )
@@ -137,8 +144,9 @@ def main(argv=None):
         for sp in (float(x) for x in args.sparsities.split(",")):
             for method in args.methods.split(","):
                 model.load_state_dict(state)
+                pruner = {"search_pruner": args.search_pruner} if method == "search" else {}
                 cfg = PruneConfig.from_flat(
-                    base | dict(scorer=scorer, sparsity=sp, allocation=method)
+                    base | dict(scorer=scorer, sparsity=sp, allocation=method) | pruner
                 )
                 t = time.perf_counter()
                 trials = []
@@ -182,7 +190,22 @@ def main(argv=None):
                         "trials_complete": sum(t["state"] == "complete" for t in sr["trials"]),
                         "trials_total": len(sr["trials"]),
                         "search_seconds": sr["seconds"],
+                        "trial_seconds": {
+                            st: sum(t["seconds"] or 0.0 for t in sr["trials"] if t["state"] == st)
+                            for st in {t["state"] for t in sr["trials"]}
+                        },
+                        "pruner": sr["pruner"],
                     }
+                    if sr["pruner"] != "none":  # the rung's objective against the whole trial's
+                        done = [t for t in sr["trials"] if t["state"] == "complete"]
+                        rec |= {
+                            "rung_block": sr["rung_block"],
+                            "trials_stopped": sr["trials_stopped"],
+                            "spearman_partial_vs_objective": spearman(
+                                [t["partial"]["metrics"][args.objective] for t in done],
+                                [t["value"] for t in done],
+                            ),
+                        }
                     ok = [t for t in trials if "ppl" in t]
                     rec["spearman_objective_vs_ppl"] = spearman(
                         [t["value"] for t in ok], [t["ppl"] for t in ok]

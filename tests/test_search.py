@@ -719,3 +719,88 @@ def test_search_seeds_out_of_range_is_a_one_line_error(k):
     with pytest.raises(TrimpruneError) as e:
         _cfg(allocation="search", search_seeds=k)
     assert f"--search-seeds {k} must be an integer in [1, 64]" in e.value.cli_message()
+
+
+# ------------------------------------------------------------------------------ multi-fidelity stage
+@pytest.mark.parametrize(
+    "blocks,rung,want", [(2, 0.5, 0), (30, 0.5, 14), (30, 0.1, 2), (30, 0.99, 28), (1, 0.5, 0)]
+)
+def test_rung_block_is_the_last_of_the_first_fraction_of_blocks(blocks, rung, want):
+    from trimprune.search import rung_block
+
+    assert rung_block(blocks, rung) == want
+
+
+def test_partial_objective_is_that_of_the_model_pruned_up_to_the_rung(tmp_path):
+    """Trial 0 (uniform) at the rung: KL(dense || model) on the held-out sequences of the model
+    pruned uniformly on the other sequences, with the blocks after the rung put back dense."""
+    ids = calib(N, L)
+    _, res = _search(tmp_path, trials=1, ids=ids, search_pruner="median", search_space="free")
+    t0 = res.search["trials"][0]
+    assert t0["params"]["family"] == "free" and t0["partial"]["block"] == 0
+    from trimprune.search import Holdout
+
+    dense, model = make("llama"), make("llama")
+    held = Holdout(model, ids[N - 2 :], "kl", "cpu")  # the dense pass, as the search's
+    prune(model, None, _cfg(nsamples=N - 2), calibration=ids[: N - 2], progress=False)
+    with torch.no_grad():
+        for p, q in zip(model.model.layers[1].parameters(), dense.model.layers[1].parameters()):
+            p.copy_(q)
+    got = t0["partial"]["metrics"]["kl"]
+    assert got == pytest.approx(held.measure()["kl"], rel=1e-9)  # the same arithmetic
+    assert got == pytest.approx(_kl(dense, model, ids[N - 2 :]), rel=1e-3)  # float32 vs float64
+    assert t0["value"] > t0["partial"]["metrics"]["kl"] > 0  # both blocks pruned: further away
+
+
+def test_median_pruner_stops_exactly_the_trials_worse_than_the_median_at_the_rung(tmp_path):
+    """Brute-force reference of Optuna's MedianPruner on the recorded partial objectives: once 5
+    trials completed, a trial stops iff its partial objective is above the median of the completed
+    trials' partial objectives; a stopped trial has no value and is never the winner."""
+    import statistics
+
+    _, res = _search(tmp_path, trials=14, search_pruner="median")
+    trials, done, stopped = res.search["trials"], [], 0
+    for t in trials:
+        assert "partial" in t, t["number"]
+        p = t["partial"]["metrics"]["kl"]
+        stop = len(done) >= 5 and p > statistics.median(done)
+        assert t["state"] == ("stopped" if stop else "complete"), t["number"]
+        if stop:
+            stopped += 1
+            assert t["value"] is None and "error" not in t
+        else:
+            done.append(p)
+    assert stopped >= 1 and res.search["trials_stopped"] == stopped
+    assert res.search["pruner"] == "median" and res.search["rung_block"] == 0
+    assert res.search["best"]["value"] == min(t["value"] for t in trials if t["value"] is not None)
+    from trimprune.io.report import build_report, markdown, summary_text
+
+    rep = json.loads(json.dumps(build_report(res, {}, {"perplexity": {}}, res.timings)))
+    assert f"{stopped} stopped" in summary_text(rep)
+    md = markdown(rep)
+    assert f"{stopped} trials stopped there" in md and "after block 0" in md
+    one = next(t for t in trials if t["state"] == "stopped")
+    assert f"| {one['number']} | stopped |" in md
+    assert f"({one['partial']['metrics']['kl']:.6g})" in md
+    _, plain = _search(tmp_path, trials=3)
+    assert plain.search["pruner"] == "none" and "trials_stopped" not in plain.search
+    assert all("partial" not in t for t in plain.search["trials"])
+
+
+@pytest.mark.parametrize(
+    "flat,needle",
+    [
+        (dict(search_pruner="median"), "--search-pruner median stops trials of the allocation"),
+        (
+            dict(allocation="search", search_pruner="median", offload=True),
+            "--search-pruner median measures the model between two blocks",
+        ),
+        (dict(search_rung=1.0), "--search-rung 1.0 must be in (0, 1)"),
+        (dict(search_rung=0), "--search-rung 0 must be in (0, 1)"),
+        (dict(search_pruner="hyperband"), "--search-pruner 'hyperband' is unknown"),
+    ],
+)
+def test_bad_pruner_settings_are_one_line_errors(flat, needle):
+    with pytest.raises(TrimpruneError) as e:
+        _cfg(**flat)
+    assert needle in e.value.cli_message() and "\n" not in str(e.value), e.value.cli_message()

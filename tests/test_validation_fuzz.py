@@ -271,6 +271,7 @@ TRIM_GUARDS = ["block", "model"]
 SEARCH_SPACES = ["rules", "free", "trim", "experts", "layerif", "lua"]
 LAYERIF_HESSIANS = ["datainf", "identity"]
 SEARCH_OBJECTIVES = ["kl", "nll"]
+SEARCH_PRUNERS = ["none", "median"]
 
 
 def _floats(lo=None, hi=None, *, lo_open=False, hi_open=False):
@@ -343,6 +344,7 @@ FREE = {
     "search_timeout": NON_NEGATIVE,
     "search_seed": st.integers(-BIG, BIG),
     "search_seeds": st.integers(1, 64),
+    "search_rung": _floats(0, 1, lo_open=True, hi_open=True),
     "search_storage": st.none() | st.tuples(NAME, NAME).map("://".join),
     "search_study": st.none() | NON_BLANK,
 }
@@ -360,6 +362,7 @@ DEPENDENT = {
     "trim_dim_metric",
     "search_space",
     "trim_guard",
+    "search_pruner",
     "nsamples",
     "search_holdout",
     "layerif_holdout",
@@ -448,11 +451,15 @@ def valid_configs(draw):
         put("layerif_holdout", st.integers(0, nsamples - 1))
     else:
         put("layerif_holdout", st.integers(0, BIG))
+    pruner = put("search_pruner", st.sampled_from(SEARCH_PRUNERS if search else ["none"]))
     offload = put(
         "offload",
         st.sampled_from(
             [False]
-            if layerif or allocation == "lua" or (search and "lua" in (parts or []))
+            if layerif
+            or allocation == "lua"
+            or (search and "lua" in (parts or []))
+            or pruner not in (None, "none")
             else [False, True, "cpu"] + ([] if whole_model else ["disk"])
         ),
     )
@@ -710,6 +717,8 @@ INVALID = {
     "search_timeout": _shown(NOT_FLOAT | _floats(hi=0, hi_open=True) | st.integers(-BIG, -1)),
     "search_seed": _shown(NOT_INT),
     "search_seeds": _shown(NOT_INT | st.integers(-BIG, 0) | st.integers(65, BIG)),
+    "search_pruner": _not_in(SEARCH_PRUNERS),
+    "search_rung": _shown(NOT_FLOAT | _floats(hi=0) | _floats(lo=1)),
     "search_storage": _shown(NOT_OPT_STR | NAME.filter(lambda s: "://" not in s)),
     "search_study": _shown(NOT_OPT_STR) | _hidden(_one_of_values("", " ", "\t")),
 }
@@ -779,6 +788,8 @@ EDGES_INVALID = [
     ("search_holdout", -1),
     ("search_trials", 0),
     ("search_timeout", -1e-12),
+    ("search_rung", 0),
+    ("search_rung", 1),
     ("search_storage", "sqlite:/x.db"),
     ("search_study", " "),
 ]
@@ -815,6 +826,8 @@ EDGES_VALID = [
     ("search_holdout", 0),
     ("search_trials", 1),
     ("search_timeout", 0),
+    ("search_rung", 5e-324),
+    ("search_rung", 0.9999999),
     ("search_storage", "a://"),
     ("search_study", "s"),
 ]

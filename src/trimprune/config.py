@@ -62,6 +62,7 @@ EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allo
 TRIM_GUARDS = ("block", "model")
 SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif", "lua")
 SEARCH_OBJECTIVES = ("kl", "nll")
+SEARCH_PRUNERS = ("none", "median")
 
 
 def option(default, key: str, help: str, *, choices=None, metavar: str | None = None, const=None):
@@ -680,6 +681,21 @@ class SearchConfig:
         "the best held-out trial of all wins and the report shows the spread across seeds",
         metavar="K",
     )
+    pruner: str = option(
+        "none",
+        "search_pruner",
+        "multi-fidelity stage: median stops a trial whose held-out objective, measured when "
+        "--search-rung of the blocks are pruned (the later ones still dense), is worse than the "
+        "median of the earlier trials there (Optuna's MedianPruner; the warm starts always run "
+        "whole); none runs every trial whole",
+        choices=SEARCH_PRUNERS,
+    )
+    rung: float = option(
+        0.5,
+        "search_rung",
+        "fraction of the blocks pruned when --search-pruner measures the partial objective",
+        metavar="F",
+    )
     storage: str | None = option(
         None,
         "search_storage",
@@ -724,6 +740,11 @@ class SearchConfig:
             self.seeds,
             1 <= self.seeds <= 64,
             f"{{search_seeds}} {self.seeds!r} must be an integer in [1, 64]",
+        )
+        _in_range(
+            self.rung,
+            0 < self.rung < 1,
+            f"{{search_rung}} {self.rung!r} must be in (0, 1), e.g. 0.5 (half of the blocks)",
         )
         _in_range(
             self.timeout,
@@ -832,6 +853,16 @@ class PruneConfig:
                 f"{what} trains Lua-LLM's thresholds through the whole model at once and cannot "
                 "be combined with {offload}: use another {allocation}, or write its allocation on "
                 "a larger device and prune with {allocation} file:PATH"
+            )
+        if self.search.pruner != "none" and self.allocation.method != "search":
+            raise ConfigError(
+                f"{{search_pruner}} {self.search.pruner} stops trials of the allocation search: "
+                "add {allocation} search, or leave {search_pruner} out"
+            )
+        if self.search.pruner != "none" and self.run.offload:
+            raise ConfigError(
+                f"{{search_pruner}} {self.search.pruner} measures the model between two blocks and "
+                "cannot be combined with {offload}: leave {search_pruner} out (none)"
             )
         if self.allocation.method == "layerif" or "layerif" in self.search_spaces:
             k = self.allocation.layerif_holdout or max(1, self.calib.nsamples // 8)

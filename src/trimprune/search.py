@@ -323,9 +323,55 @@ def _with_trim(config: PruneConfig, enabled: bool) -> PruneConfig:
     return dataclasses.replace(config, trim=trim)
 
 
-def _prune(session: Session, config: PruneConfig, allocation: Allocation) -> PruneResult:
+def _prune(
+    session: Session,
+    config: PruneConfig,
+    allocation: Allocation,
+    after_block: Callable[[int], None] | None = None,
+) -> PruneResult:
     session.restore()
-    return session.run(config, allocation)
+    return session.run(config, allocation, after_block)
+
+
+class _Stopped(Exception):
+    """A trial stopped by the multi-fidelity stage at its rung."""
+
+    def __init__(self, block: int, value: float):
+        super().__init__(f"stopped after block {block}: partial held-out objective {value:.6g}")
+        self.block, self.value = block, value
+
+
+def rung_block(num_blocks: int, rung: float) -> int:
+    """The block after which `--search-pruner` measures the partial objective: the last of the
+    first round(rung x blocks) (at least the first, at most the one before the last)."""
+    return min(max(round(rung * num_blocks), 1), max(num_blocks - 1, 1)) - 1
+
+
+def _pruner(optuna, sc, warm: int):
+    """Optuna's pruner for `--search-pruner` (None: every trial whole). The warm starts (and at
+    least 5 trials) complete before any trial is stopped."""
+    if sc.pruner == "none":
+        return None
+    return optuna.pruners.MedianPruner(n_startup_trials=max(5, warm), n_warmup_steps=0)
+
+
+def _rung_check(trial, holdout: Holdout, block: int) -> Callable[[int], None]:
+    """The `after_block` of a trial under `--search-pruner`: at `block`, the held-out objective of
+    the model as it is (blocks up to `block` pruned, the later ones dense) is reported to Optuna as
+    step block + 1, and the walk stops if Optuna's pruner says so."""
+
+    def after(i: int) -> None:
+        if i != block:
+            return
+        metrics = holdout.measure()
+        value = holdout.value(metrics)
+        trial.set_user_attr("partial", {"block": i, "metrics": metrics})
+        if math.isfinite(value):
+            trial.report(value, step=i + 1)
+        if not math.isfinite(value) or trial.should_prune():
+            raise _Stopped(i, value)
+
+    return after
 
 
 def model_safeguard_choice(
@@ -376,7 +422,7 @@ def _study_name(config: PruneConfig, session: Session) -> str:
     """A name from what decides the trials' values: the config (less the search's run settings), the
     model's weights and the calibration sequences."""
     d = config.to_dict()
-    for k in ("trials", "timeout", "seed", "seeds", "storage", "study"):
+    for k in ("trials", "timeout", "seed", "seeds", "storage", "study", "pruner", "rung"):
         d["search"].pop(k, None)
     for k in ("batch_size", "checkpoint_dir", "resume", "keep_checkpoint", "allow_unpruned"):
         d["run"].pop(k, None)
@@ -399,21 +445,31 @@ def _study_name(config: PruneConfig, session: Session) -> str:
     return f"trimprune-{config.scorer.name}-{config.sparsity:g}-{h.hexdigest()[:16]}"
 
 
+def _state(t) -> str:
+    """complete, pruned (failed: `error`), stopped (by --search-pruner at its rung: `partial`)."""
+    attrs = t.user_attrs
+    if t.state.name == "PRUNED" and "partial" in attrs and "error" not in attrs:
+        return "stopped"
+    return t.state.name.lower()
+
+
 def _trial_record(t) -> dict:
     seconds = t.user_attrs.get("seconds")
     if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds()
     rec = {
         "number": t.number,
-        "state": t.state.name.lower(),
+        "state": _state(t),
         "params": dict(t.params),
-        "value": t.value,
+        "value": t.value if t.state.name == "COMPLETE" else None,  # a stopped trial's is partial
         "seconds": seconds,
         "metrics": t.user_attrs.get("metrics"),
         "per_block": t.user_attrs.get("per_block"),
     }
     if "error" in t.user_attrs:
         rec["error"] = t.user_attrs["error"]
+    if "partial" in t.user_attrs:  # --search-pruner: the objective at the rung
+        rec["partial"] = t.user_attrs["partial"]
     return rec
 
 
@@ -589,6 +645,20 @@ def _search(
         "trials_requested": sc.trials,
         "timeout": sc.timeout,
         "trials_run": trials,
+        "pruner": sc.pruner,
+        **(
+            {
+                "rung_block": rung_block(session.adapter.num_blocks, sc.rung),
+                "trials_stopped": sum(
+                    1
+                    for r in runs
+                    for t in r[2].get_trials(deepcopy=False)
+                    if t.state == optuna.trial.TrialState.PRUNED and "error" not in t.user_attrs
+                ),
+            }
+            if sc.pruner != "none"
+            else {}
+        ),
         "trials": [
             _trial_record(t)
             for t in study.get_trials(deepcopy=False)
@@ -632,7 +702,11 @@ def _seed_record(seed: int, name: str, study, asked: int, best) -> dict:
         "study": name,
         "trials_run": asked,
         # every trial's held-out objective in trial order (None: pruned or failed)
-        "values": [t.value for t in study.get_trials(deepcopy=False) if t.state.is_finished()],
+        "values": [
+            t.value if t.state.name == "COMPLETE" else None
+            for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished()
+        ],
         "best": {
             "number": best.number,
             "family": best.params.get("family"),
@@ -654,9 +728,11 @@ def _open_study(optuna, sc, name: str, spaces, config: PruneConfig, moe: bool = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=sc.seed, multivariate=True, group=True)
+    starts = warm_starts(spaces, config.allocation, config.trim.enabled, moe)
     study = optuna.create_study(
         storage=sc.storage,
         sampler=sampler,
+        pruner=_pruner(optuna, sc, len(starts)),
         study_name=name,
         direction="minimize",
         load_if_exists=True,
@@ -664,7 +740,7 @@ def _open_study(optuna, sc, name: str, spaces, config: PruneConfig, moe: bool = 
     if not study.get_trials(
         deepcopy=False
     ):  # a new study starts from uniform and the rules as configured
-        for params in warm_starts(spaces, config.allocation, config.trim.enabled, moe):
+        for params in starts:
             study.enqueue_trial(params, skip_if_exists=True)
     return study
 
@@ -693,6 +769,9 @@ def _trials(
             trial = study.ask()
             n += 1
             t0 = time.perf_counter()
+            rung = None
+            if sc.pruner != "none":
+                rung = _rung_check(trial, holdout, rung_block(session.adapter.num_blocks, sc.rung))
             try:
                 params = suggest(trial, spaces, config.trim.enabled, sources.moe)
                 cfg = _with_trim(config, bool(params["trim"]))
@@ -705,7 +784,7 @@ def _trials(
                     config.allocation.alpha_mapping,
                 )
                 trial.set_user_attr("per_block", allocation.per_block())
-                _prune(session, cfg, allocation)
+                _prune(session, cfg, allocation, rung)
                 metrics = holdout.measure()
                 value = holdout.value(metrics)
                 if not math.isfinite(value):
@@ -713,6 +792,15 @@ def _trials(
             except (KeyboardInterrupt, SystemExit):
                 study.tell(trial, state=states.FAIL)
                 raise
+            except _Stopped as e:
+                trial.set_user_attr("seconds", time.perf_counter() - t0)
+                study.tell(trial, state=states.PRUNED)
+                shown.message(
+                    f"search: {label}trial {trial.number} ({n}/{sc.trials}) {params['family']}"
+                    f"{' +trim' if params['trim'] else ''} {e} (median pruner), "
+                    f"{time.perf_counter() - t0:.1f} s"
+                )
+                continue
             except Exception as e:  # noqa: BLE001 - a failing trial is pruned; the search goes on
                 why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 trial.set_user_attr("error", why)

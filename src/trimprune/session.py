@@ -246,10 +246,13 @@ def _walk(
     progress: Progress,
     resume: ResumeState | None = None,
     timings: dict | None = None,
+    after_block: Callable[[int], None] | None = None,
 ) -> _Records:
     """Every block through `prune_block`; the records of earlier blocks are collected as their host
     copies complete. With a resume state, blocks it holds are restored (weights, masks, records) and
-    the walk starts after them; every finished block is committed to it."""
+    the walk starts after them; every finished block is committed to it. `after_block(i)`: called
+    once block i is pruned in the model (the search's multi-fidelity stage; not with a resume
+    state)."""
     blocks = progress.blocks(
         adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}"
     )
@@ -282,6 +285,10 @@ def _walk(
             timings["checkpoint_seconds"] += time.perf_counter() - t
 
         timings["checkpoint_seconds"] += time.perf_counter() - t0
+    elif after_block is not None:
+
+        def after(i: int, streams: Streams) -> None:
+            after_block(i)
 
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
@@ -686,11 +693,17 @@ class Session:
         self.last_allocation_seconds = time.perf_counter() - t0
         return allocation
 
-    def run(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
+    def run(
+        self,
+        config: PruneConfig,
+        allocation: Allocation,
+        after_block: Callable[[int], None] | None = None,
+    ) -> PruneResult:
         """Prune the model in place with `allocation` (the walk of `prune_block` over the captured
         inputs). With a resume state: the allocation is saved first (unless the resume state holds
         it), blocks it holds are restored instead of pruned, and every finished block is
-        committed."""
+        committed. `after_block(i)`: called once block i is pruned in the model (no resume state);
+        what it raises ends the walk there."""
         ex, resume = self.ex, self.resume
         if (resume is not None or self.storage is not None) and (
             self.runs or config != self.config
@@ -728,6 +741,7 @@ class Session:
                 self.progress,
                 resume,
                 self.timings,
+                after_block if resume is None else None,
             )
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)

@@ -209,18 +209,21 @@ def search_trials(report: dict, path: Path) -> str:
                 alpha=0.6,
                 label=f"best so far, seed {r['seed']}",
             )
-    bad = [t["number"] for t in sr["trials"] if t["state"] != "complete"]
+    bad = [t["number"] for t in sr["trials"] if t["state"] not in ("complete", "stopped")]
     for b in bad:
         ax.axvline(b, color="r", lw=0.6, alpha=0.5)
+    stopped = [t["number"] for t in sr["trials"] if t["state"] == "stopped"]
+    for b in stopped:
+        ax.axvline(b, color="0.6", lw=0.6, alpha=0.5)
     if len(y) and float(y.min()) > 0 and float(y.max()) / float(y.min()) > 20:
         ax.set_yscale("log")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(
         xlabel="trial",
         ylabel=f"held-out {sr['objective']}",
-        title=f"Allocation search ({len(bad)} pruned or failed, red)"
-        if bad
-        else "Allocation search",
+        title="Allocation search"
+        + (f" ({len(bad)} failed, red)" if bad else "")
+        + (f" ({len(stopped)} stopped by the pruner, grey)" if stopped else ""),
     )
     ax.legend(fontsize=8)
     return _save(plt, fig, path)

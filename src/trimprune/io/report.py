@@ -416,6 +416,17 @@ def _markdown_search(sr: dict) -> list[str]:
         f"{sr['prune_sequences']}); best trial #{sr['best']['number']}; the final model pruned "
         f"with it on all {sr.get('final_sequences', '-')} calibration sequences.",
         *(_markdown_seeds(sr) if len(sr.get("seeds", [])) > 1 else []),
+        *(
+            [
+                "",
+                f"Multi-fidelity stage ({sr['pruner']} pruner): each trial's held-out objective "
+                f"was measured after block {sr['rung_block']} (the later blocks dense); "
+                f"{sr['trials_stopped']} trials stopped there (their partial objective in "
+                "brackets).",
+            ]
+            if sr.get("pruner", "none") != "none"
+            else []
+        ),
         "",
         "| trial | state | family | params | objective | seconds |",
         "|---:|---|---|---|---:|---:|",
@@ -427,6 +438,8 @@ def _markdown_search(sr: dict) -> list[str]:
             if k != "family"
         )
         val = f"{t['value']:.6g}" if t["value"] is not None else "-"
+        if t["state"] == "stopped":
+            val = f"({t['partial']['metrics'][sr['objective']]:.6g})"
         sec = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
         out.append(
             f"| {t['number']} | {t['state']} | {t['params'].get('family', '-')} | {ps} | {val} "
