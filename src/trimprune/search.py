@@ -645,20 +645,7 @@ def _search(
         "trials_requested": sc.trials,
         "timeout": sc.timeout,
         "trials_run": trials,
-        "pruner": sc.pruner,
-        **(
-            {
-                "rung_block": rung_block(session.adapter.num_blocks, sc.rung),
-                "trials_stopped": sum(
-                    1
-                    for r in runs
-                    for t in r[2].get_trials(deepcopy=False)
-                    if t.state == optuna.trial.TrialState.PRUNED and "error" not in t.user_attrs
-                ),
-            }
-            if sc.pruner != "none"
-            else {}
-        ),
+        **_pruner_record(sc, session, runs),
         "trials": [
             _trial_record(t)
             for t in study.get_trials(deepcopy=False)
@@ -682,6 +669,15 @@ def _search(
         f"{best.value:.6g}; final model pruned on all {session.ids.shape[0]} sequences"
     )
     return res
+
+
+def _pruner_record(sc, session: Session, runs: list) -> dict:
+    """With --search-pruner: the rung's block and how many trials it stopped (all seeds)."""
+    if sc.pruner == "none":
+        return {"pruner": "none"}
+    stopped = sum(_state(t) == "stopped" for r in runs for t in r[2].get_trials(deepcopy=False))
+    rung = rung_block(session.adapter.num_blocks, sc.rung)
+    return {"pruner": sc.pruner, "rung_block": rung, "trials_stopped": stopped}
 
 
 def _best_trial(optuna, study):

@@ -246,13 +246,10 @@ def _walk(
     progress: Progress,
     resume: ResumeState | None = None,
     timings: dict | None = None,
-    after_block: Callable[[int], None] | None = None,
+    after_block: Callable[[int, Streams], None] | None = None,
 ) -> _Records:
-    """Every block through `prune_block`; the records of earlier blocks are collected as their host
-    copies complete. With a resume state, blocks it holds are restored (weights, masks, records) and
-    the walk starts after them; every finished block is committed to it. `after_block(i)`: called
-    once block i is pruned in the model (the search's multi-fidelity stage; not with a resume
-    state)."""
+    """Every block through `prune_block`, records collected as their host copies complete. With a
+    resume state, its blocks are restored and each finished block committed (else `after_block`)."""
     blocks = progress.blocks(
         adapter.num_blocks, f"{config.scorer.name}{'+trim' if config.trim.enabled else ''}"
     )
@@ -260,7 +257,7 @@ def _walk(
         blocks, plan.ranks, lambda i: [adapter.full_name(i, n) for n in adapter.linears(i)]
     )
     subset = [captured.subset] if captured.subset is not None else []
-    streams, start, after = Streams(captured.hidden, subset, list(subset)), 0, None
+    streams, start, after = Streams(captured.hidden, subset, list(subset)), 0, after_block
     if resume is not None:
         t0 = time.perf_counter()
         if resume.last_block >= 0:
@@ -285,10 +282,6 @@ def _walk(
             timings["checkpoint_seconds"] += time.perf_counter() - t
 
         timings["checkpoint_seconds"] += time.perf_counter() - t0
-    elif after_block is not None:
-
-        def after(i: int, streams: Streams) -> None:
-            after_block(i)
 
     def visit(run) -> StreamUpdate:
         with ex.phase("block"):
@@ -693,17 +686,11 @@ class Session:
         self.last_allocation_seconds = time.perf_counter() - t0
         return allocation
 
-    def run(
-        self,
-        config: PruneConfig,
-        allocation: Allocation,
-        after_block: Callable[[int], None] | None = None,
-    ) -> PruneResult:
+    def run(self, config: PruneConfig, allocation: Allocation, after_block=None) -> PruneResult:
         """Prune the model in place with `allocation` (the walk of `prune_block` over the captured
-        inputs). With a resume state: the allocation is saved first (unless the resume state holds
-        it), blocks it holds are restored instead of pruned, and every finished block is
-        committed. `after_block(i)`: called once block i is pruned in the model (no resume state);
-        what it raises ends the walk there."""
+        inputs). With a resume state: the allocation is saved first (unless it holds it), blocks
+        it holds are restored, and every finished block is committed. `after_block(i)`: called
+        once block i is pruned (no resume state); what it raises ends the walk there."""
         ex, resume = self.ex, self.resume
         if (resume is not None or self.storage is not None) and (
             self.runs or config != self.config
@@ -741,7 +728,7 @@ class Session:
                 self.progress,
                 resume,
                 self.timings,
-                after_block if resume is None else None,
+                (lambda i, _s: after_block(i)) if after_block and resume is None else None,
             )
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
