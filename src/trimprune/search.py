@@ -453,6 +453,11 @@ def _state(t) -> str:
     return t.state.name.lower()
 
 
+def _value(t) -> float | None:
+    """A completed trial's held-out objective (a stopped trial's value is Optuna's partial one)."""
+    return t.value if t.state.name == "COMPLETE" else None
+
+
 def _trial_record(t) -> dict:
     seconds = t.user_attrs.get("seconds")
     if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
@@ -461,7 +466,7 @@ def _trial_record(t) -> dict:
         "number": t.number,
         "state": _state(t),
         "params": dict(t.params),
-        "value": t.value if t.state.name == "COMPLETE" else None,  # a stopped trial's is partial
+        "value": _value(t),
         "seconds": seconds,
         "metrics": t.user_attrs.get("metrics"),
         "per_block": t.user_attrs.get("per_block"),
@@ -698,11 +703,7 @@ def _seed_record(seed: int, name: str, study, asked: int, best) -> dict:
         "study": name,
         "trials_run": asked,
         # every trial's held-out objective in trial order (None: pruned or failed)
-        "values": [
-            t.value if t.state.name == "COMPLETE" else None
-            for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished()
-        ],
+        "values": [_value(t) for t in study.get_trials(deepcopy=False) if t.state.is_finished()],
         "best": {
             "number": best.number,
             "family": best.params.get("family"),
@@ -759,15 +760,14 @@ def _trials(
     shown, quiet = session.progress, Progress("off")
     states = optuna.trial.TrialState
     t_start, n = time.perf_counter(), 0
+    block = rung_block(session.adapter.num_blocks, sc.rung)  # of --search-pruner
     session.progress = quiet  # no per-block lines for every trial
     try:
         while n < sc.trials and not (sc.timeout and time.perf_counter() - t_start >= sc.timeout):
             trial = study.ask()
             n += 1
             t0 = time.perf_counter()
-            rung = None
-            if sc.pruner != "none":
-                rung = _rung_check(trial, holdout, rung_block(session.adapter.num_blocks, sc.rung))
+            rung = _rung_check(trial, holdout, block) if sc.pruner != "none" else None
             try:
                 params = suggest(trial, spaces, config.trim.enabled, sources.moe)
                 cfg = _with_trim(config, bool(params["trim"]))
@@ -793,7 +793,7 @@ def _trials(
                 study.tell(trial, state=states.PRUNED)
                 shown.message(
                     f"search: {label}trial {trial.number} ({n}/{sc.trials}) {params['family']}"
-                    f"{' +trim' if params['trim'] else ''} {e} (median pruner), "
+                    f"{' +trim' if params['trim'] else ''} {e} ({sc.pruner} pruner), "
                     f"{time.perf_counter() - t0:.1f} s"
                 )
                 continue
