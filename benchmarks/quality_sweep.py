@@ -94,6 +94,15 @@ def grid(name: str) -> list[dict]:
             out.append(
                 dict(scorer="wanda", sparsity=sp, trim=True, trim_metric=lm, trim_dim_metric=dm)
             )
+    if name == "guard":  # the model guard against TRIM and the scorer alone, all on 128 sequences
+        for sc, al, sp in itertools.product(
+            ["wanda", "sparsegpt"], ["uniform", "owl", "alphapruning"], [0.6, 0.7, 0.8]
+        ):
+            g = dict(scorer=sc, sparsity=sp, allocation=al)
+            out += [g, g | dict(trim=True), g | dict(trim=True, trim_guard="model")]
+    if name == "learned":
+        for sc, al in itertools.product(["wanda", "sparsegpt"], ["lua", "layerif"]):
+            out.append(dict(scorer=sc, sparsity=0.7, allocation=al))
     seen, uniq = set(), []
     for g in out:
         k = json.dumps(g, sort_keys=True)

@@ -30,3 +30,22 @@ def test_dense_perplexity_of_each_real_model(alias, with_data_env):
     assert got == pytest.approx(want, rel=1e-3), (
         f"{alias}: dense perplexity {got:.4f}, recorded {want}"
     )
+
+
+def test_models_load_as_plain_modules_with_dense_weights():
+    """transformers >= 5.25 swaps layers' forwards for hub kernels by default and keeps a GGUF
+    file's weights packed where a matmul kernel exists; the prune needs neither."""
+    import transformers
+
+    from trimprune.io.autoclass import plain_load_kwargs
+
+    kw = plain_load_kwargs("model.gguf")
+    assert kw["gguf_file"] == "model.gguf"
+    assert (
+        "quantization_config" not in plain_load_kwargs() and "gguf_file" not in plain_load_kwargs()
+    )
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) >= (5, 25):
+        assert kw["use_kernels"] is False
+        assert kw["quantization_config"].dequantize is True
+        assert kw["quantization_config"].gguf_file == "model.gguf"

@@ -43,10 +43,14 @@ def _gram_update(
     gram: torch.Tensor, x: torch.Tensor, tiles: list[tuple[int, int]], ex: Executor
 ) -> None:
     """gram += x^T x accumulated in float32 (float64 for float64 inputs). With several tiles only
-    the upper block triangle is accumulated; `InputStats.finalize` mirrors it."""
+    the upper block triangle is accumulated; `InputStats.finalize` mirrors it.
+
+    The batch's product is finished before it is added (not `addmm_`, which folds the running sum
+    into the product's rounding): the sum over batches is then the same whether one process holds
+    them all or several processes hold one each and all-reduce."""
     if len(tiles) == 1 and (x.dtype == gram.dtype or not x.is_cuda):
         xf = x.to(gram.dtype)
-        gram.addmm_(xf.t(), xf)
+        gram.add_(xf.t() @ xf)
         return
     for i, (a0, a1) in enumerate(tiles):
         for b0, b1 in tiles[i:]:

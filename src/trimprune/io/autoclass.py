@@ -28,3 +28,22 @@ def auto_model_class(config) -> Any:
     if not archs and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
+
+
+def plain_load_kwargs(gguf_file: str | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments that give plain PyTorch modules with dense weights, which the
+    prune hooks and rewrites: no hub kernels (transformers >= 5.25 swaps layers' forwards for
+    downloaded kernels by default, and fails where `kernels` is missing or the hub unreachable),
+    and a GGUF file de-quantized on load (where a GGUF matmul kernel exists for the device,
+    transformers keeps its weights in packed blocks, which cannot be pruned)."""
+    import transformers
+
+    out: dict[str, Any] = {}
+    if hasattr(transformers.PreTrainedModel, "set_use_kernels"):
+        out["use_kernels"] = False
+    if gguf_file is not None:
+        out["gguf_file"] = gguf_file
+        config_class = getattr(transformers, "GgufConfig", None)
+        if config_class is not None:
+            out["quantization_config"] = config_class(gguf_file=gguf_file, dequantize=True)
+    return out

@@ -104,7 +104,7 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
     rebuilt dense; a folder with model.safetensors loads as usual."""
     from transformers import AutoConfig
 
-    from trimprune.io.autoclass import auto_model_class
+    from trimprune.io.autoclass import auto_model_class, plain_load_kwargs
 
     p = Path(path)
     check_model_folder(p, LOAD_FIX)  # its safetensors are whole (io.integrity)
@@ -116,7 +116,9 @@ def load_pruned(path: str | Path, device=None, trust_remote_code: bool = False):
             )
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         auto = auto_model_class(config)
-        model = auto.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(
+            str(p), trust_remote_code=trust_remote_code, **plain_load_kwargs()
+        )
         return model.to(device).eval() if device is not None else model.eval()
     return load_compact(p, trust_remote_code=trust_remote_code, device=device)
 

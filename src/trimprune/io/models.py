@@ -20,7 +20,7 @@ from torch import nn
 
 from trimprune.core.hub import HUB_ID, _hub_cached, hub_unreachable
 from trimprune.errors import ModelSourceError, TrimpruneError
-from trimprune.io.autoclass import auto_model_class
+from trimprune.io.autoclass import auto_model_class, plain_load_kwargs
 from trimprune.io.compact import COMPACT_FILE, load_compact
 from trimprune.io.integrity import check_gguf_file, check_model_folder
 
@@ -406,12 +406,11 @@ def load_model(
         from trimprune.io.diskmodel import load_disk_model, open_checkpoint
 
         open_checkpoint(target, gguf)  # a GGUF or .bin model is refused before anything is loaded
-    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf is not None and importlib.util.find_spec("gguf") is None:
+        raise TrimpruneError("loading a GGUF file needs the `gguf` package: run `pip install gguf`")
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    kwargs_model = kwargs | plain_load_kwargs(gguf)
     if gguf is not None:
-        if importlib.util.find_spec("gguf") is None:
-            raise TrimpruneError(
-                "loading a GGUF file needs the `gguf` package: run `pip install gguf`"
-            )
         kwargs["gguf_file"] = gguf
     refuse_sparse_compressed(model, target)
     storage, compact = None, _is_compact(target, gguf)
@@ -429,10 +428,7 @@ def load_model(
                     AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
                 )
             )
-            try:
-                m = auto.from_pretrained(target, dtype=dt, **kwargs)
-            except TypeError:  # transformers < 4.56 uses torch_dtype
-                m = auto.from_pretrained(target, torch_dtype=dt, **kwargs)
+            m = auto.from_pretrained(target, dtype=dt, **kwargs_model)
     except TrimpruneError:
         raise
     except (OSError, ValueError) as e:
