@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_models import calib, make
+from tiny_models import calib, make, make_llama
 from trimprune import PruneConfig, TrimpruneError, prune
 from trimprune.algo.allocation.atp import atp_allocation, atp_block_sparsities
 from trimprune.algo.allocation.lua import lua_allocation
@@ -412,13 +412,28 @@ def _kl(dense, model, held):
     return float((d.exp() * (d - p)).sum() / (held.shape[0] * (held.shape[1] - 1)))
 
 
+def _guard_model(family: str):
+    return make_llama(4) if family == "llama-4" else make(family)  # 4 blocks: OWL spreads them
+
+
 @pytest.mark.parametrize(
-    "scorer,sparsity,family", [("wanda", 0.7, "llama"), ("sparsegpt", 0.6, "qwen2")]
+    "scorer,sparsity,family,allocation",
+    [("wanda", 0.7, "llama", "uniform"), ("sparsegpt", 0.6, "qwen2", "uniform")]
+    + [
+        ("wanda", 0.7, "llama-4", "owl")
+    ],  # OWL's ratios: from the held-in, then from every sequence
 )
-def test_trim_guard_model_keeps_the_lower_held_out_objective(scorer, sparsity, family):
+def test_trim_guard_model_keeps_the_lower_held_out_objective(scorer, sparsity, family, allocation):
     ids = calib(N, L)
-    cfg = _cfg(scorer=scorer, sparsity=sparsity, trim=True, trim_guard="model", search_holdout=2)
-    model = make(family)
+    cfg = _cfg(
+        scorer=scorer,
+        sparsity=sparsity,
+        trim=True,
+        trim_guard="model",
+        search_holdout=2,
+        allocation=allocation,
+    )
+    model = _guard_model(family)
     res = prune(model, None, cfg, calibration=ids, progress=False)
     g = res.trim_guard
     assert g["objective"] == "kl" and g["holdout_sequences"] == 2
@@ -429,22 +444,24 @@ def test_trim_guard_model_keeps_the_lower_held_out_objective(scorer, sparsity, f
     chosen = dataclasses.replace(
         cfg, trim=dataclasses.replace(cfg.trim, enabled=lower == "trim", guard="block")
     )
-    alone = make(family)
+    alone = _guard_model(family)
     alone_cfg = dataclasses.replace(
         cfg, trim=dataclasses.replace(cfg.trim, enabled=False, guard="block")
     )
     prune(alone, None, alone_cfg, calibration=ids[: N - 2], progress=False)
     assert (
         min(g["trim"]["kl"], g["scorer_alone"]["kl"])
-        <= _kl(make(family), alone, ids[N - 2 :]) * (1 + 1e-4) + 1e-9
+        <= _kl(_guard_model(family), alone, ids[N - 2 :]) * (1 + 1e-4) + 1e-9
     )
     # the final model: the choice pruned on every sequence
     assert res.calibration_shape == (N, L) and g["final_sequences"] == N
-    ref = make(family)
+    ref = _guard_model(family)
     prune(ref, None, chosen, calibration=ids, progress=False)
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n
-    assert g["final"]["kl"] == pytest.approx(_kl(make(family), model, ids[N - 2 :]), rel=1e-4)
+    assert g["final"]["kl"] == pytest.approx(
+        _kl(_guard_model(family), model, ids[N - 2 :]), rel=1e-4
+    )
 
 
 def test_trim_guard_model_falls_back_to_the_scorer_alone(monkeypatch):

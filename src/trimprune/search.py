@@ -32,7 +32,10 @@ activations, and the one with the lower held-out objective is kept (TRIM on ties
 never worse than its scorer alone on that objective; both objectives go to report.json.
 
 Selecting on the held-out sequences, the final model is then pruned with the choice on every
-calibration sequence (`Session.prune_all`: the held-out ones joined back, captured again).
+calibration sequence (`Session.prune_all`: the held-out ones joined back, captured again). Under
+the model safeguard, an allocation read from the activations (OWL, expert) is computed again from
+them, so the final model equals a plain prune of the choice; a search's winning allocation and a
+learned one (Lua-LLM, LayerIF) are kept as selected.
 
 Neither takes `--checkpoint-dir` (`PruneConfig` refuses it): a search resumes from its Optuna
 storage instead, and its allocation.json can be pruned again with a resume state.
@@ -409,11 +412,12 @@ def model_safeguard_choice(
 
 
 def _final(
-    session: Session, config: PruneConfig, allocation: Allocation, holdout: Holdout
+    session: Session, config: PruneConfig, allocation: Allocation | None, holdout: Holdout
 ) -> tuple[PruneResult, dict]:
-    """The selected `config` and `allocation` pruned from the dense weights on every calibration
-    sequence (`Session.prune_all`), and its metrics on the sequences that were held out (now in
-    its calibration: no longer a held-out measure)."""
+    """The selected `config` and `allocation` (None: `config`'s, computed again on every
+    sequence) pruned from the dense weights on every calibration sequence (`Session.prune_all`),
+    and its metrics on the sequences that were held out (now in its calibration: no longer a
+    held-out measure)."""
     res = session.prune_all(config, allocation)
     return res, holdout.measure()
 
@@ -543,7 +547,10 @@ def model_safeguard_prune(
     def prunes(session: Session, holdout: Holdout) -> PruneResult:
         allocation = session.allocate(config)
         kept, _, record = model_safeguard_choice(session, config, allocation, holdout)
-        res, final = _final(session, kept, allocation, holdout)
+        # a rule read from the activations (OWL) is computed again from every sequence; learned
+        # allocations (Lua-LLM, LayerIF) keep what they learned (training again doubles their cost)
+        again = config.allocation.method in ("owl", "expert")
+        res, final = _final(session, kept, None if again else allocation, holdout)
         res.trim_guard = (record or {}) | {"final_sequences": int(session.ids.shape[0])}
         res.trim_guard["final"] = final
         return res

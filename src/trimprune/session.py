@@ -765,18 +765,18 @@ class Session:
             calibration_data=self.inputs.calibration_data,
         )
 
-    def prune_all(self, config: PruneConfig, allocation: Allocation) -> PruneResult:
+    def prune_all(self, config: PruneConfig, allocation: Allocation | None) -> PruneResult:
         """The final prune of a search or model safeguard: from the dense weights, with the
         selected `config` and `allocation`, on every calibration sequence (the held-out ones
         joined back: the selection was made on them, the model is pruned with them). The captured
-        inputs are replaced by those of all sequences."""
-        if self.holdout is None:
-            return self.run(config, allocation)
-        self.restore()
-        self.captured = None  # freed before the larger capture
-        self.ids, self.holdout = torch.cat([self.ids, self.holdout]), None
-        self.capture(config.trim.runs_block_safeguard)
-        return self.run(config, allocation)
+        inputs are replaced by those of all sequences. `allocation` None: `config`'s, computed
+        from all of them (OWL's outlier ratios see every sequence, as in a plain prune)."""
+        if self.holdout is not None:
+            self.restore()
+            self.captured = None  # freed before the larger capture
+            self.ids, self.holdout = torch.cat([self.ids, self.holdout]), None
+            self.capture(config.trim.runs_block_safeguard)
+        return self.run(config, allocation if allocation is not None else self.allocate(config))
 
     def close(self) -> None:
         self.ex.close()
