@@ -24,7 +24,7 @@ from trimprune.algo.allocation.lua import (
 from trimprune.algo.masks import row_mask
 from trimprune.core.model import ModelAdapter
 from trimprune.engine.influence import linear_weights
-from trimprune.engine.lua import masked_logits
+from trimprune.engine.lua import masked_forward, masked_logits
 from trimprune.errors import ConfigError, TrimpruneError
 
 
@@ -124,14 +124,20 @@ def test_checkpointed_masks_equal_the_functional_ones(family):
     for p in model.parameters():
         p.requires_grad_(False)
     got = []
-    for checkpointed in (True, False):
+    for checkpointed in (True, False, "blocks"):
         t = torch.rand(len(params), generator=torch.Generator().manual_seed(3)) * 0.8
         t.requires_grad_(True)
-        logits = masked_logits(model, params, ranks, t, 0.05, x, checkpointed=checkpointed)
-        kl_per_token(dense, logits).backward()
+        if checkpointed == "blocks":  # and every decoder block: the backward inside the context
+            with masked_forward(model, params, ranks, t, 0.05, True, ad) as forward:
+                logits = forward(x)
+                kl_per_token(dense, logits).backward()
+        else:
+            logits = masked_logits(model, params, ranks, t, 0.05, x, checkpointed=checkpointed)
+            kl_per_token(dense, logits).backward()
         got.append((logits.detach(), t.grad.clone()))
-    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-5, atol=1e-8)
+    for other in got[1:]:
+        torch.testing.assert_close(got[0][0], other[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[0][1], other[1], rtol=1e-5, atol=1e-8)
     assert float(got[0][1].abs().sum()) > 0
     assert all("forward" not in m.__dict__ for m in model.modules())  # the class forwards back
 

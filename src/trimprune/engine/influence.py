@@ -4,8 +4,10 @@ model, in float32, reduced to per-group dot products at once.
 The model's parameters are frozen except the weights of the prunable linears (the groups: one per
 block, or one per linear with `--layerif-per-linear`); each pass runs one sequence at a time, its
 loss the mean next-token NLL of that sequence (the model's own `labels` loss), and keeps no
-per-example gradient: only the running validation gradient v and (DataInf) u = sum_i c_i g_i, one
-model-sized float32 copy each of those weights, are held besides the model.
+per-example gradient: each linear's gradient is reduced as soon as the backward pass has made it,
+and dropped. Held besides the model: the running validation gradient v, then (DataInf) u = sum_i
+c_i g_i, one model-sized float32 copy of those weights at a time, one linear's gradient, and the
+activations of one block (each decoder block runs under activation checkpointing).
 
 Passes: the validation sequences (v = the mean of their gradients); the training sequences (v . g_i
 and ||g_i||^2 per group: the identity-Hessian influence, and DataInf's damping and coefficients
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trimprune.algo.allocation import linear_sizes
 from trimprune.algo.allocation.layerif import (
@@ -95,30 +98,68 @@ def _float32_grads_of(model: nn.Module, params: dict[str, nn.Parameter]) -> Iter
         model.train(training)
 
 
+@contextlib.contextmanager
+def checkpointed_blocks(adapter) -> Iterator[None]:
+    """While open, every decoder block runs under non-reentrant activation checkpointing: a
+    backward pass keeps each block's input and makes the block's activations again when it
+    reaches the block, so it holds one block's activations instead of the model's."""
+    blocks = list(adapter.blocks)
+    before = [b.__dict__.get("forward") for b in blocks]
+    try:
+        for b in blocks:
+
+            def forward(*args, _inner=b.forward, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            b.__dict__["forward"] = forward
+        yield
+    finally:
+        for b, f in zip(blocks, before):
+            b.__dict__.pop("forward", None)
+            if f is not None:
+                b.__dict__["forward"] = f
+
+
 def _per_example(
     model: nn.Module,
+    adapter,
     params: dict[str, nn.Parameter],
     ids: torch.Tensor,
     device: torch.device,
-    each: Callable[[int, dict[str, torch.Tensor]], None],
+    each: Callable[[int, str, torch.Tensor], None],
     bar,
 ) -> None:
-    """For every sequence of `ids`: the gradient of its mean next-token NLL with respect to
-    `params` (float32), handed to `each(index, grads)` and dropped."""
-    names = list(params)
-    tensors = [params[k] for k in names]
-    for j in range(ids.shape[0]):
-        x = ids[j : j + 1].to(device)
-        with torch.enable_grad():
-            loss = model(input_ids=x, labels=x, use_cache=False).loss.float()
-            if not torch.isfinite(loss):
-                raise TrimpruneError(
-                    f"{{allocation}} layerif: the loss of calibration sequence {j} is {float(loss)}"
-                    " (the dense model gives non-finite logits): use another {allocation}"
-                )
-            grads = torch.autograd.grad(loss, tensors)
-        each(j, dict(zip(names, (g.float() for g in grads))))
-        bar.update(1)
+    """For every sequence j of `ids`: the gradient of its mean next-token NLL with respect to each
+    weight k of `params` (float32), handed to `each(j, k, grad)` as soon as the backward pass has
+    made it, and dropped: one linear's gradient is held at a time, and one block's activations
+    (`checkpointed_blocks`)."""
+    name_of = {id(p): k for k, p in params.items()}
+    current = [0]
+
+    def hand_over(p: torch.Tensor) -> None:
+        assert p.grad is not None
+        each(current[0], name_of[id(p)], p.grad.float())
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(hand_over) for p in params.values()]
+    try:
+        with checkpointed_blocks(adapter):
+            for j in range(ids.shape[0]):
+                current[0] = j
+                x = ids[j : j + 1].to(device)
+                with torch.enable_grad():
+                    loss = model(input_ids=x, labels=x, use_cache=False).loss.float()
+                    if not torch.isfinite(loss):
+                        raise TrimpruneError(
+                            f"{{allocation}} layerif: the loss of calibration sequence {j} is "
+                            f"{float(loss)} (the dense model gives non-finite logits): use another "
+                            "{allocation}"
+                        )
+                    loss.backward()
+                bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def layerif_scores(
@@ -137,55 +178,54 @@ def layerif_scores(
     params, group = _weights(adapter, per_linear)
     groups = list(dict.fromkeys(group.values()))
     gi = {g: k for k, g in enumerate(groups)}
-    of = torch.tensor([gi[group[k]] for k in params])
-    dims = torch.zeros(len(groups), dtype=torch.float64)
-    for k, p in params.items():
-        dims[gi[group[k]]] += p.numel()
+    col = {k: c for c, k in enumerate(params)}
+    onehot = torch.zeros(len(params), len(groups), dtype=torch.float64)
+    for k, c in col.items():
+        onehot[c, gi[group[k]]] = 1.0
+    dims = onehot.t() @ torch.tensor(
+        [float(p.numel()) for p in params.values()], dtype=torch.float64
+    )
     n, m = int(train_ids.shape[0]), int(val_ids.shape[0])
     passes = m + n * (3 if hessian == "datainf" else 1)
     bar = Progress.of(progress).bar(total=passes, desc=f"LayerIF ({hessian})")
 
-    def per_group(values: list[torch.Tensor]) -> torch.Tensor:
-        """Per-linear scalars summed into their groups (float64)."""
-        out = torch.zeros(len(groups), dtype=torch.float64)
-        return out.index_add_(0, of, torch.stack(values).double().cpu())
+    def per_linear_dots(ids: torch.Tensor, other: dict[str, torch.Tensor] | None):
+        """(g_j . other_k, ||g_j||^2) per sequence j and linear k, summed into the groups (n x
+        groups, float64 on the CPU); `other` None: the squared norms only."""
+        dot = torch.zeros(ids.shape[0], len(params), dtype=torch.float64, device=device)
+        sq = torch.zeros_like(dot)
+
+        def reduce(j, k, g):
+            if other is not None:
+                dot[j, col[k]] = (g * other[k]).sum(dtype=torch.float64)
+            sq[j, col[k]] = (g * g).sum(dtype=torch.float64)
+
+        _per_example(model, adapter, params, ids, device, reduce, bar)
+        return dot.cpu() @ onehot, sq.cpu() @ onehot
 
     with _float32_grads_of(model, params):
         v = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
 
-        def add_val(j, grads):
-            for k, g in grads.items():
-                v[k].add_(g, alpha=1.0 / m)
+        def add_val(j, k, g):
+            v[k].add_(g, alpha=1.0 / m)
 
-        _per_example(model, params, val_ids, device, add_val, bar)
-        vd = torch.zeros(n, len(groups), dtype=torch.float64)
-        sq = torch.zeros_like(vd)
-
-        def dots(j, grads):
-            vd[j] = per_group([(g * v[k]).sum(dtype=torch.float64) for k, g in grads.items()])
-            sq[j] = per_group([(g * g).sum(dtype=torch.float64) for g in grads.values()])
-
-        _per_example(model, params, train_ids, device, dots, bar)
+        _per_example(model, adapter, params, val_ids, device, add_val, bar)
+        vd, sq = per_linear_dots(train_ids, v)
         details: dict = {"hessian": hessian, "train_sequences": n, "validation_sequences": m}
         if hessian == "identity":
             infl = tracin_influence(vd)
         else:
             lam = [datainf_damping(sq[:, c], int(dims[c]), damping) for c in range(len(groups))]
             lam_t = torch.tensor(lam, dtype=torch.float64)
-            coef = datainf_coefficients(vd, sq, lam_t)  # (n, groups)
+            coef = datainf_coefficients(vd, sq, lam_t)  # (n, groups), on the CPU
+            del v
             u = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
 
-            def add_u(j, grads):
-                for k, g in grads.items():
-                    u[k].add_(g, alpha=float(coef[j, gi[group[k]]]))
+            def add_u(j, k, g):
+                u[k].add_(g, alpha=float(coef[j, gi[group[k]]]))
 
-            _per_example(model, params, train_ids, device, add_u, bar)
-            ud = torch.zeros_like(vd)
-
-            def udots(j, grads):
-                ud[j] = per_group([(g * u[k]).sum(dtype=torch.float64) for k, g in grads.items()])
-
-            _per_example(model, params, train_ids, device, udots, bar)
+            _per_example(model, adapter, params, train_ids, device, add_u, bar)
+            ud, _ = per_linear_dots(train_ids, u)
             infl = torch.stack(
                 [datainf_influence(vd[:, c], ud[:, c], lam[c]) for c in range(len(groups))], 1
             )

@@ -13,13 +13,16 @@ model.
    only. Adam steps t by `--lua-lr`; each step ends with the projection onto the budget.
 
 Memory besides the float32 model: the ranks (2 bytes per prunable weight), the masked weight of
-one linear at a time, and the activations of one batch; `--offload` is refused
-(`PruneConfig`), as are experts stored as fused 3-D tensors.
+one linear at a time, the logits of one batch, and the activations of one block of one batch
+(each decoder block runs under activation checkpointing, `engine.influence.checkpointed_blocks`);
+`--offload` is refused (`PruneConfig`), as are experts stored as fused 3-D tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +45,7 @@ from trimprune.core.model import weight_2d
 from trimprune.core.moe import calibrate_all
 from trimprune.core.progress import Progress
 from trimprune.core.runtime import EAGER, Executor
-from trimprune.engine.influence import float32_frozen, linear_weights
+from trimprune.engine.influence import checkpointed_blocks, float32_frozen, linear_weights
 from trimprune.engine.walk import BlockRun, Streams, StreamUpdate, moe_calibration, walk
 from trimprune.errors import TrimpruneError
 
@@ -107,20 +110,24 @@ def _checkpointed(modules: dict[str, nn.Linear], ranks, t: torch.Tensor, tau: fl
             mod.__dict__.pop("forward", None)
 
 
-def masked_logits(
+@contextlib.contextmanager
+def masked_forward(
     model: nn.Module,
     params: dict[str, nn.Parameter],
     ranks: dict[str, torch.Tensor],
     t: torch.Tensor,
     tau: float,
-    x: torch.Tensor,
     checkpointed: bool = True,
-) -> torch.Tensor:
-    """The logits of `model` on token ids `x` with every weight of `params` (full linear name ->
-    parameter, in the order of the thresholds `t`) replaced by W * soft_mask(r, t_l, tau). The
-    weights of `nn.Linear` modules are masked inside their forward (`_checkpointed`; with
-    `checkpointed=False`, as the others); the others are passed to `torch.func.functional_call`,
-    which holds their masked copies until the backward. The parameters are never written."""
+    adapter=None,
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """While open: a function from token ids x to the logits of `model` with every weight of
+    `params` (full linear name -> parameter, in the order of the thresholds `t`) replaced by
+    W * soft_mask(r, t_l, tau). The weights of `nn.Linear` modules are masked inside their forward
+    (`_checkpointed`; with `checkpointed=False`, as the others); the others are passed to
+    `torch.func.functional_call`, which holds their masked copies until the backward. The
+    parameters are never written. With `adapter`, and every masked weight inside its linear, the
+    decoder blocks run under activation checkpointing too (`checkpointed_blocks`): run the
+    backward inside the context, where the blocks it makes again are masked the same way."""
     owner = {id(m.weight): m for m in model.modules() if type(m) is nn.Linear}
     inside = {k: owner[id(p)] for k, p in params.items() if checkpointed and id(p) in owner}
     order = {k: j for j, k in enumerate(params)}
@@ -131,11 +138,29 @@ def masked_logits(
         if k not in inside
     }
     t_inside = t[[order[k] for k in inside]] if inside else t
-    with _checkpointed(inside, ranks, t_inside, tau):
-        out = torch.func.functional_call(
-            model, masked, args=(), kwargs={"input_ids": x, "use_cache": False}
-        )
-    return out.logits
+    blocks = checkpointed_blocks(adapter) if adapter is not None and not masked else nullcontext()
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        kwargs = {"input_ids": x, "use_cache": False}
+        return torch.func.functional_call(model, masked, args=(), kwargs=kwargs).logits
+
+    with blocks, _checkpointed(inside, ranks, t_inside, tau):
+        yield logits
+
+
+def masked_logits(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    ranks: dict[str, torch.Tensor],
+    t: torch.Tensor,
+    tau: float,
+    x: torch.Tensor,
+    checkpointed: bool = True,
+) -> torch.Tensor:
+    """The logits of `masked_forward` on token ids `x` (without block checkpointing: its backward
+    may run after the call)."""
+    with masked_forward(model, params, ranks, t, tau, checkpointed) as forward:
+        return forward(x)
 
 
 def train_thresholds(
@@ -171,15 +196,17 @@ def train_thresholds(
             x = ids[torch.randperm(n, generator=gen)[:batch]].to(dev)
             with torch.no_grad():
                 dense = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)
-            logits = masked_logits(model, params, ranks, t, a.lua_temperature, x)
-            loss = kl_per_token(dense, logits)
-            if not torch.isfinite(loss):
-                raise TrimpruneError(
-                    f"{{allocation}} lua: the KL at step {step} is {float(loss)}: use a larger "
-                    "{lua_temperature} or another {allocation}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # the backward inside: it makes each block's activations again, masked alike
+            with masked_forward(model, params, ranks, t, a.lua_temperature, True, adapter) as f:
+                logits = f(x)
+                loss = kl_per_token(dense, logits)
+                if not torch.isfinite(loss):
+                    raise TrimpruneError(
+                        f"{{allocation}} lua: the KL at step {step} is {float(loss)}: use a "
+                        "larger {lua_temperature} or another {allocation}"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             with torch.no_grad():
                 t.copy_(project(t, w, s))
