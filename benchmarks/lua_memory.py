@@ -1,11 +1,13 @@
-"""Peak memory of Lua-LLM's training steps: the masks applied inside each linear's forward under
-activation checkpointing (what `--allocation lua` runs) against masked copies of the weights held
-until the backward (`masked_logits(..., checkpointed=False)`).
+"""Peak memory of Lua-LLM's training steps in three modes: `blocks` (what `--allocation lua` runs:
+every decoder block and every masked linear under activation checkpointing, the backward inside
+`masked_forward`), `checkpointed` (the masks inside each linear's forward under checkpointing, the
+blocks' other activations held), and `copies` (masked copies of the weights held until the
+backward, `masked_logits(..., checkpointed=False)`).
 
 Each mode runs in its own process (peak RSS on the CPU, peak allocated memory on a GPU): the model
 in float32, unit ranks of |W| in float16, then --steps steps of a dense forward, a masked forward
 and its backward on --batch random sequences of --seqlen tokens. The loss of the last step is
-printed too: both modes compute the same values.
+printed too: the modes compute the same values.
 
     python benchmarks/lua_memory.py --model smollm2-135m --device cpu
 """
@@ -28,7 +30,7 @@ from trimprune import load_model  # noqa: E402
 from trimprune.algo.allocation.lua import kl_per_token, unit_ranks  # noqa: E402
 from trimprune.core.model import ModelAdapter  # noqa: E402
 from trimprune.engine.influence import float32_frozen, linear_weights  # noqa: E402
-from trimprune.engine.lua import masked_logits  # noqa: E402
+from trimprune.engine.lua import masked_forward, masked_logits  # noqa: E402
 
 
 def _peak_gb(dev: torch.device) -> float:
@@ -40,7 +42,8 @@ def _peak_gb(dev: torch.device) -> float:
 def worker(args) -> dict:
     dev = torch.device(args.device)
     model, _ = load_model(args.model, device=str(dev), dtype="float32")
-    params = linear_weights(ModelAdapter.from_model(model), "lua")
+    adapter = ModelAdapter.from_model(model)
+    params = linear_weights(adapter, "lua")
     ranks = {k: unit_ranks(p.detach().abs()).half() for k, p in params.items()}
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.seqlen), generator=g).to(dev)
@@ -51,11 +54,17 @@ def worker(args) -> dict:
         for _ in range(args.steps):
             with torch.no_grad():
                 dense = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)
-            logits = masked_logits(
-                model, params, ranks, t, 0.02, x, checkpointed=args.mode == "checkpointed"
-            )
-            loss = kl_per_token(dense, logits)
-            loss.backward()
+            if args.mode == "blocks":  # what `--allocation lua` runs
+                with masked_forward(model, params, ranks, t, 0.02, True, adapter) as forward:
+                    logits = forward(x)
+                    loss = kl_per_token(dense, logits)
+                    loss.backward()
+            else:
+                logits = masked_logits(
+                    model, params, ranks, t, 0.02, x, checkpointed=args.mode == "checkpointed"
+                )
+                loss = kl_per_token(dense, logits)
+                loss.backward()
             del logits, dense
     return {
         "mode": args.mode,
@@ -80,13 +89,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--mode", choices=["checkpointed", "copies"], default=None)
+    ap.add_argument("--mode", choices=["checkpointed", "copies", "blocks"], default=None)
     ap.add_argument("--out", default=None, help="append the JSON lines here")
     args = ap.parse_args(argv)
     if args.mode:  # a worker
         print(json.dumps(worker(args)))
         return
-    for mode in ("copies", "checkpointed"):
+    for mode in ("copies", "checkpointed", "blocks"):
         cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--mode", mode]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
         rec = json.loads(line.splitlines()[-1])
