@@ -686,7 +686,12 @@ class Session:
         self.last_allocation_seconds = time.perf_counter() - t0
         return allocation
 
-    def run(self, config: PruneConfig, allocation: Allocation, after_block=None) -> PruneResult:
+    def run(
+        self,
+        config: PruneConfig,
+        allocation: Allocation,
+        after_block: Callable[[int], None] | None = None,
+    ) -> PruneResult:
         """Prune the model in place with `allocation` (the walk of `prune_block` over the captured
         inputs). With a resume state: the allocation is saved first (unless it holds it), blocks
         it holds are restored, and every finished block is committed. `after_block(i)`: called
@@ -730,19 +735,7 @@ class Session:
                 self.timings,
                 (lambda i, _s: after_block(i)) if after_block and resume is None else None,
             )
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-        ph = ex.phases.totals
-        timings = dict(self.timings, allocation_seconds=self.last_allocation_seconds)
-        timings.update(
-            prune_seconds=time.perf_counter() - self.t_prune,
-            trim_search_seconds=ph.get("trim search", 0.0),
-            mask_and_update_seconds=ph.get("masks", 0.0),
-            block_safeguard_seconds=ph.get("block safeguard", 0.0),
-            total_seconds=time.perf_counter() - self.t_start,
-        )
-        if self.dev.type == "cuda":
-            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        timings = self._timings()
         notes = self.notes + [
             f"{name}: SparseGPT {r.scorer_info.fallback}"
             for name, r in records.layers.items()
@@ -764,6 +757,23 @@ class Session:
             excluded=self.adapter.excluded,
             calibration_data=self.inputs.calibration_data,
         )
+
+    def _timings(self) -> dict:
+        """The run's timings so far (synchronised with the device first)."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        ph = self.ex.phases.totals
+        timings = dict(self.timings, allocation_seconds=self.last_allocation_seconds)
+        timings.update(
+            prune_seconds=time.perf_counter() - self.t_prune,
+            trim_search_seconds=ph.get("trim search", 0.0),
+            mask_and_update_seconds=ph.get("masks", 0.0),
+            block_safeguard_seconds=ph.get("block safeguard", 0.0),
+            total_seconds=time.perf_counter() - self.t_start,
+        )
+        if self.dev.type == "cuda":
+            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        return timings
 
     def prune_all(self, config: PruneConfig, allocation: Allocation | None) -> PruneResult:
         """The final prune of a search or model safeguard: from the dense weights, with the
