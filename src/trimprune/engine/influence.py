@@ -189,19 +189,19 @@ def layerif_scores(
     passes = m + n * (3 if hessian == "datainf" else 1)
     bar = Progress.of(progress).bar(total=passes, desc=f"LayerIF ({hessian})")
 
-    def per_linear_dots(ids: torch.Tensor, other: dict[str, torch.Tensor] | None):
-        """(g_j . other_k, ||g_j||^2) per sequence j and linear k, summed into the groups (n x
-        groups, float64 on the CPU); `other` None: the squared norms only."""
+    def per_group_dots(ids: torch.Tensor, other: dict[str, torch.Tensor], norms: bool):
+        """g_j . other_k per sequence j and linear k, and with `norms` ||g_j||^2 too, summed into
+        the groups (n x groups, float64 on the CPU; the norms None without `norms`)."""
         dot = torch.zeros(ids.shape[0], len(params), dtype=torch.float64, device=device)
-        sq = torch.zeros_like(dot)
+        sq = torch.zeros_like(dot) if norms else None
 
         def reduce(j, k, g):
-            if other is not None:
-                dot[j, col[k]] = (g * other[k]).sum(dtype=torch.float64)
-            sq[j, col[k]] = (g * g).sum(dtype=torch.float64)
+            dot[j, col[k]] = (g * other[k]).sum(dtype=torch.float64)
+            if sq is not None:
+                sq[j, col[k]] = (g * g).sum(dtype=torch.float64)
 
         _per_example(model, adapter, params, ids, device, reduce, bar)
-        return dot.cpu() @ onehot, sq.cpu() @ onehot
+        return dot.cpu() @ onehot, (sq.cpu() @ onehot if sq is not None else None)
 
     with _float32_grads_of(model, params):
         v = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
@@ -210,7 +210,8 @@ def layerif_scores(
             v[k].add_(g, alpha=1.0 / m)
 
         _per_example(model, adapter, params, val_ids, device, add_val, bar)
-        vd, sq = per_linear_dots(train_ids, v)
+        vd, sq = per_group_dots(train_ids, v, norms=True)
+        assert sq is not None
         details: dict = {"hessian": hessian, "train_sequences": n, "validation_sequences": m}
         if hessian == "identity":
             infl = tracin_influence(vd)
@@ -225,7 +226,7 @@ def layerif_scores(
                 u[k].add_(g, alpha=float(coef[j, gi[group[k]]]))
 
             _per_example(model, adapter, params, train_ids, device, add_u, bar)
-            ud, _ = per_linear_dots(train_ids, u)
+            ud, _ = per_group_dots(train_ids, u, norms=False)
             infl = torch.stack(
                 [datainf_influence(vd[:, c], ud[:, c], lam[c]) for c in range(len(groups))], 1
             )
