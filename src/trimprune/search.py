@@ -62,7 +62,7 @@ from trimprune.algo.allocation.owl import owl_from_ratios
 from trimprune.algo.allocation.search import OWL_M_GRID, allocation_for, suggest, warm_starts
 from trimprune.config import PruneConfig
 from trimprune.core.progress import Progress
-from trimprune.engine.allocate import dense_scores, layerif_scores_of
+from trimprune.engine.allocate import FROM_ACTIVATIONS, dense_scores, layerif_scores_of
 from trimprune.engine.walk import moe_calibration
 from trimprune.errors import TrimpruneError
 from trimprune.io.diskmodel import DiskBlocks
@@ -547,9 +547,9 @@ def model_safeguard_prune(
     def prunes(session: Session, holdout: Holdout) -> PruneResult:
         allocation = session.allocate(config)
         kept, _, record = model_safeguard_choice(session, config, allocation, holdout)
-        # a rule read from the activations (OWL) is computed again from every sequence; learned
+        # a rule read from the activations is computed again from every sequence; learned
         # allocations (Lua-LLM, LayerIF) keep what they learned (training again doubles their cost)
-        again = config.allocation.method in ("owl", "expert")
+        again = config.allocation.method in FROM_ACTIVATIONS
         res, final = _final(session, kept, None if again else allocation, holdout)
         res.trim_guard = (record or {}) | {"final_sequences": int(session.ids.shape[0])}
         res.trim_guard["final"] = final

@@ -169,6 +169,11 @@ def layerif_allocation(
     return from_scores(scores, a.alpha_eps, a.alpha_mapping, s, numels, block_of, details)
 
 
+# allocations `build_allocation` reads from the captured calibration activations (a dense walk):
+# cheap to compute again from other sequences, unlike the learned ones (Lua-LLM, LayerIF)
+FROM_ACTIVATIONS = ("owl", "expert")
+
+
 def build_allocation(
     config: PruneConfig,
     adapter,
