@@ -137,6 +137,7 @@ def main(argv=None):
                     "run": rep,
                     "offload": args.offload,
                     "prune_seconds": res.timings["prune_seconds"],
+                    "allocation_seconds": res.timings.get("allocation_seconds"),
                     "wall_seconds": t.seconds,
                     "calibration_data_seconds": calib_s,
                     "per_block_seconds": res.timings["prune_seconds"] / nb,

@@ -13,8 +13,10 @@ from trimprune import PruneConfig, prune
 from trimprune.algo.allocation.layerif import (
     datainf_damping,
     influences,
+    layer_score,
     layerif_allocation,
     positive_influence,
+    zero_score_warning,
 )
 from trimprune.core.model import ModelAdapter
 from trimprune.engine.influence import layerif_scores
@@ -62,6 +64,24 @@ def test_identity_influence_and_positive_sum():
     infl = influences(G, v, "identity")
     torch.testing.assert_close(infl, -(G @ v))
     assert positive_influence(infl) == pytest.approx(float((-(G @ v)).clamp_min(0).sum()))
+    assert layer_score(infl, "positive") == positive_influence(infl)
+    # signed: every example counts, the helpful ones (negative influence) too: -sum_i g_i . v
+    assert layer_score(infl, "signed") == pytest.approx(-float(G.sum(0) @ v))
+    with pytest.raises(ValueError, match="signed"):
+        layer_score(infl, "mean")
+
+
+def test_hand_computed_scores_and_the_zero_score_warning():
+    """g_1 = (1, 0), g_2 = (0, 2), v = (1, -1): I = -(g . v) = (-1, 2); positive 2, signed 1."""
+    G = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    infl = influences(G, torch.tensor([1.0, -1.0], dtype=torch.float64), "identity")
+    assert infl.tolist() == [-1.0, 2.0]
+    assert layer_score(infl, "positive") == 2.0 and layer_score(infl, "signed") == 1.0
+    assert zero_score_warning({"0": 0.0, "1": 0.0, "2": 3.0}, "positive").startswith(
+        "LayerIF: 2 of 3 groups have no positive influence"
+    )
+    assert zero_score_warning({"0": 0.0, "1": 1.0, "2": 3.0}, "positive") is None  # 1 of 3
+    assert zero_score_warning({"0": 0.0, "1": 0.0, "2": 3.0}, "signed") is None
 
 
 def _explicit_grads(model, adapter, ids):
@@ -80,9 +100,18 @@ def _explicit_grads(model, adapter, ids):
     return names, out
 
 
-@pytest.mark.parametrize("hessian", ["identity", "datainf"])
-@pytest.mark.parametrize("per_linear", [False, True])
-def test_streaming_scores_equal_explicit_per_example_gradients(hessian, per_linear):
+@pytest.mark.parametrize(
+    "hessian, per_linear, score",
+    [
+        ("identity", False, "positive"),
+        ("identity", True, "positive"),
+        ("datainf", False, "positive"),
+        ("datainf", True, "positive"),
+        ("identity", False, "signed"),
+        ("datainf", True, "signed"),
+    ],
+)
+def test_streaming_scores_equal_explicit_per_example_gradients(hessian, per_linear, score):
     model = make_llama(num_layers=2)
     ad = ModelAdapter.from_model(model)
     ids = calib(6, 12)
@@ -98,15 +127,16 @@ def test_streaming_scores_equal_explicit_per_example_gradients(hessian, per_line
     for members in groups.values():
         G = torch.stack([torch.cat([e[k] for k in members]) for e in tr])
         v = torch.stack([torch.cat([e[k] for k in members]) for e in va]).mean(0)
-        s = positive_influence(influences(G, v, hessian))
+        s = layer_score(influences(G, v, hessian), score)
         expected.update({k: s for k in members})
     got, details = layerif_scores(
-        model, ad, train, val, torch.device("cpu"), hessian, 0.1, per_linear
+        model, ad, train, val, torch.device("cpu"), hessian, 0.1, per_linear, score=score
     )
     assert set(got) == set(names)
     for k in names:
         assert got[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-9), k
-    assert any(v > 0 for v in got.values())
+    assert any(v != 0 for v in got.values())
+    assert details["score_kind"] == score
     # the model is left as it was: no parameter requires grad beyond the original flags, no grads
     assert all(p.grad is None for p in model.parameters())
     assert details["train_sequences"] == 4 and details["validation_sequences"] == 2
@@ -159,6 +189,41 @@ def test_determinism_and_replay(tmp_path):
         assert torch.equal(rep.mask(n), res.mask(n))
 
 
+def test_the_zero_score_warning_reaches_the_report_notes(monkeypatch):
+    """Scores that are 0 in most blocks (as on in-distribution calibration data): the allocation
+    carries the warning and the prune's notes repeat it; the signed score does not warn."""
+    import trimprune.engine.influence as influence
+
+    def zeros_but_last(model, adapter, train, val, device, *args, score="positive", **kw):
+        last = adapter.num_blocks - 1
+        s = {
+            adapter.full_name(i, n): float(i == last)
+            for i in range(adapter.num_blocks)
+            for n in adapter.linears(i)
+        }
+        return s, {
+            "scores": {str(i): float(i == last) for i in range(adapter.num_blocks)},
+            "score_kind": score,
+        }
+
+    monkeypatch.setattr(influence, "layerif_scores", zeros_but_last)
+    ids = calib(6, 12)
+    res = prune(make_llama(num_layers=3), None, _cfg(), calibration=ids, progress=False)
+    warning = res.allocation.details["warning"]
+    assert warning.startswith("LayerIF: 2 of 3 groups have no positive influence")
+    assert warning in res.notes
+    signed = prune(
+        make_llama(num_layers=3),
+        None,
+        _cfg(layerif_score="signed"),
+        calibration=ids,
+        progress=False,
+    )
+    assert "warning" not in signed.allocation.details
+    assert not any(n.startswith("LayerIF") for n in signed.notes)
+    assert signed.allocation.details["score"].startswith("total signed influence")
+
+
 def test_bad_input_refused():
     with pytest.raises(ConfigError, match="layerif_holdout"):
         _cfg(layerif_holdout=6)
@@ -170,6 +235,8 @@ def test_bad_input_refused():
         _cfg(allocation="search", search_space="rules,layerif", offload="cpu")
     with pytest.raises(ConfigError, match="layerif_hessian"):
         _cfg(layerif_hessian="exact")
+    with pytest.raises(ConfigError, match="layerif_score"):
+        _cfg(layerif_score="mean")
 
 
 def test_cli_records_the_method_and_replays_to_identical_masks(

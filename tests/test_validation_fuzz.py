@@ -270,6 +270,7 @@ LR_SEARCHES = ["auto", "parallel", "sequential"]
 TRIM_GUARDS = ["block", "model"]
 SEARCH_SPACES = ["rules", "free", "trim", "experts", "layerif", "lua"]
 LAYERIF_HESSIANS = ["datainf", "identity"]
+LAYERIF_SCORES = ["positive", "signed"]
 SEARCH_OBJECTIVES = ["kl", "nll"]
 SEARCH_PRUNERS = ["none", "median"]
 
@@ -312,6 +313,7 @@ FREE = {
     "alpha_cache_dir": st.none() | NAME,
     "atp_beta": UNIT,
     "layerif_hessian": st.sampled_from(LAYERIF_HESSIANS),
+    "layerif_score": st.sampled_from(LAYERIF_SCORES),
     "layerif_damping": POSITIVE,
     "layerif_per_linear": st.booleans(),
     "lua_steps": st.integers(1, BIG),
@@ -636,6 +638,7 @@ INVALID = {
     "alpha_mapping": _not_in(ALPHA_MAPPINGS),
     "alpha_cache_dir": _shown(NOT_OPT_STR),
     "layerif_hessian": _not_in(LAYERIF_HESSIANS),
+    "layerif_score": _not_in(LAYERIF_SCORES),
     "layerif_damping": _shown(NOT_FLOAT | _floats(hi=0) | st.integers(-BIG, 0)),
     "layerif_per_linear": _shown(NOT_BOOL),
     "layerif_holdout": _shown(NOT_INT | st.integers(-BIG, -1)),

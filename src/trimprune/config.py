@@ -58,6 +58,7 @@ OFFLOADS = (
 )  # where offloaded weights live (RunConfig.offload; false: on the compute device)
 ALLOCATIONS = ("uniform", "owl", "alphapruning", "atp", "layerif", "lua", "expert", "search")
 LAYERIF_HESSIANS = ("datainf", "identity")  # --layerif-hessian (algo.allocation.layerif)
+LAYERIF_SCORES = ("positive", "signed")  # --layerif-score (algo.allocation.layerif)
 EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
 SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif", "lua")
@@ -289,6 +290,14 @@ class AllocationConfig:
         "layerif_damping",
         "LayerIF with DataInf: damping lambda_l = this x the mean squared gradient entry of "
         "layer l",
+    )
+    layerif_score: str = option(
+        "positive",
+        "layerif_score",
+        "LayerIF: a layer's score from its influences, the sum of the positive ones (the paper's "
+        "cumulative positive influence) or of all of them, signed (where most layers have no "
+        "positive influence)",
+        choices=LAYERIF_SCORES,
     )
     layerif_per_linear: bool = option(
         False, "layerif_per_linear", "LayerIF: one influence score per linear (default: per block)"

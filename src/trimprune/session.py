@@ -679,6 +679,8 @@ class Session:
                     model=self.model,
                     ids=self.ids,
                 )
+                if allocation.details.get("warning"):
+                    self.progress.message(allocation.details["warning"])
             if (
                 self.ranks.parallel
             ):  # rank 0's (computed alike on every rank; one copy rules out any drift)
@@ -736,11 +738,16 @@ class Session:
                 (lambda i, _s: after_block(i)) if after_block and resume is None else None,
             )
         timings = self._timings()
-        notes = self.notes + [
-            f"{name}: SparseGPT {r.scorer_info.fallback}"
-            for name, r in records.layers.items()
-            if r.scorer_info is not None and r.scorer_info.fallback
-        ]
+        warning = allocation.details.get("warning")
+        notes = (
+            self.notes
+            + ([warning] if warning else [])
+            + [
+                f"{name}: SparseGPT {r.scorer_info.fallback}"
+                for name, r in records.layers.items()
+                if r.scorer_info is not None and r.scorer_info.fallback
+            ]
+        )
         return PruneResult(
             config=config,
             layers=records.layers,

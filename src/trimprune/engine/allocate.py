@@ -153,6 +153,7 @@ def layerif_scores_of(
         a.layerif_damping,
         a.layerif_per_linear,
         progress,
+        score=a.layerif_score,
     )
 
 

@@ -31,7 +31,7 @@ from trimprune.algo.allocation.layerif import (
     datainf_coefficients,
     datainf_damping,
     datainf_influence,
-    positive_influence,
+    layer_score,
     tracin_influence,
 )
 from trimprune.core.progress import Progress
@@ -172,9 +172,12 @@ def layerif_scores(
     damping: float = 0.1,
     per_linear: bool = False,
     progress=False,
+    score: str = "positive",
 ) -> tuple[dict[str, float], dict]:
-    """(full linear name -> its group's cumulative positive influence S_l, details: per group S_l,
-    the damping of each group with `datainf`, the number of training / validation sequences)."""
+    """(full linear name -> its group's score S_l (`algo.allocation.layerif.layer_score`: the
+    cumulative positive influence, or with `score` "signed" the sum of all influences), details:
+    per group S_l, the damping of each group with `datainf`, the number of training / validation
+    sequences)."""
     params, group = _weights(adapter, per_linear)
     groups = list(dict.fromkeys(group.values()))
     gi = {g: k for k, g in enumerate(groups)}
@@ -233,7 +236,8 @@ def layerif_scores(
             details["damping"] = dict(zip(groups, lam))
             details["damping_factor"] = damping
     bar.close()
-    s = {g: positive_influence(infl[:, c]) for c, g in enumerate(groups)}
+    s = {g: layer_score(infl[:, c], score) for c, g in enumerate(groups)}
     details["scores"] = s
+    details["score_kind"] = score
     details["per_linear"] = per_linear
     return {k: s[group[k]] for k in params}, details

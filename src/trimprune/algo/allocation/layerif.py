@@ -24,14 +24,22 @@ it would lower it. Two forms of the inverse Hessian (`--layerif-hessian`):
   lambda_l = `--layerif-damping` x (1 / (n d_l)) sum_i ||g_i||^2 (DataInf's 0.1 x the mean squared
   gradient entry; d_l the number of weights in l).
 
-Layer score (LayerIF): the cumulative positive influence S_l = sum_i max(0, I_l(z_i)), the total
-harm the training examples do to the validation loss through l. The paper reads a low S_l as a
+Layer score (LayerIF, `--layerif-score positive`): the cumulative positive influence
+S_l = sum_i max(0, I_l(z_i)), the total harm the training examples do to the validation loss
+through l. The paper reads a low S_l as a
 layer less sensitive to the training data, i.e. more stable and better trained; we follow its
 mapping, AlphaPruning's (`alphapruning.alpha_from_metrics`): S_l takes the place of the heavy-tail
 alpha (where a small alpha also means a well-trained layer), so the layer with the least cumulative
 positive influence is pruned least (s (1 - eps)) and the one with the most is pruned most (s (1 +
 eps)), then scaled to the exact parameter-weighted mean and kept in [0, 0.99]
 (`--alpha-eps`, `--alpha-mapping`).
+
+Where the calibration and validation sequences come from one distribution, nearly every training
+example helps the validation loss (I_l(z_i) < 0), so many layers score S_l = 0 and share the lowest
+sparsity, while the few with any harmful example take the rest. `--layerif-score signed` keeps the
+helpful mass too: S_l = sum_i I_l(z_i) (with the identity Hessian, -n v . mean_i g_i), same
+mapping, so the layer the training data help most is pruned least. The allocation warns
+(`zero_score_warning`) when half of the groups or more score exactly 0 under `positive`.
 
 This module is plain tensor code on the per-example reductions (dot products and squared norms per
 group, float64); the gradients come from `engine.influence`.
@@ -45,6 +53,7 @@ import torch
 
 from trimprune.algo.allocation.base import Allocation
 from trimprune.config import LAYERIF_HESSIANS as HESSIANS
+from trimprune.config import LAYERIF_SCORES as SCORES
 
 METRIC = "layerif"
 
@@ -98,6 +107,29 @@ def positive_influence(infl: torch.Tensor) -> float:
     return float(infl.double().clamp_min(0).sum())
 
 
+def layer_score(infl: torch.Tensor, score: str) -> float:
+    """A group's score from its influences I_l(z_i): `positive` sum_i max(0, I_l(z_i)) (the
+    paper's), `signed` sum_i I_l(z_i)."""
+    if score == "positive":
+        return positive_influence(infl)
+    if score != "signed":
+        raise ValueError(f"unknown LayerIF score {score!r}: use {', '.join(SCORES)}")
+    return float(infl.double().sum())
+
+
+def zero_score_warning(scores: dict[str, float], score: str) -> str | None:
+    """The report's note when half of the groups or more have no positive influence at all (they
+    then share the lowest sparsity); None otherwise, and always for `signed`."""
+    zero = sum(1 for v in scores.values() if v == 0.0)
+    if score != "positive" or not scores or 2 * zero < len(scores):
+        return None
+    return (
+        f"LayerIF: {zero} of {len(scores)} groups have no positive influence (S_l = 0) and share "
+        "the lowest sparsity; the calibration and validation sequences agree too closely for the "
+        "positive-part score: --layerif-score signed ranks them by their total influence"
+    )
+
+
 def layerif_allocation(
     scores: dict[str, float],
     eps: float,
@@ -122,6 +154,14 @@ def layerif_allocation(
         block_of,
     )
     d = {k: v for k, v in alloc.details.items() if k not in ("metric", "from_cache")}
-    d["score"] = "cumulative positive influence S_l (larger: pruned more)"
     d.update(details or {})
+    kind = d.get("score_kind", "positive")
+    d["score"] = (
+        "cumulative positive influence S_l (larger: pruned more)"
+        if kind == "positive"
+        else "total signed influence S_l (larger: pruned more)"
+    )
+    note = zero_score_warning(d.get("scores", {}), kind)
+    if note:
+        d["warning"] = note
     return dataclasses.replace(alloc, method="layerif", details=d)
