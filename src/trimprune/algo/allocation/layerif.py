@@ -26,13 +26,12 @@ it would lower it. Two forms of the inverse Hessian (`--layerif-hessian`):
 
 Layer score (LayerIF, `--layerif-score positive`): the cumulative positive influence
 S_l = sum_i max(0, I_l(z_i)), the total harm the training examples do to the validation loss
-through l. The paper reads a low S_l as a
-layer less sensitive to the training data, i.e. more stable and better trained; we follow its
-mapping, AlphaPruning's (`alphapruning.alpha_from_metrics`): S_l takes the place of the heavy-tail
-alpha (where a small alpha also means a well-trained layer), so the layer with the least cumulative
-positive influence is pruned least (s (1 - eps)) and the one with the most is pruned most (s (1 +
-eps)), then scaled to the exact parameter-weighted mean and kept in [0, 0.99]
-(`--alpha-eps`, `--alpha-mapping`).
+through l. The paper reads a low S_l as a layer less sensitive to the training data, i.e. more
+stable and better trained; we follow its mapping, AlphaPruning's
+(`alphapruning.alpha_from_metrics`): S_l takes the place of the heavy-tail alpha (where a small
+alpha also means a well-trained layer), so the layer with the least cumulative positive influence
+is pruned least (s (1 - eps)) and the one with the most is pruned most (s (1 + eps)), then scaled
+to the exact parameter-weighted mean and kept in [0, 0.99] (`--alpha-eps`, `--alpha-mapping`).
 
 Where the calibration and validation sequences come from one distribution, nearly every training
 example helps the validation loss (I_l(z_i) < 0), so many layers score S_l = 0 and share the lowest
