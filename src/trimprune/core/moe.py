@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trimprune.core.forwards import instance_forwards
 from trimprune.errors import TrimpruneError
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -377,7 +378,6 @@ def routed_experts(model: nn.Module) -> Iterator[list[ExpertSet]]:
     the model's `ExpertSet` s (none for a dense model)."""
     sets = expert_sets(model)
     configs: dict[int, tuple[Any, Any]] = {}
-    swapped: list[nn.Module] = []
     try:
         for s in sets:
             m: Any = s.module
@@ -390,18 +390,13 @@ def routed_experts(model: nn.Module) -> Iterator[list[ExpertSet]]:
                 configs.setdefault(id(cfg), (cfg, getattr(cfg, "_experts_implementation", None)))
                 _OWN.setdefault(id(cfg), configs[id(cfg)][1])
                 cfg._experts_implementation = IMPLEMENTATION
-        for blk in model.modules():
-            fwd = BLOCK_FORWARDS.get(type(blk).__name__)
-            if fwd is not None:
-                blk.forward = fwd.__get__(blk)
-                swapped.append(blk)
-        yield sets
+        blocks = [(b, BLOCK_FORWARDS.get(type(b).__name__)) for b in model.modules()]
+        with instance_forwards((b, f.__get__(b)) for b, f in blocks if f is not None):
+            yield sets
     finally:
         for cfg, old in configs.values():
             cfg._experts_implementation = old
             _OWN.pop(id(cfg), None)
-        for m in swapped:
-            del m.forward
 
 
 def expert_sets(model: nn.Module) -> list[ExpertSet]:

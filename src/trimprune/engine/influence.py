@@ -34,6 +34,7 @@ from trimprune.algo.allocation.layerif import (
     layer_score,
     tracin_influence,
 )
+from trimprune.core.forwards import instance_forwards
 from trimprune.core.progress import Progress
 from trimprune.errors import TrimpruneError
 
@@ -98,26 +99,18 @@ def _float32_grads_of(model: nn.Module, params: dict[str, nn.Parameter]) -> Iter
         model.train(training)
 
 
-@contextlib.contextmanager
-def checkpointed_blocks(adapter) -> Iterator[None]:
+def checkpointed_blocks(adapter) -> contextlib.AbstractContextManager[None]:
     """While open, every decoder block runs under non-reentrant activation checkpointing: a
     backward pass keeps each block's input and makes the block's activations again when it
     reaches the block, so it holds one block's activations instead of the model's."""
-    blocks = list(adapter.blocks)
-    before = [b.__dict__.get("forward") for b in blocks]
-    try:
-        for b in blocks:
 
-            def forward(*args, _inner=b.forward, **kwargs):
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+    def checkpointed(inner: Callable) -> Callable:
+        def forward(*args, **kwargs):
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
-            b.__dict__["forward"] = forward
-        yield
-    finally:
-        for b, f in zip(blocks, before):
-            b.__dict__.pop("forward", None)
-            if f is not None:
-                b.__dict__["forward"] = f
+        return forward
+
+    return instance_forwards((b, checkpointed(b.forward)) for b in adapter.blocks)
 
 
 def _per_example(

@@ -41,6 +41,7 @@ from trimprune.algo.allocation.lua import (
 from trimprune.algo.scorers import make_scorer
 from trimprune.algo.stats import StatsNeeds
 from trimprune.config import PruneConfig
+from trimprune.core.forwards import instance_forwards
 from trimprune.core.model import weight_2d
 from trimprune.core.moe import calibrate_all
 from trimprune.core.progress import Progress
@@ -90,24 +91,21 @@ def _masked_linear(x, weight, bias, ranks, t, tau: float):
     return F.linear(x, weight * soft_mask(ranks, t, tau).to(weight.dtype), bias)
 
 
-@contextlib.contextmanager
 def _checkpointed(modules: dict[str, nn.Linear], ranks, t: torch.Tensor, tau: float):
     """While open, each linear of `modules` (full name -> module, in the order of the thresholds
     `t`) computes F.linear(x, W * soft_mask(r, t_l, tau), b) under non-reentrant activation
     checkpointing: its masked weight exists only inside its forward and is made again in the
     backward, so no masked copy of the weights is held across the model."""
-    try:
-        for j, (k, mod) in enumerate(modules.items()):
-            w, b, r = mod.weight, mod.bias, ranks[k]
 
-            def forward(x, w=w, b=b, r=r, j=j):
-                return checkpoint(_masked_linear, x, w, b, r, t[j], tau, use_reentrant=False)
+    def masked(j: int, k: str, mod: nn.Linear) -> Callable:
+        w, b, r = mod.weight, mod.bias, ranks[k]
 
-            mod.__dict__["forward"] = forward  # the class's forward returns below
-        yield
-    finally:
-        for mod in modules.values():
-            mod.__dict__.pop("forward", None)
+        def forward(x):
+            return checkpoint(_masked_linear, x, w, b, r, t[j], tau, use_reentrant=False)
+
+        return forward
+
+    return instance_forwards((mod, masked(j, k, mod)) for j, (k, mod) in enumerate(modules.items()))
 
 
 @contextlib.contextmanager
