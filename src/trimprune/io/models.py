@@ -409,9 +409,9 @@ def load_model(
     if gguf is not None and importlib.util.find_spec("gguf") is None:
         raise TrimpruneError("loading a GGUF file needs the `gguf` package: run `pip install gguf`")
     kwargs: dict = {"trust_remote_code": trust_remote_code}
-    kwargs_model = kwargs | plain_load_kwargs(gguf)
     if gguf is not None:
         kwargs["gguf_file"] = gguf
+    kwargs_model = kwargs | plain_load_kwargs(gguf)  # the tokenizer takes `kwargs` alone
     refuse_sparse_compressed(model, target)
     storage, compact = None, _is_compact(target, gguf)
     try:
