@@ -100,6 +100,12 @@ def grid(name: str) -> list[dict]:
         ):
             g = dict(scorer=sc, sparsity=sp, allocation=al)
             out += [g, g | dict(trim=True), g | dict(trim=True, trim_guard="model")]
+    if name == "steer":  # TRIM steering SparseGPT (--trim-sparsegpt steer)
+        steer = dict(scorer="sparsegpt", trim=True, trim_sparsegpt="steer")
+        for al, sp in itertools.product(["uniform", "alphapruning"], [0.6, 0.7, 0.8]):
+            out.append(steer | dict(sparsity=sp, allocation=al))
+        for al in ["uniform", "alphapruning"]:
+            out.append(steer | dict(sparsity=0.7, allocation=al, trim_guard="model"))
     if name == "learned":
         for sc, al in itertools.product(["wanda", "sparsegpt"], ["lua", "layerif"]):
             out.append(dict(scorer=sc, sparsity=0.7, allocation=al))

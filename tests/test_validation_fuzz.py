@@ -268,6 +268,7 @@ GRAM_DIM_METRICS = ["cosim", "mse"]
 TRIM_PRECISIONS = ["fp32", "tf32", "bf16"]
 LR_SEARCHES = ["auto", "parallel", "sequential"]
 TRIM_GUARDS = ["block", "model"]
+TRIM_SPARSEGPT = ["counts", "steer"]
 SEARCH_SPACES = ["rules", "free", "trim", "experts", "layerif", "lua"]
 LAYERIF_HESSIANS = ["datainf", "identity"]
 LAYERIF_SCORES = ["positive", "signed"]
@@ -364,6 +365,7 @@ DEPENDENT = {
     "trim_dim_metric",
     "search_space",
     "trim_guard",
+    "trim_sparsegpt",
     "search_pruner",
     "nsamples",
     "search_holdout",
@@ -468,6 +470,10 @@ def valid_configs(draw):
     if not whole_model and offload != "disk":
         put("checkpoint_dir", st.none() | NON_BLANK)
     put("resume", st.booleans() if flat.get("checkpoint_dir") else st.just(False))
+    put(
+        "trim_sparsegpt",
+        st.sampled_from(TRIM_SPARSEGPT if flat.get("scorer") == "sparsegpt" else ["counts"]),
+    )
 
     want = dict(flat)
     if flat.get("offload") is True:  # the boolean of earlier recipes means cpu
@@ -697,6 +703,7 @@ INVALID = {
     "trim_precision": _not_in(TRIM_PRECISIONS),
     "trim_lr_search": _not_in(LR_SEARCHES),
     "trim_guard": _not_in(TRIM_GUARDS),
+    "trim_sparsegpt": _not_in(TRIM_SPARSEGPT),
     "batch_size": _shown(NOT_INT | st.integers(-BIG, -1)),
     "offload": _shown(_one_of_values(None, 0, 1, 2.5, ["cpu"], "gpu", "CPU", "", "true")),
     "checkpoint_dir": _shown(NOT_OPT_STR) | _hidden(_one_of_values("", " ", "\t ")),
@@ -903,6 +910,10 @@ CONFLICTS = [
     ({"mask_structure": "2:4", "trim": True}, r"trim\.enabled .*mask_structure 2:4"),
     ({"mask_structure": "4:8", "blocksize": 12}, r"scorer\.blocksize 12 .*M=8"),
     ({"trim_guard": "model"}, r"trim\.guard model .*add trim\.enabled"),
+    (
+        {"trim_sparsegpt": "steer", "scorer": "wanda"},
+        r"trim\.sparsegpt steer .*not scorer\.name wanda's: add scorer\.name sparsegpt",
+    ),
     (
         {"trim_guard": "model", "allocation": "search", "search_space": "rules,free"},
         r"trim\.guard model .*trim\.enabled",

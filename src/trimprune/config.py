@@ -61,6 +61,7 @@ LAYERIF_HESSIANS = ("datainf", "identity")  # --layerif-hessian (algo.allocation
 LAYERIF_SCORES = ("positive", "signed")  # --layerif-score (algo.allocation.layerif)
 EXPERT_LAYERWISE = ("uniform", "owl", "alphapruning", "atp")  # the rules --allocation expert uses
 TRIM_GUARDS = ("block", "model")
+TRIM_SPARSEGPT = ("counts", "steer")  # --trim-sparsegpt (algo.trim.steer)
 SEARCH_SPACES = ("rules", "free", "trim", "experts", "layerif", "lua")
 SEARCH_OBJECTIVES = ("kl", "nll")
 SEARCH_PRUNERS = ("none", "median")
@@ -528,6 +529,14 @@ class TrimConfig:
         "on --search-holdout sequences)",
         choices=TRIM_GUARDS,
     )
+    sparsegpt: str = option(
+        "counts",
+        "trim_sparsegpt",
+        "how TRIM acts on SparseGPT: counts (the search's row counts fix SparseGPT's selection; "
+        "the paper's TRIM) or steer (row weights on SparseGPT's saliency, searched on the "
+        "reconstructed weights; a linear keeps them only where they beat SparseGPT alone)",
+        choices=TRIM_SPARSEGPT,
+    )
 
     def __post_init__(self):
         _check_types(self)
@@ -839,7 +848,15 @@ class PruneConfig:
                     raise ConfigError(f"{name} {_shown(v)} must be a {cls.__name__}")
                 object.__setattr__(self, name, cls(**{short: v}))
 
+    def _check_trim_scorer(self) -> None:
+        if self.trim.sparsegpt == "steer" and self.scorer.name != "sparsegpt":
+            raise ConfigError(
+                f"{{trim_sparsegpt}} steer weights SparseGPT's saliency, not {{scorer}} "
+                f"{self.scorer.name}'s: add {{scorer}} sparsegpt, or leave {{trim_sparsegpt}} out"
+            )
+
     def _check_combinations(self) -> None:
+        self._check_trim_scorer()
         if (
             self.trim.guard == "model"
             and not self.trim.enabled

@@ -30,6 +30,7 @@ from trimprune.algo.trim.safeguard import (
     linear_safeguard,
 )
 from trimprune.algo.trim.search import PendingSearch, SearchBatch, TrimSearch, TrimSettings
+from trimprune.algo.trim.steer import steer_groups
 from trimprune.config import PruneConfig
 from trimprune.core.model import set_weight_2d, weight_2d
 from trimprune.core.ranks import SOLO, Ranks
@@ -96,6 +97,16 @@ class Plan:
         """The rank that decides each group of a block (all 0 in one process), balanced by
         weights."""
         return self.ranks.assign([sum(run.linears[n].weight.numel() for n in g) for g in groups])
+
+    @property
+    def steers(self) -> bool:
+        """TRIM steers a reconstructing scorer's selection (`trim.steer`) instead of fixing its row
+        counts."""
+        return (
+            self.search is not None
+            and self.scorer.reconstructs
+            and self.config.trim.sparsegpt == "steer"
+        )
 
     def searched(self, target: float) -> bool:
         """Whether TRIM searches the row sparsities of a linear with this target (strictly inside
@@ -313,6 +324,8 @@ class Searches:
         mode = plan.config.trim.input_mode.mode
         tokens = {n: stats[n].kept_tokens(mode) for n in members}
         todo = [m for m in members.values() if plan.searches(m.target.sparsity, stats[m.name])]
+        if plan.steers:  # searched while the scorer solves (`_decide_steered`)
+            return cls([], {}, {m.name for m in todo})
         classes: dict = {}
         for m in todo:
             classes.setdefault(_search_class(plan, m, tokens[m.name]), []).append(m)
@@ -458,6 +471,8 @@ def _decide_groups(
     """The outcomes of the groups (members, statistics) in one scorer call (`Scorer.prune_groups`:
     SparseGPT solves same-shape groups, e.g. a MoE block's experts, as one batch of Algorithm 1),
     then each group's decisions (`_decide_group`). Sets the chosen weights."""
+    if plan.steers:
+        return _decide_steered(run, plan, groups, searches, ex)
     asked = [_Asked.of(plan, ms, searches, found, alone) for ms, _ in groups]
     with ex.phase("masks"):
         outs = plan.scorer.prune_groups(
@@ -528,6 +543,61 @@ def _decide_group(
                 trim,
             )
         )
+    return choices
+
+
+def _decide_steered(
+    run,
+    plan: Plan,
+    groups: list[tuple[list[Member], InputStats]],
+    searches: Searches,
+    ex: Executor,
+) -> list[LinearChoice]:
+    """TRIM steering the scorer (`trim.steer.steer_groups`): the scorer alone's outcome of every
+    linear and the steered search of the searched ones, which keep TRIM's outcome only where it
+    beats the scorer alone's (the linear safeguard, on or off). Sets the chosen weights."""
+
+    def measure(g: int):  # one evaluator per linear: `prepare` binds it to the linear's weight
+        spec, src = _measure_spec(plan, groups[g][1])
+        return spec.build(src, ex)
+
+    assert plan.search is not None  # plan.steers
+    with ex.phase("trim search"):
+        alone, steered = steer_groups(
+            plan.scorer, groups, lambda m: m.name in searches.names, measure, plan.search.cfg
+        )
+    choices = []
+    for (ms, _), outs in zip(groups, alone):
+        names = tuple(m.name for m in ms)
+        for m, o in zip(ms, outs):
+            trim, chosen = None, o
+            st = steered.get(m.name)
+            if st is not None:
+                chosen = st.trim
+                trim = TrimChoice(
+                    Found(st.tensors, 0),
+                    st.trim,
+                    st.alone,
+                    st.trim_metric,
+                    st.alone_metric,
+                    st.keep,
+                    (st.trim.info, st.alone.info),
+                )
+                if not plan.config.trim.runs_block_safeguard:
+                    trim = trim.settled()  # the weights are needed no more
+            set_weight_2d(run.linears[m.name], chosen.weight)
+            choices.append(
+                LinearChoice(
+                    m.name,
+                    plan.full_name(run.index, m.name),
+                    cast("tuple[int, int]", tuple(m.weight.shape)),
+                    m.target.sparsity,
+                    names,
+                    chosen.mask,
+                    chosen.info,
+                    trim,
+                )
+            )
     return choices
 
 

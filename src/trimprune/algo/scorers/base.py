@@ -14,12 +14,15 @@ from trimprune.core.records import Reconstruction
 @dataclass
 class Target:
     """What one linear must be pruned to: one sparsity for the matrix, or per-row counts of
-    pruned weights (TRIM), or an N:M pattern."""
+    pruned weights (TRIM), or an N:M pattern. `row_scale` (rows,) multiplies each row's saliency in
+    a reconstructing scorer's selection of the whole matrix (TRIM steering SparseGPT,
+    `algo.trim.steer`); the matrix keeps its pruned count."""
 
     sparsity: float
     row_counts: torch.Tensor | None = None
     nm: tuple[int, int] | None = None
     ranks: torch.Tensor | None = None  # row_ranks(importance) when already computed (TRIM), reused
+    row_scale: torch.Tensor | None = None
 
 
 @dataclass

@@ -225,6 +225,8 @@ class SparseGPT(Scorer):
             k = (torch.round(P * i2 / cols) - torch.round(P * i1 / cols)).long()
             return row_ranks(t) < k.unsqueeze(1)
         # reference semantics: one selection over the whole block of this matrix
+        if target.row_scale is not None:  # TRIM's steering: each row's saliency weighted
+            t = t * target.row_scale.to(t.device, t.dtype).unsqueeze(1)
         mask = torch.zeros_like(t, dtype=torch.bool)
         s = target.sparsity
         count = _round(s * t.shape[0] * i2) - _round(s * t.shape[0] * i1)
@@ -362,7 +364,13 @@ class SparseGPT(Scorer):
         """Groups with equal keys are solved in one batch."""
         gram = cast(torch.Tensor, stats.gram)
         shapes = tuple(
-            (tuple(m.weight.shape), m.target.nm, m.target.row_counts is not None) for m in members
+            (
+                tuple(m.weight.shape),
+                m.target.nm,
+                m.target.row_counts is not None,
+                m.target.row_scale is not None,
+            )
+            for m in members
         )
         w = members[0].weight
         return (shapes, w.dtype, w.device, gram.shape[0], gram.dtype)
@@ -425,6 +433,14 @@ class SparseGPT(Scorer):
         nm = members[0][0].target.nm
         blocks = [(i1, min(i1 + self.blocksize, cols)) for i1 in range(0, cols, self.blocksize)]
         sel = self._batch_counts(members, segs, blocks, dev)
+        scales = [
+            None
+            if ms0.target.row_scale is None
+            else torch.stack([cast(torch.Tensor, ms[k].target.row_scale) for ms in members])
+            .to(dev, W.dtype)
+            .unsqueeze(2)
+            for k, ms0 in enumerate(members[0])
+        ]
         mask = torch.zeros_like(W, dtype=torch.bool)
         losses = torch.zeros(B, rows, device=dev, dtype=W.dtype)
         for j, (i1, i2) in enumerate(blocks):
@@ -433,7 +449,7 @@ class SparseGPT(Scorer):
             if nm is None:
                 d = torch.diagonal(U1, dim1=1, dim2=2)
                 tmp = W1.square() / d.square().unsqueeze(1)
-                mask1 = self._select_blocks(tmp, segs, members[0], sel, j, i1, i2, cols)
+                mask1 = self._select_blocks(tmp, segs, members[0], sel, scales, j, i1, i2, cols)
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             n, mm = nm if nm is not None else (0, 0)
@@ -481,16 +497,18 @@ class SparseGPT(Scorer):
         segs: list[slice],
         members: list[Member],
         sel: list[torch.Tensor],
+        scales: list[torch.Tensor | None],
         j: int,
         i1: int,
         i2: int,
         cols: int,
     ) -> torch.Tensor:
         """`_select_block` of each member position over the batch: the mask of columns [i1, i2)
-        (block j) from the saliencies tmp (B, rows, i2 - i1)."""
+        (block j) from the saliencies tmp (B, rows, i2 - i1); `scales`: each position's row scales
+        (B, rows, 1), or None."""
         parts = []
-        for sg, m, sk in zip(segs, members, sel):
-            t = tmp[:, sg]
+        for sg, m, sk, sc in zip(segs, members, sel, scales):
+            t = tmp[:, sg] if sc is None else tmp[:, sg] * sc
             if m.target.row_counts is not None:
                 k = (torch.round(sk * i2 / cols) - torch.round(sk * i1 / cols)).long()
                 ranks = row_ranks(t.reshape(-1, t.shape[2])).view(t.shape)
